@@ -1,0 +1,21 @@
+"""The ``pyrtok`` console script: ``pyrtok <command> [options]``."""
+
+from __future__ import annotations
+
+import sys
+
+COMMANDS = {
+    "demo": ("pyrtok.demo", "decompose a bundled photograph, reconstruct it, draw the levels"),
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        lines = [f"  {name:<8} {help_}" for name, (_, help_) in COMMANDS.items()]
+        print("usage: pyrtok <command> [options]\n\ncommands:\n" + "\n".join(lines))
+        if argv and argv[0] not in ("-h", "--help"):
+            raise SystemExit(f"pyrtok: unknown command {argv[0]!r}")
+        return
+    module = __import__(COMMANDS[argv[0]][0], fromlist=["main"])
+    module.main(argv[1:])

@@ -1,0 +1,82 @@
+"""Real photographs that installed packages ship, loaded without any download.
+
+scikit-image, matplotlib and scikit-learn each bundle a few images inside their wheels. The files are
+read directly from the installed package folder (the packages are located, not imported), so asking for
+a sample never triggers a dataset fetcher.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+__all__ = ["available_samples", "sample_image", "sample_path"]
+
+# name -> (package, path inside the package)
+_SOURCES: dict[str, tuple[str, str]] = {
+    "astronaut": ("skimage", "data/astronaut.png"),
+    "chelsea": ("skimage", "data/chelsea.png"),
+    "coffee": ("skimage", "data/coffee.png"),
+    "rocket": ("skimage", "data/rocket.jpg"),
+    "motorcycle": ("skimage", "data/motorcycle_left.png"),
+    "camera": ("skimage", "data/camera.png"),
+    "grace_hopper": ("matplotlib", "mpl-data/sample_data/grace_hopper.jpg"),
+    "china": ("sklearn", "datasets/images/china.jpg"),
+    "flower": ("sklearn", "datasets/images/flower.jpg"),
+}
+
+
+def _package_dir(package: str) -> Path | None:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def sample_path(name: str) -> Path:
+    """Path of the bundled image ``name``; raises if its package is not installed."""
+    if name not in _SOURCES:
+        raise ValueError(f"name must be one of {sorted(_SOURCES)}, got {name!r}")
+    package, relative = _SOURCES[name]
+    root = _package_dir(package)
+    path = None if root is None else root / relative
+    if path is None or not path.is_file():
+        extra = {"skimage": "scikit-image", "sklearn": "scikit-learn"}.get(package, package)
+        raise FileNotFoundError(f"sample {name!r} needs the {extra} package (pip install {extra})")
+    return path
+
+
+def available_samples() -> list[str]:
+    """Names of the bundled images whose package is installed here."""
+    names = []
+    for name in _SOURCES:
+        try:
+            sample_path(name)
+        except FileNotFoundError:
+            continue
+        names.append(name)
+    return names
+
+
+def sample_image(name: str = "astronaut", size: int | tuple[int, int] | None = None) -> Tensor:
+    """Load a bundled photograph as a (3, H, W) float32 tensor in [0, 1].
+
+    Args:
+        name: one of :func:`available_samples`.
+        size: optional output (H, W) (or one int for a square), resized with bicubic filtering.
+
+    Example:
+        >>> sample_image("astronaut").shape
+        torch.Size([3, 512, 512])
+    """
+    image = Image.open(sample_path(name)).convert("RGB")
+    if size is not None:
+        height, width = (size, size) if isinstance(size, int) else size
+        image = image.resize((width, height), Image.BICUBIC)
+    array = np.asarray(image, dtype=np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()

@@ -99,13 +99,26 @@ def _up_unscaled(x: Tensor, size: tuple[int, int]) -> Tensor:
     if w > 1:
         p[:, :, 0] = p[:, :, 2]
 
-    def interleave(prev: Tensor, centre: Tensor, nxt: Tensor, pattern: str) -> Tensor:
-        even = (prev + nxt).add_(centre, alpha=6)
-        odd = (centre + nxt).mul_(4)
-        return rearrange([even, odd], pattern)
+    # Autograd cannot record out= writes; without it, both phases go straight into one strided buffer.
+    direct = not (torch.is_grad_enabled() and x.requires_grad)
 
-    rows = interleave(p[:, :h], p[:, 1 : h + 1], p[:, 2 : h + 2], "two n h w -> n (h two) w")
-    full = interleave(rows[..., :w], rows[..., 1 : w + 1], rows[..., 2 : w + 2], "two n h w -> n h (w two)")
+    def interleave(prev: Tensor, centre: Tensor, nxt: Tensor, dim: int, pattern: str) -> Tensor:
+        if direct:
+            shape = list(prev.shape)
+            shape.insert(dim, 2)
+            both = prev.new_empty(shape)
+            even, odd = both.select(dim, 0), both.select(dim, 1)
+            torch.add(prev, nxt, out=even).add_(centre, alpha=6)
+            torch.add(centre, nxt, out=odd).mul_(4)
+        else:
+            even = (prev + nxt).add_(centre, alpha=6)
+            odd = (centre + nxt).mul_(4)
+            # Stacking right after the interleaved axis makes the merge below a view, not a copy.
+            both = torch.stack([even, odd], dim=dim)
+        return rearrange(both, pattern)
+
+    rows = interleave(p[:, :h], p[:, 1 : h + 1], p[:, 2 : h + 2], 2, "n h two w -> n (h two) w")
+    full = interleave(rows[..., :w], rows[..., 1 : w + 1], rows[..., 2 : w + 2], 3, "n h w two -> n h (w two)")
     return full[:, : size[0], : size[1]]
 
 

@@ -85,7 +85,7 @@ def max_steerable_levels(height: int, width: int) -> int:
     for arg, value in (("height", height), ("width", width)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{arg} must be a positive int, got {value!r}")
-    return max(int(math.floor(math.log2(min(height, width)))) - 2, 0)
+    return max(math.floor(math.log2(min(height, width))) - 2, 0)
 
 
 def _grid_sizes(n: int, levels: int) -> list[int]:

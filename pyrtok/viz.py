@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-
 from pathlib import Path
 
 import torch
@@ -40,7 +39,7 @@ def pyramid_figure(rows: Sequence[Sequence[Tensor]], gap: int = 4) -> Image.Imag
     Example:
         >>> from pyrtok.pyramid import gaussian_pyramid
         >>> pyramid_figure([gaussian_pyramid(torch.rand(3, 64, 64), 3)]).size
-        (124, 64)
+        (120, 64)
     """
     if not rows or not all(rows):
         raise ValueError("rows must be a non-empty list of non-empty lists of images")
@@ -48,7 +47,7 @@ def pyramid_figure(rows: Sequence[Sequence[Tensor]], gap: int = 4) -> Image.Imag
     heights = [max(im.shape[-2] for im in row) for row in rows]
     canvas = Image.new("RGB", (max(widths), sum(heights) + gap * (len(rows) - 1)), "white")
     top = 0
-    for row, height in zip(rows, heights):
+    for row, height in zip(rows, heights, strict=True):
         left = 0
         for im in row:
             canvas.paste(to_pil(im).convert("RGB"), (left, top))

@@ -6,13 +6,14 @@ import sys
 
 COMMANDS = {
     "demo": ("pyrtok.demo", "decompose a bundled photograph, reconstruct it, draw the levels"),
+    "fit-difficulty": ("pyrtok.signals.difficulty", "refit the shipped difficulty calibration"),
 }
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        lines = [f"  {name:<8} {help_}" for name, (_, help_) in COMMANDS.items()]
+        lines = [f"  {name:<16} {help_}" for name, (_, help_) in COMMANDS.items()]
         print("usage: pyrtok <command> [options]\n\ncommands:\n" + "\n".join(lines))
         if argv and argv[0] not in ("-h", "--help"):
             raise SystemExit(f"pyrtok: unknown command {argv[0]!r}")

@@ -1,0 +1,312 @@
+"""The two data contracts: multi-scale tokens of a batch, and the tokens an allocator keeps.
+
+Canonical order: tokens of all levels are concatenated coarsest level first, raster order (row-major)
+within a level. Level 0 is the finest. Every token carries its level, its row and column in its level's
+grid, and its box ``(x0, y0, x1, y1)`` in level-0 pixel coordinates (the encoder's input image).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor
+
+from pyrtok._checks import max_levels
+
+__all__ = [
+    "MultiScaleTokens",
+    "TokenSelection",
+    "from_feature_grid",
+    "gather",
+    "selection_boxes",
+    "token_layout",
+]
+
+
+def token_layout(
+    level_shapes: tuple[tuple[int, int], ...],
+    image_size: tuple[int, int],
+    cell_sizes: tuple[tuple[float, float], ...] | None = None,
+    device: torch.device | str = "cpu",
+) -> dict[str, Tensor]:
+    """Per-token level, row, col and box for grids ``level_shapes`` in canonical order.
+
+    Args:
+        level_shapes: (h_l, w_l) of each level, level 0 (finest) first.
+        image_size: (H, W) of the level-0 image in pixels.
+        cell_sizes: (height, width) in level-0 pixels of one token at each level; default: level l tokens
+            cover 2^l level-0 cells of size (H / h_0, W / w_0) (a 2x2-pooled feature pyramid).
+
+    Returns:
+        dict with ``level``, ``row``, ``col`` (N,) long tensors and ``box`` (N, 4) float32, boxes
+        clipped to the image.
+    """
+    height, width = image_size
+    if cell_sizes is None:
+        base_h, base_w = height / level_shapes[0][0], width / level_shapes[0][1]
+        cell_sizes = tuple((base_h * 2**lvl, base_w * 2**lvl) for lvl in range(len(level_shapes)))
+    levels, rows, cols, boxes = [], [], [], []
+    for lvl in reversed(range(len(level_shapes))):
+        h, w = level_shapes[lvl]
+        r, c = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
+        r, c = r.reshape(-1), c.reshape(-1)
+        cell_h, cell_w = cell_sizes[lvl]
+        box = torch.stack([c * cell_w, r * cell_h, (c + 1) * cell_w, (r + 1) * cell_h], dim=-1).float()
+        box[:, 0::2] = box[:, 0::2].clamp(0, width)
+        box[:, 1::2] = box[:, 1::2].clamp(0, height)
+        levels.append(torch.full_like(r, lvl))
+        rows.append(r)
+        cols.append(c)
+        boxes.append(box)
+    return {"level": torch.cat(levels), "row": torch.cat(rows), "col": torch.cat(cols), "box": torch.cat(boxes)}
+
+
+@dataclass(frozen=True, eq=False)
+class MultiScaleTokens:
+    """Tokens of all pyramid levels of one batch.
+
+    Attributes:
+        features: (B, N, D) token features in canonical order.
+        level: (N,) level of each token, 0 = finest.
+        row, col: (N,) position in the token's level grid.
+        box: (N, 4) float ``(x0, y0, x1, y1)`` in level-0 pixels.
+        level_shapes: (h_l, w_l) per level, level 0 first.
+        image_size: (H, W) of the level-0 image.
+        cls: optional (B, L, D) [CLS] features, one per level (or per encoder pass).
+        attention: optional (B, N) [CLS]-to-token attention, when the encoder exposes it.
+    """
+
+    features: Tensor
+    level: Tensor
+    row: Tensor
+    col: Tensor
+    box: Tensor
+    level_shapes: tuple[tuple[int, int], ...]
+    image_size: tuple[int, int]
+    cls: Tensor | None = None
+    attention: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.features, Tensor) or self.features.dim() != 3:
+            shape = tuple(self.features.shape) if isinstance(self.features, Tensor) else type(self.features).__name__
+            raise ValueError(f"features must be a (B, N, D) tensor, got {shape}")
+        n = sum(h * w for h, w in self.level_shapes)
+        if self.features.shape[1] != n:
+            raise ValueError(
+                f"features has {self.features.shape[1]} tokens but level_shapes {self.level_shapes} give {n}"
+            )
+        for name in ("level", "row", "col"):
+            value = getattr(self, name)
+            if value.shape != (n,):
+                raise ValueError(f"{name} must have shape ({n},), got {tuple(value.shape)}")
+        if self.box.shape != (n, 4):
+            raise ValueError(f"box must have shape ({n}, 4), got {tuple(self.box.shape)}")
+        if self.attention is not None and self.attention.shape != self.features.shape[:2]:
+            raise ValueError(
+                f"attention must have shape {tuple(self.features.shape[:2])}, got {tuple(self.attention.shape)}"
+            )
+        if self.cls is not None and (self.cls.dim() != 3 or self.cls.shape[0] != self.features.shape[0]):
+            batch = self.features.shape[0]
+            raise ValueError(f"cls must have shape (B, L, D) with B={batch}, got {tuple(self.cls.shape)}")
+
+    @property
+    def batch_size(self) -> int:
+        return self.features.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.features.shape[1]
+
+    @property
+    def dim(self) -> int:
+        return self.features.shape[2]
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.level_shapes)
+
+    @property
+    def device(self) -> torch.device:
+        return self.features.device
+
+    @cached_property
+    def level_slices(self) -> tuple[slice, ...]:
+        """Slice of each level (indexed by level, 0 = finest) in the canonical order."""
+        slices: list[slice] = [slice(0)] * self.num_levels
+        start = 0
+        for lvl in reversed(range(self.num_levels)):
+            h, w = self.level_shapes[lvl]
+            slices[lvl] = slice(start, start + h * w)
+            start += h * w
+        return tuple(slices)
+
+    @cached_property
+    def level_sizes(self) -> Tensor:
+        """(L,) number of tokens per level, level 0 first."""
+        return torch.tensor([h * w for h, w in self.level_shapes], device=self.device)
+
+    @cached_property
+    def parent(self) -> Tensor:
+        """(N,) index of the token one level coarser whose grid cell holds this token's box centre; -1 at the top."""
+        parent = torch.full((self.num_tokens,), -1, dtype=torch.long, device=self.device)
+        centre_x = (self.box[:, 0] + self.box[:, 2]) / 2
+        centre_y = (self.box[:, 1] + self.box[:, 3]) / 2
+        for lvl in range(self.num_levels - 1):
+            fine, coarse = self.level_slices[lvl], self.level_slices[lvl + 1]
+            h, w = self.level_shapes[lvl + 1]
+            coarse_box = self.box[coarse]
+            cell_w = (coarse_box[0, 2] - coarse_box[0, 0]).clamp_min(1e-6)
+            cell_h = (coarse_box[0, 3] - coarse_box[0, 1]).clamp_min(1e-6)
+            col = (centre_x[fine] / cell_w).floor().long().clamp(0, w - 1)
+            row = (centre_y[fine] / cell_h).floor().long().clamp(0, h - 1)
+            parent[fine] = coarse.start + row * w + col
+        return parent
+
+    def with_features(self, features: Tensor) -> MultiScaleTokens:
+        """A copy with new (B, N, D') features and the same layout."""
+        return MultiScaleTokens(
+            features, self.level, self.row, self.col, self.box, self.level_shapes, self.image_size,
+            self.cls, self.attention,
+        )
+
+    def to(self, device: torch.device | str) -> MultiScaleTokens:
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return MultiScaleTokens(
+            self.features.to(device), self.level.to(device), self.row.to(device), self.col.to(device),
+            self.box.to(device), self.level_shapes, self.image_size, move(self.cls), move(self.attention),
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class TokenSelection:
+    """Indices of the kept tokens.
+
+    Attributes:
+        index: (B, K) long indices into N, ascending (canonical order) in the valid part; padding is 0.
+        mask: (B, K) bool, True for valid entries; the valid entries of a row come first.
+        count: (B,) number of valid entries per row.
+    """
+
+    index: Tensor
+    mask: Tensor
+    count: Tensor
+
+    @classmethod
+    def from_keep_mask(cls, keep: Tensor) -> TokenSelection:
+        """Build a selection from a (B, N) boolean mask of kept tokens (vectorised, order-preserving)."""
+        if keep.dim() != 2 or keep.dtype != torch.bool:
+            raise ValueError(f"keep must be a (B, N) bool tensor, got {keep.dtype} {tuple(keep.shape)}")
+        count = keep.sum(dim=1)
+        k = int(count.max().item()) if keep.numel() else 0
+        # Stable sort of "dropped" flags puts kept tokens first, in ascending index order.
+        order = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices[:, :k]
+        mask = torch.arange(k, device=keep.device).unsqueeze(0) < count.unsqueeze(1)
+        return cls(torch.where(mask, order, torch.zeros_like(order)), mask, count)
+
+    @property
+    def batch_size(self) -> int:
+        return self.index.shape[0]
+
+    @property
+    def max_count(self) -> int:
+        return self.index.shape[1]
+
+    def keep_mask(self, num_tokens: int) -> Tensor:
+        """(B, N) boolean mask of the kept tokens."""
+        # Padded entries write into a dummy column N, so they never clobber a real index.
+        target = torch.where(self.mask, self.index, torch.full_like(self.index, num_tokens))
+        keep = torch.zeros(self.batch_size, num_tokens + 1, dtype=torch.bool, device=self.index.device)
+        return keep.scatter_(1, target, True)[:, :num_tokens]
+
+
+def gather(tokens: MultiScaleTokens, selection: TokenSelection) -> tuple[Tensor, Tensor]:
+    """Features of the kept tokens.
+
+    Args:
+        tokens: features (B, N, D).
+        selection: index (B, K).
+
+    Returns:
+        ``(features, mask)``: (B, K, D) kept features (zeros at padded entries) and the (B, K) mask.
+    """
+    if selection.batch_size != tokens.batch_size:
+        raise ValueError(f"selection has batch size {selection.batch_size}, tokens have {tokens.batch_size}")
+    index = rearrange(selection.index, "b k -> b k 1").expand(-1, -1, tokens.dim)
+    features = torch.gather(tokens.features, 1, index)
+    return features * rearrange(selection.mask, "b k -> b k 1").to(features.dtype), selection.mask
+
+
+def selection_boxes(tokens: MultiScaleTokens, selection: TokenSelection) -> Tensor:
+    """(B, K, 4) level-0 pixel boxes of the kept tokens; padded entries are zeros."""
+    boxes = tokens.box[selection.index]
+    return boxes * rearrange(selection.mask, "b k -> b k 1").to(boxes.dtype)
+
+
+def _pool_grid(grid: Tensor) -> Tensor:
+    """(B, h, w, D) -> (B, ceil(h/2), ceil(w/2), D) by 2x2 means; edge cells average what they cover."""
+    pooled = F.avg_pool2d(rearrange(grid, "b h w d -> b d h w"), 2, 2, ceil_mode=True)
+    return rearrange(pooled, "b d h w -> b h w d")
+
+
+def from_feature_grid(
+    features: Tensor,
+    levels: int,
+    *,
+    patch_size: int | None = None,
+    image_size: tuple[int, int] | None = None,
+    attention: Tensor | None = None,
+    cls: Tensor | None = None,
+) -> MultiScaleTokens:
+    """Build a token pyramid from one patch grid by repeated 2x2 average pooling.
+
+    Args:
+        features: (B, h, w, D) patch features (level 0).
+        levels: number of levels, 1 <= levels <= 1 + ceil(log2(max(h, w))).
+        patch_size: pixels per patch side; sets ``image_size`` to (h * p, w * p) when that is not given.
+        image_size: (H, W) of the image the grid came from; default (h, w) * patch_size (or 1).
+        attention: optional (B, h, w) [CLS] attention of the patches; coarse tokens get the mean over
+            their cells (a density, so that levels stay comparable).
+        cls: optional (B, D) or (B, L, D) [CLS] features.
+
+    Returns:
+        :class:`MultiScaleTokens` with N = sum of the level grid sizes.
+
+    Example:
+        >>> tokens = from_feature_grid(torch.rand(2, 14, 14, 8), levels=3, patch_size=16)
+        >>> tokens.level_shapes, tokens.num_tokens, tokens.image_size
+        (((14, 14), (7, 7), (4, 4)), 261, (224, 224))
+    """
+    if not isinstance(features, Tensor) or features.dim() != 4:
+        shape = tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
+        raise ValueError(f"features must be a (B, h, w, D) patch grid, got {shape}")
+    if not features.is_floating_point():
+        raise TypeError(f"features must be floating point, got {features.dtype}")
+    batch, h, w, _ = features.shape
+    limit = max_levels(h, w)
+    if isinstance(levels, bool) or not isinstance(levels, int) or not 1 <= levels <= limit:
+        raise ValueError(f"levels must be an int in [1, {limit}] for a {h}x{w} grid, got {levels!r}")
+    if image_size is None:
+        p = 1 if patch_size is None else patch_size
+        image_size = (h * p, w * p)
+    grids = [features]
+    maps = None if attention is None else [rearrange(attention, "b h w -> b h w 1")]
+    if attention is not None and attention.shape != (batch, h, w):
+        raise ValueError(f"attention must have shape {(batch, h, w)}, got {tuple(attention.shape)}")
+    for _ in range(levels - 1):
+        grids.append(_pool_grid(grids[-1]))
+        if maps is not None:
+            maps.append(_pool_grid(maps[-1]))
+    level_shapes = tuple((g.shape[1], g.shape[2]) for g in grids)
+    layout = token_layout(level_shapes, tuple(image_size), device=features.device)
+    flat = torch.cat([rearrange(g, "b h w d -> b (h w) d") for g in reversed(grids)], dim=1)
+    flat_attention = None
+    if maps is not None:
+        flat_attention = torch.cat([rearrange(m, "b h w 1 -> b (h w)") for m in reversed(maps)], dim=1)
+    if cls is not None and cls.dim() == 2:
+        cls = rearrange(cls, "b d -> b 1 d")
+    return MultiScaleTokens(flat, **layout, level_shapes=level_shapes, image_size=tuple(image_size),
+                            cls=cls, attention=flat_attention)

@@ -3,7 +3,8 @@
 A calibrated difficulty d in [0, 1] per image picks three things:
 
 - the budget tier: ``tiers[min(floor(d * T), T - 1)]`` of the given budget (easy images use less);
-- the pyramid depth: the ``1 + round(d * (L - 1))`` coarsest levels are usable (easy images stay coarse);
+- the pyramid depth: the ``1 + round(d * (L - 1))`` coarsest levels are usable (easy images stay coarse),
+  or more when they hold fewer tokens than the budget;
 - the split across the usable levels: weight n_l^d (d = 0: even split; d = 1: proportional to level
   size, so fine levels get most), water-filled to the level sizes.
 
@@ -56,11 +57,12 @@ class DifficultyTokens(Allocator):
         d = self._difficulty(tokens, ctx).unsqueeze(1)  # (B, 1)
         levels = tokens.num_levels
         depth = 1 + (d * (levels - 1)).round().long()  # usable coarsest levels
+        # Go deeper only as far as the budget needs: tokens held by the k coarsest levels, k = 1..L.
+        held = tokens.level_sizes.flip(0).cumsum(0).unsqueeze(0)  # (1, L)
+        needed = 1 + (held < budgets.unsqueeze(1)).sum(1, keepdim=True)
+        depth = torch.maximum(depth, needed)
         level_index = torch.arange(levels, device=tokens.device).unsqueeze(0)
         usable = level_index >= levels - depth
         sizes = tokens.level_sizes.unsqueeze(0).float()
         capacity = torch.where(usable, sizes, torch.zeros_like(sizes)).long()
-        # When the usable levels cannot hold the budget, open finer levels so the budget is still spent.
-        short = capacity.sum(1) < budgets
-        capacity = torch.where(short.unsqueeze(1), sizes.long(), capacity)
-        return water_fill(sizes.pow(d) * (capacity > 0), capacity, budgets)
+        return water_fill(sizes.pow(d) * usable, capacity, budgets)

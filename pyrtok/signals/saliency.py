@@ -34,6 +34,7 @@ def spectral_residual(image: Tensor, width: int = 64, sigma: float = 2.5) -> Ten
     The image is converted to grey and resized to ``width`` columns (the scale the method was designed
     at). The log-amplitude spectrum minus its 3x3 local mean (the "residual", what is unexpected given
     the typical 1/f spectrum) is recombined with the original phase, inverted, squared, and blurred.
+    Amplitudes are floored at 5% of their mean before the log (see the code comment).
 
     Args:
         image: (B, C, H, W) images in [0, 1].
@@ -48,7 +49,11 @@ def spectral_residual(image: Tensor, width: int = 64, sigma: float = 2.5) -> Ten
     height = max(8, round(width * height_in / width_in))
     grey = F.interpolate(image.float().mean(1, keepdim=True), size=(height, width), mode="area")[:, 0]
     spectrum = torch.fft.fft2(grey)
-    log_amplitude = torch.log(spectrum.abs() + 1e-8)
+    amplitude = spectrum.abs()
+    # Flooring at 5% of the mean amplitude keeps exact spectral zeros (flat backgrounds, synthetic
+    # scenes) from dominating the residual, which otherwise paints a lattice over the whole map.
+    floor = 0.05 * amplitude.flatten(1).mean(1).view(-1, 1, 1) + 1e-12
+    log_amplitude = torch.log(amplitude + floor)
     local_mean = F.avg_pool2d(F.pad(log_amplitude.unsqueeze(1), (1, 1, 1, 1), mode="circular"), 3, 1)[:, 0]
     residual = torch.exp(torch.complex(log_amplitude - local_mean, torch.angle(spectrum)))
     saliency = _gaussian_blur(torch.fft.ifft2(residual).abs().square(), sigma)

@@ -1,0 +1,117 @@
+"""The allocator contract, for every registered policy, on random shapes, budgets, batches and seeds."""
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pyrtok import allocators
+from pyrtok._checks import max_levels
+from pyrtok.tokens import MultiScaleTokens, from_feature_grid
+
+FIXED_BUDGET = [name for name in allocators.available() if name != "difficulty"]
+
+
+@st.composite
+def problems(draw):
+    h, w = draw(st.integers(1, 9)), draw(st.integers(1, 9))
+    levels = draw(st.integers(1, min(3, max_levels(h, w))))
+    batch, dim, patch = draw(st.integers(1, 3)), draw(st.integers(2, 6)), draw(st.sampled_from([4, 8, 16]))
+    seed = draw(st.integers(0, 2**16))
+    g = torch.Generator().manual_seed(seed)
+    tokens = from_feature_grid(torch.randn(batch, h, w, dim, generator=g), levels, patch_size=patch,
+                               attention=torch.rand(batch, h, w, generator=g))
+    n = tokens.num_tokens
+    kind = draw(st.sampled_from(["one", "n-1", "n", "over", "any", "per-sample"]))
+    if kind == "per-sample":
+        budget = torch.tensor(draw(st.lists(st.integers(1, n + 3), min_size=batch, max_size=batch)))
+    else:
+        budget = {"one": 1, "n-1": max(1, n - 1), "n": n, "over": n + 7, "any": draw(st.integers(1, n))}[kind]
+    image = torch.rand(batch, 3, h * patch, w * patch, generator=g)
+    query = torch.randn(batch, dim, generator=g)
+    return tokens, budget, image, query, seed
+
+
+def expected_counts(tokens: MultiScaleTokens, budget) -> torch.Tensor:
+    budget = torch.as_tensor(budget).expand(tokens.batch_size)
+    return budget.clamp_max(tokens.num_tokens)
+
+
+@pytest.mark.parametrize("redundancy", [False, True])
+@pytest.mark.parametrize("name", allocators.available())
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problem=problems())
+def test_contract(name, redundancy, problem):
+    tokens, budget, image, query, seed = problem
+    allocator = allocators.create(name, redundancy=redundancy)
+    kwargs = {"image": image, "query": query}
+    selection = allocator(tokens, budget, generator=torch.Generator().manual_seed(seed), **kwargs)
+    counts = allocator.budgets(tokens, budget, **kwargs)
+    cap = expected_counts(tokens, budget)
+    if name in FIXED_BUDGET:
+        assert torch.equal(counts, cap)
+    else:
+        assert bool(((counts >= 1) & (counts <= cap)).all())
+    assert torch.equal(selection.count, counts)
+    assert selection.index.shape == selection.mask.shape == (tokens.batch_size, int(counts.max()))
+    for b in range(tokens.batch_size):
+        k = int(counts[b])
+        valid = selection.index[b, :k]
+        assert bool(selection.mask[b, :k].all()) and not bool(selection.mask[b, k:].any())
+        assert bool((selection.index[b, k:] == 0).all())
+        assert bool(((valid >= 0) & (valid < tokens.num_tokens)).all())
+        assert bool((valid[1:] > valid[:-1]).all())  # distinct, canonical order
+    again = allocator(tokens, budget, generator=torch.Generator().manual_seed(seed), **kwargs)
+    assert torch.equal(again.index, selection.index) and torch.equal(again.mask, selection.mask)
+
+
+@pytest.fixture
+def small():
+    g = torch.Generator().manual_seed(0)
+    tokens = from_feature_grid(torch.randn(2, 6, 6, 4, generator=g), 2, patch_size=8,
+                               attention=torch.rand(2, 6, 6, generator=g))
+    return tokens, torch.rand(2, 3, 48, 48, generator=g), torch.randn(2, 4, generator=g)
+
+
+@pytest.mark.parametrize("name", allocators.available())
+def test_bad_budgets_get_clear_errors(name, small):
+    tokens, image, query = small
+    allocator = allocators.create(name)
+    call = lambda budget: allocator(tokens, budget, image=image, query=query)  # noqa: E731
+    with pytest.raises(ValueError, match="budget must be >= 1"):
+        call(0)
+    with pytest.raises(ValueError, match="budget must be >= 1"):
+        call(torch.tensor([3, -1]))
+    with pytest.raises(TypeError, match="budget must be an int"):
+        call(2.5)
+    with pytest.raises(TypeError, match="bool"):
+        call(True)
+    with pytest.raises(ValueError, match=r"shape \(2,\)"):
+        call(torch.tensor([3, 4, 5]))
+    with pytest.raises(TypeError, match="integer dtype"):
+        call(torch.tensor([3.0, 4.0]))
+    with pytest.raises(TypeError, match="MultiScaleTokens"):
+        allocator(tokens.features, 4, image=image, query=query)
+    with pytest.raises(ValueError, match="image must have shape"):
+        allocator(tokens, 4, image=image[:1], query=query)
+
+
+def test_missing_inputs_and_nan_scores_get_clear_errors(small):
+    tokens, _, _ = small
+    with pytest.raises(ValueError, match="needs image="):
+        allocators.create("saliency")(tokens, 4)
+    with pytest.raises(ValueError, match="needs query="):
+        allocators.create("query")(tokens, 4)
+    bare = from_feature_grid(tokens.features[:, :36].reshape(2, 6, 6, 4), 2)
+    with pytest.raises(ValueError, match=r"needs tokens\.attention"):
+        allocators.create("cls_attention")(bare, 4)
+    with pytest.raises(ValueError, match="redundancy=True needs image="):
+        allocators.create("random", redundancy=True)(tokens, 4)
+    nan_attention = tokens.attention.clone()
+    nan_attention[0, 3] = float("nan")
+    broken = MultiScaleTokens(tokens.features, tokens.level, tokens.row, tokens.col, tokens.box,
+                              tokens.level_shapes, tokens.image_size, attention=nan_attention)
+    with pytest.raises(ValueError, match="contain NaN"):
+        allocators.create("cls_attention")(broken, 4)
+    with pytest.raises(ValueError, match="query must have shape"):
+        allocators.create("query")(tokens, 4, query=torch.randn(2, 7))

@@ -1,0 +1,203 @@
+"""What each policy does, beyond the shared contract."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pyrtok import allocators
+from pyrtok.allocators.base import spread_priority, water_fill
+from pyrtok.signals import laplacian_energy
+from pyrtok.tokens import from_feature_grid
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "allocators"
+
+
+def kept_levels(tokens, selection, b=0):
+    index = selection.index[b][selection.mask[b]]
+    return [int((tokens.level[index] == lvl).sum()) for lvl in range(tokens.num_levels)]
+
+
+@pytest.fixture
+def tokens():
+    g = torch.Generator().manual_seed(0)
+    return from_feature_grid(torch.randn(1, 8, 8, 6, generator=g), 3, patch_size=8,
+                             attention=torch.rand(1, 8, 8, generator=g))
+
+
+def test_registry_and_every_config_file_builds():
+    assert set(allocators.available()) >= {
+        "all", "random", "pool", "saliency", "difficulty", "laplacian", "cls_attention", "query", "foveated"
+    }
+    names = set()
+    for path in sorted(CONFIGS.glob("*.yaml")):
+        allocator = allocators.from_config(path)
+        names.add(allocator.name)
+        assert allocators.from_config(allocator.config()).config() == allocator.config()
+    assert names == set(allocators.available())
+    with pytest.raises(ValueError, match="unknown allocator 'nope'"):
+        allocators.create("nope")
+    with pytest.raises(ValueError, match="'name' key"):
+        allocators.from_config({"budget": 3})
+    with pytest.raises(FileNotFoundError):
+        allocators.from_config(CONFIGS / "missing.yaml")
+    with pytest.raises(ValueError, match="already registered"):
+        allocators.register("pool")(type("Again", (allocators.Allocator,), {}))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    weights=st.lists(st.floats(0, 100), min_size=1, max_size=5),
+    capacity=st.lists(st.integers(0, 50), min_size=5, max_size=5),
+    fraction=st.floats(0, 1),
+)
+def test_water_fill_respects_capacity_and_total(weights, capacity, fraction):
+    levels = len(weights)
+    cap = torch.tensor(capacity[:levels])
+    total = torch.tensor([int(fraction * int(cap.sum()))])
+    quotas = water_fill(torch.tensor([weights]), cap, total)[0]
+    assert int(quotas.sum()) == int(total)
+    assert bool((quotas <= cap).all()) and bool((quotas >= 0).all())
+
+
+def test_water_fill_is_proportional_until_a_level_is_full():
+    quotas = water_fill(torch.tensor([[1.0, 2.0, 1.0]]), torch.tensor([100, 100, 100]), torch.tensor([40]))
+    assert quotas.tolist() == [[10, 20, 10]]
+    quotas = water_fill(torch.tensor([[1.0, 8.0, 1.0]]), torch.tensor([100, 10, 100]), torch.tensor([40]))
+    assert quotas.tolist() == [[15, 10, 15]]
+
+
+def test_all_keeps_everything_and_random_depends_on_the_seed(tokens):
+    full = allocators.create("all")(tokens, tokens.num_tokens)
+    assert full.index[0].tolist() == list(range(tokens.num_tokens))
+    rand = allocators.create("random")
+    a = rand(tokens, 20, generator=torch.Generator().manual_seed(1))
+    b = rand(tokens, 20, generator=torch.Generator().manual_seed(2))
+    assert not torch.equal(a.index, b.index)
+    assert torch.equal(rand(tokens, 20).index, allocators.create("random", seed=0)(tokens, 20).index)
+
+
+def test_pool_keeps_a_whole_coarse_grid_and_tops_up_evenly(tokens):
+    pool = allocators.create("pool")
+    assert kept_levels(tokens, pool(tokens, 16)) == [0, 16, 0]  # 8x8 -> 4x4 grid exactly
+    assert kept_levels(tokens, pool(tokens, 20)) == [4, 16, 0]
+    corners = pool(tokens, 4 + 4)  # level 2 (2x2) whole + 4 evenly spread tokens of level 1
+    index = corners.index[0]
+    level1 = index[tokens.level[index] == 1]
+    rows, cols = tokens.row[level1], tokens.col[level1]
+    assert sorted(zip(rows.tolist(), cols.tolist(), strict=True)) == [(0, 0), (0, 2), (2, 0), (2, 2)]
+
+
+def test_spread_priority_puts_strided_subgrids_first():
+    priority = spread_priority(((4, 4),), torch.device("cpu")).reshape(4, 4)
+    order = torch.argsort(priority.flatten(), descending=True)[:4]
+    assert sorted(order.tolist()) == [0, 2, 8, 10]
+
+
+def test_saliency_keeps_the_salient_region_and_respects_level_weights(tokens):
+    image = torch.full((1, 3, 64, 64), 0.4)
+    image[:, :, 40:56, 8:24] = 1.0
+    kept = allocators.create("saliency", level_weights=[1.0, 0.0, 0.0])(tokens, 4, image=image)
+    boxes = tokens.box[kept.index[0]]
+    assert kept_levels(tokens, kept) == [4, 0, 0]
+    assert bool(((boxes[:, 0] < 24) & (boxes[:, 2] > 8) & (boxes[:, 1] < 56) & (boxes[:, 3] > 40)).all())
+    coarse = allocators.create("saliency", level_weights=[0.0, 0.0, 1.0])(tokens, 4, image=image)
+    assert kept_levels(tokens, coarse) == [0, 0, 4]
+
+
+def test_laplacian_quotas_follow_band_energy(tokens):
+    g = torch.Generator().manual_seed(3)
+    noisy = torch.rand(1, 3, 64, 64, generator=g)  # energy mostly in the finest band
+    smooth = torch.linspace(0, 1, 64).view(1, 1, 1, 64).expand(1, 3, 64, 64).clone()
+    smooth[:, :, 16:48, 16:48] = 0.2  # one big edge: energy shared with coarse bands
+    allocator = allocators.create("laplacian")
+    fine_noisy = kept_levels(tokens, allocator(tokens, 40, image=noisy))[0]
+    fine_smooth = kept_levels(tokens, allocator(tokens, 40, image=smooth))[0]
+    assert fine_noisy > fine_smooth
+    # Within a level, the highest-energy tokens are the kept ones.
+    energy = laplacian_energy(tokens, smooth)[0]
+    selection = allocator(tokens, 40, image=smooth)
+    keep = selection.keep_mask(tokens.num_tokens)[0]
+    for s in tokens.level_slices:
+        if keep[s].any() and (~keep[s]).any():
+            assert energy[s][keep[s]].min() >= energy[s][~keep[s]].max()
+
+
+def test_cls_attention_keeps_the_most_attended_tokens(tokens):
+    selection = allocators.create("cls_attention")(tokens, 10)
+    expected = torch.topk(tokens.attention[0], 10).indices.sort().values
+    assert torch.equal(selection.index[0], expected)
+
+
+def test_query_keeps_a_context_floor_then_relevant_tokens(tokens):
+    target = tokens.level_slices[0].start + 27
+    query = tokens.features[:, target]
+    selection = allocators.create("query", context=0.25)(tokens, 8, query=query)
+    assert target in selection.index[0].tolist()
+    assert kept_levels(tokens, selection)[2] >= 2  # ceil(0.25 * 8) coarsest-level context tokens
+    no_context = allocators.create("query", context=0.0)(tokens, 1, query=query)
+    assert no_context.index[0].tolist() == [target]
+
+
+def test_foveated_is_fine_at_the_fixation_and_coarse_in_the_periphery(tokens):
+    target = tokens.level_slices[0].start + 0  # top-left finest token
+    selection = allocators.create("foveated")(tokens, 30, query=tokens.features[:, target])
+    keep = selection.keep_mask(tokens.num_tokens)[0]
+    centres = (tokens.box[:, :2] + tokens.box[:, 2:]) / 2
+    distance = (centres - centres[target]).norm(dim=1)
+    fine = tokens.level == 0
+    assert keep[target]
+    assert distance[fine & keep].max() < distance[fine & ~keep].min()  # a fovea, not scattered tokens
+    assert bool(keep[tokens.level == 2].all())  # the coarse periphery is covered
+
+
+def test_difficulty_gives_easy_images_smaller_budgets_and_shallower_pyramids(tokens):
+    g = torch.Generator().manual_seed(0)
+    easy = torch.full((1, 3, 64, 64), 0.5) + 0.05 * torch.linspace(0, 1, 64)
+    hard = torch.rand(1, 3, 64, 64, generator=g)
+    allocator = allocators.create("difficulty")
+    batch_tokens = from_feature_grid(torch.randn(2, 8, 8, 6, generator=g), 3, patch_size=8)
+    both = torch.cat([easy, hard])
+    budgets = allocator.budgets(batch_tokens, 40, image=both)
+    assert budgets[0] < budgets[1] <= 40
+    selection = allocator(batch_tokens, 40, image=both)
+    assert torch.equal(selection.count, budgets)
+    easy_levels = kept_levels(batch_tokens, selection, 0)
+    assert easy_levels[0] == 0  # an easy image never reaches the finest level
+    with pytest.raises(ValueError, match="tiers"):
+        allocators.create("difficulty", tiers=[0.5, 0.25, 1.0])
+
+
+def test_redundancy_pass_skips_low_energy_children_of_kept_parents(tokens):
+    image = torch.full((1, 3, 64, 64), 0.5)
+    image[:, :, :, :32] = torch.rand(1, 3, 64, 32, generator=torch.Generator().manual_seed(0))
+    base = allocators.create("all")
+    plain = base(tokens, 60, image=image).keep_mask(tokens.num_tokens)[0]
+    pruned = allocators.create("all", redundancy=True)(tokens, 60, image=image).keep_mask(tokens.num_tokens)[0]
+    energy = laplacian_energy(tokens, image)[0]
+
+    def redundant(keep):
+        parent = tokens.parent
+        has_parent = parent >= 0
+        low = torch.zeros_like(keep)
+        for s in tokens.level_slices:
+            low[s] = energy[s] < energy[s].median()
+        return keep & has_parent & keep[parent.clamp_min(0)] & low
+
+    assert int(pruned.sum()) == int(plain.sum()) == 60
+    assert int(redundant(pruned).sum()) < int(redundant(plain).sum())
+
+
+def test_option_validation():
+    with pytest.raises(ValueError, match="method"):
+        allocators.create("saliency", method="itti")
+    with pytest.raises(ValueError, match="context"):
+        allocators.create("query", context=2)
+    with pytest.raises(ValueError, match="e0"):
+        allocators.create("foveated", e0=0)
+    with pytest.raises(ValueError, match="redundancy_quantile"):
+        allocators.create("random", redundancy_quantile=1.5)
+    with pytest.raises(TypeError, match="redundancy"):
+        allocators.create("random", redundancy="yes")

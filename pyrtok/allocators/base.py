@@ -11,7 +11,7 @@ in canonical order, deterministically for a fixed seed, without a Python loop ov
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -203,11 +203,18 @@ def spread_priority(level_shapes: tuple[tuple[int, int], ...], device: torch.dev
 
 @dataclass
 class Context:
-    """What a policy may look at besides the tokens."""
+    """What a policy may look at besides the tokens, and a per-call memo of computed signals."""
 
     image: Tensor | None
     query: Tensor | None
     generator: torch.Generator | None
+    memo: dict[str, Tensor] = field(default_factory=dict)
+
+    def cached(self, key: str, compute: Callable[[], Tensor]) -> Tensor:
+        """``compute()`` once per allocator call, so hooks can share a signal without recomputing it."""
+        if key not in self.memo:
+            self.memo[key] = compute()
+        return self.memo[key]
 
 
 class Allocator:
@@ -328,7 +335,7 @@ class Allocator:
     ) -> tuple[Tensor, Tensor]:
         from pyrtok.signals.laplacian import laplacian_energy
 
-        energy = laplacian_energy(tokens, ctx.image)
+        energy = ctx.cached("laplacian_energy", lambda: laplacian_energy(tokens, ctx.image))
         low = torch.zeros_like(keep)
         for level_slice in tokens.level_slices:
             threshold = torch.quantile(energy[:, level_slice], self.redundancy_quantile, dim=1, keepdim=True)

@@ -42,7 +42,10 @@ class DifficultyTokens(Allocator):
         self.tiers = tiers
 
     def _difficulty(self, tokens: MultiScaleTokens, ctx: Context) -> Tensor:
-        return difficulty(ctx.image, tokens if ctx.query is not None else None, ctx.query).to(tokens.device)
+        return ctx.cached(
+            "difficulty",
+            lambda: difficulty(ctx.image, tokens if ctx.query is not None else None, ctx.query).to(tokens.device),
+        )
 
     def effective_budgets(self, tokens: MultiScaleTokens, budgets: Tensor, ctx: Context) -> Tensor:
         d = self._difficulty(tokens, ctx)
@@ -51,7 +54,7 @@ class DifficultyTokens(Allocator):
         return (tier * budgets).round().long().clamp(1).minimum(budgets)
 
     def priority(self, tokens: MultiScaleTokens, budgets: Tensor, ctx: Context) -> Tensor:
-        return laplacian_energy(tokens, ctx.image)
+        return ctx.cached("laplacian_energy", lambda: laplacian_energy(tokens, ctx.image))
 
     def quotas(self, tokens: MultiScaleTokens, budgets: Tensor, ctx: Context, priority: Tensor) -> Tensor:
         d = self._difficulty(tokens, ctx).unsqueeze(1)  # (B, 1)

@@ -28,10 +28,9 @@ class LaplacianTokens(Allocator):
         if not 0.0 <= float(power):
             raise ValueError(f"power must be >= 0, got {power!r}")
         self.power = float(power)
-        self._energy: Tensor | None = None
 
     def priority(self, tokens: MultiScaleTokens, budgets: Tensor, ctx: Context) -> Tensor:
-        return laplacian_energy(tokens, ctx.image)
+        return ctx.cached("laplacian_energy", lambda: laplacian_energy(tokens, ctx.image))
 
     def quotas(self, tokens: MultiScaleTokens, budgets: Tensor, ctx: Context, priority: Tensor) -> Tensor:
         box = tokens.box

@@ -1,0 +1,157 @@
+"""Multi-scale encoding: a HF ViT tower turns an image into tokens at several scales.
+
+Two modes:
+
+- ``"feature"``: encode the image once at the tower's resolution and build a feature pyramid from the
+  patch grid by 2x2 average pooling (:func:`pyrtok.tokens.from_feature_grid`). Level 0 is exactly the
+  patch grid a VLM normally gets.
+- ``"image"``: encode every level of the image's Gaussian pyramid separately (level l has ~1/2^l the
+  side, rounded to a multiple of the patch size; position embeddings are interpolated), so coarse tokens
+  see a genuinely blurred, downsampled image.
+
+Features come from ``feature_layer`` (a hidden-state index: -1 the last layer, -2 the one before, as
+LLaVA uses). The [CLS] attention of that same layer is recomputed from the layer's input (see
+:mod:`pyrtok.encoders.towers`) and expressed as a density per level-0 patch, so that levels compare.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from pyrtok._checks import check_image
+from pyrtok.encoders.towers import VisionTower
+from pyrtok.pyramid import gaussian_pyramid
+from pyrtok.tokens import MultiScaleTokens, from_feature_grid, token_layout
+
+__all__ = ["MODES", "MultiScaleEncoder"]
+
+MODES = ("feature", "image")
+
+
+class MultiScaleEncoder(nn.Module):
+    """Encode (B, 3, H, W) images in [0, 1] into :class:`MultiScaleTokens`.
+
+    Args:
+        tower: a HF ``CLIPVisionModel``, ``SiglipVisionModel``, ``CLIPModel`` or LLaVA-family model (its
+            vision tower is used; nothing is copied or modified).
+        mode: ``"feature"`` or ``"image"`` (see the module notes).
+        levels: number of pyramid levels.
+        feature_layer: hidden-state index the features are taken from (LLaVA uses -2).
+        image_size: side the input is resized to before encoding; default the tower's own resolution.
+            ``None`` keeps the config's; pass 0 to keep the input size (rounded to the patch size).
+        image_mean, image_std: pixel normalisation; default the tower family's (OpenAI CLIP or SigLIP).
+        attention: capture [CLS] attention (``tokens.attention``).
+
+    Example:
+        >>> from transformers import CLIPVisionConfig, CLIPVisionModel
+        >>> tower = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        ...                                          num_attention_heads=2, image_size=64, patch_size=16))
+        >>> tokens = MultiScaleEncoder(tower, mode="image", levels=2)(torch.rand(1, 3, 64, 64))
+        >>> tokens.level_shapes, tokens.features.shape
+        (((4, 4), (2, 2)), torch.Size([1, 20, 32]))
+    """
+
+    def __init__(
+        self,
+        tower: nn.Module,
+        mode: str = "feature",
+        levels: int = 3,
+        feature_layer: int = -2,
+        image_size: int | None = None,
+        image_mean: tuple[float, float, float] | None = None,
+        image_std: tuple[float, float, float] | None = None,
+        attention: bool = True,
+    ) -> None:
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if isinstance(levels, bool) or not isinstance(levels, int) or levels < 1:
+            raise ValueError(f"levels must be an int >= 1, got {levels!r}")
+        self.tower = VisionTower(tower)
+        self.tower.layer_index(feature_layer)  # validates
+        self.mode, self.levels, self.feature_layer, self.attention = mode, levels, feature_layer, attention
+        self.image_size = self.tower.image_size if image_size is None else int(image_size)
+        mean = image_mean or self.tower.image_mean
+        std = image_std or self.tower.image_std
+        self.register_buffer("image_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("image_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        # Registered so that .to(device) and .eval() reach the tower; it stays the caller's module.
+        self.module = self.tower.module
+
+    @property
+    def patch_size(self) -> int:
+        return self.tower.patch_size
+
+    def _round(self, side: int) -> int:
+        return max(self.patch_size, round(side / self.patch_size) * self.patch_size)
+
+    def prepare(self, images: Tensor) -> Tensor:
+        """(B, 3, H, W) in [0, 1] -> resized (B, 3, S, S') in [0, 1], sides multiples of the patch size."""
+        check_image(images, "images")
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must have shape (B, 3, H, W), got {tuple(images.shape)}")
+        if self.image_size:
+            size = (self.image_size, self.image_size)
+        else:
+            size = (self._round(images.shape[-2]), self._round(images.shape[-1]))
+        if tuple(images.shape[-2:]) != size:
+            images = F.interpolate(images, size=size, mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+        return images
+
+    def normalise(self, images: Tensor) -> Tensor:
+        dtype = next(self.module.parameters()).dtype
+        return ((images - self.image_mean) / self.image_std).to(dtype)
+
+    def _encode(self, pixels: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """One tower pass -> patch grid (B, h, w, D), attention grid (B, h, w) or None, [CLS] (B, D) or None."""
+        states = self.tower.hidden_states(self.normalise(pixels))
+        index = self.tower.layer_index(self.feature_layer)
+        state = states[index]
+        h, w = pixels.shape[-2] // self.patch_size, pixels.shape[-1] // self.patch_size
+        grid = rearrange(self.tower.patch_states(state), "b (h w) d -> b h w d", h=h, w=w)
+        attention = self.tower.attention_row(states, index) if self.attention else None
+        if attention is not None:
+            attention = rearrange(attention, "b (h w) -> b h w", h=h, w=w)
+        return grid, attention, self.tower.cls_state(state)
+
+    def forward(self, images: Tensor) -> MultiScaleTokens:
+        """(B, 3, H, W) images in [0, 1] -> tokens of all levels (features in the tower's dtype)."""
+        images = self.prepare(images)
+        if self.mode == "feature":
+            grid, attention, cls = self._encode(images)
+            return from_feature_grid(grid, self.levels, image_size=tuple(images.shape[-2:]), attention=attention,
+                                     cls=cls)
+        return self._encode_levels(images)
+
+    def _encode_levels(self, images: Tensor) -> MultiScaleTokens:
+        height, width = images.shape[-2:]
+        grids, attentions, classes, cells = [], [], [], []
+        for level, image in enumerate(gaussian_pyramid(images, self.levels)):
+            size = (self._round(image.shape[-2]), self._round(image.shape[-1]))
+            if tuple(image.shape[-2:]) != size:
+                image = F.interpolate(image, size=size, mode="bilinear", align_corners=False, antialias=True)
+            grid, attention, cls = self._encode(image)
+            grids.append(grid)
+            classes.append(cls)
+            cells.append((self.patch_size * height / size[0], self.patch_size * width / size[1]))
+            if attention is not None:
+                # Per-level attention sums to ~1 over that level; rescale to a density per level-0 patch.
+                n_level, n_base = grid.shape[1] * grid.shape[2], grids[0].shape[1] * grids[0].shape[2]
+                attentions.append(attention * (n_level / n_base))
+            if level + 1 < self.levels and min(size) <= self.patch_size:
+                raise ValueError(
+                    f"levels={self.levels} is too deep for {height}x{width} input with patch {self.patch_size}: "
+                    f"level {level} is already one patch"
+                )
+        level_shapes = tuple((g.shape[1], g.shape[2]) for g in grids)
+        layout = token_layout(level_shapes, (height, width), tuple(cells), device=images.device)
+        features = torch.cat([rearrange(g, "b h w d -> b (h w) d") for g in reversed(grids)], dim=1)
+        attention = None
+        if len(attentions) == len(grids):
+            attention = torch.cat([rearrange(a, "b h w -> b (h w)") for a in reversed(attentions)], dim=1)
+        cls = torch.stack(classes, 1) if all(c is not None for c in classes) else None
+        return MultiScaleTokens(features, **layout, level_shapes=level_shapes, image_size=(height, width),
+                                cls=cls, attention=attention)

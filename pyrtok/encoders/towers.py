@@ -1,0 +1,110 @@
+"""A uniform view of HuggingFace ViT vision towers: CLIP, SigLIP, and the tower inside LLaVA-family VLMs.
+
+Only what multi-scale encoding needs: pixel normalisation constants, patch size, whether a [CLS] token
+leads the sequence, the hidden states of every layer for any input size, and the attention row of the
+[CLS] token (or of SigLIP's pooling probe) at a chosen layer, recomputed from that layer's input so that
+the model keeps its fast attention kernel (no switch to eager attention, no hooks).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+__all__ = ["VisionTower", "find_vision_tower"]
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
+
+
+def find_vision_tower(model: nn.Module) -> nn.Module:
+    """The ViT inside ``model``: a CLIP/SigLIP vision model itself, a CLIPModel's, or a LLaVA-family VLM's."""
+    name = type(model).__name__
+    if name in ("CLIPVisionModel", "CLIPVisionModelWithProjection", "SiglipVisionModel"):
+        return model
+    for path in ("model.vision_tower", "vision_tower", "vision_model"):
+        tower = model
+        for part in path.split("."):
+            tower = getattr(tower, part, None)
+            if tower is None:
+                break
+        if tower is not None:
+            return find_vision_tower(tower) if type(tower).__name__ != type(model).__name__ else tower
+    raise TypeError(
+        f"no supported vision tower in {name}: expected a CLIP or SigLIP vision model, a CLIPModel, "
+        f"or a LLaVA-family model with .model.vision_tower"
+    )
+
+
+@dataclass
+class VisionTower:
+    """Thin adapter over a HF CLIP/SigLIP vision transformer (the wrapped module is not modified)."""
+
+    module: nn.Module
+
+    def __post_init__(self) -> None:
+        self.module = find_vision_tower(self.module)
+        config = self.module.config
+        self.kind = "siglip" if "Siglip" in type(self.module).__name__ else "clip"
+        self.patch_size = int(config.patch_size)
+        self.image_size = int(config.image_size)
+        self.hidden_size = int(config.hidden_size)
+        self.num_layers = int(config.num_hidden_layers)
+        self.has_cls = self.kind == "clip"
+        mean, std = (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD) if self.kind == "clip" else (SIGLIP_MEAN, SIGLIP_STD)
+        self.image_mean, self.image_std = mean, std
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.module.encoder.layers
+
+    def layer_index(self, layer: int) -> int:
+        """Normalise a hidden-state index (negative counts from the end; 0 = embeddings) to [0, num_layers]."""
+        count = self.num_layers + 1
+        if not -count <= layer < count:
+            raise ValueError(f"feature layer must be in [{-count}, {count - 1}] for this tower, got {layer}")
+        return layer % count
+
+    def hidden_states(self, pixel_values: Tensor) -> tuple[Tensor, ...]:
+        """(B, 3, H, W) normalised pixels, H and W multiples of the patch size -> num_layers + 1 states (B, T, D)."""
+        out = self.module(pixel_values, output_hidden_states=True, interpolate_pos_encoding=True)
+        return out.hidden_states
+
+    def patch_states(self, state: Tensor) -> Tensor:
+        """Drop the [CLS] token if the tower has one: (B, T, D) -> (B, P, D)."""
+        return state[:, 1:] if self.has_cls else state
+
+    def cls_state(self, state: Tensor) -> Tensor | None:
+        return state[:, 0] if self.has_cls else None
+
+    def attention_row(self, states: tuple[Tensor, ...], layer: int) -> Tensor | None:
+        """(B, P) attention of [CLS] to the patches inside layer ``layer`` (a hidden-state index >= 1).
+
+        For SigLIP (no [CLS]) the attention of the pooling head's probe over the last layer's output is
+        returned instead, when the tower has that head; otherwise None.
+        """
+        if not self.has_cls:
+            return self._probe_attention(states[-1])
+        index = self.layer_index(layer)
+        if index == 0:
+            return None
+        block = self.layers[index - 1]
+        x = block.layer_norm1(states[index - 1])
+        attn = block.self_attn
+        query = rearrange(attn.q_proj(x[:, :1]), "b t (h d) -> b h t d", h=attn.num_heads)
+        keys = rearrange(attn.k_proj(x), "b t (h d) -> b h t d", h=attn.num_heads)
+        weights = torch.softmax((query @ keys.transpose(-1, -2)) * attn.scale, dim=-1)  # (B, H, 1, T)
+        return weights.mean(1)[:, 0, 1:]
+
+    def _probe_attention(self, last: Tensor) -> Tensor | None:
+        head = getattr(self.module, "head", None)
+        if head is None or not hasattr(head, "probe"):
+            return None
+        mha: nn.MultiheadAttention = head.attention
+        probe = head.probe.expand(last.shape[0], -1, -1)
+        _, weights = mha(probe, last, last, need_weights=True, average_attn_weights=True)
+        return weights[:, 0]

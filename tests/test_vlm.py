@@ -1,0 +1,145 @@
+"""PyramidVLM on a tiny LLaVA built from a config: exactness against the unwrapped model, batching, budgets."""
+
+import pytest
+import torch
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+from pyrtok.encoders import MultiScaleEncoder
+from pyrtok.vlm import PyramidVLM, word_tokenizer
+
+WORDS = "user assistant what colour is the square circle red green blue ? : . a of shape big small".split()
+PROMPTS = ["USER: <image> what colour is the square? ASSISTANT:", "USER: <image> what shape? ASSISTANT:"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    tokenizer = word_tokenizer(WORDS)
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                       num_attention_heads=2, image_size=64, patch_size=16),
+        text_config=LlamaConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=2, vocab_size=len(tokenizer), pad_token_id=0, bos_token_id=2,
+                                eos_token_id=3, max_position_embeddings=256),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
+    )
+    model = LlavaForConditionalGeneration(config).eval()
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    return model, tokenizer, images
+
+
+def reference_inputs(vlm, tokenizer, images, prompts):
+    n = 16  # 4x4 patches
+    input_ids, attention_mask = vlm.build_inputs(prompts, torch.full((len(prompts),), n))
+    pixels = vlm.encoder.normalise(vlm.encoder.prepare(images))
+    return input_ids, attention_mask, pixels
+
+
+def test_all_tokens_reproduce_the_unwrapped_model(tiny):
+    model, tokenizer, images = tiny
+    vlm = PyramidVLM(model, tokenizer, allocator="all", levels=1)
+    input_ids, attention_mask, pixels = reference_inputs(vlm, tokenizer, images[:1], PROMPTS[:1])
+    with torch.no_grad():
+        reference = model(input_ids=input_ids, pixel_values=pixels, attention_mask=attention_mask).logits
+        ours = vlm(images[:1], PROMPTS[:1])
+    assert torch.equal(ours.input_ids, input_ids)
+    assert (ours.logits - reference).abs().max().item() <= 1e-5
+    generated = model.generate(input_ids=input_ids, pixel_values=pixels, attention_mask=attention_mask,
+                               max_new_tokens=6, do_sample=False, pad_token_id=0)
+    out = vlm.generate(images[:1], PROMPTS[:1], max_new_tokens=6)
+    assert torch.equal(out.sequences, generated[:, input_ids.shape[1]:])
+    assert out.counts.tolist() == [16]
+
+
+def test_batched_generation_equals_one_by_one(tiny):
+    model, tokenizer, images = tiny
+    vlm = PyramidVLM(model, tokenizer, allocator="pool", levels=2)
+    budget = torch.tensor([3, 20])  # different K per sample: left padding
+    batched = vlm.generate(images, PROMPTS, budget=budget, max_new_tokens=5)
+    assert batched.counts.tolist() == [3, 20]
+    for b in range(2):
+        single = vlm.generate(images[b : b + 1], PROMPTS[b : b + 1], budget=int(budget[b]), max_new_tokens=5)
+        assert single.sequences[0].tolist() == batched.sequences[b, : single.sequences.shape[1]].tolist()
+    with torch.no_grad():
+        logits = vlm(images, PROMPTS, budget=budget).logits
+        alone = vlm(images[1:], PROMPTS[1:], budget=20).logits
+    assert (logits[1, -alone.shape[1]:] - alone[0]).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("budget", [1, 20, 100])
+def test_extreme_budgets_and_image_mode(tiny, budget):
+    model, tokenizer, images = tiny
+    vlm = PyramidVLM(model, tokenizer, allocator="laplacian", mode="image", levels=2)
+    out = vlm.generate(images, PROMPTS, budget=budget, max_new_tokens=3)
+    assert out.counts.tolist() == [min(budget, 20)] * 2
+    assert out.sequences.shape[0] == 2 and len(out.texts) == 2
+
+
+def test_loss_with_labels(tiny):
+    model, tokenizer, images = tiny
+    vlm = PyramidVLM(model, tokenizer, allocator="saliency", budget=6, levels=2)
+    inputs = vlm.prepare(images, PROMPTS)
+    labels = inputs["input_ids"].masked_fill(inputs["input_ids"] == vlm.image_token_id, -100)
+    out = vlm(images, PROMPTS, labels=labels)
+    assert out.loss.ndim == 0 and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert model.model.multi_modal_projector.linear_1.weight.grad is not None
+    model.zero_grad()
+
+
+def test_from_pretrained_on_a_saved_folder(tiny, tmp_path):
+    model, tokenizer, images = tiny
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    config = tmp_path / "run.yaml"
+    config.write_text("allocator: {name: query, context: 0.25}\nbudget: 5\nlevels: 2\n")
+    vlm = PyramidVLM.from_pretrained(tmp_path, config=config)
+    assert vlm.allocator.name == "query" and vlm.budget == 5 and vlm.encoder.levels == 2
+    out = vlm.generate(images, PROMPTS, query=torch.randn(2, 32), max_new_tokens=2)
+    assert out.counts.tolist() == [5, 5]
+    override = PyramidVLM.from_pretrained(tmp_path, allocator="random", budget=7, config=config)
+    assert override.allocator.name == "random" and override.budget == 7
+
+
+def test_wrapping_leaves_the_model_untouched(tiny):
+    model, tokenizer, images = tiny
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    attn = model.config._attn_implementation
+    PyramidVLM(model, tokenizer, allocator="random", budget=4).generate(images, PROMPTS, max_new_tokens=2)
+    assert model.config._attn_implementation == attn
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_bad_inputs_get_clear_errors(tiny):
+    model, tokenizer, images = tiny
+    vlm = PyramidVLM(model, tokenizer)
+    with pytest.raises(ValueError, match="exactly once"):
+        vlm.generate(images[:1], ["no placeholder here"])
+    with pytest.raises(ValueError, match="list of 2 strings"):
+        vlm.generate(images, PROMPTS[:1])
+    with pytest.raises(ValueError, match=r"images must be a \(B, 3, H, W\)"):
+        vlm.generate(images[0], PROMPTS[:1])
+    with pytest.raises(TypeError, match="LlavaForConditionalGeneration"):
+        PyramidVLM(model.model.vision_tower, tokenizer)
+    with pytest.raises(ValueError, match="unknown allocator"):
+        PyramidVLM(model, tokenizer, allocator="best")
+
+
+def test_encoder_modes_and_attention_capture(tiny):
+    model, _, images = tiny
+    tower = model.model.vision_tower
+    feature = MultiScaleEncoder(model, mode="feature", levels=3, feature_layer=-1)(images)
+    assert feature.level_shapes == ((4, 4), (2, 2), (1, 1))
+    with torch.no_grad():
+        pixels = MultiScaleEncoder(model).normalise(images)
+        eager = type(tower)(tower.config)
+        eager.load_state_dict(tower.state_dict())
+        eager.config._attn_implementation = "eager"
+        reference = eager(pixels, output_attentions=True).attentions[-1].mean(1)[:, 0, 1:]
+    assert torch.allclose(feature.attention[:, feature.level_slices[0]], reference, atol=1e-6)
+    image_mode = MultiScaleEncoder(model, mode="image", levels=2)(images)
+    assert image_mode.level_shapes == ((4, 4), (2, 2)) and image_mode.cls.shape == (2, 2, 32)
+    with pytest.raises(ValueError, match="feature layer"):
+        MultiScaleEncoder(model, feature_layer=9)
+    with pytest.raises(ValueError, match="mode"):
+        MultiScaleEncoder(model, mode="tiles")

@@ -72,3 +72,17 @@ def test_clip_query_encoder_and_local_from_pretrained(tmp_path):
         query.encode("a red car")
     with pytest.raises(TypeError, match="CLIPModel"):
         ClipQueryEncoder(clip.vision_model, tokenizer)
+
+
+def test_llava_next_tower_is_found():
+    from transformers import LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    config = LlavaNextConfig(
+        vision_config=CLIPVisionConfig(**TOWER),
+        text_config=LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                vocab_size=50),
+        image_token_id=40, image_grid_pinpoints=[[64, 64], [64, 128]],
+    )
+    model = LlavaNextForConditionalGeneration(config).eval()
+    tokens = MultiScaleEncoder(model, levels=2)(torch.rand(1, 3, 64, 64))
+    assert tokens.level_shapes == ((4, 4), (2, 2)) and tokens.dim == 32

@@ -97,8 +97,8 @@ def test_from_pretrained_on_a_saved_folder(tiny, tmp_path):
     assert vlm.allocator.name == "query" and vlm.budget == 5 and vlm.encoder.levels == 2
     out = vlm.generate(images, PROMPTS, query=torch.randn(2, 32), max_new_tokens=2)
     assert out.counts.tolist() == [5, 5]
-    override = PyramidVLM.from_pretrained(tmp_path, allocator="random", budget=7, config=config)
-    assert override.allocator.name == "random" and override.budget == 7
+    override = PyramidVLM.from_pretrained(tmp_path, allocator="random", budget=7, levels=1, config=config)
+    assert override.allocator.name == "random" and override.budget == 7 and override.encoder.levels == 1
 
 
 def test_wrapping_leaves_the_model_untouched(tiny):

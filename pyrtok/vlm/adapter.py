@@ -116,12 +116,15 @@ class PyramidVLM(nn.Module):
         allocator: Allocator | str | dict | Path | None = None,
         budget: int | None = None,
         config: str | Path | dict | None = None,
+        mode: str | None = None,
+        levels: int | None = None,
         **model_kwargs: Any,
     ) -> PyramidVLM:
         """Load a LLaVA model and its tokenizer from a local folder or a hub id.
 
         ``config`` (a YAML path or dict) may give ``allocator`` (a name or an allocator config mapping),
-        ``budget``, ``mode`` and ``levels``; explicit arguments win over it.
+        ``budget``, ``mode`` and ``levels``; explicit arguments win over it. Other keyword arguments go to
+        ``LlavaForConditionalGeneration.from_pretrained`` (e.g. ``torch_dtype``).
         """
         from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
@@ -130,8 +133,9 @@ class PyramidVLM(nn.Module):
             options = yaml.safe_load(Path(config).read_text()) if not isinstance(config, dict) else dict(config)
         if allocator is not None:
             options["allocator"] = allocator
-        if budget is not None:
-            options["budget"] = budget
+        for key, value in (("budget", budget), ("mode", mode), ("levels", levels)):
+            if value is not None:
+                options[key] = value
         model = LlavaForConditionalGeneration.from_pretrained(path_or_id, **model_kwargs)
         tokenizer = AutoTokenizer.from_pretrained(path_or_id)
         return cls(

@@ -1,0 +1,48 @@
+"""Forward-pass FLOP estimates for ViT towers and decoder-only language models.
+
+Counting convention: a multiply-add is 2 FLOPs. A transformer layer over T tokens of width d costs
+2 * (its weight count) * T for the projections and MLP, plus 4 * d * T^2 for attention scores and the
+weighted sum of values (full T x T; a causal kernel that skips the masked half does about half of it).
+Embedding lookups are free; the LM head is counted for the positions whose logits are produced.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["llm_prefill_flops", "vit_flops"]
+
+
+def _layer_weights(hidden: int, intermediate: int, heads: int, kv_heads: int, gated: bool) -> int:
+    head_dim = hidden // heads
+    attention = hidden * hidden * 2 + 2 * hidden * kv_heads * head_dim  # q, o and k, v
+    mlp = (3 if gated else 2) * hidden * intermediate
+    return attention + mlp
+
+
+def vit_flops(config: Any, num_patches: int, num_layers: int | None = None) -> float:
+    """FLOPs of one image through ``num_layers`` (default all) layers of a CLIP/SigLIP vision config."""
+    tokens = num_patches + 1
+    layers = config.num_hidden_layers if num_layers is None else num_layers
+    weights = _layer_weights(config.hidden_size, config.intermediate_size, config.num_attention_heads,
+                             config.num_attention_heads, gated=False)
+    patch_embed = 2 * 3 * config.patch_size**2 * config.hidden_size * num_patches
+    return float(patch_embed + layers * (2 * weights * tokens + 4 * config.hidden_size * tokens**2))
+
+
+def llm_prefill_flops(config: Any, tokens: int, logits_positions: int = 1) -> float:
+    """FLOPs of a decoder-only LM (Llama-style config) over a ``tokens``-long prompt.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> cfg = SimpleNamespace(hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+        ...                       num_attention_heads=2, num_key_value_heads=2, vocab_size=10)
+        >>> llm_prefill_flops(cfg, tokens=4)
+        5792.0
+    """
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    weights = _layer_weights(config.hidden_size, config.intermediate_size, config.num_attention_heads, kv_heads,
+                             gated=True)
+    per_layer = 2 * weights * tokens + 4 * config.hidden_size * tokens**2
+    head = 2 * config.hidden_size * config.vocab_size * logits_positions
+    return float(config.num_hidden_layers * per_layer + head)

@@ -6,10 +6,24 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 from torch import Tensor
 
-__all__ = ["band_to_image", "pyramid_figure", "save_png", "to_pil"]
+from pyrtok.tokens import MultiScaleTokens, TokenSelection
+
+__all__ = ["LEVEL_COLOURS", "band_to_image", "draw_selection", "pyramid_figure", "save_png", "to_pil"]
+
+#: Outline colour of each pyramid level (index = level, 0 = finest); levels beyond the list reuse it cyclically.
+LEVEL_COLOURS: tuple[tuple[int, int, int], ...] = (
+    (230, 25, 75),  # red: level 0 (finest)
+    (255, 225, 25),  # yellow
+    (0, 130, 200),  # blue
+    (60, 180, 75),  # green
+    (240, 50, 230),  # magenta
+    (70, 240, 240),  # cyan
+    (245, 130, 48),  # orange
+    (145, 30, 180),  # purple
+)
 
 
 def to_pil(image: Tensor) -> Image.Image:
@@ -54,6 +68,76 @@ def pyramid_figure(rows: Sequence[Sequence[Tensor]], gap: int = 4) -> Image.Imag
             left += im.shape[-1] + gap
         top += height + gap
     return canvas
+
+
+def draw_selection(
+    image: Tensor,
+    tokens: MultiScaleTokens,
+    selection: TokenSelection,
+    sample: int = 0,
+    width: int = 2,
+) -> Image.Image:
+    """Outline the boxes of the tokens that ``selection`` keeps in one sample, one colour per level.
+
+    The image is blended 35% towards mid-grey so that the outlines read; level l is drawn in
+    ``LEVEL_COLOURS[l % len(LEVEL_COLOURS)]``, coarsest level first so that finer outlines lie on top.
+
+    Args:
+        image: (3, H, W) image in [0, 1] of sample ``sample``. Its size may differ from
+            ``tokens.image_size``; boxes (level-0 pixels) are rescaled to it.
+        tokens: the N tokens the selection indexes (only the layout is used: box, level, image_size).
+        selection: index / mask (B, K) with B = ``tokens.batch_size``.
+        sample: which row of the selection to draw, 0 <= sample < B.
+        width: outline width in pixels of the output image, >= 1.
+
+    Returns:
+        RGB PIL image of size (W, H).
+
+    Example:
+        >>> from pyrtok import allocators
+        >>> from pyrtok.tokens import from_feature_grid
+        >>> tokens = from_feature_grid(torch.rand(2, 4, 4, 8), levels=2, patch_size=16)  # 16 + 4 tokens
+        >>> selection = allocators.create("pool")(tokens, 6)
+        >>> draw_selection(torch.rand(3, 32, 48), tokens, selection, sample=1).size
+        (48, 32)
+    """
+    if not isinstance(image, Tensor):
+        raise TypeError(f"image must be a (3, H, W) tensor in [0, 1], got {type(image).__name__}")
+    if image.dim() != 3 or image.shape[0] != 3 or image.shape[1] < 1 or image.shape[2] < 1:
+        raise ValueError(f"image must have shape (3, H, W) (one RGB image, no batch), got {tuple(image.shape)}")
+    if not isinstance(tokens, MultiScaleTokens):
+        raise TypeError(f"tokens must be MultiScaleTokens, got {type(tokens).__name__}")
+    if not isinstance(selection, TokenSelection):
+        raise TypeError(f"selection must be a TokenSelection, got {type(selection).__name__}")
+    if selection.batch_size != tokens.batch_size:
+        raise ValueError(
+            f"selection has batch size {selection.batch_size} but tokens have {tokens.batch_size}"
+        )
+    if isinstance(sample, bool) or not isinstance(sample, int) or not 0 <= sample < selection.batch_size:
+        raise ValueError(f"sample must be an int in [0, {selection.batch_size - 1}], got {sample!r}")
+    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+        raise ValueError(f"width must be an int >= 1, got {width!r}")
+    index = selection.index[sample][selection.mask[sample]].cpu()
+    if index.numel() and not 0 <= int(index.min()) <= int(index.max()) < tokens.num_tokens:
+        raise ValueError(
+            f"selection indexes tokens outside [0, {tokens.num_tokens - 1}]: it does not belong to these tokens"
+        )
+
+    picture = to_pil(image).convert("RGB")
+    picture = Image.blend(picture, Image.new("RGB", picture.size, (128, 128, 128)), 0.35)
+    draw = ImageDraw.Draw(picture)
+    out_h, out_w = image.shape[1], image.shape[2]
+    scale = torch.tensor([out_w / tokens.image_size[1], out_h / tokens.image_size[0]] * 2)
+    boxes = tokens.box.detach().cpu().float()[index] * scale
+    levels = tokens.level.cpu()[index]
+    for lvl in sorted(set(levels.tolist()), reverse=True):
+        colour = LEVEL_COLOURS[lvl % len(LEVEL_COLOURS)]
+        for x0, y0, x1, y1 in boxes[levels == lvl].round().long().tolist():
+            # Pillow's rectangle includes its far edge, so the last pixel row / column is x1 - 1, y1 - 1.
+            x0, y0 = min(max(x0, 0), out_w - 1), min(max(y0, 0), out_h - 1)
+            x1, y1 = min(max(x1 - 1, x0), out_w - 1), min(max(y1 - 1, y0), out_h - 1)
+            draw.rectangle((x0, y0, x1, y1), outline=colour, width=width)
+    return picture
 
 
 def save_png(image: Image.Image, path: str) -> None:

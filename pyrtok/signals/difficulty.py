@@ -55,7 +55,7 @@ def raw_difficulty(image: Tensor, tokens: MultiScaleTokens | None = None, query:
     bands = laplacian_pyramid(grey, depth)[:-1] if depth > 1 else [grey - grey.mean((-2, -1), keepdim=True)]
     energy = torch.stack([b.square().flatten(1).sum(1) for b in bands], 1)  # (B, bands)
     fine = energy[:, :2].sum(1) / energy.sum(1).clamp_min(1e-12)
-    features = [fine, _entropy_fraction(spectral_residual(image).flatten(1))]
+    features = [fine, _entropy_fraction(spectral_residual(image, full_size=False).flatten(1))]
     if query is not None:
         if tokens is None:
             raise ValueError("query needs tokens: pass the tokens whose relevance the query should spread over")

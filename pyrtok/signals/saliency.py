@@ -28,27 +28,33 @@ def _gaussian_blur(x: Tensor, sigma: float) -> Tensor:
     return rearrange(x, "b 1 h w -> b h w")
 
 
-def spectral_residual(image: Tensor, width: int = 64, sigma: float = 2.5) -> Tensor:
+def spectral_residual(image: Tensor, width: int = 64, sigma: float = 2.5, full_size: bool = True) -> Tensor:
     """Spectral-residual saliency map.
 
     The image is converted to grey and resized to ``width`` columns (the scale the method was designed
     at). The log-amplitude spectrum minus its 3x3 local mean (the "residual", what is unexpected given
     the typical 1/f spectrum) is recombined with the original phase, inverted, squared, and blurred.
-    Amplitudes are floored at 5% of their mean before the log (see the code comment).
+    Amplitudes are floored at 5% of their mean before the log, and the image is mirror-extended before
+    the FFT so that its borders do not read as edges (see the code comments).
 
     Args:
         image: (B, C, H, W) images in [0, 1].
         width: working width in pixels.
         sigma: blur of the squared map at working scale, in pixels.
+        full_size: return the map at the input's size (else at the working size).
 
     Returns:
-        (B, H, W) map in [0, 1].
+        (B, H, W) map in [0, 1] (or (B, h, width) at working size).
     """
     check_image(image, "image")
     height_in, width_in = image.shape[-2:]
     height = max(8, round(width * height_in / width_in))
     grey = F.interpolate(image.float().mean(1, keepdim=True), size=(height, width), mode="area")[:, 0]
-    spectrum = torch.fft.fft2(grey)
+    # The FFT treats the image as periodic, so the seam between opposite borders would look like the most
+    # salient edge in the picture. A mirror extension is periodic without a seam; the map is cropped back.
+    mirrored = torch.cat([grey, grey.flip(-1)], dim=-1)
+    mirrored = torch.cat([mirrored, mirrored.flip(-2)], dim=-2)
+    spectrum = torch.fft.fft2(mirrored)
     amplitude = spectrum.abs()
     # Flooring at 5% of the mean amplitude keeps exact spectral zeros (flat backgrounds, synthetic
     # scenes) from dominating the residual, which otherwise paints a lattice over the whole map.
@@ -56,9 +62,11 @@ def spectral_residual(image: Tensor, width: int = 64, sigma: float = 2.5) -> Ten
     log_amplitude = torch.log(amplitude + floor)
     local_mean = F.avg_pool2d(F.pad(log_amplitude.unsqueeze(1), (1, 1, 1, 1), mode="circular"), 3, 1)[:, 0]
     residual = torch.exp(torch.complex(log_amplitude - local_mean, torch.angle(spectrum)))
-    saliency = _gaussian_blur(torch.fft.ifft2(residual).abs().square(), sigma)
-    saliency = F.interpolate(saliency.unsqueeze(1), size=(height_in, width_in), mode="bilinear", align_corners=False)
-    return normalise_map(saliency[:, 0])
+    saliency = _gaussian_blur(torch.fft.ifft2(residual).abs().square(), sigma)[:, :height, :width]
+    if full_size:
+        saliency = F.interpolate(saliency.unsqueeze(1), size=(height_in, width_in), mode="bilinear",
+                                 align_corners=False)[:, 0]
+    return normalise_map(saliency)
 
 
 def center_surround(image: Tensor, centres: tuple[int, ...] = (1, 2), deltas: tuple[int, ...] = (2, 3)) -> Tensor:

@@ -1,0 +1,211 @@
+"""``pyrtok pretrain --config configs/pretrain/<name>.yaml``: MAE pretraining with pixel and/or Laplacian loss.
+
+One YAML file sets everything (see ``configs/pretrain/``). The run is seeded; every batch and mask is a
+function of (seed, step, process), so an interrupted run resumes from its latest checkpoint and continues
+exactly as if it had not stopped. ``accelerate launch -m pyrtok.pretrain.train --config ...`` runs the
+same code on several processes or GPUs (DDP): each process draws its own batches, gradients are averaged.
+
+Outputs under ``output``: ``log.jsonl`` (one line per logged step), ``checkpoints/step-XXXXXXX`` (written to a
+temporary folder and renamed, with ``checkpoints/latest`` naming the newest), ``images/step-XXXXXXX.png``
+(input | masked | reconstruction rows), and ``encoder/`` (the final CLIP vision tower, ``save_pretrained``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from pyrtok.pretrain.data import ImagePool, step_generator
+from pyrtok.pretrain.mae import MaskedAutoencoder
+from pyrtok.pretrain.objectives import Objective, composite, mask_image
+
+__all__ = ["build_model", "load_config", "main", "train"]
+
+DEFAULTS: dict[str, Any] = {
+    "seed": 0,
+    "model": {"image_size": 224, "patch_size": 16, "hidden_size": 128, "num_layers": 3, "num_heads": 4,
+              "intermediate_size": 512, "decoder_dim": 128, "decoder_depth": 2, "decoder_heads": 4,
+              "mask_ratio": 0.75},
+    "loss": {"pixel": 1.0, "lap": 0.0, "norm_pix": True, "lap_levels": 4, "lap_distance": "l1"},
+    "data": {"samples": "all", "folders": [], "crop_scale": [0.2, 1.0], "hflip": True, "max_side": 512},
+    "train": {"steps": 1000, "batch_size": 32, "lr": 1.5e-3, "weight_decay": 0.05, "warmup_steps": 50,
+              "grad_clip": 1.0, "log_every": 10, "checkpoint_every": 100, "keep_checkpoints": 2,
+              "image_every": 250, "output": "runs/pretrain/default"},
+}
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any], path: str = "") -> dict[str, Any]:
+    out = dict(base)
+    for key, value in override.items():
+        if key not in base:
+            raise ValueError(f"unknown config key {path + key!r}; known: {sorted(base)}")
+        out[key] = _merge(base[key], value, f"{path}{key}.") if isinstance(base[key], dict) else value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Defaults, updated by the YAML file at ``path`` and then by ``overrides`` (nested dicts)."""
+    config = DEFAULTS
+    if path is not None:
+        config = _merge(config, yaml.safe_load(Path(path).read_text()) or {})
+    if overrides:
+        config = _merge(config, overrides)
+    return config
+
+
+def build_model(config: dict[str, Any]) -> MaskedAutoencoder:
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    m = config["model"]
+    encoder = CLIPVisionModel(CLIPVisionConfig(
+        hidden_size=m["hidden_size"], intermediate_size=m["intermediate_size"], num_hidden_layers=m["num_layers"],
+        num_attention_heads=m["num_heads"], image_size=m["image_size"], patch_size=m["patch_size"],
+    ))
+    return MaskedAutoencoder(encoder, decoder_dim=m["decoder_dim"], decoder_depth=m["decoder_depth"],
+                             decoder_heads=m["decoder_heads"], mask_ratio=m["mask_ratio"])
+
+
+def _schedule(step: int, warmup: int, total: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _latest(checkpoints: Path) -> Path | None:
+    pointer = checkpoints / "latest"
+    if not pointer.is_file():
+        return None
+    target = checkpoints / pointer.read_text().strip()
+    return target if target.is_dir() else None
+
+
+def _save(accelerator: Any, checkpoints: Path, step: int, keep: int) -> None:
+    name = f"step-{step:07d}"
+    tmp = checkpoints / f"{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        (tmp / "step.json").write_text(json.dumps({"step": step}))
+        shutil.rmtree(checkpoints / name, ignore_errors=True)
+        os.replace(tmp, checkpoints / name)
+        pointer = checkpoints / "latest.tmp"
+        pointer.write_text(name)
+        os.replace(pointer, checkpoints / "latest")
+        for old in sorted(p for p in checkpoints.glob("step-*") if p.is_dir() and not p.suffix)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _write_png(model: MaskedAutoencoder, images: torch.Tensor, path: Path, objective: Objective, seed: int) -> None:
+    from pyrtok.viz import pyramid_figure, save_png
+
+    with torch.no_grad():
+        out = model(images, generator=step_generator(seed, 0, 0, stream=2))
+        patch = model.patch_size
+        weights = mask_image(out.mask, patch, images.shape[-2], images.shape[-1])
+        masked = images * (1 - weights) + 0.5 * weights
+        filled = composite(out.pred, out.mask, images, patch, objective.norm_pix)
+    save_png(pyramid_figure([list(images), list(masked), list(filled)]), str(path))
+
+
+def train(
+    config: dict[str, Any], resume: bool = True, progress: bool = True, stop_after: int | None = None
+) -> Path:
+    """Run (or resume) the pretraining that ``config`` describes; returns the output folder.
+
+    ``stop_after`` ends this invocation after that many steps (with a checkpoint), for time-sliced jobs;
+    the next call resumes where it stopped.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    accelerator = Accelerator()
+    set_seed(config["seed"])
+    t, d, m = config["train"], config["data"], config["model"]
+    output = Path(t["output"])
+    checkpoints = output / "checkpoints"
+    if accelerator.is_main_process:
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        (output / "images").mkdir(exist_ok=True)
+        (output / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    accelerator.wait_for_everyone()
+
+    model = build_model(config)
+    objective = Objective(**config["loss"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t["lr"], weight_decay=t["weight_decay"],
+                                  betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: _schedule(step, t["warmup_steps"], t["steps"])
+    )
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    start = 0
+    latest = _latest(checkpoints) if resume else None
+    if latest is not None:
+        accelerator.load_state(str(latest))
+        start = json.loads((latest / "step.json").read_text())["step"]
+    pool = ImagePool(d["samples"], d["folders"], max_side=d["max_side"])
+    preview = pool.batch(4, m["image_size"], config["seed"], step=10**9).to(accelerator.device)
+    end = t["steps"] if stop_after is None else min(t["steps"], start + stop_after)
+    bar = tqdm(range(start, end), initial=start, total=t["steps"], disable=not progress
+               or not accelerator.is_main_process, desc=output.name)
+    log = output / "log.jsonl"
+    rank = accelerator.process_index
+    for step in bar:
+        images = pool.batch(t["batch_size"], m["image_size"], config["seed"], step, rank,
+                            scale=tuple(d["crop_scale"]), hflip=d["hflip"]).to(accelerator.device)
+        with accelerator.autocast():
+            out = model(images, generator=step_generator(config["seed"], step, rank, stream=1))
+        parts = objective(out.pred, out.mask, images, accelerator.unwrap_model(model).patch_size)
+        accelerator.backward(parts["loss"])
+        if t["grad_clip"]:
+            accelerator.clip_grad_norm_(model.parameters(), t["grad_clip"])
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        if done % t["log_every"] == 0 or done == t["steps"]:
+            values = {k: accelerator.gather(v.detach().reshape(1)).mean().item() for k, v in parts.items()}
+            bar.set_postfix(loss=f"{values['loss']:.4f}")
+            if accelerator.is_main_process:
+                with log.open("a") as f:
+                    f.write(json.dumps({"step": done, "lr": scheduler.get_last_lr()[0], **values}) + "\n")
+        if done % t["image_every"] == 0 and accelerator.is_main_process:
+            _write_png(accelerator.unwrap_model(model), preview, output / "images" / f"step-{done:07d}.png",
+                       objective, config["seed"])
+        if done % t["checkpoint_every"] == 0 or done == end:
+            _save(accelerator, checkpoints, done, t["keep_checkpoints"])
+    if accelerator.is_main_process and end == t["steps"]:
+        accelerator.unwrap_model(model).encoder.save_pretrained(output / "encoder")
+    accelerator.wait_for_everyone()
+    return output
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="pyrtok pretrain", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="YAML file (configs/pretrain/*.yaml)")
+    parser.add_argument("--steps", type=int, help="override train.steps")
+    parser.add_argument("--output", help="override train.output")
+    parser.add_argument("--no-resume", action="store_true", help="start over even if checkpoints exist")
+    parser.add_argument("--stop-after", type=int, help="end this invocation after N steps (resume later)")
+    args = parser.parse_args(argv)
+    overrides: dict[str, Any] = {"train": {}}
+    if args.steps is not None:
+        overrides["train"]["steps"] = args.steps
+    if args.output is not None:
+        overrides["train"]["output"] = args.output
+    output = train(load_config(args.config, overrides), resume=not args.no_resume, stop_after=args.stop_after)
+    print(f"pretraining finished: {output}")
+
+
+if __name__ == "__main__":
+    main()

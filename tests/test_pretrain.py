@@ -1,0 +1,161 @@
+"""MAE pretraining: model, objectives, data, a tiny end-to-end run with exact resume, and evaluation."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+from pyrtok.pretrain import ImagePool, MaskedAutoencoder, Objective, patchify, unpatchify
+from pyrtok.pretrain.data import random_resized_crop, step_generator
+from pyrtok.pretrain.evaluate import evaluate_run, held_out_images, masked_psnr, ssim_map
+from pyrtok.pretrain.objectives import mask_image
+from pyrtok.pretrain.train import load_config, main, train
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "pretrain"
+TINY = {
+    "model": {"image_size": 32, "patch_size": 8, "hidden_size": 32, "num_layers": 2, "num_heads": 2,
+              "intermediate_size": 64, "decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2},
+    "data": {"samples": ["astronaut", "chelsea"]},
+    "train": {"steps": 4, "batch_size": 2, "warmup_steps": 1, "log_every": 1, "checkpoint_every": 2,
+              "image_every": 2},
+}
+
+
+def tiny_config(tmp_path, **loss):
+    overrides = {**TINY, "train": {**TINY["train"], "output": str(tmp_path)}}
+    if loss:
+        overrides["loss"] = loss
+    return load_config(CONFIGS / "mae_mix.yaml", overrides)
+
+
+def tiny_mae():
+    torch.manual_seed(0)
+    encoder = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                               num_attention_heads=2, image_size=32, patch_size=8))
+    return MaskedAutoencoder(encoder, decoder_dim=32, decoder_depth=1, decoder_heads=2)
+
+
+def test_patchify_round_trip_and_mask_image():
+    images = torch.rand(2, 3, 32, 48)
+    patches = patchify(images, 8)
+    assert patches.shape == (2, 24, 192)
+    assert torch.equal(patches[0, 1], images[0, :, :8, 8:16].permute(1, 2, 0).reshape(-1))
+    assert torch.equal(unpatchify(patches, 8, 32, 48), images)
+    mask = torch.zeros(2, 24, dtype=torch.bool)
+    mask[:, 1] = True
+    pixels = mask_image(mask, 8, 32, 48)
+    assert pixels.shape == (2, 1, 32, 48) and pixels.sum() == 2 * 64 and pixels[0, 0, :8, 8:16].all()
+
+
+def test_mae_hides_exactly_the_ratio_and_only_visible_patches_reach_the_encoder():
+    mae = tiny_mae()
+    images = torch.rand(3, 3, 32, 32)
+    out = mae(images, generator=torch.Generator().manual_seed(0))
+    assert out.pred.shape == (3, 16, 192) and out.mask.sum(1).tolist() == [12, 12, 12]
+    # Changing a hidden patch leaves the prediction untouched: the encoder never saw it.
+    hidden = int(out.mask[0].nonzero()[0])
+    changed = images.clone()
+    row, col = divmod(hidden, 4)
+    changed[0, :, row * 8 : row * 8 + 8, col * 8 : col * 8 + 8] = 1.0
+    again = mae(changed, mask=out.mask)
+    assert torch.allclose(again.pred, mae(images, mask=out.mask).pred, atol=1e-6)
+    with pytest.raises(ValueError, match="same number"):
+        bad = out.mask.clone()
+        bad[0, int((~bad[0]).nonzero()[0])] = True
+        mae(images, mask=bad)
+    with pytest.raises(ValueError, match=r"images must have shape \(B, 3, 32, 32\)"):
+        mae(torch.rand(1, 3, 16, 16))
+
+
+@pytest.mark.parametrize("loss", [dict(pixel=1.0, lap=0.0, norm_pix=True), dict(pixel=1.0, lap=0.0, norm_pix=False),
+                                  dict(pixel=0.0, lap=1.0, norm_pix=False), dict(pixel=1.0, lap=0.5)])
+def test_objectives_are_zero_for_a_perfect_prediction_and_count_hidden_patches_only(loss):
+    images = torch.rand(2, 3, 32, 32)
+    objective = Objective(**loss)
+    target = patchify(images, 8)
+    if objective.norm_pix:
+        target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    mask[:, :8] = True
+    perfect = objective(target, mask, images, 8)
+    assert perfect["loss"].item() == pytest.approx(0.0, abs=1e-5)
+    wrong_visible = target.clone()
+    wrong_visible[:, 8:] += 1.0  # errors on visible patches only
+    assert objective(wrong_visible, mask, images, 8)["loss"].item() < 0.35 * objective(
+        target + 1.0, mask, images, 8)["loss"].item() + 1e-6
+    assert objective(target + 0.3, mask, images, 8)["loss"].item() > 0.01
+
+
+def test_data_is_deterministic_per_step_and_rank(tmp_path):
+    pool = ImagePool(samples=["astronaut", "chelsea"])
+    a = pool.batch(4, 32, seed=0, step=5)
+    assert a.shape == (4, 3, 32, 32) and 0 <= a.min() and a.max() <= 1
+    assert torch.equal(a, pool.batch(4, 32, seed=0, step=5))
+    assert not torch.equal(a, pool.batch(4, 32, seed=0, step=6))
+    assert not torch.equal(a, pool.batch(4, 32, seed=0, step=5, rank=1))
+    crop = random_resized_crop(torch.rand(3, 50, 80), 16, step_generator(0, 0), scale=(1.0, 1.0), ratio=(1.6, 1.6))
+    assert crop.shape == (3, 16, 16)
+    from PIL import Image
+
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(tmp_path / "red.png")
+    folder_pool = ImagePool(samples=[], folders=[tmp_path])
+    assert len(folder_pool) == 1 and folder_pool.batch(1, 8, 0, 0)[0, 0].mean() > 0.7
+    with pytest.raises(FileNotFoundError):
+        ImagePool(samples=[], folders=[tmp_path / "missing"])
+    with pytest.raises(ValueError, match="empty"):
+        ImagePool(samples=[])
+
+
+def test_training_resumes_exactly_and_writes_everything(tmp_path):
+    straight = train(tiny_config(tmp_path / "straight"), progress=False)
+    sliced_config = tiny_config(tmp_path / "sliced")
+    train(sliced_config, progress=False, stop_after=3)  # interrupted after step 3 (checkpoint at 3)
+    assert (tmp_path / "sliced/checkpoints/latest").read_text() == "step-0000003"
+    assert not (tmp_path / "sliced/encoder").exists()
+    sliced = train(sliced_config, progress=False)
+    a = load_file(str(straight / "checkpoints/step-0000004/model.safetensors"))
+    b = load_file(str(sliced / "checkpoints/step-0000004/model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    log = [json.loads(line) for line in (straight / "log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in log] == [1, 2, 3, 4] and {"loss", "pixel", "lap"} <= set(log[0])
+    assert (straight / "images/step-0000002.png").stat().st_size > 0
+    assert sorted(p.name for p in (straight / "checkpoints").glob("step-*")) == ["step-0000002", "step-0000004"]
+    # The pretrained encoder initialises a LLaVA vision tower with the same config, unchanged.
+    encoder = CLIPVisionModel.from_pretrained(straight / "encoder")
+    llava = LlavaForConditionalGeneration(LlavaConfig(
+        vision_config=encoder.config, image_token_id=5,
+        text_config=LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                vocab_size=16)))
+    llava.model.vision_tower.load_state_dict(encoder.state_dict())
+    assert torch.equal(llava.model.vision_tower.embeddings.patch_embedding.weight,
+                       encoder.embeddings.patch_embedding.weight)
+
+
+def test_cli_and_evaluation(tmp_path, capsys):
+    config = tmp_path / "tiny.yaml"
+    import yaml
+
+    config.write_text(yaml.safe_dump({**TINY, "loss": {"pixel": 0.0, "lap": 1.0, "norm_pix": False}}))
+    main(["--config", str(config), "--steps", "2", "--output", str(tmp_path / "run")])
+    assert "pretraining finished" in capsys.readouterr().out
+    images = held_out_images(4, 32)
+    row = evaluate_run(tmp_path / "run", images)
+    assert row["steps"] == 2 and row["loss"] == "1*lap"
+    assert 0 < row["psnr"] < 60 and -1 <= row["ssim"] <= 1 and row["band0"] > 0
+    with pytest.raises(ValueError, match="unknown config key"):
+        load_config(None, {"trian": {}})
+
+
+def test_image_quality_metrics():
+    x = torch.rand(2, 3, 32, 32)
+    mask = torch.ones(2, 1, 32, 32)
+    assert torch.allclose(ssim_map(x, x), torch.ones(2, 1, 32, 32), atol=1e-4)
+    g = torch.Generator().manual_seed(0)
+    slightly, very = ((x + s * torch.randn(x.shape, generator=g)).clamp(0, 1) for s in (0.05, 0.3))
+    assert 1 > ssim_map(x, slightly).mean() > ssim_map(x, very).mean()
+    noisy = slightly
+    mse = (noisy - x).square().mean((1, 2, 3))
+    assert torch.allclose(masked_psnr(noisy, x, mask), 10 * torch.log10(1 / mse), atol=1e-4)

@@ -159,3 +159,23 @@ def test_image_quality_metrics():
     noisy = slightly
     mse = (noisy - x).square().mean((1, 2, 3))
     assert torch.allclose(masked_psnr(noisy, x, mask), 10 * torch.log10(1 / mse), atol=1e-4)
+
+
+def test_two_processes_with_accelerate_launch(tmp_path):
+    """The same training script under ``accelerate launch`` with 2 CPU processes (DDP over gloo)."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({**TINY, "train": {**TINY["train"], "steps": 2, "output": str(tmp_path / "ddp")}}))
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "-m", "pyrtok.pretrain.train", "--config", str(config)]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    log = [json.loads(line) for line in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in log] == [1, 2]  # written once, by the main process
+    assert (tmp_path / "ddp" / "encoder" / "config.json").is_file()

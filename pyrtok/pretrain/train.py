@@ -127,9 +127,10 @@ def train(
     the next call resumes where it stopped.
     """
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
-    accelerator = Accelerator()
+    # The tower's post_layernorm (it pools [CLS] for CLIP's image embedding) gets no gradient in MAE.
+    accelerator = Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     set_seed(config["seed"])
     t, d, m = config["train"], config["data"], config["model"]
     output = Path(t["output"])

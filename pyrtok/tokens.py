@@ -7,7 +7,7 @@ grid, and its box ``(x0, y0, x1, y1)`` in level-0 pixel coordinates (the encoder
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 
 import torch
@@ -168,17 +168,12 @@ class MultiScaleTokens:
 
     def with_features(self, features: Tensor) -> MultiScaleTokens:
         """A copy with new (B, N, D') features and the same layout."""
-        return MultiScaleTokens(
-            features, self.level, self.row, self.col, self.box, self.level_shapes, self.image_size,
-            self.cls, self.attention,
-        )
+        return replace(self, features=features)
 
     def to(self, device: torch.device | str) -> MultiScaleTokens:
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return MultiScaleTokens(
-            self.features.to(device), self.level.to(device), self.row.to(device), self.col.to(device),
-            self.box.to(device), self.level_shapes, self.image_size, move(self.cls), move(self.attention),
-        )
+        """A copy with every tensor on ``device``."""
+        tensors = ("features", "level", "row", "col", "box", "cls", "attention")
+        return replace(self, **{k: getattr(self, k).to(device) for k in tensors if getattr(self, k) is not None})
 
 
 @dataclass(frozen=True, eq=False)

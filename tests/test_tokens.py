@@ -86,3 +86,13 @@ def test_bad_inputs_get_clear_errors():
     other = TokenSelection.from_keep_mask(torch.ones(2, tokens.num_tokens, dtype=torch.bool))
     with pytest.raises(ValueError, match="batch size"):
         gather(tokens, other)
+
+
+def test_copies_keep_the_layout():
+    tokens = from_feature_grid(torch.rand(1, 4, 4, 3), 2, attention=torch.rand(1, 4, 4))
+    wider = tokens.with_features(torch.rand(1, tokens.num_tokens, 7))
+    assert wider.dim == 7 and torch.equal(wider.box, tokens.box) and wider.attention is tokens.attention
+    moved = tokens.to("cpu")
+    assert torch.equal(moved.features, tokens.features) and moved.level_shapes == tokens.level_shapes
+    with pytest.raises(ValueError, match="features has"):
+        tokens.with_features(torch.rand(1, 3, 7))

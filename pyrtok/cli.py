@@ -7,6 +7,7 @@ import sys
 COMMANDS = {
     "demo": ("pyrtok.demo", "decompose a bundled photograph, reconstruct it, draw the levels"),
     "fit-difficulty": ("pyrtok.signals.difficulty", "refit the shipped difficulty calibration"),
+    "make-shapes": ("pyrtok.data.make", "write splits of the procedural shapes VQA benchmark (JSONL + PNG)"),
     "pretrain": ("pyrtok.pretrain.train", "MAE pretraining with pixel and/or Laplacian loss (YAML config)"),
     "pretrain-eval": ("pyrtok.pretrain.evaluate", "PSNR, SSIM and per-band errors of pretrained MAEs"),
 }

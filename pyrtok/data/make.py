@@ -1,0 +1,40 @@
+"""``pyrtok make-shapes``: write splits of the procedural shapes VQA benchmark in the local format."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from pyrtok.data.local import write_split
+from pyrtok.data.shapes_vqa import FAMILIES, SPLITS, samples
+
+
+def write_shapes(root: str | Path, split: str, questions: int, seed: int = 0, progress: bool = True) -> Path:
+    """Write at least ``questions`` questions (one per family per scene) of ``split`` under ``root``."""
+    root = Path(root)
+    (root / "images" / split).mkdir(parents=True, exist_ok=True)
+    scenes = -(-questions // len(FAMILIES))
+
+    def records():
+        for index, scene, items in tqdm(samples(split, scenes, seed), total=scenes, desc=split, disable=not progress):
+            image = Path("images") / split / f"{index:06d}.png"
+            scene.image.save(root / image)
+            for item in items:
+                yield {"id": f"{split}-{index:06d}-{item['family']}", "image": str(image),
+                       "question": item["question"], "answers": [item["answer"]], "category": item["family"],
+                       "family": item["family"], "subcategory": item["category"], "task": "shapes_vqa"}
+
+    return write_split(root, split, records())
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="pyrtok make-shapes", description=__doc__)
+    parser.add_argument("--out", default="data/shapes_vqa")
+    parser.add_argument("--splits", nargs="+", default=["validation", "test"], choices=sorted(SPLITS))
+    parser.add_argument("--questions", type=int, default=1000, help="questions per split (5 per scene)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    for split in args.splits:
+        print(write_shapes(args.out, split, args.questions, args.seed))

@@ -60,9 +60,10 @@ def spectral_residual(image: Tensor, width: int = 64, sigma: float = 2.5, full_s
     # scenes) from dominating the residual, which otherwise paints a lattice over the whole map.
     floor = 0.05 * amplitude.flatten(1).mean(1).view(-1, 1, 1) + 1e-12
     log_amplitude = torch.log(amplitude + floor)
-    local_mean = F.avg_pool2d(F.pad(log_amplitude.unsqueeze(1), (1, 1, 1, 1), mode="circular"), 3, 1)[:, 0]
-    residual = torch.exp(torch.complex(log_amplitude - local_mean, torch.angle(spectrum)))
-    saliency = _gaussian_blur(torch.fft.ifft2(residual).abs().square(), sigma)[:, :height, :width]
+    # 3x3 circular mean (the spectrum is periodic), as nine shifted copies: far cheaper than pooling here.
+    local_mean = sum(log_amplitude.roll((dy, dx), dims=(-2, -1)) for dy in (-1, 0, 1) for dx in (-1, 0, 1)) / 9
+    residual = torch.polar(torch.exp(log_amplitude - local_mean), torch.angle(spectrum))
+    saliency = _gaussian_blur(torch.fft.ifft2(residual).abs().square()[:, :height, :width], sigma)
     if full_size:
         saliency = F.interpolate(saliency.unsqueeze(1), size=(height_in, width_in), mode="bilinear",
                                  align_corners=False)[:, 0]

@@ -162,20 +162,26 @@ def test_image_quality_metrics():
 
 
 def test_two_processes_with_accelerate_launch(tmp_path):
-    """The same training script under ``accelerate launch`` with 2 CPU processes (DDP over gloo)."""
+    """The same training script as 2 CPU processes (DDP over gloo), launched by torchrun."""
     import subprocess
     import sys
 
     import yaml
 
     config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump({**TINY, "train": {**TINY["train"], "steps": 2, "output": str(tmp_path / "ddp")}}))
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+    settings = {**TINY, "train": {**TINY["train"], "steps": 4, "warmup_steps": 2, "output": str(tmp_path / "ddp")}}
+    config.write_text(yaml.safe_dump(settings))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
                "-m", "pyrtok.pretrain.train", "--config", str(config)]
-    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     log = [json.loads(line) for line in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]
-    assert [row["step"] for row in log] == [1, 2]  # written once, by the main process
+    assert [row["step"] for row in log] == [1, 2, 3, 4]  # written once, by the main process
     assert (tmp_path / "ddp" / "encoder" / "config.json").is_file()
+    # The schedule advances once per step, exactly as in a single process.
+    single = train(load_config(config, {"train": {"output": str(tmp_path / "single")}}), progress=False)
+    single_log = [json.loads(line) for line in (single / "log.jsonl").read_text().splitlines()]
+    assert [row["lr"] for row in log] == pytest.approx([row["lr"] for row in single_log])
+    saved = {p.name for p in (tmp_path / "ddp" / "checkpoints" / "step-0000004").iterdir()}
+    assert {"model.safetensors", "random_states_0.pkl", "random_states_1.pkl", "step.json"} <= saved

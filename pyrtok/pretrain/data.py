@@ -61,7 +61,7 @@ def random_resized_crop(
         w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
         if 0 < w <= width and 0 < h <= height:
             break
-    else:  # fall back to the largest centred square
+    else:  # fall back to the largest square, at a random position
         w = h = min(height, width)
     top = int(torch.randint(height - h + 1, (1,), generator=generator))
     left = int(torch.randint(width - w + 1, (1,), generator=generator))

@@ -47,12 +47,12 @@ def ssim_map(x: Tensor, y: Tensor, window: int = 11, sigma: float = 1.5) -> Tens
 
 def masked_psnr(x: Tensor, y: Tensor, mask: Tensor) -> Tensor:
     """(B,) PSNR in dB over the pixels where the (B, 1, H, W) mask is 1."""
-    mse = ((x - y).square().mean(1, keepdim=True) * mask).flatten(1).sum(1) / mask.flatten(1).sum(1)
+    mse = ((x - y).square().mean(1, keepdim=True) * mask).flatten(1).sum(1) / mask.flatten(1).sum(1).clamp_min(1e-12)
     return 10 * torch.log10(1.0 / mse.clamp_min(1e-12))
 
 
 def masked_ssim(x: Tensor, y: Tensor, mask: Tensor) -> Tensor:
-    return (ssim_map(x, y) * mask).flatten(1).sum(1) / mask.flatten(1).sum(1)
+    return (ssim_map(x, y) * mask).flatten(1).sum(1) / mask.flatten(1).sum(1).clamp_min(1e-12)
 
 
 def held_out_images(count: int, size: int, seed: int = 1234) -> Tensor:
@@ -72,6 +72,8 @@ def evaluate_run(run: str | Path, images: Tensor, levels: int = 4, seed: int = 1
     state = load_file(str(run / "checkpoints" / latest / "model.safetensors"))
     model.load_state_dict(state)
     generator = step_generator(seed, 0, 0, stream=3)
+    if model.mask_ratio <= 0:
+        raise ValueError(f"run {run.name!r} has mask_ratio {model.mask_ratio}: there are no hidden patches to score")
     out = model(images, mask=model.random_mask(images.shape[0], model.mask_ratio, generator, images.device))
     patch = model.patch_size
     filled = composite(out.pred, out.mask, images, patch, config["loss"]["norm_pix"])

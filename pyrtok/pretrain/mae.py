@@ -104,7 +104,8 @@ class MaskedAutoencoder(nn.Module):
         """(B, P) bool, True for hidden patches; exactly round(P * mask_ratio) per sample."""
         patches = self.grid * self.grid
         hidden = round(patches * mask_ratio)
-        noise = torch.rand(batch, patches, generator=generator).to(device)
+        source = generator.device if generator is not None else device
+        noise = torch.rand(batch, patches, generator=generator, device=source).to(device)
         ranks = noise.argsort(1).argsort(1)
         return ranks < hidden
 

@@ -2,8 +2,10 @@
 
 One YAML file sets everything (see ``configs/pretrain/``). The run is seeded; every batch and mask is a
 function of (seed, step, process), so an interrupted run resumes from its latest checkpoint and continues
-exactly as if it had not stopped. ``accelerate launch -m pyrtok.pretrain.train --config ...`` runs the
-same code on several processes or GPUs (DDP): each process draws its own batches, gradients are averaged.
+exactly as if it had not stopped. The same code runs on several GPUs or processes (DDP): each process
+draws its own batches, gradients are averaged, and the schedule advances once per step. On GPUs:
+``accelerate launch --multi_gpu --num_processes N -m pyrtok.pretrain.train --config ...``; on CPU
+processes: ``ACCELERATE_USE_CPU=true torchrun --nproc_per_node N -m pyrtok.pretrain.train --config ...``.
 
 Outputs under ``output``: ``log.jsonl`` (one line per logged step), ``checkpoints/step-XXXXXXX`` (written to a
 temporary folder and renamed, with ``checkpoints/latest`` naming the newest), ``images/step-XXXXXXX.png``
@@ -92,8 +94,11 @@ def _latest(checkpoints: Path) -> Path | None:
 def _save(accelerator: Any, checkpoints: Path, step: int, keep: int) -> None:
     name = f"step-{step:07d}"
     tmp = checkpoints / f"{name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))  # every rank writes its own random state into tmp
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / "step.json").write_text(json.dumps({"step": step}))
         shutil.rmtree(checkpoints / name, ignore_errors=True)
@@ -130,9 +135,14 @@ def train(
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
     # The tower's post_layernorm (it pools [CLS] for CLIP's image embedding) gets no gradient in MAE.
-    accelerator = Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    # Each process runs every step, so the schedule must advance once per step, not once per process.
+    accelerator = Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+                              step_scheduler_with_optimizer=False)
     set_seed(config["seed"])
     t, d, m = config["train"], config["data"], config["model"]
+    for key in ("steps", "batch_size", "keep_checkpoints", "checkpoint_every", "log_every", "image_every"):
+        if isinstance(t[key], bool) or not isinstance(t[key], int) or t[key] < 1:
+            raise ValueError(f"train.{key} must be an int >= 1, got {t[key]!r}")
     output = Path(t["output"])
     checkpoints = output / "checkpoints"
     if accelerator.is_main_process:

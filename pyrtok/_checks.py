@@ -36,7 +36,7 @@ def check_image(x: object, name: str = "x", *, check_finite: bool = True) -> Ten
         raise ValueError(f"{name} must not be empty, got shape {tuple(x.shape)}")
     # One summing pass is much cheaper than isfinite(); only a non-finite sum (NaN/inf, or an overflow
     # of huge finite values) pays for the exact element-wise check.
-    if check_finite and not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
+    if check_finite and not bool(torch.isfinite(x.sum(dtype=torch.float32))) and not bool(torch.isfinite(x).all()):
         raise ValueError(
             f"{name} contains NaN or infinite values; a pyramid would spread them to every level "
             f"(pass check_finite=False to skip this check)"

@@ -20,7 +20,7 @@ def run(image: str = "astronaut", levels: int = 5, orientations: int = 4, out: s
     x = sample_image(image).unsqueeze(0)
     gauss = gaussian_pyramid(x, levels)
     lap = laplacian_pyramid(x, levels)
-    steer = steerable_pyramid(x, levels=min(levels - 1, 3), orientations=orientations)
+    steer = steerable_pyramid(x, levels=max(1, min(levels - 1, 3)), orientations=orientations)
     x64 = x.double()
 
     blurred = pyr_up(pyr_down(x), x.shape[-2:])
@@ -39,7 +39,8 @@ def run(image: str = "astronaut", levels: int = 5, orientations: int = 4, out: s
         "pixel_l1_blurred": float((blurred - x).abs().mean()),
         "pixel_l1_noisy": float((noisy - x).abs().mean()),
     }
-    orient_row = [band_to_image(steer.bands[1][0, :, k].mean(0, keepdim=True)) for k in range(orientations)]
+    shown = steer.bands[min(1, steer.levels - 1)]
+    orient_row = [band_to_image(shown[0, :, k].mean(0, keepdim=True)) for k in range(orientations)]
     figure = pyramid_figure(
         [
             [g[0] for g in gauss],

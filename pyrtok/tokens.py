@@ -287,10 +287,10 @@ def from_feature_grid(
     if image_size is None:
         p = 1 if patch_size is None else patch_size
         image_size = (h * p, w * p)
+    if attention is not None and (not isinstance(attention, Tensor) or attention.shape != (batch, h, w)):
+        raise ValueError(f"attention must have shape {(batch, h, w)}, got {getattr(attention, 'shape', attention)}")
     grids = [features]
     maps = None if attention is None else [rearrange(attention, "b h w -> b h w 1")]
-    if attention is not None and attention.shape != (batch, h, w):
-        raise ValueError(f"attention must have shape {(batch, h, w)}, got {tuple(attention.shape)}")
     for _ in range(levels - 1):
         grids.append(_pool_grid(grids[-1]))
         if maps is not None:

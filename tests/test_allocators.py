@@ -201,3 +201,30 @@ def test_option_validation():
         allocators.create("random", redundancy_quantile=1.5)
     with pytest.raises(TypeError, match="redundancy"):
         allocators.create("random", redundancy="yes")
+
+
+def test_redundancy_keeps_per_level_quotas_and_survives_infinite_scores():
+    g = torch.Generator().manual_seed(0)
+    tokens = from_feature_grid(torch.randn(1, 8, 8, 6, generator=g), 3, patch_size=8)
+    image = torch.rand(1, 3, 64, 64, generator=g)
+    for name in ("laplacian", "difficulty"):
+        plain = allocators.create(name)(tokens, 30, image=image)
+        pruned = allocators.create(name, redundancy=True)(tokens, 30, image=image)
+        assert kept_levels(tokens, plain) == kept_levels(tokens, pruned)
+    attention = torch.rand(1, 8, 8, generator=g)
+    attention[0, 0, 0] = float("inf")
+    hot = from_feature_grid(torch.randn(1, 8, 8, 6, generator=g), 3, patch_size=8, attention=attention)
+    selection = allocators.create("cls_attention", redundancy=True)(hot, 10, image=image)
+    assert selection.count.tolist() == [10]
+
+
+def test_laplacian_power_zero_splits_by_level_size(tokens):
+    image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    levels = kept_levels(tokens, allocators.create("laplacian", power=0.0)(tokens, 42, image=image))
+    assert levels == [32, 8, 2]  # 64 : 16 : 4 tokens per level
+
+
+def test_numpy_integer_budgets_are_accepted(tokens):
+    import numpy as np
+
+    assert allocators.create("pool")(tokens, np.int64(5)).count.tolist() == [5]

@@ -33,3 +33,9 @@ def test_cli_dispatches_and_rejects_unknown_commands(tmp_path, capsys):
     assert "laplacian_reconstruction_max_abs_error_float32" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="unknown command"):
         cli_main(["frobnicate"])
+
+
+@pytest.mark.parametrize("levels", [1, 2])
+def test_demo_with_few_levels(tmp_path, levels):
+    summary = run("camera", levels=levels, out=str(tmp_path))
+    assert summary["laplacian_reconstruction_max_abs_error_float32"] <= 1e-5

@@ -48,6 +48,13 @@ def test_siglip_tower_has_no_cls_but_a_probe_attention():
     assert tokens.cls is None
     assert tokens.attention.shape == (2, 20)
     assert torch.allclose(tokens.attention[:, tokens.level_slices[0]].sum(1), torch.ones(2), atol=1e-5)
+    with torch.no_grad():  # the probe attends to the normalised last layer, as the head does in the model
+        encoder = MultiScaleEncoder(tower)
+        last = tower(encoder.normalise(encoder.prepare(torch.rand(2, 3, 64, 64))), output_hidden_states=True)
+        head = tower.head
+        _, reference = head.attention(head.probe.expand(2, -1, -1), last.last_hidden_state, last.last_hidden_state)
+        ours = encoder.tower.attention_row(last.hidden_states, -1)
+    assert torch.allclose(ours, reference[:, 0], atol=1e-6)
     selection = allocators.create("cls_attention")(tokens, 5)
     assert selection.count.tolist() == [5, 5]
 

@@ -10,6 +10,7 @@ in canonical order, deterministically for a fixed seed, without a Python loop ov
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,7 +87,8 @@ def resolve_budget(budget: int | Tensor, batch_size: int, num_tokens: int, devic
     """Validate ``budget`` (an int or a (B,) integer tensor) and return min(budget_b, N) as (B,) long."""
     if isinstance(budget, bool):
         raise TypeError(f"budget must be an int or a (B,) integer tensor, got bool {budget!r}")
-    if isinstance(budget, int):
+    if isinstance(budget, numbers.Integral):
+        budget = int(budget)
         if budget <= 0:
             raise ValueError(f"budget must be >= 1, got {budget}")
         return torch.full((batch_size,), min(budget, num_tokens), dtype=torch.long, device=device)
@@ -120,11 +122,18 @@ def topk_mask(priority: Tensor, k: Tensor) -> Tensor:
     return _ranks(order) < k.unsqueeze(1)
 
 
-def exact_count(keep: Tensor, priority: Tensor, k: Tensor) -> Tensor:
-    """Adjust a (B, N) keep mask to exactly k_b tokens: kept tokens first, then by priority."""
+def exact_count(keep: Tensor, priority: Tensor, k: Tensor, demote: Tensor | None = None) -> Tensor:
+    """Adjust a (B, N) keep mask to exactly k_b tokens.
+
+    Tokens are ranked kept first, then the others by priority; ``demote`` (B, N) moves non-kept tokens
+    behind every non-demoted one (a lexicographic order, so no arithmetic on priorities).
+    """
     order = torch.argsort(priority, dim=1, descending=True, stable=True)
-    kept_first = torch.argsort((~torch.gather(keep, 1, order)).to(torch.uint8), dim=1, stable=True)
-    return _ranks(torch.gather(order, 1, kept_first)) < k.unsqueeze(1)
+    rank_class = (~keep).to(torch.uint8)
+    if demote is not None:
+        rank_class = rank_class + (demote & ~keep).to(torch.uint8)
+    by_class = torch.argsort(torch.gather(rank_class, 1, order), dim=1, stable=True)
+    return _ranks(torch.gather(order, 1, by_class)) < k.unsqueeze(1)
 
 
 def per_level_topk(tokens: MultiScaleTokens, priority: Tensor, quotas: Tensor) -> Tensor:
@@ -297,9 +306,15 @@ class Allocator:
             raise ValueError(f"allocator {self.name!r}: token scores contain NaN (check the features / signals)")
         quotas = self.quotas(tokens, budgets, ctx, priority)
         keep = topk_mask(priority, budgets) if quotas is None else per_level_topk(tokens, priority, quotas)
+        demote = None
         if self.redundancy:
-            keep, priority = self._drop_redundant(tokens, keep, priority, ctx)
-        return TokenSelection.from_keep_mask(exact_count(keep, priority, budgets))
+            demote = self._redundant(tokens, keep, ctx)
+            keep = keep & ~demote
+            if quotas is not None:  # refill each level to its own quota, so per-level policies keep their split
+                for lvl, level_slice in enumerate(tokens.level_slices):
+                    keep[:, level_slice] = exact_count(keep[:, level_slice], priority[:, level_slice],
+                                                       quotas[:, lvl], demote[:, level_slice])
+        return TokenSelection.from_keep_mask(exact_count(keep, priority, budgets, demote))
 
     def config(self) -> dict[str, Any]:
         """The options this allocator was built with, ready for YAML."""
@@ -324,15 +339,22 @@ class Allocator:
             raise ValueError(f"allocator {self.name!r} needs tokens.attention ([CLS] attention from the encoder)")
         if self.redundancy and image is None:
             raise ValueError(f"allocator {self.name!r} with redundancy=True needs image= for band energies")
-        if image is not None and (image.dim() != 4 or image.shape[0] != tokens.batch_size):
-            raise ValueError(
-                f"image must have shape (B, C, H, W) with B = {tokens.batch_size}, got {tuple(image.shape)}"
-            )
+        if image is not None:
+            if not isinstance(image, Tensor):
+                raise TypeError(f"image must be a (B, C, H, W) tensor in [0, 1], got {type(image).__name__}")
+            if image.dim() != 4 or image.shape[0] != tokens.batch_size:
+                raise ValueError(
+                    f"image must have shape (B, C, H, W) with B = {tokens.batch_size}, got {tuple(image.shape)}"
+                )
+            image = image.to(tokens.device)
+        if query is not None:
+            if not isinstance(query, Tensor):
+                raise TypeError(f"query must be a (B, D) or (D,) tensor, got {type(query).__name__}")
+            query = query.to(tokens.device)
         return Context(image, query, generator)
 
-    def _drop_redundant(
-        self, tokens: MultiScaleTokens, keep: Tensor, priority: Tensor, ctx: Context
-    ) -> tuple[Tensor, Tensor]:
+    def _redundant(self, tokens: MultiScaleTokens, keep: Tensor, ctx: Context) -> Tensor:
+        """(B, N) tokens whose parent is kept and whose own band energy is low for their level."""
         from pyrtok.signals.laplacian import laplacian_energy
 
         energy = ctx.cached("laplacian_energy", lambda: laplacian_energy(tokens, ctx.image))
@@ -343,7 +365,4 @@ class Allocator:
         parent = tokens.parent
         has_parent = (parent >= 0).unsqueeze(0)
         parent_kept = torch.gather(keep, 1, parent.clamp_min(0).expand_as(keep)) & has_parent
-        redundant = parent_kept & low
-        # Redundant tokens go to the back of the queue; the exact-count pass refills from the rest first.
-        demoted = priority - (priority.abs().max() + 1) * 2 * redundant
-        return keep & ~redundant, demoted
+        return parent_kept & low

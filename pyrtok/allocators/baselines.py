@@ -36,7 +36,8 @@ class RandomTokens(Allocator):
 
     def priority(self, tokens: MultiScaleTokens, budgets: Tensor, ctx: Context) -> Tensor:
         generator = ctx.generator or torch.Generator().manual_seed(self.seed)
-        return torch.rand(tokens.features.shape[:2], generator=generator).to(tokens.device)
+        noise = torch.rand(tokens.features.shape[:2], generator=generator, device=generator.device)
+        return noise.to(tokens.device)
 
 
 @register("pool")

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from pyrtok.allocators.base import Allocator, Context, register
 from pyrtok.signals.query import query_relevance
-from pyrtok.signals.saliency import saliency_map
+from pyrtok.signals.saliency import spectral_residual
 from pyrtok.tokens import MultiScaleTokens
 
 
@@ -26,12 +26,12 @@ def fixation(tokens: MultiScaleTokens, image: Tensor | None, query: Tensor | Non
     """(B, 2) fixation ``(x, y)`` in level-0 pixels."""
     centres = (tokens.box[:, :2] + tokens.box[:, 2:]) / 2  # (N, 2)
     if query is not None:
-        relevance = query_relevance(tokens, query.to(tokens.device))
+        relevance = query_relevance(tokens, query)
         relevance = relevance.masked_fill((tokens.level != 0).unsqueeze(0), float("-inf"))
         return centres[relevance.argmax(1)]
     if image is None:
         raise ValueError("foveated allocation needs image= (saliency fixation) or query= (relevance fixation)")
-    maps = saliency_map(image, "spectral_residual")
+    maps = spectral_residual(image, full_size=False)  # the peak's position is all that is needed
     height, width = maps.shape[-2:]
     peak = maps.flatten(1).argmax(1)
     scale = torch.tensor([tokens.image_size[1] / width, tokens.image_size[0] / height], device=tokens.device)

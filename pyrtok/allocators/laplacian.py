@@ -36,4 +36,7 @@ class LaplacianTokens(Allocator):
         box = tokens.box
         area = ((box[:, 2] - box[:, 0]) * (box[:, 3] - box[:, 1])).unsqueeze(0)
         level_energy = torch.stack([(priority * area)[:, s].sum(1) for s in tokens.level_slices], 1)
-        return water_fill(level_energy.pow(self.power), tokens.level_sizes, budgets)
+        sizes = tokens.level_sizes.unsqueeze(0).to(level_energy.dtype)
+        # size * (energy per token)^power: power 1 splits by energy, power 0 by level size.
+        weights = sizes * (level_energy / sizes).clamp_min(0).pow(self.power)
+        return water_fill(weights, tokens.level_sizes, budgets)

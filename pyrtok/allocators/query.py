@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
@@ -29,7 +27,7 @@ class QueryTokens(Allocator):
         self.context = float(context)
 
     def priority(self, tokens: MultiScaleTokens, budgets: Tensor, ctx: Context) -> Tensor:
-        relevance = query_relevance(tokens, ctx.query.to(tokens.device)).float()  # [-1, 1]
+        relevance = query_relevance(tokens, ctx.query)  # float32, [-1, 1]
         top = tokens.num_levels - 1
         n_top = tokens.level_shapes[top][0] * tokens.level_shapes[top][1]
         floor = (budgets.float() * self.context).ceil().long().clamp(max=n_top)  # (B,)
@@ -40,4 +38,5 @@ class QueryTokens(Allocator):
         rank = torch.full_like(tokens.level, tokens.num_tokens)
         rank[torch.nonzero(in_top).flatten()[top_order]] = torch.arange(n_top, device=tokens.device)
         context = rank.unsqueeze(0) < floor.unsqueeze(1)
-        return relevance + 4.0 * context + (spread - 1) * math.ulp(1.0)
+        # Exact ties in relevance (flat regions) go to the evenly spread token; 1e-6 is below any real gap.
+        return relevance + 4.0 * context + 1e-6 * spread

@@ -88,7 +88,8 @@ class VisionTower:
         returned instead, when the tower has that head; otherwise None.
         """
         if not self.has_cls:
-            return self._probe_attention(states[-1])
+            # The pooling head reads the normalised last layer, as in the model's own forward.
+            return self._probe_attention(self.module.post_layernorm(states[-1]))
         index = self.layer_index(layer)
         if index == 0:
             return None

@@ -29,6 +29,11 @@ def band_energy_maps(image: Tensor, levels: int) -> list[Tensor]:
 def laplacian_energy(tokens: MultiScaleTokens, image: Tensor) -> Tensor:
     """Mean energy of band l of the image's Laplacian pyramid over the box of each level-l token.
 
+    Band l and token level l both sit one octave below level l - 1, so the ordering across levels is the
+    same; in absolute terms band l holds detail of about 2^l pixels, while a level-l token spans
+    patch * 2^l pixels (log2(patch) octaves coarser). Band energy thus measures how much of the finest
+    detail the token's level can still distinguish lies under it.
+
     Args:
         tokens: N tokens over ``tokens.image_size``.
         image: (B, C, H, W) images in [0, 1]; any size (boxes are rescaled to it).

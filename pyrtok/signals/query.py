@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
@@ -28,5 +29,6 @@ def query_relevance(tokens: MultiScaleTokens, query: Tensor) -> Tensor:
         raise ValueError(
             f"query must have shape ({tokens.batch_size}, {tokens.dim}) to match the tokens, got {tuple(query.shape)}"
         )
-    query = F.normalize(query.to(tokens.features.dtype), dim=-1)
-    return (F.normalize(tokens.features, dim=-1) @ rearrange(query, "b d -> b d 1"))[..., 0]
+    # float32 even for half-precision towers, where many similarities would otherwise tie.
+    query = F.normalize(query.to(device=tokens.device, dtype=torch.float32), dim=-1)
+    return (F.normalize(tokens.features.float(), dim=-1) @ rearrange(query, "b d -> b d 1"))[..., 0]

@@ -9,7 +9,9 @@ keep different numbers of tokens are left-padded, with position ids taken from t
 batch gives what each sample gives alone.
 
 Supported: ``LlavaForConditionalGeneration`` (LLaVA-1.5-style: one image, a CLIP or SigLIP tower, a
-projector, a decoder-only LM). Not supported: LLaVA-NeXT's any-resolution tiling and Qwen2-VL's dynamic
+projector, a decoder-only LM). With a SigLIP tower every patch is kept as a token (SigLIP has no [CLS]);
+HF's own ``vision_feature_select_strategy="default"`` would drop the first patch there. Not supported:
+LLaVA-NeXT's any-resolution tiling and Qwen2-VL's dynamic
 resolution (their placeholder layouts and position schemes differ).
 """
 
@@ -212,6 +214,7 @@ class PyramidVLM(nn.Module):
         plus ``input_ids`` and the kept ``counts``."""
         if not isinstance(images, Tensor) or images.dim() != 4:
             raise ValueError(f"images must be a (B, 3, H, W) tensor in [0, 1], got {getattr(images, 'shape', images)}")
+        images = self.encoder.prepare(images.to(self.device))  # resized once, shared by encoder and signals
         tokens = self.encode(images)
         selection = self.select(tokens, images, budget, query, generator)
         input_ids, attention_mask = self.build_inputs(prompts, selection.count)

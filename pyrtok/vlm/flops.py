@@ -20,9 +20,12 @@ def _layer_weights(hidden: int, intermediate: int, heads: int, kv_heads: int, ga
     return attention + mlp
 
 
-def vit_flops(config: Any, num_patches: int, num_layers: int | None = None) -> float:
-    """FLOPs of one image through ``num_layers`` (default all) layers of a CLIP/SigLIP vision config."""
-    tokens = num_patches + 1
+def vit_flops(config: Any, num_patches: int, num_layers: int | None = None, has_cls: bool = True) -> float:
+    """FLOPs of one image through ``num_layers`` (default all) layers of a CLIP/SigLIP vision config.
+
+    ``has_cls``: whether a [CLS] token joins the patches (CLIP: yes; SigLIP: no).
+    """
+    tokens = num_patches + int(has_cls)
     layers = config.num_hidden_layers if num_layers is None else num_layers
     weights = _layer_weights(config.hidden_size, config.intermediate_size, config.num_attention_heads,
                              config.num_attention_heads, gated=False)

@@ -72,6 +72,7 @@ def bench_case(x: torch.Tensor, levels: int, args: argparse.Namespace) -> str:
     row = f"{name:<22}{ours:9.2f}{backward:9.2f}{kornia:9.2f}{opencv:9.2f}"
     compiled = None
     if args.compile:
+        torch._dynamo.reset()  # each case compiles afresh instead of piling up recompilations of one function
         fn = torch.compile(lambda t: laplacian_pyramid(t, levels, check_finite=False), dynamic=False)
         fn(x)
         compiled = median_ms(lambda: fn(x), args.repeats, args.warmup)

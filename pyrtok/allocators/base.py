@@ -210,6 +210,20 @@ def spread_priority(level_shapes: tuple[tuple[int, int], ...], device: torch.dev
     return torch.cat(parts).to(device)
 
 
+def band_maps(tokens: MultiScaleTokens, ctx: Context) -> list[Tensor]:
+    """Laplacian band energy maps of ``ctx.image``, computed once per call and shared by every signal."""
+    from pyrtok.signals.laplacian import band_energy_maps
+
+    return ctx.cached("band_maps", lambda: band_energy_maps(ctx.image.float(), max(4, tokens.num_levels)))
+
+
+def band_energy(tokens: MultiScaleTokens, ctx: Context) -> Tensor:
+    """(B, N) Laplacian band energy of every token, shared within one allocator call."""
+    from pyrtok.signals.laplacian import laplacian_energy
+
+    return ctx.cached("laplacian_energy", lambda: laplacian_energy(tokens, ctx.image, band_maps(tokens, ctx)))
+
+
 @dataclass
 class Context:
     """What a policy may look at besides the tokens, and a per-call memo of computed signals."""
@@ -355,9 +369,7 @@ class Allocator:
 
     def _redundant(self, tokens: MultiScaleTokens, keep: Tensor, ctx: Context) -> Tensor:
         """(B, N) tokens whose parent is kept and whose own band energy is low for their level."""
-        from pyrtok.signals.laplacian import laplacian_energy
-
-        energy = ctx.cached("laplacian_energy", lambda: laplacian_energy(tokens, ctx.image))
+        energy = band_energy(tokens, ctx)
         low = torch.zeros_like(keep)
         for level_slice in tokens.level_slices:
             threshold = torch.quantile(energy[:, level_slice], self.redundancy_quantile, dim=1, keepdim=True)

@@ -18,9 +18,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from pyrtok.allocators.base import Allocator, Context, register, water_fill
+from pyrtok.allocators.base import Allocator, Context, band_energy, band_maps, register, water_fill
 from pyrtok.signals.difficulty import difficulty
-from pyrtok.signals.laplacian import laplacian_energy
 from pyrtok.tokens import MultiScaleTokens
 
 
@@ -44,7 +43,8 @@ class DifficultyTokens(Allocator):
     def _difficulty(self, tokens: MultiScaleTokens, ctx: Context) -> Tensor:
         return ctx.cached(
             "difficulty",
-            lambda: difficulty(ctx.image, tokens if ctx.query is not None else None, ctx.query).to(tokens.device),
+            lambda: difficulty(ctx.image, tokens if ctx.query is not None else None, ctx.query,
+                               band_maps=band_maps(tokens, ctx)),
         )
 
     def effective_budgets(self, tokens: MultiScaleTokens, budgets: Tensor, ctx: Context) -> Tensor:
@@ -54,7 +54,7 @@ class DifficultyTokens(Allocator):
         return (tier * budgets).round().long().clamp(1).minimum(budgets)
 
     def priority(self, tokens: MultiScaleTokens, budgets: Tensor, ctx: Context) -> Tensor:
-        return ctx.cached("laplacian_energy", lambda: laplacian_energy(tokens, ctx.image))
+        return band_energy(tokens, ctx)
 
     def quotas(self, tokens: MultiScaleTokens, budgets: Tensor, ctx: Context, priority: Tensor) -> Tensor:
         d = self._difficulty(tokens, ctx).unsqueeze(1)  # (B, 1)

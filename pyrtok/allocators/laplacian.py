@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from pyrtok.allocators.base import Allocator, Context, register, water_fill
-from pyrtok.signals.laplacian import laplacian_energy
+from pyrtok.allocators.base import Allocator, Context, band_energy, register, water_fill
 from pyrtok.tokens import MultiScaleTokens
 
 
@@ -30,7 +29,7 @@ class LaplacianTokens(Allocator):
         self.power = float(power)
 
     def priority(self, tokens: MultiScaleTokens, budgets: Tensor, ctx: Context) -> Tensor:
-        return ctx.cached("laplacian_energy", lambda: laplacian_energy(tokens, ctx.image))
+        return band_energy(tokens, ctx)
 
     def quotas(self, tokens: MultiScaleTokens, budgets: Tensor, ctx: Context, priority: Tensor) -> Tensor:
         box = tokens.box

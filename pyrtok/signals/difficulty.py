@@ -2,8 +2,8 @@
 
 Raw difficulty is the mean of scale-free features, each in [0, 1]:
 
-- ``fine_fraction``: share of the grey image's band-pass energy that lies in the two finest Laplacian
-  bands (small detail everywhere needs fine tokens);
+- ``fine_fraction``: share of the band-pass energy (the first four Laplacian bands, energy averaged over
+  channels) that lies in the two finest bands (small detail everywhere needs fine tokens);
 - ``saliency_entropy``: entropy of the spectral-residual saliency map, as a distribution over pixels,
   over its maximum log(H W) (clutter spread over the whole image, no single place to look);
 - ``query_spread`` (with tokens and a query): entropy of softmax(relevance / 0.05) over tokens, over
@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pyrtok._checks import check_image, max_levels
-from pyrtok.pyramid import laplacian_pyramid
+from pyrtok._checks import check_image
+from pyrtok.signals.laplacian import band_energy_maps
 from pyrtok.signals.query import query_relevance
 from pyrtok.signals.saliency import spectral_residual
 from pyrtok.tokens import MultiScaleTokens
@@ -45,15 +45,25 @@ def _entropy_fraction(weights: Tensor) -> Tensor:
     return entropy / math.log(weights.shape[-1]) if weights.shape[-1] > 1 else torch.zeros_like(entropy)
 
 
-def raw_difficulty(image: Tensor, tokens: MultiScaleTokens | None = None, query: Tensor | None = None) -> Tensor:
-    """Uncalibrated difficulty (B,) in [0, 1]: the mean of the features in the module notes."""
+BANDS = 4
+
+
+def raw_difficulty(
+    image: Tensor,
+    tokens: MultiScaleTokens | None = None,
+    query: Tensor | None = None,
+    band_maps: list[Tensor] | None = None,
+) -> Tensor:
+    """Uncalibrated difficulty (B,) in [0, 1]: the mean of the features in the module notes.
+
+    ``band_maps``: optional precomputed ``band_energy_maps(image, k)`` with k >= 4, shared with other signals.
+    """
     check_image(image, "image")
     if image.dim() != 4:
         raise ValueError(f"image must have shape (B, C, H, W), got {tuple(image.shape)}")
-    grey = image.float().mean(1, keepdim=True)
-    depth = min(5, max_levels(*grey.shape[-2:]))
-    bands = laplacian_pyramid(grey, depth)[:-1] if depth > 1 else [grey - grey.mean((-2, -1), keepdim=True)]
-    energy = torch.stack([b.square().flatten(1).sum(1) for b in bands], 1)  # (B, bands)
+    if band_maps is None:
+        band_maps = band_energy_maps(image.float(), BANDS)
+    energy = torch.stack([m.flatten(1).sum(1) for m in band_maps[:BANDS]], 1)  # (B, bands)
     fine = energy[:, :2].sum(1) / energy.sum(1).clamp_min(1e-12)
     features = [fine, _entropy_fraction(spectral_residual(image, full_size=False).flatten(1))]
     if query is not None:
@@ -117,6 +127,7 @@ def difficulty(
     tokens: MultiScaleTokens | None = None,
     query: Tensor | None = None,
     calibrator: DifficultyCalibrator | None = None,
+    band_maps: list[Tensor] | None = None,
 ) -> Tensor:
     """Calibrated difficulty in [0, 1], one value per image.
 
@@ -125,12 +136,13 @@ def difficulty(
         tokens: needed only with ``query``.
         query: optional (B, D) or (D,) text embedding in the tokens' space.
         calibrator: reference calibration; default the shipped one.
+        band_maps: optional precomputed ``band_energy_maps(image, k)``, k >= 4.
 
     Returns:
         (B,) difficulties in [0, 1].
     """
     calibrator = calibrator or DifficultyCalibrator.default()
-    return calibrator(raw_difficulty(image, tokens, query))
+    return calibrator(raw_difficulty(image, tokens, query, band_maps))
 
 
 def reference_images(count: int = 256, size: int = 224, seed: int = 0) -> Tensor:

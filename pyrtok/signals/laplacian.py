@@ -26,7 +26,7 @@ def band_energy_maps(image: Tensor, levels: int) -> list[Tensor]:
     return maps
 
 
-def laplacian_energy(tokens: MultiScaleTokens, image: Tensor) -> Tensor:
+def laplacian_energy(tokens: MultiScaleTokens, image: Tensor, maps: list[Tensor] | None = None) -> Tensor:
     """Mean energy of band l of the image's Laplacian pyramid over the box of each level-l token.
 
     Band l and token level l both sit one octave below level l - 1, so the ordering across levels is the
@@ -37,6 +37,7 @@ def laplacian_energy(tokens: MultiScaleTokens, image: Tensor) -> Tensor:
     Args:
         tokens: N tokens over ``tokens.image_size``.
         image: (B, C, H, W) images in [0, 1]; any size (boxes are rescaled to it).
+        maps: optional precomputed ``band_energy_maps(image, k)`` with k >= the number of token levels.
 
     Returns:
         (B, N) non-negative energies.
@@ -48,4 +49,8 @@ def laplacian_energy(tokens: MultiScaleTokens, image: Tensor) -> Tensor:
         torch.Size([1, 261])
     """
     check_batch_image(image, tokens)
-    return level_box_mean(band_energy_maps(image.float(), tokens.num_levels), tokens)
+    if maps is None:
+        maps = band_energy_maps(image.float(), tokens.num_levels)
+    if len(maps) < tokens.num_levels:
+        raise ValueError(f"maps must hold at least {tokens.num_levels} band energy maps, got {len(maps)}")
+    return level_box_mean(maps[: tokens.num_levels], tokens)

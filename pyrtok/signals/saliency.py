@@ -98,15 +98,20 @@ def center_surround(image: Tensor, centres: tuple[int, ...] = (1, 2), deltas: tu
         wanted = [(0, min(1, depth - 1))]
     pyramid = gaussian_pyramid(features, max(s for _, s in wanted) + 1)
     out_size = pyramid[min(c for c, _ in wanted)].shape[-2:]
-    total = torch.zeros(image.shape[0], *out_size, device=image.device)
+    contrasts = []
     for centre, surround in wanted:
         surround_up = F.interpolate(pyramid[surround], size=pyramid[centre].shape[-2:], mode="bilinear",
                                     align_corners=False)
         contrast = (pyramid[centre] - surround_up).abs()
-        contrast = F.interpolate(contrast, size=out_size, mode="bilinear", align_corners=False)
-        for f in range(contrast.shape[1]):
-            total += normalise_map(contrast[:, f])
-    total = F.interpolate(total.unsqueeze(1), size=image.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+        if contrast.shape[-2:] != out_size:
+            contrast = F.interpolate(contrast, size=out_size, mode="bilinear", align_corners=False)
+        contrasts.append(contrast)
+    # Normalise every (scale pair, feature) map to [0, 1] at once, then sum them.
+    stack = torch.cat(contrasts, dim=1)
+    low = stack.amin(dim=(-2, -1), keepdim=True)
+    high = stack.amax(dim=(-2, -1), keepdim=True)
+    total = ((stack - low) / (high - low).clamp_min(1e-12)).sum(1, keepdim=True)
+    total = F.interpolate(total, size=image.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
     return normalise_map(total)
 
 

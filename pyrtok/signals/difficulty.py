@@ -4,8 +4,8 @@ Raw difficulty is the mean of scale-free features, each in [0, 1]:
 
 - ``fine_fraction``: share of the band-pass energy (the first four Laplacian bands, energy averaged over
   channels) that lies in the two finest bands (small detail everywhere needs fine tokens);
-- ``saliency_entropy``: entropy of the spectral-residual saliency map, as a distribution over pixels,
-  over its maximum log(H W) (clutter spread over the whole image, no single place to look);
+- ``saliency_entropy``: entropy of the spectral-residual saliency map (at 32 pixels wide), as a
+  distribution over its pixels, over its maximum (clutter everywhere, no single place to look);
 - ``query_spread`` (with tokens and a query): entropy of softmax(relevance / 0.05) over tokens, over
   log N (the query does not point anywhere in particular).
 
@@ -65,7 +65,9 @@ def raw_difficulty(
         band_maps = band_energy_maps(image.float(), BANDS)
     energy = torch.stack([m.flatten(1).sum(1) for m in band_maps[:BANDS]], 1)  # (B, bands)
     fine = energy[:, :2].sum(1) / energy.sum(1).clamp_min(1e-12)
-    features = [fine, _entropy_fraction(spectral_residual(image, full_size=False).flatten(1))]
+    # The entropy is a coarse statistic: a 32-pixel-wide saliency map measures it as well as a larger one.
+    saliency = spectral_residual(image, width=32, sigma=1.25, full_size=False)
+    features = [fine, _entropy_fraction(saliency.flatten(1))]
     if query is not None:
         if tokens is None:
             raise ValueError("query needs tokens: pass the tokens whose relevance the query should spread over")

@@ -100,7 +100,8 @@ def _up_unscaled(x: Tensor, size: tuple[int, int]) -> Tensor:
         p[:, :, 0] = p[:, :, 2]
 
     # Autograd cannot record out= writes; without it, both phases go straight into one strided buffer.
-    direct = not (torch.is_grad_enabled() and x.requires_grad)
+    # Under torch.compile the functional form is better: the compiler fuses it, out= views would break it.
+    direct = not (torch.is_grad_enabled() and x.requires_grad) and not torch.compiler.is_compiling()
 
     def interleave(prev: Tensor, centre: Tensor, nxt: Tensor, dim: int, pattern: str) -> Tensor:
         if direct:

@@ -14,11 +14,7 @@ temporary folder and renamed, with ``checkpoints/latest`` naming the newest), ``
 
 from __future__ import annotations
 
-import argparse
 import json
-import math
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +22,8 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
+from pyrtok import _training
+from pyrtok._training import latest_checkpoint, save_checkpoint, warmup_cosine
 from pyrtok.pretrain.data import ImagePool, step_generator
 from pyrtok.pretrain.mae import MaskedAutoencoder
 from pyrtok.pretrain.objectives import Objective, composite, mask_image
@@ -45,23 +43,9 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-def _merge(base: dict[str, Any], override: dict[str, Any], path: str = "") -> dict[str, Any]:
-    out = dict(base)
-    for key, value in override.items():
-        if key not in base:
-            raise ValueError(f"unknown config key {path + key!r}; known: {sorted(base)}")
-        out[key] = _merge(base[key], value, f"{path}{key}.") if isinstance(base[key], dict) else value
-    return out
-
-
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Defaults, updated by the YAML file at ``path`` and then by ``overrides`` (nested dicts)."""
-    config = DEFAULTS
-    if path is not None:
-        config = _merge(config, yaml.safe_load(Path(path).read_text()) or {})
-    if overrides:
-        config = _merge(config, overrides)
-    return config
+    """:data:`DEFAULTS`, updated by the YAML file at ``path`` and then by ``overrides`` (nested dicts)."""
+    return _training.load_config(DEFAULTS, path, overrides)
 
 
 def build_model(config: dict[str, Any]) -> MaskedAutoencoder:
@@ -74,41 +58,6 @@ def build_model(config: dict[str, Any]) -> MaskedAutoencoder:
     ))
     return MaskedAutoencoder(encoder, decoder_dim=m["decoder_dim"], decoder_depth=m["decoder_depth"],
                              decoder_heads=m["decoder_heads"], mask_ratio=m["mask_ratio"])
-
-
-def _schedule(step: int, warmup: int, total: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def _latest(checkpoints: Path) -> Path | None:
-    pointer = checkpoints / "latest"
-    if not pointer.is_file():
-        return None
-    target = checkpoints / pointer.read_text().strip()
-    return target if target.is_dir() else None
-
-
-def _save(accelerator: Any, checkpoints: Path, step: int, keep: int) -> None:
-    name = f"step-{step:07d}"
-    tmp = checkpoints / f"{name}.tmp"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))  # every rank writes its own random state into tmp
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (tmp / "step.json").write_text(json.dumps({"step": step}))
-        shutil.rmtree(checkpoints / name, ignore_errors=True)
-        os.replace(tmp, checkpoints / name)
-        pointer = checkpoints / "latest.tmp"
-        pointer.write_text(name)
-        os.replace(pointer, checkpoints / "latest")
-        for old in sorted(p for p in checkpoints.glob("step-*") if p.is_dir() and not p.suffix)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
 
 
 def _write_png(model: MaskedAutoencoder, images: torch.Tensor, path: Path, objective: Objective, seed: int) -> None:
@@ -156,11 +105,11 @@ def train(
     optimizer = torch.optim.AdamW(model.parameters(), lr=t["lr"], weight_decay=t["weight_decay"],
                                   betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: _schedule(step, t["warmup_steps"], t["steps"])
+        optimizer, lambda step: warmup_cosine(step, t["warmup_steps"], t["steps"])
     )
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     start = 0
-    latest = _latest(checkpoints) if resume else None
+    latest = latest_checkpoint(checkpoints) if resume else None
     if latest is not None:
         accelerator.load_state(str(latest))
         start = json.loads((latest / "step.json").read_text())["step"]
@@ -194,7 +143,7 @@ def train(
             _write_png(accelerator.unwrap_model(model), preview, output / "images" / f"step-{done:07d}.png",
                        objective, config["seed"])
         if done % t["checkpoint_every"] == 0 or done == end:
-            _save(accelerator, checkpoints, done, t["keep_checkpoints"])
+            save_checkpoint(accelerator, checkpoints, done, t["keep_checkpoints"])
     if accelerator.is_main_process and end == t["steps"]:
         accelerator.unwrap_model(model).encoder.save_pretrained(output / "encoder")
     accelerator.wait_for_everyone()
@@ -202,20 +151,7 @@ def train(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="pyrtok pretrain", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="YAML file (configs/pretrain/*.yaml)")
-    parser.add_argument("--steps", type=int, help="override train.steps")
-    parser.add_argument("--output", help="override train.output")
-    parser.add_argument("--no-resume", action="store_true", help="start over even if checkpoints exist")
-    parser.add_argument("--stop-after", type=int, help="end this invocation after N steps (resume later)")
-    args = parser.parse_args(argv)
-    overrides: dict[str, Any] = {"train": {}}
-    if args.steps is not None:
-        overrides["train"]["steps"] = args.steps
-    if args.output is not None:
-        overrides["train"]["output"] = args.output
-    output = train(load_config(args.config, overrides), resume=not args.no_resume, stop_after=args.stop_after)
-    print(f"pretraining finished: {output}")
+    _training.run_cli("pyrtok pretrain", __doc__.split("\n\n")[0], train, load_config, argv)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ the same script runs multi-process (see ``pyrtok.pretrain.train`` for the launch
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import re
@@ -32,9 +31,10 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
+from pyrtok import _training
+from pyrtok._training import latest_checkpoint, save_checkpoint, warmup_cosine
 from pyrtok.data.shapes_vqa import ANSWERS, FAMILIES, make_scene, questions_for
 from pyrtok.pretrain.data import step_generator
-from pyrtok.pretrain.train import _latest, _merge, _save, _schedule
 from pyrtok.vlm.adapter import PyramidVLM
 from pyrtok.vlm.tokenizer import word_tokenizer
 
@@ -59,11 +59,8 @@ DEFAULTS: dict[str, Any] = {
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Defaults, updated by the YAML at ``path`` and then by ``overrides``."""
-    config = DEFAULTS
-    if path is not None:
-        config = _merge(config, yaml.safe_load(Path(path).read_text()) or {})
-    return _merge(config, overrides) if overrides else config
+    """:data:`DEFAULTS`, updated by the YAML at ``path`` and then by ``overrides``."""
+    return _training.load_config(DEFAULTS, path, overrides)
 
 
 def vocabulary(scenes: int = 400) -> list[str]:
@@ -183,10 +180,10 @@ def train(config: dict[str, Any], resume: bool = True, progress: bool = True, st
     accelerator.wait_for_everyone()
     model, tokenizer = build(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=t["lr"], weight_decay=t["weight_decay"])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(s, t["warmup_steps"], t["steps"]))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, t["warmup_steps"], t["steps"]))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     start = 0
-    latest = _latest(checkpoints) if resume else None
+    latest = latest_checkpoint(checkpoints) if resume else None
     if latest is not None:
         accelerator.load_state(str(latest))
         start = json.loads((latest / "step.json").read_text())["step"]
@@ -238,7 +235,7 @@ def train(config: dict[str, Any], resume: bool = True, progress: bool = True, st
                 for row in rows:
                     f.write(json.dumps({"step": done, **row}) + "\n")
         if done % t["checkpoint_every"] == 0 or done == end:
-            _save(accelerator, checkpoints, done, t["keep_checkpoints"])
+            save_checkpoint(accelerator, checkpoints, done, t["keep_checkpoints"])
     if accelerator.is_main_process and end == t["steps"]:
         raw.save_pretrained(output / "model")
         tokenizer.save_pretrained(output / "model")
@@ -247,20 +244,7 @@ def train(config: dict[str, Any], resume: bool = True, progress: bool = True, st
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="pyrtok train-vlm", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--steps", type=int)
-    parser.add_argument("--output")
-    parser.add_argument("--no-resume", action="store_true")
-    parser.add_argument("--stop-after", type=int)
-    args = parser.parse_args(argv)
-    overrides: dict[str, Any] = {"train": {}}
-    if args.steps is not None:
-        overrides["train"]["steps"] = args.steps
-    if args.output is not None:
-        overrides["train"]["output"] = args.output
-    output = train(load_config(args.config, overrides), resume=not args.no_resume, stop_after=args.stop_after)
-    print(f"training finished: {output}")
+    _training.run_cli("pyrtok train-vlm", __doc__.split("\n\n")[0], train, load_config, argv)
 
 
 if __name__ == "__main__":

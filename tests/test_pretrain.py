@@ -161,7 +161,7 @@ def test_image_quality_metrics():
     assert torch.allclose(masked_psnr(noisy, x, mask), 10 * torch.log10(1 / mse), atol=1e-4)
 
 
-def test_two_processes_with_accelerate_launch(tmp_path):
+def test_two_processes_with_torchrun(tmp_path):
     """The same training script as 2 CPU processes (DDP over gloo), launched by torchrun."""
     import subprocess
     import sys

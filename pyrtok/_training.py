@@ -17,7 +17,9 @@ from typing import Any
 
 import yaml
 
-__all__ = ["latest_checkpoint", "load_config", "merge_config", "run_cli", "save_checkpoint", "warmup_cosine"]
+__all__ = [
+    "latest_checkpoint", "load_config", "merge_config", "optimizer_step", "run_cli", "save_checkpoint", "warmup_cosine",
+]
 
 
 def merge_config(base: dict[str, Any], override: dict[str, Any], path: str = "") -> dict[str, Any]:
@@ -67,6 +69,16 @@ def save_checkpoint(accelerator: Any, checkpoints: Path, step: int, keep: int) -
         for old in sorted(p for p in checkpoints.glob("step-*") if p.is_dir() and not p.suffix)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
+
+
+def optimizer_step(accelerator: Any, model: Any, optimizer: Any, scheduler: Any, loss: Any, grad_clip: float) -> None:
+    """Backward, optional gradient-norm clipping, one optimizer and one scheduler step, gradients cleared."""
+    accelerator.backward(loss)
+    if grad_clip:
+        accelerator.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def load_config(

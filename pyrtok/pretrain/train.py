@@ -23,7 +23,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from pyrtok import _training
-from pyrtok._training import latest_checkpoint, save_checkpoint, warmup_cosine
+from pyrtok._training import latest_checkpoint, optimizer_step, save_checkpoint, warmup_cosine
 from pyrtok.pretrain.data import ImagePool, step_generator
 from pyrtok.pretrain.mae import MaskedAutoencoder
 from pyrtok.pretrain.objectives import Objective, composite, mask_image
@@ -126,12 +126,7 @@ def train(
         with accelerator.autocast():
             out = model(images, generator=step_generator(config["seed"], step, rank, stream=1))
         parts = objective(out.pred, out.mask, images, accelerator.unwrap_model(model).patch_size)
-        accelerator.backward(parts["loss"])
-        if t["grad_clip"]:
-            accelerator.clip_grad_norm_(model.parameters(), t["grad_clip"])
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(accelerator, model, optimizer, scheduler, parts["loss"], t["grad_clip"])
         done = step + 1
         if done % t["log_every"] == 0 or done == t["steps"]:
             values = {k: accelerator.gather(v.detach().reshape(1)).mean().item() for k, v in parts.items()}

@@ -32,7 +32,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from pyrtok import _training
-from pyrtok._training import latest_checkpoint, save_checkpoint, warmup_cosine
+from pyrtok._training import latest_checkpoint, optimizer_step, save_checkpoint, warmup_cosine
 from pyrtok.data.shapes_vqa import ANSWERS, FAMILIES, make_scene, questions_for
 from pyrtok.pretrain.data import step_generator
 from pyrtok.vlm.adapter import PyramidVLM
@@ -213,12 +213,7 @@ def train(config: dict[str, Any], resume: bool = True, progress: bool = True, st
         lengths = [len(tokenizer(f" {i['answer']} </s>", add_special_tokens=False)["input_ids"]) for i in items]
         out = model(inputs_embeds=inputs["inputs_embeds"], attention_mask=inputs["attention_mask"],
                     position_ids=inputs["position_ids"], labels=_answer_labels(inputs["input_ids"], lengths))
-        accelerator.backward(out.loss)
-        if t["grad_clip"]:
-            accelerator.clip_grad_norm_(model.parameters(), t["grad_clip"])
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(accelerator, model, optimizer, scheduler, out.loss, t["grad_clip"])
         done = step + 1
         if done % t["log_every"] == 0 or done == end:
             loss = accelerator.gather(out.loss.detach().reshape(1)).mean().item()

@@ -6,14 +6,17 @@ import torch
 from safetensors.torch import load_file
 
 from pyrtok.vlm import PyramidVLM
-from pyrtok.vlm.train import _answer_labels, batch, build, load_config, num_tokens, train, vocabulary
+from pyrtok.data.shapes_vqa import COLOURS, DIGITS, LETTERS, TARGETS, make_scene, patch_targets
+from pyrtok.vlm.train import DenseHeads, _answer_labels, batch, build, load_config, num_tokens, train, vocabulary
 
 MICRO = {
     "model": {"image_size": 64, "patch_size": 16, "vision_hidden": 32, "vision_layers": 2, "vision_heads": 2,
               "vision_intermediate": 64, "text_hidden": 32, "text_layers": 1, "text_heads": 2,
               "text_intermediate": 64, "levels": 2},
-    "train": {"steps": 4, "batch_size": 3, "warmup_steps": 1, "log_every": 1, "checkpoint_every": 2,
-              "eval_every": 4, "eval_questions": 10, "eval_allocators": ["all", "pool"]},
+    "allocation": {"full_steps": 1},
+    "train": {"steps": 5, "dense_steps": 2, "dense_batch_size": 4, "batch_size": 3, "warmup_steps": 1,
+              "log_every": 1, "checkpoint_every": 2, "keep_checkpoints": 3, "eval_every": 4, "eval_questions": 10,
+              "eval_allocators": ["all", "pool"]},
 }
 
 
@@ -36,16 +39,56 @@ def test_batches_cycle_through_families_and_token_count():
     assert num_tokens(load_config()) == 196 + 49 + 16
 
 
+def test_patch_targets_mark_objects_label_and_dots():
+    scene = make_scene(0, "train", 3)
+    targets = patch_targets(scene, 16)
+    assert set(targets) == set(TARGETS) and all(t.shape == (14, 14) for t in targets.values())
+    for thing in scene.objects:
+        row, col = int(thing.centre[1] // 16), int(thing.centre[0] // 16)
+        assert targets["colour"][row, col] == list(COLOURS).index(thing.colour) + 1
+    glyph = targets["glyph"]
+    assert 1 <= (glyph > 0).sum() <= 4 and set(glyph[glyph > 0].tolist()) == {(DIGITS + LETTERS).index(scene.glyph) + 1}
+    x0, y0, x1, y1 = scene.label_box
+    assert glyph[int((y0 + y1) / 2 // 16), int((x0 + x1) / 2 // 16)] > 0
+    assert (targets["dot"] > 0).sum() == len(scene.dots)
+    images, _, batched = batch("train", 3, 2, 224, patch=16)
+    assert images.shape == (2, 3, 224, 224) and torch.equal(batched["glyph"][0], torch.from_numpy(glyph))
+
+
+def test_dense_loss_balances_rare_positives():
+    heads = DenseHeads(8)
+    features = torch.randn(2, 4, 8)
+    targets = {name: torch.zeros(2, 2, 2, dtype=torch.long) for name in TARGETS}
+    targets["dot"][0, 0, 0] = 3
+    loss = heads(features, targets)
+    assert loss.ndim == 0 and loss > 0
+    loss.backward()
+    assert heads.heads["dot"].weight.grad.abs().sum() > 0
+
+
 def test_training_resumes_exactly_evaluates_and_saves_a_loadable_model(tmp_path):
+    from accelerate.utils import set_seed
+
     straight = train(micro(tmp_path, "straight"), progress=False)
     config = micro(tmp_path, "sliced")
-    train(config, progress=False, stop_after=2)
+    train(config, progress=False, stop_after=3)
     sliced = train(config, progress=False)
-    a = load_file(str(straight / "checkpoints/step-0000004/model.safetensors"))
-    b = load_file(str(sliced / "checkpoints/step-0000004/model.safetensors"))
+    a = load_file(str(straight / "checkpoints/step-0000005/model.safetensors"))
+    b = load_file(str(sliced / "checkpoints/step-0000005/model.safetensors"))
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    # stage 1 trains the tower (and heads) only: the language model still has its initial weights
+    set_seed(0)
+    initial, _ = build(config)
+    stage1 = load_file(str(straight / "checkpoints/step-0000002/model.safetensors"))
+    lm = [k for k in stage1 if k.startswith("llava.model.language_model.")]
+    tower = [k for k in stage1 if k.startswith("llava.model.vision_tower.")]
+    state = initial.state_dict()
+    assert lm and all(torch.equal(stage1[k], state[k.removeprefix("llava.")]) for k in lm)
+    assert any(not torch.equal(stage1[k], state[k.removeprefix("llava.")]) for k in tower)
     log = [json.loads(line) for line in (straight / "log.jsonl").read_text().splitlines()]
-    assert [row["step"] for row in log] == [1, 2, 3, 4] and all(row["loss"] > 0 for row in log)
+    assert [row["step"] for row in log] == [1, 2, 3, 4, 5] and [row["stage"] for row in log] == [1, 1, 2, 2, 2]
+    assert all(row["loss"] > 0 for row in log[2:]) and all(row["dense_loss"] > 0 for row in log)
+    assert log[2]["tokens"] == num_tokens(config)  # allocation.full_steps: the first stage-2 step keeps all
     rows = [json.loads(line) for line in (straight / "eval.jsonl").read_text().splitlines()]
     assert {(r["allocator"], r["fraction"]) for r in rows} == {("all", 1.0), ("all", 0.11), ("pool", 1.0),
                                                                ("pool", 0.11)}

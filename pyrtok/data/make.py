@@ -24,7 +24,8 @@ def write_shapes(root: str | Path, split: str, questions: int, seed: int = 0, pr
             for item in items:
                 yield {"id": f"{split}-{index:06d}-{item['family']}", "image": str(image),
                        "question": item["question"], "answers": [item["answer"]], "category": item["family"],
-                       "family": item["family"], "subcategory": item["category"], "task": "shapes_vqa"}
+                       "family": item["family"], "subcategory": item["category"], "task": "shapes_vqa",
+                       "seed": seed}
 
     return write_split(root, split, records())
 

@@ -33,6 +33,7 @@ __all__ = [
     "SPLITS",
     "Scene",
     "make_scene",
+    "patch_targets",
     "questions_for",
     "samples",
 ]
@@ -46,6 +47,8 @@ DIGITS = "0123456789"
 LETTERS = "ABCDEFGHKLMNPRSTUVWXYZ"
 FAMILIES = ("coarse", "fine", "counting", "spatial", "existence")
 SPLITS = {"train": 0, "validation": 1, "test": 2}
+# A 3 x 3 binomial-like blur (about a 0.4 px Gaussian): softens the drawn edges like a camera would.
+_SOFTEN = ImageFilter.Kernel((3, 3), (1, 4, 1, 4, 32, 4, 1, 4, 1))
 ANSWERS = sorted({*COLOURS, *SHAPES, *DIGITS, *(c.lower() for c in LETTERS), "yes", "no"})
 
 
@@ -73,14 +76,15 @@ def _rng(seed: int, split: str, index: int) -> np.random.Generator:
 
 
 def _background(rng: np.random.Generator, size: int) -> Image.Image:
-    base = rng.uniform(0.3, 0.7, size=3) * 0.6 + rng.uniform(0.3, 0.7) * 0.4
+    base = (rng.uniform(0.3, 0.7, size=3) * 0.6 + rng.uniform(0.3, 0.7) * 0.4).astype(np.float32)
     coarse = rng.normal(0, 1, size=(6, 6, 3))
-    coarse = np.asarray(Image.fromarray(((coarse * 0.5 + 0.5).clip(0, 1) * 255).astype(np.uint8)).resize(
-        (size, size), Image.BICUBIC), dtype=np.float32) / 255 - 0.5
-    grain = rng.normal(0, 0.03, size=(size, size, 1))
-    stripes = 0.04 * np.sin(np.arange(size) * rng.uniform(0.3, 0.9) + rng.uniform(0, 6.3))[None, :, None]
-    pixels = (base + 0.18 * coarse + grain + stripes).clip(0, 1)
-    return Image.fromarray((pixels * 255).astype(np.uint8))
+    coarse = Image.fromarray(((coarse * 0.5 + 0.5).clip(0, 1) * 255).astype(np.uint8)).resize((size, size), Image.BICUBIC)
+    grain = rng.standard_normal((size, size, 1), dtype=np.float32) * np.float32(0.03)
+    stripes = 0.04 * np.sin(np.arange(size) * rng.uniform(0.3, 0.9) + rng.uniform(0, 6.3))
+    pixels = np.asarray(coarse, dtype=np.float32) * np.float32(0.18 / 255) + (base - 0.09)
+    pixels += grain
+    pixels += stripes.astype(np.float32)[None, :, None]
+    return Image.fromarray((pixels.clip(0, 1) * 255).astype(np.uint8))
 
 
 def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
@@ -92,10 +96,10 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
     return [(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)]  # diamond
 
 
-def _draw(draw: ImageDraw.ImageDraw, thing: Thing) -> None:
+def _draw(draw: ImageDraw.ImageDraw, thing: Thing, colour: tuple[int, int, int] | int | None = None) -> None:
     cx, cy = thing.centre
     r = thing.size / 2
-    colour = COLOURS[thing.colour]
+    colour = COLOURS[thing.colour] if colour is None else colour
     if thing.shape == "circle":
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=colour)
     else:
@@ -126,7 +130,7 @@ def make_scene(seed: int, split: str, index: int, size: int = 224) -> Scene:
                 _draw(draw, thing)
                 break
     glyph = str(rng.choice(list(DIGITS + LETTERS)))
-    label_side = int(size * 0.085)
+    label_side = int(size * 0.1)
     for _ in range(200):
         lx, ly = (int(v) for v in rng.integers(2, size - label_side - 2, size=2))
         if _free((lx + label_side / 2, ly + label_side / 2), label_side * 0.75, taken):
@@ -148,8 +152,49 @@ def make_scene(seed: int, split: str, index: int, size: int = 224) -> Scene:
                 taken.append((*centre, radius))
                 _draw(draw, dot)
                 break
-    image = image.filter(ImageFilter.GaussianBlur(0.4))
+    image = image.filter(_SOFTEN)
     return Scene(image, objects, glyph, label_box, dots)
+
+
+TARGETS = {"colour": len(COLOURS) + 1, "shape": len(SHAPES) + 1, "glyph": len(DIGITS + LETTERS) + 1,
+           "dot": len(COLOURS) + 1}
+
+
+def patch_targets(scene: Scene, patch: int = 16, cover: float = 0.3) -> dict[str, np.ndarray]:
+    """Dense per-patch labels of a scene, for supervising a vision tower on what each patch shows.
+
+    Args:
+        scene: a scene from :func:`make_scene`.
+        patch: patch side in pixels; the image side must be a multiple of it.
+        cover: fraction of a patch an object or the label must cover to count as its content.
+
+    Returns:
+        ``{name: (G, G) int64}`` for the names in :data:`TARGETS`, 0 meaning "none": ``colour`` and ``shape``
+        (1 + index in :data:`COLOURS` / :data:`SHAPES`) of the large object covering the patch, ``glyph``
+        (1 + index in digits then letters) where the small label covers it, ``dot`` (1 + colour index) at the
+        patch holding a tiny dot's centre.
+    """
+    size = scene.image.size[0]
+    if size % patch:
+        raise ValueError(f"patch must divide the image side {size}, got {patch}")
+    grid = size // patch
+    ids = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(ids)
+    for k, thing in enumerate(scene.objects):
+        _draw(draw, thing, k + 1)
+    draw.rectangle(scene.label_box, fill=255)
+    pixels = np.asarray(ids).reshape(grid, patch, grid, patch).transpose(0, 2, 1, 3).reshape(grid, grid, -1)
+    colours, shapes = list(COLOURS), list(SHAPES)
+    out = {name: np.zeros((grid, grid), dtype=np.int64) for name in TARGETS}
+    for k, thing in enumerate(scene.objects):
+        covered = (pixels == k + 1).mean(-1) >= cover
+        out["colour"][covered] = colours.index(thing.colour) + 1
+        out["shape"][covered] = shapes.index(thing.shape) + 1
+    out["glyph"][(pixels == 255).mean(-1) >= cover] = (DIGITS + LETTERS).index(scene.glyph) + 1
+    for dot in scene.dots:
+        row, col = (min(int(v // patch), grid - 1) for v in dot.centre[::-1])
+        out["dot"][row, col] = colours.index(dot.colour) + 1
+    return out
 
 
 def _article(word: str) -> str:

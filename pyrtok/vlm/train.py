@@ -8,8 +8,17 @@ Training sees the model exactly as evaluation will: every step encodes a batch o
 3-level token pyramid, one allocator drawn from ``allocation.allocators`` keeps a random fraction of the
 tokens per sample (``full_probability`` of the samples keep everything), and the language model learns
 the one-word answer (loss on the answer and end-of-sequence tokens only). So the model learns to answer from
-any subset of multi-scale tokens. The vision tower can start from a ``pyrtok pretrain`` encoder
-(``init.vision_tower``) and can be frozen for a first stage (``train.freeze_vision_steps``).
+any subset of multi-scale tokens.
+
+Training is staged, because a tiny model trained end to end from scratch answers from the question alone
+(the language prior) long before it learns to look. Stage 1 (``train.dense_steps``) trains only the vision
+tower, with linear heads on its level-0 tokens that predict what each patch shows (the colour and shape of
+the large object covering it, the glyph of the small label, the colour of a tiny dot;
+:func:`pyrtok.data.shapes_vqa.patch_targets`). Stage 2 trains the whole VLM on the answers, keeping the
+dense loss as an auxiliary term (``train.dense_weight``); during its first ``allocation.full_steps`` steps
+every sample keeps all tokens, then the token dropout above starts. The vision tower can instead (or also)
+start from a ``pyrtok pretrain`` encoder (``init.vision_tower``) and can be frozen for the first
+``train.freeze_vision_steps`` steps of stage 2.
 
 Batches are a pure function of (seed, step, process): runs resume exactly from the latest checkpoint, and
 the same script runs multi-process (see ``pyrtok.pretrain.train`` for the launch commands). Outputs under
@@ -28,12 +37,14 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import yaml
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from pyrtok import _training
 from pyrtok._training import latest_checkpoint, optimizer_step, save_checkpoint, warmup_cosine
-from pyrtok.data.shapes_vqa import ANSWERS, FAMILIES, make_scene, questions_for
+from pyrtok.data.shapes_vqa import ANSWERS, FAMILIES, TARGETS, make_scene, patch_targets, questions_for
 from pyrtok.pretrain.data import step_generator
 from pyrtok.vlm.adapter import PyramidVLM
 from pyrtok.vlm.tokenizer import word_tokenizer
@@ -49,9 +60,10 @@ DEFAULTS: dict[str, Any] = {
               "text_intermediate": 512, "levels": 3, "feature_layer": -2},
     "init": {"vision_tower": None},
     "allocation": {"allocators": ["all", "random", "pool", "laplacian"], "min_fraction": 0.05,
-                   "full_probability": 0.3},
+                   "full_probability": 0.3, "full_steps": 0},
     "train": {"steps": 2000, "batch_size": 32, "lr": 1e-3, "weight_decay": 0.01, "warmup_steps": 100,
-              "grad_clip": 1.0, "freeze_vision_steps": 0, "log_every": 10, "checkpoint_every": 200,
+              "grad_clip": 1.0, "dense_steps": 0, "dense_batch_size": 64, "dense_weight": 0.2,
+              "freeze_vision_steps": 0, "log_every": 10, "checkpoint_every": 200,
               "keep_checkpoints": 2, "eval_every": 500, "eval_questions": 250,
               "eval_budgets": [1.0, 0.11], "eval_allocators": ["all", "random", "pool", "laplacian"],
               "output": "runs/embedded/default"},
@@ -99,18 +111,91 @@ def build(config: dict[str, Any]):
     return model, tokenizer
 
 
-def batch(split: str, first: int, count: int, size: int, seed: int = 0) -> tuple[torch.Tensor, list[dict]]:
+def batch(
+    split: str, first: int, count: int, size: int, seed: int = 0, patch: int | None = None
+) -> tuple[Tensor, list[dict]] | tuple[Tensor, list[dict], dict[str, Tensor]]:
     """Scenes ``first .. first+count-1`` of ``split``: images (count, 3, S, S) and one question each.
 
-    The question family cycles with the scene index, so every family is equally represented.
+    The question family cycles with the scene index, so every family is equally represented. With ``patch``,
+    also the per-patch targets of every scene, ``{name: (count, S/patch, S/patch) int64}``.
     """
-    images, items = [], []
+    images, items, targets = [], [], defaultdict(list)
     for index in range(first, first + count):
         scene = make_scene(seed, split, index, size)
         item = questions_for(scene, seed, split, index)[index % len(FAMILIES)]
         images.append(torch.from_numpy(np.asarray(scene.image, dtype=np.float32) / 255.0).permute(2, 0, 1))
         items.append(item)
-    return torch.stack(images), items
+        if patch is not None:
+            for name, value in patch_targets(scene, patch).items():
+                targets[name].append(torch.from_numpy(value))
+    if patch is None:
+        return torch.stack(images), items
+    return torch.stack(images), items, {name: torch.stack(v) for name, v in targets.items()}
+
+
+class DenseHeads(nn.Module):
+    """Linear per-patch classifiers for :data:`~pyrtok.data.shapes_vqa.TARGETS` on level-0 tokens."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.heads = nn.ModuleDict({name: nn.Linear(dim, classes) for name, classes in TARGETS.items()})
+
+    def forward(self, features: Tensor, targets: dict[str, Tensor]) -> Tensor:
+        """Class-balanced cross-entropy of (B, G*G, D) features against ``{name: (B, G, G)}`` targets.
+
+        Patches with content (target > 0) and empty patches weigh half each, so a one-patch dot counts.
+        """
+        losses = []
+        for name, head in self.heads.items():
+            target = targets[name].flatten(1)
+            loss = F.cross_entropy(head(features).flatten(0, 1), target.flatten(), reduction="none")
+            positive = (target.flatten() > 0).float()
+            parts = [(loss * w).sum() / w.sum() for w in (positive, 1 - positive) if w.sum() > 0]
+            losses.append(sum(parts) / len(parts))
+        return sum(losses) / len(losses)
+
+
+class Trainee(nn.Module):
+    """The LLaVA and the dense heads as one module, so one (DDP-wrapped) forward serves both stages."""
+
+    def __init__(self, llava: nn.Module, tokenizer: Any, levels: int) -> None:
+        super().__init__()
+        self.llava = llava
+        self.heads = DenseHeads(llava.config.vision_config.hidden_size)
+        self.tokenizer, self.levels = tokenizer, levels
+        self._vlms: dict[str, PyramidVLM] = {}
+
+    def vlm(self, allocator: str) -> PyramidVLM:
+        """A :class:`PyramidVLM` view of the LLaVA with ``allocator`` (cached; shares the weights)."""
+        if allocator not in self._vlms:
+            self._vlms[allocator] = PyramidVLM(self.llava, self.tokenizer, allocator=allocator, levels=self.levels)
+        return self._vlms[allocator]
+
+    def forward(
+        self,
+        images: Tensor,
+        targets: dict[str, Tensor],
+        items: list[dict] | None = None,
+        allocator: str = "all",
+        budgets: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """(dense loss, answer loss, kept counts); the last two are None without ``items`` (stage 1)."""
+        vlm = self.vlm(allocator)
+        prepared = vlm.encoder.prepare(images)
+        tokens = vlm.encode(prepared)
+        dense = self.heads(tokens.features[:, tokens.level_slices[0]], targets)
+        if items is None:
+            return dense, None, None
+        selection = vlm.select(tokens, prepared, budgets, generator=generator)
+        prompts = [PROMPT.format(question=i["question"]) + f" {i['answer']} </s>" for i in items]
+        input_ids, attention_mask = vlm.build_inputs(prompts, selection.count)
+        embeds = vlm.inputs_embeds(input_ids, vlm.image_embeddings(tokens, selection), selection)
+        lengths = [len(self.tokenizer(f" {i['answer']} </s>", add_special_tokens=False)["input_ids"]) for i in items]
+        out = self.llava(inputs_embeds=embeds, attention_mask=attention_mask,
+                         position_ids=(attention_mask.cumsum(-1) - 1).clamp_min(0),
+                         labels=_answer_labels(input_ids, lengths))
+        return dense, out.loss, selection.count
 
 
 def num_tokens(config: dict[str, Any]) -> int:
@@ -122,11 +207,11 @@ def num_tokens(config: dict[str, Any]) -> int:
     return total
 
 
-def _budgets(config: dict[str, Any], n: int, size: int, generator: torch.Generator) -> torch.Tensor:
+def _budgets(config: dict[str, Any], n: int, size: int, generator: torch.Generator, full: bool = False) -> Tensor:
     a = config["allocation"]
     fraction = a["min_fraction"] + (1 - a["min_fraction"]) * torch.rand(size, generator=generator)
-    full = torch.rand(size, generator=generator) < a["full_probability"]
-    return torch.where(full, torch.full_like(fraction, 1.0), fraction).mul(n).ceil().long().clamp(1, n)
+    keep_all = (torch.rand(size, generator=generator) < a["full_probability"]) | full
+    return torch.where(keep_all, torch.full_like(fraction, 1.0), fraction).mul(n).ceil().long().clamp(1, n)
 
 
 def _answer_labels(input_ids: torch.Tensor, lengths: list[int]) -> torch.Tensor:
@@ -163,76 +248,90 @@ def evaluate(vlm_for: Any, config: dict[str, Any], device: torch.device) -> list
     return rows
 
 
+def _schedule(step: int, t: dict[str, Any]) -> float:
+    """LR factor: warm-up then flat through stage 1; warm-up then cosine to 0 through stage 2."""
+    if step < t["dense_steps"]:
+        return min(1.0, (step + 1) / t["warmup_steps"])
+    return warmup_cosine(step - t["dense_steps"], t["warmup_steps"], t["steps"] - t["dense_steps"])
+
+
 def train(config: dict[str, Any], resume: bool = True, progress: bool = True, stop_after: int | None = None) -> Path:
-    """Run (or resume) the training ``config`` describes; returns the output folder."""
+    """Run (or resume) the training ``config`` describes; returns the output folder.
+
+    ``train.steps`` counts both stages; the first ``train.dense_steps`` of them are stage 1.
+    """
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
     accelerator = Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
                               step_scheduler_with_optimizer=False)
     set_seed(config["seed"])
-    t, m = config["train"], config["model"]
+    t, m, a = config["train"], config["model"], config["allocation"]
+    if not 0 <= t["dense_steps"] < t["steps"]:
+        raise ValueError(f"train.dense_steps must be in [0, train.steps={t['steps']}), got {t['dense_steps']}")
     output = Path(t["output"])
     checkpoints = output / "checkpoints"
     if accelerator.is_main_process:
         checkpoints.mkdir(parents=True, exist_ok=True)
         (output / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     accelerator.wait_for_everyone()
-    model, tokenizer = build(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=t["lr"], weight_decay=t["weight_decay"])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, t["warmup_steps"], t["steps"]))
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    llava, tokenizer = build(config)
+    trainee = Trainee(llava, tokenizer, m["levels"])
+    optimizer = torch.optim.AdamW(trainee.parameters(), lr=t["lr"], weight_decay=t["weight_decay"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(s, t))
+    model, optimizer, scheduler = accelerator.prepare(trainee, optimizer, scheduler)
     start = 0
     latest = latest_checkpoint(checkpoints) if resume else None
     if latest is not None:
         accelerator.load_state(str(latest))
         start = json.loads((latest / "step.json").read_text())["step"]
-    raw = accelerator.unwrap_model(model)
-    vlms: dict[str, PyramidVLM] = {}
-
-    def vlm_for(name: str) -> PyramidVLM:
-        if name not in vlms:
-            vlms[name] = PyramidVLM(raw, tokenizer, allocator=name, levels=m["levels"])
-        return vlms[name]
-
-    names = config["allocation"]["allocators"]
+    names = a["allocators"]
     end = t["steps"] if stop_after is None else min(t["steps"], start + stop_after)
     bar = tqdm(range(start, end), initial=start, total=t["steps"], disable=not progress
                or not accelerator.is_main_process, desc=output.name)
     rank, world = accelerator.process_index, accelerator.num_processes
     for step in bar:
         generator = step_generator(config["seed"], step, rank, stream=4)
-        first = (step * world + rank) * t["batch_size"]
-        images, items = batch("train", first, t["batch_size"], m["image_size"], config["seed"])
+        stage2 = step >= t["dense_steps"]
+        size = t["batch_size"] if stage2 else t["dense_batch_size"]
+        first = (step * world + rank) * max(t["batch_size"], t["dense_batch_size"])
+        images, items, targets = batch("train", first, size, m["image_size"], config["seed"], m["patch_size"])
         images = images.to(accelerator.device)
-        vlm = vlm_for(names[int(torch.randint(len(names), (1,), generator=generator))])
-        raw.model.vision_tower.requires_grad_(step >= t["freeze_vision_steps"])
-        prompts = [PROMPT.format(question=i["question"]) + f" {i['answer']} </s>" for i in items]
-        inputs = vlm.prepare(images, prompts, budget=_budgets(config, num_tokens(config), len(items), generator),
-                             generator=generator)
-        lengths = [len(tokenizer(f" {i['answer']} </s>", add_special_tokens=False)["input_ids"]) for i in items]
-        out = model(inputs_embeds=inputs["inputs_embeds"], attention_mask=inputs["attention_mask"],
-                    position_ids=inputs["position_ids"], labels=_answer_labels(inputs["input_ids"], lengths))
-        optimizer_step(accelerator, model, optimizer, scheduler, out.loss, t["grad_clip"])
+        targets = {name: v.to(accelerator.device) for name, v in targets.items()}
+        if stage2:
+            stage_step = step - t["dense_steps"]
+            trainee.llava.model.vision_tower.requires_grad_(stage_step >= t["freeze_vision_steps"])
+            allocator = names[int(torch.randint(len(names), (1,), generator=generator))]
+            budgets = _budgets(config, num_tokens(config), size, generator, full=stage_step < a["full_steps"])
+            dense, answer, counts = model(images, targets, items, allocator, budgets, generator)
+            loss = answer + t["dense_weight"] * dense
+        else:
+            dense, answer, counts = model(images, targets)
+            loss = dense
+        optimizer_step(accelerator, model, optimizer, scheduler, loss, t["grad_clip"])
         done = step + 1
         if done % t["log_every"] == 0 or done == end:
-            loss = accelerator.gather(out.loss.detach().reshape(1)).mean().item()
-            bar.set_postfix(loss=f"{loss:.4f}")
+            losses = accelerator.gather(torch.stack([dense.detach(), (answer if stage2 else dense).detach()]))
+            dense_loss, answer_loss = losses.reshape(-1, 2).mean(0).tolist()
+            bar.set_postfix(dense=f"{dense_loss:.3f}", **({"answer": f"{answer_loss:.3f}"} if stage2 else {}))
             if accelerator.is_main_process:
+                row = {"step": done, "stage": 2 if stage2 else 1, "dense_loss": dense_loss,
+                       "lr": scheduler.get_last_lr()[0]}
+                if stage2:
+                    row.update(loss=answer_loss, tokens=counts.float().mean().item())
                 with (output / "log.jsonl").open("a") as f:
-                    f.write(json.dumps({"step": done, "loss": loss, "lr": scheduler.get_last_lr()[0],
-                                        "tokens": inputs["counts"].float().mean().item()}) + "\n")
-        if (done % t["eval_every"] == 0 or done == t["steps"]) and accelerator.is_main_process:
-            raw.eval()
-            rows = evaluate(vlm_for, config, accelerator.device)
-            raw.train()
+                    f.write(json.dumps(row) + "\n")
+        if stage2 and (done % t["eval_every"] == 0 or done == t["steps"]) and accelerator.is_main_process:
+            trainee.eval()
+            rows = evaluate(trainee.vlm, config, accelerator.device)
+            trainee.train()
             with (output / "eval.jsonl").open("a") as f:
                 for row in rows:
                     f.write(json.dumps({"step": done, **row}) + "\n")
         if done % t["checkpoint_every"] == 0 or done == end:
             save_checkpoint(accelerator, checkpoints, done, t["keep_checkpoints"])
     if accelerator.is_main_process and end == t["steps"]:
-        raw.save_pretrained(output / "model")
+        trainee.llava.save_pretrained(output / "model")
         tokenizer.save_pretrained(output / "model")
     accelerator.wait_for_everyone()
     return output

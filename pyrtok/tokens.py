@@ -7,6 +7,7 @@ grid, and its box ``(x0, y0, x1, y1)`` in level-0 pixel coordinates (the encoder
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property
 
@@ -169,6 +170,11 @@ class MultiScaleTokens:
     def with_features(self, features: Tensor) -> MultiScaleTokens:
         """A copy with new (B, N, D') features and the same layout."""
         return replace(self, features=features)
+
+    def select_images(self, index: Tensor | slice | Sequence[int]) -> MultiScaleTokens:
+        """The tokens of some of the images: ``features[index]`` (and ``cls``/``attention``), same layout."""
+        names = [k for k in ("features", "cls", "attention") if getattr(self, k) is not None]
+        return replace(self, **{k: getattr(self, k)[index] for k in names})
 
     def to(self, device: torch.device | str) -> MultiScaleTokens:
         """A copy with every tensor on ``device``."""

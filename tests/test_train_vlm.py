@@ -5,8 +5,8 @@ import json
 import torch
 from safetensors.torch import load_file
 
-from pyrtok.vlm import PyramidVLM
 from pyrtok.data.shapes_vqa import COLOURS, DIGITS, LETTERS, TARGETS, make_scene, patch_targets
+from pyrtok.vlm import PyramidVLM
 from pyrtok.vlm.train import DenseHeads, _answer_labels, batch, build, load_config, num_tokens, train, vocabulary
 
 MICRO = {

@@ -78,7 +78,8 @@ def _rng(seed: int, split: str, index: int) -> np.random.Generator:
 def _background(rng: np.random.Generator, size: int) -> Image.Image:
     base = (rng.uniform(0.3, 0.7, size=3) * 0.6 + rng.uniform(0.3, 0.7) * 0.4).astype(np.float32)
     coarse = rng.normal(0, 1, size=(6, 6, 3))
-    coarse = Image.fromarray(((coarse * 0.5 + 0.5).clip(0, 1) * 255).astype(np.uint8)).resize((size, size), Image.BICUBIC)
+    coarse = Image.fromarray(((coarse * 0.5 + 0.5).clip(0, 1) * 255).astype(np.uint8))
+    coarse = coarse.resize((size, size), Image.BICUBIC)
     grain = rng.standard_normal((size, size, 1), dtype=np.float32) * np.float32(0.03)
     stripes = 0.04 * np.sin(np.arange(size) * rng.uniform(0.3, 0.9) + rng.uniform(0, 6.3))
     pixels = np.asarray(coarse, dtype=np.float32) * np.float32(0.18 / 255) + (base - 0.09)

@@ -209,13 +209,21 @@ class PyramidVLM(nn.Module):
         budget: int | Tensor | None = None,
         query: Tensor | None = None,
         generator: torch.Generator | None = None,
+        tokens: MultiScaleTokens | None = None,
     ) -> dict[str, Tensor]:
         """Everything the language model needs: ``inputs_embeds``, ``attention_mask``, ``position_ids``,
-        plus ``input_ids`` and the kept ``counts``."""
+        plus ``input_ids`` and the kept ``counts``.
+
+        ``tokens`` (from :meth:`encode` on the same images) skips the vision tower, so several allocators
+        or budgets can share one encoding.
+        """
         if not isinstance(images, Tensor) or images.dim() != 4:
             raise ValueError(f"images must be a (B, 3, H, W) tensor in [0, 1], got {getattr(images, 'shape', images)}")
         images = self.encoder.prepare(images.to(self.device))  # resized once, shared by encoder and signals
-        tokens = self.encode(images)
+        if tokens is None:
+            tokens = self.encode(images)
+        elif tokens.features.shape[0] != images.shape[0]:
+            raise ValueError(f"tokens hold {tokens.features.shape[0]} images but images has {images.shape[0]}")
         selection = self.select(tokens, images, budget, query, generator)
         input_ids, attention_mask = self.build_inputs(prompts, selection.count)
         embeds = self.inputs_embeds(input_ids, self.image_embeddings(tokens, selection), selection)
@@ -251,10 +259,14 @@ class PyramidVLM(nn.Module):
         budget: int | Tensor | None = None,
         query: Tensor | None = None,
         generator: torch.Generator | None = None,
+        tokens: MultiScaleTokens | None = None,
         **generation_kwargs: Any,
     ) -> VLMOutput:
-        """Answer each prompt about its image from the allocated tokens (greedy unless told otherwise)."""
-        inputs = self.prepare(images, prompts, budget, query, generator)
+        """Answer each prompt about its image from the allocated tokens (greedy unless told otherwise).
+
+        ``tokens``: a precomputed :meth:`encode` of ``images`` (see :meth:`prepare`).
+        """
+        inputs = self.prepare(images, prompts, budget, query, generator, tokens)
         generation_kwargs.setdefault("do_sample", False)
         generation_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
         sequences = self.model.generate(

@@ -1,0 +1,1 @@
+"""pyrtok's evaluation harness: tasks, metrics, the ablation runner, reports."""

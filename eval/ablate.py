@@ -1,0 +1,57 @@
+"""``python -m eval.ablate --config configs/ablation/<name>.yaml`` (or ``pyrtok ablate``): run a token-budget
+ablation and write its report.
+
+Rows go to ``<output>/rows/`` as they finish; ``--resume`` continues a killed run, ``--fresh`` deletes
+earlier rows first. Several processes (``accelerate launch --num_processes N -m eval.ablate ...``, or
+``torchrun``) share the batches and give the same rows as one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import yaml
+
+from eval.config import load_config
+from eval.report import write_report
+from eval.runner import run
+
+__all__ = ["main"]
+
+
+def main(argv: list[str] | None = None) -> dict[str, Path] | None:
+    parser = argparse.ArgumentParser(prog="pyrtok ablate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="an ablation YAML (see configs/ablation/)")
+    parser.add_argument("--resume", action="store_true", help="keep finished rows and run only what is missing")
+    parser.add_argument("--fresh", action="store_true", help="delete earlier rows of this config's output first")
+    parser.add_argument("--output", help="override the config's output folder")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=YAML",
+                        help="override top-level config keys, e.g. --set batch_size=8 'budgets=[0.5, 0.1]'")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--set expects KEY=VALUE, got {item!r}")
+        overrides[key] = yaml.safe_load(value)
+    if args.output:
+        overrides["output"] = args.output
+    config = load_config(args.config, overrides)
+    output, rows = run(config, resume=args.resume, fresh=args.fresh, progress=not args.no_progress)
+    if not rows:  # not the main process
+        return None
+    metrics = {t.name: t.metric for t in config.tasks}
+    models = {m.name for m in config.models}
+    # the folder may hold rows of an earlier, wider config: report what this config asks for
+    rows = [r for r in rows if r["task"] in metrics and r["model"] in models]
+    paths = write_report(rows, metrics, output)
+    print((output / "report.md").read_text().split("\n## ")[0])
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    return paths
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""Ablation configs: one YAML file describes the whole grid.
+
+.. code-block:: yaml
+
+    name: default
+    output: runs/ablation/default      # rows/, report.md, table.csv, plots
+    seed: 0
+    batch_size: 32
+    models:
+      - name: tiny-llava
+        path: embedded                 # a local folder, a hub id, or "embedded" (the shipped model)
+        prompt: "USER: <image> {question} ASSISTANT:"
+        levels: 3                      # pyramid levels; mode: feature (pooled) or image (per level)
+        max_new_tokens: 3
+    allocators: [random, pool, laplacian, configs/allocators/saliency.yaml]
+    budgets: [1.0, 0.25, 0.11]         # floats <= 1: fractions of the tokens; ints: token counts
+    tasks:
+      - {name: shapes, source: shapes, split: test, questions: 1000, limit: 500, stratify: category,
+         metric: exact}
+
+Task ``source`` is ``shapes`` (the embedded benchmark, generated on demand under ``root``), ``local``
+(``root`` holds ``<split>.jsonl``) or ``hf`` (``path``: a hub id or a ``save_to_disk`` folder, loaded
+with the field mapping of ``hf_task``). ``prompt_task`` picks a task's LLaVA-1.5 prompt convention
+(default: ``hf_task``; none: the question as it is); ``pre_prompt`` / ``post_prompt`` override it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["AblationConfig", "ModelSpec", "TaskSpec", "embedded_model", "load_config"]
+
+SOURCES = ("shapes", "local", "hf")
+
+
+def embedded_model() -> Path:
+    """The folder of the shipped tiny LLaVA (``pyrtok/assets/tiny_llava``)."""
+    import pyrtok
+
+    path = Path(pyrtok.__file__).parent / "assets" / "tiny_llava"
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"the embedded model is missing from {path}; train it with `pyrtok train-vlm`")
+    return path
+
+
+@dataclass
+class ModelSpec:
+    name: str
+    path: str
+    prompt: str = "USER: <image>\n{question} ASSISTANT:"
+    mode: str = "feature"
+    levels: int = 3
+    max_new_tokens: int = 8
+
+    @property
+    def resolved_path(self) -> str:
+        return str(embedded_model()) if self.path == "embedded" else self.path
+
+    def __post_init__(self) -> None:
+        if "{question}" not in self.prompt or "<image>" not in self.prompt:
+            raise ValueError(
+                f"models[{self.name}].prompt must contain '<image>' and '{{question}}', got {self.prompt!r}"
+            )
+        if self.mode not in ("feature", "image"):
+            raise ValueError(f"models[{self.name}].mode must be 'feature' or 'image', got {self.mode!r}")
+
+
+@dataclass
+class TaskSpec:
+    name: str
+    source: str = "shapes"
+    metric: str = "exact"
+    split: str | None = None
+    root: str | None = None
+    path: str | None = None
+    hf_task: str | None = None
+    questions: int = 1000
+    limit: int | None = None
+    stratify: str | None = None
+    seed: int = 0
+    prompt_task: str | None = None
+    pre_prompt: str | None = None
+    post_prompt: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise ValueError(f"tasks[{self.name}].source must be one of {SOURCES}, got {self.source!r}")
+        if self.source == "hf" and not (self.path and self.hf_task):
+            raise ValueError(f"tasks[{self.name}] with source 'hf' needs 'path' and 'hf_task'")
+        if self.source == "local" and not self.root:
+            raise ValueError(f"tasks[{self.name}] with source 'local' needs 'root'")
+        if self.prompt_task is None:
+            self.prompt_task = self.hf_task
+
+
+@dataclass
+class AblationConfig:
+    name: str
+    output: Path
+    models: list[ModelSpec]
+    allocators: list[str]
+    budgets: list[int | float]
+    tasks: list[TaskSpec]
+    allocator_specs: dict[str, Any]
+    seed: int = 0
+    batch_size: int = 32
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = {"name": self.name, "output": str(self.output), "seed": self.seed, "batch_size": self.batch_size,
+                "models": [asdict(m) for m in self.models], "allocators": list(self.allocator_specs.values()),
+                "budgets": self.budgets, "tasks": [asdict(t) for t in self.tasks]}
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def _allocator_label(spec: Any, n: int) -> str:
+    if isinstance(spec, str):
+        return Path(spec).stem if spec.endswith((".yaml", ".yml")) else spec
+    if isinstance(spec, dict) and isinstance(spec.get("label", spec.get("name")), str):
+        return spec.get("label", spec["name"])
+    raise ValueError(f"allocators[{n}] must be a registered name, a YAML path or a mapping with 'name', got {spec!r}")
+
+
+def _budget(value: Any, n: int) -> int | float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"budgets[{n}] must be an int token count or a float fraction in (0, 1], got {value!r}")
+    if isinstance(value, float) and not 0 < value <= 1:
+        raise ValueError(f"budgets[{n}] is a float, so it must be a fraction in (0, 1], got {value}")
+    if isinstance(value, int) and value < 1:
+        raise ValueError(f"budgets[{n}] must be a positive token count, got {value}")
+    return value
+
+
+def load_config(source: str | Path | dict[str, Any], overrides: dict[str, Any] | None = None) -> AblationConfig:
+    """An :class:`AblationConfig` from a YAML path or a mapping, updated by top-level ``overrides``."""
+    data = dict(source) if isinstance(source, dict) else yaml.safe_load(Path(source).read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"the ablation config must be a mapping, got {type(data).__name__}")
+    data.update(overrides or {})
+    for key in ("models", "allocators", "budgets", "tasks"):
+        if not data.get(key) or not isinstance(data[key], list):
+            raise ValueError(f"the ablation config needs a non-empty list '{key}'")
+    from pyrtok.allocators import available
+
+    specs: dict[str, Any] = {}
+    for n, spec in enumerate(data["allocators"]):
+        label = _allocator_label(spec, n)
+        if isinstance(spec, str) and not spec.endswith((".yaml", ".yml")) and spec not in available():
+            raise ValueError(f"allocators[{n}] = {spec!r} is not registered; available: {available()}")
+        if label in specs:
+            raise ValueError(f"allocators[{n}]: the label {label!r} appears twice")
+        specs[label] = {k: v for k, v in spec.items() if k != "label"} if isinstance(spec, dict) else spec
+    specs.setdefault("all", "all")
+    models = [ModelSpec(**m) for m in data["models"]]
+    if len({m.name for m in models}) != len(models):
+        raise ValueError("models must have distinct names")
+    tasks = [TaskSpec(**t) for t in data["tasks"]]
+    if len({t.name for t in tasks}) != len(tasks):
+        raise ValueError("tasks must have distinct names")
+    return AblationConfig(
+        name=str(data.get("name", "ablation")), output=Path(data.get("output", f"runs/ablation/{data.get('name')}")),
+        models=models, allocators=[_allocator_label(s, n) for n, s in enumerate(data["allocators"])],
+        budgets=[_budget(b, n) for n, b in enumerate(data["budgets"])], tasks=tasks, allocator_specs=specs,
+        seed=int(data.get("seed", 0)), batch_size=int(data.get("batch_size", 32)),
+    )

@@ -1,0 +1,26 @@
+"""Evaluation tasks: where the records come from (local files, the shapes benchmark, HF datasets), seeded
+subsets of them, and the LLaVA-1.5 prompt conventions per task."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from eval.tasks.local import load_local, load_shapes
+from eval.tasks.subset import subset
+
+__all__ = ["load_local", "load_shapes", "load_task", "subset"]
+
+
+def load_task(spec: Any) -> list[dict[str, Any]]:
+    """The records of an :class:`eval.config.TaskSpec`, subset by its ``limit`` / ``stratify`` / ``seed``."""
+    if spec.source == "shapes":
+        root = spec.root or f"data/shapes_vqa/seed{spec.seed}"
+        records = load_shapes(root, spec.split or "test", spec.questions, seed=spec.seed)
+    elif spec.source == "local":
+        records = load_local(Path(spec.root), spec.split or "test")
+    else:
+        from eval.tasks.hf import load_hf_task
+
+        records = list(load_hf_task(spec.hf_task, spec.path, split=spec.split, **spec.options))
+    return subset(records, spec.limit, spec.seed, spec.stratify)

@@ -1,0 +1,55 @@
+"""``pyrtok export-vlm``: write a ``train-vlm`` checkpoint as a plain HF model folder (model + tokenizer).
+
+The final step of ``train-vlm`` does this by itself; exporting is for an intermediate checkpoint (the one
+with the best validation accuracy, or the latest of a run still going), e.g.::
+
+    pyrtok export-vlm --run runs/embedded/tiny_llava --out pyrtok/assets/tiny_llava
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from pyrtok._training import latest_checkpoint
+
+__all__ = ["export_checkpoint", "main"]
+
+
+def export_checkpoint(run: str | Path, out: str | Path, checkpoint: str | Path | None = None) -> Path:
+    """Save the LLaVA of ``checkpoint`` (default: the run's latest) and its tokenizer under ``out``.
+
+    The run's ``config.yaml`` rebuilds the architecture; the dense heads of stage 1 are left out. Writes
+    ``out/training_step.json`` with the step the weights come from.
+    """
+    from safetensors.torch import load_file
+
+    from pyrtok.vlm.train import Trainee, build, load_config
+
+    run = Path(run)
+    config = load_config(run / "config.yaml")
+    checkpoint = Path(checkpoint) if checkpoint else latest_checkpoint(run / "checkpoints")
+    if checkpoint is None or not (checkpoint / "model.safetensors").is_file():
+        raise FileNotFoundError(f"no checkpoint with model.safetensors under {run / 'checkpoints'}")
+    llava, tokenizer = build({**config, "init": {"vision_tower": None}})
+    trainee = Trainee(llava, tokenizer, config["model"]["levels"])
+    missing, unexpected = trainee.load_state_dict(load_file(str(checkpoint / "model.safetensors")), strict=False)
+    if unexpected or any(k != "llava.lm_head.weight" for k in missing):  # lm_head is tied to the embeddings
+        raise ValueError(f"{checkpoint} does not match the run's config: missing {missing}, unexpected {unexpected}")
+    llava.tie_weights()
+    out = Path(out)
+    llava.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    step = json.loads((checkpoint / "step.json").read_text())["step"]
+    (out / "training_step.json").write_text(json.dumps({"run": str(run), "step": step}) + "\n")
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="pyrtok export-vlm", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", required=True, help="a train-vlm output folder")
+    parser.add_argument("--out", required=True, help="where to write the model folder")
+    parser.add_argument("--checkpoint", help="a checkpoint folder (default: the run's latest)")
+    args = parser.parse_args(argv)
+    print(export_checkpoint(args.run, args.out, args.checkpoint))

@@ -1,0 +1,175 @@
+"""The ablation runner end to end on a tiny random LLaVA and a local task: grid, errors, resume after a kill,
+two-process sharding, reports."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from eval.ablate import main as ablate_main
+from eval.config import load_config
+from eval.report import summarize, write_report
+from eval.rows import RowWriter, read_rows
+from eval.runner import run
+from pyrtok.data.local import write_split
+from pyrtok.vlm.train import build
+from pyrtok.vlm.train import load_config as train_config
+
+MODEL = {"image_size": 64, "patch_size": 16, "vision_hidden": 32, "vision_layers": 2, "vision_heads": 2,
+         "vision_intermediate": 64, "text_hidden": 32, "text_layers": 1, "text_heads": 2, "text_intermediate": 64,
+         "levels": 2}
+TIMING = ("vision_s", "allocation_s", "prefill_s", "llm_s", "time_s")
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("assets")
+    model, tokenizer = build(train_config(None, {"model": MODEL}))
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(40):
+        image = f"images/{i}.png"
+        (root / "data" / "images").mkdir(parents=True, exist_ok=True)
+        if i == 5:
+            (root / "data" / image).write_bytes(b"not a png")
+        else:
+            Image.fromarray(rng.integers(0, 255, (48 + i, 64, 3), dtype=np.uint8)).save(root / "data" / image)
+        records.append({"id": f"q{i}", "image": image, "question": "what colour is the big circle?",
+                        "answers": ["red" if i % 2 else "blue"], "category": "ab"[i % 2]})
+    write_split(root / "data", "test", records)
+    write_split(root / "data", "small", records[:8])
+    return root
+
+
+def config_for(assets, output, samples=8, split="test", **overrides):
+    data = {"name": "toy", "output": str(output), "seed": 0, "batch_size": 3,
+            "models": [{"name": "tiny", "path": str(assets / "model"), "prompt": "USER: <image> {question} ASSISTANT:",
+                        "levels": 2, "max_new_tokens": 2}],
+            "allocators": ["random", "pool", "laplacian"], "budgets": [1.0, 0.5, 4],
+            "tasks": [{"name": "toy", "source": "local", "root": str(assets / "data"), "metric": "exact",
+                       "split": split, "limit": samples, "stratify": "category"}]}
+    data.update(overrides)
+    return data
+
+
+def comparable(rows):
+    return {(r["model"], r["allocator"], r["budget"], r["task"], r["id"]): {k: v for k, v in r.items()
+                                                                           if k not in TIMING} for r in rows}
+
+
+def test_grid_rows_errors_and_report(assets, tmp_path):
+    config = load_config(config_for(assets, tmp_path / "out", split="small"))
+    output, rows = run(config, progress=False)
+    cells = {(r["allocator"], r["budget"]) for r in rows}
+    # N = 16 + 4 tokens; the full budget runs once, as "all"
+    assert cells == {("all", 20), *((a, b) for a in ("random", "pool", "laplacian") for b in (10, 4))}
+    assert len(rows) == 7 * 8
+    broken = [r for r in rows if r["id"] == "q5"]
+    assert len(broken) == 7 and all(r["error"].startswith("image:") and r["score"] == 0 for r in broken)
+    good = [r for r in rows if r["id"] != "q5"]
+    assert all(r["error"] in (None, "empty answer") and r["tokens"] == r["budget"] for r in good)
+    assert all(r["tflops"] > 0 and r["prefill_s"] <= r["llm_s"] for r in good)
+    with pytest.raises(FileExistsError, match="--resume"):
+        run(config, progress=False)
+    paths = write_report(rows, {"toy": "exact"}, output)
+    report = paths["report"].read_text()
+    assert "| tiny | all | 20 (100%) |" in report and "| tiny | pool | 4 (20%) |" in report
+    assert "### tiny / toy" in report
+    assert all(paths[k].stat().st_size > 0 for k in ("table", "categories", "budget_plot", "latency_plot"))
+    table, categories = summarize(rows, {"toy": "exact"})
+    assert all(r["errors"] >= 1 and r["tokens"] == r["budget"] for r in table)  # q5 counted, not averaged
+    assert {c["category"] for c in categories} == {"a", "b"}
+
+
+def test_summary_retention_and_categories_by_hand():
+    def rows(allocator, budget, scores):
+        return [{"model": "m", "allocator": allocator, "budget": budget, "task": "t", "id": str(i),
+                 "category": "xy"[i % 2], "prediction": "p", "answers": ["p"], "score": float(s), "tokens": budget,
+                 "fraction": budget / 20, "time_s": 0.01, "prefill_s": 0.004, "tflops": 1e-6, "error": None}
+                for i, s in enumerate(scores)]
+
+    table, categories = summarize(rows("all", 20, [1, 1, 0, 1]) + rows("pool", 4, [1, 0, 0, 1]), {"t": "exact"})
+    by = {r["allocator"]: r for r in table}
+    assert by["all"]["tasks"]["t"] == pytest.approx(75) and by["pool"]["tasks"]["t"] == pytest.approx(50)
+    assert by["all"]["retention"] == pytest.approx(100) and by["pool"]["retention"] == pytest.approx(200 / 3)
+    assert by["pool"]["prefill_ms"] == pytest.approx(4) and [r["allocator"] for r in table] == ["all", "pool"]
+    pool = {c["category"]: c["value"] for c in categories if c["allocator"] == "pool"}
+    assert pool == {"x": pytest.approx(50), "y": pytest.approx(50)}  # x: scores 1, 0; y: 0, 1
+
+
+def test_resume_after_a_kill_gives_the_same_rows(assets, tmp_path):
+    straight = load_config(config_for(assets, tmp_path / "straight", samples=39))
+    _, expected = run(straight, progress=False)
+    path = tmp_path / "killed.yaml"
+    path.write_text(yaml.safe_dump(config_for(assets, tmp_path / "killed", samples=39)))
+    shard = tmp_path / "killed" / "rows" / "rows-0-of-1.jsonl"
+    process = subprocess.Popen([sys.executable, "-m", "eval.ablate", "--config", str(path), "--no-progress"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while process.poll() is None and not (shard.is_file() and shard.read_text().count("\n") >= 20):
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    written = shard.read_text().count("\n")
+    assert 20 <= written < len(expected)  # it was stopped in the middle
+    with open(shard, "a") as f:
+        f.write('{"model": "tiny", "allocator": "pool", "budg')  # what a kill in mid-write leaves behind
+    _, resumed = run(load_config(path), resume=True, progress=False)
+    assert comparable(resumed) == comparable(expected)
+
+
+def test_two_processes_shard_batches_and_match_one(assets, tmp_path):
+    path = tmp_path / "two.yaml"
+    path.write_text(yaml.safe_dump(config_for(assets, tmp_path / "two", samples=12)))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547",
+               "-m", "eval.ablate", "--config", str(path), "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    shards = sorted(p.name for p in (tmp_path / "two" / "rows").iterdir())
+    assert shards == ["rows-0-of-2.jsonl", "rows-1-of-2.jsonl"]
+    assert all((tmp_path / "two" / "rows" / s).read_text() for s in shards)  # both did work
+    assert (tmp_path / "two" / "report.md").is_file()
+    _, single = run(load_config(config_for(assets, tmp_path / "one", samples=12)), progress=False)
+    assert comparable(read_rows(tmp_path / "two")) == comparable(single)
+
+
+def test_cli_overrides_and_fresh(assets, tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config_for(assets, tmp_path / "cli", samples=3)))
+    paths = ablate_main(["--config", str(path), "--no-progress", "--set", "budgets=[2]", "allocators=[pool]"])
+    assert "report:" in capsys.readouterr().out
+    rows = read_rows(tmp_path / "cli")
+    assert {(r["allocator"], r["budget"]) for r in rows} == {("pool", 2)} and paths["report"].is_file()
+    ablate_main(["--config", str(path), "--no-progress", "--fresh", "--set", "budgets=[3]", "allocators=[pool]"])
+    assert {r["budget"] for r in read_rows(tmp_path / "cli")} == {3}
+
+
+def test_torn_rows_are_skipped_and_writers_start_a_new_line(tmp_path):
+    writer = RowWriter(tmp_path)
+    row = {"model": "m", "allocator": "a", "budget": 1, "task": "t", "id": "1"}
+    writer.write([row])
+    writer.close()
+    with open(writer.path, "a") as f:
+        f.write('{"model": "m", "allo')
+    again = RowWriter(tmp_path)
+    again.write([{**row, "id": "2"}])
+    again.close()
+    assert [r["id"] for r in read_rows(tmp_path)] == ["1", "2"]
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"budgets": [0]}, "budgets\\[0\\]"), ({"budgets": [1.5]}, "fraction"), ({"allocators": ["nope"]}, "registered"),
+    ({"tasks": []}, "tasks"), ({"tasks": [{"name": "x", "source": "web"}]}, "source"),
+    ({"models": [{"name": "m", "path": "p", "prompt": "no placeholders"}]}, "prompt"),
+])
+def test_config_errors_name_the_field(assets, tmp_path, change, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(config_for(assets, tmp_path, **change))

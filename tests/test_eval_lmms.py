@@ -1,0 +1,353 @@
+"""The lmms-eval model ``pyrtok`` on a tiny random LLaVA: requests by hand, a local task end to end, registration."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("lmms_eval")
+
+from lmms_eval.api.instance import GenerationResult, Instance, unwrap_generation_output
+from lmms_eval.models.registry_v2 import ModelRegistryV2
+
+from eval.lmms_plugin import DEFAULT_TEMPLATE, MANIFEST, MODEL_NAME, PyrtokLMM
+from pyrtok.vlm.train import build, load_config
+
+# 64 px images, 16 px patches, 2 levels: 16 + 4 = 20 tokens per image.
+MICRO = {"model": {"image_size": 64, "patch_size": 16, "vision_hidden": 32, "vision_layers": 2, "vision_heads": 2,
+                   "vision_intermediate": 64, "text_hidden": 32, "text_layers": 1, "text_heads": 2,
+                   "text_intermediate": 64, "levels": 2}}
+N_TOKENS = 20
+TASK, SPLIT = "toy", "test"
+QUESTION = "is there a red circle?"
+OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    model, tokenizer = build(load_config(None, MICRO))
+    path = tmp_path_factory.mktemp("tiny_llava")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _image(seed: int, size: tuple[int, int], mode: str = "RGB") -> Image.Image:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    return Image.fromarray(pixels).convert(mode)
+
+
+def _docs() -> list[dict]:
+    # Different sizes and modes: the model resizes each image to its encoder's input before batching.
+    return [{"image": _image(0, (64, 64)), "question": QUESTION},
+            {"image": _image(1, (97, 40), "L"), "question": "is there a blue square?"},
+            {"image": _image(2, (30, 200), "RGBA"), "question": "how many dots are there?"},
+            {"image": None, "question": QUESTION}]
+
+
+def _visual(doc: dict) -> list:
+    return [] if doc["image"] is None else [doc["image"]]
+
+
+def _model(model_dir: Path, docs: list[dict] | None = None, **kwargs) -> PyrtokLMM:
+    kwargs = {"allocator": "pool", "levels": 2, "device": "cpu", **kwargs}
+    lm = PyrtokLMM(pretrained=str(model_dir), **kwargs)
+    lm.task_dict = {TASK: {SPLIT: docs if docs is not None else _docs()}}
+    return lm
+
+
+def _generate_request(doc_id: int, question: str, gen_kwargs: dict | None = None, visual=_visual) -> Instance:
+    gen_kwargs = {"max_new_tokens": 3} if gen_kwargs is None else gen_kwargs
+    return Instance("generate_until", (question, gen_kwargs, visual, doc_id, TASK, SPLIT), 0,
+                    {"task": TASK, "doc_id": doc_id, "repeats": 1, "split": SPLIT})
+
+
+def _ll_request(doc_id: int, question: str, continuation: str) -> Instance:
+    return Instance("loglikelihood", (question, continuation, _visual, doc_id, TASK, SPLIT), 0,
+                    {"task": TASK, "doc_id": doc_id, "repeats": 1, "split": SPLIT})
+
+
+def _requests(docs: list[dict], gen_kwargs: dict | None = None) -> list[Instance]:
+    return [_generate_request(i, d["question"], gen_kwargs) for i, d in enumerate(docs)]
+
+
+# -- (a) requests by hand ---------------------------------------------------------------------------------
+def test_generate_until_answers_every_request_and_keeps_the_budget(model_dir, tmp_path):
+    docs = _docs()
+    log = tmp_path / "tokens.jsonl"
+    lm = _model(model_dir, docs, budget=5, batch_size=2, tokens_log=str(log))
+    out = lm.generate_until(_requests(docs))
+    assert len(out) == len(docs)
+    assert all(isinstance(r, GenerationResult) and isinstance(r.text, str) for r in out)
+    assert lm.kept_tokens == {(TASK, SPLIT, 0): 5, (TASK, SPLIT, 1): 5, (TASK, SPLIT, 2): 5, (TASK, SPLIT, 3): 0}
+    # Token counts that lmms-eval logs per sample: prompt text plus kept image tokens in, new tokens out.
+    for doc, result in zip(docs, out, strict=True):
+        has_image = doc["image"] is not None
+        prompt = DEFAULT_TEMPLATE.replace("{context}", doc["question"])
+        if not has_image:
+            prompt = prompt.replace("<image>\n", "")
+        text_tokens = len(lm.tokenizer(prompt)["input_ids"]) - has_image
+        assert result.token_counts.input_tokens == text_tokens + (5 if has_image else 0)
+        assert 1 <= result.token_counts.output_tokens <= 3
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(r["task"], r["split"], r["doc_id"], r["tokens"]) for r in rows] == [
+        (TASK, SPLIT, i, 5 if i < 3 else 0) for i in range(4)]
+    assert {r["allocator"] for r in rows} == {"pool"} and {r["budget"] for r in rows} == {5}
+    assert lm.summary() == {"samples": 4, "mean": 3.75, "min": 0, "max": 5}
+    # What the evaluator does with each answer: text for the metric, counts for the logged sample.
+    text, counts = unwrap_generation_output(out[0])
+    assert text == out[0].text and counts.to_dict()["input_tokens"] == out[0].token_counts.input_tokens
+
+
+@pytest.mark.parametrize("allocator", ["pool", "laplacian", "random"])
+def test_budgets_set_the_kept_tokens_and_cap_at_the_pyramid(model_dir, allocator):
+    docs = _docs()[:3]
+    counts = {}
+    for budget in (1, 7, 1000):
+        lm = _model(model_dir, docs, allocator=allocator, budget=budget, batch_size=3)
+        lm.generate_until(_requests(docs, {"max_new_tokens": 1}))
+        counts[budget] = set(lm.kept_tokens.values())
+    assert counts == {1: {1}, 7: {7}, 1000: {N_TOKENS}}
+    everything = _model(model_dir, docs)  # no budget: every token
+    everything.generate_until(_requests(docs, {"max_new_tokens": 1}))
+    assert set(everything.kept_tokens.values()) == {N_TOKENS}
+
+
+def test_batching_does_not_change_answers(model_dir):
+    docs = _docs()
+    alone = _model(model_dir, docs, budget=6, batch_size=1).generate_until(_requests(docs))
+    together = _model(model_dir, docs, budget=6, batch_size=4).generate_until(_requests(docs))
+    assert [r.text for r in alone] == [r.text for r in together]
+
+
+def test_an_encoder_keeping_input_sizes_splits_batches_by_size(model_dir):
+    docs = [{"image": _image(i, (side, side)), "question": QUESTION} for i, side in enumerate((64, 96, 64, 32))]
+    answers = []
+    for batch_size in (1, 4):
+        lm = _model(model_dir, docs, budget=6, batch_size=batch_size)
+        lm.vlm.encoder.image_size = 0  # each image keeps its size (a multiple of the patch): 16+4, 36+9, 4+1 tokens
+        answers.append([r.text for r in lm.generate_until(_requests(docs))])
+        assert lm.kept_tokens == {(TASK, SPLIT, 0): 6, (TASK, SPLIT, 1): 6, (TASK, SPLIT, 2): 6, (TASK, SPLIT, 3): 5}
+    assert answers[0] == answers[1]
+
+
+def test_generation_settings_until_max_new_tokens_and_temperature(model_dir):
+    docs = _docs()[:2]
+    lm = _model(model_dir, docs, budget=4, max_new_tokens=2)
+    # The model argument is the default; a task's max_new_tokens wins over it.
+    default = lm.generate_until(_requests(docs, {}))
+    assert all(r.token_counts.output_tokens <= 2 for r in default)
+    full = lm.generate_until(_requests(docs, {"max_new_tokens": 4}))
+    assert all(r.token_counts.output_tokens <= 4 for r in full)
+    words = full[0].text.split()
+    assert words, "the tiny model always emits tokens before </s> here"
+    stop = words[-1]
+    cut = lm.generate_until([_generate_request(0, docs[0]["question"], {"max_new_tokens": 4, "until": [stop]})])
+    assert cut[0].text == full[0].text[: full[0].text.index(stop)].strip()
+    one_stop = lm.generate_until([_generate_request(0, docs[0]["question"], {"max_new_tokens": 4, "until": stop})])
+    assert one_stop[0].text == cut[0].text
+    # Requests with different settings in one call are answered with their own settings, in order.
+    mixed = lm.generate_until([_generate_request(0, docs[0]["question"], {"max_new_tokens": 4}),
+                               _generate_request(1, docs[1]["question"], {"max_new_tokens": 1}),
+                               _generate_request(0, docs[0]["question"], {"max_new_tokens": 4, "until": [stop]})])
+    assert mixed[0].text == full[0].text and mixed[2].text == cut[0].text
+    assert mixed[1].token_counts.output_tokens == 1
+    sampled = lm.generate_until(_requests(docs, {"max_new_tokens": 3, "temperature": 0.7, "top_p": 0.9}))
+    assert all(isinstance(r.text, str) for r in sampled)
+
+
+def test_loglikelihood_scores_continuations_from_the_kept_tokens(model_dir, tmp_path):
+    docs = _docs()
+    lm = _model(model_dir, docs, budget=5, batch_size=3)
+    greedy = lm.generate_until(_requests(docs, {"max_new_tokens": 1}))
+    requests = [_ll_request(i, d["question"], " " + g.text) for i, (d, g) in enumerate(zip(docs, greedy, strict=True))]
+    requests.append(_ll_request(0, docs[0]["question"], " yes no yes"))
+    out = lm.loglikelihood(requests)
+    assert len(out) == len(requests)
+    assert all(isinstance(lp, float) and isinstance(g, bool) and lp <= 0 for lp, g in out)
+    # The greedy answer is greedy; a three-word continuation the model did not pick is not.
+    assert [g for _, g in out[:4]] == [True] * 4 and out[4][1] is False
+
+    # The same number from the language model's next-token distribution after the prompt alone.
+    prompt = DEFAULT_TEMPLATE.replace("{context}", docs[0]["question"])
+    image = torch.from_numpy(np.asarray(docs[0]["image"], dtype=np.float32) / 255).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        logits = lm.vlm(image, [prompt], budget=5).logits[0, -1]
+    token = lm.tokenizer(" " + greedy[0].text, add_special_tokens=False)["input_ids"]
+    assert len(token) == 1
+    assert math.isclose(out[0][0], torch.log_softmax(logits.float(), -1)[token[0]].item(), rel_tol=1e-4, abs_tol=1e-5)
+
+    # Left padding lines continuations up: one at a time gives the same numbers.
+    alone = _model(model_dir, docs, budget=5, batch_size=1).loglikelihood(requests)
+    assert np.allclose([lp for lp, _ in alone], [lp for lp, _ in out], atol=1e-4)
+    assert lm.kept_tokens == {(TASK, SPLIT, 0): 5, (TASK, SPLIT, 1): 5, (TASK, SPLIT, 2): 5, (TASK, SPLIT, 3): 0}
+
+    # acc_mutual_info's unconditional requests: (context, continuation) only, no image, nothing recorded.
+    bare = Instance("loglikelihood", ("", "yes"), 0, {"task": TASK, "doc_id": 0, "repeats": 1})
+    fresh = _model(model_dir, docs, budget=5)
+    (logprob, _), = fresh.loglikelihood([bare])
+    assert logprob <= 0 and fresh.kept_tokens == {}
+
+
+def test_prompt_templates(model_dir):
+    docs = _docs()[:1]
+    tiny = _model(model_dir, docs, budget=3, prompt_template="USER: {image} {context} ASSISTANT:")
+    assert tiny.prompt_template == "USER: <image> {context} ASSISTANT:"
+    cli = _model(model_dir, docs, budget=3, prompt_template="USER: <image>\\n{context} ASSISTANT:")
+    assert cli.prompt_template == DEFAULT_TEMPLATE  # a CLI-typed \n is a newline
+    # A question that already holds the placeholder keeps exactly one.
+    out = tiny.generate_until([_generate_request(0, "<image> " + QUESTION)])
+    assert isinstance(out[0].text, str) and tiny.kept_tokens[(TASK, SPLIT, 0)] == 3
+    for bad in ("USER: {context} ASSISTANT:", "USER: <image> ASSISTANT:", "<image> {context} <image>"):
+        with pytest.raises(ValueError, match="prompt_template"):
+            _model(model_dir, docs, prompt_template=bad)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"allocator": "nearest"}, "allocator must be one of"),
+     ({"allocator": "query"}, "text-query"),
+     ({"budget": 0}, "budget must be a positive int"),
+     ({"budget": 2.5}, "budget must be a positive int"),
+     ({"budget": "many"}, "budget must be a positive int"),
+     ({"batch_size": "auto"}, "batch_size must be a positive int"),
+     ({"max_new_tokens": 0}, "max_new_tokens must be a positive int"),
+     ({"dtype": "float64"}, "dtype must be one of")],
+)
+def test_bad_model_arguments_are_named(model_dir, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        _model(model_dir, **kwargs)
+
+
+def test_unsupported_samples_are_named(model_dir):
+    docs = [{"image": _image(0, (64, 64)), "question": QUESTION}]
+    lm = _model(model_dir, docs, budget=3)
+    two = _generate_request(0, QUESTION, visual=lambda d: [d["image"], d["image"]])
+    with pytest.raises(ValueError, match="one image per sample"):
+        lm.generate_until([two])
+    video = _generate_request(0, QUESTION, visual=lambda d: ["clip.mp4"])
+    with pytest.raises(ValueError, match="expected a PIL image"):
+        lm.generate_until([video])
+    with pytest.raises(ValueError, match="until"):
+        lm.generate_until([_generate_request(0, QUESTION, {"until": 3})])
+    with pytest.raises(NotImplementedError, match="multi-round"):
+        lm.generate_until_multi_round([])
+
+
+# -- (b) a local lmms-eval task, offline --------------------------------------------------------------------
+def _local_task(root: Path) -> Path:
+    """A 4-question yes/no task over a dataset saved to disk; returns the folder holding its YAML."""
+    import datasets
+
+    colours = [(220, 30, 30), (30, 30, 220), (220, 30, 30), (30, 200, 30)]
+    images = [Image.fromarray(np.full((48, 48, 3), c, dtype=np.uint8)) for c in colours]
+    data = datasets.Dataset.from_dict({"image": images, "question": ["is the image red?"] * 4,
+                                       "answer": ["yes", "no", "yes", "no"]}).cast_column("image", datasets.Image())
+    datasets.DatasetDict({"test": data}).save_to_disk(str(root / "data"))
+    tasks = root / "tasks"
+    tasks.mkdir()
+    (tasks / "pyrtok_yesno.yaml").write_text(
+        f"task: pyrtok_yesno\n"
+        f"dataset_path: {root / 'data'}\n"
+        f"dataset_kwargs:\n  load_from_disk: true\n"
+        f"test_split: test\n"
+        f"output_type: generate_until\n"
+        f"doc_to_visual: image\n"
+        f"doc_to_text: question\n"
+        f"doc_to_target: answer\n"
+        f"generation_kwargs:\n  until: [\"\\n\"]\n  max_new_tokens: 2\n"
+        f"metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n"
+    )
+    return tasks
+
+
+def test_simple_evaluate_runs_a_local_task_and_caches_per_budget(model_dir, tmp_path, monkeypatch):
+    for key, value in OFFLINE.items():
+        monkeypatch.setenv(key, value)
+    from lmms_eval.evaluator import simple_evaluate
+    from lmms_eval.tasks import TaskManager
+
+    tasks = _local_task(tmp_path)
+    manager = TaskManager("WARNING", include_path=str(tasks), include_defaults=False)
+
+    def run(budget: int, cache: Path | None = None) -> tuple[dict, PyrtokLMM]:
+        lm = PyrtokLMM(pretrained=str(model_dir), allocator="laplacian", budget=budget, levels=2, device="cpu",
+                       prompt_template="USER: <image> {context} ASSISTANT:",
+                       tokens_log=str(tmp_path / f"{budget}.jsonl"))
+        results = simple_evaluate(model=lm, tasks=["pyrtok_yesno"], task_manager=manager, bootstrap_iters=0,
+                                  use_cache=None if cache is None else str(cache), verbosity="WARNING")
+        return results, lm
+
+    results, lm = run(3)
+    score = results["results"]["pyrtok_yesno"]["exact_match,none"]
+    assert 0.0 <= score <= 1.0
+    assert lm.kept_tokens == {("pyrtok_yesno", "test", i): 3 for i in range(4)}
+    assert len((tmp_path / "3.jsonl").read_text().splitlines()) == 4
+    samples = results["samples"]["pyrtok_yesno"]
+    assert len(samples) == 4 and all(s["token_counts"][0]["input_tokens"] > 3 for s in samples)
+
+    # The response cache keys on the model's configuration: a new budget is a miss, a repeated one a hit.
+    cache = tmp_path / "cache"
+    _, first = run(3, cache)
+    _, other = run(5, cache)
+    _, again = run(3, cache)
+    assert len(first.kept_tokens) == 4 and set(other.kept_tokens.values()) == {5}
+    assert again.kept_tokens == {}
+
+
+# -- registration ----------------------------------------------------------------------------------------------
+def _entry_point_dist(root: Path) -> Path:
+    """A folder holding an installed-distribution record that declares the pyproject entry point."""
+    info = root / "pyrtok_lmms_entry-0.0.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: pyrtok-lmms-entry\nVersion: 0.0.0\n")
+    (info / "entry_points.txt").write_text(f'[lmms_eval.models]\n{MODEL_NAME} = eval.lmms_plugin:MANIFEST\n')
+    return root
+
+
+def test_entry_point_registers_the_model(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(_entry_point_dist(tmp_path / "site")))
+    registry = ModelRegistryV2()
+    registry.load_entrypoint_manifests()
+    assert registry.get_manifest(MODEL_NAME) == MANIFEST
+    assert registry.get_model_class(MODEL_NAME) is PyrtokLMM
+    assert registry.resolve(MODEL_NAME).model_type == "simple"
+
+
+def test_cli_runs_the_model_by_name(model_dir, tmp_path):
+    tasks = _local_task(tmp_path)
+    site = _entry_point_dist(tmp_path / "site")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, **OFFLINE,
+           "PYTHONPATH": os.pathsep.join(p for p in (str(site), str(root), os.environ.get("PYTHONPATH")) if p)}
+    log = tmp_path / "tokens.jsonl"
+    args = f"pretrained={model_dir},allocator=pool,budget=4,levels=2,device=cpu,tokens_log={log}"
+    done = subprocess.run(
+        [sys.executable, "-m", "lmms_eval", "--model", MODEL_NAME, "--model_args", args, "--tasks", "pyrtok_yesno",
+         "--include_path", str(tasks), "--output_path", str(tmp_path / "out"), "--verbosity", "WARNING"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (results_file,) = (tmp_path / "out").rglob("*_results.json")
+    results = json.loads(results_file.read_text())
+    assert "exact_match,none" in results["results"]["pyrtok_yesno"]
+    assert results["config"]["model_args"] == args
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert sorted(r["doc_id"] for r in rows) == [0, 1, 2, 3] and {r["tokens"] for r in rows} == {4}
+
+
+@pytest.mark.xfail(strict=True, reason="lmms-eval 0.7.3's evaluator passes every response through "
+                   "unwrap_generation_output, which turns loglikelihood's (float, bool) into a string, so "
+                   "multiple_choice tasks cannot score; when this passes, add an end-to-end multiple_choice test")
+def test_lmms_eval_keeps_loglikelihood_results():
+    assert unwrap_generation_output((-1.5, True))[0] == (-1.5, True)

@@ -39,14 +39,15 @@ def main(argv: list[str] | None = None) -> dict[str, Path] | None:
     if args.output:
         overrides["output"] = args.output
     config = load_config(args.config, overrides)
+    from accelerate import PartialState
+
     output, rows = run(config, resume=args.resume, fresh=args.fresh, progress=not args.no_progress)
-    if not rows:  # not the main process
+    if not PartialState().is_main_process:
         return None
-    metrics = {t.name: t.metric for t in config.tasks}
-    models = {m.name for m in config.models}
-    # the folder may hold rows of an earlier, wider config: report what this config asks for
-    rows = [r for r in rows if r["task"] in metrics and r["model"] in models]
-    paths = write_report(rows, metrics, output)
+    if not rows:
+        print(f"pyrtok ablate: the grid produced no rows (are the tasks empty?); nothing written to {output}")
+        return {}
+    paths = write_report(rows, {t.name: t.metric for t in config.tasks}, output)
     print((output / "report.md").read_text().split("\n## ")[0])
     for name, path in paths.items():
         print(f"{name}: {path}")

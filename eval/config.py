@@ -109,11 +109,13 @@ class AblationConfig:
     allocator_specs: dict[str, Any]
     seed: int = 0
     batch_size: int = 32
+    raw_allocators: list[Any] = field(default_factory=list)
 
     def save(self, path: Path) -> None:
+        """Write the config as YAML that :func:`load_config` reads back to an equal config."""
         path.parent.mkdir(parents=True, exist_ok=True)
         data = {"name": self.name, "output": str(self.output), "seed": self.seed, "batch_size": self.batch_size,
-                "models": [asdict(m) for m in self.models], "allocators": list(self.allocator_specs.values()),
+                "models": [asdict(m) for m in self.models], "allocators": self.raw_allocators,
                 "budgets": self.budgets, "tasks": [asdict(t) for t in self.tasks]}
         path.write_text(yaml.safe_dump(data, sort_keys=False))
 
@@ -162,9 +164,21 @@ def load_config(source: str | Path | dict[str, Any], overrides: dict[str, Any] |
     tasks = [TaskSpec(**t) for t in data["tasks"]]
     if len({t.name for t in tasks}) != len(tasks):
         raise ValueError("tasks must have distinct names")
+    from eval.metrics import get_metric
+    from eval.tasks.prompts import PROMPTS
+
+    for task in tasks:  # fail before any model loads
+        get_metric(task.metric)
+        if task.prompt_task and task.prompt_task not in PROMPTS:
+            raise ValueError(
+                f"tasks[{task.name}].prompt_task must be one of {sorted(PROMPTS)}, got {task.prompt_task!r}"
+            )
+    if not isinstance(data.get("batch_size", 32), int) or data.get("batch_size", 32) < 1:
+        raise ValueError(f"batch_size must be a positive int, got {data.get('batch_size')!r}")
     return AblationConfig(
         name=str(data.get("name", "ablation")), output=Path(data.get("output", f"runs/ablation/{data.get('name')}")),
         models=models, allocators=[_allocator_label(s, n) for n, s in enumerate(data["allocators"])],
         budgets=[_budget(b, n) for n, b in enumerate(data["budgets"])], tasks=tasks, allocator_specs=specs,
         seed=int(data.get("seed", 0)), batch_size=int(data.get("batch_size", 32)),
+        raw_allocators=list(data["allocators"]),
     )

@@ -44,7 +44,6 @@ def summarize(rows: Sequence[dict], metrics: dict[str, str]) -> tuple[list[Summa
     ``categories``: one entry per (model, allocator, budget, task, category) with the headline value.
     """
     full: dict[tuple, float] = {}
-    full_budget: dict[tuple, int] = {}
     cells: dict[tuple, dict[str, Any]] = {}
     categories = []
     for (model, allocator, budget, task), group in _group(rows, "model", "allocator", "budget", "task").items():
@@ -54,8 +53,8 @@ def summarize(rows: Sequence[dict], metrics: dict[str, str]) -> tuple[list[Summa
                                                              "tasks": {}, "rows": []})
         cell["tasks"][task] = value
         cell["rows"] += group
-        if allocator == "all" and budget >= full_budget.get((model, task), -1):
-            full[(model, task)], full_budget[(model, task)] = value, budget  # the full-token reference
+        if allocator == "all" and group[0]["fraction"] == 1.0:
+            full[(model, task)] = value  # the full-token reference
         for (category,), sub in sorted(_group(group, "category").items()):
             summary = metric.summarize(sub)  # a category's own key where the metric has one (MME's scores)
             categories.append({"model": model, "allocator": allocator, "budget": budget, "task": task,
@@ -151,6 +150,8 @@ def _plots(table: list[Summary], tasks: list[str], output: Path) -> list[Path]:
 def write_report(rows: Sequence[dict], metrics: dict[str, str], output: str | Path) -> dict[str, Path]:
     """Write ``report.md``, ``table.csv``, ``categories.csv`` and the two plots under ``output``."""
     output = Path(output)
+    if not rows:
+        raise ValueError("rows is empty: there is nothing to report")
     output.mkdir(parents=True, exist_ok=True)
     table, categories = summarize(rows, metrics)
     tasks = list(dict.fromkeys(r["task"] for r in rows))

@@ -15,12 +15,12 @@ from typing import Any
 
 __all__ = ["KEY_FIELDS", "RowWriter", "read_rows", "row_key"]
 
-KEY_FIELDS = ("model", "allocator", "budget", "task", "id")
+KEY_FIELDS = ("model", "allocator", "budget", "task", "id", "fingerprint")
 
 
 def row_key(row: dict[str, Any]) -> tuple:
-    """The identity of a row: (model, allocator, budget, task, sample id)."""
-    return tuple(row[k] for k in KEY_FIELDS)
+    """The identity of a row: (model, allocator, budget, task, sample id, config fingerprint)."""
+    return tuple(row.get(k) for k in KEY_FIELDS)
 
 
 def read_rows(output: str | Path) -> list[dict[str, Any]]:

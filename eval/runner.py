@@ -9,18 +9,22 @@ seed, so a run killed at any moment and resumed gives the same rows as an uninte
 whose image cannot be read, whose generation fails or whose answer is empty gets a row with ``error``
 set (score 0) and the run goes on.
 
-Budgets in the config are token counts (int) or fractions of a model's tokens (float <= 1). A cell at
-the full token count is run once, as allocator ``all``: every allocator keeps every token there.
+Budgets in the config are token counts (int) or fractions of a model's tokens (float <= 1). The
+full-token cell, allocator ``all`` at N tokens, always runs: it is the reference for retention, and any
+allocator's budget of N or more is that cell (every allocator keeps every token there). Random allocations
+depend on the batch a sample shares (the allocator draws for the whole batch), which is why the batches
+never depend on the number of processes and the batch size is part of a row's fingerprint.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import time
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +59,7 @@ class LoadedModel:
     vlms: dict[str, Any]
     num_tokens: int
     image_size: int
+    fingerprints: dict[tuple[str, str], str] = field(default_factory=dict)  # (task, allocator) -> fingerprint
 
     @property
     def base(self) -> Any:
@@ -76,15 +81,26 @@ def load_model(spec: ModelSpec, allocators: dict[str, Any], device: torch.device
 
 
 def _cells(config: AblationConfig, n: int) -> list[Cell]:
-    cells, seen = [], set()
+    """The grid for a model with ``n`` tokens; always holds the full-token reference ``all`` at ``n``."""
+    cells = {Cell("all", n, 1.0)}
     for name in config.allocators:
         for budget in config.budgets:
-            count = min(n, budget if isinstance(budget, int) else max(1, math.ceil(budget * n)))
-            cell = Cell("all" if count == n else name, count, round(count / n, 4))
-            if cell not in seen and (cell.allocator in config.allocators or count == n):
-                seen.add(cell)
-                cells.append(cell)
+            # the epsilon keeps 0.07 * 100 at 7 tokens, not 8
+            count = min(n, budget if isinstance(budget, int) else max(1, math.ceil(budget * n - 1e-9)))
+            cells.add(Cell("all" if count == n else name, count, round(count / n, 4)))
     return sorted(cells, key=lambda c: (-c.budget, c.allocator))
+
+
+def fingerprint(config: AblationConfig, model: ModelSpec, task: TaskSpec, allocator: str) -> str:
+    """A short hash of everything that shapes a row besides its key: the model, task and allocator specs
+    (an allocator YAML by its content), the seed and the batch size. Rows of another fingerprint are never
+    taken as done, so a resumed run with a changed config recomputes instead of mixing results."""
+    spec = config.allocator_specs[allocator]
+    if isinstance(spec, str) and spec.endswith((".yaml", ".yml")) and Path(spec).is_file():
+        spec = Path(spec).read_text()
+    payload = json.dumps([asdict(model), asdict(task), spec, config.seed, config.batch_size], sort_keys=True,
+                         default=str)
+    return f"{zlib.crc32(payload.encode()):08x}"
 
 
 def _load_image(record: dict[str, Any], size: int) -> torch.Tensor:
@@ -168,9 +184,14 @@ def _rows_for_batch(model: LoadedModel, task: TaskSpec, cell: Cell, records: lis
     rows = []
     for record, text, count, length in zip(records, answers, counts, lengths, strict=True):
         vision_flops, llm_flops = _flops(model, length)
-        error = None if text else "empty answer"
+        error, value = (None, 0.0) if text else ("empty answer", 0.0)
+        if text:
+            try:
+                value = float(score(text, record))
+            except Exception as failure:  # a malformed record: recorded, the run goes on
+                error = f"score: {type(failure).__name__}: {failure}"
         row = _base_row(model, task, cell, record)
-        row.update(prediction=text, score=float(score(text, record)) if text else 0.0, tokens=int(count),
+        row.update(prediction=text, score=value, tokens=int(count),
                    prompt_tokens=int(length), vision_s=timing["vision"], allocation_s=timing["allocation"],
                    prefill_s=timing["prefill"], llm_s=timing["llm"],
                    time_s=timing["vision"] + timing["allocation"] + timing["llm"],
@@ -182,7 +203,8 @@ def _rows_for_batch(model: LoadedModel, task: TaskSpec, cell: Cell, records: lis
 def _base_row(model: LoadedModel, task: TaskSpec, cell: Cell, record: dict) -> dict[str, Any]:
     extra = {k: v for k, v in record.items() if k != "image" and _jsonable(v)}
     return {**extra, "model": model.spec.name, "allocator": cell.allocator, "budget": cell.budget,
-            "task": task.name, "id": str(record["id"]), "fraction": cell.fraction}
+            "task": task.name, "id": str(record["id"]), "fraction": cell.fraction,
+            "fingerprint": model.fingerprints[(task.name, cell.allocator)]}
 
 
 def _jsonable(value: Any) -> bool:
@@ -191,7 +213,7 @@ def _jsonable(value: Any) -> bool:
 
 
 def _error_rows(model: LoadedModel, task: TaskSpec, cell: Cell, records: list[dict], error: str) -> list[dict]:
-    return [{**_base_row(model, task, cell, r), "prediction": "", "score": 0.0, "tokens": 0, "error": error}
+    return [{**_base_row(model, task, cell, r), "prediction": "", "score": 0.0, "tokens": None, "error": error}
             for r in records]
 
 
@@ -219,24 +241,38 @@ def run(config: AblationConfig, resume: bool = False, fresh: bool = False,
     if state.is_main_process:
         config.save(output / "config.yaml")
     done = {row_key(r) for r in read_rows(output)}
+    expected: set[tuple] = set()
     writer = RowWriter(output, state.process_index, state.num_processes)
     try:
         for spec in config.models:
             model = load_model(spec, config.allocator_specs, state.device)
+            model.fingerprints = {(t.name, a): fingerprint(config, spec, t, a) for t in config.tasks
+                                  for a in config.allocator_specs}
             cells = _cells(config, model.num_tokens)
             for task in config.tasks:
-                _run_task(config, model, task, cells, done, writer, state, progress)
+                expected |= _run_task(config, model, task, cells, done, writer, state, progress)
             del model
     finally:
         writer.close()
     state.wait_for_everyone()
-    return output, read_rows(output) if state.is_main_process else []
+    if not state.is_main_process:
+        return output, []
+    # only this grid's rows: the folder may also hold rows of an earlier, wider or different config
+    return output, [r for r in read_rows(output) if row_key(r) in expected]
 
 
 def _run_task(config: AblationConfig, model: LoadedModel, task: TaskSpec, cells: list[Cell], done: set,
-              writer: RowWriter, state: Any, progress: bool) -> None:
-    records = load_task(task)
+              writer: RowWriter, state: Any, progress: bool) -> set[tuple]:
+    """Run what is missing of ``task`` on this process's batches; returns the keys of the whole task grid."""
+    with state.main_process_first():  # the shapes benchmark is written to disk on first use: once
+        records = load_task(task)
     metric = get_metric(task.metric)
+
+    def key(cell: Cell, record: dict) -> tuple:
+        return (model.spec.name, cell.allocator, cell.budget, task.name, str(record["id"]),
+                model.fingerprints[(task.name, cell.allocator)])
+
+    grid = {key(c, r) for c in cells for r in records}
     size = config.batch_size
     batches = [records[i : i + size] for i in range(0, len(records), size)]
     mine = list(range(state.process_index, len(batches), state.num_processes))
@@ -245,23 +281,29 @@ def _run_task(config: AblationConfig, model: LoadedModel, task: TaskSpec, cells:
     base = model.base
     for index in mine:
         batch = batches[index]
-        todo = [c for c in cells if any((model.spec.name, c.allocator, c.budget, task.name, str(r["id"])) not in done
-                                        for r in batch)]
+        todo = [c for c in cells if any(key(c, r) not in done for r in batch)]
         bar.update(len(cells) - len(todo))
         if not todo:
             continue
-        images, good = [], []
+        images, good, prompts = [], [], []
         for record in batch:
             try:
-                images.append(_load_image(record, model.image_size))
-                good.append(record)
+                image = _load_image(record, model.image_size)
             except Exception as error:
                 writer.write(row for c in todo for row in _error_rows(model, task, c, [record],
                                                                       f"image: {type(error).__name__}: {error}"))
+                continue
+            try:
+                prompts.append(model.spec.prompt.format(question=_question(task, record)))
+            except Exception as error:
+                writer.write(row for c in todo for row in _error_rows(model, task, c, [record],
+                                                                      f"prompt: {type(error).__name__}: {error}"))
+                continue
+            images.append(image)
+            good.append(record)
         if not good:
             bar.update(len(todo))
             continue
-        prompts = [model.spec.prompt.format(question=_question(task, r)) for r in good]
         with torch.no_grad():
             pixels = base.encoder.prepare(torch.stack(images).to(state.device))
             _sync(pixels.device)
@@ -273,15 +315,17 @@ def _run_task(config: AblationConfig, model: LoadedModel, task: TaskSpec, cells:
                 generator = torch.Generator(device=pixels.device).manual_seed(
                     _seed(config.seed, model.spec.name, task.name, index, cell.allocator, cell.budget))
                 writer.write(_answer_cell(model, task, cell, good, pixels, tokens, prompts, generator, vision,
-                                          metric.score))
+                                          metric.score, config.seed))
                 bar.update(1)
     bar.close()
+    return grid
 
 
 def _answer_cell(model: LoadedModel, task: TaskSpec, cell: Cell, records: list[dict], pixels: torch.Tensor,
                  tokens: Any, prompts: list[str], generator: torch.Generator, vision: float,
-                 score: Callable[[str, dict], float]) -> list[dict]:
-    """Rows of one cell on one batch; a failing batch is retried sample by sample to isolate the failure."""
+                 score: Callable[[str, dict], float], seed: int) -> list[dict]:
+    """Rows of one cell on one batch; a failing batch is retried sample by sample to isolate the failure
+    (each retry seeded from its sample id, not from the failed batch's generator state)."""
     try:
         texts, counts, allocation, prefill, llm, lengths = _answer(model, cell, pixels, tokens, prompts, generator)
     except Exception as error:
@@ -289,8 +333,10 @@ def _answer_cell(model: LoadedModel, task: TaskSpec, cell: Cell, records: list[d
             return _error_rows(model, task, cell, records, f"{type(error).__name__}: {error}")
         rows = []
         for i in range(len(records)):
+            one = torch.Generator(device=pixels.device).manual_seed(
+                _seed(seed, model.spec.name, task.name, records[i]["id"], cell.allocator, cell.budget))
             rows += _answer_cell(model, task, cell, records[i : i + 1], pixels[i : i + 1],
-                                 tokens.select_images(slice(i, i + 1)), prompts[i : i + 1], generator, vision, score)
+                                 tokens.select_images(slice(i, i + 1)), prompts[i : i + 1], one, vision, score, seed)
         return rows
     b = len(records)
     timing = {"vision": vision, "allocation": allocation / b, "prefill": prefill / b, "llm": llm / b}

@@ -76,6 +76,7 @@ def test_grid_rows_errors_and_report(assets, tmp_path):
     assert len(broken) == 7 and all(r["error"].startswith("image:") and r["score"] == 0 for r in broken)
     good = [r for r in rows if r["id"] != "q5"]
     assert all(r["error"] in (None, "empty answer") and r["tokens"] == r["budget"] for r in good)
+    assert any(r["prediction"] for r in good)  # the random model still says something, which gets scored
     assert all(r["tflops"] > 0 and r["prefill_s"] <= r["llm_s"] for r in good)
     with pytest.raises(FileExistsError, match="--resume"):
         run(config, progress=False)
@@ -125,6 +126,32 @@ def test_resume_after_a_kill_gives_the_same_rows(assets, tmp_path):
     assert comparable(resumed) == comparable(expected)
 
 
+def test_resume_redoes_a_half_written_batch_and_ignores_other_configs(assets, tmp_path):
+    config = config_for(assets, tmp_path / "out", samples=9)
+    _, expected = run(load_config(config), progress=False)
+    shard = tmp_path / "out" / "rows" / "rows-0-of-1.jsonl"
+    lines = shard.read_text().splitlines(keepends=True)
+    shard.write_text("".join(lines[:7]) + lines[7][:25])  # two whole batch-cells, one row of the third, a torn row
+    _, resumed = run(load_config(config), resume=True, progress=False)
+    assert comparable(resumed) == comparable(expected)
+    # a changed config (another batch size) shares no finished rows: everything is recomputed, nothing mixed
+    before = shard.read_text().count("\n")
+    _, changed = run(load_config({**config, "batch_size": 2}), resume=True, progress=False)
+    assert shard.read_text().count("\n") == before + len(expected) and len(changed) == len(expected)
+    assert {r["fingerprint"] for r in changed}.isdisjoint({r["fingerprint"] for r in expected})
+    # the saved config reads back to the same grid
+    saved = load_config(tmp_path / "out" / "config.yaml")
+    assert saved.allocators == load_config(config).allocators and saved.budgets == [1.0, 0.5, 4]
+
+
+def test_budget_fractions_round_to_the_nearest_count_and_full_always_runs(assets, tmp_path):
+    from eval.runner import _cells
+
+    config = load_config(config_for(assets, tmp_path, budgets=[0.07, 0.5, 500], allocators=["pool"]))
+    cells = _cells(config, 100)
+    assert [(c.allocator, c.budget) for c in cells] == [("all", 100), ("pool", 50), ("pool", 7)]
+
+
 def test_two_processes_shard_batches_and_match_one(assets, tmp_path):
     path = tmp_path / "two.yaml"
     path.write_text(yaml.safe_dump(config_for(assets, tmp_path / "two", samples=12)))
@@ -147,9 +174,9 @@ def test_cli_overrides_and_fresh(assets, tmp_path, capsys):
     paths = ablate_main(["--config", str(path), "--no-progress", "--set", "budgets=[2]", "allocators=[pool]"])
     assert "report:" in capsys.readouterr().out
     rows = read_rows(tmp_path / "cli")
-    assert {(r["allocator"], r["budget"]) for r in rows} == {("pool", 2)} and paths["report"].is_file()
+    assert {(r["allocator"], r["budget"]) for r in rows} == {("all", 20), ("pool", 2)} and paths["report"].is_file()
     ablate_main(["--config", str(path), "--no-progress", "--fresh", "--set", "budgets=[3]", "allocators=[pool]"])
-    assert {r["budget"] for r in read_rows(tmp_path / "cli")} == {3}
+    assert {r["budget"] for r in read_rows(tmp_path / "cli")} == {20, 3}
 
 
 def test_torn_rows_are_skipped_and_writers_start_a_new_line(tmp_path):
@@ -169,6 +196,9 @@ def test_torn_rows_are_skipped_and_writers_start_a_new_line(tmp_path):
     ({"budgets": [0]}, "budgets\\[0\\]"), ({"budgets": [1.5]}, "fraction"), ({"allocators": ["nope"]}, "registered"),
     ({"tasks": []}, "tasks"), ({"tasks": [{"name": "x", "source": "web"}]}, "source"),
     ({"models": [{"name": "m", "path": "p", "prompt": "no placeholders"}]}, "prompt"),
+    ({"tasks": [{"name": "x", "source": "shapes", "metric": "bleu"}]}, "metric"),
+    ({"tasks": [{"name": "x", "source": "shapes", "prompt_task": "nope"}]}, "prompt_task"),
+    ({"batch_size": 0}, "batch_size"),
 ])
 def test_config_errors_name_the_field(assets, tmp_path, change, message):
     with pytest.raises(ValueError, match=message):

@@ -23,4 +23,9 @@ def load_task(spec: Any) -> list[dict[str, Any]]:
         from eval.tasks.hf import load_hf_task
 
         records = list(load_hf_task(spec.hf_task, spec.path, split=spec.split, **spec.options))
+    seen: set[str] = set()
+    for record in records:
+        if str(record["id"]) in seen:
+            raise ValueError(f"task {spec.name!r}: the id {record['id']!r} appears twice; ids must be unique")
+        seen.add(str(record["id"]))
     return subset(records, spec.limit, spec.seed, spec.stratify)

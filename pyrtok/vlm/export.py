@@ -38,10 +38,10 @@ def export_checkpoint(run: str | Path, out: str | Path, checkpoint: str | Path |
     if unexpected or any(k != "llava.lm_head.weight" for k in missing):  # lm_head is tied to the embeddings
         raise ValueError(f"{checkpoint} does not match the run's config: missing {missing}, unexpected {unexpected}")
     llava.tie_weights()
+    step = json.loads((checkpoint / "step.json").read_text())["step"]
     out = Path(out)
     llava.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    step = json.loads((checkpoint / "step.json").read_text())["step"]
     (out / "training_step.json").write_text(json.dumps({"run": str(run), "step": step}) + "\n")
     return out
 

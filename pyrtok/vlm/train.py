@@ -251,7 +251,7 @@ def evaluate(vlm_for: Any, config: dict[str, Any], device: torch.device) -> list
 def _schedule(step: int, t: dict[str, Any]) -> float:
     """LR factor: warm-up then flat through stage 1; warm-up then cosine to 0 through stage 2."""
     if step < t["dense_steps"]:
-        return min(1.0, (step + 1) / t["warmup_steps"])
+        return min(1.0, (step + 1) / max(1, t["warmup_steps"]))
     return warmup_cosine(step - t["dense_steps"], t["warmup_steps"], t["steps"] - t["dense_steps"])
 
 

@@ -245,15 +245,12 @@ def test_unsupported_samples_are_named(model_dir):
 
 
 # -- (b) a local lmms-eval task, offline --------------------------------------------------------------------
-def _local_task(root: Path) -> Path:
-    """A 4-question yes/no task over a dataset saved to disk; returns the folder holding its YAML."""
+def _write_task(root: Path, images: list, questions: list[str], answers: list[str]) -> Path:
+    """A yes/no-style generation task ``pyrtok_yesno`` over a dataset saved to disk; returns its YAML folder."""
     import datasets
 
-    colours = [(220, 30, 30), (30, 30, 220), (220, 30, 30), (30, 200, 30)]
-    images = [Image.fromarray(np.full((48, 48, 3), c, dtype=np.uint8)) for c in colours]
-    data = datasets.Dataset.from_dict({"image": images, "question": ["is the image red?"] * 4,
-                                       "answer": ["yes", "no", "yes", "no"]}).cast_column("image", datasets.Image())
-    datasets.DatasetDict({"test": data}).save_to_disk(str(root / "data"))
+    data = datasets.Dataset.from_dict({"image": images, "question": questions, "answer": answers})
+    datasets.DatasetDict({"test": data.cast_column("image", datasets.Image())}).save_to_disk(str(root / "data"))
     tasks = root / "tasks"
     tasks.mkdir()
     (tasks / "pyrtok_yesno.yaml").write_text(
@@ -269,6 +266,13 @@ def _local_task(root: Path) -> Path:
         f"metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n"
     )
     return tasks
+
+
+def _local_task(root: Path) -> Path:
+    """4 yes/no questions on flat-colour images."""
+    colours = [(220, 30, 30), (30, 30, 220), (220, 30, 30), (30, 200, 30)]
+    images = [Image.fromarray(np.full((48, 48, 3), c, dtype=np.uint8)) for c in colours]
+    return _write_task(root, images, ["is the image red?"] * 4, ["yes", "no", "yes", "no"])
 
 
 def test_simple_evaluate_runs_a_local_task_and_caches_per_budget(model_dir, tmp_path, monkeypatch):
@@ -324,14 +328,26 @@ def test_entry_point_registers_the_model(tmp_path, monkeypatch):
     assert registry.resolve(MODEL_NAME).model_type == "simple"
 
 
-def test_cli_runs_the_model_by_name(model_dir, tmp_path):
-    tasks = _local_task(tmp_path)
+def _shapes_task(root: Path, scenes: int = 2) -> Path:
+    """The first ``scenes`` test scenes of the embedded benchmark (5 questions each) as a local task."""
+    from pyrtok.data.shapes_vqa import samples
+
+    rows = [(scene.image, item["question"], item["answer"]) for _, scene, items in samples("test", scenes)
+            for item in items]
+    return _write_task(root, *map(list, zip(*rows, strict=True)))
+
+
+def test_cli_runs_the_embedded_model_by_name(tmp_path):
+    from eval.config import embedded_model
+
+    tasks = _shapes_task(tmp_path)
     site = _entry_point_dist(tmp_path / "site")
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, **OFFLINE,
            "PYTHONPATH": os.pathsep.join(p for p in (str(site), str(root), os.environ.get("PYTHONPATH")) if p)}
     log = tmp_path / "tokens.jsonl"
-    args = f"pretrained={model_dir},allocator=pool,budget=4,levels=2,device=cpu,tokens_log={log}"
+    args = (f"pretrained={embedded_model()},allocator=laplacian,budget=29,levels=3,device=cpu,"
+            f"prompt_template=USER: <image> {{context}} ASSISTANT:,tokens_log={log}")
     done = subprocess.run(
         [sys.executable, "-m", "lmms_eval", "--model", MODEL_NAME, "--model_args", args, "--tasks", "pyrtok_yesno",
          "--include_path", str(tasks), "--output_path", str(tmp_path / "out"), "--verbosity", "WARNING"],
@@ -343,7 +359,7 @@ def test_cli_runs_the_model_by_name(model_dir, tmp_path):
     assert "exact_match,none" in results["results"]["pyrtok_yesno"]
     assert results["config"]["model_args"] == args
     rows = [json.loads(line) for line in log.read_text().splitlines()]
-    assert sorted(r["doc_id"] for r in rows) == [0, 1, 2, 3] and {r["tokens"] for r in rows} == {4}
+    assert sorted(r["doc_id"] for r in rows) == list(range(10)) and {r["tokens"] for r in rows} == {29}
 
 
 @pytest.mark.xfail(strict=True, reason="lmms-eval 0.7.3's evaluator passes every response through "

@@ -22,6 +22,7 @@ Task ``source`` is ``shapes`` (the embedded benchmark, generated on demand under
 (``root`` holds ``<split>.jsonl``) or ``hf`` (``path``: a hub id or a ``save_to_disk`` folder, loaded
 with the field mapping of ``hf_task``). ``prompt_task`` picks a task's LLaVA-1.5 prompt convention
 (default: ``hf_task``; none: the question as it is); ``pre_prompt`` / ``post_prompt`` override it.
+``metric`` defaults to the HF task's own metric, else the first-word exact match.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ import yaml
 __all__ = ["AblationConfig", "ModelSpec", "TaskSpec", "embedded_model", "load_config"]
 
 SOURCES = ("shapes", "local", "hf")
+# the metric each HF task is scored with unless a task config names another
+HF_METRICS = {"vqav2": "vqav2", "gqa": "gqa", "textvqa": "textvqa", "pope": "pope", "mme": "mme",
+              "scienceqa_img": "scienceqa"}
 
 
 def embedded_model() -> Path:
@@ -73,7 +77,7 @@ class ModelSpec:
 class TaskSpec:
     name: str
     source: str = "shapes"
-    metric: str = "exact"
+    metric: str | None = None
     split: str | None = None
     root: str | None = None
     path: str | None = None
@@ -96,6 +100,8 @@ class TaskSpec:
             raise ValueError(f"tasks[{self.name}] with source 'local' needs 'root'")
         if self.prompt_task is None:
             self.prompt_task = self.hf_task
+        if self.metric is None:
+            self.metric = HF_METRICS.get(self.hf_task or "", "exact")
 
 
 @dataclass

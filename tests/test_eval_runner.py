@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -203,3 +204,13 @@ def test_torn_rows_are_skipped_and_writers_start_a_new_line(tmp_path):
 def test_config_errors_name_the_field(assets, tmp_path, change, message):
     with pytest.raises(ValueError, match=message):
         load_config(config_for(assets, tmp_path, **change))
+
+
+ABLATIONS = Path(__file__).parents[1] / "configs" / "ablation"
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in ABLATIONS.glob("*.yaml")))
+def test_shipped_ablation_configs_load(name):
+    config = load_config(ABLATIONS / name)
+    assert config.tasks and config.budgets and "all" in config.allocator_specs
+    assert all(t.metric for t in config.tasks)

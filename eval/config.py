@@ -22,7 +22,8 @@ Task ``source`` is ``shapes`` (the embedded benchmark, generated on demand under
 (``root`` holds ``<split>.jsonl``) or ``hf`` (``path``: a hub id or a ``save_to_disk`` folder, loaded
 with the field mapping of ``hf_task``). ``prompt_task`` picks a task's LLaVA-1.5 prompt convention
 (default: ``hf_task``; none: the question as it is); ``pre_prompt`` / ``post_prompt`` override it.
-``metric`` defaults to the HF task's own metric, else the first-word exact match.
+``metric`` defaults to the HF task's own metric, else the first-word exact match. ``group`` keeps records
+sharing a field together in subsets (``limit`` then counts groups); MME defaults to its image id.
 """
 
 from __future__ import annotations
@@ -85,6 +86,7 @@ class TaskSpec:
     questions: int = 1000
     limit: int | None = None
     stratify: str | None = None
+    group: str | None = None
     seed: int = 0
     prompt_task: str | None = None
     pre_prompt: str | None = None
@@ -102,6 +104,8 @@ class TaskSpec:
             self.prompt_task = self.hf_task
         if self.metric is None:
             self.metric = HF_METRICS.get(self.hf_task or "", "exact")
+        if self.group is None and self.metric == "mme":
+            self.group = "question_id"  # MME scores pairs of questions per image: subsets keep both
 
 
 @dataclass

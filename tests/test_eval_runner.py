@@ -214,3 +214,17 @@ def test_shipped_ablation_configs_load(name):
     config = load_config(ABLATIONS / name)
     assert config.tasks and config.budgets and "all" in config.allocator_specs
     assert all(t.metric for t in config.tasks)
+
+
+def test_mme_subsets_keep_both_questions_of_an_image():
+    from eval.config import TaskSpec
+    from eval.tasks import subset
+
+    spec = TaskSpec(name="mme", source="hf", hf_task="mme", path="lmms-lab/MME", limit=3)
+    assert (spec.metric, spec.group) == ("mme", "question_id")
+    records = [{"id": str(i), "question_id": f"img{i // 2}", "category": "count" if i < 8 else "OCR"}
+               for i in range(12)]
+    chosen = subset(records, spec.limit, stratify="category", group=spec.group)
+    images = [r["question_id"] for r in chosen]
+    assert len(set(images)) == 3 and all(images.count(i) == 2 for i in images)
+    assert {r["category"] for r in chosen} == {"count", "OCR"}

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from eval.tasks.local import load_local, load_shapes
-from eval.tasks.subset import subset
+from eval.tasks.sampling import subset
 
 __all__ = ["load_local", "load_shapes", "load_task", "subset"]
 
@@ -28,4 +28,4 @@ def load_task(spec: Any) -> list[dict[str, Any]]:
         if str(record["id"]) in seen:
             raise ValueError(f"task {spec.name!r}: the id {record['id']!r} appears twice; ids must be unique")
         seen.add(str(record["id"]))
-    return subset(records, spec.limit, spec.seed, spec.stratify)
+    return subset(records, spec.limit, spec.seed, spec.stratify, spec.group)

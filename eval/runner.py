@@ -151,19 +151,13 @@ def _answer(model: LoadedModel, cell: Cell, images: torch.Tensor, tokens: Any, p
     selection = vlm.select(tokens, images, cell.budget, generator=generator)
     _sync(device)
     allocated = time.perf_counter()
-    input_ids, attention_mask = vlm.build_inputs(prompts, selection.count)
-    embeds = vlm.inputs_embeds(input_ids, vlm.image_embeddings(tokens, selection), selection)
     timer = _FirstToken()
-    sequences = vlm.model.generate(
-        inputs_embeds=embeds, attention_mask=attention_mask, do_sample=False,
-        max_new_tokens=model.spec.max_new_tokens, pad_token_id=vlm.tokenizer.pad_token_id,
-        stopping_criteria=StoppingCriteriaList([timer]),
-    )
+    out = vlm.generate(images, prompts, tokens=tokens, selection=selection, max_new_tokens=model.spec.max_new_tokens,
+                       stopping_criteria=StoppingCriteriaList([timer]))
     _sync(device)
     done = time.perf_counter()
-    texts = [t.strip() for t in vlm.tokenizer.batch_decode(sequences, skip_special_tokens=True)]
-    lengths = attention_mask.sum(-1).tolist()
-    return texts, selection.count, allocated - start, (timer.at or done) - allocated, done - allocated, lengths
+    return (out.texts, out.counts, allocated - start, (timer.at or done) - allocated, done - allocated,
+            out.prompt_lengths.tolist())
 
 
 def _flops(model: LoadedModel, prompt_tokens: int) -> tuple[float, float]:

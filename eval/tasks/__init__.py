@@ -22,7 +22,7 @@ def load_task(spec: Any) -> list[dict[str, Any]]:
     else:
         from eval.tasks.hf import load_hf_task
 
-        records = list(load_hf_task(spec.hf_task, spec.path, split=spec.split, **spec.options))
+        records = load_hf_task(spec.hf_task, spec.path, split=spec.split, **spec.options)
     seen: set[str] = set()
     for record in records:
         if str(record["id"]) in seen:

@@ -41,11 +41,13 @@ class VLMOutput:
         sequences: (B, T_new) generated token ids (prompt excluded), padded with the pad id.
         texts: decoded answers, special tokens removed.
         counts: (B,) image tokens each sample was given.
+        prompt_lengths: (B,) prompt tokens each sample's language model saw (image tokens included).
     """
 
     sequences: Tensor
     texts: list[str]
     counts: Tensor
+    prompt_lengths: Tensor | None = None
 
 
 def _supported(model: nn.Module) -> None:
@@ -210,12 +212,14 @@ class PyramidVLM(nn.Module):
         query: Tensor | None = None,
         generator: torch.Generator | None = None,
         tokens: MultiScaleTokens | None = None,
+        selection: TokenSelection | None = None,
     ) -> dict[str, Tensor]:
         """Everything the language model needs: ``inputs_embeds``, ``attention_mask``, ``position_ids``,
         plus ``input_ids`` and the kept ``counts``.
 
         ``tokens`` (from :meth:`encode` on the same images) skips the vision tower, so several allocators
-        or budgets can share one encoding.
+        or budgets can share one encoding; ``selection`` (from :meth:`select` on those tokens) skips the
+        allocator, so it can be timed or inspected on its own.
         """
         if not isinstance(images, Tensor) or images.dim() != 4:
             raise ValueError(f"images must be a (B, 3, H, W) tensor in [0, 1], got {getattr(images, 'shape', images)}")
@@ -224,7 +228,8 @@ class PyramidVLM(nn.Module):
             tokens = self.encode(images)
         elif tokens.features.shape[0] != images.shape[0]:
             raise ValueError(f"tokens hold {tokens.features.shape[0]} images but images has {images.shape[0]}")
-        selection = self.select(tokens, images, budget, query, generator)
+        if selection is None:
+            selection = self.select(tokens, images, budget, query, generator)
         input_ids, attention_mask = self.build_inputs(prompts, selection.count)
         embeds = self.inputs_embeds(input_ids, self.image_embeddings(tokens, selection), selection)
         position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
@@ -260,17 +265,18 @@ class PyramidVLM(nn.Module):
         query: Tensor | None = None,
         generator: torch.Generator | None = None,
         tokens: MultiScaleTokens | None = None,
+        selection: TokenSelection | None = None,
         **generation_kwargs: Any,
     ) -> VLMOutput:
         """Answer each prompt about its image from the allocated tokens (greedy unless told otherwise).
 
-        ``tokens``: a precomputed :meth:`encode` of ``images`` (see :meth:`prepare`).
+        ``tokens``, ``selection``: precomputed :meth:`encode` / :meth:`select` results (see :meth:`prepare`).
         """
-        inputs = self.prepare(images, prompts, budget, query, generator, tokens)
+        inputs = self.prepare(images, prompts, budget, query, generator, tokens, selection)
         generation_kwargs.setdefault("do_sample", False)
         generation_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
         sequences = self.model.generate(
             inputs_embeds=inputs["inputs_embeds"], attention_mask=inputs["attention_mask"], **generation_kwargs
         )
         texts = self.tokenizer.batch_decode(sequences, skip_special_tokens=True)
-        return VLMOutput(sequences, [t.strip() for t in texts], inputs["counts"])
+        return VLMOutput(sequences, [t.strip() for t in texts], inputs["counts"], inputs["attention_mask"].sum(-1))

@@ -187,15 +187,12 @@ class Trainee(nn.Module):
         dense = self.heads(tokens.features[:, tokens.level_slices[0]], targets)
         if items is None:
             return dense, None, None
-        selection = vlm.select(tokens, prepared, budgets, generator=generator)
         prompts = [PROMPT.format(question=i["question"]) + f" {i['answer']} </s>" for i in items]
-        input_ids, attention_mask = vlm.build_inputs(prompts, selection.count)
-        embeds = vlm.inputs_embeds(input_ids, vlm.image_embeddings(tokens, selection), selection)
+        inputs = vlm.prepare(prepared, prompts, budgets, generator=generator, tokens=tokens)
         lengths = [len(self.tokenizer(f" {i['answer']} </s>", add_special_tokens=False)["input_ids"]) for i in items]
-        out = self.llava(inputs_embeds=embeds, attention_mask=attention_mask,
-                         position_ids=(attention_mask.cumsum(-1) - 1).clamp_min(0),
-                         labels=_answer_labels(input_ids, lengths))
-        return dense, out.loss, selection.count
+        out = self.llava(inputs_embeds=inputs["inputs_embeds"], attention_mask=inputs["attention_mask"],
+                         position_ids=inputs["position_ids"], labels=_answer_labels(inputs["input_ids"], lengths))
+        return dense, out.loss, inputs["counts"]
 
 
 def num_tokens(config: dict[str, Any]) -> int:

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -55,8 +56,8 @@ def test_patch_targets_mark_objects_label_and_dots():
     assert images.shape == (2, 3, 224, 224) and torch.equal(batched["glyph"][0], torch.from_numpy(glyph))
 
 
-def test_dense_loss_balances_rare_positives():
-    heads = DenseHeads(8)
+def test_dense_loss_balances_rare_positives_and_trains_position_heads():
+    heads = DenseHeads(8, grid=2)
     features = torch.randn(2, 4, 8)
     targets = {name: torch.zeros(2, 2, 2, dtype=torch.long) for name in TARGETS}
     targets["dot"][0, 0, 0] = 3
@@ -64,6 +65,17 @@ def test_dense_loss_balances_rare_positives():
     assert loss.ndim == 0 and loss > 0
     loss.backward()
     assert heads.heads["dot"].weight.grad.abs().sum() > 0
+    assert heads.position["row"].weight.grad.abs().sum() > 0 and heads.position["col"].weight.grad.abs().sum() > 0
+    # one positive patch weighs as much as the three empty ones: moving it moves the loss a lot
+    with torch.no_grad():
+        heads.heads["dot"].weight.zero_(), heads.heads["dot"].bias.zero_()
+        heads.heads["dot"].bias[0] = 5.0
+    confident_empty = heads(features, targets)
+    with torch.no_grad():
+        heads.heads["dot"].bias[0], heads.heads["dot"].bias[3] = 0.0, 0.0
+    assert heads(features, targets) < confident_empty
+    with pytest.raises(ValueError, match="2x2 level-0 tokens"):
+        heads(torch.randn(2, 9, 8), targets)
 
 
 def test_training_resumes_exactly_evaluates_and_saves_a_loadable_model(tmp_path):
@@ -105,3 +117,22 @@ def test_pretrained_tower_initialisation(tmp_path):
     again, _ = build(load_config(None, {**MICRO, "init": {"vision_tower": str(tmp_path / "encoder")}}))
     assert torch.equal(again.model.vision_tower.embeddings.patch_embedding.weight,
                        model.model.vision_tower.embeddings.patch_embedding.weight)
+
+
+def test_frozen_tower_stage_keeps_the_tower_and_skips_the_dense_loss(tmp_path):
+    config = micro(tmp_path, "frozen")
+    config["train"].update(steps=4, dense_steps=2, freeze_vision_steps=4, checkpoint_every=2, eval_every=100)
+    config["model"]["text_init_std"] = 0.1
+    out = train(config, progress=False)
+    stage1 = load_file(str(out / "checkpoints/step-0000002/model.safetensors"))
+    final = load_file(str(out / "checkpoints/step-0000004/model.safetensors"))
+    tower = [k for k in final if k.startswith("llava.model.vision_tower.")]
+    lm = [k for k in final if k.startswith("llava.model.language_model.")]
+    assert tower and all(torch.equal(stage1[k], final[k]) for k in tower)
+    assert any(not torch.equal(stage1[k], final[k]) for k in lm)
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [row["dense_loss"] for row in log[2:]] == [0.0, 0.0] and all(row["loss"] > 0 for row in log[2:])
+    # text_init_std sets the language model's initial scale
+    model, _ = build(config)
+    std = model.model.language_model.layers[0].mlp.up_proj.weight.std().item()
+    assert 0.08 < std < 0.12

@@ -14,11 +14,13 @@ Training is staged, because a tiny model trained end to end from scratch answers
 (the language prior) long before it learns to look. Stage 1 (``train.dense_steps``) trains only the vision
 tower, with linear heads on its level-0 tokens that predict what each patch shows (the colour and shape of
 the large object covering it, the glyph of the small label, the colour of a tiny dot;
-:func:`pyrtok.data.shapes_vqa.patch_targets`). Stage 2 trains the whole VLM on the answers, keeping the
-dense loss as an auxiliary term (``train.dense_weight``); during its first ``allocation.full_steps`` steps
-every sample keeps all tokens, then the token dropout above starts. The vision tower can instead (or also)
-start from a ``pyrtok pretrain`` encoder (``init.vision_tower``) and can be frozen for the first
-``train.freeze_vision_steps`` steps of stage 2.
+:func:`pyrtok.data.shapes_vqa.patch_targets`) and where it is (its row and column, so that the features
+carry their location once an allocator has dropped tokens). Stage 2 trains the VLM on the answers; during
+its first ``allocation.full_steps`` steps every sample keeps all tokens, then the token dropout above
+starts. The tower can be frozen for the first ``train.freeze_vision_steps`` steps of stage 2 (or all of
+them); while it trains, the dense loss stays on as an auxiliary term (``train.dense_weight``). The vision
+tower can also start from a ``pyrtok pretrain`` encoder (``init.vision_tower``). ``model.text_init_std``
+sets the language model's initial weight scale.
 
 Batches are a pure function of (seed, step, process): runs resume exactly from the latest checkpoint, and
 the same script runs multi-process (see ``pyrtok.pretrain.train`` for the launch commands). Outputs under
@@ -57,7 +59,7 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "model": {"image_size": 224, "patch_size": 16, "vision_hidden": 128, "vision_layers": 3, "vision_heads": 4,
               "vision_intermediate": 512, "text_hidden": 128, "text_layers": 3, "text_heads": 4,
-              "text_intermediate": 512, "levels": 3, "feature_layer": -2},
+              "text_intermediate": 512, "text_init_std": 0.02, "levels": 3, "feature_layer": -2},
     "init": {"vision_tower": None},
     "allocation": {"allocators": ["all", "random", "pool", "laplacian"], "min_fraction": 0.05,
                    "full_probability": 0.3, "full_steps": 0},
@@ -98,7 +100,8 @@ def build(config: dict[str, Any]):
                        num_hidden_layers=m["text_layers"], num_attention_heads=m["text_heads"],
                        num_key_value_heads=m["text_heads"], vocab_size=len(tokenizer), max_position_embeddings=512,
                        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                       eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
+                       eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True,
+                       initializer_range=m["text_init_std"])
     model = LlavaForConditionalGeneration(LlavaConfig(
         vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         vision_feature_layer=m["feature_layer"], projector_hidden_act="gelu",
@@ -134,17 +137,27 @@ def batch(
 
 
 class DenseHeads(nn.Module):
-    """Linear per-patch classifiers for :data:`~pyrtok.data.shapes_vqa.TARGETS` on level-0 tokens."""
+    """Linear per-patch classifiers on level-0 tokens: what each patch shows and where it is.
 
-    def __init__(self, dim: int) -> None:
+    The scene heads predict :data:`~pyrtok.data.shapes_vqa.TARGETS`; the position heads predict the patch's
+    row and column in the ``grid`` x ``grid`` patch grid, so the features keep their location even when an
+    allocator drops tokens and the language model no longer sees them in grid order.
+    """
+
+    def __init__(self, dim: int, grid: int) -> None:
         super().__init__()
+        self.grid = grid
         self.heads = nn.ModuleDict({name: nn.Linear(dim, classes) for name, classes in TARGETS.items()})
+        self.position = nn.ModuleDict({name: nn.Linear(dim, grid) for name in ("row", "col")})
 
     def forward(self, features: Tensor, targets: dict[str, Tensor]) -> Tensor:
-        """Class-balanced cross-entropy of (B, G*G, D) features against ``{name: (B, G, G)}`` targets.
+        """Mean loss over the heads for (B, G*G, D) features and ``{name: (B, G, G)}`` scene targets.
 
-        Patches with content (target > 0) and empty patches weigh half each, so a one-patch dot counts.
+        Scene heads use a class-balanced cross-entropy: patches with content (target > 0) and empty patches
+        weigh half each, so a one-patch dot counts.
         """
+        if features.shape[1] != self.grid**2:
+            raise ValueError(f"features must hold {self.grid}x{self.grid} level-0 tokens, got {features.shape[1]}")
         losses = []
         for name, head in self.heads.items():
             target = targets[name].flatten(1)
@@ -152,6 +165,10 @@ class DenseHeads(nn.Module):
             positive = (target.flatten() > 0).float()
             parts = [(loss * w).sum() / w.sum() for w in (positive, 1 - positive) if w.sum() > 0]
             losses.append(sum(parts) / len(parts))
+        cells = torch.arange(self.grid**2, device=features.device)
+        for name, target in (("row", cells // self.grid), ("col", cells % self.grid)):
+            logits = self.position[name](features)
+            losses.append(F.cross_entropy(logits.flatten(0, 1), target.repeat(features.shape[0])))
         return sum(losses) / len(losses)
 
 
@@ -161,7 +178,8 @@ class Trainee(nn.Module):
     def __init__(self, llava: nn.Module, tokenizer: Any, levels: int) -> None:
         super().__init__()
         self.llava = llava
-        self.heads = DenseHeads(llava.config.vision_config.hidden_size)
+        vision = llava.config.vision_config
+        self.heads = DenseHeads(vision.hidden_size, vision.image_size // vision.patch_size)
         self.tokenizer, self.levels = tokenizer, levels
         self._vlms: dict[str, PyramidVLM] = {}
 
@@ -180,11 +198,17 @@ class Trainee(nn.Module):
         budgets: Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """(dense loss, answer loss, kept counts); the last two are None without ``items`` (stage 1)."""
+        """(dense loss, answer loss, kept counts); the last two are None without ``items`` (stage 1).
+
+        While the vision tower is frozen it runs without autograd and the dense loss is a constant 0.
+        """
         vlm = self.vlm(allocator)
-        prepared = vlm.encoder.prepare(images)
-        tokens = vlm.encode(prepared)
-        dense = self.heads(tokens.features[:, tokens.level_slices[0]], targets)
+        tower_trains = any(p.requires_grad for p in self.llava.model.vision_tower.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and tower_trains):
+            prepared = vlm.encoder.prepare(images)
+            tokens = vlm.encode(prepared)
+        level0 = tokens.features[:, tokens.level_slices[0]]
+        dense = self.heads(level0, targets) if tower_trains else level0.new_zeros(())
         if items is None:
             return dense, None, None
         prompts = [PROMPT.format(question=i["question"]) + f" {i['answer']} </s>" for i in items]

@@ -119,8 +119,9 @@ def test_pretrained_tower_initialisation(tmp_path):
                        model.model.vision_tower.embeddings.patch_embedding.weight)
 
 
-def test_frozen_tower_stage_keeps_the_tower_and_skips_the_dense_loss(tmp_path):
+def test_frozen_tower_stage_keeps_the_tower_and_skips_the_dense_loss_after_a_coarse_curriculum(tmp_path):
     config = micro(tmp_path, "frozen")
+    config["allocation"].update(coarse_steps=1, full_steps=1)
     config["train"].update(steps=4, dense_steps=2, freeze_vision_steps=4, checkpoint_every=2, eval_every=100)
     config["model"]["text_init_std"] = 0.1
     out = train(config, progress=False)
@@ -132,6 +133,8 @@ def test_frozen_tower_stage_keeps_the_tower_and_skips_the_dense_loss(tmp_path):
     assert any(not torch.equal(stage1[k], final[k]) for k in lm)
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [row["dense_loss"] for row in log[2:]] == [0.0, 0.0] and all(row["loss"] > 0 for row in log[2:])
+    # the first stage-2 step sees the coarse level only (4 of 4 x 4 + 2 x 2 tokens), the next one everything
+    assert num_tokens(config, 1) == 16 and [row["tokens"] for row in log[2:]] == [4, 20]
     # text_init_std sets the language model's initial scale
     model, _ = build(config)
     std = model.model.language_model.layers[0].mlp.up_proj.weight.std().item()

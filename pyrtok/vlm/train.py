@@ -15,12 +15,15 @@ Training is staged, because a tiny model trained end to end from scratch answers
 tower, with linear heads on its level-0 tokens that predict what each patch shows (the colour and shape of
 the large object covering it, the glyph of the small label, the colour of a tiny dot;
 :func:`pyrtok.data.shapes_vqa.patch_targets`) and where it is (its row and column, so that the features
-carry their location once an allocator has dropped tokens). Stage 2 trains the VLM on the answers; during
-its first ``allocation.full_steps`` steps every sample keeps all tokens, then the token dropout above
-starts. The tower can be frozen for the first ``train.freeze_vision_steps`` steps of stage 2 (or all of
-them); while it trains, the dense loss stays on as an auxiliary term (``train.dense_weight``). The vision
-tower can also start from a ``pyrtok pretrain`` encoder (``init.vision_tower``). ``model.text_init_std``
-sets the language model's initial weight scale.
+carry their location once an allocator has dropped tokens). Stage 2 trains the VLM on the answers. Its
+first ``allocation.coarse_steps`` steps see only the coarse levels (every level but the finest): each of
+their tokens covers a large part of an object, so the model learns to read the image from few, telling
+tokens (the pooled levels share the features' space, so the skill carries over to the finest level). The
+next ``allocation.full_steps`` steps keep all tokens; then the token dropout above starts. The tower can
+be frozen for the first ``train.freeze_vision_steps`` steps of stage 2 (or all of them); while it trains,
+the dense loss stays on as an auxiliary term (``train.dense_weight``). The vision tower can also start
+from a ``pyrtok pretrain`` encoder (``init.vision_tower``). ``model.text_init_std`` sets the language
+model's initial weight scale.
 
 Batches are a pure function of (seed, step, process): runs resume exactly from the latest checkpoint, and
 the same script runs multi-process (see ``pyrtok.pretrain.train`` for the launch commands). Outputs under
@@ -62,7 +65,7 @@ DEFAULTS: dict[str, Any] = {
               "text_intermediate": 512, "text_init_std": 0.02, "levels": 3, "feature_layer": -2},
     "init": {"vision_tower": None},
     "allocation": {"allocators": ["all", "random", "pool", "laplacian"], "min_fraction": 0.05,
-                   "full_probability": 0.3, "full_steps": 0},
+                   "full_probability": 0.3, "coarse_steps": 0, "full_steps": 0},
     "train": {"steps": 2000, "batch_size": 32, "lr": 1e-3, "weight_decay": 0.01, "warmup_steps": 100,
               "grad_clip": 1.0, "dense_steps": 0, "dense_batch_size": 64, "dense_weight": 0.2,
               "freeze_vision_steps": 0, "log_every": 10, "checkpoint_every": 200,
@@ -219,10 +222,13 @@ class Trainee(nn.Module):
         return dense, out.loss, inputs["counts"]
 
 
-def num_tokens(config: dict[str, Any]) -> int:
-    """Tokens in the pyramid of one image: the patch grid and its ceil-halved pooled levels."""
+def num_tokens(config: dict[str, Any], levels: int | None = None) -> int:
+    """Tokens in the pyramid of one image: the patch grid and its ceil-halved pooled levels.
+
+    ``levels`` counts only the finest that many levels (default: all of ``model.levels``).
+    """
     side, total = config["model"]["image_size"] // config["model"]["patch_size"], 0
-    for _ in range(config["model"]["levels"]):
+    for _ in range(config["model"]["levels"] if levels is None else levels):
         total += side * side
         side = (side + 1) // 2
     return total
@@ -323,7 +329,10 @@ def train(config: dict[str, Any], resume: bool = True, progress: bool = True, st
             stage_step = step - t["dense_steps"]
             trainee.llava.model.vision_tower.requires_grad_(stage_step >= t["freeze_vision_steps"])
             allocator = names[int(torch.randint(len(names), (1,), generator=generator))]
-            budgets = _budgets(config, num_tokens(config), size, generator, full=stage_step < a["full_steps"])
+            budgets = _budgets(config, num_tokens(config), size, generator,
+                               full=stage_step < a["coarse_steps"] + a["full_steps"])
+            if stage_step < a["coarse_steps"]:  # the coarse levels only: `all` keeps tokens coarse-first
+                allocator, budgets = "all", torch.full_like(budgets, num_tokens(config) - num_tokens(config, 1))
             dense, answer, counts = model(images, targets, items, allocator, budgets, generator)
             loss = answer + t["dense_weight"] * dense
         else:

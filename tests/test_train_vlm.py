@@ -123,7 +123,7 @@ def test_frozen_tower_stage_keeps_the_tower_and_skips_the_dense_loss_after_a_coa
     config = micro(tmp_path, "frozen")
     config["allocation"].update(coarse_steps=1, full_steps=1)
     config["train"].update(steps=4, dense_steps=2, freeze_vision_steps=4, checkpoint_every=2, eval_every=100)
-    config["model"]["text_init_std"] = 0.1
+    config["model"].update(text_init_std=0.1, text_rope_theta=1e6)
     out = train(config, progress=False)
     stage1 = load_file(str(out / "checkpoints/step-0000002/model.safetensors"))
     final = load_file(str(out / "checkpoints/step-0000004/model.safetensors"))
@@ -138,4 +138,4 @@ def test_frozen_tower_stage_keeps_the_tower_and_skips_the_dense_loss_after_a_coa
     # text_init_std sets the language model's initial scale
     model, _ = build(config)
     std = model.model.language_model.layers[0].mlp.up_proj.weight.std().item()
-    assert 0.08 < std < 0.12
+    assert 0.08 < std < 0.12 and model.config.text_config.rope_parameters["rope_theta"] == 1e6

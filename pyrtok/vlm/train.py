@@ -23,7 +23,8 @@ next ``allocation.full_steps`` steps keep all tokens; then the token dropout abo
 be frozen for the first ``train.freeze_vision_steps`` steps of stage 2 (or all of them); while it trains,
 the dense loss stays on as an auxiliary term (``train.dense_weight``). The vision tower can also start
 from a ``pyrtok pretrain`` encoder (``init.vision_tower``). ``model.text_init_std`` sets the language
-model's initial weight scale.
+model's initial weight scale and ``model.text_rope_theta`` its RoPE base: a large base keeps the rotary
+angles small across the few hundred image tokens, so attention can match image content at any distance.
 
 Batches are a pure function of (seed, step, process): runs resume exactly from the latest checkpoint, and
 the same script runs multi-process (see ``pyrtok.pretrain.train`` for the launch commands). Outputs under
@@ -62,7 +63,8 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "model": {"image_size": 224, "patch_size": 16, "vision_hidden": 128, "vision_layers": 3, "vision_heads": 4,
               "vision_intermediate": 512, "text_hidden": 128, "text_layers": 3, "text_heads": 4,
-              "text_intermediate": 512, "text_init_std": 0.02, "levels": 3, "feature_layer": -2},
+              "text_intermediate": 512, "text_init_std": 0.02, "text_rope_theta": 10000.0, "levels": 3,
+              "feature_layer": -2},
     "init": {"vision_tower": None},
     "allocation": {"allocators": ["all", "random", "pool", "laplacian"], "min_fraction": 0.05,
                    "full_probability": 0.3, "coarse_steps": 0, "full_steps": 0},
@@ -104,7 +106,8 @@ def build(config: dict[str, Any]):
                        num_key_value_heads=m["text_heads"], vocab_size=len(tokenizer), max_position_embeddings=512,
                        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                        eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True,
-                       initializer_range=m["text_init_std"])
+                       initializer_range=m["text_init_std"],
+                       rope_parameters={"rope_type": "default", "rope_theta": float(m["text_rope_theta"])})
     model = LlavaForConditionalGeneration(LlavaConfig(
         vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         vision_feature_layer=m["feature_layer"], projector_hidden_act="gelu",

@@ -22,9 +22,10 @@ tokens (the pooled levels share the features' space, so the skill carries over t
 next ``allocation.full_steps`` steps keep all tokens; then the token dropout above starts. The tower can
 be frozen for the first ``train.freeze_vision_steps`` steps of stage 2 (or all of them); while it trains,
 the dense loss stays on as an auxiliary term (``train.dense_weight``). The vision tower can also start
-from a ``pyrtok pretrain`` encoder (``init.vision_tower``). ``model.text_init_std`` sets the language
-model's initial weight scale and ``model.text_rope_theta`` its RoPE base: a large base keeps the rotary
-angles small across the few hundred image tokens, so attention can match image content at any distance.
+from a ``pyrtok pretrain`` encoder (``init.vision_tower``). ``model.text_init_std`` sets the initial weight
+scale of the language model and the projector (LLaVA initialises both from the text config), and
+``model.text_rope_theta`` the language model's RoPE base: a large base keeps the rotary angles small
+across the few hundred image tokens, so attention can match image content at any distance.
 
 Batches are a pure function of (seed, step, process): runs resume exactly from the latest checkpoint, and
 the same script runs multi-process (see ``pyrtok.pretrain.train`` for the launch commands). Outputs under
@@ -107,7 +108,7 @@ def build(config: dict[str, Any]):
                        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                        eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True,
                        initializer_range=m["text_init_std"],
-                       rope_parameters={"rope_type": "default", "rope_theta": float(m["text_rope_theta"])})
+                       rope_theta=float(m["text_rope_theta"]))
     model = LlavaForConditionalGeneration(LlavaConfig(
         vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         vision_feature_layer=m["feature_layer"], projector_hidden_act="gelu",
@@ -157,7 +158,7 @@ class DenseHeads(nn.Module):
         self.position = nn.ModuleDict({name: nn.Linear(dim, grid) for name in ("row", "col")})
 
     def forward(self, features: Tensor, targets: dict[str, Tensor]) -> Tensor:
-        """Mean loss over the heads for (B, G*G, D) features and ``{name: (B, G, G)}`` scene targets.
+        """Mean loss over the six heads for (B, G*G, D) features and ``{name: (B, G, G)}`` scene targets.
 
         Scene heads use a class-balanced cross-entropy: patches with content (target > 0) and empty patches
         weigh half each, so a one-patch dot counts.
@@ -230,8 +231,11 @@ def num_tokens(config: dict[str, Any], levels: int | None = None) -> int:
 
     ``levels`` counts only the finest that many levels (default: all of ``model.levels``).
     """
+    levels = config["model"]["levels"] if levels is None else levels
+    if not 1 <= levels <= config["model"]["levels"]:
+        raise ValueError(f"levels must be in [1, model.levels={config['model']['levels']}], got {levels}")
     side, total = config["model"]["image_size"] // config["model"]["patch_size"], 0
-    for _ in range(config["model"]["levels"] if levels is None else levels):
+    for _ in range(levels):
         total += side * side
         side = (side + 1) // 2
     return total
@@ -242,6 +246,20 @@ def _budgets(config: dict[str, Any], n: int, size: int, generator: torch.Generat
     fraction = a["min_fraction"] + (1 - a["min_fraction"]) * torch.rand(size, generator=generator)
     keep_all = (torch.rand(size, generator=generator) < a["full_probability"]) | full
     return torch.where(keep_all, torch.full_like(fraction, 1.0), fraction).mul(n).ceil().long().clamp(1, n)
+
+
+def _allocation(config: dict[str, Any], stage_step: int, size: int, generator: torch.Generator) -> tuple[str, Tensor]:
+    """The allocator name and (size,) budgets of stage-2 step ``stage_step``: coarse levels, all, then dropout.
+
+    The draws from ``generator`` are the same in every phase, so resumed runs stay exact.
+    """
+    a = config["allocation"]
+    allocator = a["allocators"][int(torch.randint(len(a["allocators"]), (1,), generator=generator))]
+    n = num_tokens(config)
+    budgets = _budgets(config, n, size, generator, full=stage_step < a["coarse_steps"] + a["full_steps"])
+    if stage_step < a["coarse_steps"]:  # every level but the finest: `all` keeps tokens coarse-first
+        return "all", torch.full_like(budgets, n - num_tokens(config, 1))
+    return allocator, budgets
 
 
 def _answer_labels(input_ids: torch.Tensor, lengths: list[int]) -> torch.Tensor:
@@ -299,6 +317,8 @@ def train(config: dict[str, Any], resume: bool = True, progress: bool = True, st
     t, m, a = config["train"], config["model"], config["allocation"]
     if not 0 <= t["dense_steps"] < t["steps"]:
         raise ValueError(f"train.dense_steps must be in [0, train.steps={t['steps']}), got {t['dense_steps']}")
+    if a["coarse_steps"] and m["levels"] < 2:
+        raise ValueError(f"allocation.coarse_steps needs model.levels >= 2 (a coarse level), got {m['levels']}")
     output = Path(t["output"])
     checkpoints = output / "checkpoints"
     if accelerator.is_main_process:
@@ -315,7 +335,6 @@ def train(config: dict[str, Any], resume: bool = True, progress: bool = True, st
     if latest is not None:
         accelerator.load_state(str(latest))
         start = json.loads((latest / "step.json").read_text())["step"]
-    names = a["allocators"]
     end = t["steps"] if stop_after is None else min(t["steps"], start + stop_after)
     bar = tqdm(range(start, end), initial=start, total=t["steps"], disable=not progress
                or not accelerator.is_main_process, desc=output.name)
@@ -331,11 +350,7 @@ def train(config: dict[str, Any], resume: bool = True, progress: bool = True, st
         if stage2:
             stage_step = step - t["dense_steps"]
             trainee.llava.model.vision_tower.requires_grad_(stage_step >= t["freeze_vision_steps"])
-            allocator = names[int(torch.randint(len(names), (1,), generator=generator))]
-            budgets = _budgets(config, num_tokens(config), size, generator,
-                               full=stage_step < a["coarse_steps"] + a["full_steps"])
-            if stage_step < a["coarse_steps"]:  # the coarse levels only: `all` keeps tokens coarse-first
-                allocator, budgets = "all", torch.full_like(budgets, num_tokens(config) - num_tokens(config, 1))
+            allocator, budgets = _allocation(config, stage_step, size, generator)
             dense, answer, counts = model(images, targets, items, allocator, budgets, generator)
             loss = answer + t["dense_weight"] * dense
         else:

@@ -8,7 +8,17 @@ from safetensors.torch import load_file
 
 from pyrtok.data.shapes_vqa import COLOURS, DIGITS, LETTERS, TARGETS, make_scene, patch_targets
 from pyrtok.vlm import PyramidVLM
-from pyrtok.vlm.train import DenseHeads, _answer_labels, batch, build, load_config, num_tokens, train, vocabulary
+from pyrtok.vlm.train import (
+    DenseHeads,
+    _answer_labels,
+    batch,
+    build,
+    conversation,
+    load_config,
+    num_tokens,
+    train,
+    vocabulary,
+)
 
 MICRO = {
     "model": {"image_size": 64, "patch_size": 16, "vision_hidden": 32, "vision_layers": 2, "vision_heads": 2,
@@ -28,15 +38,31 @@ def micro(tmp_path, name):
 def test_vocabulary_covers_every_answer_and_labels_keep_the_answer():
     words = vocabulary(50)
     assert {"yes", "no", "red", "circle", "7", "k"} <= set(words)
-    ids = torch.tensor([[0, 0, 5, 6, 7, 8], [5, 6, 7, 8, 9, 10]])
-    labels = _answer_labels(ids, [2, 3])
-    assert labels.tolist() == [[-100, -100, -100, -100, 7, 8], [-100, -100, -100, 8, 9, 10]]
+    from pyrtok.vlm.tokenizer import word_tokenizer
+
+    tokenizer = word_tokenizer(words)
+    first = {"question": "what colour is the big circle?", "answer": "red"}
+    second = {"question": "how many squares are there?", "answer": "2"}
+    texts = [conversation(first), conversation({**first, "more": [second]})]
+    assert texts[1] == ("USER: <image> what colour is the big circle? ASSISTANT: red </s> "
+                        "USER: how many squares are there? ASSISTANT: 2 </s>")
+    rows = [tokenizer(text)["input_ids"] for text in texts]
+    ids = torch.tensor([[tokenizer.pad_token_id] * (len(rows[1]) - len(rows[0])) + rows[0], rows[1]])
+    labels = _answer_labels(ids, tokenizer)
+    kept = [tokenizer.convert_ids_to_tokens([i for i in row if i != -100]) for row in labels.tolist()]
+    assert kept == [["red", "</s>"], ["red", "</s>", "2", "</s>"]]
 
 
 def test_batches_cycle_through_families_and_token_count():
     images, items = batch("train", 0, 10, 64)
     assert images.shape == (10, 3, 64, 64) and 0 <= images.min() and images.max() <= 1
     assert [i["family"] for i in items[:5]] == ["coarse", "fine", "counting", "spatial", "existence"]
+    _, talks = batch("train", 3, 2, 64, turns=3)
+    assert [[q["family"] for q in (i, *i["more"])] for i in talks] == [["spatial", "existence", "coarse"],
+                                                                       ["existence", "coarse", "fine"]]
+    assert talks[0]["question"] == items[3]["question"] and "more" not in items[3]
+    with pytest.raises(ValueError, match="turns must be in"):
+        batch("train", 0, 1, 64, turns=6)
     assert num_tokens(load_config()) == 196 + 49 + 16
 
 
@@ -124,6 +150,7 @@ def test_pretrained_tower_initialisation(tmp_path):
 def test_frozen_tower_stage_keeps_the_tower_and_skips_the_dense_loss_after_a_coarse_curriculum(tmp_path):
     config = micro(tmp_path, "frozen")
     config["allocation"].update(coarse_steps=1, full_steps=1)
+    config["train"]["turns"] = 5
     config["train"].update(steps=4, dense_steps=2, freeze_vision_steps=4, checkpoint_every=2, eval_every=100)
     config["model"].update(text_init_std=0.1, text_rope_theta=1e6)
     out = train(config, progress=False)

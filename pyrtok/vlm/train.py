@@ -19,7 +19,9 @@ carry their location once an allocator has dropped tokens). Stage 2 trains the V
 first ``allocation.coarse_steps`` steps see only the coarse levels (every level but the finest): each of
 their tokens covers a large part of an object, so the model learns to read the image from few, telling
 tokens (the pooled levels share the features' space, so the skill carries over to the finest level). The
-next ``allocation.full_steps`` steps keep all tokens; then the token dropout above starts. The tower can
+next ``allocation.full_steps`` steps keep all tokens; then the token dropout above starts. With
+``train.turns`` > 1 every stage-2 sample is a conversation of that many questions about its image
+(:func:`conversation`), so one encoded image supervises several answers. The tower can
 be frozen for the first ``train.freeze_vision_steps`` steps of stage 2 (or all of them); while it trains,
 the dense loss stays on as an auxiliary term (``train.dense_weight``). The vision tower can also start
 from a ``pyrtok pretrain`` encoder (``init.vision_tower``). ``model.text_init_std`` sets the initial weight
@@ -56,7 +58,7 @@ from pyrtok.pretrain.data import step_generator
 from pyrtok.vlm.adapter import PyramidVLM
 from pyrtok.vlm.tokenizer import word_tokenizer
 
-__all__ = ["build", "evaluate", "load_config", "main", "num_tokens", "train"]
+__all__ = ["build", "conversation", "evaluate", "load_config", "main", "num_tokens", "train"]
 
 PROMPT = "USER: <image> {question} ASSISTANT:"
 
@@ -70,7 +72,7 @@ DEFAULTS: dict[str, Any] = {
     "allocation": {"allocators": ["all", "random", "pool", "laplacian"], "min_fraction": 0.05,
                    "full_probability": 0.3, "coarse_steps": 0, "full_steps": 0},
     "train": {"steps": 2000, "batch_size": 32, "lr": 1e-3, "weight_decay": 0.01, "warmup_steps": 100,
-              "grad_clip": 1.0, "dense_steps": 0, "dense_batch_size": 64, "dense_weight": 0.2,
+              "grad_clip": 1.0, "turns": 1, "dense_steps": 0, "dense_batch_size": 64, "dense_weight": 0.2,
               "freeze_vision_steps": 0, "log_every": 10, "checkpoint_every": 200,
               "keep_checkpoints": 2, "eval_every": 500, "eval_questions": 250,
               "eval_budgets": [1.0, 0.11], "eval_allocators": ["all", "random", "pool", "laplacian"],
@@ -122,17 +124,23 @@ def build(config: dict[str, Any]):
 
 
 def batch(
-    split: str, first: int, count: int, size: int, seed: int = 0, patch: int | None = None
+    split: str, first: int, count: int, size: int, seed: int = 0, patch: int | None = None, turns: int = 1
 ) -> tuple[Tensor, list[dict]] | tuple[Tensor, list[dict], dict[str, Tensor]]:
     """Scenes ``first .. first+count-1`` of ``split``: images (count, 3, S, S) and one question each.
 
-    The question family cycles with the scene index, so every family is equally represented. With ``patch``,
-    also the per-patch targets of every scene, ``{name: (count, S/patch, S/patch) int64}``.
+    The question family cycles with the scene index, so every family is equally represented. With
+    ``turns`` > 1, each question also carries ``"more"``: the scene's next ``turns - 1`` questions (the
+    following families, cyclically), for multi-turn training. With ``patch``, also the per-patch targets of
+    every scene, ``{name: (count, S/patch, S/patch) int64}``.
     """
+    if not 1 <= turns <= len(FAMILIES):
+        raise ValueError(f"turns must be in [1, {len(FAMILIES)}] (one question per family), got {turns}")
     images, items, targets = [], [], defaultdict(list)
     for index in range(first, first + count):
         scene = make_scene(seed, split, index, size)
-        item = questions_for(scene, seed, split, index)[index % len(FAMILIES)]
+        questions = questions_for(scene, seed, split, index)
+        order = [(index + k) % len(FAMILIES) for k in range(turns)]
+        item = {**questions[order[0]], **({"more": [questions[k] for k in order[1:]]} if turns > 1 else {})}
         images.append(torch.from_numpy(np.asarray(scene.image, dtype=np.float32) / 255.0).permute(2, 0, 1))
         items.append(item)
         if patch is not None:
@@ -218,11 +226,10 @@ class Trainee(nn.Module):
         dense = self.heads(level0, targets) if tower_trains else level0.new_zeros(())
         if items is None:
             return dense, None, None
-        prompts = [PROMPT.format(question=i["question"]) + f" {i['answer']} </s>" for i in items]
-        inputs = vlm.prepare(prepared, prompts, budgets, generator=generator, tokens=tokens)
-        lengths = [len(self.tokenizer(f" {i['answer']} </s>", add_special_tokens=False)["input_ids"]) for i in items]
+        inputs = vlm.prepare(prepared, [conversation(i) for i in items], budgets, generator=generator, tokens=tokens)
+        labels = _answer_labels(inputs["input_ids"], self.tokenizer)
         out = self.llava(inputs_embeds=inputs["inputs_embeds"], attention_mask=inputs["attention_mask"],
-                         position_ids=inputs["position_ids"], labels=_answer_labels(inputs["input_ids"], lengths))
+                         position_ids=inputs["position_ids"], labels=labels)
         return dense, out.loss, inputs["counts"]
 
 
@@ -262,11 +269,30 @@ def _allocation(config: dict[str, Any], stage_step: int, size: int, generator: t
     return allocator, budgets
 
 
-def _answer_labels(input_ids: torch.Tensor, lengths: list[int]) -> torch.Tensor:
-    """Labels that keep only the last ``lengths[b]`` tokens of each left-padded row (answer + </s>)."""
+def conversation(item: dict) -> str:
+    """The training text of a question and its ``"more"`` follow-ups: LLaVA-style turns, image in the first.
+
+    ``USER: <image> q1 ASSISTANT: a1 </s> USER: q2 ASSISTANT: a2 </s> ...``; the first turn is exactly the
+    single-question prompt evaluation uses, and later turns supervise more answers per encoded image.
+    """
+    turns = [item, *item.get("more", [])]
+    text = PROMPT.format(question=item["question"]) + f" {item['answer']} </s>"
+    return text + "".join(f" USER: {q['question']} ASSISTANT: {q['answer']} </s>" for q in turns[1:])
+
+
+def _answer_labels(input_ids: Tensor, tokenizer: Any) -> Tensor:
+    """(B, T) labels that keep every answer: the tokens after each ``ASSISTANT :`` up to its ``</s>``."""
+    assistant, colon = tokenizer.convert_tokens_to_ids(["assistant", ":"])
+    eos = tokenizer.eos_token_id
     labels = torch.full_like(input_ids, -100)
-    for b, length in enumerate(lengths):
-        labels[b, -length:] = input_ids[b, -length:]
+    for b, row in enumerate(input_ids.tolist()):
+        answering = False
+        for t in range(1, len(row)):
+            if answering:
+                labels[b, t] = row[t]
+                answering = row[t] != eos
+            elif row[t - 1] == assistant and row[t] == colon:
+                answering = True
     return labels
 
 
@@ -344,7 +370,8 @@ def train(config: dict[str, Any], resume: bool = True, progress: bool = True, st
         stage2 = step >= t["dense_steps"]
         size = t["batch_size"] if stage2 else t["dense_batch_size"]
         first = (step * world + rank) * max(t["batch_size"], t["dense_batch_size"])
-        images, items, targets = batch("train", first, size, m["image_size"], config["seed"], m["patch_size"])
+        images, items, targets = batch("train", first, size, m["image_size"], config["seed"], m["patch_size"],
+                                       turns=t["turns"] if stage2 else 1)
         images = images.to(accelerator.device)
         targets = {name: v.to(accelerator.device) for name, v in targets.items()}
         if stage2:

@@ -275,25 +275,23 @@ def conversation(item: dict) -> str:
     ``USER: <image> q1 ASSISTANT: a1 </s> USER: q2 ASSISTANT: a2 </s> ...``; the first turn is exactly the
     single-question prompt evaluation uses, and later turns supervise more answers per encoded image.
     """
-    turns = [item, *item.get("more", [])]
     text = PROMPT.format(question=item["question"]) + f" {item['answer']} </s>"
-    return text + "".join(f" USER: {q['question']} ASSISTANT: {q['answer']} </s>" for q in turns[1:])
+    return text + "".join(f" USER: {q['question']} ASSISTANT: {q['answer']} </s>" for q in item.get("more", []))
 
 
 def _answer_labels(input_ids: Tensor, tokenizer: Any) -> Tensor:
     """(B, T) labels that keep every answer: the tokens after each ``ASSISTANT :`` up to its ``</s>``."""
     assistant, colon = tokenizer.convert_tokens_to_ids(["assistant", ":"])
     eos = tokenizer.eos_token_id
-    labels = torch.full_like(input_ids, -100)
-    for b, row in enumerate(input_ids.tolist()):
-        answering = False
-        for t in range(1, len(row)):
-            if answering:
-                labels[b, t] = row[t]
-                answering = row[t] != eos
-            elif row[t - 1] == assistant and row[t] == colon:
-                answering = True
-    return labels
+    rows = []
+    for row in input_ids.tolist():
+        labels, answering, previous = [], False, None
+        for token in row:
+            labels.append(token if answering else -100)
+            answering = token != eos if answering else (previous, token) == (assistant, colon)
+            previous = token
+        rows.append(labels)
+    return torch.tensor(rows, dtype=input_ids.dtype, device=input_ids.device)
 
 
 @torch.no_grad()

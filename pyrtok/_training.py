@@ -18,7 +18,8 @@ from typing import Any
 import yaml
 
 __all__ = [
-    "latest_checkpoint", "load_config", "merge_config", "optimizer_step", "run_cli", "save_checkpoint", "warmup_cosine",
+    "latest_checkpoint", "load_config", "merge_config", "optimizer_step", "run_cli", "save_checkpoint", "trim_log",
+    "warmup_cosine",
 ]
 
 
@@ -47,6 +48,20 @@ def latest_checkpoint(checkpoints: Path) -> Path | None:
         return None
     target = checkpoints / pointer.read_text().strip()
     return target if target.is_dir() else None
+
+
+def trim_log(path: Path, step: int) -> None:
+    """Drop the JSONL rows of ``path`` logged after ``step``, the step a run (re)starts from, so that a resumed
+    run logs each step once. Rewritten atomically; a missing file is left missing."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    if len(kept) == len(lines):
+        return
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
 
 
 def save_checkpoint(accelerator: Any, checkpoints: Path, step: int, keep: int) -> None:

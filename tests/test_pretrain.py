@@ -115,12 +115,16 @@ def test_training_resumes_exactly_and_writes_everything(tmp_path):
     train(sliced_config, progress=False, stop_after=3)  # interrupted after step 3 (checkpoint at 3)
     assert (tmp_path / "sliced/checkpoints/latest").read_text() == "step-0000003"
     assert not (tmp_path / "sliced/encoder").exists()
+    with (tmp_path / "sliced/log.jsonl").open("a") as f:  # logged after the checkpoint, lost in a crash
+        f.write(json.dumps({"step": 4, "loss": -1.0}) + "\n")
     sliced = train(sliced_config, progress=False)
     a = load_file(str(straight / "checkpoints/step-0000004/model.safetensors"))
     b = load_file(str(sliced / "checkpoints/step-0000004/model.safetensors"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     log = [json.loads(line) for line in (straight / "log.jsonl").read_text().splitlines()]
     assert [row["step"] for row in log] == [1, 2, 3, 4] and {"loss", "pixel", "lap"} <= set(log[0])
+    resumed = [json.loads(line) for line in (sliced / "log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in resumed] == [1, 2, 3, 4] and resumed[3]["loss"] == pytest.approx(log[3]["loss"])
     assert (straight / "images/step-0000002.png").stat().st_size > 0
     assert sorted(p.name for p in (straight / "checkpoints").glob("step-*")) == ["step-0000002", "step-0000004"]
     # The pretrained encoder initialises a LLaVA vision tower with the same config, unchanged.

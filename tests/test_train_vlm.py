@@ -14,6 +14,7 @@ from pyrtok.vlm.train import (
     batch,
     build,
     conversation,
+    evaluate,
     load_config,
     num_tokens,
     train,
@@ -111,7 +112,9 @@ def test_training_resumes_exactly_evaluates_and_saves_a_loadable_model(tmp_path)
 
     straight = train(micro(tmp_path, "straight"), progress=False)
     config = micro(tmp_path, "sliced")
-    train(config, progress=False, stop_after=3)
+    interrupted = train(config, progress=False, stop_after=3)
+    with (interrupted / "log.jsonl").open("a") as f:  # a row logged after the last checkpoint, then a crash
+        f.write(json.dumps({"step": 4, "stage": 2, "loss": -1.0}) + "\n")
     sliced = train(config, progress=False)
     a = load_file(str(straight / "checkpoints/step-0000005/model.safetensors"))
     b = load_file(str(sliced / "checkpoints/step-0000005/model.safetensors"))
@@ -127,6 +130,8 @@ def test_training_resumes_exactly_evaluates_and_saves_a_loadable_model(tmp_path)
     assert any(not torch.equal(stage1[k], state[k.removeprefix("llava.")]) for k in tower)
     log = [json.loads(line) for line in (straight / "log.jsonl").read_text().splitlines()]
     assert [row["step"] for row in log] == [1, 2, 3, 4, 5] and [row["stage"] for row in log] == [1, 1, 2, 2, 2]
+    resumed = [json.loads(line) for line in (sliced / "log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in resumed] == [1, 2, 3, 4, 5] and min(row["loss"] for row in resumed[2:]) > 0
     assert all(row["loss"] > 0 for row in log[2:]) and all(row["dense_loss"] > 0 for row in log)
     assert log[2]["tokens"] == num_tokens(config)  # allocation.full_steps: the first stage-2 step keeps all
     rows = [json.loads(line) for line in (straight / "eval.jsonl").read_text().splitlines()]
@@ -137,6 +142,29 @@ def test_training_resumes_exactly_evaluates_and_saves_a_loadable_model(tmp_path)
     images, items = batch("test", 0, 2, 64)
     out = vlm.generate(images, [f"USER: <image> {i['question']} ASSISTANT:" for i in items], max_new_tokens=2)
     assert out.counts.tolist() == [8, 8] and len(out.texts) == 2
+
+
+def test_evaluation_scores_the_full_budget_once_and_every_allocator_at_each_budget():
+    from types import SimpleNamespace
+
+    config = load_config(None, {**MICRO, "train": {**MICRO["train"], "eval_questions": 6,
+                                                   "eval_allocators": ["all", "random", "pool"]}})
+    n, calls = num_tokens(config), []
+
+    def vlm_for(name):
+        def generate(images, prompts, budget, max_new_tokens):
+            calls.append((name, budget))
+            return SimpleNamespace(texts=["red" if name == "pool" and budget < n else "no"] * len(prompts))
+        return SimpleNamespace(generate=generate)
+
+    rows = evaluate(vlm_for, config, torch.device("cpu"))
+    small = max(1, -(-11 * n // 100))
+    assert calls == [("all", n), ("all", small), ("random", small), ("pool", small)]
+    assert [(r["allocator"], r["fraction"]) for r in rows] == [(a, f) for a in ("all", "random", "pool")
+                                                              for f in (1.0, 0.11)]
+    full = [r for r in rows if r["fraction"] == 1.0]
+    assert all(r == {**full[0], "allocator": r["allocator"]} for r in full)
+    assert rows[5]["overall"] != rows[3]["overall"]  # pool answered differently at 11%
 
 
 def test_pretrained_tower_initialisation(tmp_path):

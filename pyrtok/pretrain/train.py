@@ -23,7 +23,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from pyrtok import _training
-from pyrtok._training import latest_checkpoint, optimizer_step, save_checkpoint, warmup_cosine
+from pyrtok._training import latest_checkpoint, optimizer_step, save_checkpoint, trim_log, warmup_cosine
 from pyrtok.pretrain.data import ImagePool, step_generator
 from pyrtok.pretrain.mae import MaskedAutoencoder
 from pyrtok.pretrain.objectives import Objective, composite, mask_image
@@ -113,12 +113,14 @@ def train(
     if latest is not None:
         accelerator.load_state(str(latest))
         start = json.loads((latest / "step.json").read_text())["step"]
+    log = output / "log.jsonl"
+    if accelerator.is_main_process:
+        trim_log(log, start)
     pool = ImagePool(d["samples"], d["folders"], max_side=d["max_side"])
     preview = pool.batch(4, m["image_size"], config["seed"], step=10**9).to(accelerator.device)
     end = t["steps"] if stop_after is None else min(t["steps"], start + stop_after)
     bar = tqdm(range(start, end), initial=start, total=t["steps"], disable=not progress
                or not accelerator.is_main_process, desc=output.name)
-    log = output / "log.jsonl"
     rank = accelerator.process_index
     for step in bar:
         images = pool.batch(t["batch_size"], m["image_size"], config["seed"], step, rank,

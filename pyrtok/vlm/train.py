@@ -52,7 +52,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from pyrtok import _training
-from pyrtok._training import latest_checkpoint, optimizer_step, save_checkpoint, warmup_cosine
+from pyrtok._training import latest_checkpoint, optimizer_step, save_checkpoint, trim_log, warmup_cosine
 from pyrtok.data.shapes_vqa import ANSWERS, FAMILIES, TARGETS, make_scene, patch_targets, questions_for
 from pyrtok.pretrain.data import step_generator
 from pyrtok.vlm.adapter import PyramidVLM
@@ -301,22 +301,27 @@ def evaluate(vlm_for: Any, config: dict[str, Any], device: torch.device) -> list
     n = num_tokens(config)
     rows = []
     images, items = batch("validation", 0, t["eval_questions"], size)
+    full: dict[str, float] | None = None  # every allocator keeps every token at a full budget: score it once
     for name in t["eval_allocators"]:
         vlm = vlm_for(name)
         for fraction in t["eval_budgets"]:
+            budget = max(1, math.ceil(fraction * n))
+            if budget >= n and full is not None:
+                rows.append({"allocator": name, "fraction": fraction, **full})
+                continue
             correct: dict[str, list[int]] = defaultdict(list)
             for start in range(0, len(items), 32):
                 chunk = items[start : start + 32]
-                budget = max(1, math.ceil(fraction * n))
                 out = vlm.generate(images[start : start + 32].to(device),
                                    [PROMPT.format(question=i["question"]) for i in chunk],
                                    budget=budget, max_new_tokens=2)
                 for item, text in zip(chunk, out.texts, strict=True):
                     correct[item["family"]].append(int(text.split()[:1] == [item["answer"]]))
-            row = {"allocator": name, "fraction": fraction,
-                   "overall": float(np.mean([v for vs in correct.values() for v in vs]))}
-            row.update({family: float(np.mean(v)) for family, v in correct.items()})
-            rows.append(row)
+            scores = {"overall": float(np.mean([v for vs in correct.values() for v in vs]))}
+            scores.update({family: float(np.mean(v)) for family, v in correct.items()})
+            if budget >= n:
+                full = scores
+            rows.append({"allocator": name, "fraction": fraction, **scores})
     return rows
 
 
@@ -359,6 +364,9 @@ def train(config: dict[str, Any], resume: bool = True, progress: bool = True, st
     if latest is not None:
         accelerator.load_state(str(latest))
         start = json.loads((latest / "step.json").read_text())["step"]
+    if accelerator.is_main_process:
+        for name in ("log.jsonl", "eval.jsonl"):
+            trim_log(output / name, start)
     end = t["steps"] if stop_after is None else min(t["steps"], start + stop_after)
     bar = tqdm(range(start, end), initial=start, total=t["steps"], disable=not progress
                or not accelerator.is_main_process, desc=output.name)

@@ -71,7 +71,9 @@ def test_mae_hides_exactly_the_ratio_and_only_visible_patches_reach_the_encoder(
 
 
 @pytest.mark.parametrize("loss", [dict(pixel=1.0, lap=0.0, norm_pix=True), dict(pixel=1.0, lap=0.0, norm_pix=False),
-                                  dict(pixel=0.0, lap=1.0, norm_pix=False), dict(pixel=1.0, lap=0.5)])
+                                  dict(pixel=0.0, lap=1.0, norm_pix=False), dict(pixel=1.0, lap=0.5),
+                                  dict(pixel=0.0, lap=1.0, norm_pix=False, lap_composite=True,
+                                       lap_weights=[4.0, 2.0, 1.0, 1.0])])
 def test_objectives_are_zero_for_a_perfect_prediction_and_count_hidden_patches_only(loss):
     images = torch.rand(2, 3, 32, 32)
     objective = Objective(**loss)
@@ -87,6 +89,24 @@ def test_objectives_are_zero_for_a_perfect_prediction_and_count_hidden_patches_o
     assert objective(wrong_visible, mask, images, 8)["loss"].item() < 0.35 * objective(
         target + 1.0, mask, images, 8)["loss"].item() + 1e-6
     assert objective(target + 0.3, mask, images, 8)["loss"].item() > 0.01
+    if objective.lap_composite:  # visible pixels come from the input: their errors cost nothing at all
+        assert objective(wrong_visible, mask, images, 8)["loss"].item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_lap_weights_and_composite_options():
+    images = torch.rand(2, 3, 32, 32)
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    mask[:, ::2] = True
+    pred = patchify(images, 8) + 0.2 * torch.randn(2, 16, 192)
+    fine = Objective(pixel=0.0, lap=1.0, norm_pix=False, lap_weights=[1.0, 0.0, 0.0, 0.0])
+    coarse = Objective(pixel=0.0, lap=1.0, norm_pix=False, lap_weights=[0.0, 0.0, 0.0, 1.0])
+    assert fine(pred, mask, images, 8)["lap"].item() != pytest.approx(coarse(pred, mask, images, 8)["lap"].item())
+    # the composite sees the true visible pixels, so a hidden patch's band coefficients differ at the seams
+    alone = Objective(pixel=0.0, lap=1.0, norm_pix=False)(pred, mask, images, 8)["lap"]
+    pasted = Objective(pixel=0.0, lap=1.0, norm_pix=False, lap_composite=True)(pred, mask, images, 8)["lap"]
+    assert alone.item() != pytest.approx(pasted.item(), rel=1e-3)
+    with pytest.raises(ValueError, match="lap_weights"):
+        Objective(pixel=0.0, lap=1.0, lap_levels=4, lap_weights=[1.0, 1.0])
 
 
 def test_data_is_deterministic_per_step_and_rank(tmp_path):

@@ -4,6 +4,11 @@ Both see the same prediction. The pixel loss compares patches in [0, 1] pixel sp
 normalised pixels with ``norm_pix=True`` (MAE's better-performing variant). LapLoss compares the
 reconstructed image with the input in [0, 1], restricted to the hidden patches with a (B, 1, H, W) mask;
 with ``norm_pix=True`` the prediction is brought back to pixels with each target patch's mean and std.
+
+LapLoss sees either the prediction alone, or (``lap_composite=True``) the composite: the input with its
+hidden patches replaced by the prediction. A band-pass coefficient near a patch border mixes pixels from
+both sides, so only the composite charges the seams between a predicted patch and its visible neighbours,
+which is how a reconstruction is looked at and how ``pyrtok pretrain-eval`` measures it.
 """
 
 from __future__ import annotations
@@ -48,7 +53,8 @@ class Objective:
         pixel: weight of the MAE pixel MSE.
         lap: weight of LapLoss.
         norm_pix: per-patch normalised pixel targets.
-        lap_levels, lap_distance: LapLoss settings.
+        lap_levels, lap_distance, lap_weights: LapLoss settings (weights: one per level, finest first).
+        lap_composite: LapLoss on the composite (visible patches from the input) instead of the prediction.
     """
 
     pixel: float = 1.0
@@ -56,11 +62,16 @@ class Objective:
     norm_pix: bool = True
     lap_levels: int = 4
     lap_distance: str = "l1"
+    lap_weights: list[float] | None = None
+    lap_composite: bool = False
 
     def __post_init__(self) -> None:
         if self.pixel < 0 or self.lap < 0 or self.pixel + self.lap == 0:
             raise ValueError(f"loss weights must be non-negative and not both zero, got pixel={self.pixel}, "
                              f"lap={self.lap}")
+        if self.lap_weights is not None and len(self.lap_weights) != self.lap_levels:
+            raise ValueError(f"lap_weights must have one entry per level (lap_levels={self.lap_levels}), "
+                             f"got {list(self.lap_weights)}")
 
     def __call__(self, pred: Tensor, mask: Tensor, images: Tensor, patch: int) -> dict[str, Tensor]:
         """Returns ``loss`` and its parts (``pixel``, ``lap``), all scalars."""
@@ -78,8 +89,10 @@ class Objective:
         if self.lap > 0:
             reconstruction = predicted_image(pred, images, patch, self.norm_pix)
             weights = mask_image(mask, patch, images.shape[-2], images.shape[-1])
+            if self.lap_composite:
+                reconstruction = weights * reconstruction + (1 - weights) * images.float()
             parts["lap"] = lap_loss(reconstruction, images.float(), levels=self.lap_levels,
-                                    distance=self.lap_distance, mask=weights)
+                                    weights=self.lap_weights, distance=self.lap_distance, mask=weights)
         loss = sum(getattr(self, name) * value for name, value in parts.items())
         return {"loss": loss, **parts}
 

@@ -212,6 +212,7 @@ def test_export_writes_a_loadable_model_from_any_checkpoint(tmp_path):
     run = train(config, progress=False)
     out = export_checkpoint(run, tmp_path / "model", checkpoint=run / "checkpoints/step-0000002")
     assert json.loads((out / "training_step.json").read_text())["step"] == 2
+    assert load_config(out / "training_config.yaml") == load_config(run / "config.yaml")
     state = load_file(str(run / "checkpoints/step-0000002/model.safetensors"))
     vlm = PyramidVLM.from_pretrained(out, levels=2)
     assert torch.equal(vlm.model.model.multi_modal_projector.linear_1.weight,

@@ -21,7 +21,8 @@ def export_checkpoint(run: str | Path, out: str | Path, checkpoint: str | Path |
     """Save the LLaVA of ``checkpoint`` (default: the run's latest) and its tokenizer under ``out``.
 
     The run's ``config.yaml`` rebuilds the architecture; the dense heads of stage 1 are left out. Writes
-    ``out/training_step.json`` with the step the weights come from.
+    ``out/training_step.json`` with the step the weights come from and ``out/training_config.yaml``, the
+    run's config.
     """
     from safetensors.torch import load_file
 
@@ -44,6 +45,7 @@ def export_checkpoint(run: str | Path, out: str | Path, checkpoint: str | Path |
     llava.save_pretrained(out)
     tokenizer.save_pretrained(out)
     (out / "training_step.json").write_text(json.dumps({"run": str(run), "step": step}) + "\n")
+    (out / "training_config.yaml").write_text((run / "config.yaml").read_text())
     return out
 
 

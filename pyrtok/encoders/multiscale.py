@@ -1,4 +1,4 @@
-"""Multi-scale encoding: a HF ViT tower turns an image into tokens at several scales.
+"""Multi-scale encoding: a ViT tower (HF or OpenCLIP) turns an image into tokens at several scales.
 
 Two modes:
 
@@ -22,27 +22,37 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from pyrtok._checks import check_image
-from pyrtok.encoders.towers import VisionTower
+from pyrtok.encoders.openclip import OpenClipTower, is_openclip
+from pyrtok.encoders.towers import TowerView, VisionTower
 from pyrtok.pyramid import gaussian_pyramid
 from pyrtok.tokens import MultiScaleTokens, from_feature_grid, token_layout
 
-__all__ = ["MODES", "MultiScaleEncoder"]
+__all__ = ["MODES", "MultiScaleEncoder", "tower_view"]
 
 MODES = ("feature", "image")
+
+
+def tower_view(model: nn.Module | TowerView) -> TowerView:
+    """The :class:`TowerView` of ``model``: OpenCLIP ViTs get :class:`OpenClipTower`, HF models :class:`VisionTower`."""
+    if isinstance(model, TowerView):
+        return model
+    return OpenClipTower(model) if is_openclip(model) else VisionTower(model)
 
 
 class MultiScaleEncoder(nn.Module):
     """Encode (B, 3, H, W) images in [0, 1] into :class:`MultiScaleTokens`.
 
     Args:
-        tower: a HF ``CLIPVisionModel``, ``SiglipVisionModel``, ``CLIPModel`` or LLaVA-family model (its
-            vision tower is used; nothing is copied or modified).
+        tower: a HF ``CLIPVisionModel``, ``SiglipVisionModel``, ``CLIPModel`` or LLaVA-family model, or an
+            OpenCLIP ``CLIP`` model or ``VisionTransformer`` (its vision tower is used; nothing is copied or
+            modified).
         mode: ``"feature"`` or ``"image"`` (see the module notes).
         levels: number of pyramid levels.
         feature_layer: hidden-state index the features are taken from (LLaVA uses -2).
         image_size: side the input is resized to before encoding; default the tower's own resolution.
             ``None`` keeps the config's; pass 0 to keep the input size (rounded to the patch size).
-        image_mean, image_std: pixel normalisation; default the tower family's (OpenAI CLIP or SigLIP).
+        image_mean, image_std: pixel normalisation; default the tower's (OpenAI CLIP or SigLIP for HF, the
+            ``image_mean`` / ``image_std`` OpenCLIP sets on its towers).
         attention: capture [CLS] attention (``tokens.attention``).
 
     Example:
@@ -56,7 +66,7 @@ class MultiScaleEncoder(nn.Module):
 
     def __init__(
         self,
-        tower: nn.Module,
+        tower: nn.Module | TowerView,
         mode: str = "feature",
         levels: int = 3,
         feature_layer: int = -2,
@@ -70,7 +80,7 @@ class MultiScaleEncoder(nn.Module):
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if isinstance(levels, bool) or not isinstance(levels, int) or levels < 1:
             raise ValueError(f"levels must be an int >= 1, got {levels!r}")
-        self.tower = VisionTower(tower)
+        self.tower = tower_view(tower)
         self.tower.layer_index(feature_layer)  # validates
         self.mode, self.levels, self.feature_layer, self.attention = mode, levels, feature_layer, attention
         self.image_size = self.tower.image_size if image_size is None else int(image_size)

@@ -3,7 +3,9 @@
 Query relevance compares tokens with a text embedding, so both must live in the same space. For a HF
 ``CLIPModel`` the text side is ``get_text_features``; on the vision side, token features from the last
 layer go through the model's ``post_layernorm`` and ``visual_projection`` exactly as the pooled [CLS]
-feature does (for earlier layers this is the usual approximation).
+feature does (for earlier layers this is the usual approximation). For an OpenCLIP ``CLIP`` model the text
+side is ``encode_text`` and the vision side ``visual.ln_post`` then ``visual.proj``
+(:meth:`pyrtok.encoders.openclip.OpenClipTower.project`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pyrtok.encoders.openclip import OpenClipTower, is_openclip
 from pyrtok.tokens import MultiScaleTokens
 
 __all__ = ["ClipQueryEncoder"]
@@ -29,8 +32,9 @@ class ClipQueryEncoder(nn.Module):
     """Text queries and visual tokens in one CLIP embedding space.
 
     Args:
-        model: a HF ``CLIPModel``.
-        tokenizer: its tokenizer (or a processor with ``.tokenizer``).
+        model: a HF ``CLIPModel`` or an OpenCLIP ``CLIP`` model.
+        tokenizer: its tokenizer (a HF tokenizer or a processor with ``.tokenizer``; OpenCLIP's
+            ``open_clip.get_tokenizer(name)``).
 
     Example::
 
@@ -41,10 +45,13 @@ class ClipQueryEncoder(nn.Module):
 
     def __init__(self, model: nn.Module, tokenizer: Any) -> None:
         super().__init__()
-        if not hasattr(model, "get_text_features") or not hasattr(model, "visual_projection"):
-            raise TypeError(f"model must be a HF CLIPModel, got {type(model).__name__}")
+        self.openclip = hasattr(model, "encode_text") and is_openclip(model)
+        if not self.openclip and not (hasattr(model, "get_text_features") and hasattr(model, "visual_projection")):
+            raise TypeError(f"model must be a HF CLIPModel or an OpenCLIP CLIP model, got {type(model).__name__}")
         self.model = model
         self.tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+        self._visual = OpenClipTower(model) if self.openclip else None
+        self.vision_dim = self._visual.hidden_size if self._visual else model.vision_model.config.hidden_size
 
     @torch.no_grad()
     def encode(self, texts: Sequence[str]) -> Tensor:
@@ -52,15 +59,22 @@ class ClipQueryEncoder(nn.Module):
         if isinstance(texts, str) or not texts:
             raise ValueError(f"texts must be a non-empty list of strings, got {texts!r}")
         device = next(self.model.parameters()).device
+        if self.openclip:
+            return F.normalize(self.model.encode_text(self.tokenizer(list(texts)).to(device)), dim=-1)
         inputs = self.tokenizer(list(texts), padding=True, return_tensors="pt").to(device)
         inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
         return F.normalize(_features(self.model.get_text_features(**inputs)), dim=-1)
 
+    def project(self, features: Tensor) -> Tensor:
+        """(..., D) vision-tower features -> (..., P) in the joint space, as the model projects its [CLS]."""
+        if features.shape[-1] != self.vision_dim:
+            raise ValueError(
+                f"features have dim {features.shape[-1]}, but this CLIP vision tower has hidden size {self.vision_dim}"
+            )
+        if self._visual is not None:
+            return self._visual.project(features)
+        return self.model.visual_projection(self.model.vision_model.post_layernorm(features))
+
     def project_tokens(self, tokens: MultiScaleTokens) -> MultiScaleTokens:
         """Tokens of the CLIP vision tower (B, N, D) -> the same tokens in the joint space (B, N, P)."""
-        vision = self.model.vision_model
-        if tokens.dim != vision.config.hidden_size:
-            raise ValueError(
-                f"tokens have dim {tokens.dim}, but this CLIP vision tower has hidden size {vision.config.hidden_size}"
-            )
-        return tokens.with_features(self.model.visual_projection(vision.post_layernorm(tokens.features)))
+        return tokens.with_features(self.project(tokens.features))

@@ -1,9 +1,10 @@
-"""A uniform view of HuggingFace ViT vision towers: CLIP, SigLIP, and the tower inside LLaVA-family VLMs.
+"""A uniform view of ViT vision towers: HF CLIP, SigLIP and the tower inside LLaVA-family VLMs.
 
-Only what multi-scale encoding needs: pixel normalisation constants, patch size, whether a [CLS] token
-leads the sequence, the hidden states of every layer for any input size, and the attention row of the
-[CLS] token (or of SigLIP's pooling probe) at a chosen layer, recomputed from that layer's input so that
-the model keeps its fast attention kernel (no switch to eager attention, no hooks).
+:class:`TowerView` is what multi-scale encoding needs of any tower: pixel normalisation constants, patch
+size, whether a [CLS] token leads the sequence, the hidden states of every layer for any input size, and
+the attention row of the [CLS] token (or of SigLIP's pooling probe) at a chosen layer, recomputed from that
+layer's input so that the model keeps its fast attention kernel (no switch to eager attention, no hooks).
+:class:`VisionTower` is the HF implementation; :class:`pyrtok.encoders.openclip.OpenClipTower` is OpenCLIP's.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-__all__ = ["VisionTower", "find_vision_tower"]
+__all__ = ["TowerView", "VisionTower", "cls_attention", "find_vision_tower"]
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -40,8 +41,60 @@ def find_vision_tower(model: nn.Module) -> nn.Module:
     )
 
 
+def cls_attention(query: Tensor, keys: Tensor, heads: int, scale: float) -> Tensor:
+    """Head-averaged softmax attention of one query over the patches: (B, 1, D), (B, T, D) -> (B, T - 1).
+
+    ``query`` and ``keys`` are already projected; the first key (the [CLS] token itself) is left out of
+    the returned row but not of the softmax, as in the model's own attention.
+    """
+    query = rearrange(query, "b t (h d) -> b h t d", h=heads)
+    keys = rearrange(keys, "b t (h d) -> b h t d", h=heads)
+    weights = torch.softmax((query @ keys.transpose(-1, -2)) * scale, dim=-1)  # (B, H, 1, T)
+    return weights.mean(1)[:, 0, 1:]
+
+
+class TowerView:
+    """What multi-scale encoding reads from a ViT; subclasses set the attributes and the two passes.
+
+    Attributes: ``module`` (the wrapped tower, never modified), ``kind``, ``patch_size``, ``image_size``,
+    ``hidden_size``, ``num_layers``, ``has_cls``, ``image_mean`` and ``image_std`` (pixel normalisation).
+    """
+
+    module: nn.Module
+    kind: str
+    patch_size: int
+    image_size: int
+    hidden_size: int
+    num_layers: int
+    has_cls: bool
+    image_mean: tuple[float, float, float]
+    image_std: tuple[float, float, float]
+
+    def layer_index(self, layer: int) -> int:
+        """Normalise a hidden-state index (negative counts from the end; 0 = embeddings) to [0, num_layers]."""
+        count = self.num_layers + 1
+        if not -count <= layer < count:
+            raise ValueError(f"feature layer must be in [{-count}, {count - 1}] for this tower, got {layer}")
+        return layer % count
+
+    def hidden_states(self, pixel_values: Tensor) -> tuple[Tensor, ...]:
+        """(B, 3, H, W) normalised pixels, H and W multiples of the patch size -> num_layers + 1 states (B, T, D)."""
+        raise NotImplementedError
+
+    def attention_row(self, states: tuple[Tensor, ...], layer: int) -> Tensor | None:
+        """(B, P) attention of [CLS] to the patches inside layer ``layer``, or None where there is none."""
+        raise NotImplementedError
+
+    def patch_states(self, state: Tensor) -> Tensor:
+        """Drop the [CLS] token if the tower has one: (B, T, D) -> (B, P, D)."""
+        return state[:, 1:] if self.has_cls else state
+
+    def cls_state(self, state: Tensor) -> Tensor | None:
+        return state[:, 0] if self.has_cls else None
+
+
 @dataclass
-class VisionTower:
+class VisionTower(TowerView):
     """Thin adapter over a HF CLIP/SigLIP vision transformer (the wrapped module is not modified)."""
 
     module: nn.Module
@@ -62,24 +115,10 @@ class VisionTower:
     def layers(self) -> nn.ModuleList:
         return self.module.encoder.layers
 
-    def layer_index(self, layer: int) -> int:
-        """Normalise a hidden-state index (negative counts from the end; 0 = embeddings) to [0, num_layers]."""
-        count = self.num_layers + 1
-        if not -count <= layer < count:
-            raise ValueError(f"feature layer must be in [{-count}, {count - 1}] for this tower, got {layer}")
-        return layer % count
-
     def hidden_states(self, pixel_values: Tensor) -> tuple[Tensor, ...]:
-        """(B, 3, H, W) normalised pixels, H and W multiples of the patch size -> num_layers + 1 states (B, T, D)."""
+        """The HF forward with interpolated position embeddings; its hidden states, embeddings first."""
         out = self.module(pixel_values, output_hidden_states=True, interpolate_pos_encoding=True)
         return out.hidden_states
-
-    def patch_states(self, state: Tensor) -> Tensor:
-        """Drop the [CLS] token if the tower has one: (B, T, D) -> (B, P, D)."""
-        return state[:, 1:] if self.has_cls else state
-
-    def cls_state(self, state: Tensor) -> Tensor | None:
-        return state[:, 0] if self.has_cls else None
 
     def attention_row(self, states: tuple[Tensor, ...], layer: int) -> Tensor | None:
         """(B, P) attention of [CLS] to the patches inside layer ``layer`` (a hidden-state index >= 1).
@@ -96,10 +135,7 @@ class VisionTower:
         block = self.layers[index - 1]
         x = block.layer_norm1(states[index - 1])
         attn = block.self_attn
-        query = rearrange(attn.q_proj(x[:, :1]), "b t (h d) -> b h t d", h=attn.num_heads)
-        keys = rearrange(attn.k_proj(x), "b t (h d) -> b h t d", h=attn.num_heads)
-        weights = torch.softmax((query @ keys.transpose(-1, -2)) * attn.scale, dim=-1)  # (B, H, 1, T)
-        return weights.mean(1)[:, 0, 1:]
+        return cls_attention(attn.q_proj(x[:, :1]), attn.k_proj(x), attn.num_heads, attn.scale)
 
     def _probe_attention(self, last: Tensor) -> Tensor | None:
         head = getattr(self.module, "head", None)

@@ -1,8 +1,9 @@
 """Real photographs that installed packages ship, loaded without any download.
 
-scikit-image, matplotlib and scikit-learn each bundle a few images inside their wheels. The files are
-read directly from the installed package folder (the packages are located, not imported), so asking for
-a sample never triggers a dataset fetcher.
+scikit-image, matplotlib, scikit-learn and PyWavelets each bundle a few images inside their wheels. The
+files are read directly from the installed package folder (the packages are located, not imported), so
+asking for a sample never triggers a dataset fetcher. PyWavelets keeps its images as grey uint8 arrays in
+``.npz`` files; they come back as three equal channels like every other sample.
 """
 
 from __future__ import annotations
@@ -38,7 +39,10 @@ _SOURCES: dict[str, tuple[str, str]] = {
     "grace_hopper": ("matplotlib", "mpl-data/sample_data/grace_hopper.jpg"),
     "china": ("sklearn", "datasets/images/china.jpg"),
     "flower": ("sklearn", "datasets/images/flower.jpg"),
+    "aero": ("pywt", "data/aero.npz"),
+    "ascent": ("pywt", "data/ascent.npz"),
 }
+_PACKAGES = {"skimage": "scikit-image", "sklearn": "scikit-learn", "pywt": "PyWavelets"}
 
 
 def _package_dir(package: str) -> Path | None:
@@ -56,7 +60,7 @@ def sample_path(name: str) -> Path:
     root = _package_dir(package)
     path = None if root is None else root / relative
     if path is None or not path.is_file():
-        extra = {"skimage": "scikit-image", "sklearn": "scikit-learn"}.get(package, package)
+        extra = _PACKAGES.get(package, package)
         raise FileNotFoundError(f"sample {name!r} needs the {extra} package (pip install {extra})")
     return path
 
@@ -84,7 +88,9 @@ def sample_image(name: str = "astronaut", size: int | tuple[int, int] | None = N
         >>> sample_image("astronaut").shape
         torch.Size([3, 512, 512])
     """
-    image = Image.open(sample_path(name)).convert("RGB")
+    path = sample_path(name)
+    image = Image.fromarray(np.load(path)["data"]) if path.suffix == ".npz" else Image.open(path)
+    image = image.convert("RGB")
     if size is not None:
         height, width = (size, size) if isinstance(size, int) else size
         image = image.resize((width, height), Image.BICUBIC)

@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -18,7 +19,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "pretrain"
 TINY = {
     "model": {"image_size": 32, "patch_size": 8, "hidden_size": 32, "num_layers": 2, "num_heads": 2,
               "intermediate_size": 64, "decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2},
-    "data": {"samples": ["astronaut", "chelsea"]},
+    "data": {"samples": ["astronaut", "chelsea"], "shapes": 2},
     "train": {"steps": 4, "batch_size": 2, "warmup_steps": 1, "log_every": 1, "checkpoint_every": 2,
               "image_every": 2},
 }
@@ -127,6 +128,19 @@ def test_data_is_deterministic_per_step_and_rank(tmp_path):
         ImagePool(samples=[], folders=[tmp_path / "missing"])
     with pytest.raises(ValueError, match="empty"):
         ImagePool(samples=[])
+
+
+def test_pool_adds_benchmark_scenes_and_packaged_grey_photographs():
+    from pyrtok.data.shapes_vqa import make_scene
+
+    pool = ImagePool(samples=["aero"], shapes=2, seed=3)
+    assert len(pool) == 3
+    aero = pool.images[0]
+    assert aero.shape == (3, 512, 512) and torch.equal(aero[0], aero[2]) and aero.std() > 0.1
+    scene = torch.from_numpy(np.asarray(make_scene(3, "train", 1).image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    assert torch.equal(pool.images[2], scene)
+    with pytest.raises(ValueError, match="shapes must be an int >= 0"):
+        ImagePool(samples=[], shapes=-1)
 
 
 def test_training_resumes_exactly_and_writes_everything(tmp_path):

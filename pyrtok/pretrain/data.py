@@ -1,4 +1,5 @@
-"""Offline image data for pretraining: bundled photographs and user folders, random resized crops and flips.
+"""Offline image data for pretraining: bundled photographs, scenes of the shapes VQA benchmark and user folders,
+with random resized crops and flips.
 
 Batches are a pure function of (seed, step, process index): no data-loader state, so a resumed run sees
 exactly the batches an uninterrupted run would have seen, and processes of a multi-process run draw
@@ -72,6 +73,13 @@ def random_resized_crop(
     return crop.clamp(0, 1)
 
 
+def _scene(seed: int, index: int) -> Tensor:
+    from pyrtok.data.shapes_vqa import make_scene
+
+    array = np.asarray(make_scene(seed, "train", index).image, dtype=np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
 def _load(path: Path) -> Tensor:
     array = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
@@ -83,6 +91,8 @@ class ImagePool:
     Args:
         samples: names of bundled photographs (``pyrtok.samples``); "all" for every available one except
             :data:`HELD_OUT_SAMPLES`.
+        shapes: number of train-split scenes of the shapes VQA benchmark (:mod:`pyrtok.data.shapes_vqa`,
+            224 px) to add, so that a tower pretrained here has seen the embedded benchmark's images.
         folders: folders of the user's own images (searched recursively for png/jpg/jpeg/bmp/webp).
         images: extra (3, H, W) tensors in [0, 1].
         max_side: images are shrunk so their longer side is at most this (keeps memory and crops sane).
@@ -94,9 +104,14 @@ class ImagePool:
         folders: Sequence[str | Path] = (),
         images: Sequence[Tensor] = (),
         max_side: int = 512,
+        shapes: int = 0,
+        seed: int = 0,
     ) -> None:
+        if isinstance(shapes, bool) or not isinstance(shapes, int) or shapes < 0:
+            raise ValueError(f"shapes must be an int >= 0 (a number of scenes), got {shapes!r}")
         names = [n for n in available_samples() if n not in HELD_OUT_SAMPLES] if samples == "all" else list(samples)
         self.images: list[Tensor] = [self._shrink(sample_image(name), max_side) for name in names]
+        self.images += [_scene(seed, index) for index in range(shapes)]
         for folder in folders:
             root = Path(folder)
             if not root.is_dir():
@@ -107,7 +122,7 @@ class ImagePool:
             self.images += [self._shrink(_load(p), max_side) for p in paths]
         self.images += [self._shrink(im, max_side) for im in images]
         if not self.images:
-            raise ValueError("the image pool is empty: name samples, folders or images")
+            raise ValueError("the image pool is empty: name samples, shapes, folders or images")
 
     @staticmethod
     def _shrink(image: Tensor, max_side: int) -> Tensor:

@@ -37,7 +37,8 @@ DEFAULTS: dict[str, Any] = {
               "mask_ratio": 0.75},
     "loss": {"pixel": 1.0, "lap": 0.0, "norm_pix": True, "lap_levels": 4, "lap_distance": "l1", "lap_weights": None,
              "lap_composite": False},
-    "data": {"samples": "all", "folders": [], "crop_scale": [0.2, 1.0], "hflip": True, "max_side": 512},
+    "data": {"samples": "all", "shapes": 512, "folders": [], "crop_scale": [0.2, 1.0], "hflip": True,
+             "max_side": 512},
     "train": {"steps": 1000, "batch_size": 32, "lr": 1.5e-3, "weight_decay": 0.05, "warmup_steps": 50,
               "grad_clip": 1.0, "log_every": 10, "checkpoint_every": 100, "keep_checkpoints": 2,
               "image_every": 250, "output": "runs/pretrain/default"},
@@ -117,7 +118,7 @@ def train(
     log = output / "log.jsonl"
     if accelerator.is_main_process:
         trim_log(log, start)
-    pool = ImagePool(d["samples"], d["folders"], max_side=d["max_side"])
+    pool = ImagePool(d["samples"], d["folders"], max_side=d["max_side"], shapes=d["shapes"], seed=config["seed"])
     preview = pool.batch(4, m["image_size"], config["seed"], step=10**9).to(accelerator.device)
     end = t["steps"] if stop_after is None else min(t["steps"], start + stop_after)
     bar = tqdm(range(start, end), initial=start, total=t["steps"], disable=not progress

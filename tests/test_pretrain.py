@@ -223,3 +223,10 @@ def test_two_processes_with_torchrun(tmp_path):
     assert [row["lr"] for row in log] == pytest.approx([row["lr"] for row in single_log])
     saved = {p.name for p in (tmp_path / "ddp" / "checkpoints" / "step-0000004").iterdir()}
     assert {"model.safetensors", "random_states_0.pkl", "random_states_1.pkl", "step.json"} <= saved
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_pretrain_config_loads_and_builds_its_objective(path):
+    config = load_config(path)
+    assert Path(config["train"]["output"]).name == path.stem
+    Objective(**config["loss"])

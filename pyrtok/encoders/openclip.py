@@ -118,7 +118,7 @@ class OpenClipTower(TowerView):
             return None
         block = self.layers[index - 1]
         attn = block.attn
-        if not isinstance(attn, nn.MultiheadAttention) or not attn._qkv_same_embed_dim:
+        if not isinstance(attn, nn.MultiheadAttention) or attn.in_proj_weight is None:
             return None
         x = block.ln_1(states[index - 1])
         dim = x.shape[-1]

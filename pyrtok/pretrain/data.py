@@ -73,16 +73,19 @@ def random_resized_crop(
     return crop.clamp(0, 1)
 
 
+def _to_tensor(image: Image.Image) -> Tensor:
+    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
 def _scene(seed: int, index: int) -> Tensor:
     from pyrtok.data.shapes_vqa import make_scene
 
-    array = np.asarray(make_scene(seed, "train", index).image, dtype=np.float32) / 255.0
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+    return _to_tensor(make_scene(seed, "train", index).image)
 
 
 def _load(path: Path) -> Tensor:
-    array = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+    return _to_tensor(Image.open(path))
 
 
 class ImagePool:
@@ -96,6 +99,7 @@ class ImagePool:
         folders: folders of the user's own images (searched recursively for png/jpg/jpeg/bmp/webp).
         images: extra (3, H, W) tensors in [0, 1].
         max_side: images are shrunk so their longer side is at most this (keeps memory and crops sane).
+        seed: the benchmark seed the shapes scenes are rendered with.
     """
 
     def __init__(

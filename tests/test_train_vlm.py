@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pyrtok.data.shapes_vqa import COLOURS, DIGITS, LETTERS, TARGETS, make_scene, patch_targets
+from pyrtok.data.shapes_vqa import COLOURS, DIGITS, LETTERS, TARGETS, make_scene, patch_targets, questions_for
 from pyrtok.vlm import PyramidVLM
 from pyrtok.vlm.train import (
     DenseHeads,
@@ -17,6 +17,7 @@ from pyrtok.vlm.train import (
     evaluate,
     load_config,
     num_tokens,
+    scene_questions,
     train,
     vocabulary,
 )
@@ -62,9 +63,25 @@ def test_batches_cycle_through_families_and_token_count():
     assert [[q["family"] for q in (i, *i["more"])] for i in talks] == [["spatial", "existence", "coarse"],
                                                                        ["existence", "coarse", "fine"]]
     assert talks[0]["question"] == items[3]["question"] and "more" not in items[3]
-    with pytest.raises(ValueError, match="turns must be in"):
-        batch("train", 0, 1, 64, turns=6)
+    with pytest.raises(ValueError, match="turns must be >= 1"):
+        batch("train", 0, 1, 64, turns=0)
     assert num_tokens(load_config()) == 196 + 49 + 16
+
+
+def test_more_turns_than_families_draw_fresh_distinct_questions_about_the_same_scene():
+    index = 7
+    scene = make_scene(0, "train", index, 64)
+    benchmark = questions_for(scene, 0, "train", index)
+    ten = scene_questions(scene, 0, "train", index, 10)
+    order = [(index + k) % 5 for k in range(5)]
+    assert ten[:5] == [benchmark[k] for k in order]  # the split's own questions come first, in batch order
+    assert len({q["question"] for q in ten}) == len(ten) > 5
+    _, talks = batch("train", index, 1, 64, turns=10)
+    first = {k: v for k, v in talks[0].items() if k != "more"}
+    assert [first, *talks[0]["more"]] == ten
+    lonely = next(make_scene(0, "train", i, 64) for i in range(100) if len(make_scene(0, "train", i, 64).objects) == 1)
+    few = scene_questions(lonely, 0, "train", 0, 60)  # a one-object scene runs out of distinct questions
+    assert 5 <= len(few) < 60 and len({q["question"] for q in few}) == len(few)
 
 
 def test_patch_targets_mark_objects_label_and_dots():
@@ -142,6 +159,26 @@ def test_training_resumes_exactly_evaluates_and_saves_a_loadable_model(tmp_path)
     images, items = batch("test", 0, 2, 64)
     out = vlm.generate(images, [f"USER: <image> {i['question']} ASSISTANT:" for i in items], max_new_tokens=2)
     assert out.counts.tolist() == [8, 8] and len(out.texts) == 2
+
+
+def test_a_warm_restart_extends_a_finished_run_exactly(tmp_path):
+    short = micro(tmp_path, "extended")
+    short["train"].update(keep_checkpoints=10, checkpoint_every=1)
+    train(short, progress=False)
+    restart = {"steps": 2, "lr": 8e-4, "turns": 3}
+    extended = {**short, "train": {**short["train"], "steps": 7, "restart": restart}}
+    resumed = train(extended, progress=False)
+    straight = train({**extended, "train": {**extended["train"], "output": str(tmp_path / "straight")}},
+                     progress=False)
+    for step in (5, 7):  # the steps before the restart are the short run's; the restart resumes exactly
+        a = load_file(str(resumed / f"checkpoints/step-{step:07d}/model.safetensors"))
+        b = load_file(str(straight / f"checkpoints/step-{step:07d}/model.safetensors"))
+        assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    log = [json.loads(line) for line in (straight / "log.jsonl").read_text().splitlines()]
+    lrs = [row["lr"] for row in log]  # the LR the next step uses: cosine to 0, then warmed up again
+    assert lrs[3] < lrs[2] and lrs[3] < lrs[4] == pytest.approx(restart["lr"]) and lrs[-1] == 0
+    with pytest.raises(ValueError, match="train.restart.steps must be in"):
+        train({**extended, "train": {**extended["train"], "restart": {**restart, "steps": 5}}}, progress=False)
 
 
 def test_evaluation_scores_the_full_budget_once_and_every_allocator_at_each_budget():

@@ -21,7 +21,10 @@ their tokens covers a large part of an object, so the model learns to read the i
 tokens (the pooled levels share the features' space, so the skill carries over to the finest level). The
 next ``allocation.full_steps`` steps keep all tokens; then the token dropout above starts. With
 ``train.turns`` > 1 every stage-2 sample is a conversation of that many questions about its image
-(:func:`conversation`), so one encoded image supervises several answers. The tower can
+(:func:`conversation`), so one encoded image supervises several answers. The last ``train.restart.steps``
+steps of stage 2 can be a warm restart (SGDR): the LR warms up again to ``restart.lr`` and follows a second
+cosine to 0, with ``restart.turns`` questions per image; the steps before it are exactly those of the same
+config without the restart, so a finished run can be extended by resuming it. The tower can
 be frozen for the first ``train.freeze_vision_steps`` steps of stage 2 (or all of them); while it trains,
 the dense loss stays on as an auxiliary term (``train.dense_weight``). The vision tower can also start
 from a ``pyrtok pretrain`` encoder (``init.vision_tower``). ``model.text_init_std`` sets the initial weight
@@ -58,7 +61,7 @@ from pyrtok.pretrain.data import step_generator
 from pyrtok.vlm.adapter import PyramidVLM
 from pyrtok.vlm.tokenizer import word_tokenizer
 
-__all__ = ["build", "conversation", "evaluate", "load_config", "main", "num_tokens", "train"]
+__all__ = ["build", "conversation", "evaluate", "load_config", "main", "num_tokens", "scene_questions", "train"]
 
 PROMPT = "USER: <image> {question} ASSISTANT:"
 
@@ -73,7 +76,8 @@ DEFAULTS: dict[str, Any] = {
                    "full_probability": 0.3, "coarse_steps": 0, "full_steps": 0},
     "train": {"steps": 2000, "batch_size": 32, "lr": 1e-3, "weight_decay": 0.01, "warmup_steps": 100,
               "grad_clip": 1.0, "turns": 1, "dense_steps": 0, "dense_batch_size": 64, "dense_weight": 0.2,
-              "freeze_vision_steps": 0, "log_every": 10, "checkpoint_every": 200,
+              "freeze_vision_steps": 0, "restart": {"steps": 0, "lr": 5e-4, "turns": None},
+              "log_every": 10, "checkpoint_every": 200,
               "keep_checkpoints": 2, "eval_every": 500, "eval_questions": 250,
               "eval_budgets": [1.0, 0.11], "eval_allocators": ["all", "random", "pool", "laplacian"],
               "output": "runs/embedded/default"},
@@ -130,17 +134,17 @@ def batch(
 
     The question family cycles with the scene index, so every family is equally represented. With
     ``turns`` > 1, each question also carries ``"more"``: the scene's next ``turns - 1`` questions (the
-    following families, cyclically), for multi-turn training. With ``patch``, also the per-patch targets of
-    every scene, ``{name: (count, S/patch, S/patch) int64}``.
+    following families, cyclically; see :func:`scene_questions` for more than one per family), for
+    multi-turn training. With ``patch``, also the per-patch targets of every scene,
+    ``{name: (count, S/patch, S/patch) int64}``.
     """
-    if not 1 <= turns <= len(FAMILIES):
-        raise ValueError(f"turns must be in [1, {len(FAMILIES)}] (one question per family), got {turns}")
+    if turns < 1:
+        raise ValueError(f"turns must be >= 1, got {turns}")
     images, items, targets = [], [], defaultdict(list)
     for index in range(first, first + count):
         scene = make_scene(seed, split, index, size)
-        questions = questions_for(scene, seed, split, index)
-        order = [(index + k) % len(FAMILIES) for k in range(turns)]
-        item = {**questions[order[0]], **({"more": [questions[k] for k in order[1:]]} if turns > 1 else {})}
+        first_question, *more = scene_questions(scene, seed, split, index, turns)
+        item = {**first_question, **({"more": more} if turns > 1 else {})}
         images.append(torch.from_numpy(np.asarray(scene.image, dtype=np.float32) / 255.0).permute(2, 0, 1))
         items.append(item)
         if patch is not None:
@@ -149,6 +153,31 @@ def batch(
     if patch is None:
         return torch.stack(images), items
     return torch.stack(images), items, {name: torch.stack(v) for name, v in targets.items()}
+
+
+def scene_questions(scene: Any, seed: int, split: str, index: int, turns: int) -> list[dict]:
+    """Up to ``turns`` distinct questions about scene ``index``, families cycling from ``index % 5``.
+
+    The first five are the benchmark's own (:func:`~pyrtok.data.shapes_vqa.questions_for`), so the first is
+    exactly the question the split asks; further ones come from fresh draws of the same generator (other
+    objects, pairs, absent things), skipping any question already asked. A scene with little to ask about
+    (one object) may yield fewer than ``turns``.
+    """
+    order = [(index + k) % len(FAMILIES) for k in range(len(FAMILIES))]
+    out: list[dict] = []
+    asked: set[str] = set()
+    for draw in range(4 * math.ceil(turns / len(FAMILIES))):
+        questions = questions_for(scene, seed + draw * _DRAW_STRIDE, split, index)
+        for k in order:
+            if len(out) < turns and questions[k]["question"] not in asked:
+                out.append(questions[k])
+                asked.add(questions[k]["question"])
+        if len(out) == turns:
+            break
+    return out
+
+
+_DRAW_STRIDE = 100_003  # seed offset between question draws of one scene
 
 
 class DenseHeads(nn.Module):
@@ -325,11 +354,29 @@ def evaluate(vlm_for: Any, config: dict[str, Any], device: torch.device) -> list
     return rows
 
 
+def _restart_start(t: dict[str, Any]) -> int:
+    """The first step of the warm-restart phase (``train.steps`` if there is none)."""
+    return t["steps"] - t["restart"]["steps"]
+
+
 def _schedule(step: int, t: dict[str, Any]) -> float:
-    """LR factor: warm-up then flat through stage 1; warm-up then cosine to 0 through stage 2."""
+    """LR factor: warm-up then flat through stage 1; warm-up then cosine to 0 through stage 2; and for the
+    last ``train.restart.steps`` steps a warm restart: warm-up to ``restart.lr`` then cosine to 0 again."""
     if step < t["dense_steps"]:
         return min(1.0, (step + 1) / max(1, t["warmup_steps"]))
-    return warmup_cosine(step - t["dense_steps"], t["warmup_steps"], t["steps"] - t["dense_steps"])
+    restart = _restart_start(t)
+    if step < restart:
+        return warmup_cosine(step - t["dense_steps"], t["warmup_steps"], restart - t["dense_steps"])
+    return t["restart"]["lr"] / t["lr"] * warmup_cosine(step - restart, t["warmup_steps"], t["restart"]["steps"])
+
+
+def _turns(step: int, t: dict[str, Any]) -> int:
+    """Questions per image at ``step``: 1 in stage 1, ``train.turns`` in stage 2, ``restart.turns`` after."""
+    if step < t["dense_steps"]:
+        return 1
+    if step >= _restart_start(t):
+        return t["restart"]["turns"] or t["turns"]
+    return t["turns"]
 
 
 def train(config: dict[str, Any], resume: bool = True, progress: bool = True, stop_after: int | None = None) -> Path:
@@ -346,6 +393,9 @@ def train(config: dict[str, Any], resume: bool = True, progress: bool = True, st
     t, m, a = config["train"], config["model"], config["allocation"]
     if not 0 <= t["dense_steps"] < t["steps"]:
         raise ValueError(f"train.dense_steps must be in [0, train.steps={t['steps']}), got {t['dense_steps']}")
+    if not 0 <= t["restart"]["steps"] < t["steps"] - t["dense_steps"]:
+        raise ValueError(f"train.restart.steps must be in [0, train.steps - train.dense_steps="
+                         f"{t['steps'] - t['dense_steps']}), got {t['restart']['steps']}")
     if a["coarse_steps"] and m["levels"] < 2:
         raise ValueError(f"allocation.coarse_steps needs model.levels >= 2 (a coarse level), got {m['levels']}")
     output = Path(t["output"])
@@ -357,13 +407,16 @@ def train(config: dict[str, Any], resume: bool = True, progress: bool = True, st
     llava, tokenizer = build(config)
     trainee = Trainee(llava, tokenizer, m["levels"])
     optimizer = torch.optim.AdamW(trainee.parameters(), lr=t["lr"], weight_decay=t["weight_decay"])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(s, t))
-    model, optimizer, scheduler = accelerator.prepare(trainee, optimizer, scheduler)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(s, t))
+    model, optimizer, scheduler = accelerator.prepare(trainee, optimizer, schedule)
     start = 0
     latest = latest_checkpoint(checkpoints) if resume else None
     if latest is not None:
         accelerator.load_state(str(latest))
         start = json.loads((latest / "step.json").read_text())["step"]
+        # the saved LR is the old schedule's; this config's (a longer run, a restart) applies from `start`
+        for group, base in zip(optimizer.param_groups, schedule.base_lrs, strict=True):
+            group["lr"] = base * _schedule(start, t)
     if accelerator.is_main_process:
         for name in ("log.jsonl", "eval.jsonl"):
             trim_log(output / name, start)
@@ -377,7 +430,7 @@ def train(config: dict[str, Any], resume: bool = True, progress: bool = True, st
         size = t["batch_size"] if stage2 else t["dense_batch_size"]
         first = (step * world + rank) * max(t["batch_size"], t["dense_batch_size"])
         images, items, targets = batch("train", first, size, m["image_size"], config["seed"], m["patch_size"],
-                                       turns=t["turns"] if stage2 else 1)
+                                       turns=_turns(step, t))
         images = images.to(accelerator.device)
         targets = {name: v.to(accelerator.device) for name, v in targets.items()}
         if stage2:

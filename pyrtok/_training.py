@@ -18,8 +18,8 @@ from typing import Any
 import yaml
 
 __all__ = [
-    "latest_checkpoint", "load_config", "merge_config", "optimizer_step", "run_cli", "save_checkpoint", "trim_log",
-    "warmup_cosine",
+    "latest_checkpoint", "load_config", "merge_config", "optimizer_step", "run_cli", "save_checkpoint",
+    "set_override", "trim_log", "warmup_cosine",
 ]
 
 
@@ -106,6 +106,25 @@ def load_config(
     return merge_config(config, overrides) if overrides else config
 
 
+def set_override(overrides: dict[str, Any], item: str) -> dict[str, Any]:
+    """Add one ``dotted.key=value`` to the nested ``overrides`` (value parsed as YAML); returns ``overrides``.
+
+    ``"train.restart.steps=2000"`` sets ``overrides["train"]["restart"]["steps"] = 2000``; whether the key
+    exists is checked when the overrides are merged into the config.
+    """
+    key, sep, value = item.partition("=")
+    path = key.strip().split(".")
+    if not sep or not all(path):
+        raise ValueError(f"--set expects KEY=VALUE with a dotted KEY (e.g. train.steps=100), got {item!r}")
+    node = overrides
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"--set {item!r}: {part!r} was already set to a value, not a section")
+    node[path[-1]] = yaml.safe_load(value)
+    return overrides
+
+
 def run_cli(
     prog: str,
     description: str,
@@ -113,15 +132,23 @@ def run_cli(
     load: Callable[[str | Path | None, dict[str, Any] | None], dict[str, Any]],
     argv: list[str] | None = None,
 ) -> None:
-    """The common command line: --config (required), --steps, --output, --no-resume, --stop-after."""
+    """The common command line: --config (required), --set, --steps, --output, --no-resume, --stop-after."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--config", required=True, help="the run's YAML file")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
+                        help="override one config entry, e.g. --set init.vision_tower=runs/pretrain/x/encoder "
+                             "(VALUE is read as YAML; repeatable)")
     parser.add_argument("--steps", type=int, help="override train.steps")
     parser.add_argument("--output", help="override train.output")
     parser.add_argument("--no-resume", action="store_true", help="start over even if checkpoints exist")
     parser.add_argument("--stop-after", type=int, help="end this invocation after N steps (resume later)")
     args = parser.parse_args(argv)
     overrides: dict[str, Any] = {"train": {}}
+    for item in args.sets:
+        try:
+            set_override(overrides, item)
+        except ValueError as error:
+            parser.error(str(error))
     if args.steps is not None:
         overrides["train"]["steps"] = args.steps
     if args.output is not None:

@@ -177,8 +177,16 @@ def test_cli_and_evaluation(tmp_path, capsys):
     import yaml
 
     config.write_text(yaml.safe_dump({**TINY, "loss": {"pixel": 0.0, "lap": 1.0, "norm_pix": False}}))
-    main(["--config", str(config), "--steps", "2", "--output", str(tmp_path / "run")])
+    main(["--config", str(config), "--steps", "2", "--output", str(tmp_path / "run"),
+          "--set", "train.log_every=2", "--set", "data.crop_scale=[0.5, 1.0]"])
     assert "finished" in capsys.readouterr().out
+    written = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert written["train"]["log_every"] == 2 and written["data"]["crop_scale"] == [0.5, 1.0]
+    for bad in (["train.steps"], ["train..steps=3"], ["train.log_every=1", "train.log_every.x=2"]):
+        with pytest.raises(SystemExit):  # malformed: argparse names --set and exits
+            main(["--config", str(config), *[a for item in bad for a in ("--set", item)]])
+    with pytest.raises(ValueError, match="unknown config key 'trian'"):
+        main(["--config", str(config), "--set", "trian.steps=1"])
     images = held_out_images(4, 32)
     row = evaluate_run(tmp_path / "run", images)
     assert row["steps"] == 2 and row["loss"] == "1*lap"

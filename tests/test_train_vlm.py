@@ -1,6 +1,7 @@
 """The tiny-LLaVA training command on a micro configuration: build, train, resume exactly, evaluate, load."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -177,7 +178,7 @@ def test_a_warm_restart_extends_a_finished_run_exactly(tmp_path):
     log = [json.loads(line) for line in (straight / "log.jsonl").read_text().splitlines()]
     lrs = [row["lr"] for row in log]  # the LR the next step uses: cosine to 0, then warmed up again
     assert lrs[3] < lrs[2] and lrs[3] < lrs[4] == pytest.approx(restart["lr"]) and lrs[-1] == 0
-    with pytest.raises(ValueError, match="train.restart.steps must be in"):
+    with pytest.raises(ValueError, match=r"train\.restart\.steps must be in"):
         train({**extended, "train": {**extended["train"], "restart": {**restart, "steps": 5}}}, progress=False)
 
 
@@ -262,3 +263,17 @@ def test_export_writes_a_loadable_model_from_any_checkpoint(tmp_path):
     save_file(older, str(run / "checkpoints/step-0000002/model.safetensors"))
     with pytest.raises(Exception, match="linear_1"):
         export_checkpoint(run, tmp_path / "broken", checkpoint=run / "checkpoints/step-0000002")
+
+
+EMBEDDED = Path(__file__).parents[1] / "configs" / "embedded"
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in EMBEDDED.glob("*.yaml")))
+def test_shipped_embedded_configs_load_with_a_valid_schedule(name):
+    from pyrtok.vlm.train import _schedule, _turns
+
+    t = (config := load_config(EMBEDDED / name))["train"]
+    assert num_tokens(config) == 261 and 0 <= t["restart"]["steps"] < t["steps"] - t["dense_steps"]
+    factors = [_schedule(step, t) for step in range(t["steps"])]
+    assert all(0 <= f <= 1 for f in factors) and factors[-1] < 0.01  # every schedule anneals to ~0
+    assert {_turns(step, t) for step in range(t["dense_steps"])} == {1}

@@ -155,6 +155,9 @@ def batch(
     return torch.stack(images), items, {name: torch.stack(v) for name, v in targets.items()}
 
 
+_DRAW_STRIDE = 100_003  # seed offset between the question draws of one scene
+
+
 def scene_questions(scene: Any, seed: int, split: str, index: int, turns: int) -> list[dict]:
     """Up to ``turns`` distinct questions about scene ``index``, families cycling from ``index % 5``.
 
@@ -175,9 +178,6 @@ def scene_questions(scene: Any, seed: int, split: str, index: int, turns: int) -
         if len(out) == turns:
             break
     return out
-
-
-_DRAW_STRIDE = 100_003  # seed offset between question draws of one scene
 
 
 class DenseHeads(nn.Module):

@@ -75,6 +75,8 @@ from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from pyrtok.images import image_tensor
+
 __all__ = ["DEFAULT_TEMPLATE", "MANIFEST", "MODEL_NAME", "PyrtokLMM"]
 
 MODEL_NAME = "pyrtok"
@@ -114,12 +116,6 @@ def _positive_int(value: Any, name: str, allow_none: bool = False) -> int | None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int{' or omitted' if allow_none else ''}, got {value!r}")
     return value
-
-
-def _pixels(image: Image.Image) -> Tensor:
-    """PIL image -> (3, H, W) float32 in [0, 1]."""
-    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
 def _truncate(text: str, until: Sequence[str]) -> str:
@@ -338,7 +334,7 @@ class PyrtokLMM(lmms):
             image = self._visual(item.doc_to_visual, self._doc(*item.key), item.key)
             # Resized to the encoder's input size first, so that images of any size share a batch (the encoder
             # then leaves them as they are); only an encoder keeping input sizes splits the batch.
-            pixels = self.vlm.encoder.prepare(_pixels(image).unsqueeze(0))[0]
+            pixels = self.vlm.encoder.prepare(image_tensor(image).unsqueeze(0))[0]
             parts.setdefault(tuple(pixels.shape), []).append((item, pixels))
         for pairs in parts.values():
             yield [item for item, _ in pairs], torch.stack([pixels for _, pixels in pairs])

@@ -28,7 +28,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
@@ -38,6 +37,7 @@ from eval.metrics import get_metric
 from eval.rows import RowWriter, read_rows, row_key
 from eval.tasks import load_task
 from eval.tasks.prompts import format_question
+from pyrtok.images import image_tensor
 
 __all__ = ["Cell", "LoadedModel", "load_model", "run"]
 
@@ -108,8 +108,7 @@ def _load_image(record: dict[str, Any], size: int) -> torch.Tensor:
     image = record["image"]
     if not isinstance(image, Image.Image):
         image = Image.open(image)
-    image = image.convert("RGB").resize((size, size), Image.BICUBIC)
-    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    return image_tensor(image.convert("RGB").resize((size, size), Image.BICUBIC))
 
 
 class _FirstToken:

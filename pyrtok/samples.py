@@ -12,9 +12,10 @@ import importlib.util
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 from torch import Tensor
+
+from pyrtok.images import image_tensor
 
 __all__ = ["available_samples", "sample_image", "sample_path"]
 
@@ -94,5 +95,4 @@ def sample_image(name: str = "astronaut", size: int | tuple[int, int] | None = N
     if size is not None:
         height, width = (size, size) if isinstance(size, int) else size
         image = image.resize((width, height), Image.BICUBIC)
-    array = np.asarray(image, dtype=np.float32) / 255.0
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+    return image_tensor(image)

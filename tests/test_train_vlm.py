@@ -80,8 +80,8 @@ def test_more_turns_than_families_draw_fresh_distinct_questions_about_the_same_s
     _, talks = batch("train", index, 1, 64, turns=10)
     first = {k: v for k, v in talks[0].items() if k != "more"}
     assert [first, *talks[0]["more"]] == ten
-    lonely = next(make_scene(0, "train", i, 64) for i in range(100) if len(make_scene(0, "train", i, 64).objects) == 1)
-    few = scene_questions(lonely, 0, "train", 0, 60)  # a one-object scene runs out of distinct questions
+    alone = next(i for i in range(100) if len(make_scene(0, "train", i, 64).objects) == 1)
+    few = scene_questions(make_scene(0, "train", alone, 64), 0, "train", alone, 60)  # runs out of questions
     assert 5 <= len(few) < 60 and len({q["question"] for q in few}) == len(few)
 
 

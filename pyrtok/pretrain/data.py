@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from pyrtok.images import image_tensor
 from pyrtok.samples import available_samples, sample_image
 
 __all__ = ["HELD_OUT_SAMPLES", "ImagePool", "random_resized_crop", "step_generator"]
@@ -73,19 +74,14 @@ def random_resized_crop(
     return crop.clamp(0, 1)
 
 
-def _to_tensor(image: Image.Image) -> Tensor:
-    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
-
-
 def _scene(seed: int, index: int) -> Tensor:
     from pyrtok.data.shapes_vqa import make_scene
 
-    return _to_tensor(make_scene(seed, "train", index).image)
+    return image_tensor(make_scene(seed, "train", index).image)
 
 
 def _load(path: Path) -> Tensor:
-    return _to_tensor(Image.open(path))
+    return image_tensor(Image.open(path))
 
 
 class ImagePool:

@@ -57,6 +57,7 @@ from tqdm.auto import tqdm
 from pyrtok import _training
 from pyrtok._training import latest_checkpoint, optimizer_step, save_checkpoint, trim_log, warmup_cosine
 from pyrtok.data.shapes_vqa import ANSWERS, FAMILIES, TARGETS, make_scene, patch_targets, questions_for
+from pyrtok.images import image_tensor
 from pyrtok.pretrain.data import step_generator
 from pyrtok.vlm.adapter import PyramidVLM
 from pyrtok.vlm.tokenizer import word_tokenizer
@@ -145,7 +146,7 @@ def batch(
         scene = make_scene(seed, split, index, size)
         first_question, *more = scene_questions(scene, seed, split, index, turns)
         item = {**first_question, **({"more": more} if turns > 1 else {})}
-        images.append(torch.from_numpy(np.asarray(scene.image, dtype=np.float32) / 255.0).permute(2, 0, 1))
+        images.append(image_tensor(scene.image))
         items.append(item)
         if patch is not None:
             for name, value in patch_targets(scene, patch).items():

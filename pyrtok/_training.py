@@ -24,12 +24,13 @@ __all__ = [
 
 
 def merge_config(base: dict[str, Any], override: dict[str, Any], path: str = "") -> dict[str, Any]:
-    """``base`` updated by ``override`` (nested dicts merged); unknown keys raise."""
+    """``base`` updated by ``override``: nested dicts merged, anything else replaced; unknown keys raise."""
     out = dict(base)
     for key, value in override.items():
         if key not in base:
             raise ValueError(f"unknown config key {path + key!r}; known: {sorted(base)}")
-        out[key] = merge_config(base[key], value, f"{path}{key}.") if isinstance(base[key], dict) else value
+        nested = isinstance(base[key], dict) and isinstance(value, dict)
+        out[key] = merge_config(base[key], value, f"{path}{key}.") if nested else value
     return out
 
 

@@ -7,17 +7,22 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from pyrtok._training import merge_config
 from pyrtok.data.shapes_vqa import COLOURS, DIGITS, LETTERS, TARGETS, make_scene, patch_targets, questions_for
 from pyrtok.vlm import PyramidVLM
 from pyrtok.vlm.train import (
     DenseHeads,
     _answer_labels,
+    _schedule,
+    _turns,
     batch,
     build,
     conversation,
     evaluate,
+    family_counts,
     load_config,
     num_tokens,
+    restarts,
     scene_questions,
     train,
     vocabulary,
@@ -83,6 +88,42 @@ def test_more_turns_than_families_draw_fresh_distinct_questions_about_the_same_s
     alone = next(i for i in range(100) if len(make_scene(0, "train", i, 64).objects) == 1)
     few = scene_questions(make_scene(0, "train", alone, 64), 0, "train", alone, 60)  # runs out of questions
     assert 5 <= len(few) < 60 and len({q["question"] for q in few}) == len(few)
+
+
+def test_per_family_turns_ask_each_family_its_count_round_robin():
+    counts = {"coarse": 2, "fine": 2, "spatial": 4, "existence": 3}  # counting left out: asked once
+    index = next(i for i in range(100) if len(make_scene(0, "train", i, 64).objects) == 4)
+    scene = make_scene(0, "train", index, 64)
+    talk = scene_questions(scene, 0, "train", index, counts)
+    families = [q["family"] for q in talk]
+    assert {f: families.count(f) for f in families} == {**family_counts(counts), "counting": 1}
+    assert talk[0] == questions_for(scene, 0, "train", index)[index % 5]  # the split's question first
+    assert families[:5] == [["coarse", "fine", "counting", "spatial", "existence"][(index + k) % 5] for k in range(5)]
+    assert len({q["question"] for q in talk}) == len(talk) == 12
+    _, items = batch("train", index, 1, 64, turns=counts)
+    assert [items[0]["question"]] + [q["question"] for q in items[0]["more"]] == [q["question"] for q in talk]
+    with pytest.raises(ValueError, match=r"unknown families \['colour'\]"):
+        family_counts({"colour": 2})
+    with pytest.raises(ValueError, match="integer >= 1"):
+        family_counts({"spatial": 0})
+
+
+def test_warm_restarts_chain_from_the_end_of_the_run():
+    t = load_config(None, {"train": {"steps": 100, "dense_steps": 10, "warmup_steps": 2, "turns": 5, "restart": [
+        {"steps": 30, "lr": 5e-4, "turns": 10}, {"steps": 20, "lr": 2e-4, "turns": {"spatial": 3}}]}})["train"]
+    first, second = restarts(t)
+    assert (first["start"], second["start"]) == (50, 80)
+    one = {**t, "steps": 80, "restart": [t["restart"][0]]}  # the same run without the last restart
+    assert [_schedule(s, t) for s in range(80)] == [_schedule(s, one) for s in range(80)]
+    assert _schedule(81, t) == pytest.approx(2e-4 / t["lr"]) and _schedule(99, t) < 0.01
+    assert (_turns(5, t), _turns(49, t), _turns(50, t), _turns(80, t)) == (1, 5, 10, {"spatial": 3})
+    configured = load_config(None, {"train": {"restart": {"steps": 20, "lr": 2e-4}}})  # as a YAML file sets it
+    assert load_config(None, {"train": {"restart": t["restart"]}})["train"]["restart"] == t["restart"]
+    assert merge_config(configured, {"train": {"restart": t["restart"]}})["train"]["restart"] == t["restart"]
+    single = {**t, "restart": {"steps": 20, "lr": 2e-4, "turns": None}}  # one mapping is one restart
+    assert restarts(single)[0]["start"] == 80 and _turns(90, single) == 5
+    with pytest.raises(ValueError, match=r"unknown config key 'train\.restart\[0\]\.rate'"):
+        restarts({**t, "restart": [{"steps": 5, "rate": 1e-3}]})
 
 
 def test_patch_targets_mark_objects_label_and_dots():
@@ -178,7 +219,7 @@ def test_a_warm_restart_extends_a_finished_run_exactly(tmp_path):
     log = [json.loads(line) for line in (straight / "log.jsonl").read_text().splitlines()]
     lrs = [row["lr"] for row in log]  # the LR the next step uses: cosine to 0, then warmed up again
     assert lrs[3] < lrs[2] and lrs[3] < lrs[4] == pytest.approx(restart["lr"]) and lrs[-1] == 0
-    with pytest.raises(ValueError, match=r"train\.restart\.steps must be in"):
+    with pytest.raises(ValueError, match=r"train\.restart\.steps \(all restarts together\) must be in"):
         train({**extended, "train": {**extended["train"], "restart": {**restart, "steps": 5}}}, progress=False)
 
 
@@ -270,10 +311,10 @@ EMBEDDED = Path(__file__).parents[1] / "configs" / "embedded"
 
 @pytest.mark.parametrize("name", sorted(p.name for p in EMBEDDED.glob("*.yaml")))
 def test_shipped_embedded_configs_load_with_a_valid_schedule(name):
-    from pyrtok.vlm.train import _schedule, _turns
+    from pyrtok.vlm.train import _schedule, _turns, restarts
 
     t = (config := load_config(EMBEDDED / name))["train"]
-    assert num_tokens(config) == 261 and 0 <= t["restart"]["steps"] < t["steps"] - t["dense_steps"]
+    assert num_tokens(config) == 261 and sum(p["steps"] for p in restarts(t)) < t["steps"] - t["dense_steps"]
     factors = [_schedule(step, t) for step in range(t["steps"])]
     assert all(0 <= f <= 1 for f in factors) and factors[-1] < 0.01  # every schedule anneals to ~0
     assert {_turns(step, t) for step in range(t["dense_steps"])} == {1}

@@ -21,10 +21,12 @@ their tokens covers a large part of an object, so the model learns to read the i
 tokens (the pooled levels share the features' space, so the skill carries over to the finest level). The
 next ``allocation.full_steps`` steps keep all tokens; then the token dropout above starts. With
 ``train.turns`` > 1 every stage-2 sample is a conversation of that many questions about its image
-(:func:`conversation`), so one encoded image supervises several answers. The last ``train.restart.steps``
-steps of stage 2 can be a warm restart (SGDR): the LR warms up again to ``restart.lr`` and follows a second
-cosine to 0, with ``restart.turns`` questions per image; the steps before it are exactly those of the same
-config without the restart, so a finished run can be extended by resuming it. The tower can
+(:func:`conversation`), so one encoded image supervises several answers; ``turns`` may also map families
+to counts (``{spatial: 4, ...}``) to ask the hard ones more often. The last steps of stage 2 can be warm
+restarts (SGDR, ``train.restart``: one ``{steps, lr, turns}`` or a list of them): in each, the LR warms up
+again to its ``lr`` and follows a new cosine to 0 over its ``steps``, with its own ``turns``. The steps
+before a restart are exactly those of the same config without it, so a finished run can be extended by
+resuming it under a config with one more restart. The tower can
 be frozen for the first ``train.freeze_vision_steps`` steps of stage 2 (or all of them); while it trains,
 the dense loss stays on as an auxiliary term (``train.dense_weight``). The vision tower can also start
 from a ``pyrtok pretrain`` encoder (``init.vision_tower``). ``model.text_init_std`` sets the initial weight
@@ -44,6 +46,7 @@ import json
 import math
 import re
 from collections import defaultdict
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +80,7 @@ DEFAULTS: dict[str, Any] = {
                    "full_probability": 0.3, "coarse_steps": 0, "full_steps": 0},
     "train": {"steps": 2000, "batch_size": 32, "lr": 1e-3, "weight_decay": 0.01, "warmup_steps": 100,
               "grad_clip": 1.0, "turns": 1, "dense_steps": 0, "dense_batch_size": 64, "dense_weight": 0.2,
-              "freeze_vision_steps": 0, "restart": {"steps": 0, "lr": 5e-4, "turns": None},
+              "freeze_vision_steps": 0, "restart": [],
               "log_every": 10, "checkpoint_every": 200,
               "keep_checkpoints": 2, "eval_every": 500, "eval_questions": 250,
               "eval_budgets": [1.0, 0.11], "eval_allocators": ["all", "random", "pool", "laplacian"],
@@ -129,23 +132,29 @@ def build(config: dict[str, Any]):
 
 
 def batch(
-    split: str, first: int, count: int, size: int, seed: int = 0, patch: int | None = None, turns: int = 1
+    split: str,
+    first: int,
+    count: int,
+    size: int,
+    seed: int = 0,
+    patch: int | None = None,
+    turns: int | Mapping[str, int] = 1,
 ) -> tuple[Tensor, list[dict]] | tuple[Tensor, list[dict], dict[str, Tensor]]:
     """Scenes ``first .. first+count-1`` of ``split``: images (count, 3, S, S) and one question each.
 
     The question family cycles with the scene index, so every family is equally represented. With
     ``turns`` > 1, each question also carries ``"more"``: the scene's next ``turns - 1`` questions (the
-    following families, cyclically; see :func:`scene_questions` for more than one per family), for
-    multi-turn training. With ``patch``, also the per-patch targets of every scene,
+    following families, cyclically; see :func:`scene_questions` for more than one per family, or for a
+    ``{family: count}`` mapping), for multi-turn training. With ``patch``, also the per-patch targets of every scene,
     ``{name: (count, S/patch, S/patch) int64}``.
     """
-    if turns < 1:
+    if num_turns(turns) < 1:
         raise ValueError(f"turns must be >= 1, got {turns}")
     images, items, targets = [], [], defaultdict(list)
     for index in range(first, first + count):
         scene = make_scene(seed, split, index, size)
         first_question, *more = scene_questions(scene, seed, split, index, turns)
-        item = {**first_question, **({"more": more} if turns > 1 else {})}
+        item = {**first_question, **({"more": more} if num_turns(turns) > 1 else {})}
         images.append(image_tensor(scene.image))
         items.append(item)
         if patch is not None:
@@ -159,15 +168,21 @@ def batch(
 _DRAW_STRIDE = 100_003  # seed offset between the question draws of one scene
 
 
-def scene_questions(scene: Any, seed: int, split: str, index: int, turns: int) -> list[dict]:
+def scene_questions(
+    scene: Any, seed: int, split: str, index: int, turns: int | Mapping[str, int]
+) -> list[dict]:
     """Up to ``turns`` distinct questions about scene ``index``, families cycling from ``index % 5``.
 
     The first five are the benchmark's own (:func:`~pyrtok.data.shapes_vqa.questions_for`), so the first is
     exactly the question the split asks; further ones come from fresh draws of the same generator (other
-    objects, pairs, absent things), skipping any question already asked. A scene with little to ask about
-    (one object) may yield fewer than ``turns``.
+    objects, pairs, absent things), skipping any question already asked. ``turns`` may instead map each
+    family to how many of its questions to ask (every family at least once, missing ones once): the
+    conversation then goes round the families in the same order, each until its count is reached. A scene
+    with little to ask about (one object) may yield fewer questions than asked for.
     """
     order = [(index + k) % len(FAMILIES) for k in range(len(FAMILIES))]
+    if isinstance(turns, Mapping):
+        return _family_questions(scene, seed, split, index, family_counts(turns), order)
     out: list[dict] = []
     asked: set[str] = set()
     for draw in range(4 * math.ceil(turns / len(FAMILIES))):
@@ -179,6 +194,40 @@ def scene_questions(scene: Any, seed: int, split: str, index: int, turns: int) -
         if len(out) == turns:
             break
     return out
+
+
+def family_counts(turns: Mapping[str, int]) -> dict[str, int]:
+    """``{family: questions per image}`` for every family, from a partial mapping (missing ones ask once)."""
+    unknown = set(turns) - set(FAMILIES)
+    if unknown:
+        raise ValueError(f"turns names unknown families {sorted(unknown)}; expected some of {list(FAMILIES)}")
+    counts = {family: turns.get(family, 1) for family in FAMILIES}
+    bad = {f: n for f, n in counts.items() if not isinstance(n, int) or isinstance(n, bool) or n < 1}
+    if bad:
+        raise ValueError(f"turns must ask every family an integer >= 1 times, got {bad}")
+    return counts
+
+
+def _family_questions(
+    scene: Any, seed: int, split: str, index: int, counts: dict[str, int], order: list[int]
+) -> list[dict]:
+    pools: dict[str, list[dict]] = {family: [] for family in FAMILIES}
+    asked: set[str] = set()
+    for draw in range(4 * max(counts.values())):
+        for family, question in zip(FAMILIES, questions_for(scene, seed + draw * _DRAW_STRIDE, split, index),
+                                    strict=True):
+            if len(pools[family]) < counts[family] and question["question"] not in asked:
+                pools[family].append(question)
+                asked.add(question["question"])
+        if all(len(pools[f]) == n for f, n in counts.items()):
+            break
+    rounds = max(counts.values())
+    return [pools[FAMILIES[k]][r] for r in range(rounds) for k in order if r < len(pools[FAMILIES[k]])]
+
+
+def num_turns(turns: int | Mapping[str, int]) -> int:
+    """Questions per image that ``turns`` (a count or a per-family mapping) asks for."""
+    return sum(family_counts(turns).values()) if isinstance(turns, Mapping) else turns
 
 
 class DenseHeads(nn.Module):
@@ -355,29 +404,57 @@ def evaluate(vlm_for: Any, config: dict[str, Any], device: torch.device) -> list
     return rows
 
 
+RESTART: dict[str, Any] = {"steps": 0, "lr": 5e-4, "turns": None}
+
+
+def restarts(t: dict[str, Any]) -> list[dict[str, Any]]:
+    """The warm restarts of ``train.restart`` (one mapping or a list of them), each with a ``start`` step.
+
+    They are the last steps of the run, in order: the final one covers the last ``steps`` steps, the one
+    before it the ``steps`` before those, and so on. Entries with ``steps: 0`` are dropped.
+    """
+    entries = t["restart"] if isinstance(t["restart"], list) else [t["restart"]]
+    phases = []
+    for k, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise ValueError(f"train.restart[{k}] must be a mapping of {sorted(RESTART)}, got {entry!r}")
+        phases.append(_training.merge_config(RESTART, entry, f"train.restart[{k}]."))
+    phases = [p for p in phases if p["steps"]]
+    start = t["steps"] - sum(p["steps"] for p in phases)
+    for phase in phases:
+        phase["start"], start = start, start + phase["steps"]
+    return phases
+
+
 def _restart_start(t: dict[str, Any]) -> int:
-    """The first step of the warm-restart phase (``train.steps`` if there is none)."""
-    return t["steps"] - t["restart"]["steps"]
+    """The first step of the first warm restart (``train.steps`` if there is none)."""
+    phases = restarts(t)
+    return phases[0]["start"] if phases else t["steps"]
+
+
+def _phase(step: int, t: dict[str, Any]) -> dict[str, Any] | None:
+    """The warm restart that ``step`` is in, or None before the first one."""
+    return next((p for p in reversed(restarts(t)) if step >= p["start"]), None)
 
 
 def _schedule(step: int, t: dict[str, Any]) -> float:
-    """LR factor: warm-up then flat through stage 1; warm-up then cosine to 0 through stage 2; and for the
-    last ``train.restart.steps`` steps a warm restart: warm-up to ``restart.lr`` then cosine to 0 again."""
+    """LR factor: warm-up then flat through stage 1; warm-up then cosine to 0 through stage 2; and in each
+    warm restart of ``train.restart``: warm-up to its ``lr`` then cosine to 0 again over its ``steps``."""
     if step < t["dense_steps"]:
         return min(1.0, (step + 1) / max(1, t["warmup_steps"]))
-    restart = _restart_start(t)
-    if step < restart:
-        return warmup_cosine(step - t["dense_steps"], t["warmup_steps"], restart - t["dense_steps"])
-    return t["restart"]["lr"] / t["lr"] * warmup_cosine(step - restart, t["warmup_steps"], t["restart"]["steps"])
+    phase = _phase(step, t)
+    if phase is None:
+        return warmup_cosine(step - t["dense_steps"], t["warmup_steps"], _restart_start(t) - t["dense_steps"])
+    return phase["lr"] / t["lr"] * warmup_cosine(step - phase["start"], t["warmup_steps"], phase["steps"])
 
 
-def _turns(step: int, t: dict[str, Any]) -> int:
-    """Questions per image at ``step``: 1 in stage 1, ``train.turns`` in stage 2, ``restart.turns`` after."""
+def _turns(step: int, t: dict[str, Any]) -> int | dict[str, int]:
+    """Questions per image at ``step`` (a count or per-family counts): 1 in stage 1, ``train.turns`` in
+    stage 2, and the ``turns`` of the warm restart it is in, if that sets them."""
     if step < t["dense_steps"]:
         return 1
-    if step >= _restart_start(t):
-        return t["restart"]["turns"] or t["turns"]
-    return t["turns"]
+    phase = _phase(step, t)
+    return phase["turns"] or t["turns"] if phase is not None else t["turns"]
 
 
 def train(config: dict[str, Any], resume: bool = True, progress: bool = True, stop_after: int | None = None) -> Path:
@@ -394,9 +471,10 @@ def train(config: dict[str, Any], resume: bool = True, progress: bool = True, st
     t, m, a = config["train"], config["model"], config["allocation"]
     if not 0 <= t["dense_steps"] < t["steps"]:
         raise ValueError(f"train.dense_steps must be in [0, train.steps={t['steps']}), got {t['dense_steps']}")
-    if not 0 <= t["restart"]["steps"] < t["steps"] - t["dense_steps"]:
-        raise ValueError(f"train.restart.steps must be in [0, train.steps - train.dense_steps="
-                         f"{t['steps'] - t['dense_steps']}), got {t['restart']['steps']}")
+    restart_steps = sum(p["steps"] for p in restarts(t))
+    if not 0 <= restart_steps < t["steps"] - t["dense_steps"]:
+        raise ValueError(f"train.restart.steps (all restarts together) must be in [0, train.steps - "
+                         f"train.dense_steps={t['steps'] - t['dense_steps']}), got {restart_steps}")
     if a["coarse_steps"] and m["levels"] < 2:
         raise ValueError(f"allocation.coarse_steps needs model.levels >= 2 (a coarse level), got {m['levels']}")
     output = Path(t["output"])

@@ -46,7 +46,7 @@ import json
 import math
 import re
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -145,16 +145,17 @@ def batch(
     The question family cycles with the scene index, so every family is equally represented. With
     ``turns`` > 1, each question also carries ``"more"``: the scene's next ``turns - 1`` questions (the
     following families, cyclically; see :func:`scene_questions` for more than one per family, or for a
-    ``{family: count}`` mapping), for multi-turn training. With ``patch``, also the per-patch targets of every scene,
-    ``{name: (count, S/patch, S/patch) int64}``.
+    ``{family: count}`` mapping), for multi-turn training. With ``patch``, also the per-patch targets of
+    every scene, ``{name: (count, S/patch, S/patch) int64}``.
     """
-    if num_turns(turns) < 1:
+    many = num_turns(turns)
+    if many < 1:
         raise ValueError(f"turns must be >= 1, got {turns}")
     images, items, targets = [], [], defaultdict(list)
     for index in range(first, first + count):
         scene = make_scene(seed, split, index, size)
         first_question, *more = scene_questions(scene, seed, split, index, turns)
-        item = {**first_question, **({"more": more} if num_turns(turns) > 1 else {})}
+        item = {**first_question, **({"more": more} if many > 1 else {})}
         images.append(image_tensor(scene.image))
         items.append(item)
         if patch is not None:
@@ -182,18 +183,36 @@ def scene_questions(
     """
     order = [(index + k) % len(FAMILIES) for k in range(len(FAMILIES))]
     if isinstance(turns, Mapping):
-        return _family_questions(scene, seed, split, index, family_counts(turns), order)
+        counts = family_counts(turns)
+        pools: dict[str, list[dict]] = {family: [] for family in FAMILIES}
+        for question in _distinct_questions(scene, seed, split, index, order, 4 * max(counts.values())):
+            pool = pools[question["family"]]
+            if len(pool) < counts[question["family"]]:
+                pool.append(question)
+            if all(len(pools[f]) == n for f, n in counts.items()):
+                break
+        rounds = max(counts.values())
+        return [pools[FAMILIES[k]][r] for r in range(rounds) for k in order if r < len(pools[FAMILIES[k]])]
     out: list[dict] = []
-    asked: set[str] = set()
-    for draw in range(4 * math.ceil(turns / len(FAMILIES))):
-        questions = questions_for(scene, seed + draw * _DRAW_STRIDE, split, index)
-        for k in order:
-            if len(out) < turns and questions[k]["question"] not in asked:
-                out.append(questions[k])
-                asked.add(questions[k]["question"])
+    for question in _distinct_questions(scene, seed, split, index, order, 4 * math.ceil(turns / len(FAMILIES))):
+        out.append(question)
         if len(out) == turns:
             break
     return out
+
+
+def _distinct_questions(
+    scene: Any, seed: int, split: str, index: int, order: list[int], draws: int
+) -> Iterator[dict]:
+    """The questions of ``draws`` successive draws of the generator about one scene, families in ``order``
+    within each draw, each question text once."""
+    asked: set[str] = set()
+    for draw in range(draws):
+        questions = questions_for(scene, seed + draw * _DRAW_STRIDE, split, index)
+        for k in order:
+            if questions[k]["question"] not in asked:
+                asked.add(questions[k]["question"])
+                yield questions[k]
 
 
 def family_counts(turns: Mapping[str, int]) -> dict[str, int]:
@@ -206,23 +225,6 @@ def family_counts(turns: Mapping[str, int]) -> dict[str, int]:
     if bad:
         raise ValueError(f"turns must ask every family an integer >= 1 times, got {bad}")
     return counts
-
-
-def _family_questions(
-    scene: Any, seed: int, split: str, index: int, counts: dict[str, int], order: list[int]
-) -> list[dict]:
-    pools: dict[str, list[dict]] = {family: [] for family in FAMILIES}
-    asked: set[str] = set()
-    for draw in range(4 * max(counts.values())):
-        for family, question in zip(FAMILIES, questions_for(scene, seed + draw * _DRAW_STRIDE, split, index),
-                                    strict=True):
-            if len(pools[family]) < counts[family] and question["question"] not in asked:
-                pools[family].append(question)
-                asked.add(question["question"])
-        if all(len(pools[f]) == n for f, n in counts.items()):
-            break
-    rounds = max(counts.values())
-    return [pools[FAMILIES[k]][r] for r in range(rounds) for k in order if r < len(pools[FAMILIES[k]])]
 
 
 def num_turns(turns: int | Mapping[str, int]) -> int:
@@ -426,15 +428,9 @@ def restarts(t: dict[str, Any]) -> list[dict[str, Any]]:
     return phases
 
 
-def _restart_start(t: dict[str, Any]) -> int:
-    """The first step of the first warm restart (``train.steps`` if there is none)."""
-    phases = restarts(t)
-    return phases[0]["start"] if phases else t["steps"]
-
-
-def _phase(step: int, t: dict[str, Any]) -> dict[str, Any] | None:
-    """The warm restart that ``step`` is in, or None before the first one."""
-    return next((p for p in reversed(restarts(t)) if step >= p["start"]), None)
+def _phase(step: int, phases: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The warm restart of ``phases`` (from :func:`restarts`) that ``step`` is in, or None before the first."""
+    return next((p for p in reversed(phases) if step >= p["start"]), None)
 
 
 def _schedule(step: int, t: dict[str, Any]) -> float:
@@ -442,9 +438,11 @@ def _schedule(step: int, t: dict[str, Any]) -> float:
     warm restart of ``train.restart``: warm-up to its ``lr`` then cosine to 0 again over its ``steps``."""
     if step < t["dense_steps"]:
         return min(1.0, (step + 1) / max(1, t["warmup_steps"]))
-    phase = _phase(step, t)
+    phases = restarts(t)
+    phase = _phase(step, phases)
     if phase is None:
-        return warmup_cosine(step - t["dense_steps"], t["warmup_steps"], _restart_start(t) - t["dense_steps"])
+        end = phases[0]["start"] if phases else t["steps"]
+        return warmup_cosine(step - t["dense_steps"], t["warmup_steps"], end - t["dense_steps"])
     return phase["lr"] / t["lr"] * warmup_cosine(step - phase["start"], t["warmup_steps"], phase["steps"])
 
 
@@ -453,7 +451,7 @@ def _turns(step: int, t: dict[str, Any]) -> int | dict[str, int]:
     stage 2, and the ``turns`` of the warm restart it is in, if that sets them."""
     if step < t["dense_steps"]:
         return 1
-    phase = _phase(step, t)
+    phase = _phase(step, restarts(t))
     return phase["turns"] or t["turns"] if phase is not None else t["turns"]
 
 

@@ -1,8 +1,8 @@
-"""``python -m eval.ablate --config configs/ablation/<name>.yaml`` (or ``pyrtok ablate``): run a token-budget
+"""``python -m pyrtok.eval.ablate --config configs/ablation/<name>.yaml`` (or ``pyrtok ablate``): run a token-budget
 ablation and write its report.
 
 Rows go to ``<output>/rows/`` as they finish; ``--resume`` continues a killed run, ``--fresh`` deletes
-earlier rows first. Several processes (``accelerate launch --num_processes N -m eval.ablate ...``, or
+earlier rows first. Several processes (``accelerate launch --num_processes N -m pyrtok.eval.ablate ...``, or
 ``torchrun``) share the batches and give the same rows as one process.
 """
 
@@ -12,10 +12,9 @@ import argparse
 from pathlib import Path
 
 import yaml
-
-from eval.config import load_config
-from eval.report import write_report
-from eval.runner import run
+from pyrtok.eval.config import load_config
+from pyrtok.eval.report import write_report
+from pyrtok.eval.runner import run
 
 __all__ = ["main"]
 

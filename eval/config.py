@@ -174,8 +174,8 @@ def load_config(source: str | Path | dict[str, Any], overrides: dict[str, Any] |
     tasks = [TaskSpec(**t) for t in data["tasks"]]
     if len({t.name for t in tasks}) != len(tasks):
         raise ValueError("tasks must have distinct names")
-    from eval.metrics import get_metric
-    from eval.tasks.prompts import PROMPTS
+    from pyrtok.eval.metrics import get_metric
+    from pyrtok.eval.tasks.prompts import PROMPTS
 
     for task in tasks:  # fail before any model loads
         get_metric(task.metric)

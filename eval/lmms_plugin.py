@@ -40,7 +40,7 @@ Enabling the model name ``pyrtok``:
    declares::
 
        [project.entry-points."lmms_eval.models"]
-       pyrtok = "eval.lmms_plugin:MANIFEST"
+       pyrtok = "pyrtok.eval.lmms_plugin:MANIFEST"
 
    and the ``eval`` package must be importable where lmms-eval runs (installed alongside ``pyrtok``, or the
    repository root on ``PYTHONPATH``); otherwise lmms-eval warns that it failed to load the entry points.
@@ -479,4 +479,4 @@ class PyrtokLMM(lmms):
 
 
 MANIFEST = ModelManifest(model_id=MODEL_NAME, simple_class_path=f"{__name__}.{PyrtokLMM.__qualname__}")
-"""The payload of the ``lmms_eval.models`` entry point ``pyrtok = "eval.lmms_plugin:MANIFEST"``."""
+"""The payload of the ``lmms_eval.models`` entry point ``pyrtok = "pyrtok.eval.lmms_plugin:MANIFEST"``."""

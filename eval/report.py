@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from eval.metrics import get_metric
+from pyrtok.eval.metrics import get_metric
 
 __all__ = ["Summary", "summarize", "write_report"]
 

@@ -30,13 +30,13 @@ from typing import Any
 
 import torch
 from PIL import Image
+from pyrtok.eval.config import AblationConfig, ModelSpec, TaskSpec
+from pyrtok.eval.metrics import get_metric
+from pyrtok.eval.rows import RowWriter, read_rows, row_key
+from pyrtok.eval.tasks import load_task
+from pyrtok.eval.tasks.prompts import format_question
 from tqdm.auto import tqdm
 
-from eval.config import AblationConfig, ModelSpec, TaskSpec
-from eval.metrics import get_metric
-from eval.rows import RowWriter, read_rows, row_key
-from eval.tasks import load_task
-from eval.tasks.prompts import format_question
 from pyrtok.images import image_tensor
 
 __all__ = ["Cell", "LoadedModel", "load_model", "run"]

@@ -1,12 +1,18 @@
-"""PIL images to tensors: the one conversion every loader of the project uses."""
+"""Images as the project loads them: one conversion to tensors and one loader that every path uses.
+
+The ablation runner and the lmms-eval plugin both call :func:`load_image`, so the same model sees the same
+pixels through either.
+"""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["image_tensor"]
+__all__ = ["image_tensor", "load_image"]
 
 
 def image_tensor(image: Image.Image) -> torch.Tensor:
@@ -18,3 +24,29 @@ def image_tensor(image: Image.Image) -> torch.Tensor:
     """
     array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def load_image(image: Image.Image | str | Path, size: int | None = None) -> torch.Tensor:
+    """A PIL image or an image file as a (3, H, W) float32 tensor in [0, 1], RGB.
+
+    With ``size``, the image is first resized to ``size`` x ``size`` with PIL's bicubic filter (LLaVA-1.5's
+    square input).
+
+    Example:
+        >>> load_image(Image.new("RGB", (70, 100)), size=8).shape
+        torch.Size([3, 8, 8])
+    """
+    if isinstance(image, (str, Path)):
+        path = Path(image)
+        if not path.is_file():
+            raise FileNotFoundError(f"image file {str(path)!r} does not exist")
+        with Image.open(path) as opened:
+            image = opened.convert("RGB")
+    elif not isinstance(image, Image.Image):
+        raise TypeError(f"image must be a PIL image or a file path, got {type(image).__name__}")
+    image = image.convert("RGB")
+    if size is not None:
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"size must be a positive int, got {size!r}")
+        image = image.resize((size, size), Image.BICUBIC)
+    return image_tensor(image)

@@ -23,9 +23,40 @@ __all__ = [
     "TokenSelection",
     "from_feature_grid",
     "gather",
+    "pyramid_shapes",
+    "pyramid_tokens",
     "selection_boxes",
     "token_layout",
 ]
+
+
+def pyramid_shapes(grid: tuple[int, int], levels: int) -> tuple[tuple[int, int], ...]:
+    """Patch grids of a token pyramid, finest first: each level halves the one below, rounding up.
+
+    Example:
+        >>> pyramid_shapes((14, 14), 3)
+        ((14, 14), (7, 7), (4, 4))
+    """
+    h, w = (int(v) for v in grid)
+    if h < 1 or w < 1:
+        raise ValueError(f"grid must be a positive (h, w) patch grid, got {grid!r}")
+    if isinstance(levels, bool) or not isinstance(levels, int) or levels < 1:
+        raise ValueError(f"levels must be a positive int, got {levels!r}")
+    shapes = []
+    for _ in range(levels):
+        shapes.append((h, w))
+        h, w = (h + 1) // 2, (w + 1) // 2
+    return tuple(shapes)
+
+
+def pyramid_tokens(grid: tuple[int, int], levels: int) -> int:
+    """Tokens in a pyramid of ``levels`` levels over an (h, w) patch grid (see :func:`pyramid_shapes`).
+
+    Example:
+        >>> pyramid_tokens((14, 14), 3), pyramid_tokens((24, 24), 3)
+        (261, 756)
+    """
+    return sum(h * w for h, w in pyramid_shapes(grid, levels))
 
 
 def token_layout(

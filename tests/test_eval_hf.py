@@ -1,4 +1,4 @@
-"""The HuggingFace task loaders (eval.tasks.hf) on tiny save_to_disk copies, and the prompt conventions."""
+"""The HuggingFace task loaders (pyrtok.eval.tasks.hf) on tiny save_to_disk copies, and the prompt conventions."""
 
 from __future__ import annotations
 
@@ -8,9 +8,8 @@ from typing import Any
 
 import pytest
 from PIL import Image
-
-from eval.tasks.hf import HF_TASKS, load_hf_task
-from eval.tasks.prompts import PROMPTS, format_question
+from pyrtok.eval.tasks.hf import HF_TASKS, load_hf_task
+from pyrtok.eval.tasks.prompts import PROMPTS, format_question
 
 SHORT = "\nAnswer the question using a single word or phrase."
 LETTER = "\nAnswer with the option's letter from the given choices directly."

@@ -18,8 +18,8 @@ pytest.importorskip("lmms_eval")
 
 from lmms_eval.api.instance import GenerationResult, Instance, unwrap_generation_output
 from lmms_eval.models.registry_v2 import ModelRegistryV2
+from pyrtok.eval.lmms_plugin import DEFAULT_TEMPLATE, MANIFEST, MODEL_NAME, PyrtokLMM
 
-from eval.lmms_plugin import DEFAULT_TEMPLATE, MANIFEST, MODEL_NAME, PyrtokLMM
 from pyrtok.vlm.train import build, load_config
 
 # 64 px images, 16 px patches, 2 levels: 16 + 4 = 20 tokens per image.
@@ -315,7 +315,7 @@ def _entry_point_dist(root: Path) -> Path:
     info = root / "pyrtok_lmms_entry-0.0.0.dist-info"
     info.mkdir(parents=True)
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: pyrtok-lmms-entry\nVersion: 0.0.0\n")
-    (info / "entry_points.txt").write_text(f'[lmms_eval.models]\n{MODEL_NAME} = eval.lmms_plugin:MANIFEST\n')
+    (info / "entry_points.txt").write_text(f'[lmms_eval.models]\n{MODEL_NAME} = pyrtok.eval.lmms_plugin:MANIFEST\n')
     return root
 
 
@@ -338,7 +338,7 @@ def _shapes_task(root: Path, scenes: int = 2) -> Path:
 
 
 def test_cli_runs_the_embedded_model_by_name(tmp_path):
-    from eval.config import embedded_model
+    from pyrtok.eval.config import embedded_model
 
     tasks = _shapes_task(tmp_path)
     site = _entry_point_dist(tmp_path / "site")

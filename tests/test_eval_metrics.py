@@ -5,13 +5,12 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-
-from eval.metrics import Metric, available_metrics, get_metric, mean_accuracy, register_metric
-from eval.metrics.choice import extract_choice
-from eval.metrics.exact import first_word_match, gqa_match
-from eval.metrics.mme import parse_yes_no
-from eval.metrics.pope import extract_yes_no
-from eval.metrics.vqa import evalai_normalize, normalize_answer, vqa_accuracy
+from pyrtok.eval.metrics import Metric, available_metrics, get_metric, mean_accuracy, register_metric
+from pyrtok.eval.metrics.choice import extract_choice
+from pyrtok.eval.metrics.exact import first_word_match, gqa_match
+from pyrtok.eval.metrics.mme import parse_yes_no
+from pyrtok.eval.metrics.pope import extract_yes_no
+from pyrtok.eval.metrics.vqa import evalai_normalize, normalize_answer, vqa_accuracy
 
 # ---------------------------------------------------------------------------------------------- VQA accuracy
 

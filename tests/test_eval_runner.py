@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
+from pyrtok.eval.ablate import main as ablate_main
+from pyrtok.eval.config import load_config
+from pyrtok.eval.report import summarize, write_report
+from pyrtok.eval.rows import RowWriter, read_rows
+from pyrtok.eval.runner import run
 
-from eval.ablate import main as ablate_main
-from eval.config import load_config
-from eval.report import summarize, write_report
-from eval.rows import RowWriter, read_rows
-from eval.runner import run
 from pyrtok.data.local import write_split
 from pyrtok.vlm.train import build
 from pyrtok.vlm.train import load_config as train_config
@@ -113,7 +113,7 @@ def test_resume_after_a_kill_gives_the_same_rows(assets, tmp_path):
     path = tmp_path / "killed.yaml"
     path.write_text(yaml.safe_dump(config_for(assets, tmp_path / "killed", samples=39)))
     shard = tmp_path / "killed" / "rows" / "rows-0-of-1.jsonl"
-    process = subprocess.Popen([sys.executable, "-m", "eval.ablate", "--config", str(path), "--no-progress"],
+    process = subprocess.Popen([sys.executable, "-m", "pyrtok.eval.ablate", "--config", str(path), "--no-progress"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while process.poll() is None and not (shard.is_file() and shard.read_text().count("\n") >= 20):
         time.sleep(0.005)
@@ -146,7 +146,7 @@ def test_resume_redoes_a_half_written_batch_and_ignores_other_configs(assets, tm
 
 
 def test_budget_fractions_round_to_the_nearest_count_and_full_always_runs(assets, tmp_path):
-    from eval.runner import _cells
+    from pyrtok.eval.runner import _cells
 
     config = load_config(config_for(assets, tmp_path, budgets=[0.07, 0.5, 500], allocators=["pool"]))
     cells = _cells(config, 100)
@@ -157,7 +157,7 @@ def test_two_processes_shard_batches_and_match_one(assets, tmp_path):
     path = tmp_path / "two.yaml"
     path.write_text(yaml.safe_dump(config_for(assets, tmp_path / "two", samples=12)))
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547",
-               "-m", "eval.ablate", "--config", str(path), "--no-progress"]
+               "-m", "pyrtok.eval.ablate", "--config", str(path), "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -217,8 +217,8 @@ def test_shipped_ablation_configs_load(name):
 
 
 def test_mme_subsets_keep_both_questions_of_an_image():
-    from eval.config import TaskSpec
-    from eval.tasks import subset
+    from pyrtok.eval.config import TaskSpec
+    from pyrtok.eval.tasks import subset
 
     spec = TaskSpec(name="mme", source="hf", hf_task="mme", path="lmms-lab/MME", limit=3)
     assert (spec.metric, spec.group) == ("mme", "question_id")

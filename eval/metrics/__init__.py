@@ -4,13 +4,13 @@ A :class:`Metric` scores one prediction against its sample record (a number in [
 scored rows of a run into named numbers; ``main`` names the headline one. Accuracy-like outputs are in
 percent. Built in (name: per-sample score; headline key):
 
-- ``vqav2``: the official VQA accuracy (:mod:`eval.metrics.vqa`); ``accuracy``.
+- ``vqav2``: the official VQA accuracy (:mod:`pyrtok.eval.metrics.vqa`); ``accuracy``.
 - ``textvqa``: the same accuracy with answers always processed; ``accuracy``.
-- ``gqa``: exact match, case and punctuation ignored (:mod:`eval.metrics.exact`); ``accuracy``.
+- ``gqa``: exact match, case and punctuation ignored (:mod:`pyrtok.eval.metrics.exact`); ``accuracy``.
 - ``exact``: the first word of the prediction against the answers; ``accuracy``.
-- ``pope``: yes/no read by the POPE rule (:mod:`eval.metrics.pope`); ``f1``.
-- ``mme``: yes/no read by MME's rule, acc + acc+ per category (:mod:`eval.metrics.mme`); ``perception``.
-- ``scienceqa``: the option letter read from the text (:mod:`eval.metrics.choice`); ``accuracy``.
+- ``pope``: yes/no read by the POPE rule (:mod:`pyrtok.eval.metrics.pope`); ``f1``.
+- ``mme``: yes/no read by MME's rule, acc + acc+ per category (:mod:`pyrtok.eval.metrics.mme`); ``perception``.
+- ``scienceqa``: the option letter read from the text (:mod:`pyrtok.eval.metrics.choice`); ``accuracy``.
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from eval.metrics._records import row_scores
-from eval.metrics.choice import choice_score
-from eval.metrics.exact import exact_score, gqa_score
-from eval.metrics.mme import mme_score, mme_summary
-from eval.metrics.pope import pope_score, pope_summary
-from eval.metrics.vqa import textvqa_score, vqav2_score
+from pyrtok.eval.metrics._records import row_scores
+from pyrtok.eval.metrics.choice import choice_score
+from pyrtok.eval.metrics.exact import exact_score, gqa_score
+from pyrtok.eval.metrics.mme import mme_score, mme_summary
+from pyrtok.eval.metrics.pope import pope_score, pope_summary
+from pyrtok.eval.metrics.vqa import textvqa_score, vqav2_score
 
 __all__ = ["Metric", "available_metrics", "get_metric", "mean_accuracy", "register_metric"]
 

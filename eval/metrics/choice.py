@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 
-from eval.metrics._records import check_prediction, record_answers, record_field
+from pyrtok.eval.metrics._records import check_prediction, record_answers, record_field
 
 __all__ = ["choice_score", "extract_choice", "letter_of"]
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import string
 
-from eval.metrics._records import check_answers, check_prediction, record_answers
+from pyrtok.eval.metrics._records import check_answers, check_prediction, record_answers
 
 __all__ = ["exact_score", "first_word", "first_word_match", "gqa_match", "gqa_normalize", "gqa_score"]
 

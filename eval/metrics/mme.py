@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from eval.metrics._records import check_prediction, record_answers, record_field, row_scores
+from pyrtok.eval.metrics._records import check_prediction, record_answers, record_field, row_scores
 
 __all__ = ["COGNITION", "PERCEPTION", "mme_score", "mme_summary", "parse_yes_no"]
 

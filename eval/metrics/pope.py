@@ -9,7 +9,7 @@ prediction (a failed generation) is neither answer: wrong, and not a "yes".
 
 from __future__ import annotations
 
-from eval.metrics._records import check_prediction, record_answers, row_scores
+from pyrtok.eval.metrics._records import check_prediction, record_answers, row_scores
 
 __all__ = ["NEGATIONS", "extract_yes_no", "pope_score", "pope_summary"]
 

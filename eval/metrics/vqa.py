@@ -25,7 +25,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from eval.metrics._records import check_answers, check_prediction, record_answers
+from pyrtok.eval.metrics._records import check_answers, check_prediction, record_answers
 
 __all__ = [
     "ARTICLES",

@@ -6,21 +6,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from eval.tasks.local import load_local, load_shapes
-from eval.tasks.sampling import subset
+from pyrtok.eval.tasks.local import load_local, load_shapes
+from pyrtok.eval.tasks.sampling import subset
 
 __all__ = ["load_local", "load_shapes", "load_task", "subset"]
 
 
 def load_task(spec: Any) -> list[dict[str, Any]]:
-    """The records of an :class:`eval.config.TaskSpec`, subset by its ``limit`` / ``stratify`` / ``seed``."""
+    """The records of an :class:`pyrtok.eval.config.TaskSpec`, subset by its ``limit`` / ``stratify`` / ``seed``."""
     if spec.source == "shapes":
         root = spec.root or f"data/shapes_vqa/seed{spec.seed}"
         records = load_shapes(root, spec.split or "test", spec.questions, seed=spec.seed)
     elif spec.source == "local":
         records = load_local(Path(spec.root), spec.split or "test")
     else:
-        from eval.tasks.hf import load_hf_task
+        from pyrtok.eval.tasks.hf import load_hf_task
 
         records = load_hf_task(spec.hf_task, spec.path, split=spec.split, **spec.options)
     seen: set[str] = set()

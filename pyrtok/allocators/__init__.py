@@ -6,14 +6,19 @@
 """
 
 from pyrtok.allocators import attention, baselines, difficulty, foveated, laplacian, query, saliency  # noqa: F401
-from pyrtok.allocators.base import (
-    Allocator,
-    available,
-    create,
-    from_config,
-    register,
-    resolve_budget,
-    water_fill,
-)
+from pyrtok.allocators.base import Allocator, water_fill
+from pyrtok.allocators.budget import budget_tokens, resolve_budget
+from pyrtok.allocators.registry import available, create, from_config, register, resolve, spec_label
 
-__all__ = ["Allocator", "available", "create", "from_config", "register", "resolve_budget", "water_fill"]
+__all__ = [
+    "Allocator",
+    "available",
+    "budget_tokens",
+    "create",
+    "from_config",
+    "register",
+    "resolve",
+    "resolve_budget",
+    "spec_label",
+    "water_fill",
+]

@@ -10,16 +10,15 @@ in canonical order, deterministically for a fixed seed, without a Python loop ov
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-import yaml
 from torch import Tensor
 
+from pyrtok.allocators.budget import resolve_budget
+from pyrtok.allocators.registry import available, create, from_config, register
 from pyrtok.tokens import MultiScaleTokens, TokenSelection
 
 __all__ = [
@@ -36,74 +35,6 @@ __all__ = [
     "topk_mask",
     "water_fill",
 ]
-
-_REGISTRY: dict[str, type[Allocator]] = {}
-
-
-def register(name: str) -> Callable[[type[Allocator]], type[Allocator]]:
-    """Class decorator: make an allocator reachable as ``create(name, ...)``."""
-
-    def wrap(cls: type[Allocator]) -> type[Allocator]:
-        if name in _REGISTRY:
-            raise ValueError(f"an allocator named {name!r} is already registered ({_REGISTRY[name].__name__})")
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return wrap
-
-
-def available() -> list[str]:
-    """Names of the registered allocators."""
-    return sorted(_REGISTRY)
-
-
-def create(name: str, **config: Any) -> Allocator:
-    """Build the allocator registered as ``name`` with keyword ``config``.
-
-    Example:
-        >>> create("saliency", level_weights=[1.0, 1.5, 2.0]).name
-        'saliency'
-    """
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown allocator {name!r}; available: {available()}")
-    return _REGISTRY[name](**config)
-
-
-def from_config(config: str | Path | dict[str, Any]) -> Allocator:
-    """Build an allocator from a YAML file (or its parsed dict) with a ``name`` key and keyword options."""
-    if isinstance(config, (str, Path)):
-        path = Path(config)
-        if not path.is_file():
-            raise FileNotFoundError(f"allocator config {str(path)!r} does not exist")
-        config = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(config, dict) or "name" not in config:
-        raise ValueError(f"an allocator config must be a mapping with a 'name' key, got {config!r}")
-    options = dict(config)
-    return create(options.pop("name"), **options)
-
-
-def resolve_budget(budget: int | Tensor, batch_size: int, num_tokens: int, device: torch.device) -> Tensor:
-    """Validate ``budget`` (an int or a (B,) integer tensor) and return min(budget_b, N) as (B,) long."""
-    if isinstance(budget, bool):
-        raise TypeError(f"budget must be an int or a (B,) integer tensor, got bool {budget!r}")
-    if isinstance(budget, numbers.Integral):
-        budget = int(budget)
-        if budget <= 0:
-            raise ValueError(f"budget must be >= 1, got {budget}")
-        return torch.full((batch_size,), min(budget, num_tokens), dtype=torch.long, device=device)
-    if not isinstance(budget, Tensor):
-        raise TypeError(f"budget must be an int or a (B,) integer tensor, got {type(budget).__name__}")
-    if budget.is_floating_point() or budget.is_complex() or budget.dtype == torch.bool:
-        raise TypeError(f"budget tensor must have an integer dtype, got {budget.dtype}")
-    if budget.dim() == 0:
-        budget = budget.expand(batch_size)
-    if budget.shape != (batch_size,):
-        raise ValueError(f"budget tensor must have shape ({batch_size},) (one per sample), got {tuple(budget.shape)}")
-    if bool((budget <= 0).any()):
-        raise ValueError(f"budget must be >= 1 for every sample, got {budget.tolist()}")
-    return budget.to(device=device, dtype=torch.long).clamp_max(num_tokens)
-
 
 def _ranks(order: Tensor) -> Tensor:
     """Inverse permutation of each row: rank of every element in ``order``."""

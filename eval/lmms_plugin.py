@@ -12,9 +12,10 @@ entry per (allocator, budget)::
 Model arguments (``key=value``, comma-separated):
 
 - ``pretrained``: model folder (or hub id) that ``PyramidVLM.from_pretrained`` loads.
-- ``allocator``: a registered allocator name (``pyrtok.allocators.available()``) or an allocator YAML path;
-  default ``all``. Query-driven allocators (``query``) need a text embedding lmms-eval cannot give, so they
-  are refused.
+- ``allocator``: a registered allocator name (``pyrtok.allocators.available()``) or an allocator YAML path
+  (through the Python API also a mapping with ``name`` or an allocator object; see
+  ``pyrtok.allocators.resolve``); default ``all``. Query-driven allocators (``query``) need a text embedding
+  lmms-eval cannot give, so they are refused.
 - ``budget``: image tokens kept per sample, a positive int; omitted keeps every token.
 - ``levels``, ``mode``: the token pyramid (default 1 level, ``feature`` mode); ``config``: a PyramidVLM YAML
   giving any of allocator, budget, mode, levels (explicit arguments win).
@@ -25,6 +26,8 @@ Model arguments (``key=value``, comma-separated):
 - ``device`` (default cuda when available, else cpu; ``cuda:<LOCAL_RANK>`` per process when launched with
   several), ``dtype`` (auto, float32, float16, bfloat16), ``batch_size`` (positive int),
   ``max_new_tokens`` (default when a task's ``generation_kwargs`` gives none; 128).
+  ``batch_size`` and ``device`` may also come from lmms-eval's own ``--batch_size`` / ``--device``; when both
+  are given, the value in ``--model_args`` wins (``--batch_size auto`` is not supported).
 - ``tokens_log``: a JSONL path; one line per sample ``{"task", "split", "doc_id", "tokens", "allocator",
   "budget"}``. Launched with several processes, each rank writes ``<stem>.rank<r><suffix>``.
 
@@ -47,6 +50,14 @@ Enabling the model name ``pyrtok``:
 2. Without the entry point, the Python API takes a model object:
    ``lmms_eval.evaluator.simple_evaluate(model=PyrtokLMM(pretrained=..., budget=64), tasks=[...])``.
 
+Images are loaded as the ablation runner loads them, ``pyrtok.images.load_image(image, size)`` with ``size``
+the vision tower's ``image_size`` (PIL bicubic to a square), so a model sees the same pixels through either.
+
+When a task's prompts hold words that the tokenizer maps to its unknown token (a word-level tokenizer such
+as the embedded model's does not know LLaVA-1.5's "Answer the question using a single word or phrase."), a
+warning naming those words is logged once per task: the model never reads them, and its answers are often
+empty.
+
 One image per sample (LLaVA-1.5 style): samples with several images or videos raise ``ValueError``; samples
 without an image run the language model on the text alone and count 0 image tokens. ``loglikelihood`` scores
 continuations with one forward pass; lmms-eval 0.7.3's evaluator, however, turns every (log-probability,
@@ -59,10 +70,10 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -75,7 +86,10 @@ from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from pyrtok.images import image_tensor
+from pyrtok.images import load_image
+
+if TYPE_CHECKING:
+    from pyrtok.allocators.registry import AllocatorSpec
 
 __all__ = ["DEFAULT_TEMPLATE", "MANIFEST", "MODEL_NAME", "PyrtokLMM"]
 
@@ -136,7 +150,7 @@ class PyrtokLMM(lmms):
     def __init__(
         self,
         pretrained: str,
-        allocator: str | None = None,
+        allocator: AllocatorSpec | None = None,
         budget: int | str | None = None,
         levels: int | str | None = None,
         mode: str | None = None,
@@ -150,7 +164,7 @@ class PyrtokLMM(lmms):
         tokens_log: str | None = None,
     ) -> None:
         super().__init__()
-        from pyrtok.allocators import available, create, from_config
+        from pyrtok.allocators import available, create, resolve, spec_label
         from pyrtok.vlm import PyramidVLM
 
         if not isinstance(pretrained, str) or not pretrained:
@@ -166,14 +180,7 @@ class PyrtokLMM(lmms):
 
         built = None
         if allocator is not None:
-            if not isinstance(allocator, str) or not allocator:
-                raise ValueError(f"allocator must be one of {available()} or an allocator YAML path, got {allocator!r}")
-            if allocator.endswith((".yaml", ".yml")):
-                built = from_config(allocator)
-            elif allocator in available():
-                built = create(allocator)
-            else:
-                raise ValueError(f"allocator must be one of {available()} or an allocator YAML path, got {allocator!r}")
+            built = resolve(allocator, "allocator")
             if "query" in built.needs:
                 raise ValueError(
                     f"allocator {allocator!r} needs a text-query embedding, which lmms-eval requests do not carry; "
@@ -204,11 +211,20 @@ class PyrtokLMM(lmms):
         self.image_token = self.vlm.image_token
         self.prompt_template = self._check_template(prompt_template)
         # An allocator YAML path (not just its name) and the config file tell configurations apart.
-        self._identity = {"pretrained": pretrained, "allocator": allocator or self.allocator_name, "config": config,
+        if allocator is None:
+            spec: Any = self.allocator_name
+        elif isinstance(allocator, (str, Path)):
+            spec = str(allocator)
+        elif isinstance(allocator, Mapping):
+            spec = dict(allocator)  # its options, not only its name, tell configurations apart
+        else:
+            spec = spec_label(allocator)
+        self._identity = {"pretrained": pretrained, "allocator": spec, "config": config,
                           "budget": self.budget, "levels": self.levels, "mode": self.mode, "dtype": dtype,
                           "prompt_template": self.prompt_template}
 
         self.kept_tokens: dict[Key, int] = {}
+        self._unknown_warned: set[str] = set()  # tasks already warned about words the tokenizer does not know
         self.tokens_log: Path | None = None
         if tokens_log:
             path = Path(tokens_log)
@@ -221,6 +237,25 @@ class PyrtokLMM(lmms):
             f"pyrtok: {pretrained} with allocator={self.allocator_name}, budget={self.budget}, "
             f"levels={self.levels}, mode={self.mode} on {self._device}"
         )
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict[str, Any] | None = None) -> PyrtokLMM:
+        """The model from lmms-eval's ``--model_args`` string and its CLI settings (``batch_size``,
+        ``max_batch_size``, ``device``) in ``additional_config``; a key given in both is taken from
+        ``arg_string``.
+
+        lmms-eval always passes its ``--batch_size`` (default 1), so without this ``batch_size`` in the model
+        arguments would reach the constructor twice.
+        """
+        from lmms_eval.utils import simple_parse_args_string
+
+        if not isinstance(arg_string, str):
+            raise TypeError(f"arg_string must be a 'key=value,...' string, got {type(arg_string).__name__}")
+        if additional_config is not None and not isinstance(additional_config, Mapping):
+            raise TypeError(f"additional_config must be a mapping or None, got {type(additional_config).__name__}")
+        args = simple_parse_args_string(arg_string)
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in args}
+        return cls(**args, **extra)
 
     def __repr__(self) -> str:
         # lmms-eval's response cache keys a model object by its str(); this keeps that key stable across runs
@@ -287,6 +322,7 @@ class PyrtokLMM(lmms):
     def _items(self, requests: Sequence[Instance], kind: str) -> list[_Item]:
         """Prompt and record key of each request (``kind``: generate_until or loglikelihood)."""
         items = []
+        unknown: dict[str, dict[str, None]] = {}  # task -> words in first-seen order
         for index, request in enumerate(requests):
             args = request.args
             if kind == "loglikelihood" and len(args) == 2:
@@ -312,8 +348,33 @@ class PyrtokLMM(lmms):
                 if isinstance(extra, list):  # doc_to_target may give several references; the first is scored
                     extra = extra[0]
                 prompt += str(extra)
+            if task not in self._unknown_warned:
+                unknown.setdefault(task, {}).update(dict.fromkeys(self._unknown_words(prompt)))
             items.append(_Item(index, prompt, key, extra, doc_to_visual, has_image))
+        for task, words in unknown.items():
+            if words:
+                self._unknown_warned.add(task)
+                logger.warning(
+                    f"pyrtok: task {task!r}: the tokenizer maps these prompt words to its unknown token "
+                    f"{self.tokenizer.unk_token!r}: {list(words)}; the model reads none of them, so answers may be "
+                    "empty or meaningless (check the task's pre/post prompt and prompt_template)"
+                )
         return items
+
+    def _unknown_words(self, text: str) -> list[str]:
+        """The distinct pieces of ``text`` that the tokenizer maps to its unknown token, in order."""
+        unk = self.tokenizer.unk_token_id
+        if unk is None:
+            return []
+        if getattr(self.tokenizer, "is_fast", False):
+            encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            pieces = [text[start:end] for token, (start, end) in
+                      zip(encoded["input_ids"], encoded["offset_mapping"], strict=True) if token == unk]
+        else:
+            # Slow tokenizers give no offsets: look at each whitespace-separated word on its own.
+            pieces = [word for word in text.split()
+                      if unk in self.tokenizer(word, add_special_tokens=False)["input_ids"]]
+        return list(dict.fromkeys(pieces))
 
     def _batches(self, items: list[_Item], group: Callable[[_Item], Any] = lambda item: None) -> Iterator[list[_Item]]:
         """Chunks of at most ``batch_size`` items sharing ``group`` and either all or none having an image."""
@@ -324,17 +385,26 @@ class PyrtokLMM(lmms):
             for start in range(0, len(members), self.batch_size):
                 yield members[start : start + self.batch_size]
 
+    def _image_size(self) -> int | None:
+        """The side every image is resized to, the vision tower's own (as the ablation runner does), or None
+        when the encoder keeps input sizes (its ``image_size`` set to 0)."""
+        if not self.vlm.encoder.image_size:
+            return None
+        return int(self.vlm.model.config.vision_config.image_size)
+
     def _with_images(self, batch: list[_Item]) -> Iterator[tuple[list[_Item], Tensor | None]]:
         """``batch`` split by image size, each part with its (B, 3, S, S') images in [0, 1] (None: text only)."""
         if not batch[0].has_image:
             yield batch, None
             return
         parts: dict[tuple[int, ...], list[tuple[_Item, Tensor]]] = {}
+        size = self._image_size()
         for item in batch:
             image = self._visual(item.doc_to_visual, self._doc(*item.key), item.key)
-            # Resized to the encoder's input size first, so that images of any size share a batch (the encoder
-            # then leaves them as they are); only an encoder keeping input sizes splits the batch.
-            pixels = self.vlm.encoder.prepare(image_tensor(image).unsqueeze(0))[0]
+            # Resized to the model's input size first, so that images of any size share a batch (the encoder
+            # then leaves them as they are); only an encoder keeping input sizes splits the batch, and it only
+            # rounds each side to whole patches.
+            pixels = self.vlm.encoder.prepare(load_image(image, size).unsqueeze(0))[0]
             parts.setdefault(tuple(pixels.shape), []).append((item, pixels))
         for pairs in parts.values():
             yield [item for item, _ in pairs], torch.stack([pixels for _, pixels in pairs])

@@ -3,8 +3,30 @@
 The image spectrum is split into a high-pass residual, ``levels`` band-pass scales with
 ``orientations`` oriented sub-bands each, and a low-pass residual. Radial windows are raised cosines
 in log2 of the radial frequency, one octave wide, so that high-pass^2 + low-pass^2 = 1 at every
-split; angular windows satisfy sum_b A_b(theta)^2 = 1. The transform is therefore a tight frame, and
-:func:`reconstruct_steerable` (the adjoint) inverts it exactly up to floating-point rounding.
+split; angular windows satisfy sum_b A_b(theta)^2 = 1. The windows therefore partition the spectrum's
+energy, and :func:`reconstruct_steerable` inverts the transform exactly up to floating-point rounding,
+under any ``scaling``.
+
+Three scalings of the sub-sampled coefficients (band-pass scale s and the low-pass residual, on grids of
+H_s x W_s points; the high-pass residual, on the full grid, is the same in all three). With
+r_s = (H W) / (H_s W_s), which is 4^s when H and W are multiples of 2^s (the low-pass residual, on the
+grid of scale ``levels``, takes r_levels):
+
+- ``"amplitude"`` (default): each sub-band is the band-passed image sampled on its coarser grid, so a
+  pattern has the same coefficient amplitude at every scale. Squared coefficients summed over scale s
+  are 1 / r_s of that band's energy in the image, so this is not a tight frame in the plain sense.
+- ``"tight"``: scale s multiplied by sqrt(r_s) (2^s). The sum of all squared coefficients equals the
+  image's (Parseval), the transform is a tight frame and :func:`reconstruct_steerable` is its adjoint.
+  This is plenoptic's ``SteerablePyramidFreq(..., tight_frame=True)`` scaling (orthonormal FFTs).
+- ``"pyrtools"``: scale s multiplied by r_s (4^s), the unnormalised bands of pyrtools'
+  ``SteerablePyramidFreq(image, height=levels, order=orientations - 1)``, which inverts the cropped
+  spectrum at the smaller size without rescaling (plenoptic's default, ``tight_frame=False``, does the
+  same). For images with even sides and the ``"steerable"`` angular profile, the coefficients then
+match pyrtools' ``pyr_coeffs``:
+  ``bands[s][..., b, :, :]`` is ``pyr_coeffs[(s, b)]``, ``highpass`` is ``"residual_highpass"`` and
+  ``lowpass`` is ``"residual_lowpass"``, to about 1e-5 (pyrtools interpolates its raised cosines from a
+  lookup table). Odd-sided images differ: pyrtools centres their spectrum differently (and warns that it
+  cannot reconstruct them exactly).
 
 Two angular profiles:
 
@@ -39,6 +61,7 @@ from pyrtok._checks import check_image
 
 __all__ = [
     "ANGULAR_PROFILES",
+    "SCALINGS",
     "SteerableBands",
     "SteerablePyramid",
     "max_steerable_levels",
@@ -48,6 +71,7 @@ __all__ = [
 ]
 
 ANGULAR_PROFILES = ("steerable", "sharp")
+SCALINGS = ("amplitude", "tight", "pyrtools")
 
 
 @dataclass
@@ -59,12 +83,15 @@ class SteerableBands:
         bands: ``levels`` tensors; scale s has shape (..., K, H_s, W_s), K = orientations.
         lowpass: (..., H_L, W_L) residual below the last scale, on the grid of scale ``levels``.
         angular: the angular profile used ("steerable" or "sharp").
+        scaling: how the sub-sampled coefficients are scaled (one of :data:`SCALINGS`, see the module
+            notes); :func:`reconstruct_steerable` undoes it.
     """
 
     highpass: Tensor
     bands: list[Tensor]
     lowpass: Tensor
     angular: str
+    scaling: str = "amplitude"
 
     @property
     def levels(self) -> int:
@@ -93,6 +120,18 @@ def _grid_sizes(n: int, levels: int) -> list[int]:
     for _ in range(levels):
         sizes.append((sizes[-1] + 1) // 2)
     return sizes
+
+
+def _scale_factors(height: int, width: int, levels: int, scaling: str) -> list[float]:
+    """Multipliers of band-pass scales 0..levels-1 and, last, of the low-pass residual (see the module notes)."""
+    power = {"amplitude": 0.0, "tight": 0.5, "pyrtools": 1.0}[scaling]
+    hs, ws = _grid_sizes(height, levels), _grid_sizes(width, levels)
+    return [(height * width / (hs[s] * ws[s])) ** power for s in range(levels + 1)]
+
+
+def _check_scaling(scaling: object, argument: str = "scaling") -> None:
+    if scaling not in SCALINGS:
+        raise ValueError(f"{argument} must be one of {SCALINGS}, got {scaling!r}")
 
 
 def _int_freqs(n: int, device: torch.device) -> Tensor:
@@ -215,6 +254,7 @@ def steerable_pyramid(
     orientations: int = 4,
     *,
     angular: str = "steerable",
+    scaling: str = "amplitude",
     check_finite: bool = True,
 ) -> SteerableBands:
     """Decompose ``x`` into oriented band-pass sub-bands.
@@ -224,6 +264,8 @@ def steerable_pyramid(
         levels: number of band-pass scales, 1 <= levels <= ``max_steerable_levels(H, W)``.
         orientations: number of orientations K per scale.
         angular: ``"steerable"`` (classic cos^(K-1) tuning) or ``"sharp"`` (see the module notes).
+        scaling: ``"amplitude"`` (default), ``"tight"`` (x 2^s at scale s) or ``"pyrtools"`` (x 4^s at
+            scale s, pyrtools' and plenoptic's numbers); see the module notes.
         check_finite: reject NaN/inf inputs; an FFT spreads one bad value over the whole image.
 
     Returns:
@@ -234,25 +276,32 @@ def steerable_pyramid(
         >>> coeffs = steerable_pyramid(torch.rand(2, 3, 64, 64), levels=3, orientations=4)
         >>> [tuple(b.shape) for b in coeffs.bands]
         [(2, 3, 4, 64, 64), (2, 3, 4, 32, 32), (2, 3, 4, 16, 16)]
+        >>> x = torch.rand(64, 64)
+        >>> ours, theirs = steerable_pyramid(x, 3), steerable_pyramid(x, 3, scaling="pyrtools")
+        >>> bool(torch.allclose(theirs.bands[2], 16 * ours.bands[2], atol=1e-5))
+        True
     """
     check_image(x, "x", check_finite=check_finite)
     height, width = x.shape[-2:]
     _check_params(levels, orientations, angular, height, width)
+    _check_scaling(scaling)
     dtype = _real_dtype(x)
     filters = _filters(height, width, levels, orientations, angular, x.device, dtype)
+    factors = _scale_factors(height, width, levels, scaling)
     spectrum = _fft(x.to(dtype))
     highpass = _ifft_real(spectrum * filters.hi0)
     low = spectrum * filters.lo0
     bands = []
     for s in range(levels):
         oriented = low.unsqueeze(-3) * (filters.himasks[s] * filters.angular[s])
-        bands.append(_ifft_real(oriented).to(x.dtype))
+        bands.append((_ifft_real(oriented) * factors[s]).to(x.dtype))
         low = _crop(low * filters.lomasks[s], filters.crops[s])
-    return SteerableBands(highpass.to(x.dtype), bands, _ifft_real(low).to(x.dtype), angular)
+    lowpass = (_ifft_real(low) * factors[levels]).to(x.dtype)
+    return SteerableBands(highpass.to(x.dtype), bands, lowpass, angular, scaling)
 
 
 def reconstruct_steerable(coeffs: SteerableBands) -> Tensor:
-    """Invert :func:`steerable_pyramid` (the frame is tight, so the adjoint is the inverse).
+    """Invert :func:`steerable_pyramid`, whatever its ``scaling`` (read from ``coeffs.scaling``).
 
     Args:
         coeffs: what :func:`steerable_pyramid` returned (tensors may have been edited, not reshaped).
@@ -270,6 +319,7 @@ def reconstruct_steerable(coeffs: SteerableBands) -> Tensor:
     height, width = coeffs.highpass.shape[-2:]
     levels, orientations = coeffs.levels, coeffs.orientations
     _check_params(levels, orientations, coeffs.angular, height, width)
+    _check_scaling(coeffs.scaling, "coeffs.scaling")
     hs, ws = _grid_sizes(height, levels), _grid_sizes(width, levels)
     expected = [(*coeffs.highpass.shape[:-2], orientations, hs[s], ws[s]) for s in range(levels)]
     for s, band in enumerate(coeffs.bands):
@@ -281,17 +331,22 @@ def reconstruct_steerable(coeffs: SteerableBands) -> Tensor:
         )
     dtype = _real_dtype(coeffs.highpass)
     filters = _filters(height, width, levels, orientations, coeffs.angular, coeffs.highpass.device, dtype)
-    low = _fft(coeffs.lowpass.to(dtype))
+    factors = _scale_factors(height, width, levels, coeffs.scaling)
+    low = _fft(coeffs.lowpass.to(dtype)) / factors[levels]
     for s in reversed(range(levels)):
         low = _uncrop(low, filters.crops[s], (hs[s], ws[s])) * filters.lomasks[s]
-        oriented = _fft(coeffs.bands[s].to(dtype)) * (filters.himasks[s] * filters.angular[s].conj())
+        oriented = _fft(coeffs.bands[s].to(dtype)) * (filters.himasks[s] * filters.angular[s].conj() / factors[s])
         low = low + oriented.sum(dim=-3)
     spectrum = low * filters.lo0 + _fft(coeffs.highpass.to(dtype)) * filters.hi0
     return _ifft_real(spectrum).to(coeffs.highpass.dtype)
 
 
 def orientation_energy(coeffs: SteerableBands) -> list[Tensor]:
-    """Mean squared coefficient per scale and orientation: ``levels`` tensors of shape (..., K)."""
+    """Mean squared coefficient per scale and orientation: ``levels`` tensors of shape (..., K).
+
+    Scale s carries the square of its ``scaling`` factor (see the module notes), so energies compare
+    across scales as the chosen scaling defines them.
+    """
     return [rearrange(band, "... k h w -> ... k (h w)").pow(2).mean(-1) for band in coeffs.bands]
 
 
@@ -305,7 +360,9 @@ class SteerablePyramid(nn.Module):
         True
     """
 
-    def __init__(self, levels: int = 4, orientations: int = 4, angular: str = "steerable") -> None:
+    def __init__(
+        self, levels: int = 4, orientations: int = 4, angular: str = "steerable", scaling: str = "amplitude"
+    ) -> None:
         super().__init__()
         if isinstance(levels, bool) or not isinstance(levels, int) or levels < 1:
             raise ValueError(f"levels must be an int >= 1, got {levels!r}")
@@ -313,13 +370,16 @@ class SteerablePyramid(nn.Module):
             raise ValueError(f"orientations must be an int >= 1, got {orientations!r}")
         if angular not in ANGULAR_PROFILES:
             raise ValueError(f"angular must be one of {ANGULAR_PROFILES}, got {angular!r}")
-        self.levels, self.orientations, self.angular = levels, orientations, angular
+        _check_scaling(scaling)
+        self.levels, self.orientations, self.angular, self.scaling = levels, orientations, angular, scaling
 
     def forward(self, x: Tensor) -> SteerableBands:
-        return steerable_pyramid(x, self.levels, self.orientations, angular=self.angular)
+        """(..., H, W) image -> :class:`SteerableBands` (shapes as in :func:`steerable_pyramid`)."""
+        return steerable_pyramid(x, self.levels, self.orientations, angular=self.angular, scaling=self.scaling)
 
     def reconstruct(self, coeffs: SteerableBands) -> Tensor:
         return reconstruct_steerable(coeffs)
 
     def extra_repr(self) -> str:
-        return f"levels={self.levels}, orientations={self.orientations}, angular={self.angular!r}"
+        return (f"levels={self.levels}, orientations={self.orientations}, angular={self.angular!r}, "
+                f"scaling={self.scaling!r}")

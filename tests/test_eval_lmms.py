@@ -215,7 +215,9 @@ def test_prompt_templates(model_dir):
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"allocator": "nearest"}, "allocator must be one of"),
+    [({"allocator": "nearest"}, "allocator must be a registered allocator"),
+     ({"allocator": ""}, "allocator must be a registered allocator"),
+     ({"allocator": "missing.yaml"}, "does not exist"),
      ({"allocator": "query"}, "text-query"),
      ({"budget": 0}, "budget must be a positive int"),
      ({"budget": 2.5}, "budget must be a positive int"),
@@ -225,8 +227,102 @@ def test_prompt_templates(model_dir):
      ({"dtype": "float64"}, "dtype must be one of")],
 )
 def test_bad_model_arguments_are_named(model_dir, kwargs, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises((ValueError, FileNotFoundError), match=match) as error:
         _model(model_dir, **kwargs)
+    assert error.type is (FileNotFoundError if match == "does not exist" else ValueError)
+
+
+def test_allocator_specs_resolve_like_everywhere_else(model_dir, tmp_path):
+    from pyrtok.allocators import create
+
+    config = tmp_path / "fine.yaml"
+    config.write_text("name: laplacian\npower: 2.0\n")
+    for spec in (str(config), {"name": "laplacian", "power": 2.0}, create("laplacian")):
+        lm = _model(model_dir, allocator=spec, budget=3)
+        assert lm.allocator_name == "laplacian" and lm.vlm.allocator.name == "laplacian"
+    # The cache key tells a YAML path and differently configured mappings apart.
+    keys = {repr(_model(model_dir, allocator=spec, budget=3)) for spec in
+            (str(config), "laplacian", {"name": "laplacian"}, {"name": "laplacian", "power": 2.0})}
+    assert len(keys) == 4
+    with pytest.raises(ValueError, match="text-query"):
+        _model(model_dir, allocator={"name": "query"})
+    with pytest.raises(TypeError, match="allocator must be an Allocator"):
+        _model(model_dir, allocator=3)
+
+
+def test_model_args_batch_size_wins_over_the_cli_one(model_dir):
+    # What lmms-eval's simple_evaluate passes: its CLI --batch_size, --max_batch_size and --device.
+    cli = {"batch_size": 2, "max_batch_size": None, "device": None}
+    common = f"pretrained={model_dir},allocator=pool,levels=2,device=cpu"
+    both = PyrtokLMM.create_from_arg_string(f"{common},batch_size=4", cli)
+    assert both.batch_size == 4
+    assert PyrtokLMM.create_from_arg_string(common, cli).batch_size == 2
+    assert PyrtokLMM.create_from_arg_string(common, {"batch_size": "3"}).batch_size == 3
+    assert PyrtokLMM.create_from_arg_string(common).batch_size == 1
+    # Same rule for the device, which lmms-eval passes when --device is given.
+    assert PyrtokLMM.create_from_arg_string(common, {"device": "meta"}).device == torch.device("cpu")
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+        PyrtokLMM.create_from_arg_string(common, {"batch_size": "auto"})
+    with pytest.raises(TypeError, match="additional_config must be a mapping"):
+        PyrtokLMM.create_from_arg_string(common, ["batch_size", 2])
+
+
+def test_the_registered_model_takes_batch_size_from_model_args_and_the_cli(model_dir, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(_entry_point_dist(tmp_path / "site")))
+    registry = ModelRegistryV2()
+    registry.load_entrypoint_manifests()
+    # simple_evaluate's call, with the CLI's default --batch_size 1 that always reaches the model.
+    lm = registry.get_model_class(MODEL_NAME).create_from_arg_string(
+        f"pretrained={model_dir},allocator=pool,levels=2,device=cpu,batch_size=4",
+        {"batch_size": 1, "max_batch_size": None, "device": None})
+    assert isinstance(lm, PyrtokLMM) and lm.batch_size == 4
+
+
+def test_the_plugin_and_the_runner_load_the_same_pixels(model_dir):
+    from pyrtok.eval.runner import _load_image
+
+    image = _image(5, (97, 40))  # non-square, so both resize (PIL bicubic) to the tower's square input
+    docs = [{"image": image, "question": QUESTION}]
+    lm = _model(model_dir, docs)
+    size = lm.vlm.model.config.vision_config.image_size
+    ((_, pixels),) = list(lm._with_images(lm._items(_requests(docs), "generate_until")))
+    expected = _load_image({"image": image}, size)
+    assert pixels.shape == (1, 3, size, size)
+    assert torch.equal(pixels[0], expected)
+
+
+def test_unknown_prompt_words_are_warned_once_per_task():
+    from loguru import logger
+    from pyrtok.eval.config import embedded_model
+
+    suffix = "\nAnswer the question using a single word or phrase."
+    tasks = {"vqa_a": {SPLIT: [{"image": _image(i, (48, 48)), "question": QUESTION} for i in range(3)]},
+             "vqa_b": {SPLIT: [{"image": _image(9, (48, 48)), "question": QUESTION}]},
+             "known": {SPLIT: [{"image": _image(8, (48, 48)), "question": QUESTION}]}}
+    lm = PyrtokLMM(pretrained=str(embedded_model()), allocator="pool", budget=4, device="cpu", batch_size=4,
+                   prompt_template="USER: <image> {context} ASSISTANT:")
+    lm.task_dict = tasks
+
+    def request(task: str, doc_id: int, text: str) -> Instance:
+        return Instance("generate_until", (text, {"max_new_tokens": 1}, _visual, doc_id, task, SPLIT), 0,
+                        {"task": task, "doc_id": doc_id, "repeats": 1, "split": SPLIT})
+
+    messages: list[str] = []
+    sink = logger.add(lambda message: messages.append(str(message)), level="WARNING", format="{message}")
+    try:
+        for _ in range(2):  # a second call on the same tasks warns no more
+            lm.generate_until([request("vqa_a", i, QUESTION + suffix) for i in range(3)]
+                              + [request("vqa_b", 0, QUESTION + suffix), request("known", 0, QUESTION)])
+    finally:
+        logger.remove(sink)
+    warnings = [m for m in messages if "unknown token" in m]
+    assert len(warnings) == 2
+    assert "'vqa_a'" in warnings[0] and "'vqa_b'" in warnings[1]
+    for word in ("Answer", "question", "using", "single", "word", "phrase"):
+        assert all(repr(word) in w for w in warnings)
+    assert not any("'known'" in m for m in messages)
+    # Words the tokenizer knows are not named.
+    assert all(repr(word) not in w for word in ("the", "red", "circle") for w in warnings)
 
 
 def test_unsupported_samples_are_named(model_dir):

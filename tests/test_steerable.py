@@ -5,6 +5,7 @@ import torch
 
 from pyrtok.steerable import (
     ANGULAR_PROFILES,
+    SCALINGS,
     SteerablePyramid,
     max_steerable_levels,
     orientation_energy,
@@ -106,3 +107,86 @@ def test_bad_inputs_get_clear_errors():
         reconstruct_steerable(coeffs)
     with pytest.raises(TypeError, match="SteerableBands"):
         reconstruct_steerable([torch.rand(4, 4)])
+
+
+@pytest.mark.parametrize("size", [(64, 64), (96, 128), (65, 47), (33, 40)])
+def test_scalings_multiply_each_subsampled_scale_by_its_factor(size):
+    """"pyrtools" = amplitude x r_s, "tight" = amplitude x sqrt(r_s), r_s = HW / (H_s W_s) (4^s for even sides)."""
+    x = torch.rand(2, *size, dtype=torch.float64)
+    levels = max_steerable_levels(*size)
+    base = steerable_pyramid(x, levels, 3)
+    area = size[0] * size[1]
+    for scaling, power in (("pyrtools", 1.0), ("tight", 0.5)):
+        scaled = steerable_pyramid(x, levels, 3, scaling=scaling)
+        assert scaled.scaling == scaling and base.scaling == "amplitude"
+        assert torch.equal(scaled.highpass, base.highpass)
+        for s, (band, reference) in enumerate(zip(scaled.bands, base.bands, strict=True)):
+            factor = (area / (band.shape[-2] * band.shape[-1])) ** power
+            assert torch.allclose(band, reference * factor, rtol=1e-12, atol=1e-12)
+            if size[0] % 2**s == 0 and size[1] % 2**s == 0:
+                assert factor == pytest.approx(4 ** (s * power))
+        factor = (area / (scaled.lowpass.shape[-2] * scaled.lowpass.shape[-1])) ** power
+        assert torch.allclose(scaled.lowpass, base.lowpass * factor, rtol=1e-12, atol=1e-12)
+
+
+def test_pyrtools_scaling_is_four_to_the_scale_on_power_of_two_images():
+    x = torch.rand(128, 128, dtype=torch.float64)
+    base, pyrtools = steerable_pyramid(x, 4, 4), steerable_pyramid(x, 4, 4, scaling="pyrtools")
+    for s in range(4):
+        assert torch.allclose(pyrtools.bands[s], 4**s * base.bands[s], rtol=1e-12, atol=1e-12)
+    assert torch.allclose(pyrtools.lowpass, 4**4 * base.lowpass, rtol=1e-12, atol=1e-12)
+    # A coarse grating has the same amplitude at its scale under "amplitude", 4^s times it under "pyrtools".
+    coarse = grating(128, 0.0, 0.5 * 2**-3)
+    amplitude = steerable_pyramid(coarse, 3, 2).bands[2][0].abs().max().item()
+    assert steerable_pyramid(coarse, 3, 2, scaling="pyrtools").bands[2][0].abs().max().item() == pytest.approx(
+        16 * amplitude)
+
+
+@pytest.mark.parametrize("scaling", SCALINGS)
+@pytest.mark.parametrize("angular", ANGULAR_PROFILES)
+@pytest.mark.parametrize("size", [(64, 64), (65, 47), (96, 128)])
+def test_reconstruction_is_exact_under_every_scaling(scaling, angular, size):
+    x = torch.rand(2, *size)
+    levels = max_steerable_levels(*size)
+    coeffs = steerable_pyramid(x, levels, 4, angular=angular, scaling=scaling)
+    assert (reconstruct_steerable(coeffs) - x).abs().max().item() <= 1e-5
+    x64 = x.double()
+    coeffs64 = SteerablePyramid(levels, 4, angular, scaling)(x64)
+    assert coeffs64.scaling == scaling
+    assert (reconstruct_steerable(coeffs64) - x64).abs().max() <= 1e-12
+
+
+def test_reconstruction_reads_the_scaling_from_the_coefficients():
+    x = torch.rand(64, 64, dtype=torch.float64)
+    coeffs = steerable_pyramid(x, 3, 4, scaling="pyrtools")
+    coeffs.scaling = "amplitude"  # the numbers stay 4^s too large for this label
+    assert (reconstruct_steerable(coeffs) - x).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("angular", ANGULAR_PROFILES)
+@pytest.mark.parametrize("size", [(64, 64), (65, 47), (33, 40)])
+def test_tight_scaling_keeps_the_energy(angular, size):
+    """Parseval: the squared coefficients sum to the image's energy under "tight", and only under it."""
+    x = torch.rand(*size, dtype=torch.float64)
+    levels = max_steerable_levels(*size)
+
+    def energy(coeffs) -> float:
+        parts = [coeffs.highpass, *coeffs.bands, coeffs.lowpass]
+        return sum(part.pow(2).sum().item() for part in parts)
+
+    total = x.pow(2).sum().item()
+    assert energy(steerable_pyramid(x, levels, 3, angular=angular, scaling="tight")) == pytest.approx(total, rel=1e-10)
+    assert energy(steerable_pyramid(x, levels, 3, angular=angular)) < 0.9 * total
+    assert energy(steerable_pyramid(x, levels, 3, angular=angular, scaling="pyrtools")) > 1.1 * total
+
+
+def test_bad_scaling_is_named():
+    with pytest.raises(ValueError, match=r"scaling must be one of .*'pyrtools'.*got 'matlab'"):
+        steerable_pyramid(torch.rand(32, 32), levels=2, scaling="matlab")
+    with pytest.raises(ValueError, match=r"scaling must be one of .*got None"):
+        SteerablePyramid(levels=2, scaling=None)
+    coeffs = steerable_pyramid(torch.rand(32, 32), levels=2)
+    coeffs.scaling = "unit"
+    with pytest.raises(ValueError, match=r"coeffs\.scaling must be one of .*got 'unit'"):
+        reconstruct_steerable(coeffs)
+    assert "scaling='pyrtools'" in repr(SteerablePyramid(levels=2, scaling="pyrtools"))

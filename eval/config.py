@@ -28,18 +28,21 @@ sharing a field together in subsets (``limit`` then counts groups); MME defaults
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-__all__ = ["AblationConfig", "ModelSpec", "TaskSpec", "embedded_model", "load_config"]
+__all__ = ["COARSE", "AblationConfig", "ModelSpec", "TaskSpec", "embedded_model", "load_config"]
 
 SOURCES = ("shapes", "local", "hf")
 # the metric each HF task is scored with unless a task config names another
 HF_METRICS = {"vqav2": "vqav2", "gqa": "gqa", "textvqa": "textvqa", "pope": "pope", "mme": "mme",
               "scienceqa_img": "scienceqa"}
+# what tables, rows and plots call the `all` allocator below the full budget: it keeps the coarsest tokens first
+COARSE = "coarse"
+KEYS = ("name", "output", "seed", "batch_size", "models", "allocators", "budgets", "tasks")
 
 
 def embedded_model() -> Path:
@@ -130,14 +133,6 @@ class AblationConfig:
         path.write_text(yaml.safe_dump(data, sort_keys=False))
 
 
-def _allocator_label(spec: Any, n: int) -> str:
-    if isinstance(spec, str):
-        return Path(spec).stem if spec.endswith((".yaml", ".yml")) else spec
-    if isinstance(spec, dict) and isinstance(spec.get("label", spec.get("name")), str):
-        return spec.get("label", spec["name"])
-    raise ValueError(f"allocators[{n}] must be a registered name, a YAML path or a mapping with 'name', got {spec!r}")
-
-
 def _budget(value: Any, n: int) -> int | float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"budgets[{n}] must be an int token count or a float fraction in (0, 1], got {value!r}")
@@ -148,30 +143,64 @@ def _budget(value: Any, n: int) -> int | float:
     return value
 
 
+def _entry(cls: type, value: Any, argument: str) -> Any:
+    """A :class:`ModelSpec` or :class:`TaskSpec` from one mapping of the config, its errors naming the entry."""
+    if not isinstance(value, dict):
+        raise ValueError(f"{argument} must be a mapping, got {value!r}")
+    unknown = sorted(set(value) - {f.name for f in fields(cls)})
+    if unknown:
+        raise ValueError(f"{argument} has unknown keys {unknown}; expected some of {[f.name for f in fields(cls)]}")
+    missing = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING
+               and f.name not in value]
+    if missing:
+        raise ValueError(f"{argument} needs the keys {missing}, got {value!r}")
+    return cls(**value)
+
+
 def load_config(source: str | Path | dict[str, Any], overrides: dict[str, Any] | None = None) -> AblationConfig:
     """An :class:`AblationConfig` from a YAML path or a mapping, updated by top-level ``overrides``."""
-    data = dict(source) if isinstance(source, dict) else yaml.safe_load(Path(source).read_text())
+    if isinstance(source, dict):
+        data = dict(source)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"the ablation config {str(path)!r} does not exist")
+        data = yaml.safe_load(path.read_text())
     if not isinstance(data, dict):
         raise ValueError(f"the ablation config must be a mapping, got {type(data).__name__}")
     data.update(overrides or {})
+    unknown = sorted(set(data) - set(KEYS))
+    if unknown:
+        raise ValueError(f"the ablation config has unknown keys {unknown}; expected some of {list(KEYS)}")
     for key in ("models", "allocators", "budgets", "tasks"):
         if not data.get(key) or not isinstance(data[key], list):
             raise ValueError(f"the ablation config needs a non-empty list '{key}'")
-    from pyrtok.allocators import available
+    from pyrtok.allocators import resolve, spec_label
 
     specs: dict[str, Any] = {}
+    labels = []
     for n, spec in enumerate(data["allocators"]):
-        label = _allocator_label(spec, n)
-        if isinstance(spec, str) and not spec.endswith((".yaml", ".yml")) and spec not in available():
-            raise ValueError(f"allocators[{n}] = {spec!r} is not registered; available: {available()}")
+        argument = f"allocators[{n}]"
+        label = spec_label(spec, argument)
+        try:  # a bad name, YAML path or option fails here, before any model loads
+            allocator = resolve(spec, argument)
+        except TypeError as error:  # an unknown option: the allocator's constructor does not name the entry
+            raise error if argument in str(error) else TypeError(f"{argument} = {spec!r}: {error}") from None
+        if label == COARSE:
+            raise ValueError(f"{argument}: the label {COARSE!r} is reserved for the 'all' allocator below the full "
+                             f"budget; list 'all' instead, or give {spec!r} another label")
+        if label == "all" and allocator.name != "all":
+            raise ValueError(f"{argument}: the label 'all' is reserved for the full-token reference, "
+                             f"but {spec!r} is the {allocator.name!r} allocator; give it another label")
         if label in specs:
-            raise ValueError(f"allocators[{n}]: the label {label!r} appears twice")
+            raise ValueError(f"{argument}: the label {label!r} appears twice")
         specs[label] = {k: v for k, v in spec.items() if k != "label"} if isinstance(spec, dict) else spec
+        labels.append(label)
     specs.setdefault("all", "all")
-    models = [ModelSpec(**m) for m in data["models"]]
+    models = [_entry(ModelSpec, m, f"models[{n}]") for n, m in enumerate(data["models"])]
     if len({m.name for m in models}) != len(models):
         raise ValueError("models must have distinct names")
-    tasks = [TaskSpec(**t) for t in data["tasks"]]
+    tasks = [_entry(TaskSpec, t, f"tasks[{n}]") for n, t in enumerate(data["tasks"])]
     if len({t.name for t in tasks}) != len(tasks):
         raise ValueError("tasks must have distinct names")
     from pyrtok.eval.metrics import get_metric
@@ -187,7 +216,7 @@ def load_config(source: str | Path | dict[str, Any], overrides: dict[str, Any] |
         raise ValueError(f"batch_size must be a positive int, got {data.get('batch_size')!r}")
     return AblationConfig(
         name=str(data.get("name", "ablation")), output=Path(data.get("output", f"runs/ablation/{data.get('name')}")),
-        models=models, allocators=[_allocator_label(s, n) for n, s in enumerate(data["allocators"])],
+        models=models, allocators=labels,
         budgets=[_budget(b, n) for n, b in enumerate(data["budgets"])], tasks=tasks, allocator_specs=specs,
         seed=int(data.get("seed", 0)), batch_size=int(data.get("batch_size", 32)),
         raw_allocators=list(data["allocators"]),

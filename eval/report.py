@@ -3,6 +3,9 @@
 One table row per (model, allocator, budget): the headline metric of every task, the average retention
 (each task's metric as a percentage of the same model's full-token metric, averaged over tasks), the mean
 kept tokens, the mean prefill and end-to-end times per sample, and TFLOPs per sample (vision + LLM prefill).
+``all`` is the full-token reference only; the ``all`` allocator below the full budget (the coarsest tokens first)
+is ``coarse``, in rows the runner writes and in rows of older runs alike. Each (model, allocator, budget, task,
+id) counts once: give these functions the latest row per key, as :func:`pyrtok.eval.rows.read_rows` does.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pyrtok.eval.config import COARSE
 from pyrtok.eval.metrics import get_metric
 
 __all__ = ["Summary", "summarize", "write_report"]
@@ -42,6 +46,8 @@ def summarize(rows: Sequence[dict], metrics: dict[str, str]) -> tuple[list[Summa
     ``retention`` (%), ``tokens``, ``prefill_ms``, ``time_ms``, ``tflops`` and ``errors``.
     ``categories``: one entry per (model, allocator, budget, task, category) with the headline value.
     """
+    rows = [{**r, "allocator": COARSE} if r["allocator"] == "all" and r.get("fraction", 1.0) < 1.0 else r
+            for r in rows]  # older runs labelled these "all"
     full: dict[tuple, float] = {}
     cells: dict[tuple, dict[str, Any]] = {}
     categories = []
@@ -52,7 +58,7 @@ def summarize(rows: Sequence[dict], metrics: dict[str, str]) -> tuple[list[Summa
                                                              "tasks": {}, "rows": []})
         cell["tasks"][task] = value
         cell["rows"] += group
-        if allocator == "all" and group[0]["fraction"] == 1.0:
+        if allocator == "all":
             full[(model, task)] = value  # the full-token reference
         for (category,), sub in sorted(_group(group, "category").items()):
             summary = metric.summarize(sub)  # a category's own key where the metric has one (MME's scores)
@@ -124,7 +130,7 @@ def _plots(table: list[Summary], tasks: list[str], output: Path) -> list[Path]:
         for ax, task in zip(axes[0], tasks, strict=True):
             for (model, allocator), group in sorted(_group(table, "model", "allocator").items()):
                 points = sorted((r[x_field], r["tasks"][task]) for r in group if task in r["tasks"])
-                if allocator == "all" and len(points) == 1:
+                if allocator == "all":  # one point per model: the full-token reference
                     ax.axhline(points[0][1], color="black", linestyle="--", linewidth=1, label=f"{model}: all tokens")
                     continue
                 xs, ys = zip(*points, strict=True)

@@ -9,9 +9,15 @@ seed, so a run killed at any moment and resumed gives the same rows as an uninte
 whose image cannot be read, whose generation fails or whose answer is empty gets a row with ``error``
 set (score 0) and the run goes on.
 
+Every task's records are read, and every allocator spec resolved, before any model loads, so a run with a
+missing dataset or a bad spec fails at once and leaves nothing behind (a shard is created with its first row).
+With ``retry_errors`` a resumed run also recomputes the cells whose rows record errors (once an image is
+fixed, say); the new rows carry a higher ``attempt`` and replace the error rows wherever rows are read.
+
 Budgets in the config are token counts (int) or fractions of a model's tokens (float <= 1). The
 full-token cell, allocator ``all`` at N tokens, always runs: it is the reference for retention, and any
-allocator's budget of N or more is that cell (every allocator keeps every token there). Random allocations
+allocator's budget of N or more is that cell (every allocator keeps every token there). Below N the ``all``
+allocator keeps the coarsest tokens first, and its cells are labelled ``coarse``. Random allocations
 depend on the batch a sample shares (the allocator draws for the whole batch), which is why the batches
 never depend on the number of processes and the batch size is part of a row's fingerprint.
 """
@@ -19,7 +25,6 @@ never depend on the number of processes and the batch size is part of a row's fi
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import time
 import zlib
@@ -29,26 +34,31 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
-from pyrtok.eval.config import AblationConfig, ModelSpec, TaskSpec
+from pyrtok.eval.config import COARSE, AblationConfig, ModelSpec, TaskSpec
 from pyrtok.eval.metrics import get_metric
 from pyrtok.eval.rows import RowWriter, read_rows, row_key
 from pyrtok.eval.tasks import load_task
 from pyrtok.eval.tasks.prompts import format_question
 from tqdm.auto import tqdm
 
-from pyrtok.images import image_tensor
+from pyrtok.allocators import budget_tokens, resolve
+from pyrtok.images import load_image
 
-__all__ = ["Cell", "LoadedModel", "load_model", "run"]
+__all__ = ["EMPTY_ANSWER", "Cell", "LoadedModel", "load_model", "run"]
+
+# the error of a row whose answer is empty: the model's own result, which a rerun repeats, so never retried
+EMPTY_ANSWER = "empty answer"
 
 
 @dataclass(frozen=True)
 class Cell:
-    """One point of the grid for one model and task."""
+    """One point of the grid for one model and task: ``allocator`` labels its rows, ``spec`` names the
+    allocator that runs it (a key of the config's ``allocator_specs``; ``coarse`` cells run ``all``)."""
 
     allocator: str
     budget: int
     fraction: float
+    spec: str
 
 
 @dataclass
@@ -67,13 +77,15 @@ class LoadedModel:
 
 
 def load_model(spec: ModelSpec, allocators: dict[str, Any], device: torch.device) -> LoadedModel:
-    """Load ``spec`` once and wrap it with every allocator (name -> allocator spec)."""
+    """Load ``spec`` once and wrap it with every allocator (label -> any spec :func:`~pyrtok.allocators.resolve`
+    takes, or an allocator)."""
     from pyrtok.vlm import PyramidVLM
 
+    resolved = {name: resolve(allocator, f"allocators[{name}]") for name, allocator in allocators.items()}
     first = PyramidVLM.from_pretrained(spec.resolved_path, mode=spec.mode, levels=spec.levels)
     first.model.to(device)
     vlms = {name: PyramidVLM(first.model, first.tokenizer, allocator=allocator, mode=spec.mode, levels=spec.levels)
-            for name, allocator in allocators.items()}
+            for name, allocator in resolved.items()}
     image_size = int(first.model.config.vision_config.image_size)
     with torch.no_grad():
         n = first.encode(torch.zeros(1, 3, image_size, image_size, device=device)).num_tokens
@@ -81,13 +93,16 @@ def load_model(spec: ModelSpec, allocators: dict[str, Any], device: torch.device
 
 
 def _cells(config: AblationConfig, n: int) -> list[Cell]:
-    """The grid for a model with ``n`` tokens; always holds the full-token reference ``all`` at ``n``."""
-    cells = {Cell("all", n, 1.0)}
+    """The grid for a model with ``n`` tokens; always holds the full-token reference ``all`` at ``n``, and
+    labels the ``all`` allocator's cells below ``n`` ``coarse``."""
+    cells = {Cell("all", n, 1.0, "all")}
     for name in config.allocators:
         for budget in config.budgets:
-            # the epsilon keeps 0.07 * 100 at 7 tokens, not 8
-            count = min(n, budget if isinstance(budget, int) else max(1, math.ceil(budget * n - 1e-9)))
-            cells.add(Cell("all" if count == n else name, count, round(count / n, 4)))
+            count = budget_tokens(budget, n)
+            if count == n:
+                cells.add(Cell("all", n, 1.0, "all"))
+            else:
+                cells.add(Cell(COARSE if name == "all" else name, count, round(count / n, 4), name))
     return sorted(cells, key=lambda c: (-c.budget, c.allocator))
 
 
@@ -104,11 +119,8 @@ def fingerprint(config: AblationConfig, model: ModelSpec, task: TaskSpec, alloca
 
 
 def _load_image(record: dict[str, Any], size: int) -> torch.Tensor:
-    """(3, size, size) float in [0, 1] from a path or a PIL image (LLaVA-1.5 resizes, so do we)."""
-    image = record["image"]
-    if not isinstance(image, Image.Image):
-        image = Image.open(image)
-    return image_tensor(image.convert("RGB").resize((size, size), Image.BICUBIC))
+    """(3, size, size) float in [0, 1] from a path or a PIL image (LLaVA-1.5 resizes, bicubic, so do we)."""
+    return load_image(record["image"], size)
 
 
 class _FirstToken:
@@ -144,7 +156,7 @@ def _answer(model: LoadedModel, cell: Cell, images: torch.Tensor, tokens: Any, p
     """Texts, kept counts, allocation / prefill / total LLM seconds and prompt lengths for one batch."""
     from transformers import StoppingCriteriaList
 
-    vlm, device = model.vlms[cell.allocator], images.device
+    vlm, device = model.vlms[cell.spec], images.device
     _sync(device)
     start = time.perf_counter()
     selection = vlm.select(tokens, images, cell.budget, generator=generator)
@@ -177,7 +189,7 @@ def _rows_for_batch(model: LoadedModel, task: TaskSpec, cell: Cell, records: lis
     rows = []
     for record, text, count, length in zip(records, answers, counts, lengths, strict=True):
         vision_flops, llm_flops = _flops(model, length)
-        error, value = (None, 0.0) if text else ("empty answer", 0.0)
+        error, value = (None, 0.0) if text else (EMPTY_ANSWER, 0.0)
         if text:
             try:
                 value = float(score(text, record))
@@ -197,7 +209,7 @@ def _base_row(model: LoadedModel, task: TaskSpec, cell: Cell, record: dict) -> d
     extra = {k: v for k, v in record.items() if k != "image" and _jsonable(v)}
     return {**extra, "model": model.spec.name, "allocator": cell.allocator, "budget": cell.budget,
             "task": task.name, "id": str(record["id"]), "fraction": cell.fraction,
-            "fingerprint": model.fingerprints[(task.name, cell.allocator)]}
+            "fingerprint": model.fingerprints[(task.name, cell.spec)]}
 
 
 def _jsonable(value: Any) -> bool:
@@ -210,40 +222,53 @@ def _error_rows(model: LoadedModel, task: TaskSpec, cell: Cell, records: list[di
             for r in records]
 
 
-def run(config: AblationConfig, resume: bool = False, fresh: bool = False,
-        progress: bool = True) -> tuple[Path, list[dict]]:
+def run(config: AblationConfig, resume: bool = False, fresh: bool = False, progress: bool = True,
+        retry_errors: bool = False) -> tuple[Path, list[dict]]:
     """Run the grid ``config`` describes; returns the output folder and, on the main process, all rows.
 
-    ``resume`` keeps earlier rows and runs what is missing; ``fresh`` deletes earlier rows first.
+    ``resume`` keeps earlier rows and runs what is missing; ``fresh`` deletes earlier rows first (once the
+    tasks and allocators have been checked, so a failing run deletes nothing). ``retry_errors`` (with
+    ``resume``) also recomputes every cell of a batch where a row records an error other than an empty answer.
 
     Raises:
         FileExistsError: rows already exist and neither ``resume`` nor ``fresh`` is set.
+        FileNotFoundError, ValueError: a task's records cannot be read or an allocator spec does not resolve;
+            raised before any model loads and before anything is written.
     """
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
 
+    if retry_errors and not resume:
+        raise ValueError("retry_errors=True recomputes error rows of an earlier run, so it needs resume=True")
     # PartialState only forms a CPU process group when told it runs on CPU (Accelerator reads this flag itself)
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
     output = config.output
-    if not (resume or fresh) and any((output / "rows").glob("rows-*.jsonl")):  # every process sees the same
+    # an empty shard is what a run that failed before its first row left behind: it holds nothing to protect
+    if not (resume or fresh) and any(p.stat().st_size for p in (output / "rows").glob("rows-*.jsonl")):
         raise FileExistsError(f"{output} already holds rows; pass --resume to continue it or --fresh to restart")
+    allocators = {label: resolve(spec, f"allocators[{label}]") for label, spec in config.allocator_specs.items()}
+    records = {}
+    for task in config.tasks:
+        with state.main_process_first():  # the shapes benchmark is written to disk on first use: once
+            records[task.name] = load_task(task)
     state.wait_for_everyone()
     if state.is_main_process and fresh and (output / "rows").is_dir():
         shutil.rmtree(output / "rows")
     state.wait_for_everyone()
     if state.is_main_process:
         config.save(output / "config.yaml")
-    done = {row_key(r) for r in read_rows(output)}
+    previous = {row_key(r): r for r in read_rows(output)}
     expected: set[tuple] = set()
     writer = RowWriter(output, state.process_index, state.num_processes)
     try:
         for spec in config.models:
-            model = load_model(spec, config.allocator_specs, state.device)
+            model = load_model(spec, allocators, state.device)
             model.fingerprints = {(t.name, a): fingerprint(config, spec, t, a) for t in config.tasks
                                   for a in config.allocator_specs}
             cells = _cells(config, model.num_tokens)
             for task in config.tasks:
-                expected |= _run_task(config, model, task, cells, done, writer, state, progress)
+                expected |= _run_task(config, model, task, records[task.name], cells, previous, retry_errors,
+                                      writer, state, progress)
             del model
     finally:
         writer.close()
@@ -254,16 +279,36 @@ def run(config: AblationConfig, resume: bool = False, fresh: bool = False,
     return output, [r for r in read_rows(output) if row_key(r) in expected]
 
 
-def _run_task(config: AblationConfig, model: LoadedModel, task: TaskSpec, cells: list[Cell], done: set,
-              writer: RowWriter, state: Any, progress: bool) -> set[tuple]:
-    """Run what is missing of ``task`` on this process's batches; returns the keys of the whole task grid."""
-    with state.main_process_first():  # the shapes benchmark is written to disk on first use: once
-        records = load_task(task)
+def _retryable(row: dict[str, Any]) -> bool:
+    """Whether a row records a failure that a rerun may not repeat (an empty answer is the model's own)."""
+    return bool(row.get("error")) and row["error"] != EMPTY_ANSWER
+
+
+def _run_task(config: AblationConfig, model: LoadedModel, task: TaskSpec, records: list[dict], cells: list[Cell],
+              previous: dict[tuple, dict], retry_errors: bool, writer: RowWriter, state: Any,
+              progress: bool) -> set[tuple]:
+    """Run what is missing of ``task`` on this process's batches; returns the keys of the whole task grid.
+
+    ``previous`` maps keys to the rows an earlier run left; with ``retry_errors`` a cell's batch is redone when
+    one of its rows records a retryable error, and every row it writes then carries the next ``attempt``.
+    """
     metric = get_metric(task.metric)
 
     def key(cell: Cell, record: dict) -> tuple:
         return (model.spec.name, cell.allocator, cell.budget, task.name, str(record["id"]),
-                model.fingerprints[(task.name, cell.allocator)])
+                model.fingerprints[(task.name, cell.spec)])
+
+    def done(cell: Cell, record: dict) -> bool:
+        row = previous.get(key(cell, record))
+        return row is not None and not (retry_errors and _retryable(row))
+
+    def write(rows: list[dict], retried: bool) -> None:
+        """Append one cell's ``rows``, each stamped with its attempt: one past the earlier row's in a retried
+        cell (so it replaces that row when rows are read), the earlier row's own when a batch is redone."""
+        for row in rows:
+            earlier = previous.get(row_key(row))
+            row["attempt"] = 0 if earlier is None else int(earlier.get("attempt", 0)) + retried
+        writer.write(rows)
 
     grid = {key(c, r) for c in cells for r in records}
     size = config.batch_size
@@ -274,23 +319,26 @@ def _run_task(config: AblationConfig, model: LoadedModel, task: TaskSpec, cells:
     base = model.base
     for index in mine:
         batch = batches[index]
-        todo = [c for c in cells if any(key(c, r) not in done for r in batch)]
+        todo = [c for c in cells if not all(done(c, r) for r in batch)]
         bar.update(len(cells) - len(todo))
         if not todo:
             continue
+        retried = {c for c in todo if retry_errors and any(_retryable(previous.get(key(c, r), {})) for r in batch)}
         images, good, prompts = [], [], []
         for record in batch:
             try:
                 image = _load_image(record, model.image_size)
             except Exception as error:
-                writer.write(row for c in todo for row in _error_rows(model, task, c, [record],
-                                                                      f"image: {type(error).__name__}: {error}"))
+                for c in todo:
+                    write(_error_rows(model, task, c, [record], f"image: {type(error).__name__}: {error}"),
+                          c in retried)
                 continue
             try:
                 prompts.append(model.spec.prompt.format(question=_question(task, record)))
             except Exception as error:
-                writer.write(row for c in todo for row in _error_rows(model, task, c, [record],
-                                                                      f"prompt: {type(error).__name__}: {error}"))
+                for c in todo:
+                    write(_error_rows(model, task, c, [record], f"prompt: {type(error).__name__}: {error}"),
+                          c in retried)
                 continue
             images.append(image)
             good.append(record)
@@ -307,8 +355,8 @@ def _run_task(config: AblationConfig, model: LoadedModel, task: TaskSpec, cells:
             for cell in todo:
                 generator = torch.Generator(device=pixels.device).manual_seed(
                     _seed(config.seed, model.spec.name, task.name, index, cell.allocator, cell.budget))
-                writer.write(_answer_cell(model, task, cell, good, pixels, tokens, prompts, generator, vision,
-                                          metric.score, config.seed))
+                write(_answer_cell(model, task, cell, good, pixels, tokens, prompts, generator, vision,
+                                   metric.score, config.seed), cell in retried)
                 bar.update(1)
     bar.close()
     return grid

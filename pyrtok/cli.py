@@ -1,13 +1,26 @@
-"""The ``pyrtok`` console script: ``pyrtok <command> [options]``.
+"""The ``pyrtok`` console script: ``pyrtok [--debug] <command> [options]``.
 
 Packages add commands through the ``pyrtok.commands`` entry-point group (name -> ``module:function``
-taking ``argv``); the evaluation harness adds ``ablate`` that way, so the library never imports it.
+taking ``argv``); the evaluation harness adds ``ablate`` that way, so the library never imports it. A plugin
+command's one-line description in ``pyrtok --help`` is the first line of its module's docstring.
+
+A command that fails on a user error (:data:`USER_ERRORS`: a bad config, a missing file) ends with one line on
+stderr, ``pyrtok <command>: <message>``, and exit status 2. ``--debug``, before or after the command, lets the
+exception through with its traceback; other exceptions (bugs) always keep theirs.
 """
 
 from __future__ import annotations
 
+import ast
+import importlib.util
 import sys
-from importlib.metadata import entry_points
+from collections.abc import Callable
+from importlib.metadata import EntryPoint, entry_points
+from typing import Any
+
+import yaml
+
+__all__ = ["COMMANDS", "USER_ERRORS", "main", "run_command"]
 
 COMMANDS = {
     "demo": ("pyrtok.demo", "decompose a bundled photograph, reconstruct it, draw the levels"),
@@ -18,24 +31,103 @@ COMMANDS = {
     "pretrain": ("pyrtok.pretrain.train", "MAE pretraining with pixel and/or Laplacian loss (YAML config)"),
     "pretrain-eval": ("pyrtok.pretrain.evaluate", "PSNR, SSIM and per-band errors of pretrained MAEs"),
 }
+# what bad input raises (the project's convention: ValueError / TypeError naming the argument; OSError covers
+# missing files and models; KeyError a missing config key): one line, no traceback
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, OSError, KeyError, yaml.YAMLError)
+DEBUG = "--debug"
 
 
-def _plugins() -> dict:
+def _plugins() -> dict[str, EntryPoint]:
     return {ep.name: ep for ep in entry_points(group="pyrtok.commands") if ep.name not in COMMANDS}
 
 
+def _summary(entry: EntryPoint) -> str:
+    """The first line of the plugin module's docstring, read without importing the module."""
+    module = entry.value.split(":")[0]
+    try:
+        spec = importlib.util.find_spec(module)
+        with open(spec.origin, encoding="utf-8") as f:  # type: ignore[union-attr]
+            doc = ast.get_docstring(ast.parse(f.read())) or ""
+    except (ImportError, AttributeError, TypeError, OSError, SyntaxError, ValueError):
+        doc = ""
+    line = doc.strip().split("\n")[0].strip().rstrip(".")
+    if not line:
+        return f"(from {module})"
+    first = line.split()[0]
+    return line[0].lower() + line[1:] if first[1:] == first[1:].lower() else line  # keeps "MAE ..." as it is
+
+
+def _usage(plugins: dict[str, EntryPoint]) -> str:
+    lines = [f"  {name:<16} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += [f"  {name:<16} {_summary(ep)}" for name, ep in sorted(plugins.items())]
+    return ("usage: pyrtok [--debug] <command> [options]\n\ncommands:\n" + "\n".join(lines) + "\n\n"
+            "pyrtok <command> --help lists a command's options; --debug (before or after the command) shows the\n"
+            "traceback of an error instead of its one-line message.")
+
+
+def _message(error: BaseException) -> str:
+    """One line that says what went wrong."""
+    if isinstance(error, yaml.MarkedYAMLError) and error.problem:
+        mark = error.problem_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        text = f"invalid YAML: {error.context + ', ' if error.context else ''}{error.problem}{where}"
+    elif isinstance(error, OSError) and error.strerror and error.filename is not None:
+        text = f"{error.strerror}: {str(error.filename)!r}"
+    elif isinstance(error, KeyError) and len(error.args) == 1:
+        text = f"missing key {error.args[0]!r}"
+    else:
+        text = str(error) or type(error).__name__
+    return " ".join(text.split())
+
+
+def _split_debug(argv: list[str]) -> tuple[list[str], bool]:
+    """``argv`` without ``--debug`` (anywhere before a ``--`` separator), and whether it was there."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    kept = [a for a in argv[:end] if a != DEBUG] + argv[end:]
+    return kept, len(kept) != len(argv)
+
+
+def run_command(name: str, function: Callable[[list[str]], Any], argv: list[str], debug: bool = False) -> None:
+    """Run a command's ``function(argv)``; a user error becomes ``pyrtok <name>: <message>`` on stderr and exit
+    status 2, unless ``debug`` (or ``--debug`` in ``argv``) asks for the traceback.
+
+    Example:
+        >>> def fails(argv):
+        ...     raise ValueError(f"budgets[0] must be positive, got {argv[0]}")
+        >>> try:
+        ...     run_command("ablate", fails, ["-1"])
+        ... except SystemExit as exit:
+        ...     exit.code
+        2
+    """
+    argv, flagged = _split_debug(list(argv))
+    try:
+        function(argv)
+    except USER_ERRORS as error:
+        if debug or flagged:
+            raise
+        print(f"pyrtok {name}: {_message(error)}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """``pyrtok [--debug] <command> [options]``: dispatch to the command's ``main(argv)`` (see the module
+    docstring for errors and ``--debug``)."""
+    argv, debug = _split_debug(list(sys.argv[1:] if argv is None else argv))
     plugins = _plugins()
-    if argv and argv[0] in plugins:
-        plugins[argv[0]].load()(argv[1:])
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage(plugins))
         return
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        lines = [f"  {name:<16} {help_}" for name, (_, help_) in COMMANDS.items()]
-        lines += [f"  {name:<16} (from {ep.value.split(':')[0]})" for name, ep in sorted(plugins.items())]
-        print("usage: pyrtok <command> [options]\n\ncommands:\n" + "\n".join(lines))
-        if argv and argv[0] not in ("-h", "--help"):
-            raise SystemExit(f"pyrtok: unknown command {argv[0]!r}")
-        return
-    module = __import__(COMMANDS[argv[0]][0], fromlist=["main"])
-    module.main(argv[1:])
+    name, rest = argv[0], argv[1:]
+    if name in plugins:
+        function = plugins[name].load()
+    elif name in COMMANDS:
+        function = __import__(COMMANDS[name][0], fromlist=["main"]).main
+    else:
+        print(_usage(plugins), file=sys.stderr)
+        raise SystemExit(f"pyrtok: unknown command {name!r}")
+    run_command(name, function, rest, debug)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,6 +1,7 @@
 """The ablation runner end to end on a tiny random LLaVA and a local task: grid, errors, resume after a kill,
 two-process sharding, reports."""
 
+import csv
 import os
 import signal
 import subprocess
@@ -228,3 +229,138 @@ def test_mme_subsets_keep_both_questions_of_an_image():
     images = [r["question_id"] for r in chosen]
     assert len(set(images)) == 3 and all(images.count(i) == 2 for i in images)
     assert {r["category"] for r in chosen} == {"count", "OCR"}
+
+
+def test_a_run_that_fails_before_its_first_sample_loads_no_model_and_blocks_no_rerun(assets, tmp_path, monkeypatch):
+    from pyrtok.eval import runner
+
+    loaded = []
+    real_load_model = runner.load_model
+
+    def counting_load_model(spec, *args, **kwargs):
+        loaded.append(spec.name)
+        return real_load_model(spec, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "load_model", counting_load_model)
+    output = tmp_path / "out"
+    good = config_for(assets, output, samples=3)
+    missing_root = {**good["tasks"][0], "root": str(tmp_path / "nowhere")}
+    with pytest.raises(FileNotFoundError, match=r"tasks\[toy\]\.root .*nowhere"):
+        run(load_config({**good, "tasks": [missing_root]}), progress=False)
+    missing_split = {**good["tasks"][0], "split": "nosuchsplit"}
+    with pytest.raises(FileNotFoundError, match=r"tasks\[other\]: no split 'nosuchsplit'"):
+        run(load_config({**good, "tasks": [good["tasks"][0], {**missing_split, "name": "other"}]}), progress=False)
+    assert loaded == []  # every task is read before the first model loads
+    assert not list(output.glob("rows/*.jsonl"))
+    (output / "rows").mkdir(parents=True)
+    (output / "rows" / "rows-0-of-1.jsonl").touch()  # what a failed run of an earlier version left
+    _, rows = run(load_config(good), progress=False)  # the corrected rerun, without resume
+    assert loaded == ["tiny"] and len(rows) == 7 * 3
+
+
+def test_a_bad_allocator_spec_fails_at_config_load(assets, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"missing\.yaml"):
+        load_config(config_for(assets, tmp_path, allocators=["pool", "configs/allocators/missing.yaml"]))
+    with pytest.raises(TypeError, match=r"allocators\[1\].*bogus"):
+        load_config(config_for(assets, tmp_path, allocators=["pool", {"name": "saliency", "bogus": 1}]))
+    with pytest.raises(ValueError, match="reserved"):
+        load_config(config_for(assets, tmp_path, allocators=[{"name": "pool", "label": "coarse"}]))
+    with pytest.raises(ValueError, match="reserved for the full-token reference"):
+        load_config(config_for(assets, tmp_path, allocators=[{"name": "random", "label": "all"}]))
+    with pytest.raises(ValueError, match="unknown keys \\['budget'\\]"):
+        load_config(config_for(assets, tmp_path, budget=[0.5]))
+    with pytest.raises(ValueError, match=r"tasks\[0\] has unknown keys \['lmit'\]"):
+        load_config(config_for(assets, tmp_path, tasks=[{"name": "t", "lmit": 3}]))
+    with pytest.raises(ValueError, match=r"models\[0\] needs the keys \['path'\]"):
+        load_config(config_for(assets, tmp_path, models=[{"name": "m"}]))
+
+
+def test_the_all_allocator_below_the_full_budget_is_labelled_coarse(assets, tmp_path):
+    from pyrtok.eval.runner import _cells
+
+    config = load_config(config_for(assets, tmp_path, budgets=[1.0, 0.5, 7], allocators=["all", "pool"]))
+    cells = _cells(config, 100)
+    assert [(c.allocator, c.budget, c.spec) for c in cells] == [
+        ("all", 100, "all"), ("coarse", 50, "all"), ("pool", 50, "pool"), ("coarse", 7, "all"), ("pool", 7, "pool")]
+    # rows of older runs that called these cells "all" are reported as coarse too, and never as the reference
+    old = [{"model": "m", "allocator": "all", "budget": b, "task": "t", "id": str(i), "category": "x",
+            "prediction": "p", "answers": ["p" if b == 20 or i else "q"], "score": float(b == 20 or i > 0),
+            "tokens": b, "fraction": b / 20, "time_s": 0.01, "prefill_s": 0.004, "tflops": 1e-6, "error": None}
+           for b in (20, 4) for i in range(2)]
+    table, categories = summarize(old, {"t": "exact"})
+    assert [(r["allocator"], r["budget"], r["retention"]) for r in table] == [("all", 20, 100.0), ("coarse", 4, 50.0)]
+    assert {c["allocator"] for c in categories} == {"all", "coarse"}
+
+
+def test_rows_read_back_the_latest_attempt_whatever_the_shard(tmp_path):
+    row = {"model": "m", "allocator": "a", "budget": 1, "task": "t", "id": "1", "fingerprint": "f"}
+    first = RowWriter(tmp_path, 0, 1)  # read first (sorted shard names), but holds the retry
+    first.write([{**row, "error": "image: broken", "attempt": 0}, {**row, "error": None, "attempt": 1}])
+    first.close()
+    second = RowWriter(tmp_path, 0, 2)  # a later redo of the error row's batch at its old attempt
+    second.write([{**row, "error": "image: broken", "attempt": 0}])
+    second.close()
+    assert [(r["error"], r["attempt"]) for r in read_rows(tmp_path)] == [(None, 1)]
+    unused = RowWriter(tmp_path / "never", 0, 1)
+    unused.write([])
+    unused.close()
+    assert not (tmp_path / "never").exists()  # a writer that wrote nothing leaves no shard
+
+
+def test_resume_retry_errors_replaces_error_rows_once_the_cause_is_fixed(assets, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(assets / "data", data)
+    task = {"name": "toy", "source": "local", "root": str(data), "metric": "exact", "split": "small"}
+    config = {**config_for(assets, tmp_path / "out", allocators=["random", "pool"], budgets=[4]), "tasks": [task]}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    _, rows = run(load_config(path), progress=False)
+    assert all(r["error"].startswith("image:") for r in rows if r["id"] == "q5")
+    shard = tmp_path / "out" / "rows" / "rows-0-of-1.jsonl"
+    written = shard.read_text()
+    Image.fromarray(np.full((60, 64, 3), 200, dtype=np.uint8)).save(data / "images" / "5.png")  # the fix
+    _, resumed = run(load_config(path), resume=True, progress=False)
+    assert shard.read_text() == written  # plain resume: error rows count as done
+    assert all(r["error"].startswith("image:") for r in resumed if r["id"] == "q5")
+    with pytest.raises(ValueError, match="resume"):
+        run(load_config(path), retry_errors=True, progress=False)
+    paths = ablate_main(["--config", str(path), "--no-progress", "--resume", "--retry-errors"])
+    retried = read_rows(tmp_path / "out")
+    fixed = [r for r in retried if r["id"] == "q5"]
+    assert len(fixed) == 3 and all(not str(r["error"] or "").startswith("image") and r["attempt"] == 1 and
+                                   r["tokens"] == r["budget"] for r in fixed)
+    assert shard.read_text().startswith(written) and shard.read_text().count('"id": "q5"') == 6  # appended
+    # the retried rows equal a clean run's on the fixed data, and every report counts them instead of the errors
+    _, clean = run(load_config({**config, "output": str(tmp_path / "clean")}), progress=False)
+    assert comparable([{**r, "attempt": 0} for r in retried]) == comparable(clean)
+    clean_paths = write_report(clean, {"toy": "exact"}, tmp_path / "clean")
+    assert paths["categories"].read_text() == clean_paths["categories"].read_text()
+    untimed = ("model", "allocator", "budget", "fraction", "tokens", "toy", "retention", "errors")
+
+    def table_csv(path):
+        with path.open() as f:
+            return [{k: r[k] for k in untimed} for r in csv.DictReader(f)]
+
+    assert table_csv(paths["table"]) == table_csv(clean_paths["table"])
+    before = {r["allocator"]: r["errors"] for r in summarize(rows, {"toy": "exact"})[0]}
+    after = {r["allocator"]: int(r["errors"]) for r in table_csv(paths["table"])}
+    still = {r["allocator"]: r["error"] is not None for r in fixed}  # the fixed image may get an empty answer
+    assert after == {a: before[a] - 1 + still[a] for a in before}
+    assert "| tiny | pool | 4 (20%) |" in paths["report"].read_text()
+
+
+def test_cli_bad_task_root_is_one_line_and_the_corrected_rerun_needs_no_resume(assets, tmp_path, capsys):
+    from pyrtok.cli import main as pyrtok_main
+
+    path = tmp_path / "c.yaml"
+    good = config_for(assets, tmp_path / "out", samples=3, allocators=["pool"], budgets=[4])
+    path.write_text(yaml.safe_dump({**good, "tasks": [{**good["tasks"][0], "root": str(tmp_path / "typo")}]}))
+    with pytest.raises(SystemExit) as exit:
+        pyrtok_main(["ablate", "--config", str(path), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit.value.code == 2 and err == [f"pyrtok ablate: tasks[toy].root '{tmp_path / 'typo'}' is not a folder"]
+    path.write_text(yaml.safe_dump(good))
+    pyrtok_main(["ablate", "--config", str(path), "--no-progress"])
+    assert "report:" in capsys.readouterr().out and len(read_rows(tmp_path / "out")) == 2 * 3

@@ -13,12 +13,23 @@ __all__ = ["load_local", "load_shapes", "load_task", "subset"]
 
 
 def load_task(spec: Any) -> list[dict[str, Any]]:
-    """The records of an :class:`pyrtok.eval.config.TaskSpec`, subset by its ``limit`` / ``stratify`` / ``seed``."""
+    """The records of an :class:`pyrtok.eval.config.TaskSpec`, subset by its ``limit`` / ``stratify`` / ``seed``.
+
+    Raises:
+        FileNotFoundError: a ``local`` task's ``root`` or split file does not exist.
+        ValueError: a record is malformed, or two records share an id.
+    """
     if spec.source == "shapes":
         root = spec.root or f"data/shapes_vqa/seed{spec.seed}"
         records = load_shapes(root, spec.split or "test", spec.questions, seed=spec.seed)
     elif spec.source == "local":
-        records = load_local(Path(spec.root), spec.split or "test")
+        root = Path(spec.root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"tasks[{spec.name}].root {str(root)!r} is not a folder")
+        try:
+            records = load_local(root, spec.split or "test")
+        except FileNotFoundError as error:
+            raise FileNotFoundError(f"tasks[{spec.name}]: {error}") from None
     else:
         from pyrtok.eval.tasks.hf import load_hf_task
 

@@ -1,7 +1,8 @@
-"""Run plumbing shared by the training commands: YAML configs, LR schedule, atomic checkpoints, the CLI.
+"""Run plumbing shared by the training commands: YAML configs, seeded per-step RNG, the LR schedule with warm
+restarts, the run itself (accelerator, output folder, resume, progress, logs, atomic checkpoints), the CLI.
 
 Both ``pyrtok pretrain`` and ``pyrtok train-vlm`` are seeded, resumable runs driven by one YAML file; this
-module holds what they have in common so that each training script is only its model and its step.
+module holds what they have in common so that each training script is only its config, its model and its step.
 """
 
 from __future__ import annotations
@@ -11,15 +12,18 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 import yaml
 
 __all__ = [
-    "latest_checkpoint", "load_config", "merge_config", "optimizer_step", "run_cli", "save_checkpoint",
-    "set_override", "trim_log", "warmup_cosine",
+    "RESTART", "Run", "latest_checkpoint", "load_config", "lr_factor", "merge_config", "optimizer_step",
+    "restart_at", "restarts", "run_cli", "save_checkpoint", "set_override", "step_generator", "trim_log",
+    "turns_at", "warmup_cosine",
 ]
 
 
@@ -40,6 +44,78 @@ def warmup_cosine(step: int, warmup: int, total: int) -> float:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def step_generator(seed: int, step: int, rank: int = 0, stream: int = 0) -> torch.Generator:
+    """A generator seeded from (seed, step, rank, stream), independent across all four.
+
+    Every random draw of a step comes from such generators, so a batch is a pure function of (seed, step,
+    process) and a resumed run draws what an uninterrupted one would have; ``stream`` separates the draws
+    of different consumers within one step.
+    """
+    mixed = np.random.SeedSequence([seed, step, rank, stream]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(mixed) & 0x7FFF_FFFF_FFFF_FFFF)
+
+
+RESTART: dict[str, Any] = {"steps": 0, "lr": 5e-4, "turns": None}
+"""The fields of one warm restart in ``train.restart`` and their defaults."""
+
+
+def restarts(t: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The warm restarts of ``t["restart"]`` (one mapping or a list of them), each with a ``start`` step.
+
+    ``t`` is a config's ``train`` section. The restarts are the last steps of the run, in order: the final one
+    covers the last ``steps`` of ``t["steps"]``, the one before it the ``steps`` before those, and so on.
+    Entries with ``steps: 0`` are dropped; a section without ``restart`` has none.
+    """
+    entries = t.get("restart", [])
+    entries = entries if isinstance(entries, list) else [entries]
+    phases = []
+    for k, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise ValueError(f"train.restart[{k}] must be a mapping of {sorted(RESTART)}, got {entry!r}")
+        phases.append(merge_config(RESTART, entry, f"train.restart[{k}]."))
+    phases = [p for p in phases if p["steps"]]
+    start = t["steps"] - sum(p["steps"] for p in phases)
+    for phase in phases:
+        phase["start"], start = start, start + phase["steps"]
+    return phases
+
+
+def restart_at(step: int, phases: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The warm restart of ``phases`` (from :func:`restarts`) that ``step`` is in, or None before the first."""
+    return next((p for p in reversed(phases) if step >= p["start"]), None)
+
+
+def lr_factor(step: int, t: Mapping[str, Any]) -> float:
+    """The LR factor of ``step`` for the ``train`` section ``t`` (``steps``, ``warmup_steps``, optionally
+    ``dense_steps`` and ``restart``).
+
+    A first stage of ``dense_steps`` (default 0) warms up and then stays flat; the main stage warms up and
+    follows a cosine to 0 at its end; each warm restart of :func:`restarts` warms up to its ``lr`` (relative
+    to ``t["lr"]``) and follows a new cosine to 0 over its ``steps``. The factors before a restart do not
+    depend on it, so a finished run can be extended by resuming it under a config with one more restart.
+    With neither a first stage nor restarts this is :func:`warmup_cosine` over ``steps``.
+    """
+    dense = t.get("dense_steps", 0)
+    if step < dense:
+        return min(1.0, (step + 1) / max(1, t["warmup_steps"]))
+    phases = restarts(t)
+    phase = restart_at(step, phases)
+    if phase is None:
+        end = phases[0]["start"] if phases else t["steps"]
+        return warmup_cosine(step - dense, t["warmup_steps"], end - dense)
+    return phase["lr"] / t["lr"] * warmup_cosine(step - phase["start"], t["warmup_steps"], phase["steps"])
+
+
+def turns_at(step: int, t: Mapping[str, Any]) -> int | dict[str, int]:
+    """Questions per image at ``step`` (a count or per-family counts) for the ``train`` section ``t``: 1 in the
+    first ``dense_steps``, ``t["turns"]`` after them, and the ``turns`` of the warm restart ``step`` is in,
+    if that restart sets them."""
+    if step < t.get("dense_steps", 0):
+        return 1
+    phase = restart_at(step, restarts(t))
+    return phase["turns"] or t["turns"] if phase is not None else t["turns"]
 
 
 def latest_checkpoint(checkpoints: Path) -> Path | None:
@@ -95,6 +171,108 @@ def optimizer_step(accelerator: Any, model: Any, optimizer: Any, scheduler: Any,
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
+
+
+class Run:
+    """The plumbing of one seeded, resumable training run; the training script brings its model and its step.
+
+    Creating a run makes the accelerator, seeds every library's RNG with ``config["seed"]`` (before the script
+    builds its model, so the initial weights are seeded too) and creates ``config["train"]["output"]`` with the
+    run's ``config.yaml``, ``checkpoints/`` and the extra ``folders``. Then, in the script::
+
+        model, optimizer, scheduler = run.accelerator.prepare(model, optimizer, scheduler)
+        run.resume(resume, scheduler, logs=("log.jsonl",))   # latest checkpoint, logs trimmed to it
+        for step in run.steps(t["steps"], stop_after, progress):   # a tqdm bar over run.start .. run.end
+            ...
+            run.log("log.jsonl", row)
+            if done % t["checkpoint_every"] == 0 or done == run.end:
+                run.checkpoint(done, t["keep_checkpoints"])
+        if run.is_main and run.finished:
+            ...  # save the final model
+        run.accelerator.wait_for_everyone()
+
+    Attributes:
+        accelerator: the ``accelerate.Accelerator`` (DDP when launched on several processes).
+        output, checkpoints: the run's folder and its ``checkpoints/``.
+        start, end, total: the first step of this invocation, the step it stops at, the run's last step.
+    """
+
+    def __init__(self, config: Mapping[str, Any], folders: Sequence[str] = ()) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs, set_seed
+
+        # Parts of a model get no gradient in some steps (MAE never uses the tower's [CLS] pooling; train-vlm's
+        # first stage leaves the language model out). Every process runs every step, so the LR schedule must
+        # advance once per optimizer step, not once per process.
+        self.accelerator = Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+                                       step_scheduler_with_optimizer=False)
+        set_seed(config["seed"])
+        self.output = Path(config["train"]["output"])
+        self.checkpoints = self.output / "checkpoints"
+        if self.is_main:
+            self.checkpoints.mkdir(parents=True, exist_ok=True)
+            for folder in folders:
+                (self.output / folder).mkdir(exist_ok=True)
+            (self.output / "config.yaml").write_text(yaml.safe_dump(dict(config), sort_keys=False))
+        self.accelerator.wait_for_everyone()
+        self.start = self.end = self.total = 0
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this is the process that writes logs, images and the final model."""
+        return self.accelerator.is_main_process
+
+    @property
+    def finished(self) -> bool:
+        """Whether this invocation ran to the run's last step (not stopped early by ``stop_after``)."""
+        return self.end == self.total
+
+    def resume(self, resume: bool = True, scheduler: Any = None, logs: Sequence[str] = ("log.jsonl",)) -> int:
+        """Load the latest checkpoint (if ``resume`` and there is one) into the prepared objects; return its step.
+
+        ``scheduler`` (the ``LambdaLR`` before ``accelerator.prepare`` wrapped it): the checkpoint holds the LR
+        of the schedule it was saved under; the LR of this config's schedule at the resumed step replaces it, so
+        a run resumed under a longer schedule or one more warm restart continues on the new one. The JSONL
+        ``logs`` under the output folder lose their rows after the resumed step, so each step is logged once.
+        """
+        latest = latest_checkpoint(self.checkpoints) if resume else None
+        if latest is not None:
+            self.accelerator.load_state(str(latest))
+            self.start = json.loads((latest / "step.json").read_text())["step"]
+            if scheduler is not None:
+                groups = scheduler.optimizer.param_groups
+                for group, base, factor in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
+                    group["lr"] = base * factor(self.start)
+        if self.is_main:
+            for name in logs:
+                trim_log(self.output / name, self.start)
+        return self.start
+
+    def steps(self, total: int, stop_after: int | None = None, progress: bool = True) -> Any:
+        """A tqdm bar over the steps of this invocation: :attr:`start` up to ``total``, or ``stop_after`` steps.
+
+        Sets :attr:`end` and :attr:`total`. The bar shows on the main process when ``progress`` is set.
+        """
+        if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, int)
+                                       or stop_after < 1):
+            raise ValueError(f"stop_after must be None or an int >= 1 (steps to run now), got {stop_after!r}")
+        from tqdm.auto import tqdm
+
+        self.total = total
+        self.end = total if stop_after is None else min(total, self.start + stop_after)
+        return tqdm(range(self.start, self.end), initial=self.start, total=total,
+                    disable=not progress or not self.is_main, desc=self.output.name)
+
+    def log(self, name: str, *rows: Mapping[str, Any]) -> None:
+        """Append ``rows`` to the JSONL file ``name`` under the output folder (on the main process only)."""
+        if self.is_main:
+            with (self.output / name).open("a") as f:
+                f.writelines(json.dumps(row) + "\n" for row in rows)
+
+    def checkpoint(self, step: int, keep: int) -> None:
+        """Save the state after ``step`` steps and keep the newest ``keep`` checkpoints (see
+        :func:`save_checkpoint`); every process must call it."""
+        save_checkpoint(self.accelerator, self.checkpoints, step, keep)
 
 
 def load_config(

@@ -87,6 +87,31 @@ def test_loss_with_labels(tiny):
     model.zero_grad()
 
 
+def test_forward_on_precomputed_tokens_and_selection_equals_forward_from_images(tiny):
+    model, tokenizer, images = tiny
+    vlm = PyramidVLM(model, tokenizer, allocator="random", levels=2)
+    budget = torch.tensor([5, 12])
+
+    def labels(input_ids):  # a loss on the text after the image only: positions depend on the kept counts
+        after = (input_ids == vlm.image_token_id).cumsum(-1) == (input_ids == vlm.image_token_id).sum(-1, True)
+        return input_ids.masked_fill(~after | (input_ids == vlm.image_token_id), -100)
+
+    with torch.no_grad():
+        direct = vlm(images, PROMPTS, labels=labels, budget=budget, generator=torch.Generator().manual_seed(3))
+        tokens = vlm.encode(vlm.encoder.prepare(images))
+        selection = vlm.select(tokens, images, budget, generator=torch.Generator().manual_seed(3))
+        shared = vlm(images, PROMPTS, labels=labels, tokens=tokens, selection=selection)
+        fixed = vlm(images, PROMPTS, labels=labels(direct.input_ids), tokens=tokens, selection=selection)
+        other = vlm(images, PROMPTS, budget=budget, generator=torch.Generator().manual_seed(4), tokens=tokens)
+    assert direct.counts.tolist() == shared.counts.tolist() == [5, 12]
+    assert torch.equal(direct.input_ids, shared.input_ids) and torch.equal(direct.logits, shared.logits)
+    assert torch.isfinite(direct.loss) and torch.equal(direct.loss, shared.loss)
+    assert torch.equal(fixed.loss, direct.loss)  # a labels function is the labels it returns
+    assert not torch.equal(other.logits, direct.logits)  # another random selection: the selection was used
+    with pytest.raises(ValueError, match="tokens hold 2 images"):
+        vlm(images[:1], PROMPTS[:1], tokens=tokens)
+
+
 def test_from_pretrained_on_a_saved_folder(tiny, tmp_path):
     model, tokenizer, images = tiny
     model.save_pretrained(tmp_path)
@@ -121,8 +146,10 @@ def test_bad_inputs_get_clear_errors(tiny):
         vlm.generate(images[0], PROMPTS[:1])
     with pytest.raises(TypeError, match="LlavaForConditionalGeneration"):
         PyramidVLM(model.model.vision_tower, tokenizer)
-    with pytest.raises(ValueError, match="unknown allocator"):
+    with pytest.raises(ValueError, match=r"allocator must be a registered allocator .*got 'best'"):
         PyramidVLM(model, tokenizer, allocator="best")
+    with pytest.raises(ValueError, match=r"allocator must be a registered allocator .*got 'best'"):
+        PyramidVLM.from_pretrained("no/such-model", allocator="best")  # before anything loads
 
 
 def test_encoder_modes_and_attention_capture(tiny):

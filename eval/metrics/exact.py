@@ -5,7 +5,8 @@
   ``"Yes."`` matches ``yes`` and ``"t-shirt"`` matches ``tshirt``. Surrounding whitespace is stripped as well.
 - ``exact``: the first word of the prediction, lower-cased and without the punctuation around it, must equal
   one of the answers (treated the same way). For one-word benchmarks whose models may keep talking after
-  the answer (``"Red, the ball is red."``).
+  the answer (``"Red, the ball is red."``). The rule is :func:`pyrtok.metrics.first_word_match`, the one
+  ``pyrtok train-vlm`` validates with.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 import string
 
 from pyrtok.eval.metrics._records import check_answers, check_prediction, record_answers
+
+from pyrtok.metrics import first_word, first_word_match
 
 __all__ = ["exact_score", "first_word", "first_word_match", "gqa_match", "gqa_normalize", "gqa_score"]
 
@@ -28,19 +31,6 @@ def gqa_match(prediction: str, answers: list[str]) -> float:
     """1.0 if ``prediction`` equals one of ``answers`` after :func:`gqa_normalize`, else 0.0."""
     guess = gqa_normalize(check_prediction(prediction))
     return float(any(guess == gqa_normalize(a) for a in check_answers(answers)))
-
-
-def first_word(text: str) -> str:
-    """The first whitespace-separated word of ``text``, lower-cased, punctuation trimmed from both ends ('' if none)."""
-    words = check_prediction(text, "text").split(maxsplit=1)
-    return words[0].strip(string.punctuation).lower() if words else ""
-
-
-def first_word_match(prediction: str, answers: list[str]) -> float:
-    """1.0 if the :func:`first_word` of ``prediction`` equals one of ``answers`` (stripped, lower-cased, trimmed)."""
-    guess = first_word(check_prediction(prediction))
-    targets = {a.strip().strip(string.punctuation).lower() for a in check_answers(answers)}
-    return float(bool(guess) and guess in targets)
 
 
 def gqa_score(prediction: str, record: dict) -> float:

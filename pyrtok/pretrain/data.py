@@ -12,12 +12,12 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from pyrtok._training import step_generator
 from pyrtok.images import image_tensor
 from pyrtok.samples import available_samples, sample_image
 
@@ -26,12 +26,6 @@ __all__ = ["HELD_OUT_SAMPLES", "ImagePool", "random_resized_crop", "step_generat
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 # Kept out of the default training pool, for evaluation on images the model has not seen.
 HELD_OUT_SAMPLES = ("rocket", "grace_hopper", "coffee")
-
-
-def step_generator(seed: int, step: int, rank: int = 0, stream: int = 0) -> torch.Generator:
-    """A generator seeded from (seed, step, rank, stream), independent across all four."""
-    mixed = np.random.SeedSequence([seed, step, rank, stream]).generate_state(1, dtype=np.uint64)[0]
-    return torch.Generator().manual_seed(int(mixed) & 0x7FFF_FFFF_FFFF_FFFF)
 
 
 def random_resized_crop(

@@ -14,17 +14,14 @@ temporary folder and renamed, with ``checkpoints/latest`` naming the newest), ``
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
-from tqdm.auto import tqdm
 
 from pyrtok import _training
-from pyrtok._training import latest_checkpoint, optimizer_step, save_checkpoint, trim_log, warmup_cosine
-from pyrtok.pretrain.data import ImagePool, step_generator
+from pyrtok._training import Run, lr_factor, optimizer_step, step_generator
+from pyrtok.pretrain.data import ImagePool
 from pyrtok.pretrain.mae import MaskedAutoencoder
 from pyrtok.pretrain.objectives import Objective, composite, mask_image
 
@@ -51,6 +48,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
 
 
 def build_model(config: dict[str, Any]) -> MaskedAutoencoder:
+    """A fresh MAE (a HF CLIP vision tower and a light decoder) from ``config['model']``."""
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     m = config["model"]
@@ -82,51 +80,26 @@ def train(
     ``stop_after`` ends this invocation after that many steps (with a checkpoint), for time-sliced jobs;
     the next call resumes where it stopped.
     """
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, set_seed
-
-    # The tower's post_layernorm (it pools [CLS] for CLIP's image embedding) gets no gradient in MAE.
-    # Each process runs every step, so the schedule must advance once per step, not once per process.
-    accelerator = Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
-                              step_scheduler_with_optimizer=False)
-    set_seed(config["seed"])
     t, d, m = config["train"], config["data"], config["model"]
     for key in ("steps", "batch_size", "keep_checkpoints", "checkpoint_every", "log_every", "image_every"):
         if isinstance(t[key], bool) or not isinstance(t[key], int) or t[key] < 1:
             raise ValueError(f"train.{key} must be an int >= 1, got {t[key]!r}")
-    output = Path(t["output"])
-    checkpoints = output / "checkpoints"
-    if accelerator.is_main_process:
-        checkpoints.mkdir(parents=True, exist_ok=True)
-        (output / "images").mkdir(exist_ok=True)
-        (output / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    accelerator.wait_for_everyone()
-
+    run = Run(config, folders=("images",))
+    accelerator = run.accelerator
     model = build_model(config)
     objective = Objective(**config["loss"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=t["lr"], weight_decay=t["weight_decay"],
                                   betas=(0.9, 0.95))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: warmup_cosine(step, t["warmup_steps"], t["steps"])
-    )
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    start = 0
-    latest = latest_checkpoint(checkpoints) if resume else None
-    if latest is not None:
-        accelerator.load_state(str(latest))
-        start = json.loads((latest / "step.json").read_text())["step"]
-    log = output / "log.jsonl"
-    if accelerator.is_main_process:
-        trim_log(log, start)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, t))
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, schedule)
+    run.resume(resume, schedule, logs=("log.jsonl",))
     pool = ImagePool(d["samples"], d["folders"], max_side=d["max_side"], shapes=d["shapes"], seed=config["seed"])
-    preview = pool.batch(4, m["image_size"], config["seed"], step=10**9).to(accelerator.device)
-    end = t["steps"] if stop_after is None else min(t["steps"], start + stop_after)
-    bar = tqdm(range(start, end), initial=start, total=t["steps"], disable=not progress
-               or not accelerator.is_main_process, desc=output.name)
-    rank = accelerator.process_index
+    device, rank = accelerator.device, accelerator.process_index
+    preview = pool.batch(4, m["image_size"], config["seed"], step=10**9).to(device)
+    bar = run.steps(t["steps"], stop_after, progress)
     for step in bar:
         images = pool.batch(t["batch_size"], m["image_size"], config["seed"], step, rank,
-                            scale=tuple(d["crop_scale"]), hflip=d["hflip"]).to(accelerator.device)
+                            scale=tuple(d["crop_scale"]), hflip=d["hflip"]).to(device)
         with accelerator.autocast():
             out = model(images, generator=step_generator(config["seed"], step, rank, stream=1))
         parts = objective(out.pred, out.mask, images, accelerator.unwrap_model(model).patch_size)
@@ -135,18 +108,16 @@ def train(
         if done % t["log_every"] == 0 or done == t["steps"]:
             values = {k: accelerator.gather(v.detach().reshape(1)).mean().item() for k, v in parts.items()}
             bar.set_postfix(loss=f"{values['loss']:.4f}")
-            if accelerator.is_main_process:
-                with log.open("a") as f:
-                    f.write(json.dumps({"step": done, "lr": scheduler.get_last_lr()[0], **values}) + "\n")
-        if done % t["image_every"] == 0 and accelerator.is_main_process:
-            _write_png(accelerator.unwrap_model(model), preview, output / "images" / f"step-{done:07d}.png",
+            run.log("log.jsonl", {"step": done, "lr": scheduler.get_last_lr()[0], **values})
+        if done % t["image_every"] == 0 and run.is_main:
+            _write_png(accelerator.unwrap_model(model), preview, run.output / "images" / f"step-{done:07d}.png",
                        objective, config["seed"])
-        if done % t["checkpoint_every"] == 0 or done == end:
-            save_checkpoint(accelerator, checkpoints, done, t["keep_checkpoints"])
-    if accelerator.is_main_process and end == t["steps"]:
-        accelerator.unwrap_model(model).encoder.save_pretrained(output / "encoder")
+        if done % t["checkpoint_every"] == 0 or done == run.end:
+            run.checkpoint(done, t["keep_checkpoints"])
+    if run.is_main and run.finished:
+        accelerator.unwrap_model(model).encoder.save_pretrained(run.output / "encoder")
     accelerator.wait_for_everyone()
-    return output
+    return run.output
 
 
 def main(argv: list[str] | None = None) -> None:

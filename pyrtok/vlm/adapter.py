@@ -17,7 +17,7 @@ resolution (their placeholder layouts and position schemes differ).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ import torch
 import yaml
 from torch import Tensor, nn
 
-from pyrtok.allocators import Allocator, create, from_config
+from pyrtok.allocators import Allocator, resolve
 from pyrtok.encoders import MultiScaleEncoder
 from pyrtok.tokens import MultiScaleTokens, TokenSelection, gather
 
@@ -63,7 +63,8 @@ class PyramidVLM(nn.Module):
     Args:
         model: a HF ``LlavaForConditionalGeneration``.
         tokenizer: its tokenizer (or a processor with a ``.tokenizer``); must know the image token.
-        allocator: an :class:`~pyrtok.allocators.Allocator`, a registered name, or a config dict/YAML path.
+        allocator: any allocator spec :func:`pyrtok.allocators.resolve` takes: an
+            :class:`~pyrtok.allocators.Allocator`, a registered name, a YAML path or a mapping with ``name``.
         budget: default number of image tokens per sample (int or (B,) tensor); None keeps all.
         encoder: a :class:`~pyrtok.encoders.MultiScaleEncoder` on the model's tower; by default one in
             ``mode`` with ``levels`` levels, using the model's ``vision_feature_layer``.
@@ -90,13 +91,7 @@ class PyramidVLM(nn.Module):
         _supported(model)
         self.model = model
         self.tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
-        if isinstance(allocator, str) and not allocator.endswith((".yaml", ".yml")):
-            allocator = create(allocator)
-        elif isinstance(allocator, (dict, Path, str)):
-            allocator = from_config(allocator)
-        if not isinstance(allocator, Allocator):
-            raise TypeError(f"allocator must be an Allocator, a registered name or a config, got {allocator!r}")
-        self.allocator = allocator
+        self.allocator = resolve(allocator, "allocator")
         self.budget = budget
         config = model.config
         if encoder is None:
@@ -126,8 +121,9 @@ class PyramidVLM(nn.Module):
     ) -> PyramidVLM:
         """Load a LLaVA model and its tokenizer from a local folder or a hub id.
 
-        ``config`` (a YAML path or dict) may give ``allocator`` (a name or an allocator config mapping),
-        ``budget``, ``mode`` and ``levels``; explicit arguments win over it. Other keyword arguments go to
+        ``config`` (a YAML path or dict) may give ``allocator`` (any spec :func:`pyrtok.allocators.resolve`
+        takes), ``budget``, ``mode`` and ``levels``; explicit arguments win over it. The allocator is resolved
+        before the weights load, so a bad spec fails at once. Other keyword arguments go to
         ``LlavaForConditionalGeneration.from_pretrained`` (e.g. ``torch_dtype``).
         """
         from transformers import AutoTokenizer, LlavaForConditionalGeneration
@@ -140,10 +136,11 @@ class PyramidVLM(nn.Module):
         for key, value in (("budget", budget), ("mode", mode), ("levels", levels)):
             if value is not None:
                 options[key] = value
+        chosen = resolve(options.get("allocator", "all"), "allocator")
         model = LlavaForConditionalGeneration.from_pretrained(path_or_id, **model_kwargs)
         tokenizer = AutoTokenizer.from_pretrained(path_or_id)
         return cls(
-            model.eval(), tokenizer, allocator=options.get("allocator", "all"), budget=options.get("budget"),
+            model.eval(), tokenizer, allocator=chosen, budget=options.get("budget"),
             mode=options.get("mode", "feature"), levels=int(options.get("levels", 1)),
         )
 
@@ -241,16 +238,27 @@ class PyramidVLM(nn.Module):
         self,
         images: Tensor,
         prompts: Sequence[str],
-        labels: Tensor | None = None,
+        labels: Tensor | Callable[[Tensor], Tensor] | None = None,
         budget: int | Tensor | None = None,
         query: Tensor | None = None,
         generator: torch.Generator | None = None,
+        tokens: MultiScaleTokens | None = None,
+        selection: TokenSelection | None = None,
     ):
-        """Logits (and loss, given ``labels`` aligned with the expanded ``input_ids``) of the language model.
+        """Logits (and loss, given ``labels``) of the language model on (B, 3, H, W) ``images`` and B prompts.
 
-        Returns the model's output object, with ``input_ids`` and ``counts`` attributes added.
+        ``labels``: (B, T) targets aligned with the expanded ``input_ids`` (-100 where no loss), or a function
+        from those (B, T) ``input_ids`` to the labels, for labels that follow the text (such as a loss on the
+        answers only), whose positions depend on how many image tokens each sample keeps.
+        ``tokens``, ``selection``: precomputed :meth:`encode` / :meth:`select` results (see :meth:`prepare`),
+        e.g. to train the tower with its own loss on the same encoding.
+
+        Returns the model's output object (``logits`` (B, T, V), ``loss`` given labels), with ``input_ids``
+        (B, T) and ``counts`` (B,) attributes added.
         """
-        inputs = self.prepare(images, prompts, budget, query, generator)
+        inputs = self.prepare(images, prompts, budget, query, generator, tokens, selection)
+        if callable(labels):
+            labels = labels(inputs["input_ids"])
         out = self.model(inputs_embeds=inputs["inputs_embeds"], attention_mask=inputs["attention_mask"],
                          position_ids=inputs["position_ids"], labels=labels)
         out.input_ids, out.counts = inputs["input_ids"], inputs["counts"]

@@ -26,7 +26,8 @@ def export_checkpoint(run: str | Path, out: str | Path, checkpoint: str | Path |
     """
     from safetensors.torch import load_file
 
-    from pyrtok.vlm.train import Trainee, build, load_config
+    from pyrtok.vlm.tiny import Trainee, build
+    from pyrtok.vlm.train import load_config
 
     run = Path(run)
     config = load_config(run / "config.yaml")

@@ -1,0 +1,186 @@
+"""Conversations about shapes-VQA scenes, the training text of ``pyrtok train-vlm``.
+
+A training sample is one scene (:func:`~pyrtok.data.shapes_vqa.make_scene`) and one or more questions about
+it. The first question of scene ``i`` is exactly the one the benchmark split asks, so single-turn training
+sees the evaluation prompt; further turns (:func:`scene_questions`) come from fresh draws of the same
+question generator, cycling through the families, so one encoded image supervises several answers.
+:func:`conversation` writes the turns as LLaVA-style text and :func:`answer_labels` marks which of its
+tokens are answers (the only tokens the language model is trained to predict).
+
+Everything here is a pure function of (seed, split, index): the batches of a resumed run are the ones an
+uninterrupted run would have drawn.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import defaultdict
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from pyrtok.data.shapes_vqa import ANSWERS, FAMILIES, make_scene, patch_targets, questions_for
+from pyrtok.images import image_tensor
+
+__all__ = [
+    "PROMPT", "answer_labels", "conversation", "family_counts", "num_turns", "scene_batch", "scene_questions",
+    "vocabulary",
+]
+
+PROMPT = "USER: <image> {question} ASSISTANT:"
+"""The single-question prompt: evaluation asks exactly this, and it is the first turn of every conversation."""
+
+_DRAW_STRIDE = 100_003  # seed offset between the question draws of one scene
+
+
+def vocabulary(scenes: int = 400) -> list[str]:
+    """Every word the prompts and answers of the benchmark use (deterministic, sorted)."""
+    words = {"user", "assistant", ":", "?"} | set(ANSWERS)
+    for index in range(scenes):
+        scene = make_scene(0, "train", index, size=32)
+        for item in questions_for(scene, 0, "train", index):
+            words.update(re.findall(r"\w+|[^\w\s]", item["question"].lower()))
+    return sorted(words)
+
+
+def family_counts(turns: Mapping[str, int]) -> dict[str, int]:
+    """``{family: questions per image}`` for every family, from a partial mapping (missing ones ask once)."""
+    unknown = set(turns) - set(FAMILIES)
+    if unknown:
+        raise ValueError(f"turns names unknown families {sorted(unknown)}; expected some of {list(FAMILIES)}")
+    counts = {family: turns.get(family, 1) for family in FAMILIES}
+    bad = {f: n for f, n in counts.items() if not isinstance(n, int) or isinstance(n, bool) or n < 1}
+    if bad:
+        raise ValueError(f"turns must ask every family an integer >= 1 times, got {bad}")
+    return counts
+
+
+def num_turns(turns: int | Mapping[str, int]) -> int:
+    """Questions per image that ``turns`` (a count or a per-family mapping) asks for."""
+    return sum(family_counts(turns).values()) if isinstance(turns, Mapping) else turns
+
+
+def _distinct_questions(
+    scene: Any, seed: int, split: str, index: int, order: list[int], draws: int
+) -> Iterator[dict]:
+    """The questions of ``draws`` successive draws of the generator about one scene, families in ``order``
+    within each draw, each question text once."""
+    asked: set[str] = set()
+    for draw in range(draws):
+        questions = questions_for(scene, seed + draw * _DRAW_STRIDE, split, index)
+        for k in order:
+            if questions[k]["question"] not in asked:
+                asked.add(questions[k]["question"])
+                yield questions[k]
+
+
+def scene_questions(
+    scene: Any, seed: int, split: str, index: int, turns: int | Mapping[str, int]
+) -> list[dict]:
+    """Up to ``turns`` distinct questions about scene ``index``, families cycling from ``index % 5``.
+
+    The first five are the benchmark's own (:func:`~pyrtok.data.shapes_vqa.questions_for`), so the first is
+    exactly the question the split asks; further ones come from fresh draws of the same generator (other
+    objects, pairs, absent things), skipping any question already asked. ``turns`` may instead map each
+    family to how many of its questions to ask (every family at least once, missing ones once): the
+    conversation then goes round the families in the same order, each until its count is reached. A scene
+    with little to ask about (one object) may yield fewer questions than asked for.
+    """
+    order = [(index + k) % len(FAMILIES) for k in range(len(FAMILIES))]
+    if isinstance(turns, Mapping):
+        counts = family_counts(turns)
+        pools: dict[str, list[dict]] = {family: [] for family in FAMILIES}
+        for question in _distinct_questions(scene, seed, split, index, order, 4 * max(counts.values())):
+            pool = pools[question["family"]]
+            if len(pool) < counts[question["family"]]:
+                pool.append(question)
+            if all(len(pools[f]) == n for f, n in counts.items()):
+                break
+        rounds = max(counts.values())
+        return [pools[FAMILIES[k]][r] for r in range(rounds) for k in order if r < len(pools[FAMILIES[k]])]
+    out: list[dict] = []
+    for question in _distinct_questions(scene, seed, split, index, order, 4 * math.ceil(turns / len(FAMILIES))):
+        out.append(question)
+        if len(out) == turns:
+            break
+    return out
+
+
+def scene_batch(
+    split: str,
+    first: int,
+    count: int,
+    size: int,
+    seed: int = 0,
+    patch: int | None = None,
+    turns: int | Mapping[str, int] = 1,
+) -> tuple[Tensor, list[dict]] | tuple[Tensor, list[dict], dict[str, Tensor]]:
+    """Scenes ``first .. first+count-1`` of ``split``: images (count, 3, S, S) in [0, 1] and one question each.
+
+    The question family cycles with the scene index, so every family is equally represented. With
+    ``turns`` > 1, each question also carries ``"more"``: the scene's next ``turns - 1`` questions (the
+    following families, cyclically; see :func:`scene_questions` for more than one per family, or for a
+    ``{family: count}`` mapping), for multi-turn training. With ``patch``, also the per-patch targets of
+    every scene, ``{name: (count, S/patch, S/patch) int64}``
+    (:func:`~pyrtok.data.shapes_vqa.patch_targets`).
+    """
+    many = num_turns(turns)
+    if many < 1:
+        raise ValueError(f"turns must be >= 1, got {turns}")
+    images, items, targets = [], [], defaultdict(list)
+    for index in range(first, first + count):
+        scene = make_scene(seed, split, index, size)
+        first_question, *more = scene_questions(scene, seed, split, index, turns)
+        item = {**first_question, **({"more": more} if many > 1 else {})}
+        images.append(image_tensor(scene.image))
+        items.append(item)
+        if patch is not None:
+            for name, value in patch_targets(scene, patch).items():
+                targets[name].append(torch.from_numpy(value))
+    if patch is None:
+        return torch.stack(images), items
+    return torch.stack(images), items, {name: torch.stack(v) for name, v in targets.items()}
+
+
+def conversation(item: dict) -> str:
+    """The training text of a question and its ``"more"`` follow-ups: LLaVA-style turns, image in the first.
+
+    ``USER: <image> q1 ASSISTANT: a1 </s> USER: q2 ASSISTANT: a2 </s> ...``; the first turn is exactly the
+    single-question prompt evaluation uses (:data:`PROMPT`), and later turns supervise more answers per
+    encoded image.
+
+    Example:
+        >>> conversation({"question": "what colour?", "answer": "red", "more": [{"question": "how many?",
+        ...                                                                   "answer": "2"}]})
+        'USER: <image> what colour? ASSISTANT: red </s> USER: how many? ASSISTANT: 2 </s>'
+    """
+    text = PROMPT.format(question=item["question"]) + f" {item['answer']} </s>"
+    return text + "".join(f" USER: {q['question']} ASSISTANT: {q['answer']} </s>" for q in item.get("more", []))
+
+
+def answer_labels(input_ids: Tensor, tokenizer: Any) -> Tensor:
+    """(B, T) labels of tokenised :func:`conversation` texts that keep every answer and mask the rest (-100).
+
+    An answer is the tokens after each ``assistant :`` up to and including its ``</s>``; padding, prompts
+    and image placeholders are masked, so the loss is on the answers alone.
+
+    Args:
+        input_ids: (B, T) token ids (left padding and expanded image placeholders allowed).
+        tokenizer: the word-level tokenizer that knows ``assistant``, ``:`` and ``</s>``.
+    """
+    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be a (B, T) tensor, got {getattr(input_ids, 'shape', input_ids)!r}")
+    assistant, colon = tokenizer.convert_tokens_to_ids(["assistant", ":"])
+    eos = tokenizer.eos_token_id
+    rows = []
+    for row in input_ids.tolist():
+        labels, answering, previous = [], False, None
+        for token in row:
+            labels.append(token if answering else -100)
+            answering = token != eos if answering else (previous, token) == (assistant, colon)
+            previous = token
+        rows.append(labels)
+    return torch.tensor(rows, dtype=input_ids.dtype, device=input_ids.device)

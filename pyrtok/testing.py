@@ -1,0 +1,433 @@
+"""Tiny random-weight VLMs of every supported family, saved with their own processors, offline.
+
+:func:`save_tiny_vlm` builds a family's ``*ForConditionalGeneration`` from a config (random weights, float32,
+eval mode, sdpa attention), builds a word-level tokenizer and the family's own image processor, and saves
+model and processor with ``save_pretrained`` into one folder, so that ``AutoModelForImageTextToText`` and
+``AutoProcessor`` load both back without a download. Everything the processor must agree on (patch size,
+merge size, tower resolution, any-resolution pinpoints, placeholder token ids) is derived from the model
+config, so ``overrides`` cannot make the two disagree.
+
+The tokenizer is word-level over the family's special tokens and a few hundred lower-cased English words
+(digits split one by one; anything else maps to ``<unk>``). Its chat template writes prompts in the family's
+real layout. Per family (test images are given as PIL ``width x height``; "grid" is the tower's patch grid):
+
+``llava``
+    LLaVA-1.5: CLIP tower (64 px, patch 8), Llama text. Placeholder ``<image>`` (repeated once per kept
+    patch; the [CLS] is dropped). ``CLIPImageProcessor`` resizes the short side to 64 and centre-crops
+    64x64, so every image gives an 8x8 grid: 64 ``<image>`` tokens for both 70x100 and 100x60.
+    Prompt: ``USER: <image>\\nWhat colour is the shape? ASSISTANT:``.
+``llava_next``
+    LLaVA-NeXT: CLIP tower (32 px, patch 8), Llama text, pinpoints (height, width) ``[[32, 32], [32, 64],
+    [64, 32], [64, 64], [64, 96], [96, 64]]``. Placeholder ``<image>``: a 4x4 base view, then the unpadded
+    any-resolution grid with one newline token per row. 70x100 picks 96x64 (h x w): 3x2 tiles, a 12x8 grid,
+    16 + 96 + 12 = 124 tokens; 100x60 picks 64x96: 2x3 tiles, an 8x12 grid, 16 + 96 + 8 = 120 tokens.
+    Same prompt layout as ``llava``.
+``llava_onevision``
+    LLaVA-OneVision: SigLIP tower (32 px, patch 8, no [CLS]), Qwen2 text, ``anyres_max_9``, the same
+    pinpoints as ``llava_next``, so the same grids and counts (124 and 120 ``<image>`` tokens; ``<video>``
+    for videos). Prompt: ``<|im_start|>user <image>\\nWhat colour?<|im_end|>\\n<|im_start|>assistant\\n``.
+``qwen2_vl``
+    Qwen2-VL: native-resolution ViT, patch 14, 2x2 merge, temporal patch 2. The processor resizes to
+    multiples of 28 within 4..64 merged tokens: 70x100 -> 56x112 px (w x h), grid (t, h, w) = (1, 8, 4),
+    8 ``<|image_pad|>`` tokens; 100x60 -> 112x56 px, grid (1, 4, 8), 8 tokens. The run is wrapped in
+    ``<|vision_start|>`` ... ``<|vision_end|>``. Prompt: ChatML with the default system message.
+``qwen2_5_vl``
+    Qwen2.5-VL: as ``qwen2_vl`` (same grids and tokens) plus window attention: ``window_size`` 56 px is
+    2x2 merged tokens, so the 4x2 merged grid of a 70x100 image splits into 2 windows; block 0 attends
+    within windows, block 1 (``fullatt_block_indexes``) over the whole image.
+``qwen3_vl``
+    Qwen3-VL: patch 16, 2x2 merge, learned position grid interpolated to the image, DeepStack features
+    from vision block 0 added to the first text layer. Resize to multiples of 32: 70x100 -> 64x96 px,
+    grid (1, 6, 4), 6 ``<|image_pad|>`` tokens; 100x60 -> 96x64 px, grid (1, 4, 6), 6 tokens. Prompt:
+    ChatML without a default system message.
+
+Example:
+    >>> import tempfile
+    >>> from transformers import AutoModelForImageTextToText, AutoProcessor
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     path = save_tiny_vlm("llava", folder)
+    ...     model = AutoModelForImageTextToText.from_pretrained(path)
+    ...     processor = AutoProcessor.from_pretrained(path)
+    ...     type(model).__name__, processor.image_token
+    ('LlavaForConditionalGeneration', '<image>')
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["FAMILIES", "save_tiny_vlm"]
+
+FAMILIES: tuple[str, ...] = ("llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_next", "llava_onevision")
+
+_WORDS = """
+. , ? ! : ; ' " ( ) - / 0 1 2 3 4 5 6 7 8 9
+a an the this that these those there here it its is are was were be been am do does did has have had
+what which who whom whose where when why how many much
+in on at of to from by with without for about above below under over left right top bottom middle centre
+center front back behind near far next between inside outside up down
+and or not no yes but if then so than as all any each every some most more less few one two three four
+five six seven eight nine ten zero first second third last other same different only also very
+colour color shape size number digit letter word words text image picture photo view scene object objects
+thing things part side corner edge background foreground
+red green blue yellow orange purple pink brown black white grey gray cyan magenta dark light bright
+circle square triangle rectangle star cross ring line dot diamond hexagon ellipse oval heart arrow
+small big large tiny huge little long short tall wide narrow round flat
+answer question using single phrase describe briefly detailed look see show shows shown tell
+count find name give read write choose option options
+user assistant system you helpful i me my we our they them he she his her
+can could would should will may might must please thank thanks
+cat dog bird car bus tree house person people man woman child table chair cup book sky water road
+""".split()
+
+
+def save_tiny_vlm(family: str, folder: str | Path, *, seed: int = 0, text_layers: int = 2, hidden: int = 64,
+                  **overrides: Any) -> Path:
+    """Build a tiny random-weight VLM of ``family``, save it and its processor to ``folder``, return the folder.
+
+    Args:
+        family: one of :data:`FAMILIES`.
+        folder: where ``save_pretrained`` writes the model and the processor (created if missing).
+        seed: weights come from ``torch.manual_seed(seed)`` in a forked RNG, so the caller's RNG is untouched
+            and two saves with the same seed are identical.
+        text_layers: decoder layers of the language model (>= 1).
+        hidden: width of the language model, a positive multiple of 16; the vision tower is half as wide.
+        **overrides: keyword arguments of the family's top-level config (e.g. ``vision_feature_layer=-1``);
+            ``vision_config`` and ``text_config`` take mappings merged into the tiny defaults. The processor
+            follows the final config (patch size, merge size, tower resolution, pinpoints).
+
+    Returns:
+        ``Path(folder)``, holding ``config.json``, the weights, the tokenizer, the image (and video) processor
+        and the chat template.
+
+    Raises:
+        ValueError: unknown ``family``, or ``text_layers`` / ``hidden`` out of range.
+        TypeError: a ``vision_config`` / ``text_config`` override that is not a mapping.
+    """
+    if family not in _BUILDERS:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    if not isinstance(text_layers, int) or isinstance(text_layers, bool) or text_layers < 1:
+        raise ValueError(f"text_layers must be an int >= 1, got {text_layers!r}")
+    if not isinstance(hidden, int) or isinstance(hidden, bool) or hidden < 16 or hidden % 16:
+        raise ValueError(f"hidden must be a positive multiple of 16, got {hidden!r}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = _tokenizer(family)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model, processor = _BUILDERS[family](tokenizer, text_layers, hidden, dict(overrides))
+    model.eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+# -- tokenizers -------------------------------------------------------------------------------------------------
+
+_LLAVA_SPECIAL = {"pad": "<pad>", "unk": "<unk>", "bos": "<s>", "eos": "</s>", "image": "<image>"}
+_QWEN_SPECIAL = {"pad": "<|endoftext|>", "unk": "<unk>", "eos": "<|im_end|>", "im_start": "<|im_start|>",
+                 "vision_start": "<|vision_start|>", "vision_end": "<|vision_end|>", "image": "<|image_pad|>",
+                 "video": "<|video_pad|>"}
+_ONEVISION_SPECIAL = {"pad": "<|endoftext|>", "unk": "<unk>", "eos": "<|im_end|>", "im_start": "<|im_start|>",
+                      "image": "<image>", "video": "<video>"}
+
+_SPECIAL = {"llava": _LLAVA_SPECIAL, "llava_next": _LLAVA_SPECIAL, "llava_onevision": _ONEVISION_SPECIAL,
+            "qwen2_vl": _QWEN_SPECIAL, "qwen2_5_vl": _QWEN_SPECIAL, "qwen3_vl": _QWEN_SPECIAL}
+
+# Chat templates put every literal inside {{ }} so that whitespace control ({%- -%}) never eats a newline.
+# LLaVA-1.5 / LLaVA-NeXT (Vicuna): "USER: <image>\n<text> ASSISTANT:"; images of a turn come before its text.
+_VICUNA_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- set parts = [{'type': 'text', 'text': message['content']}] if message['content'] is string"
+    " else message['content'] -%}"
+    "{%- if message['role'] != 'system' -%}{{ message['role'] | upper + ': ' }}{%- endif -%}"
+    "{%- for part in parts if part['type'] == 'image' -%}{{ '<image>\\n' }}{%- endfor -%}"
+    "{%- for part in parts if part['type'] == 'text' -%}{{ part['text'] + ' ' }}{%- endfor -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}"
+)
+
+# LLaVA-OneVision (Qwen2 text): "<|im_start|>user <image>\n<text><|im_end|>\n<|im_start|>assistant\n".
+_ONEVISION_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- set parts = [{'type': 'text', 'text': message['content']}] if message['content'] is string"
+    " else message['content'] -%}"
+    "{{ '<|im_start|>' + message['role'] + ' ' }}"
+    "{%- for part in parts if part['type'] == 'image' -%}{{ '<image>' }}{%- endfor -%}"
+    "{%- for part in parts if part['type'] == 'video' -%}{{ '<video>' }}{%- endfor -%}"
+    "{%- for part in parts if part['type'] == 'text' -%}{{ '\\n' + part['text'] }}{%- endfor -%}"
+    "{{ '<|im_end|>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+)
+
+
+def _chatml_template(default_system: str | None) -> str:
+    """Qwen's ChatML layout: each image becomes <|vision_start|><|image_pad|><|vision_end|> in place."""
+    system = (
+        "{%- if messages[0]['role'] != 'system' -%}"
+        "{{ '<|im_start|>system\\n" + default_system + "<|im_end|>\\n' }}{%- endif -%}"
+        if default_system else ""
+    )
+    return (
+        system
+        + "{%- for message in messages -%}"
+        "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+        "{%- if message['content'] is string -%}{{ message['content'] }}"
+        "{%- else -%}{%- for part in message['content'] -%}"
+        "{%- if part['type'] == 'image' -%}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+        "{%- elif part['type'] == 'video' -%}{{ '<|vision_start|><|video_pad|><|vision_end|>' }}"
+        "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
+        "{%- endfor -%}{%- endif -%}"
+        "{{ '<|im_end|>\\n' }}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+    )
+
+
+_TEMPLATES = {"llava": _VICUNA_TEMPLATE, "llava_next": _VICUNA_TEMPLATE, "llava_onevision": _ONEVISION_TEMPLATE,
+              "qwen2_vl": _chatml_template("You are a helpful assistant."),
+              "qwen2_5_vl": _chatml_template("You are a helpful assistant."), "qwen3_vl": _chatml_template(None)}
+
+
+def _tokenizer(family: str) -> Any:
+    """A ``PreTrainedTokenizerFast`` with the family's special tokens first, then :data:`_WORDS`, one id each."""
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    special = _SPECIAL[family]
+    vocab: dict[str, int] = {}
+    for token in [*special.values(), *_WORDS]:
+        vocab.setdefault(token, len(vocab))
+    core = Tokenizer(WordLevel(vocab, unk_token=special["unk"]))
+    core.normalizer = normalizers.Lowercase()
+    core.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation(), pre_tokenizers.Digits(individual_digits=True),
+    ])
+    if "bos" in special:
+        # Llama prepends <s> to every encoding; Qwen2 tokenizers add nothing.
+        bos = special["bos"]
+        core.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, vocab[bos])])
+    core.add_special_tokens(list(special.values()))
+    named = {f"{key}_token": special[key] for key in ("pad", "unk", "bos", "eos") if key in special}
+    extra = {f"{key}_token": value for key, value in special.items() if key in ("image", "video", "vision_start",
+                                                                                  "vision_end")}
+    return PreTrainedTokenizerFast(tokenizer_object=core, **named, extra_special_tokens=extra, padding_side="left",
+                                   chat_template=_TEMPLATES[family])
+
+
+def _id(tokenizer: Any, token: str) -> int:
+    return tokenizer.convert_tokens_to_ids(token)
+
+
+# -- configs ----------------------------------------------------------------------------------------------------
+
+def _merged(defaults: dict[str, Any], overrides: dict[str, Any], key: str) -> dict[str, Any]:
+    """``defaults`` updated with the mapping ``overrides[key]`` (popped), for nested sub-config overrides."""
+    extra = overrides.pop(key, None) or {}
+    if not isinstance(extra, Mapping):
+        raise TypeError(f"{key} override must be a mapping, got {type(extra).__name__}")
+    return {**defaults, **extra}
+
+
+def _mrope_section(head_dim: int) -> list[int]:
+    """Split head_dim / 2 rotary frequencies over (t, h, w) in Qwen's 2:3:3 proportion."""
+    half = head_dim // 2
+    spatial = 3 * half // 8
+    return [half - 2 * spatial, spatial, spatial]
+
+
+def _llama_text(tokenizer: Any, text_layers: int, hidden: int) -> dict[str, Any]:
+    return {"model_type": "llama", "vocab_size": len(tokenizer), "hidden_size": hidden,
+            "intermediate_size": 2 * hidden, "num_hidden_layers": text_layers, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "max_position_embeddings": 1024, "pad_token_id": tokenizer.pad_token_id,
+            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+
+
+def _qwen_text(tokenizer: Any, text_layers: int, hidden: int) -> dict[str, Any]:
+    return {"vocab_size": len(tokenizer), "hidden_size": hidden, "intermediate_size": 2 * hidden,
+            "num_hidden_layers": text_layers, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "max_position_embeddings": 1024, "pad_token_id": tokenizer.pad_token_id,
+            "bos_token_id": None, "eos_token_id": tokenizer.eos_token_id}
+
+
+def _clip_vision(hidden: int, image_size: int, patch_size: int) -> dict[str, Any]:
+    width = hidden // 2
+    return {"model_type": "clip_vision_model", "hidden_size": width, "intermediate_size": 2 * width,
+            "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": image_size, "patch_size": patch_size,
+            "projection_dim": width}
+
+
+def _finish(model_class: Any, config: Any) -> Any:
+    """The model in float32 with sdpa attention, weights from the (already seeded) global RNG."""
+    config._attn_implementation = "sdpa"
+    return model_class(config).to(torch.float32)
+
+
+# (height, width) in pixels, multiples of the 32 px tower; tall and wide images pick the two 2x3 layouts.
+_PINPOINTS = [[32, 32], [32, 64], [64, 32], [64, 64], [64, 96], [96, 64]]
+
+
+def _llava(tokenizer: Any, text_layers: int, hidden: int, overrides: dict[str, Any]) -> tuple[Any, Any]:
+    from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    vision = _merged(_clip_vision(hidden, 64, 8), overrides, "vision_config")
+    text = _merged(_llama_text(tokenizer, text_layers, hidden), overrides, "text_config")
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=_id(tokenizer, "<image>"),
+                         vision_feature_layer=-2, vision_feature_select_strategy="default", **overrides)
+    model = _finish(LlavaForConditionalGeneration, config)
+    side = config.vision_config.image_size
+    image_processor = CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                               patch_size=config.vision_config.patch_size, num_additional_image_tokens=1,
+                               vision_feature_select_strategy=config.vision_feature_select_strategy,
+                               chat_template=tokenizer.chat_template)
+    return model, processor
+
+
+def _llava_next(tokenizer: Any, text_layers: int, hidden: int, overrides: dict[str, Any]) -> tuple[Any, Any]:
+    from transformers import (
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessor,
+        LlavaNextProcessor,
+    )
+
+    vision = _merged(_clip_vision(hidden, 32, 8), overrides, "vision_config")
+    text = _merged(_llama_text(tokenizer, text_layers, hidden), overrides, "text_config")
+    overrides.setdefault("image_grid_pinpoints", copy.deepcopy(_PINPOINTS))
+    config = LlavaNextConfig(vision_config=vision, text_config=text, image_token_id=_id(tokenizer, "<image>"),
+                             vision_feature_layer=-2, vision_feature_select_strategy="default", **overrides)
+    model = _finish(LlavaNextForConditionalGeneration, config)
+    side = config.vision_config.image_size
+    image_processor = LlavaNextImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side},
+                                              image_grid_pinpoints=config.image_grid_pinpoints)
+    processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                   patch_size=config.vision_config.patch_size, num_additional_image_tokens=1,
+                                   vision_feature_select_strategy=config.vision_feature_select_strategy,
+                                   chat_template=tokenizer.chat_template)
+    return model, processor
+
+
+def _llava_onevision(tokenizer: Any, text_layers: int, hidden: int, overrides: dict[str, Any]) -> tuple[Any, Any]:
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessor,
+        LlavaOnevisionProcessor,
+        LlavaOnevisionVideoProcessor,
+    )
+
+    width = hidden // 2
+    vision = _merged({"model_type": "siglip_vision_model", "hidden_size": width, "intermediate_size": 2 * width,
+                      "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
+                     overrides, "vision_config")
+    text = _merged({"model_type": "qwen2", **_qwen_text(tokenizer, text_layers, hidden)}, overrides, "text_config")
+    overrides.setdefault("image_grid_pinpoints", copy.deepcopy(_PINPOINTS))
+    config = LlavaOnevisionConfig(vision_config=vision, text_config=text, image_token_id=_id(tokenizer, "<image>"),
+                                  video_token_id=_id(tokenizer, "<video>"), vision_feature_layer=-1,
+                                  vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9",
+                                  **overrides)
+    model = _finish(LlavaOnevisionForConditionalGeneration, config)
+    side = config.vision_config.image_size
+    square = {"height": side, "width": side}
+    image_processor = LlavaOnevisionImageProcessor(size=square, image_grid_pinpoints=config.image_grid_pinpoints)
+    video_processor = LlavaOnevisionVideoProcessor(size=square)
+    processor = LlavaOnevisionProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
+        num_image_tokens=(side // config.vision_config.patch_size) ** 2,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        vision_aspect_ratio=config.vision_aspect_ratio, chat_template=tokenizer.chat_template)
+    return model, processor
+
+
+def _qwen_ids(tokenizer: Any) -> dict[str, int]:
+    return {"image_token_id": _id(tokenizer, "<|image_pad|>"), "video_token_id": _id(tokenizer, "<|video_pad|>"),
+            "vision_start_token_id": _id(tokenizer, "<|vision_start|>"),
+            "vision_end_token_id": _id(tokenizer, "<|vision_end|>")}
+
+
+def _qwen_processor(config: Any, tokenizer: Any, processor_class: Any, video_class: Any,
+                    norm: dict[str, Any]) -> Any:
+    """Image/video processors whose patch, temporal patch and merge sizes are the vision config's."""
+    from transformers import Qwen2VLImageProcessor
+
+    vision = config.vision_config
+    factor = vision.patch_size * vision.spatial_merge_size
+    # 4..64 merged tokens per image keeps every test image to a few dozen patches.
+    size = {"shortest_edge": 4 * factor**2, "longest_edge": 64 * factor**2}
+    sizes = {"patch_size": vision.patch_size, "temporal_patch_size": vision.temporal_patch_size,
+             "merge_size": vision.spatial_merge_size, **norm}
+    image_processor = Qwen2VLImageProcessor(size=size, **sizes)
+    video_processor = video_class(size=size, **sizes)
+    return processor_class(image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
+                           chat_template=tokenizer.chat_template)
+
+
+def _qwen2_vl(tokenizer: Any, text_layers: int, hidden: int, overrides: dict[str, Any]) -> tuple[Any, Any]:
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+    width = hidden // 2
+    vision = _merged({"depth": 2, "embed_dim": width, "hidden_size": hidden, "mlp_ratio": 2, "num_heads": 2,
+                      "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2}, overrides, "vision_config")
+    text = _merged({**_qwen_text(tokenizer, text_layers, hidden),
+                    "rope_parameters": {"rope_type": "default", "rope_theta": 1e6,
+                                        "mrope_section": _mrope_section(hidden // 4)}}, overrides, "text_config")
+    config = Qwen2VLConfig(vision_config=vision, text_config=text, **_qwen_ids(tokenizer), **overrides)
+    model = _finish(Qwen2VLForConditionalGeneration, config)
+    return model, _qwen_processor(config, tokenizer, Qwen2VLProcessor, Qwen2VLVideoProcessor, {})
+
+
+def _qwen2_5_vl(tokenizer: Any, text_layers: int, hidden: int, overrides: dict[str, Any]) -> tuple[Any, Any]:
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    width = hidden // 2
+    # window_size is in pixels: 56 px = 2x2 merged tokens (patch 14, merge 2), so a tiny grid splits into windows.
+    vision = _merged({"depth": 2, "hidden_size": width, "intermediate_size": 2 * width, "num_heads": 2,
+                      "out_hidden_size": hidden, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
+                      "window_size": 56, "fullatt_block_indexes": [1]}, overrides, "vision_config")
+    text = _merged({**_qwen_text(tokenizer, text_layers, hidden),
+                    "rope_parameters": {"rope_type": "default", "rope_theta": 1e6,
+                                        "mrope_section": _mrope_section(hidden // 4)}}, overrides, "text_config")
+    config = Qwen2_5_VLConfig(vision_config=vision, text_config=text, **_qwen_ids(tokenizer), **overrides)
+    model = _finish(Qwen2_5_VLForConditionalGeneration, config)
+    return model, _qwen_processor(config, tokenizer, Qwen2_5_VLProcessor, Qwen2VLVideoProcessor, {})
+
+
+def _qwen3_vl(tokenizer: Any, text_layers: int, hidden: int, overrides: dict[str, Any]) -> tuple[Any, Any]:
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor, Qwen3VLVideoProcessor
+
+    width = hidden // 2
+    vision = _merged({"depth": 2, "hidden_size": width, "intermediate_size": 2 * width, "num_heads": 2,
+                      "out_hidden_size": hidden, "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2,
+                      "num_position_embeddings": 64, "deepstack_visual_indexes": [0]}, overrides, "vision_config")
+    text = _merged({**_qwen_text(tokenizer, text_layers, hidden), "head_dim": hidden // 4,
+                    "rope_parameters": {"rope_type": "default", "rope_theta": 5e6, "mrope_interleaved": True,
+                                        "mrope_section": _mrope_section(hidden // 4)}}, overrides, "text_config")
+    text.pop("bos_token_id")
+    config = Qwen3VLConfig(vision_config=vision, text_config=text, **_qwen_ids(tokenizer), **overrides)
+    model = _finish(Qwen3VLForConditionalGeneration, config)
+    # Qwen3-VL normalises to [-1, 1] (mean = std = 0.5), unlike Qwen2-VL's CLIP statistics.
+    norm = {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+    return model, _qwen_processor(config, tokenizer, Qwen3VLProcessor, Qwen3VLVideoProcessor, norm)
+
+
+_BUILDERS: dict[str, Callable[[Any, int, int, dict[str, Any]], tuple[Any, Any]]] = {
+    "llava": _llava, "llava_next": _llava_next, "llava_onevision": _llava_onevision,
+    "qwen2_vl": _qwen2_vl, "qwen2_5_vl": _qwen2_5_vl, "qwen3_vl": _qwen3_vl,
+}

@@ -29,10 +29,18 @@ def tiny():
 
 
 def reference_inputs(vlm, tokenizer, images, prompts):
-    n = 16  # 4x4 patches
-    input_ids, attention_mask = vlm.build_inputs(prompts, torch.full((len(prompts),), n))
-    pixels = vlm.encoder.normalise(vlm.encoder.prepare(images))
-    return input_ids, attention_mask, pixels
+    """The unwrapped model's inputs, built without the adapter: <image> repeated 16 times (4x4 patches)."""
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    rows = []
+    for prompt in prompts:
+        ids = tokenizer(prompt)["input_ids"]
+        at = ids.index(image_id)
+        rows.append(ids[:at] + [image_id] * 16 + ids[at + 1 :])
+    assert len({len(r) for r in rows}) == 1
+    input_ids = torch.tensor(rows)
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+    return input_ids, torch.ones_like(input_ids), (images - mean) / std
 
 
 def test_all_tokens_reproduce_the_unwrapped_model(tiny):
@@ -138,7 +146,7 @@ def test_wrapping_leaves_the_model_untouched(tiny):
 def test_bad_inputs_get_clear_errors(tiny):
     model, tokenizer, images = tiny
     vlm = PyramidVLM(model, tokenizer)
-    with pytest.raises(ValueError, match="exactly once"):
+    with pytest.raises(ValueError, match="once per image"):
         vlm.generate(images[:1], ["no placeholder here"])
     with pytest.raises(ValueError, match="list of 2 strings"):
         vlm.generate(images, PROMPTS[:1])

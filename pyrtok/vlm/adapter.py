@@ -1,18 +1,19 @@
-"""Run a HuggingFace LLaVA-family VLM on the tokens an allocator keeps.
+"""The family-agnostic core: run a HuggingFace VLM on the tokens an allocator keeps.
 
-The wrapped model is not modified. For each image, the encoder builds multi-scale tokens, the allocator
-keeps K_b of them, the model's own projector maps them to the language model's width, and the prompt's
-image placeholder is expanded to exactly K_b placeholder tokens whose embeddings are replaced by the
-projected tokens. The language model then runs on ``inputs_embeds`` with its ordinary attention kernel
-(sdpa, or flash attention where installed): no attention hooks, no patched classes. Batches whose samples
-keep different numbers of tokens are left-padded, with position ids taken from the attention mask, so a
-batch gives what each sample gives alone.
+The wrapped model is not modified. Images enter as users have them (PIL images, file paths, (3, H, W) tensors
+in [0, 1], or a (B, 3, H, W) batch; a sample may hold several images) and become the pixels the model sees
+through its own image processor (:mod:`pyrtok.vlm.families`). Images of one size are encoded together into
+multi-scale tokens; the allocator keeps K_i of each image's tokens (or, with ``share_budget``, one budget is
+split over a sample's images in proportion to their tokens); each image marker in the prompt is expanded to
+exactly K_i placeholders; prompts of a batch are left-padded with per-sample counts. The kept tokens reach the
+language model as precomputed vision outputs (``mm_encoder_outputs``), and positions are explicit: 1-D for
+LLaVA, M-RoPE (t, h, w) for the Qwen family, where kept tokens keep their unpruned positions. The language
+model runs with its own attention kernel (sdpa, or flash attention where installed): no hooks, no patched
+classes. At full budget with the ``all`` allocator this is the unwrapped model on its own processor's inputs.
 
-Supported: ``LlavaForConditionalGeneration`` (LLaVA-1.5-style: one image, a CLIP or SigLIP tower, a
-projector, a decoder-only LM). With a SigLIP tower every patch is kept as a token (SigLIP has no [CLS]);
-HF's own ``vision_feature_select_strategy="default"`` would drop the first patch there. Not supported:
-LLaVA-NeXT's any-resolution tiling and Qwen2-VL's dynamic
-resolution (their placeholder layouts and position schemes differ).
+What differs between families lives in one small module each (:mod:`pyrtok.vlm.families.llava`,
+:mod:`pyrtok.vlm.families.qwen`); the family is picked from the model's class (or config, in
+:meth:`PyramidVLM.from_pretrained`), and an unsupported one gets an error listing the supported ones.
 """
 
 from __future__ import annotations
@@ -24,13 +25,17 @@ from typing import Any
 
 import torch
 import yaml
+from PIL import Image
 from torch import Tensor, nn
 
 from pyrtok.allocators import Allocator, resolve
-from pyrtok.encoders import MultiScaleEncoder
-from pyrtok.tokens import MultiScaleTokens, TokenSelection, gather
+from pyrtok.tokens import MultiScaleTokens, TokenSelection
+from pyrtok.vlm.families import Encoded, Family, family_for
 
-__all__ = ["PyramidVLM", "VLMOutput"]
+__all__ = ["ImageInput", "PyramidVLM", "VLMOutput"]
+
+ImageInput = Image.Image | str | Path | Tensor
+"""One image: a PIL image, an image file, or a (3, H, W) tensor in [0, 1]."""
 
 
 @dataclass
@@ -40,72 +45,66 @@ class VLMOutput:
     Attributes:
         sequences: (B, T_new) generated token ids (prompt excluded), padded with the pad id.
         texts: decoded answers, special tokens removed.
-        counts: (B,) image tokens each sample was given.
+        counts: (B,) image tokens each sample was given (summed over its images).
         prompt_lengths: (B,) prompt tokens each sample's language model saw (image tokens included).
+        image_counts: per sample, the tokens each of its images kept.
     """
 
     sequences: Tensor
     texts: list[str]
     counts: Tensor
     prompt_lengths: Tensor | None = None
-
-
-def _supported(model: nn.Module) -> None:
-    if type(model).__name__ != "LlavaForConditionalGeneration":
-        raise TypeError(
-            f"PyramidVLM supports LlavaForConditionalGeneration (LLaVA-1.5-style) models, got {type(model).__name__}"
-        )
+    image_counts: list[list[int]] | None = None
 
 
 class PyramidVLM(nn.Module):
-    """A LLaVA-family model fed with allocated multi-scale tokens.
+    """A HF VLM fed with allocated multi-scale tokens.
 
     Args:
-        model: a HF ``LlavaForConditionalGeneration``.
-        tokenizer: its tokenizer (or a processor with a ``.tokenizer``); must know the image token.
-        allocator: any allocator spec :func:`pyrtok.allocators.resolve` takes: an
-            :class:`~pyrtok.allocators.Allocator`, a registered name, a YAML path or a mapping with ``name``.
-        budget: default number of image tokens per sample (int or (B,) tensor); None keeps all.
-        encoder: a :class:`~pyrtok.encoders.MultiScaleEncoder` on the model's tower; by default one in
-            ``mode`` with ``levels`` levels, using the model's ``vision_feature_layer``.
-        mode, levels: for the default encoder.
+        model: a supported ``*ForConditionalGeneration`` (:func:`pyrtok.vlm.supported_architectures`).
+        processor: its processor (``AutoProcessor``), or its tokenizer alone where the family allows it
+            (LLaVA-1.5 without a saved image processor resizes to the tower's square).
+        allocator: any allocator spec :func:`pyrtok.allocators.resolve` takes.
+        budget: default image tokens per image (int or (B,) tensor); None keeps all.
+        encoder: LLaVA only: a :class:`~pyrtok.encoders.MultiScaleEncoder` on the model's tower.
+        mode, levels: ``"feature"`` (encode once, pool the grid) or ``"image"`` (encode every Gaussian level),
+            and the number of pyramid levels.
+        share_budget: with several images in a sample, one budget for the sample, split over its images in
+            proportion to their tokens (rounded down, the remainder to the earliest images); by default each
+            image gets the budget.
+        family_options: options of the family (for the Qwen family ``coarse_positions``).
 
-    Example (a tiny random model; real ones come from :meth:`from_pretrained`)::
+    Example (the embedded model; real ones come the same way from a folder or a hub id)::
 
-        vlm = PyramidVLM(model, tokenizer, allocator="laplacian", budget=64, levels=3)
-        out = vlm.generate(images, ["USER: <image>\\nWhat colour is the square? ASSISTANT:"], max_new_tokens=5)
+        vlm = PyramidVLM.from_pretrained("pyrtok/assets/tiny_llava", allocator="laplacian", budget=64, levels=3)
+        out = vlm.generate([image_a, image_b], ["USER: <image> what colour is the big circle? ASSISTANT:"] * 2,
+                           max_new_tokens=2)
         out.texts, out.counts
     """
 
     def __init__(
         self,
         model: nn.Module,
-        tokenizer: Any,
+        processor: Any,
         allocator: Allocator | str | dict | Path = "all",
         budget: int | Tensor | None = None,
-        encoder: MultiScaleEncoder | None = None,
+        encoder: nn.Module | None = None,
         mode: str = "feature",
         levels: int = 1,
+        share_budget: bool = False,
+        **family_options: Any,
     ) -> None:
         super().__init__()
-        _supported(model)
+        family_class = family_for(model)
+        if encoder is not None:
+            family_options["encoder"] = encoder
         self.model = model
-        self.tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+        self.processor = processor
+        self.family: Family = family_class(model, processor, mode=mode, levels=levels, **family_options)
+        self.tokenizer = self.family.tokenizer
         self.allocator = resolve(allocator, "allocator")
         self.budget = budget
-        config = model.config
-        if encoder is None:
-            layer = config.vision_feature_layer
-            if not isinstance(layer, int):
-                raise ValueError(f"vision_feature_layer lists several layers ({layer}); pass an encoder explicitly")
-            encoder = MultiScaleEncoder(model, mode=mode, levels=levels, feature_layer=layer)
-        self.encoder = encoder
-        if getattr(config, "vision_feature_select_strategy", "default") != "default" and encoder.tower.has_cls:
-            raise ValueError("only vision_feature_select_strategy='default' (patch tokens, no [CLS]) is supported")
-        self.image_token_id = int(config.image_token_id)
-        self.image_token = self.tokenizer.convert_ids_to_tokens(self.image_token_id)
-        if self.tokenizer.pad_token_id is None:
-            raise ValueError("the tokenizer needs a pad token for batched, left-padded prompts")
+        self.share_budget = bool(share_budget)
 
     # -- construction --------------------------------------------------------------------------------
     @classmethod
@@ -119,14 +118,16 @@ class PyramidVLM(nn.Module):
         levels: int | None = None,
         **model_kwargs: Any,
     ) -> PyramidVLM:
-        """Load a LLaVA model and its tokenizer from a local folder or a hub id.
+        """Load a supported VLM and its processor from a local folder or a hub id; the family comes from the
+        model's config.
 
         ``config`` (a YAML path or dict) may give ``allocator`` (any spec :func:`pyrtok.allocators.resolve`
-        takes), ``budget``, ``mode`` and ``levels``; explicit arguments win over it. The allocator is resolved
-        before the weights load, so a bad spec fails at once. Other keyword arguments go to
-        ``LlavaForConditionalGeneration.from_pretrained`` (e.g. ``torch_dtype``).
+        takes), ``budget``, ``mode``, ``levels``, ``share_budget`` and family options; explicit arguments win over
+        it. The allocator and the family are resolved before the weights load, so a bad spec or an unsupported
+        architecture fails at once. Other keyword arguments go to the model's ``from_pretrained`` (e.g.
+        ``dtype``).
         """
-        from transformers import AutoTokenizer, LlavaForConditionalGeneration
+        import transformers
 
         options: dict[str, Any] = {}
         if config is not None:
@@ -136,107 +137,123 @@ class PyramidVLM(nn.Module):
         for key, value in (("budget", budget), ("mode", mode), ("levels", levels)):
             if value is not None:
                 options[key] = value
-        chosen = resolve(options.get("allocator", "all"), "allocator")
-        model = LlavaForConditionalGeneration.from_pretrained(path_or_id, **model_kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(path_or_id)
-        return cls(
-            model.eval(), tokenizer, allocator=chosen, budget=options.get("budget"),
-            mode=options.get("mode", "feature"), levels=int(options.get("levels", 1)),
-        )
+        chosen = resolve(options.pop("allocator", "all"), "allocator")
+        model_config = transformers.AutoConfig.from_pretrained(path_or_id)
+        family_for(model_config)
+        model_class = getattr(transformers, model_config.architectures[0])
+        model = model_class.from_pretrained(path_or_id, **model_kwargs)
+        processor = _load_processor(path_or_id)
+        levels_value = int(options.pop("levels", 1))
+        return cls(model.eval(), processor, allocator=chosen, budget=options.pop("budget", None),
+                   mode=options.pop("mode", "feature"), levels=levels_value, **options)
 
-    # -- the pipeline, step by step ---------------------------------------------------------------------
+    # -- views ------------------------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def encode(self, images: Tensor) -> MultiScaleTokens:
-        """(B, 3, H, W) in [0, 1] -> multi-scale tokens from the model's own tower."""
-        return self.encoder(images.to(self.device))
+    @property
+    def encoder(self) -> nn.Module:
+        """The family's multi-scale encoder (LLaVA-1.5: a :class:`~pyrtok.encoders.MultiScaleEncoder`)."""
+        encoder = getattr(self.family, "encoder", None)
+        if encoder is None:
+            raise AttributeError(f"the {self.family.name} family encodes through the model; it has no .encoder")
+        return encoder
+
+    @property
+    def image_token_id(self) -> int:
+        return self.family.image_token_id
+
+    @property
+    def image_token(self) -> str:
+        return self.family.image_token
+
+    # -- the pipeline, step by step ---------------------------------------------------------------------
+    def pixels(self, images: Tensor | Sequence[ImageInput]) -> list[Tensor]:
+        """Each image as the model sees it: a list of (3, H_i, W_i) tensors in [0, 1] on the model's device."""
+        return [self.family.image_pixels(image).to(self.device) for image in _flatten(_per_sample(images))]
+
+    def encode(self, images: Tensor | Sequence[ImageInput]) -> MultiScaleTokens:
+        """Multi-scale tokens of images that the model sees at one size: (B, N, D)."""
+        return self._encode_uniform(images).tokens
 
     def select(
         self,
         tokens: MultiScaleTokens,
-        images: Tensor,
+        images: Tensor | Sequence[ImageInput],
         budget: int | Tensor | None = None,
         query: Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> TokenSelection:
-        budget = self.budget if budget is None else budget
-        budget = tokens.num_tokens if budget is None else budget
-        prepared = self.encoder.prepare(images.to(self.device))
-        return self.allocator(tokens, budget, image=prepared, query=query, generator=generator)
-
-    def image_embeddings(self, tokens: MultiScaleTokens, selection: TokenSelection) -> Tensor:
-        """(B, K, D_lm) projected features of the kept tokens (padded entries are projections of zeros)."""
-        features, _ = gather(tokens, selection)
-        return self.model.model.multi_modal_projector(features)
-
-    def build_inputs(self, prompts: Sequence[str], counts: Tensor) -> tuple[Tensor, Tensor]:
-        """Tokenise prompts with their image placeholder expanded to counts[b] tokens; left-pad.
-
-        Returns:
-            ``(input_ids, attention_mask)``, both (B, T).
-        """
-        if isinstance(prompts, str) or len(prompts) != len(counts):
-            raise ValueError(f"prompts must be a list of {len(counts)} strings (one per image), got {prompts!r}")
-        rows = []
-        for b, prompt in enumerate(prompts):
-            ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
-            if ids.count(self.image_token_id) != 1:
-                raise ValueError(
-                    f"prompts[{b}] must contain the image placeholder {self.image_token!r} exactly once, got {prompt!r}"
-                )
-            at = ids.index(self.image_token_id)
-            rows.append(ids[:at] + [self.image_token_id] * int(counts[b]) + ids[at + 1 :])
-        length = max(len(r) for r in rows)
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (length - len(r)) + r for r in rows], device=self.device)
-        attention_mask = torch.tensor([[0] * (length - len(r)) + [1] * len(r) for r in rows], device=self.device)
-        return input_ids, attention_mask
-
-    def inputs_embeds(self, input_ids: Tensor, image_embeds: Tensor, selection: TokenSelection) -> Tensor:
-        """Token embeddings of ``input_ids`` with the image placeholders replaced, in order, by the kept tokens."""
-        embeds = self.model.get_input_embeddings()(input_ids)
-        slots = (input_ids == self.image_token_id).unsqueeze(-1)
-        valid = image_embeds[selection.mask].to(embeds.dtype)
-        return embeds.masked_scatter(slots, valid)
+        """The allocator's choice on ``tokens`` (from :meth:`encode` on the same images)."""
+        pixels = torch.stack(self.pixels(images))
+        budget = self._budget(budget, tokens.num_tokens)
+        return self.allocator(tokens, budget, image=pixels, query=query, generator=generator)
 
     def prepare(
         self,
-        images: Tensor,
+        images: Tensor | Sequence[ImageInput | Sequence[ImageInput]],
         prompts: Sequence[str],
         budget: int | Tensor | None = None,
         query: Tensor | None = None,
         generator: torch.Generator | None = None,
         tokens: MultiScaleTokens | None = None,
         selection: TokenSelection | None = None,
-    ) -> dict[str, Tensor]:
-        """Everything the language model needs: ``inputs_embeds``, ``attention_mask``, ``position_ids``,
-        plus ``input_ids`` and the kept ``counts``.
+    ) -> dict[str, Any]:
+        """Everything the language model needs: ``input_ids`` and ``attention_mask`` (B, T), ``position_ids``
+        ((B, T), or (3, B, T) for M-RoPE) and ``mm_encoder_outputs``; plus ``counts`` (B,) and ``image_counts``.
 
-        ``tokens`` (from :meth:`encode` on the same images) skips the vision tower, so several allocators
-        or budgets can share one encoding; ``selection`` (from :meth:`select` on those tokens) skips the
-        allocator, so it can be timed or inspected on its own.
+        ``images``: a (B, 3, H, W) batch, or B entries, each one image or a list of images (one per image marker
+        of its prompt). ``budget``: per image (int or (B,) tensor, one per sample). ``query``: (B, D) text
+        embeddings for query-driven allocators. ``tokens`` (from :meth:`encode` on the same images) skips the
+        vision tower, so several allocators or budgets share one encoding; ``selection`` (from :meth:`select`)
+        skips the allocator. Both need a batch of one image per sample, at one size.
         """
-        if not isinstance(images, Tensor) or images.dim() != 4:
-            raise ValueError(f"images must be a (B, 3, H, W) tensor in [0, 1], got {getattr(images, 'shape', images)}")
-        images = self.encoder.prepare(images.to(self.device))  # resized once, shared by encoder and signals
-        if tokens is None:
-            tokens = self.encode(images)
-        elif tokens.features.shape[0] != images.shape[0]:
-            raise ValueError(f"tokens hold {tokens.features.shape[0]} images but images has {images.shape[0]}")
-        if selection is None:
-            selection = self.select(tokens, images, budget, query, generator)
-        input_ids, attention_mask = self.build_inputs(prompts, selection.count)
-        embeds = self.inputs_embeds(input_ids, self.image_embeddings(tokens, selection), selection)
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
-        return {"inputs_embeds": embeds, "attention_mask": attention_mask, "position_ids": position_ids,
-                "input_ids": input_ids, "counts": selection.count}
+        samples = _per_sample(images)
+        if isinstance(prompts, str) or len(prompts) != len(samples):
+            raise ValueError(f"prompts must be a list of {len(samples)} strings (one per sample), got {prompts!r}")
+        owner = [b for b, sample in enumerate(samples) for _ in sample]
+        if tokens is not None or selection is not None:
+            if len(owner) != len(samples):
+                raise ValueError("tokens= / selection= need exactly one image per sample")
+            encoded = self._encode_uniform(images, tokens)
+            groups = [(list(range(len(owner))), encoded)]
+        else:
+            groups = self._encode_groups(self.pixels(images))
+        per_image: list[dict[str, Any]] = [{} for _ in owner]
+        for members, encoded in groups:
+            n = encoded.tokens.num_tokens
+            budgets = self._image_budgets(budget, members, owner, samples, n, groups)
+            chosen = selection
+            if chosen is None:
+                rows = None if query is None else query.to(self.device)[torch.tensor([owner[i] for i in members])]
+                chosen = self.allocator(encoded.tokens, budgets, image=encoded.pixels, query=rows, generator=generator)
+            elif chosen.batch_size != len(members):
+                raise ValueError(f"selection holds {chosen.batch_size} images but the batch has {len(members)}")
+            features, extras = self.family.kept_features(encoded, chosen)
+            for g, i in enumerate(members):
+                kept = chosen.index[g, : int(chosen.count[g])]
+                per_image[i] = {"features": features[g], "extras": {k: v[g] for k, v in extras.items()},
+                                "count": int(chosen.count[g])}
+                if self.family.rope == "mrope":
+                    per_image[i]["positions"] = self.family.image_positions(encoded.tokens, kept)
+        image_counts = [[per_image[i]["count"] for i, o in enumerate(owner) if o == b] for b in range(len(samples))]
+        input_ids, attention_mask = self._expand(prompts, image_counts)
+        if self.family.rope == "mrope":
+            position_ids = self._mrope_positions(input_ids, attention_mask, per_image, owner)
+        else:
+            position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
+        extras_keys = per_image[0]["extras"].keys() if per_image else ()
+        outputs = self.family.encoder_outputs([p["features"] for p in per_image],
+                                              {k: [p["extras"][k] for p in per_image] for k in extras_keys})
+        counts = torch.tensor([sum(c) for c in image_counts], device=self.device)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
+                "mm_encoder_outputs": outputs, "counts": counts, "image_counts": image_counts}
 
     # -- user-facing calls ------------------------------------------------------------------------------
     def forward(
         self,
-        images: Tensor,
+        images: Tensor | Sequence[ImageInput | Sequence[ImageInput]],
         prompts: Sequence[str],
         labels: Tensor | Callable[[Tensor], Tensor] | None = None,
         budget: int | Tensor | None = None,
@@ -245,13 +262,12 @@ class PyramidVLM(nn.Module):
         tokens: MultiScaleTokens | None = None,
         selection: TokenSelection | None = None,
     ):
-        """Logits (and loss, given ``labels``) of the language model on (B, 3, H, W) ``images`` and B prompts.
+        """Logits (and loss, given ``labels``) of the language model on the images and B prompts.
 
         ``labels``: (B, T) targets aligned with the expanded ``input_ids`` (-100 where no loss), or a function
         from those (B, T) ``input_ids`` to the labels, for labels that follow the text (such as a loss on the
-        answers only), whose positions depend on how many image tokens each sample keeps.
-        ``tokens``, ``selection``: precomputed :meth:`encode` / :meth:`select` results (see :meth:`prepare`),
-        e.g. to train the tower with its own loss on the same encoding.
+        answers only), whose positions depend on how many image tokens each sample keeps. The other arguments
+        are those of :meth:`prepare`.
 
         Returns the model's output object (``logits`` (B, T, V), ``loss`` given labels), with ``input_ids``
         (B, T) and ``counts`` (B,) attributes added.
@@ -259,15 +275,16 @@ class PyramidVLM(nn.Module):
         inputs = self.prepare(images, prompts, budget, query, generator, tokens, selection)
         if callable(labels):
             labels = labels(inputs["input_ids"])
-        out = self.model(inputs_embeds=inputs["inputs_embeds"], attention_mask=inputs["attention_mask"],
-                         position_ids=inputs["position_ids"], labels=labels)
+        out = self.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                         position_ids=inputs["position_ids"], mm_encoder_outputs=inputs["mm_encoder_outputs"],
+                         labels=labels)
         out.input_ids, out.counts = inputs["input_ids"], inputs["counts"]
         return out
 
     @torch.no_grad()
     def generate(
         self,
-        images: Tensor,
+        images: Tensor | Sequence[ImageInput | Sequence[ImageInput]],
         prompts: Sequence[str],
         budget: int | Tensor | None = None,
         query: Tensor | None = None,
@@ -276,15 +293,175 @@ class PyramidVLM(nn.Module):
         selection: TokenSelection | None = None,
         **generation_kwargs: Any,
     ) -> VLMOutput:
-        """Answer each prompt about its image from the allocated tokens (greedy unless told otherwise).
+        """Answer each prompt about its images from the allocated tokens (greedy unless told otherwise).
 
-        ``tokens``, ``selection``: precomputed :meth:`encode` / :meth:`select` results (see :meth:`prepare`).
+        The positions of the prompt (M-RoPE for the Qwen family) are passed explicitly and continue by one per
+        new token, so decoding never falls back to positions the model would infer from ``inputs_embeds``.
+        The arguments are those of :meth:`prepare`; the rest go to the model's ``generate``.
         """
         inputs = self.prepare(images, prompts, budget, query, generator, tokens, selection)
         generation_kwargs.setdefault("do_sample", False)
         generation_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
+        input_ids = inputs["input_ids"]
         sequences = self.model.generate(
-            inputs_embeds=inputs["inputs_embeds"], attention_mask=inputs["attention_mask"], **generation_kwargs
-        )
+            input_ids=input_ids, attention_mask=inputs["attention_mask"], position_ids=inputs["position_ids"],
+            mm_encoder_outputs=inputs["mm_encoder_outputs"], **generation_kwargs,
+        )[:, input_ids.shape[1]:]
         texts = self.tokenizer.batch_decode(sequences, skip_special_tokens=True)
-        return VLMOutput(sequences, [t.strip() for t in texts], inputs["counts"], inputs["attention_mask"].sum(-1))
+        return VLMOutput(sequences, [t.strip() for t in texts], inputs["counts"], inputs["attention_mask"].sum(-1),
+                         inputs["image_counts"])
+
+    # -- internals ----------------------------------------------------------------------------------
+    def _budget(self, budget: int | Tensor | None, num_tokens: int) -> int | Tensor:
+        budget = self.budget if budget is None else budget
+        return num_tokens if budget is None else budget
+
+    def _encode_uniform(self, images: Any, tokens: MultiScaleTokens | None = None) -> Encoded:
+        pixels = self.pixels(images)
+        if len({tuple(p.shape) for p in pixels}) != 1:
+            raise ValueError("these images are seen at different sizes; pass them to generate()/forward(), which "
+                             f"group them by size (sizes: {sorted({tuple(p.shape[-2:]) for p in pixels})})")
+        stacked = torch.stack(pixels)
+        if tokens is None:
+            return self.family.encode(stacked)
+        if tokens.batch_size != stacked.shape[0]:
+            raise ValueError(f"tokens hold {tokens.batch_size} images but images has {stacked.shape[0]}")
+        return Encoded(tokens, stacked)
+
+    def _encode_groups(self, pixels: list[Tensor]) -> list[tuple[list[int], Encoded]]:
+        """Images grouped by size (in order of first appearance), each group encoded in one pass."""
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for i, p in enumerate(pixels):
+            by_shape.setdefault(tuple(p.shape), []).append(i)
+        return [(members, self.family.encode(torch.stack([pixels[i] for i in members])))
+                for members in by_shape.values()]
+
+    def _image_budgets(self, budget: int | Tensor | None, members: list[int], owner: list[int],
+                       samples: list[list[Any]], n: int, groups: list[tuple[list[int], Encoded]]) -> Tensor:
+        """(G,) budget of each image in a group: the sample's budget, or its share of it (``share_budget``)."""
+        budget = self.budget if budget is None else budget
+        if budget is None:
+            return torch.full((len(members),), n, dtype=torch.long, device=self.device)
+        per_sample = _per_sample_budget(budget, len(samples))
+        out = []
+        for i in members:
+            b = owner[i]
+            value = per_sample[b]
+            if self.share_budget and len(samples[b]) > 1:
+                sizes = {j: enc.tokens.num_tokens for m, enc in groups for j in m}
+                siblings = [j for j, o in enumerate(owner) if o == b]
+                total = sum(sizes[j] for j in siblings)
+                shares = [value * sizes[j] // total for j in siblings]
+                for k in range(value - sum(shares)):
+                    shares[k % len(shares)] += 1
+                value = max(1, shares[siblings.index(i)])
+            out.append(value)
+        return torch.tensor(out, dtype=torch.long, device=self.device)
+
+    def _expand(self, prompts: Sequence[str], image_counts: list[list[int]]) -> tuple[Tensor, Tensor]:
+        """Tokenise prompts, expanding image marker j of prompt b to image_counts[b][j] placeholders; left-pad."""
+        marker, rows = self.image_token_id, []
+        for b, prompt in enumerate(prompts):
+            if not isinstance(prompt, str):
+                raise TypeError(f"prompts[{b}] must be a str, got {type(prompt).__name__}")
+            ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+            at = [k for k, token in enumerate(ids) if token == marker]
+            if len(at) != len(image_counts[b]):
+                raise ValueError(f"prompts[{b}] must hold the image marker {self.image_token!r} once per image "
+                                 f"({len(image_counts[b])}), found {len(at)}: {prompt!r}")
+            row, last = [], 0
+            for k, count in zip(at, image_counts[b], strict=True):
+                row += ids[last:k] + [marker] * count
+                last = k + 1
+            rows.append(row + ids[last:])
+        length = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (length - len(r)) + r for r in rows], device=self.device)
+        attention_mask = torch.tensor([[0] * (length - len(r)) + [1] * len(r) for r in rows], device=self.device)
+        return input_ids, attention_mask
+
+    def _mrope_positions(self, input_ids: Tensor, attention_mask: Tensor, per_image: list[dict[str, Any]],
+                         owner: list[int]) -> Tensor:
+        """(3, B, T) M-RoPE positions: text consecutive, each image's kept tokens at their offsets from the
+        image's start, the text after an image where the unpruned model puts it; padding 0."""
+        batch, length = input_ids.shape
+        positions = torch.zeros(3, batch, length, dtype=torch.long, device=input_ids.device)
+        marker = self.image_token_id
+        for b in range(batch):
+            images = iter([p for p, o in zip(per_image, owner, strict=True) if o == b])
+            start = int((attention_mask[b] == 0).sum())
+            ids = input_ids[b].tolist()
+            k, current = start, 0
+            while k < length:
+                if ids[k] == marker:
+                    image = next(images)
+                    offsets, span = image["positions"]
+                    count = offsets.shape[1]
+                    positions[:, b, k : k + count] = current + offsets.to(positions.device)
+                    current += span
+                    k += count
+                    continue
+                end = k
+                while end < length and ids[end] != marker:
+                    end += 1
+                positions[:, b, k:end] = torch.arange(current, current + end - k, device=positions.device)
+                current += end - k
+                k = end
+        return positions
+
+
+def _load_processor(path_or_id: str | Path) -> Any:
+    """The model's ``AutoProcessor``; its tokenizer alone when no processor was saved with it."""
+    from transformers import AutoProcessor, AutoTokenizer
+
+    try:
+        processor = AutoProcessor.from_pretrained(path_or_id)
+    except (OSError, ValueError, TypeError, KeyError):
+        return AutoTokenizer.from_pretrained(path_or_id)
+    return processor
+
+
+def _per_sample(images: Any) -> list[list[Any]]:
+    """Images as users pass them -> one list of images per sample."""
+    if isinstance(images, Tensor):
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be a (B, 3, H, W) tensor in [0, 1], got {tuple(images.shape)}")
+        return [[image] for image in images]
+    if isinstance(images, (Image.Image, str, Path)) or not isinstance(images, Sequence) or not len(images):
+        raise TypeError("images must be a (B, 3, H, W) tensor or a non-empty list with one entry per sample "
+                        f"(an image or a list of images), got {type(images).__name__}")
+    samples = []
+    for b, entry in enumerate(images):
+        group = list(entry) if isinstance(entry, (list, tuple)) else [entry]
+        if not group:
+            raise ValueError(f"images[{b}] is an empty list; a sample needs at least one image")
+        samples.append([_load(image, f"images[{b}]") for image in group])
+    return samples
+
+
+def _load(image: Any, name: str) -> Image.Image | Tensor:
+    if isinstance(image, (str, Path)):
+        path = Path(image)
+        if not path.is_file():
+            raise FileNotFoundError(f"{name}: image file {str(path)!r} does not exist")
+        with Image.open(path) as opened:
+            return opened.convert("RGB")
+    if isinstance(image, (Image.Image, Tensor)):
+        return image
+    raise TypeError(f"{name} must be a PIL image, a file path or a (3, H, W) tensor, got {type(image).__name__}")
+
+
+def _flatten(samples: list[list[Any]]) -> list[Any]:
+    return [image for sample in samples for image in sample]
+
+
+def _per_sample_budget(budget: int | Tensor, batch: int) -> list[int]:
+    if isinstance(budget, Tensor):
+        if budget.dim() == 0:
+            return [int(budget)] * batch
+        if budget.shape != (batch,):
+            raise ValueError(f"budget tensor must have shape ({batch},) (one per sample), got {tuple(budget.shape)}")
+        return [int(v) for v in budget.tolist()]
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        raise ValueError(f"budget must be a positive int or a (B,) integer tensor, got {budget!r}")
+    return [budget] * batch

@@ -1,0 +1,69 @@
+"""LLaVA-1.5 (``LlavaForConditionalGeneration``): one CLIP or SigLIP tower, a projector, a decoder-only LM.
+
+Pixels: a PIL image goes through the model's own image processor (resize, centre crop) when one was saved with
+the model, and the [0, 1] pixels it produced are what the tower and every signal see; without one (a folder
+with only a tokenizer, such as the embedded model) it is resized to the tower's square with PIL's bicubic
+filter; a tensor is resized to that square with antialiased bicubic interpolation. Tokens: the tower's patch
+grid at ``vision_feature_layer`` (feature mode: pooled into coarser levels; image mode: every Gaussian level
+encoded at its own size), mapped by the model's projector after selection. Layout: the prompt's ``<image>``
+becomes K placeholders; positions are 1-D, consecutive over the kept sequence, as LLaVA's own are.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from PIL import Image
+from torch import Tensor, nn
+
+from pyrtok.encoders import MultiScaleEncoder
+from pyrtok.images import load_image
+from pyrtok.tokens import TokenSelection, gather
+from pyrtok.vlm.families.base import Encoded, Family, register_family, unnormalise
+
+__all__ = ["LlavaFamily"]
+
+
+@register_family
+class LlavaFamily(Family):
+    """LLaVA-1.5-style models. ``encoder`` replaces the default :class:`MultiScaleEncoder` on the model's tower."""
+
+    name = "llava"
+    architectures = ("LlavaForConditionalGeneration",)
+    rope = "1d"
+
+    def __init__(self, model: nn.Module, processor: Any, mode: str = "feature", levels: int = 1,
+                 encoder: MultiScaleEncoder | None = None) -> None:
+        super().__init__(model, processor, mode, levels)
+        config = model.config
+        if encoder is None:
+            layer = config.vision_feature_layer
+            if not isinstance(layer, int):
+                raise ValueError(f"vision_feature_layer lists several layers ({layer}); pass an encoder explicitly")
+            stats = {}
+            if self.image_processor is not None:
+                stats = {"image_mean": tuple(self.image_processor.image_mean),
+                         "image_std": tuple(self.image_processor.image_std)}
+            encoder = MultiScaleEncoder(model, mode=mode, levels=levels, feature_layer=layer, **stats)
+        self.encoder = encoder
+        self.mode, self.levels = encoder.mode, encoder.levels
+        if getattr(config, "vision_feature_select_strategy", "default") != "default" and encoder.tower.has_cls:
+            raise ValueError("only vision_feature_select_strategy='default' (patch tokens, no [CLS]) is supported")
+
+    def image_pixels(self, image: Image.Image | Tensor) -> Tensor:
+        pil = self._pil(image)
+        if pil is None:
+            return self.encoder.prepare(self._check_tensor(image).unsqueeze(0))[0]
+        if self.image_processor is None:
+            return load_image(pil, self.encoder.image_size or None)
+        processed = self.image_processor(images=[pil], return_tensors="pt")["pixel_values"][0]
+        return unnormalise(processed, self.image_processor.image_mean, self.image_processor.image_std)
+
+    def encode(self, pixels: Tensor) -> Encoded:
+        pixels = self.encoder.prepare(pixels)
+        return Encoded(self.encoder(pixels), pixels)
+
+    def kept_features(self, encoded: Encoded, selection: TokenSelection) -> tuple[list[Tensor], dict[str, list]]:
+        features, _ = gather(encoded.tokens, selection)
+        projected = self.model.model.multi_modal_projector(features)
+        return [projected[g, : int(selection.count[g])] for g in range(projected.shape[0])], {}

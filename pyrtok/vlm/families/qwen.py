@@ -1,0 +1,208 @@
+"""The Qwen2-VL family: Qwen2-VL, Qwen2.5-VL and Qwen3-VL.
+
+Pixels: a PIL image goes through the model's own image processor (its resize to multiples of patch x merge
+pixels within the processor's pixel range); the [0, 1] pixels are read back from the processor's
+``pixel_values`` (patches un-flattened, normalisation undone), so the pyramid and every signal see exactly what
+the model sees. A tensor in [0, 1] is resized to the processor's size for it (antialiased bicubic).
+
+Tokens: the language model sees merged tokens (the 2x2 PatchMerger), so selection happens at that granularity.
+``feature`` mode encodes the image once with the model's own vision tower (window attention for Qwen2.5-VL,
+DeepStack for Qwen3-VL, all inside the tower) and pools the merged grid into coarser levels; ``image`` mode
+encodes every Gaussian level natively at its own grid (the tower takes any grid). Qwen3-VL's DeepStack
+features are pooled and selected exactly like the tokens they belong to.
+
+Positions (M-RoPE, (t, h, w)): a kept finest-level token keeps the position it has in the unpruned model
+(start + (0, row, col)), and the text after the image continues where it would without pruning
+(start + max(h, w) of the merged grid). A coarser token gets the position of one finest-grid cell under its
+box, by ``coarse_positions``:
+
+- ``"centre"`` (default): the cell under the centre of its box;
+- ``"corner"``: the top-left cell of its box.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from PIL import Image
+from torch import Tensor, nn
+
+from pyrtok.pyramid import gaussian_pyramid
+from pyrtok.tokens import MultiScaleTokens, TokenSelection, from_feature_grid, token_layout
+from pyrtok.vlm.families.base import Encoded, Family, register_family, unnormalise
+
+__all__ = ["COARSE_POSITIONS", "QwenVLFamily"]
+
+COARSE_POSITIONS = ("centre", "corner")
+
+
+@register_family
+class QwenVLFamily(Family):
+    """Qwen2-VL, Qwen2.5-VL and Qwen3-VL models.
+
+    Args:
+        model, processor: the model and the processor saved with it (needed: its image processor).
+        mode: ``"feature"`` or ``"image"``.
+        levels: pyramid levels.
+        coarse_positions: the M-RoPE rule for coarser-level tokens (see the module notes).
+    """
+
+    name = "qwen2_vl"
+    architectures = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration",
+                     "Qwen3VLForConditionalGeneration")
+    rope = "mrope"
+    deepstack_key: ClassVar[str] = "deepstack"
+
+    def __init__(self, model: nn.Module, processor: Any, mode: str = "feature", levels: int = 1,
+                 coarse_positions: str = "centre") -> None:
+        super().__init__(model, processor, mode, levels)
+        if mode not in ("feature", "image"):
+            raise ValueError(f"mode must be 'feature' or 'image', got {mode!r}")
+        if isinstance(levels, bool) or not isinstance(levels, int) or levels < 1:
+            raise ValueError(f"levels must be a positive int, got {levels!r}")
+        if coarse_positions not in COARSE_POSITIONS:
+            raise ValueError(f"coarse_positions must be one of {COARSE_POSITIONS}, got {coarse_positions!r}")
+        if self.image_processor is None:
+            raise ValueError("Qwen-family models need their image processor: pass the AutoProcessor saved with "
+                             "the model (or load with PyramidVLM.from_pretrained)")
+        self.coarse_positions = coarse_positions
+        vision = model.config.vision_config
+        self.patch = int(vision.patch_size)
+        self.merge = int(vision.spatial_merge_size)
+        self.temporal = int(vision.temporal_patch_size)
+        self.factor = self.patch * self.merge
+        ip = self.image_processor
+        self.mean = tuple(float(v) for v in ip.image_mean)
+        self.std = tuple(float(v) for v in ip.image_std)
+
+    # -- pixels ---------------------------------------------------------------------------------------
+    def image_pixels(self, image: Image.Image | Tensor) -> Tensor:
+        pil = self._pil(image)
+        if pil is None:
+            image = self._check_tensor(image)
+            height, width = self._target_size(*image.shape[-2:])
+            if tuple(image.shape[-2:]) == (height, width):
+                return image
+            return F.interpolate(image[None], size=(height, width), mode="bicubic", align_corners=False,
+                                 antialias=True)[0].clamp(0, 1)
+        out = self.image_processor(images=[pil], return_tensors="pt")
+        _, gh, gw = (int(v) for v in out["image_grid_thw"][0])
+        normalised = rearrange(out["pixel_values"], "(h w mh mw) (c t ph pw) -> t c (h mh ph) (w mw pw)",
+                               h=gh // self.merge, w=gw // self.merge, mh=self.merge, mw=self.merge, c=3,
+                               t=self.temporal, ph=self.patch, pw=self.patch)[0]
+        return unnormalise(normalised, self.mean, self.std)
+
+    def _target_size(self, height: int, width: int) -> tuple[int, int]:
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+        size = self.image_processor.size
+        low = size.get("shortest_edge") if hasattr(size, "get") else size.shortest_edge
+        high = size.get("longest_edge") if hasattr(size, "get") else size.longest_edge
+        return smart_resize(int(height), int(width), factor=self.factor, min_pixels=low, max_pixels=high)
+
+    def _patches(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
+        """(G, 3, H, W) in [0, 1] -> flat normalised patches (G * h * w, 3 * T * P * P) and grids (G, 3), laid
+        out as the model's processor lays them (merge windows together)."""
+        mean = torch.tensor(self.mean, device=pixels.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=pixels.device).view(1, 3, 1, 1)
+        normalised = (pixels.float() - mean) / std
+        g, _, height, width = pixels.shape
+        gh, gw = height // self.patch, width // self.patch
+        flat = repeat(normalised, "g c (h mh ph) (w mw pw) -> (g h w mh mw) (c t ph pw)", mh=self.merge,
+                      mw=self.merge, ph=self.patch, pw=self.patch, t=self.temporal)
+        grid = torch.tensor([[1, gh, gw]] * g, device=pixels.device)
+        return flat, grid
+
+    # -- tokens ---------------------------------------------------------------------------------------
+    def _tower(self, pixels: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """(G, 3, H, W) -> merged grid (G, h, w, D) and DeepStack grids (each (G, h, w, D)), through the model's
+        own ``get_image_features``."""
+        flat, grid = self._patches(pixels)
+        dtype = next(self.model.parameters()).dtype
+        out = self.model.model.get_image_features(pixel_values=flat.to(dtype), image_grid_thw=grid, return_dict=True)
+        h, w = pixels.shape[-2] // self.factor, pixels.shape[-1] // self.factor
+        merged = rearrange(torch.stack(list(out.pooler_output)), "g (h w) d -> g h w d", h=h, w=w)
+        deep = [rearrange(torch.stack(list(layer)), "g (h w) d -> g h w d", h=h, w=w)
+                for layer in (getattr(out, "deepstack_features", None) or [])]
+        return merged, deep
+
+    def encode(self, pixels: Tensor) -> Encoded:
+        height, width = pixels.shape[-2:]
+        if height % self.factor or width % self.factor:
+            raise ValueError(f"pixels must have sides that are multiples of {self.factor}, got {height}x{width}; "
+                             "use image_pixels() first")
+        if self.mode == "feature":
+            merged, deep = self._tower(pixels)
+            tokens = from_feature_grid(merged, self.levels, image_size=(height, width))
+            extras = {}
+            if deep:
+                pooled = [from_feature_grid(d, self.levels, image_size=(height, width)).features for d in deep]
+                extras[self.deepstack_key] = torch.stack(pooled, dim=2)
+            return Encoded(tokens, pixels, extras)
+        return self._encode_levels(pixels)
+
+    def _encode_levels(self, pixels: Tensor) -> Encoded:
+        height, width = pixels.shape[-2:]
+        grids, deeps, cells = [], [], []
+        for level, image in enumerate(gaussian_pyramid(pixels, self.levels)):
+            size = (max(self.factor, round(image.shape[-2] / self.factor) * self.factor),
+                    max(self.factor, round(image.shape[-1] / self.factor) * self.factor))
+            if tuple(image.shape[-2:]) != size:
+                image = F.interpolate(image, size=size, mode="bilinear", align_corners=False, antialias=True)
+            merged, deep = self._tower(image.clamp(0, 1) if level else image)
+            grids.append(merged)
+            deeps.append(deep)
+            cells.append((self.factor * height / size[0], self.factor * width / size[1]))
+        level_shapes = tuple((g.shape[1], g.shape[2]) for g in grids)
+        layout = token_layout(level_shapes, (height, width), tuple(cells), device=pixels.device)
+        features = torch.cat([rearrange(g, "b h w d -> b (h w) d") for g in reversed(grids)], dim=1)
+        tokens = MultiScaleTokens(features, **layout, level_shapes=level_shapes, image_size=(height, width))
+        extras = {}
+        if deeps[0]:
+            per_layer = [torch.cat([rearrange(d[k], "b h w d -> b (h w) d") for d in reversed(deeps)], dim=1)
+                         for k in range(len(deeps[0]))]
+            extras[self.deepstack_key] = torch.stack(per_layer, dim=2)
+        return Encoded(tokens, pixels, extras)
+
+    def kept_features(self, encoded: Encoded, selection: TokenSelection) -> tuple[list[Tensor], dict[str, list]]:
+        counts = [int(c) for c in selection.count]
+        index = selection.index
+        features = torch.gather(encoded.tokens.features, 1,
+                                repeat(index, "g k -> g k d", d=encoded.tokens.features.shape[-1]))
+        kept = [features[g, : counts[g]] for g in range(len(counts))]
+        extras: dict[str, list] = {}
+        if self.deepstack_key in encoded.extras:
+            deep = encoded.extras[self.deepstack_key]  # (G, N, L, D)
+            chosen = torch.gather(deep, 1, repeat(index, "g k -> g k l d", l=deep.shape[2], d=deep.shape[3]))
+            extras[self.deepstack_key] = [chosen[g, : counts[g]] for g in range(len(counts))]
+        return kept, extras
+
+    def encoder_outputs(self, features: list[Tensor], extras: dict[str, list]) -> dict[str, Any]:
+        outputs = super().encoder_outputs(features, extras)
+        if self.deepstack_key in extras:
+            per_image = extras[self.deepstack_key]  # each (K, L, D)
+            layers = per_image[0].shape[1] if per_image else 0
+            outputs["image"].deepstack_features = [tuple(d[:, k] for d in per_image) for k in range(layers)]
+        return outputs
+
+    # -- positions ------------------------------------------------------------------------------------
+    def image_positions(self, tokens: MultiScaleTokens, index: Tensor) -> tuple[Tensor, int]:
+        h0, w0 = tokens.level_shapes[0]
+        height, width = tokens.image_size
+        cell_h, cell_w = height / h0, width / w0
+        box = tokens.box[index]
+        if self.coarse_positions == "centre":
+            y, x = (box[:, 1] + box[:, 3]) / 2, (box[:, 0] + box[:, 2]) / 2
+        else:
+            y, x = box[:, 1] + cell_h / 2, box[:, 0] + cell_w / 2
+        row = (y / cell_h).floor().long().clamp(0, h0 - 1)
+        col = (x / cell_w).floor().long().clamp(0, w0 - 1)
+        fine = tokens.level[index] == 0  # finest tokens keep their exact grid position
+        row = torch.where(fine, tokens.row[index], row)
+        col = torch.where(fine, tokens.col[index], col)
+        positions = torch.stack([torch.zeros_like(row), row, col])
+        return positions, max(h0, w0)
+

@@ -59,7 +59,7 @@ def embedded_model() -> Path:
 class ModelSpec:
     name: str
     path: str
-    prompt: str = "USER: <image>\n{question} ASSISTANT:"
+    prompt: str | None = None  # None: the model's own chat template (LLaVA-1.5's format without one)
     mode: str = "feature"
     levels: int = 3
     max_new_tokens: int = 8
@@ -69,10 +69,9 @@ class ModelSpec:
         return str(embedded_model()) if self.path == "embedded" else self.path
 
     def __post_init__(self) -> None:
-        if "{question}" not in self.prompt or "<image>" not in self.prompt:
-            raise ValueError(
-                f"models[{self.name}].prompt must contain '<image>' and '{{question}}', got {self.prompt!r}"
-            )
+        if self.prompt is not None and (not isinstance(self.prompt, str) or "{question}" not in self.prompt):
+            raise ValueError(f"models[{self.name}].prompt must be a string holding '{{question}}' (and the "
+                             f"model's image marker), or omitted for the model's chat template, got {self.prompt!r}")
         if self.mode not in ("feature", "image"):
             raise ValueError(f"models[{self.name}].mode must be 'feature' or 'image', got {self.mode!r}")
 

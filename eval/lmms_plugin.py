@@ -1,6 +1,7 @@
 """lmms-eval model ``pyrtok``: run any lmms-eval task on the visual tokens a pyrtok allocator keeps.
 
-The model wraps :class:`pyrtok.vlm.PyramidVLM` (a local HF ``LlavaForConditionalGeneration`` folder). The
+The model wraps :class:`pyrtok.vlm.PyramidVLM` (a local folder or hub id of any supported family: LLaVA-1.5,
+Qwen2-VL, Qwen2.5-VL, Qwen3-VL). The
 allocator and the budget are model arguments, so lmms-eval's response cache (``--use_cache``), which keys on
 the model arguments (on ``str(model)`` when given a model object, see :meth:`PyrtokLMM.__repr__`), keeps one
 entry per (allocator, budget)::
@@ -20,8 +21,9 @@ Model arguments (``key=value``, comma-separated):
 - ``levels``, ``mode``: the token pyramid (default 1 level, ``feature`` mode); ``config``: a PyramidVLM YAML
   giving any of allocator, budget, mode, levels (explicit arguments win).
 - ``prompt_template``: must hold ``{context}`` (the task's question) and the image placeholder once, written
-  ``{image}`` or as the tokenizer's image token; a literal ``\\n`` becomes a newline. Default
-  ``USER: <image>\\n{context} ASSISTANT:`` (LLaVA-1.5); the embedded tiny model was trained on
+  ``{image}`` or as the tokenizer's image token; a literal ``\\n`` becomes a newline. Default: the model's own
+  chat template around ``{context}`` (``PyramidVLM.chat_prompt``), or ``USER: <image>\\n{context} ASSISTANT:``
+  (LLaVA-1.5) for a model without one; the embedded tiny model was trained on
   ``USER: <image> {context} ASSISTANT:``.
 - ``device`` (default cuda when available, else cpu; ``cuda:<LOCAL_RANK>`` per process when launched with
   several), ``dtype`` (auto, float32, float16, bfloat16), ``batch_size`` (positive int),
@@ -50,8 +52,10 @@ Enabling the model name ``pyrtok``:
 2. Without the entry point, the Python API takes a model object:
    ``lmms_eval.evaluator.simple_evaluate(model=PyrtokLMM(pretrained=..., budget=64), tasks=[...])``.
 
-Images are loaded as the ablation runner loads them, ``pyrtok.images.load_image(image, size)`` with ``size``
-the vision tower's ``image_size`` (PIL bicubic to a square), so a model sees the same pixels through either.
+Images go to the model as the ablation runner gives them: PIL images that the model's family turns into the
+pixels the model sees (through the model's own image processor where one was saved with it; LLaVA-1.5 folders
+without one, such as the embedded model's, resize to the tower's square with PIL's bicubic filter), so a model
+sees the same pixels through either.
 
 When a task's prompts hold words that the tokenizer maps to its unknown token (a word-level tokenizer such
 as the embedded model's does not know LLaVA-1.5's "Answer the question using a single word or phrase."), a
@@ -86,7 +90,7 @@ from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from pyrtok.images import load_image
+from pyrtok.images import open_image
 
 if TYPE_CHECKING:
     from pyrtok.allocators.registry import AllocatorSpec
@@ -155,7 +159,7 @@ class PyrtokLMM(lmms):
         levels: int | str | None = None,
         mode: str | None = None,
         config: str | None = None,
-        prompt_template: str = DEFAULT_TEMPLATE,
+        prompt_template: str | None = None,
         device: str | None = None,
         dtype: str = "auto",
         batch_size: int | str = 1,
@@ -206,9 +210,11 @@ class PyrtokLMM(lmms):
             raise ValueError(f"allocator {self.vlm.allocator.name!r} (from config) needs a text query; choose another")
         # Kept apart from the model, which lmms-eval's clean() deletes after a run.
         self.allocator_name = self.vlm.allocator.name
-        self.levels, self.mode = self.vlm.encoder.levels, self.vlm.encoder.mode
+        self.levels, self.mode = self.vlm.family.levels, self.vlm.family.mode
         self.tokenizer = self.vlm.tokenizer
         self.image_token = self.vlm.image_token
+        if prompt_template is None:  # the model's own chat template around the task's question
+            prompt_template = self.vlm.chat_prompt("{context}")
         self.prompt_template = self._check_template(prompt_template)
         # An allocator YAML path (not just its name) and the config file tell configurations apart.
         if allocator is None:
@@ -385,29 +391,13 @@ class PyrtokLMM(lmms):
             for start in range(0, len(members), self.batch_size):
                 yield members[start : start + self.batch_size]
 
-    def _image_size(self) -> int | None:
-        """The side every image is resized to, the vision tower's own (as the ablation runner does), or None
-        when the encoder keeps input sizes (its ``image_size`` set to 0)."""
-        if not self.vlm.encoder.image_size:
-            return None
-        return int(self.vlm.model.config.vision_config.image_size)
-
-    def _with_images(self, batch: list[_Item]) -> Iterator[tuple[list[_Item], Tensor | None]]:
-        """``batch`` split by image size, each part with its (B, 3, S, S') images in [0, 1] (None: text only)."""
+    def _with_images(self, batch: list[_Item]) -> Iterator[tuple[list[_Item], list[Image.Image] | None]]:
+        """``batch`` with its images as PIL images (None: text only). The model's family turns them into the
+        pixels the model sees, as for the ablation runner, and encodes images of one size together."""
         if not batch[0].has_image:
             yield batch, None
             return
-        parts: dict[tuple[int, ...], list[tuple[_Item, Tensor]]] = {}
-        size = self._image_size()
-        for item in batch:
-            image = self._visual(item.doc_to_visual, self._doc(*item.key), item.key)
-            # Resized to the model's input size first, so that images of any size share a batch (the encoder
-            # then leaves them as they are); only an encoder keeping input sizes splits the batch, and it only
-            # rounds each side to whole patches.
-            pixels = self.vlm.encoder.prepare(load_image(image, size).unsqueeze(0))[0]
-            parts.setdefault(tuple(pixels.shape), []).append((item, pixels))
-        for pairs in parts.values():
-            yield [item for item, _ in pairs], torch.stack([pixels for _, pixels in pairs])
+        yield batch, [open_image(self._visual(item.doc_to_visual, self._doc(*item.key), item.key)) for item in batch]
 
     def _text_inputs(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
         """Left-padded ``(input_ids, attention_mask)``, both (B, T), for prompts without an image."""
@@ -471,9 +461,9 @@ class PyrtokLMM(lmms):
 
     @torch.inference_mode()
     def _generate(
-        self, batch: list[_Item], images: Tensor | None, options: dict[str, Any]
+        self, batch: list[_Item], images: list[Image.Image] | None, options: dict[str, Any]
     ) -> tuple[list[str], list[int], list[int]]:
-        """(answers, kept image tokens, generated token counts) of one batch with (B, 3, S, S') images or None."""
+        """(answers, kept image tokens, generated token counts) of one batch with its images or None."""
         prompts = [item.prompt for item in batch]
         pad = self.tokenizer.pad_token_id
         if images is not None:

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from pyrtok.eval.config import COARSE, AblationConfig, ModelSpec, TaskSpec
 from pyrtok.eval.metrics import get_metric
 from pyrtok.eval.rows import RowWriter, read_rows, row_key
@@ -42,7 +43,7 @@ from pyrtok.eval.tasks.prompts import format_question
 from tqdm.auto import tqdm
 
 from pyrtok.allocators import budget_tokens, resolve
-from pyrtok.images import load_image
+from pyrtok.images import open_image
 
 __all__ = ["EMPTY_ANSWER", "Cell", "LoadedModel", "load_model", "run"]
 
@@ -56,7 +57,7 @@ class Cell:
     allocator that runs it (a key of the config's ``allocator_specs``; ``coarse`` cells run ``all``)."""
 
     allocator: str
-    budget: int
+    budget: int | float
     fraction: float
     spec: str
 
@@ -67,8 +68,7 @@ class LoadedModel:
 
     spec: ModelSpec
     vlms: dict[str, Any]
-    num_tokens: int
-    image_size: int
+    num_tokens: int | None  # None: every image has its own count (native-resolution models)
     fingerprints: dict[tuple[str, str], str] = field(default_factory=dict)  # (task, allocator) -> fingerprint
 
     @property
@@ -84,17 +84,30 @@ def load_model(spec: ModelSpec, allocators: dict[str, Any], device: torch.device
     resolved = {name: resolve(allocator, f"allocators[{name}]") for name, allocator in allocators.items()}
     first = PyramidVLM.from_pretrained(spec.resolved_path, mode=spec.mode, levels=spec.levels)
     first.model.to(device)
-    vlms = {name: PyramidVLM(first.model, first.tokenizer, allocator=allocator, mode=spec.mode, levels=spec.levels)
+    vlms = {name: PyramidVLM(first.model, first.processor, allocator=allocator, mode=spec.mode, levels=spec.levels)
             for name, allocator in resolved.items()}
-    image_size = int(first.model.config.vision_config.image_size)
-    with torch.no_grad():
-        n = first.encode(torch.zeros(1, 3, image_size, image_size, device=device)).num_tokens
-    return LoadedModel(spec, vlms, n, image_size)
+    n = None
+    if first.family.fixed_resolution:  # every image is resized to the tower's square: one token count
+        with torch.no_grad():
+            n = first.encode(torch.zeros(1, 3, 32, 32, device=device)).num_tokens
+    loaded = LoadedModel(spec, vlms, n)
+    first.check_prompt(_prompt(loaded, "what is shown?"), argument=f"models[{spec.name}].prompt")
+    return loaded
 
 
-def _cells(config: AblationConfig, n: int) -> list[Cell]:
-    """The grid for a model with ``n`` tokens; always holds the full-token reference ``all`` at ``n``, and
-    labels the ``all`` allocator's cells below ``n`` ``coarse``."""
+def _cells(config: AblationConfig, n: int | None) -> list[Cell]:
+    """The grid for a model with ``n`` tokens per image; always holds the full-token reference ``all``, and
+    labels the ``all`` allocator's cells below full ``coarse``. With ``n`` None (each image has its own count),
+    a cell's budget is the config's value, turned into each image's count when it runs."""
+    if n is None:
+        cells = {Cell("all", 1.0, 1.0, "all")}
+        for name in config.allocators:
+            for budget in config.budgets:
+                if budget == 1.0 and isinstance(budget, float):
+                    continue
+                fraction = float(budget) if isinstance(budget, float) else 0.0
+                cells.add(Cell(COARSE if name == "all" else name, budget, fraction, name))
+        return sorted(cells, key=lambda c: (-c.fraction, -c.budget, c.allocator))
     cells = {Cell("all", n, 1.0, "all")}
     for name in config.allocators:
         for budget in config.budgets:
@@ -118,9 +131,9 @@ def fingerprint(config: AblationConfig, model: ModelSpec, task: TaskSpec, alloca
     return f"{zlib.crc32(payload.encode()):08x}"
 
 
-def _load_image(record: dict[str, Any], size: int) -> torch.Tensor:
-    """(3, size, size) float in [0, 1] from a path or a PIL image (LLaVA-1.5 resizes, bicubic, so do we)."""
-    return load_image(record["image"], size)
+def _load_image(record: dict[str, Any]) -> Image.Image:
+    """The record's image, RGB; the model's family turns it into the pixels the model sees."""
+    return open_image(record["image"])
 
 
 class _FirstToken:
@@ -142,6 +155,13 @@ def _question(task: TaskSpec, record: dict[str, Any]) -> str:
     return f"{task.pre_prompt or ''}{record['question']}{task.post_prompt or ''}"
 
 
+def _prompt(model: LoadedModel, question: str) -> str:
+    """The model's prompt for ``question``: the spec's format, or the model's own chat template."""
+    if model.spec.prompt is None:
+        return model.base.chat_prompt(question)
+    return model.spec.prompt.format(question=question)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -151,44 +171,61 @@ def _seed(*parts: Any) -> int:
     return zlib.crc32("|".join(map(str, parts)).encode())
 
 
-def _answer(model: LoadedModel, cell: Cell, images: torch.Tensor, tokens: Any, prompts: list[str],
+def _budgets(model: LoadedModel, cell: Cell, encoded: Any) -> int | torch.Tensor:
+    """The cell's budget: its token count, or (native-resolution models) each image's count for its value."""
+    if model.num_tokens is not None:
+        return int(cell.budget)
+    counts = encoded.num_tokens()
+    return torch.tensor([budget_tokens(cell.budget, n) for n in counts])
+
+
+def _answer(model: LoadedModel, cell: Cell, encoded: Any, prompts: list[str],
             generator: torch.Generator) -> tuple[list[str], torch.Tensor, float, float, float, list[int]]:
     """Texts, kept counts, allocation / prefill / total LLM seconds and prompt lengths for one batch."""
     from transformers import StoppingCriteriaList
 
-    vlm, device = model.vlms[cell.spec], images.device
+    vlm = model.vlms[cell.spec]
+    device = vlm.device
     _sync(device)
     start = time.perf_counter()
-    selection = vlm.select(tokens, images, cell.budget, generator=generator)
+    selections = vlm.select_batch(encoded, _budgets(model, cell, encoded), generator=generator)
     _sync(device)
     allocated = time.perf_counter()
     timer = _FirstToken()
-    out = vlm.generate(images, prompts, tokens=tokens, selection=selection, max_new_tokens=model.spec.max_new_tokens,
-                       stopping_criteria=StoppingCriteriaList([timer]))
+    out = vlm.generate(None, prompts, encoded=encoded, selections=selections,
+                       max_new_tokens=model.spec.max_new_tokens, stopping_criteria=StoppingCriteriaList([timer]))
     _sync(device)
     done = time.perf_counter()
     return (out.texts, out.counts, allocated - start, (timer.at or done) - allocated, done - allocated,
             out.prompt_lengths.tolist())
 
 
-def _flops(model: LoadedModel, prompt_tokens: int) -> tuple[float, float]:
-    """(vision, LLM prefill) FLOPs of one sample."""
-    from pyrtok.vlm.flops import llm_prefill_flops, vit_flops
+def _vision_flops(model: LoadedModel, encoded: Any) -> list[float]:
+    """Vision-tower FLOPs of each sample of ``encoded``."""
+    family = model.base.family
+    flops = [0.0] * encoded.num_samples
+    for members, group in encoded.groups:
+        per_image = family.vision_flops(group)
+        for i in members:
+            flops[encoded.owner[i]] += per_image
+    return flops
 
-    config = model.base.model.config
-    vision = config.vision_config
-    patches = (model.image_size // vision.patch_size) ** 2
-    tower = vit_flops(vision, patches) if model.spec.mode == "feature" else sum(
-        vit_flops(vision, max(1, patches >> (2 * level))) for level in range(model.spec.levels))
-    return tower, llm_prefill_flops(config.text_config, prompt_tokens)
+
+def _flops(model: LoadedModel, prompt_tokens: int) -> float:
+    """LLM prefill FLOPs of one sample."""
+    from pyrtok.vlm.flops import llm_prefill_flops
+
+    return llm_prefill_flops(model.base.model.config.text_config, prompt_tokens)
 
 
 def _rows_for_batch(model: LoadedModel, task: TaskSpec, cell: Cell, records: list[dict], answers: list[str],
                     counts: list[int], timing: dict[str, float], lengths: list[int],
-                    score: Callable[[str, dict], float]) -> list[dict]:
+                    score: Callable[[str, dict], float], vision_flops: list[float],
+                    image_tokens: list[int]) -> list[dict]:
     rows = []
-    for record, text, count, length in zip(records, answers, counts, lengths, strict=True):
-        vision_flops, llm_flops = _flops(model, length)
+    for record, text, count, length, vision, n in zip(records, answers, counts, lengths, vision_flops, image_tokens,
+                                                      strict=True):
+        llm_flops = _flops(model, length)
         error, value = (None, 0.0) if text else (EMPTY_ANSWER, 0.0)
         if text:
             try:
@@ -200,7 +237,9 @@ def _rows_for_batch(model: LoadedModel, task: TaskSpec, cell: Cell, records: lis
                    prompt_tokens=int(length), vision_s=timing["vision"], allocation_s=timing["allocation"],
                    prefill_s=timing["prefill"], llm_s=timing["llm"],
                    time_s=timing["vision"] + timing["allocation"] + timing["llm"],
-                   tflops=(vision_flops + llm_flops) / 1e12, llm_tflops=llm_flops / 1e12, error=error)
+                   tflops=(vision + llm_flops) / 1e12, llm_tflops=llm_flops / 1e12, error=error)
+        if model.num_tokens is None:  # each image has its own count: the fraction this sample kept
+            row["fraction"] = round(int(count) / n, 4)
         rows.append(row)
     return rows
 
@@ -327,14 +366,14 @@ def _run_task(config: AblationConfig, model: LoadedModel, task: TaskSpec, record
         images, good, prompts = [], [], []
         for record in batch:
             try:
-                image = _load_image(record, model.image_size)
+                image = _load_image(record)
             except Exception as error:
                 for c in todo:
                     write(_error_rows(model, task, c, [record], f"image: {type(error).__name__}: {error}"),
                           c in retried)
                 continue
             try:
-                prompts.append(model.spec.prompt.format(question=_question(task, record)))
+                prompts.append(_prompt(model, _question(task, record)))
             except Exception as error:
                 for c in todo:
                     write(_error_rows(model, task, c, [record], f"prompt: {type(error).__name__}: {error}"),
@@ -346,39 +385,39 @@ def _run_task(config: AblationConfig, model: LoadedModel, task: TaskSpec, record
             bar.update(len(todo))
             continue
         with torch.no_grad():
-            pixels = base.encoder.prepare(torch.stack(images).to(state.device))
-            _sync(pixels.device)
+            _sync(base.device)
             start = time.perf_counter()
-            tokens = base.encode(pixels)
-            _sync(pixels.device)
+            encoded = base.encode_batch(images)
+            _sync(base.device)
             vision = (time.perf_counter() - start) / len(good)
             for cell in todo:
-                generator = torch.Generator(device=pixels.device).manual_seed(
+                generator = torch.Generator(device=base.device).manual_seed(
                     _seed(config.seed, model.spec.name, task.name, index, cell.allocator, cell.budget))
-                write(_answer_cell(model, task, cell, good, pixels, tokens, prompts, generator, vision,
+                write(_answer_cell(model, task, cell, good, encoded, prompts, generator, vision,
                                    metric.score, config.seed), cell in retried)
                 bar.update(1)
     bar.close()
     return grid
 
 
-def _answer_cell(model: LoadedModel, task: TaskSpec, cell: Cell, records: list[dict], pixels: torch.Tensor,
-                 tokens: Any, prompts: list[str], generator: torch.Generator, vision: float,
+def _answer_cell(model: LoadedModel, task: TaskSpec, cell: Cell, records: list[dict], encoded: Any,
+                 prompts: list[str], generator: torch.Generator, vision: float,
                  score: Callable[[str, dict], float], seed: int) -> list[dict]:
     """Rows of one cell on one batch; a failing batch is retried sample by sample to isolate the failure
     (each retry seeded from its sample id, not from the failed batch's generator state)."""
     try:
-        texts, counts, allocation, prefill, llm, lengths = _answer(model, cell, pixels, tokens, prompts, generator)
+        texts, counts, allocation, prefill, llm, lengths = _answer(model, cell, encoded, prompts, generator)
     except Exception as error:
         if len(records) == 1:
             return _error_rows(model, task, cell, records, f"{type(error).__name__}: {error}")
         rows = []
         for i in range(len(records)):
-            one = torch.Generator(device=pixels.device).manual_seed(
+            one = torch.Generator(device=model.base.device).manual_seed(
                 _seed(seed, model.spec.name, task.name, records[i]["id"], cell.allocator, cell.budget))
-            rows += _answer_cell(model, task, cell, records[i : i + 1], pixels[i : i + 1],
-                                 tokens.select_images(slice(i, i + 1)), prompts[i : i + 1], one, vision, score, seed)
+            rows += _answer_cell(model, task, cell, records[i : i + 1], encoded.subset([i]), prompts[i : i + 1],
+                                 one, vision, score, seed)
         return rows
     b = len(records)
     timing = {"vision": vision, "allocation": allocation / b, "prefill": prefill / b, "llm": llm / b}
-    return _rows_for_batch(model, task, cell, records, texts, counts.tolist(), timing, lengths, score)
+    return _rows_for_batch(model, task, cell, records, texts, counts.tolist(), timing, lengths, score,
+                           _vision_flops(model, encoded), encoded.num_tokens())

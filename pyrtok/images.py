@@ -1,7 +1,8 @@
 """Images as the project loads them: one conversion to tensors and one loader that every path uses.
 
-The ablation runner and the lmms-eval plugin both call :func:`load_image`, so the same model sees the same
-pixels through either.
+The ablation runner and the lmms-eval plugin both open images with :func:`open_image` and hand them to
+:class:`~pyrtok.vlm.PyramidVLM`, whose model family turns them into the pixels the model sees, so the same
+model sees the same pixels through either.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["image_tensor", "load_image"]
+__all__ = ["image_tensor", "load_image", "open_image"]
 
 
 def image_tensor(image: Image.Image) -> torch.Tensor:
@@ -26,6 +27,24 @@ def image_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
+def open_image(image: Image.Image | str | Path) -> Image.Image:
+    """A PIL image or an image file as an RGB PIL image (the file read and closed).
+
+    Example:
+        >>> open_image(Image.new("L", (4, 2))).mode
+        'RGB'
+    """
+    if isinstance(image, (str, Path)):
+        path = Path(image)
+        if not path.is_file():
+            raise FileNotFoundError(f"image file {str(path)!r} does not exist")
+        with Image.open(path) as opened:
+            return opened.convert("RGB")
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"image must be a PIL image or a file path, got {type(image).__name__}")
+    return image.convert("RGB")
+
+
 def load_image(image: Image.Image | str | Path, size: int | None = None) -> torch.Tensor:
     """A PIL image or an image file as a (3, H, W) float32 tensor in [0, 1], RGB.
 
@@ -36,15 +55,7 @@ def load_image(image: Image.Image | str | Path, size: int | None = None) -> torc
         >>> load_image(Image.new("RGB", (70, 100)), size=8).shape
         torch.Size([3, 8, 8])
     """
-    if isinstance(image, (str, Path)):
-        path = Path(image)
-        if not path.is_file():
-            raise FileNotFoundError(f"image file {str(path)!r} does not exist")
-        with Image.open(path) as opened:
-            image = opened.convert("RGB")
-    elif not isinstance(image, Image.Image):
-        raise TypeError(f"image must be a PIL image or a file path, got {type(image).__name__}")
-    image = image.convert("RGB")
+    image = open_image(image)
     if size is not None:
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ValueError(f"size must be a positive int, got {size!r}")

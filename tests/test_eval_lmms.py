@@ -281,14 +281,17 @@ def test_the_registered_model_takes_batch_size_from_model_args_and_the_cli(model
 def test_the_plugin_and_the_runner_load_the_same_pixels(model_dir):
     from pyrtok.eval.runner import _load_image
 
+    from pyrtok.images import load_image
+
     image = _image(5, (97, 40))  # non-square, so both resize (PIL bicubic) to the tower's square input
     docs = [{"image": image, "question": QUESTION}]
     lm = _model(model_dir, docs)
     size = lm.vlm.model.config.vision_config.image_size
-    ((_, pixels),) = list(lm._with_images(lm._items(_requests(docs), "generate_until")))
-    expected = _load_image({"image": image}, size)
-    assert pixels.shape == (1, 3, size, size)
-    assert torch.equal(pixels[0], expected)
+    ((_, images),) = list(lm._with_images(lm._items(_requests(docs), "generate_until")))
+    ours, theirs = lm.vlm.pixels(images), lm.vlm.pixels([_load_image({"image": image})])
+    assert ours[0].shape == (3, size, size)
+    assert torch.equal(ours[0], theirs[0])
+    assert torch.equal(ours[0], load_image(image, size))  # a folder without an image processor: PIL bicubic
 
 
 def test_unknown_prompt_words_are_warned_once_per_task():
@@ -463,3 +466,28 @@ def test_cli_runs_the_embedded_model_by_name(tmp_path):
                    "multiple_choice tasks cannot score; when this passes, add an end-to-end multiple_choice test")
 def test_lmms_eval_keeps_loglikelihood_results():
     assert unwrap_generation_output((-1.5, True))[0] == (-1.5, True)
+
+
+def test_the_plugin_runs_a_qwen_family_model(tmp_path):
+    """A native-resolution model through the plugin: its chat template is the default prompt, images of two
+    sizes share a batch, and each keeps the budget; at full budget the answers are the unwrapped model's."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from pyrtok.testing import save_tiny_vlm
+
+    folder = save_tiny_vlm("qwen2_vl", tmp_path / "qwen")
+    docs = [{"image": _image(0, (70, 100)), "question": "what colour is the shape?"},
+            {"image": _image(1, (100, 60)), "question": "what shape is it?"}]
+    lm = _model(folder, docs, allocator="all", levels=1, batch_size=2)
+    assert "<|vision_start|><|image_pad|><|vision_end|>" in lm.prompt_template and "{context}" in lm.prompt_template
+    results = lm.generate_until(_requests(docs))
+    assert [lm.kept_tokens[(TASK, SPLIT, i)] for i in range(2)] == [8, 8]  # each image's whole merged grid
+    model, processor = AutoModelForImageTextToText.from_pretrained(folder).eval(), AutoProcessor.from_pretrained(folder)
+    for doc, result in zip(docs, results, strict=True):
+        prompt = lm.prompt_template.replace("{context}", doc["question"])
+        inputs = processor(images=[doc["image"]], text=[prompt], return_tensors="pt")
+        new = model.generate(**inputs, max_new_tokens=3, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+        assert result.text == processor.tokenizer.decode(new, skip_special_tokens=True).strip()
+    pruned = _model(folder, docs, allocator="pool", levels=2, budget=3, batch_size=2)
+    pruned.generate_until(_requests(docs))
+    assert [pruned.kept_tokens[(TASK, SPLIT, i)] for i in range(2)] == [3, 3]

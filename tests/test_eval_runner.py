@@ -364,3 +364,30 @@ def test_cli_bad_task_root_is_one_line_and_the_corrected_rerun_needs_no_resume(a
     path.write_text(yaml.safe_dump(good))
     pyrtok_main(["ablate", "--config", str(path), "--no-progress"])
     assert "report:" in capsys.readouterr().out and len(read_rows(tmp_path / "out")) == 2 * 3
+
+
+def test_runner_runs_a_qwen_family_model_from_a_folder(tmp_path):
+    """A native-resolution model: budgets are fractions of each image's own tokens; the prompt is the model's
+    chat template; the full-token row keeps every token of every image."""
+    from pyrtok.testing import save_tiny_vlm
+
+    save_tiny_vlm("qwen2_5_vl", tmp_path / "qwen")
+    config = load_config({
+        "name": "qwen", "output": str(tmp_path / "out"), "batch_size": 3,
+        "models": [{"name": "tiny-qwen", "path": str(tmp_path / "qwen"), "levels": 2, "max_new_tokens": 2}],
+        "allocators": ["random", "laplacian"], "budgets": [1.0, 0.25],
+        "tasks": [{"name": "shapes", "source": "shapes", "split": "test", "questions": 1000, "limit": 5,
+                   "metric": "exact", "root": str(tmp_path / "data")}],
+    })
+    _, rows = run(config, progress=False)
+    assert len(rows) == 5 * 3 and not any(r["error"] for r in rows)
+    full = [r for r in rows if r["allocator"] == "all"]
+    assert {r["fraction"] for r in full} == {1.0} and {r["budget"] for r in full} == {1.0}
+    n = full[0]["tokens"]  # 224 px scenes: an 8x8 merged grid and its 4x4 pooled level
+    assert n == 64 + 16
+    for row in rows:
+        if row["budget"] == 0.25:
+            assert row["tokens"] == 20 and row["fraction"] == 0.25
+    table, _ = summarize(rows, {"shapes": "exact"})
+    assert {(c["allocator"], c["budget"]) for c in table} == {
+        ("all", 1.0), ("random", 0.25), ("laplacian", 0.25)}

@@ -32,10 +32,54 @@ from pyrtok.allocators import Allocator, resolve
 from pyrtok.tokens import MultiScaleTokens, TokenSelection
 from pyrtok.vlm.families import Encoded, Family, family_for
 
-__all__ = ["ImageInput", "PyramidVLM", "VLMOutput"]
+__all__ = ["EncodedBatch", "ImageInput", "PyramidVLM", "VLMOutput"]
 
 ImageInput = Image.Image | str | Path | Tensor
 """One image: a PIL image, an image file, or a (3, H, W) tensor in [0, 1]."""
+
+
+@dataclass
+class EncodedBatch:
+    """A batch encoded once, to be allocated and answered under several allocators or budgets.
+
+    Attributes:
+        owner: (I,) the sample each image belongs to, images in prompt order.
+        groups: (image indices, :class:`~pyrtok.vlm.families.Encoded`) per pixel size, in order of first
+            appearance.
+    """
+
+    owner: list[int]
+    groups: list[tuple[list[int], Encoded]]
+
+    @property
+    def num_samples(self) -> int:
+        return max(self.owner) + 1 if self.owner else 0
+
+    def subset(self, samples: Sequence[int]) -> EncodedBatch:
+        """The encoding of some of the samples (renumbered in the given order)."""
+        new_sample = {b: k for k, b in enumerate(samples)}
+        keep = [i for i, b in enumerate(self.owner) if b in new_sample]
+        new_index = {i: k for k, i in enumerate(sorted(keep, key=lambda i: (new_sample[self.owner[i]], i)))}
+        owner = [0] * len(keep)
+        for i, k in new_index.items():
+            owner[k] = new_sample[self.owner[i]]
+        groups = []
+        for members, group in self.groups:
+            chosen = [g for g, i in enumerate(members) if i in new_index]
+            if chosen:
+                rows = torch.tensor(chosen, device=group.pixels.device)
+                groups.append(([new_index[members[g]] for g in chosen],
+                               Encoded(group.tokens.select_images(rows), group.pixels[rows],
+                                       {k: v[rows] for k, v in group.extras.items()})))
+        return EncodedBatch(owner, groups)
+
+    def num_tokens(self) -> list[int]:
+        """(I,) tokens of each image."""
+        counts = [0] * len(self.owner)
+        for members, encoded in self.groups:
+            for i in members:
+                counts[i] = encoded.tokens.num_tokens
+        return counts
 
 
 @dataclass
@@ -168,6 +212,31 @@ class PyramidVLM(nn.Module):
     def image_token(self) -> str:
         return self.family.image_token
 
+    def chat_prompt(self, question: str, images: int = 1) -> str:
+        """A prompt asking ``question`` about ``images`` images, in the model's own chat template (with its
+        image markers, ready for :meth:`generate`); a model without a template gets LLaVA-1.5's
+        ``USER: <image>\n{question} ASSISTANT:``.
+
+        Example (the embedded model has no chat template)::
+
+            vlm.chat_prompt("what colour is the big circle?")  # 'USER: <image>\nwhat colour ... ASSISTANT:'
+        """
+        if isinstance(images, bool) or not isinstance(images, int) or images < 1:
+            raise ValueError(f"images must be a positive int, got {images!r}")
+        template = getattr(self.processor, "chat_template", None)
+        if template:
+            content = [{"type": "image"} for _ in range(images)] + [{"type": "text", "text": question}]
+            return self.processor.apply_chat_template([{"role": "user", "content": content}],
+                                                      add_generation_prompt=True)
+        return "USER: " + f"{self.image_token}\n" * images + f"{question} ASSISTANT:"
+
+    def check_prompt(self, prompt: str, images: int = 1, argument: str = "prompt") -> None:
+        """Raise a ValueError naming ``argument`` unless ``prompt`` holds the image marker once per image."""
+        found = self.tokenizer(prompt, add_special_tokens=True)["input_ids"].count(self.image_token_id)
+        if found != images:
+            raise ValueError(f"{argument} must hold the image marker {self.image_token!r} {images} time(s), found "
+                             f"{found}: {prompt!r}")
+
     # -- the pipeline, step by step ---------------------------------------------------------------------
     def pixels(self, images: Tensor | Sequence[ImageInput]) -> list[Tensor]:
         """Each image as the model sees it: a list of (3, H_i, W_i) tensors in [0, 1] on the model's device."""
@@ -190,54 +259,85 @@ class PyramidVLM(nn.Module):
         budget = self._budget(budget, tokens.num_tokens)
         return self.allocator(tokens, budget, image=pixels, query=query, generator=generator)
 
+    def encode_batch(self, images: Tensor | Sequence[ImageInput | Sequence[ImageInput]]) -> EncodedBatch:
+        """Encode a batch once (images grouped by the size the model sees them at): see :meth:`prepare`."""
+        samples = _per_sample(images)
+        owner = [b for b, sample in enumerate(samples) for _ in sample]
+        return EncodedBatch(owner, self._encode_groups(self.pixels(images)))
+
+    def select_batch(
+        self,
+        encoded: EncodedBatch,
+        budget: int | Tensor | None = None,
+        query: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> list[TokenSelection]:
+        """The allocator's choice for every group of ``encoded`` (one :class:`TokenSelection` per group).
+
+        ``budget``: tokens per image: an int, or a (B,) tensor with one value per sample (with ``share_budget``,
+        per sample, split over its images).
+        """
+        selections = []
+        for members, group in encoded.groups:
+            budgets = self._image_budgets(budget, members, encoded)
+            rows = None if query is None else query.to(self.device)[torch.tensor([encoded.owner[i] for i in members])]
+            selections.append(self.allocator(group.tokens, budgets, image=group.pixels, query=rows,
+                                             generator=generator))
+        return selections
+
     def prepare(
         self,
-        images: Tensor | Sequence[ImageInput | Sequence[ImageInput]],
+        images: Tensor | Sequence[ImageInput | Sequence[ImageInput]] | None,
         prompts: Sequence[str],
         budget: int | Tensor | None = None,
         query: Tensor | None = None,
         generator: torch.Generator | None = None,
         tokens: MultiScaleTokens | None = None,
         selection: TokenSelection | None = None,
+        encoded: EncodedBatch | None = None,
+        selections: Sequence[TokenSelection] | None = None,
     ) -> dict[str, Any]:
         """Everything the language model needs: ``input_ids`` and ``attention_mask`` (B, T), ``position_ids``
         ((B, T), or (3, B, T) for M-RoPE) and ``mm_encoder_outputs``; plus ``counts`` (B,) and ``image_counts``.
 
         ``images``: a (B, 3, H, W) batch, or B entries, each one image or a list of images (one per image marker
         of its prompt). ``budget``: per image (int or (B,) tensor, one per sample). ``query``: (B, D) text
-        embeddings for query-driven allocators. ``tokens`` (from :meth:`encode` on the same images) skips the
-        vision tower, so several allocators or budgets share one encoding; ``selection`` (from :meth:`select`)
-        skips the allocator. Both need a batch of one image per sample, at one size.
+        embeddings for query-driven allocators. Precomputed steps, so that several allocators or budgets share
+        one encoding: ``encoded`` (:meth:`encode_batch`; ``images`` may then be None) with optional
+        ``selections`` (:meth:`select_batch`); or, for a batch of one image per sample at one size, ``tokens``
+        (:meth:`encode`) with optional ``selection`` (:meth:`select`).
         """
-        samples = _per_sample(images)
-        if isinstance(prompts, str) or len(prompts) != len(samples):
-            raise ValueError(f"prompts must be a list of {len(samples)} strings (one per sample), got {prompts!r}")
-        owner = [b for b, sample in enumerate(samples) for _ in sample]
-        if tokens is not None or selection is not None:
-            if len(owner) != len(samples):
-                raise ValueError("tokens= / selection= need exactly one image per sample")
-            encoded = self._encode_uniform(images, tokens)
-            groups = [(list(range(len(owner))), encoded)]
-        else:
-            groups = self._encode_groups(self.pixels(images))
+        if encoded is None:
+            samples = _per_sample(images)
+            owner = [b for b, sample in enumerate(samples) for _ in sample]
+            if tokens is not None or selection is not None:
+                if len(owner) != len(samples):
+                    raise ValueError("tokens= / selection= need exactly one image per sample")
+                encoded = EncodedBatch(owner, [(list(range(len(owner))), self._encode_uniform(images, tokens))])
+                selections = None if selection is None else [selection]
+            else:
+                encoded = EncodedBatch(owner, self._encode_groups(self.pixels(images)))
+        owner = encoded.owner
+        if isinstance(prompts, str) or len(prompts) != encoded.num_samples:
+            raise ValueError(f"prompts must be a list of {encoded.num_samples} strings (one per sample), "
+                             f"got {prompts!r}")
+        if selections is None:
+            selections = self.select_batch(encoded, budget, query, generator)
+        if len(selections) != len(encoded.groups):
+            raise ValueError(f"selections holds {len(selections)} groups but the batch has {len(encoded.groups)}")
         per_image: list[dict[str, Any]] = [{} for _ in owner]
-        for members, encoded in groups:
-            n = encoded.tokens.num_tokens
-            budgets = self._image_budgets(budget, members, owner, samples, n, groups)
-            chosen = selection
-            if chosen is None:
-                rows = None if query is None else query.to(self.device)[torch.tensor([owner[i] for i in members])]
-                chosen = self.allocator(encoded.tokens, budgets, image=encoded.pixels, query=rows, generator=generator)
-            elif chosen.batch_size != len(members):
-                raise ValueError(f"selection holds {chosen.batch_size} images but the batch has {len(members)}")
-            features, extras = self.family.kept_features(encoded, chosen)
+        for (members, group), chosen in zip(encoded.groups, selections, strict=True):
+            if chosen.batch_size != len(members):
+                raise ValueError(f"a selection holds {chosen.batch_size} images but its group has {len(members)}")
+            features, extras = self.family.kept_features(group, chosen)
             for g, i in enumerate(members):
                 kept = chosen.index[g, : int(chosen.count[g])]
                 per_image[i] = {"features": features[g], "extras": {k: v[g] for k, v in extras.items()},
                                 "count": int(chosen.count[g])}
                 if self.family.rope == "mrope":
-                    per_image[i]["positions"] = self.family.image_positions(encoded.tokens, kept)
-        image_counts = [[per_image[i]["count"] for i, o in enumerate(owner) if o == b] for b in range(len(samples))]
+                    per_image[i]["positions"] = self.family.image_positions(group.tokens, kept)
+        image_counts = [[per_image[i]["count"] for i, o in enumerate(owner) if o == b]
+                        for b in range(encoded.num_samples)]
         input_ids, attention_mask = self._expand(prompts, image_counts)
         if self.family.rope == "mrope":
             position_ids = self._mrope_positions(input_ids, attention_mask, per_image, owner)
@@ -261,6 +361,8 @@ class PyramidVLM(nn.Module):
         generator: torch.Generator | None = None,
         tokens: MultiScaleTokens | None = None,
         selection: TokenSelection | None = None,
+        encoded: EncodedBatch | None = None,
+        selections: Sequence[TokenSelection] | None = None,
     ):
         """Logits (and loss, given ``labels``) of the language model on the images and B prompts.
 
@@ -272,7 +374,7 @@ class PyramidVLM(nn.Module):
         Returns the model's output object (``logits`` (B, T, V), ``loss`` given labels), with ``input_ids``
         (B, T) and ``counts`` (B,) attributes added.
         """
-        inputs = self.prepare(images, prompts, budget, query, generator, tokens, selection)
+        inputs = self.prepare(images, prompts, budget, query, generator, tokens, selection, encoded, selections)
         if callable(labels):
             labels = labels(inputs["input_ids"])
         out = self.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
@@ -291,6 +393,8 @@ class PyramidVLM(nn.Module):
         generator: torch.Generator | None = None,
         tokens: MultiScaleTokens | None = None,
         selection: TokenSelection | None = None,
+        encoded: EncodedBatch | None = None,
+        selections: Sequence[TokenSelection] | None = None,
         **generation_kwargs: Any,
     ) -> VLMOutput:
         """Answer each prompt about its images from the allocated tokens (greedy unless told otherwise).
@@ -299,7 +403,7 @@ class PyramidVLM(nn.Module):
         new token, so decoding never falls back to positions the model would infer from ``inputs_embeds``.
         The arguments are those of :meth:`prepare`; the rest go to the model's ``generate``.
         """
-        inputs = self.prepare(images, prompts, budget, query, generator, tokens, selection)
+        inputs = self.prepare(images, prompts, budget, query, generator, tokens, selection, encoded, selections)
         generation_kwargs.setdefault("do_sample", False)
         generation_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
         input_ids = inputs["input_ids"]
@@ -336,20 +440,20 @@ class PyramidVLM(nn.Module):
         return [(members, self.family.encode(torch.stack([pixels[i] for i in members])))
                 for members in by_shape.values()]
 
-    def _image_budgets(self, budget: int | Tensor | None, members: list[int], owner: list[int],
-                       samples: list[list[Any]], n: int, groups: list[tuple[list[int], Encoded]]) -> Tensor:
-        """(G,) budget of each image in a group: the sample's budget, or its share of it (``share_budget``)."""
+    def _image_budgets(self, budget: int | Tensor | None, members: list[int], encoded: EncodedBatch) -> Tensor:
+        """(G,) budget of each image of a group: its sample's budget, or its share of it (``share_budget``:
+        in proportion to the images' tokens, rounded down, the remainder to the earliest images; at least 1)."""
         budget = self.budget if budget is None else budget
+        sizes = encoded.num_tokens()
         if budget is None:
-            return torch.full((len(members),), n, dtype=torch.long, device=self.device)
-        per_sample = _per_sample_budget(budget, len(samples))
+            return torch.tensor([sizes[i] for i in members], dtype=torch.long, device=self.device)
+        per_sample = _per_sample_budget(budget, encoded.num_samples)
         out = []
         for i in members:
-            b = owner[i]
+            b = encoded.owner[i]
+            siblings = [j for j, o in enumerate(encoded.owner) if o == b]
             value = per_sample[b]
-            if self.share_budget and len(samples[b]) > 1:
-                sizes = {j: enc.tokens.num_tokens for m, enc in groups for j in m}
-                siblings = [j for j, o in enumerate(owner) if o == b]
+            if self.share_budget and len(siblings) > 1:
                 total = sum(sizes[j] for j in siblings)
                 shares = [value * sizes[j] // total for j in siblings]
                 for k in range(value - sum(shares)):

@@ -51,6 +51,7 @@ class Family:
     name: ClassVar[str] = ""
     architectures: ClassVar[tuple[str, ...]] = ()
     rope: ClassVar[str] = "1d"
+    fixed_resolution: ClassVar[bool] = False  # True: every image becomes the same number of tokens
 
     def __init__(self, model: nn.Module, processor: Any, mode: str = "feature", levels: int = 1,
                  **options: Any) -> None:
@@ -99,6 +100,10 @@ class Family:
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
         return {"image": BaseModelOutputWithPooling(pooler_output=tuple(features))}
+
+    def vision_flops(self, encoded: Encoded) -> float:
+        """Forward FLOPs of the vision tower for one image of ``encoded`` (every level it encoded)."""
+        raise NotImplementedError
 
     def image_positions(self, tokens: MultiScaleTokens, index: Tensor) -> tuple[Tensor, int]:
         """M-RoPE families: (3, K) (t, h, w) offsets of the kept tokens ``index`` (K,) from the image's start

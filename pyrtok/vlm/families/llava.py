@@ -31,6 +31,7 @@ class LlavaFamily(Family):
     name = "llava"
     architectures = ("LlavaForConditionalGeneration",)
     rope = "1d"
+    fixed_resolution = True
 
     def __init__(self, model: nn.Module, processor: Any, mode: str = "feature", levels: int = 1,
                  encoder: MultiScaleEncoder | None = None) -> None:
@@ -62,6 +63,16 @@ class LlavaFamily(Family):
     def encode(self, pixels: Tensor) -> Encoded:
         pixels = self.encoder.prepare(pixels)
         return Encoded(self.encoder(pixels), pixels)
+
+    def vision_flops(self, encoded: Encoded) -> float:
+        from pyrtok.vlm.flops import vit_flops
+
+        vision = self.model.config.vision_config
+        has_cls = self.encoder.tower.has_cls
+        if self.encoder.mode == "feature":
+            h, w = encoded.tokens.level_shapes[0]
+            return vit_flops(vision, h * w, has_cls=has_cls)
+        return sum(vit_flops(vision, h * w, has_cls=has_cls) for h, w in encoded.tokens.level_shapes)
 
     def kept_features(self, encoded: Encoded, selection: TokenSelection) -> tuple[list[Tensor], dict[str, list]]:
         features, _ = gather(encoded.tokens, selection)

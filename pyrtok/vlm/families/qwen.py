@@ -30,6 +30,7 @@ from einops import rearrange, repeat
 from PIL import Image
 from torch import Tensor, nn
 
+from pyrtok._checks import check_level_count
 from pyrtok.pyramid import gaussian_pyramid
 from pyrtok.tokens import MultiScaleTokens, TokenSelection, from_feature_grid, token_layout
 from pyrtok.vlm.families.base import Encoded, Family, register_family, unnormalise
@@ -61,8 +62,7 @@ class QwenVLFamily(Family):
         super().__init__(model, processor, mode, levels)
         if mode not in ("feature", "image"):
             raise ValueError(f"mode must be 'feature' or 'image', got {mode!r}")
-        if isinstance(levels, bool) or not isinstance(levels, int) or levels < 1:
-            raise ValueError(f"levels must be a positive int, got {levels!r}")
+        check_level_count(levels)
         if coarse_positions not in COARSE_POSITIONS:
             raise ValueError(f"coarse_positions must be one of {COARSE_POSITIONS}, got {coarse_positions!r}")
         if self.image_processor is None:
@@ -166,6 +166,13 @@ class QwenVLFamily(Family):
                          for k in range(len(deeps[0]))]
             extras[self.deepstack_key] = torch.stack(per_layer, dim=2)
         return Encoded(tokens, pixels, extras)
+
+    def vision_flops(self, encoded: Encoded) -> float:
+        from pyrtok.vlm.flops import qwen_vision_flops
+
+        vision = self.model.config.vision_config
+        shapes = encoded.tokens.level_shapes[:1] if self.mode == "feature" else encoded.tokens.level_shapes
+        return sum(qwen_vision_flops(vision, h * w * self.merge**2) for h, w in shapes)
 
     def kept_features(self, encoded: Encoded, selection: TokenSelection) -> tuple[list[Tensor], dict[str, list]]:
         counts = [int(c) for c in selection.count]

@@ -1,41 +1,50 @@
-"""Time to first token of a LLaVA architecture at several token budgets, split into its stages.
+"""Time to first token of two VLM architectures at several token budgets, split into their stages.
 
-A LLaVA-1.5-style model with random weights, sized to run on a CPU: a CLIP ViT-B tower (hidden 768,
-12 layers, patch 14) at 336 px, which gives LLaVA's 576 patch tokens, a 2-layer projector and a Llama
-decoder of 8 layers at hidden size 1024. The full-token run is the plain 576-patch grid (allocator
-``all``, one level); the reduced runs keep 192, 128 and 64 tokens of a 3-level feature pyramid
-(576 + 144 + 36 tokens) with the chosen allocators.
+Both models have random weights and are sized to run on a CPU:
 
-For each run, in the same process and on the same image and prompt:
+- ``llava``: LLaVA-1.5-style: a CLIP ViT-B tower (hidden 768, 12 layers, patch 14) at 336 px, which gives
+  LLaVA's 576 patch tokens, a 2-layer projector and a Llama decoder of 8 layers at hidden size 1024. Budgets
+  192, 128, 64 of a 3-level feature pyramid (576 + 144 + 36 tokens).
+- ``qwen2_5_vl``: Qwen2.5-VL-shaped: a native-resolution tower (hidden 640, 8 layers, patch 14, window
+  attention with full attention in blocks 4 and 8, 2x2 merger) on an 896 x 896 image, which gives 1,024 merged
+  tokens, and a Qwen2 decoder of 4 layers at hidden size 1024 with M-RoPE. Budgets 1/3, 1/4 and 1/8 of them
+  (341, 256, 128) of a 3-level feature pyramid (1,024 + 256 + 64 tokens).
 
-- vision: the tower forward (the multi-scale encoder);
-- allocation: signals + selection;
-- LLM prefill: the language model forward over the prompt (text + image tokens), keeping the KV cache,
-  up to the logits of the first new token;
-- FLOPs: vision and prefill estimates from :mod:`pyrtok.vlm.flops`.
+The full-token run of each is the plain grid (allocator ``all``, one level). For each run, in the same
+process, on the same image and prompt, through pyrtok's public API:
 
-Ratios are against the full-token run; the ideal prefill speed-up is the ratio of prompt lengths.
-Targets: prefill speed-up at 64 tokens >= 80% of ideal, allocation < 2% of time to first token.
+- vision: ``encode_batch`` (the tower forward and the pooled levels);
+- allocation: ``select_batch`` (signals + selection);
+- LLM prefill: ``prepare`` (prompt expansion, positions) and the language model's forward over the prompt,
+  keeping the KV cache, up to the logits of the first new token;
+- FLOPs of the prefill from :mod:`pyrtok.vlm.flops`.
 
-    python benchmarks/bench_prefill.py [--repeats 9] [--allocators laplacian pool]
+Ratios are against the full-token run of the same model; the ideal prefill speed-up is the ratio of prompt
+lengths. Targets: prefill speed-up at 1/8 of the tokens (64 for LLaVA, 128 for Qwen) >= 80% of ideal,
+allocation <= 2% of time to first token.
+
+    python benchmarks/bench_prefill.py [--models llava qwen2_5_vl] [--repeats 9] [--allocators laplacian pool]
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
 
 import torch
+from PIL import Image
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
+from pyrtok.testing import save_tiny_vlm
 from pyrtok.vlm import PyramidVLM, word_tokenizer
-from pyrtok.vlm.flops import llm_prefill_flops, vit_flops
+from pyrtok.vlm.flops import llm_prefill_flops
 
-PROMPT = "USER: <image> " + " ".join(["describe the picture in detail ."] * 6) + " ASSISTANT:"
+QUESTION = " ".join(["describe the picture in detail ."] * 6)
 
 
-def build(seed: int = 0) -> tuple[LlavaForConditionalGeneration, object]:
+def build_llava(seed: int = 0) -> tuple[LlavaForConditionalGeneration, object]:
     torch.manual_seed(seed)
     tokenizer = word_tokenizer("user assistant describe the picture in detail .".split())
     config = LlavaConfig(
@@ -49,54 +58,47 @@ def build(seed: int = 0) -> tuple[LlavaForConditionalGeneration, object]:
     return LlavaForConditionalGeneration(config).eval(), tokenizer
 
 
+def build_qwen(folder: str) -> PyramidVLM:
+    save_tiny_vlm("qwen2_5_vl", folder, text_layers=4, hidden=1024,
+                  vision_config={"depth": 8, "hidden_size": 640, "intermediate_size": 1728, "num_heads": 10,
+                                 "window_size": 112, "fullatt_block_indexes": [3, 7]},
+                  text_config={"intermediate_size": 2816, "num_attention_heads": 16, "num_key_value_heads": 2,
+                               "rope_parameters": {"rope_type": "default", "rope_theta": 1e6,
+                                                   "mrope_section": [8, 12, 12]}})  # head_dim 64
+    vlm = PyramidVLM.from_pretrained(folder)
+    factor = 28
+    vlm.family.image_processor.size = {"shortest_edge": 4 * factor**2, "longest_edge": 1024 * factor**2}
+    return vlm
+
+
 def median_ms(values: list[float]) -> float:
     return 1000 * statistics.median(values)
 
 
 @torch.no_grad()
-def run(vlm: PyramidVLM, image: torch.Tensor, budget: int, repeats: int) -> dict[str, float]:
-    vision, allocation, prefill, counts = [], [], [], 0
+def run(vlm: PyramidVLM, image: Image.Image, prompt: str, budget: int, repeats: int) -> dict[str, float]:
+    vision, allocation, prefill, length = [], [], [], 0
     for _ in range(repeats + 1):  # the first pass warms up
         start = time.perf_counter()
-        tokens = vlm.encode(image)
+        encoded = vlm.encode_batch([image])
         t_vision = time.perf_counter()
-        selection = vlm.select(tokens, image, budget)
+        selections = vlm.select_batch(encoded, budget)
         t_alloc = time.perf_counter()
-        input_ids, attention_mask = vlm.build_inputs([PROMPT], selection.count)
-        embeds = vlm.inputs_embeds(input_ids, vlm.image_embeddings(tokens, selection), selection)
-        vlm.model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=True, logits_to_keep=1)
+        inputs = vlm.prepare(None, [prompt], encoded=encoded, selections=selections)
+        vlm.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                  position_ids=inputs["position_ids"], mm_encoder_outputs=inputs["mm_encoder_outputs"],
+                  use_cache=True, logits_to_keep=1)
         t_prefill = time.perf_counter()
         vision.append(t_vision - start)
         allocation.append(t_alloc - t_vision)
         prefill.append(t_prefill - t_alloc)
-        counts = input_ids.shape[1]
+        length = inputs["input_ids"].shape[1]
     return {"vision": median_ms(vision[1:]), "allocation": median_ms(allocation[1:]),
-            "prefill": median_ms(prefill[1:]), "prompt_tokens": counts}
+            "prefill": median_ms(prefill[1:]), "prompt_tokens": length}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=9)  # 3 left the 64-token rows within noise of the target
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--budgets", type=int, nargs="+", default=[192, 128, 64])
-    parser.add_argument("--allocators", nargs="+", default=["laplacian", "pool", "random"])
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    model, tokenizer = build()
-    image = torch.rand(1, 3, 336, 336, generator=torch.Generator().manual_seed(0))
-    vision_config, text_config = model.config.vision_config, model.config.text_config
-    vision_flops = vit_flops(vision_config, 576, num_layers=vision_config.num_hidden_layers - 1)
-
-    rows = []
-    full = run(PyramidVLM(model, tokenizer, allocator="all", levels=1), image, 576, args.repeats)
-    rows.append(("all (full grid)", 576, full))
-    for name in args.allocators:
-        vlm = PyramidVLM(model, tokenizer, allocator=name, levels=3)
-        for budget in args.budgets:
-            rows.append((name, budget, run(vlm, image, budget, args.repeats)))
-
-    print(f"torch {torch.__version__}, {args.threads} threads, float32 CPU, median of {args.repeats}; "
-          f"vision {vision_flops / 1e12:.3f} TFLOPs per image\n")
+def report(title: str, full: dict[str, float], rows: list[tuple[str, int, dict[str, float]]], text_config) -> None:
+    print(f"\n{title}")
     header = (f"{'allocator':<18}{'K':>5}{'prompt':>8}{'vision':>9}{'alloc':>8}{'prefill':>9}{'TTFT':>9}"
               f"{'prefill TFLOPs':>16}{'prefill x':>11}{'ideal x':>9}{'% ideal':>9}{'alloc %':>9}")
     print(header + "   (times in ms)")
@@ -108,6 +110,48 @@ def main() -> None:
         print(f"{name:<18}{budget:>5}{r['prompt_tokens']:>8}{r['vision']:>9.0f}{r['allocation']:>8.1f}"
               f"{r['prefill']:>9.0f}{ttft:>9.0f}{flops / 1e12:>16.3f}{speedup:>11.2f}{ideal:>9.2f}"
               f"{100 * speedup / ideal:>9.0f}{100 * r['allocation'] / ttft:>9.2f}", flush=True)
+
+
+def bench(vlm_full: PyramidVLM, make: callable, image: Image.Image, prompt: str, full_tokens: int,
+          budgets: list[int], allocators: list[str], repeats: int, title: str) -> None:
+    full = run(vlm_full, image, prompt, full_tokens, repeats)
+    rows = [("all (full grid)", full_tokens, full)]
+    for name in allocators:
+        vlm = make(name)
+        for budget in budgets:
+            rows.append((name, budget, run(vlm, image, prompt, budget, repeats)))
+    report(title, full, rows, vlm_full.model.config.text_config)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["llava", "qwen2_5_vl"], choices=["llava", "qwen2_5_vl"])
+    parser.add_argument("--repeats", type=int, default=9)  # 3 left the 1/8 rows within noise of the target
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--allocators", nargs="+", default=["laplacian", "pool", "random"])
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} threads, float32 CPU, median of {args.repeats}")
+    generator = torch.Generator().manual_seed(0)
+    if "llava" in args.models:
+        model, tokenizer = build_llava()
+        image = Image.fromarray((torch.rand(336, 336, 3, generator=generator) * 255).byte().numpy())
+        prompt = f"USER: <image> {QUESTION} ASSISTANT:"
+        bench(PyramidVLM(model, tokenizer, allocator="all", levels=1),
+              lambda name: PyramidVLM(model, tokenizer, allocator=name, levels=3), image, prompt, 576,
+              [192, 128, 64], args.allocators, args.repeats, "LLaVA-1.5-style (576 patch tokens)")
+    if "qwen2_5_vl" in args.models:
+        with tempfile.TemporaryDirectory() as folder:
+            full = build_qwen(folder)
+            image = Image.fromarray((torch.rand(896, 896, 3, generator=generator) * 255).byte().numpy())
+            prompt = full.chat_prompt(QUESTION)
+
+            def make(name: str) -> PyramidVLM:
+                return PyramidVLM(full.model, full.processor, allocator=name, levels=3)
+
+            make_full = PyramidVLM(full.model, full.processor, allocator="all", levels=1)
+            bench(make_full, make, image, prompt, 1024, [341, 256, 128], args.allocators, args.repeats,
+                  "Qwen2.5-VL-shaped (1,024 merged tokens)")
 
 
 if __name__ == "__main__":

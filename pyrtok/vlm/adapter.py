@@ -28,7 +28,7 @@ import yaml
 from PIL import Image
 from torch import Tensor, nn
 
-from pyrtok.allocators import Allocator, resolve
+from pyrtok.allocators import Allocator, budget_tokens, resolve
 from pyrtok.tokens import MultiScaleTokens, TokenSelection
 from pyrtok.vlm.families import Encoded, Family, family_for
 
@@ -109,7 +109,9 @@ class PyramidVLM(nn.Module):
         processor: its processor (``AutoProcessor``), or its tokenizer alone where the family allows it
             (LLaVA-1.5 without a saved image processor resizes to the tower's square).
         allocator: any allocator spec :func:`pyrtok.allocators.resolve` takes.
-        budget: default image tokens per image (int or (B,) tensor); None keeps all.
+        budget: default image tokens per image: an int, a (B,) tensor (one per sample), or a float in (0, 1], a
+            fraction of each image's own tokens (rounded up; native-resolution models give every image its own
+            count); None keeps all.
         encoder: LLaVA only: a :class:`~pyrtok.encoders.MultiScaleEncoder` on the model's tower.
         mode, levels: ``"feature"`` (encode once, pool the grid) or ``"image"`` (encode every Gaussian level),
             and the number of pyramid levels.
@@ -416,8 +418,10 @@ class PyramidVLM(nn.Module):
                          inputs["image_counts"])
 
     # -- internals ----------------------------------------------------------------------------------
-    def _budget(self, budget: int | Tensor | None, num_tokens: int) -> int | Tensor:
+    def _budget(self, budget: int | float | Tensor | None, num_tokens: int) -> int | Tensor:
         budget = self.budget if budget is None else budget
+        if isinstance(budget, float):
+            return budget_tokens(budget, num_tokens)
         return num_tokens if budget is None else budget
 
     def _encode_uniform(self, images: Any, tokens: MultiScaleTokens | None = None) -> Encoded:
@@ -447,6 +451,9 @@ class PyramidVLM(nn.Module):
         sizes = encoded.num_tokens()
         if budget is None:
             return torch.tensor([sizes[i] for i in members], dtype=torch.long, device=self.device)
+        if isinstance(budget, float):  # a fraction of each image's own tokens
+            return torch.tensor([budget_tokens(budget, sizes[i]) for i in members], dtype=torch.long,
+                                device=self.device)
         per_sample = _per_sample_budget(budget, encoded.num_samples)
         out = []
         for i in members:

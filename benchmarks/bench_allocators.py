@@ -146,6 +146,9 @@ def main() -> None:
                           f"{clip:>10.1f}{ratio:>9.2f}{flag}", flush=True)
             del model
     print(f"\n{above} row(s) above the {100 * TARGET:g}% target")
+    untimed = sorted(set(allocators.available()) - set(args.allocators))
+    print(f"not timed (registered but not selected): {untimed}" if untimed
+          else f"every registered allocator timed ({len(allocators.available())})")
 
 
 if __name__ == "__main__":

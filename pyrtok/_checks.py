@@ -7,6 +7,7 @@ got and what was expected, so that a user never meets a bare shape error from de
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import Tensor
@@ -63,15 +64,66 @@ def max_levels(height: int, width: int) -> int:
     return 1 + math.ceil(math.log2(max(height, width)))
 
 
-def check_levels(levels: object, height: int, width: int, name: str = "levels") -> int:
-    """Validate a Gaussian/Laplacian level count for an image of ``height`` x ``width``."""
-    if isinstance(levels, bool) or not isinstance(levels, int):
-        raise TypeError(f"{name} must be an int, got {type(levels).__name__} {levels!r}")
+def check_level_count(
+    levels: object,
+    name: str = "levels",
+    *,
+    maximum: int | None = None,
+    size: tuple[int, int] | None = None,
+    what: str = "image",
+    rule: str = "",
+    optional: bool = False,
+) -> int | None:
+    """Validate a number of pyramid levels: an int >= 1, and at most ``maximum`` when one is given.
+
+    The one levels check of the package; :func:`check_levels` adds the Gaussian-pyramid maximum of an image.
+
+    Args:
+        levels: the candidate value.
+        name: argument name used in error messages.
+        maximum: largest allowed value, if any.
+        size: (height, width) the maximum comes from, named in the error (``what`` says of what).
+        what: what ``size`` measures: "image", "grid", ...
+        rule: how the maximum follows from the size, appended to the error (e.g. "floor(log2(min side)) - 2").
+        optional: also accept None (and return it).
+
+    Returns:
+        ``levels`` as an int (None when ``optional`` and ``levels`` is None).
+
+    Example:
+        >>> check_level_count(3, maximum=4)
+        3
+        >>> check_level_count(5, maximum=4, size=(8, 8))
+        Traceback (most recent call last):
+        ...
+        ValueError: levels must be an int in [1, 4], got 5; the maximum is 4 for a 8x8 image
+    """
+    if optional and levels is None:
+        return None
+    expected = "an int >= 1" if maximum is None else f"an int in [1, {maximum}]"
+    if size is not None:
+        expected += f" for a {size[0]}x{size[1]} {what}"
+    if optional:
+        expected += " or None"
+    if isinstance(levels, bool) or not isinstance(levels, numbers.Integral):
+        raise TypeError(f"{name} must be {expected}, got {type(levels).__name__} {levels!r}")
     if levels < 1:
-        raise ValueError(f"{name} must be >= 1, got {levels}")
-    limit = max_levels(height, width)
-    if levels > limit:
-        raise ValueError(
-            f"{name}={levels} is more than a {height}x{width} image supports; the maximum is {limit}"
-        )
-    return levels
+        detail = "" if expected == "an int >= 1" else f" ({expected})"
+        raise ValueError(f"{name} must be >= 1{detail}, got {levels}")
+    if maximum is not None and levels > maximum:
+        where = "" if size is None else f" for a {size[0]}x{size[1]} {what}"
+        why = f" ({rule})" if rule else ""
+        raise ValueError(f"{name} must be an int in [1, {maximum}], got {levels}; the maximum is {maximum}{where}{why}")
+    return int(levels)
+
+
+def check_levels(levels: object, height: int, width: int, name: str = "levels", *, what: str = "image") -> int:
+    """Validate a Gaussian/Laplacian level count for an image (or patch grid) of ``height`` x ``width``.
+
+    The maximum is :func:`max_levels`: halving with ceil rounding down to 1 x 1.
+
+    Example:
+        >>> check_levels(4, 14, 14, what="grid")
+        4
+    """
+    return check_level_count(levels, name, maximum=max_levels(height, width), size=(height, width), what=what)

@@ -34,8 +34,8 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from pyrtok._checks import check_image, check_levels, max_levels
-from pyrtok.pyramid import _down, _laplacian
+from pyrtok._checks import check_image, check_level_count, check_levels, max_levels
+from pyrtok.pyramid import gaussian_pyramid, laplacian_pyramid
 
 __all__ = ["DISTANCES", "LapLoss", "lap_loss", "laplacian_band_errors"]
 
@@ -134,20 +134,18 @@ def laplacian_band_errors(
     work = torch.float64 if pred.dtype == torch.float64 else torch.float32
     diff = (pred.to(work) - target.to(work))
     batch = diff.shape[0]
-    bands = _laplacian(rearrange(diff, "... h w -> (...) h w"), n_levels)
+    # pred may hold NaN on purpose (see the module notes) and the mask is already checked: skip the finite checks.
+    bands = laplacian_pyramid(diff, n_levels, check_finite=False)
     if weight_mask is not None:
-        mask_levels = [rearrange(weight_mask, "... h w -> (...) h w")]
-        for _ in range(n_levels - 1):
-            mask_levels.append(_down(mask_levels[-1]))
+        mask_levels = gaussian_pyramid(weight_mask, n_levels, check_finite=False)
 
     errors = []
     for j, band in enumerate(bands):
-        band = band.reshape(*diff.shape[:-2], *band.shape[-2:])
         dist = _distance(band, distance, eps)
         if weight_mask is None:
             errors.append(rearrange(dist, "b ... -> b (...)").mean(-1))
             continue
-        m = mask_levels[j].reshape(*weight_mask.shape[:-2], *band.shape[-2:]).expand_as(dist)
+        m = mask_levels[j].expand_as(dist)
         total = rearrange(dist * m, "b ... -> b (...)").sum(-1)
         weight = rearrange(m, "b ... -> b (...)").sum(-1)
         errors.append(total / weight.clamp_min(torch.finfo(work).tiny))
@@ -230,8 +228,7 @@ class LapLoss(nn.Module):
             raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-        if levels is not None and (isinstance(levels, bool) or not isinstance(levels, int) or levels < 1):
-            raise ValueError(f"levels must be an int >= 1 or None, got {levels!r}")
+        check_level_count(levels, optional=True)
         if weights is not None and levels is not None and len(weights) != levels:
             raise ValueError(f"weights must have one entry per level ({levels}), got {len(weights)}")
         self.levels, self.distance, self.reduction, self.eps = levels, distance, reduction, eps

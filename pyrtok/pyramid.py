@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from pyrtok._checks import check_image, check_levels, max_levels
+from pyrtok._checks import check_image, check_level_count, check_levels, max_levels
 
 __all__ = [
     "GaussianPyramid",
@@ -292,8 +292,7 @@ class GaussianPyramid(nn.Module):
 
     def __init__(self, levels: int) -> None:
         super().__init__()
-        if isinstance(levels, bool) or not isinstance(levels, int) or levels < 1:
-            raise ValueError(f"levels must be an int >= 1, got {levels!r}")
+        check_level_count(levels)
         self.levels = levels
 
     def forward(self, x: Tensor) -> list[Tensor]:
@@ -315,8 +314,7 @@ class LaplacianPyramid(nn.Module):
 
     def __init__(self, levels: int) -> None:
         super().__init__()
-        if isinstance(levels, bool) or not isinstance(levels, int) or levels < 1:
-            raise ValueError(f"levels must be an int >= 1, got {levels!r}")
+        check_level_count(levels)
         self.levels = levels
 
     def forward(self, x: Tensor) -> list[Tensor]:

@@ -57,7 +57,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from pyrtok._checks import check_image
+from pyrtok._checks import check_image, check_level_count
 
 __all__ = [
     "ANGULAR_PROFILES",
@@ -228,16 +228,8 @@ def _uncrop(spectrum: Tensor, index: tuple[Tensor, Tensor], size: tuple[int, int
 
 
 def _check_params(levels: object, orientations: object, angular: object, height: int, width: int) -> None:
-    if isinstance(levels, bool) or not isinstance(levels, int):
-        raise TypeError(f"levels must be an int, got {type(levels).__name__} {levels!r}")
-    if levels < 1:
-        raise ValueError(f"levels must be >= 1, got {levels}")
-    limit = max_steerable_levels(height, width)
-    if levels > limit:
-        raise ValueError(
-            f"levels={levels} is more than a {height}x{width} image supports; the maximum is {limit} "
-            f"(floor(log2(min side)) - 2)"
-        )
+    check_level_count(levels, maximum=max_steerable_levels(height, width), size=(height, width),
+                      rule="floor(log2(min side)) - 2")
     if isinstance(orientations, bool) or not isinstance(orientations, int) or orientations < 1:
         raise ValueError(f"orientations must be an int >= 1, got {orientations!r}")
     if angular not in ANGULAR_PROFILES:
@@ -364,8 +356,7 @@ class SteerablePyramid(nn.Module):
         self, levels: int = 4, orientations: int = 4, angular: str = "steerable", scaling: str = "amplitude"
     ) -> None:
         super().__init__()
-        if isinstance(levels, bool) or not isinstance(levels, int) or levels < 1:
-            raise ValueError(f"levels must be an int >= 1, got {levels!r}")
+        check_level_count(levels)
         if isinstance(orientations, bool) or not isinstance(orientations, int) or orientations < 1:
             raise ValueError(f"orientations must be an int >= 1, got {orientations!r}")
         if angular not in ANGULAR_PROFILES:

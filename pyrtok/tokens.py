@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
-from pyrtok._checks import max_levels
+from pyrtok._checks import check_level_count, check_levels
 
 __all__ = [
     "MultiScaleTokens",
@@ -40,8 +40,7 @@ def pyramid_shapes(grid: tuple[int, int], levels: int) -> tuple[tuple[int, int],
     h, w = (int(v) for v in grid)
     if h < 1 or w < 1:
         raise ValueError(f"grid must be a positive (h, w) patch grid, got {grid!r}")
-    if isinstance(levels, bool) or not isinstance(levels, int) or levels < 1:
-        raise ValueError(f"levels must be a positive int, got {levels!r}")
+    check_level_count(levels)
     shapes = []
     for _ in range(levels):
         shapes.append((h, w))
@@ -318,9 +317,7 @@ def from_feature_grid(
     if not features.is_floating_point():
         raise TypeError(f"features must be floating point, got {features.dtype}")
     batch, h, w, _ = features.shape
-    limit = max_levels(h, w)
-    if isinstance(levels, bool) or not isinstance(levels, int) or not 1 <= levels <= limit:
-        raise ValueError(f"levels must be an int in [1, {limit}] for a {h}x{w} grid, got {levels!r}")
+    check_levels(levels, h, w, what="grid")
     if image_size is None:
         p = 1 if patch_size is None else patch_size
         image_size = (h * p, w * p)

@@ -115,3 +115,79 @@ def test_missing_inputs_and_nan_scores_get_clear_errors(small):
         allocators.create("cls_attention")(broken, 4)
     with pytest.raises(ValueError, match="query must have shape"):
         allocators.create("query")(tokens, 4, query=torch.randn(2, 7))
+
+
+# The inputs each registered policy reads, without and with a query (None: the policy cannot run that way).
+# all / random / pool compute no scores and read none of them.
+READS = {
+    "all": ((), ()),
+    "random": ((), ()),
+    "pool": ((), ()),
+    "saliency": (("image",), ("image",)),
+    "laplacian": (("image",), ("image",)),
+    "cls_attention": (("attention",), ("attention",)),
+    "query": (None, ("query", "features")),
+    "difficulty": (("image",), ("image", "query", "features")),
+    "foveated": (("image",), ("query", "features")),
+}
+LABELS = {"image": "image", "query": "query", "features": "tokens.features", "attention": "tokens.attention"}
+CASES = [
+    (name, with_query, poisoned)
+    for name, modes in READS.items()
+    for with_query, reads in zip((False, True), modes, strict=True)
+    if reads is not None
+    for poisoned in LABELS
+]
+
+
+def test_every_registered_allocator_has_its_inputs_listed():
+    assert set(READS) == set(allocators.available())
+
+
+def poison(small, poisoned: str):
+    """The small problem with one NaN in sample 1 of the named input."""
+    tokens, image, query = small
+    inputs = {"image": image, "query": query, "features": tokens.features, "attention": tokens.attention}
+    inputs = {key: value.clone() for key, value in inputs.items()}
+    inputs[poisoned][1].view(-1)[2] = float("nan")
+    image, query, features, attention = inputs.values()
+    tokens = MultiScaleTokens(features, tokens.level, tokens.row, tokens.col, tokens.box, tokens.level_shapes,
+                              tokens.image_size, attention=attention)
+    return tokens, image, query
+
+
+@pytest.mark.parametrize(("name", "with_query", "poisoned"), CASES)
+def test_nan_in_an_input_a_policy_reads_is_rejected_by_name(name, with_query, poisoned, small):
+    tokens, image, query = poison(small, poisoned)
+    allocator = allocators.create(name)
+    kwargs = {"image": image, "query": query if with_query else None}
+    reads = READS[name][with_query]
+    if poisoned in reads:
+        message = rf"allocator '{name}': {LABELS[poisoned]} contains NaN.*sample\(s\) \[1\]"
+        with pytest.raises(ValueError, match=message):
+            allocator(tokens, 5, **kwargs)
+        with pytest.raises(ValueError, match=message):
+            allocator.budgets(tokens, 5, **kwargs)
+    else:  # an input the policy never looks at cannot spoil its selection
+        selection = allocator(tokens, 5, **kwargs)
+        assert torch.equal(selection.count, allocator.budgets(tokens, 5, **kwargs))
+        assert bool((selection.count >= 1).all()) and bool((selection.count <= 5).all())
+        clean = allocator(*small[:1], 5, image=small[1], query=small[2] if with_query else None)
+        assert torch.equal(selection.index, clean.index)
+
+
+def test_redundancy_reads_the_image_and_infinite_images_are_rejected(small):
+    tokens, image, query = small
+    nan_image = image.clone()
+    nan_image[0, 1, 2, 3] = float("nan")
+    allocators.create("all")(tokens, 5, image=nan_image)  # the plain policy never looks at it
+    with pytest.raises(ValueError, match=r"'all': image contains NaN.*sample\(s\) \[0\]"):
+        allocators.create("all", redundancy=True)(tokens, 5, image=nan_image)
+    inf_image = image.clone()
+    inf_image[1, 0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"image contains NaN or infinite values \(sample\(s\) \[1\]\)"):
+        allocators.create("saliency")(tokens, 5, image=inf_image)
+    shared = query[0].clone()
+    shared[0] = float("nan")
+    with pytest.raises(ValueError, match=r"query contains NaN.*the shared query"):
+        allocators.create("query")(tokens, 5, query=shared)

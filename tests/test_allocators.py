@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pyrtok import allocators
-from pyrtok.allocators.base import spread_priority, water_fill
+from pyrtok.allocators.select import spread_priority, water_fill
 from pyrtok.signals import laplacian_energy
 from pyrtok.tokens import from_feature_grid
 

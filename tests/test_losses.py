@@ -167,3 +167,21 @@ def test_bad_inputs_get_clear_errors(pair):
     assert torch.isnan(lap_loss(nan_pred, target))  # a diverging prediction stays visible
     with pytest.raises(ValueError, match="one entry per level"):
         LapLoss(levels=2, weights=[1.0])
+
+
+def test_level_counts_are_checked_like_the_pyramid_checks_them(pair):
+    pred, target = pair
+    with pytest.raises(ValueError, match="levels must be >= 1"):
+        LapLoss(levels=0)
+    with pytest.raises(TypeError, match="levels must be an int >= 1 or None"):
+        LapLoss(levels=2.5)
+    with pytest.raises(TypeError, match="levels must be an int"):
+        lap_loss(pred, target, levels=True)
+    assert LapLoss(levels=None)(pred, target) == lap_loss(pred, target)
+
+
+def test_the_loss_builds_on_the_public_pyramid_only():
+    from pyrtok import losses, pyramid
+
+    borrowed = {name for name, value in vars(losses).items() if getattr(value, "__module__", None) == pyramid.__name__}
+    assert borrowed and not any(name.startswith("_") for name in borrowed)

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from pyrtok.pyramid import laplacian_pyramid
 from pyrtok.signals import (
     DifficultyCalibrator,
+    band_energy_maps,
     center_surround,
     cls_attention,
     difficulty,
@@ -12,9 +13,10 @@ from pyrtok.signals import (
     query_relevance,
     redundancy,
     saliency,
+    saliency_map,
     spectral_residual,
 )
-from pyrtok.signals._pool import box_mean
+from pyrtok.signals._pool import box_mean, level_box_mean, normalise_map
 from pyrtok.tokens import from_feature_grid
 
 
@@ -126,3 +128,38 @@ def test_calibrator_spreads_reference_values_uniformly(rng, tmp_path):
         DifficultyCalibrator(torch.tensor([0.3, 0.1]))
     default = DifficultyCalibrator.default()
     assert default.quantiles.numel() == 101
+
+
+def test_level_box_mean_pools_each_level_over_its_own_boxes(rng):
+    tokens = from_feature_grid(torch.rand(2, 7, 9, 4), 3, patch_size=8)  # odd grids: partial coarse cells
+    maps = [torch.rand(2, 56 >> lvl, 72 >> lvl, generator=rng) for lvl in range(4)]  # a spare fourth map is ignored
+    pooled = level_box_mean(maps, tokens)
+    assert pooled.shape == (2, tokens.num_tokens)
+    for lvl, level_slice in enumerate(tokens.level_slices):
+        scale = torch.tensor([maps[lvl].shape[-1] / 72, maps[lvl].shape[-2] / 56] * 2)
+        assert torch.equal(pooled[:, level_slice], box_mean(maps[lvl], tokens.box[level_slice] * scale))
+
+
+def test_combined_saliency_is_the_normalised_sum_of_both_maps(rng):
+    image = torch.rand(2, 3, 96, 80, generator=rng)
+    expected = normalise_map(spectral_residual(image) + center_surround(image))
+    assert torch.equal(saliency_map(image), expected)
+    grey = image[:, :1]
+    assert torch.equal(saliency_map(grey), normalise_map(spectral_residual(grey) + center_surround(grey)))
+
+
+def test_signals_check_images_and_levels_unless_told_not_to():
+    tokens = from_feature_grid(torch.rand(1, 4, 4, 4), 2, patch_size=16)
+    image = blob_image(64)
+    image[0, 0, 5, 5] = float("nan")
+    for fn in (lambda: saliency(tokens, image), lambda: laplacian_energy(tokens, image), lambda: difficulty(image),
+               lambda: spectral_residual(image), lambda: band_energy_maps(image, 3)):
+        with pytest.raises(ValueError, match="image contains NaN"):
+            fn()
+    assert torch.isnan(saliency(tokens, image, "spectral_residual", check_finite=False)).all()
+    with pytest.raises(ValueError, match="levels must be >= 1"):
+        band_energy_maps(blob_image(64), 0)
+    with pytest.raises(TypeError, match="levels must be an int"):
+        band_energy_maps(blob_image(64), 2.0)
+    with pytest.raises(ValueError, match="at least 4 band energy maps"):
+        difficulty(blob_image(64), band_maps=band_energy_maps(blob_image(64), 3))

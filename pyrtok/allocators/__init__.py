@@ -6,12 +6,14 @@
 """
 
 from pyrtok.allocators import attention, baselines, difficulty, foveated, laplacian, query, saliency  # noqa: F401
-from pyrtok.allocators.base import Allocator, water_fill
+from pyrtok.allocators.base import Allocator, Context
 from pyrtok.allocators.budget import budget_tokens, resolve_budget
 from pyrtok.allocators.registry import available, create, from_config, register, resolve, spec_label
+from pyrtok.allocators.select import water_fill
 
 __all__ = [
     "Allocator",
+    "Context",
     "available",
     "budget_tokens",
     "create",

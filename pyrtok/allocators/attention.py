@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from pyrtok.allocators.base import Allocator, Context, register
+from pyrtok.allocators.base import Allocator, Context
+from pyrtok.allocators.registry import register
 from pyrtok.signals.attention import cls_attention
 from pyrtok.tokens import MultiScaleTokens
 

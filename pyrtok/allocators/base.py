@@ -1,11 +1,13 @@
-"""Common machinery of the allocators: budgets, vectorised top-k, level quotas, the registry.
+"""The base class of every allocator, and the per-call context its policy hooks read.
 
 An allocator turns :class:`~pyrtok.tokens.MultiScaleTokens` and a budget into a
 :class:`~pyrtok.tokens.TokenSelection`. Every policy is a small subclass of :class:`Allocator` that
-computes a (B, N) priority and, optionally, per-level quotas; the base class does the selection,
-the cross-scale redundancy pass, and enforces the contract: each sample gets exactly
-min(budget_b, N) distinct tokens (``difficulty`` may lower budget_b, see :meth:`Allocator.budgets`),
-in canonical order, deterministically for a fixed seed, without a Python loop over tokens.
+computes a (B, N) priority and, optionally, per-level quotas; the base class validates the inputs (NaN
+included), does the selection with the primitives of :mod:`pyrtok.allocators.select`, runs the cross-scale
+redundancy pass, and enforces the contract: each sample gets exactly min(budget_b, N) distinct tokens
+(``difficulty`` may lower budget_b, see :meth:`Allocator.budgets`), in canonical order, deterministically for
+a fixed seed, without a Python loop over tokens. The registry lives in :mod:`pyrtok.allocators.registry`,
+budgets in :mod:`pyrtok.allocators.budget`.
 """
 
 from __future__ import annotations
@@ -18,164 +20,62 @@ import torch
 from torch import Tensor
 
 from pyrtok.allocators.budget import resolve_budget
-from pyrtok.allocators.registry import available, create, from_config, register
+from pyrtok.allocators.select import exact_count, per_level_topk, topk_mask
+from pyrtok.signals.laplacian import band_energy_maps, laplacian_energy
 from pyrtok.tokens import MultiScaleTokens, TokenSelection
 
-__all__ = [
-    "Allocator",
-    "Context",
-    "available",
-    "create",
-    "exact_count",
-    "from_config",
-    "per_level_topk",
-    "register",
-    "resolve_budget",
-    "spread_priority",
-    "topk_mask",
-    "water_fill",
-]
+__all__ = ["INPUTS", "Allocator", "Context"]
 
-def _ranks(order: Tensor) -> Tensor:
-    """Inverse permutation of each row: rank of every element in ``order``."""
-    ranks = torch.empty_like(order)
-    return ranks.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
-
-
-def topk_mask(priority: Tensor, k: Tensor) -> Tensor:
-    """(B, N) mask of the k_b highest priorities per row; ties go to the lower index.
-
-    Args:
-        priority: (B, N) float.
-        k: (B,) long, 0 <= k_b <= N.
-    """
-    order = torch.argsort(priority, dim=1, descending=True, stable=True)
-    return _ranks(order) < k.unsqueeze(1)
-
-
-def exact_count(keep: Tensor, priority: Tensor, k: Tensor, demote: Tensor | None = None) -> Tensor:
-    """Adjust a (B, N) keep mask to exactly k_b tokens.
-
-    Tokens are ranked kept first, then the others by priority; ``demote`` (B, N) moves non-kept tokens
-    behind every non-demoted one (a lexicographic order, so no arithmetic on priorities).
-    """
-    order = torch.argsort(priority, dim=1, descending=True, stable=True)
-    rank_class = (~keep).to(torch.uint8)
-    if demote is not None:
-        rank_class = rank_class + (demote & ~keep).to(torch.uint8)
-    by_class = torch.argsort(torch.gather(rank_class, 1, order), dim=1, stable=True)
-    return _ranks(torch.gather(order, 1, by_class)) < k.unsqueeze(1)
-
-
-def per_level_topk(tokens: MultiScaleTokens, priority: Tensor, quotas: Tensor) -> Tensor:
-    """(B, N) mask keeping the ``quotas[:, l]`` highest-priority tokens of each level l (loop over levels only)."""
-    keep = torch.zeros_like(priority, dtype=torch.bool)
-    for lvl, level_slice in enumerate(tokens.level_slices):
-        keep[:, level_slice] = topk_mask(priority[:, level_slice], quotas[:, lvl])
-    return keep
-
-
-def water_fill(weights: Tensor, capacity: Tensor, total: Tensor) -> Tensor:
-    """Integer quotas proportional to ``weights`` without exceeding ``capacity``, summing to ``total``.
-
-    Finds lambda with sum_l min(capacity_l, lambda * weight_l) = total (levels that would overflow are
-    filled and the rest is shared again), then rounds by largest remainder.
-
-    Args:
-        weights: (B, L) non-negative.
-        capacity: (B, L) or (L,) non-negative integers.
-        total: (B,) integers with total_b <= sum_l capacity_bl.
-
-    Returns:
-        (B, L) long quotas.
-
-    Example:
-        >>> water_fill(torch.tensor([[1.0, 1.0, 2.0]]), torch.tensor([4, 100, 100]), torch.tensor([20]))
-        tensor([[ 4,  5, 11]])
-    """
-    capacity = capacity.expand_as(weights).to(weights.dtype)
-    # A small share proportional to capacity lets zero-weight levels absorb what others cannot take.
-    weights = weights.clamp_min(0) + 1e-9 * capacity / capacity.sum(1, keepdim=True).clamp_min(1)
-    weights = weights * (capacity > 0)
-    quota = torch.zeros_like(weights)
-    active = capacity > 0
-    remaining = total.to(weights.dtype)
-    for _ in range(weights.shape[1]):
-        share = weights * active
-        scale = remaining / share.sum(1).clamp_min(1e-30)
-        proposal = share * scale.unsqueeze(1)
-        overflow = active & (proposal >= capacity)
-        quota = torch.where(overflow, capacity, torch.where(active, proposal, quota))
-        if not bool(overflow.any()):
-            break
-        active = active & ~overflow
-        remaining = total.to(weights.dtype) - (quota * ~active).sum(1)
-    floor = quota.floor().clamp(max=capacity)
-    deficit = (total - floor.sum(1).long()).clamp_min(0)
-    fraction = torch.where(floor < capacity, quota - floor, torch.full_like(quota, -1.0))
-    bonus = topk_mask(fraction, deficit) & (floor < capacity)
-    return (floor + bonus).long()
-
-
-def spread_priority(level_shapes: tuple[tuple[int, int], ...], device: torch.device) -> Tensor:
-    """(N,) priority in [0, 1) that orders each level's tokens as ever finer uniform subgrids.
-
-    Tokens on the stride-2^k subgrid come before those only on the stride-2^(k-1) one, so the top-r tokens
-    of a level are spread evenly over it for every r (the "uniform downsampling" order). Ties are broken
-    by the bit-reversed raster index, which interleaves rows and columns.
-    """
-    parts = []
-    for h, w in reversed(level_shapes):
-        r, c = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-        r, c = r.reshape(-1), c.reshape(-1)
-        both = r | c
-        # Trailing zeros of r|c (the largest power-of-two stride the cell lies on); 0|0 gets the most.
-        stride_class = torch.where(both == 0, torch.full_like(both, 31), (both & -both).float().log2().long())
-        raster = r * w + c
-        bits = max(1, int(h * w - 1).bit_length())
-        reversed_bits = torch.zeros_like(raster)
-        for b in range(bits):
-            reversed_bits |= ((raster >> b) & 1) << (bits - 1 - b)
-        tie = 1.0 - reversed_bits.float() / (1 << bits)
-        parts.append((stride_class.float() + tie) / 33.0)
-    return torch.cat(parts).to(device)
-
-
-def band_maps(tokens: MultiScaleTokens, ctx: Context) -> list[Tensor]:
-    """Laplacian band energy maps of ``ctx.image``, computed once per call and shared by every signal."""
-    from pyrtok.signals.laplacian import band_energy_maps
-
-    return ctx.cached("band_maps", lambda: band_energy_maps(ctx.image.float(), max(4, tokens.num_levels)))
-
-
-def band_energy(tokens: MultiScaleTokens, ctx: Context) -> Tensor:
-    """(B, N) Laplacian band energy of every token, shared within one allocator call."""
-    from pyrtok.signals.laplacian import laplacian_energy
-
-    return ctx.cached("laplacian_energy", lambda: laplacian_energy(tokens, ctx.image, band_maps(tokens, ctx)))
+INPUTS = ("image", "query", "features", "attention")
+"""What a policy may read: the image, the query, and the tokens' features and [CLS] attention."""
 
 
 @dataclass
 class Context:
-    """What a policy may look at besides the tokens, and a per-call memo of computed signals."""
+    """What a policy may look at besides the tokens, and a per-call memo of computed signals.
+
+    ``checked`` names the inputs the base class has already rejected NaN (and infinity) in, so that signals
+    computed from them can skip their own finite check (``check_finite=self.unchecked("image")``).
+    """
 
     image: Tensor | None
     query: Tensor | None
     generator: torch.Generator | None
-    memo: dict[str, Tensor] = field(default_factory=dict)
+    memo: dict[str, Any] = field(default_factory=dict)
+    checked: frozenset[str] = frozenset()
 
-    def cached(self, key: str, compute: Callable[[], Tensor]) -> Tensor:
+    def unchecked(self, name: str) -> bool:
+        """Whether input ``name`` still needs a finite check (the base class did not check it)."""
+        return name not in self.checked
+
+    def cached(self, key: str, compute: Callable[[], Any]) -> Any:
         """``compute()`` once per allocator call, so hooks can share a signal without recomputing it."""
         if key not in self.memo:
             self.memo[key] = compute()
         return self.memo[key]
 
+    def band_maps(self, tokens: MultiScaleTokens) -> list[Tensor]:
+        """Laplacian band energy maps of ``image``: max(4, L) maps (B, H_l, W_l), computed once per call.
+
+        At least four bands, so that :func:`~pyrtok.signals.difficulty.difficulty` can share them.
+        """
+        return self.cached("band_maps", lambda: band_energy_maps(self.image.float(), max(4, tokens.num_levels),
+                                                                 check_finite=self.unchecked("image")))
+
+    def band_energy(self, tokens: MultiScaleTokens) -> Tensor:
+        """(B, N) Laplacian band energy of every token (see :func:`~pyrtok.signals.laplacian_energy`)."""
+        return self.cached("band_energy", lambda: laplacian_energy(tokens, self.image, self.band_maps(tokens),
+                                                                    check_finite=self.unchecked("image")))
+
 
 class Allocator:
     """Base class: ``allocator(tokens, budget, *, image=None, query=None, generator=None)``.
 
-    Subclasses set ``needs`` (any of "image", "query", "attention") and implement :meth:`priority`
-    (B, N); per-level policies also implement :meth:`quotas` (B, L). Every allocator accepts:
+    Subclasses set ``needs`` (the inputs they cannot run without: any of "image", "query", "attention"),
+    override :meth:`reads` when they read more than that (or read some inputs only sometimes), and implement
+    :meth:`priority` (B, N); per-level policies also implement :meth:`quotas` (B, L). Every input a call reads
+    is checked for NaN before any signal is computed (the image for infinite values too), so a bad input gets
+    an error that names it instead of a silently meaningless selection. Every allocator accepts:
 
     Args:
         redundancy: run the cross-scale redundancy pass: a kept fine token whose parent is kept and
@@ -196,6 +96,10 @@ class Allocator:
         self.redundancy_quantile = float(redundancy_quantile)
 
     # -- policy hooks -------------------------------------------------------------------------------
+    def reads(self, ctx: Context) -> tuple[str, ...]:
+        """The inputs (names from :data:`INPUTS`) this call reads; by default those in ``needs``."""
+        return self.needs
+
     def priority(self, tokens: MultiScaleTokens, budgets: Tensor, ctx: Context) -> Tensor:
         raise NotImplementedError
 
@@ -259,7 +163,10 @@ class Allocator:
                 for lvl, level_slice in enumerate(tokens.level_slices):
                     keep[:, level_slice] = exact_count(keep[:, level_slice], priority[:, level_slice],
                                                        quotas[:, lvl], demote[:, level_slice])
-        return TokenSelection.from_keep_mask(exact_count(keep, priority, budgets, demote))
+        # A top-k (or quotas that add up to the budget) already keeps exactly budget_b tokens: nothing to adjust.
+        if demote is not None or not torch.equal(keep.sum(1), budgets):
+            keep = exact_count(keep, priority, budgets, demote)
+        return TokenSelection.from_keep_mask(keep)
 
     def config(self) -> dict[str, Any]:
         """The options this allocator was built with, ready for YAML."""
@@ -296,11 +203,44 @@ class Allocator:
             if not isinstance(query, Tensor):
                 raise TypeError(f"query must be a (B, D) or (D,) tensor, got {type(query).__name__}")
             query = query.to(tokens.device)
-        return Context(image, query, generator)
+        ctx = Context(image, query, generator)
+        ctx.checked = self._check_inputs(tokens, ctx)
+        return ctx
+
+    def _check_inputs(self, tokens: MultiScaleTokens, ctx: Context) -> frozenset[str]:
+        """Reject NaN in every input this call reads (and infinity where it cannot be meant: all but attention).
+
+        Returns the names of the inputs it checked.
+        """
+        reads = set(self.reads(ctx)) | ({"image"} if self.redundancy else set())
+        unknown = reads - set(INPUTS)
+        if unknown:
+            raise RuntimeError(f"{type(self).__name__}.reads returned {sorted(unknown)}; inputs are {INPUTS}")
+        values = {"image": ctx.image, "query": ctx.query, "features": tokens.features, "attention": tokens.attention}
+        for name in INPUTS:
+            value = values[name]
+            if name not in reads or value is None:
+                continue
+            # [CLS] attention may be +inf where the encoder saturates; it still ranks, so only NaN is rejected.
+            finite = name != "attention"
+            # One summing pass proves most inputs clean; only a NaN or non-finite sum pays for the exact check.
+            total = value.sum(dtype=torch.float32)
+            if bool(torch.isfinite(total)) or (not finite and not bool(torch.isnan(total))):
+                continue
+            bad = ~torch.isfinite(value) if finite else torch.isnan(value)
+            if not bool(bad.any()):
+                continue
+            label = name if name in ("image", "query") else f"tokens.{name}"
+            what = "NaN or infinite values" if finite else "NaN"
+            where = "the shared query" if value.dim() == 1 else \
+                f"sample(s) {torch.nonzero(bad.flatten(1).any(1)).flatten().tolist()}"
+            raise ValueError(f"allocator {self.name!r}: {label} contains {what} ({where}); inputs a policy reads "
+                             f"must not contain NaN, since every score computed from them would be meaningless")
+        return frozenset(name for name in reads if values[name] is not None)
 
     def _redundant(self, tokens: MultiScaleTokens, keep: Tensor, ctx: Context) -> Tensor:
         """(B, N) tokens whose parent is kept and whose own band energy is low for their level."""
-        energy = band_energy(tokens, ctx)
+        energy = ctx.band_energy(tokens)
         low = torch.zeros_like(keep)
         for level_slice in tokens.level_slices:
             threshold = torch.quantile(energy[:, level_slice], self.redundancy_quantile, dim=1, keepdim=True)

@@ -9,7 +9,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from pyrtok.allocators.base import Allocator, Context, register, spread_priority
+from pyrtok.allocators.base import Allocator, Context
+from pyrtok.allocators.registry import register
+from pyrtok.allocators.select import spread_priority
 from pyrtok.tokens import MultiScaleTokens
 
 

@@ -18,7 +18,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from pyrtok.allocators.base import Allocator, Context, band_energy, band_maps, register, water_fill
+from pyrtok.allocators.base import Allocator, Context
+from pyrtok.allocators.registry import register
+from pyrtok.allocators.select import water_fill
 from pyrtok.signals.difficulty import difficulty
 from pyrtok.tokens import MultiScaleTokens
 
@@ -40,11 +42,15 @@ class DifficultyTokens(Allocator):
             raise ValueError(f"tiers must be increasing fractions in (0, 1] ending with 1.0, got {tiers!r}")
         self.tiers = tiers
 
+    def reads(self, ctx: Context) -> tuple[str, ...]:
+        # With a query, difficulty also measures how widely it spreads over the tokens.
+        return ("image", "query", "features") if ctx.query is not None else ("image",)
+
     def _difficulty(self, tokens: MultiScaleTokens, ctx: Context) -> Tensor:
         return ctx.cached(
             "difficulty",
             lambda: difficulty(ctx.image, tokens if ctx.query is not None else None, ctx.query,
-                               band_maps=band_maps(tokens, ctx)),
+                               band_maps=ctx.band_maps(tokens), check_finite=ctx.unchecked("image")),
         )
 
     def effective_budgets(self, tokens: MultiScaleTokens, budgets: Tensor, ctx: Context) -> Tensor:
@@ -54,7 +60,7 @@ class DifficultyTokens(Allocator):
         return (tier * budgets).round().long().clamp(1).minimum(budgets)
 
     def priority(self, tokens: MultiScaleTokens, budgets: Tensor, ctx: Context) -> Tensor:
-        return band_energy(tokens, ctx)
+        return ctx.band_energy(tokens)
 
     def quotas(self, tokens: MultiScaleTokens, budgets: Tensor, ctx: Context, priority: Tensor) -> Tensor:
         d = self._difficulty(tokens, ctx).unsqueeze(1)  # (B, 1)

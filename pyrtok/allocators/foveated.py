@@ -16,14 +16,20 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from pyrtok.allocators.base import Allocator, Context, register
+from pyrtok.allocators.base import Allocator, Context
+from pyrtok.allocators.registry import register
 from pyrtok.signals.query import query_relevance
 from pyrtok.signals.saliency import spectral_residual
 from pyrtok.tokens import MultiScaleTokens
 
 
-def fixation(tokens: MultiScaleTokens, image: Tensor | None, query: Tensor | None) -> Tensor:
-    """(B, 2) fixation ``(x, y)`` in level-0 pixels."""
+def fixation(
+    tokens: MultiScaleTokens, image: Tensor | None, query: Tensor | None, *, check_finite: bool = True
+) -> Tensor:
+    """(B, 2) fixation ``(x, y)`` in level-0 pixels, from (B, D) or (D,) ``query`` or else (B, C, H, W) ``image``.
+
+    ``check_finite``: reject NaN/inf images (skip it when the caller has already checked them).
+    """
     centres = (tokens.box[:, :2] + tokens.box[:, 2:]) / 2  # (N, 2)
     if query is not None:
         relevance = query_relevance(tokens, query)
@@ -31,7 +37,7 @@ def fixation(tokens: MultiScaleTokens, image: Tensor | None, query: Tensor | Non
         return centres[relevance.argmax(1)]
     if image is None:
         raise ValueError("foveated allocation needs image= (saliency fixation) or query= (relevance fixation)")
-    maps = spectral_residual(image, full_size=False)  # the peak's position is all that is needed
+    maps = spectral_residual(image, full_size=False, check_finite=check_finite)  # only the peak's position counts
     height, width = maps.shape[-2:]
     peak = maps.flatten(1).argmax(1)
     scale = torch.tensor([tokens.image_size[1] / width, tokens.image_size[0] / height], device=tokens.device)
@@ -54,8 +60,12 @@ class FoveatedTokens(Allocator):
             raise ValueError(f"e0 must be > 0, got {e0!r}")
         self.e0 = float(e0)
 
+    def reads(self, ctx: Context) -> tuple[str, ...]:
+        # The fixation comes from the query when there is one, else from the image's saliency.
+        return ("query", "features") if ctx.query is not None else ("image",)
+
     def priority(self, tokens: MultiScaleTokens, budgets: Tensor, ctx: Context) -> Tensor:
-        fix = fixation(tokens, ctx.image, ctx.query)  # (B, 2)
+        fix = fixation(tokens, ctx.image, ctx.query, check_finite=ctx.unchecked("image"))  # (B, 2)
         centres = (tokens.box[:, :2] + tokens.box[:, 2:]) / 2
         diagonal = float(torch.tensor(tokens.image_size, dtype=torch.float32).norm())
         eccentricity = (centres.unsqueeze(0) - fix.unsqueeze(1)).norm(dim=-1) / diagonal  # (B, N)

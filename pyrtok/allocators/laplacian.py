@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from pyrtok.allocators.base import Allocator, Context, band_energy, register, water_fill
+from pyrtok.allocators.base import Allocator, Context
+from pyrtok.allocators.registry import register
+from pyrtok.allocators.select import water_fill
 from pyrtok.tokens import MultiScaleTokens
 
 
@@ -29,7 +31,7 @@ class LaplacianTokens(Allocator):
         self.power = float(power)
 
     def priority(self, tokens: MultiScaleTokens, budgets: Tensor, ctx: Context) -> Tensor:
-        return band_energy(tokens, ctx)
+        return ctx.band_energy(tokens)
 
     def quotas(self, tokens: MultiScaleTokens, budgets: Tensor, ctx: Context, priority: Tensor) -> Tensor:
         box = tokens.box

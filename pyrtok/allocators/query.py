@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from pyrtok.allocators.base import Allocator, Context, register, spread_priority
+from pyrtok.allocators.base import Allocator, Context
+from pyrtok.allocators.registry import register
+from pyrtok.allocators.select import spread_priority
 from pyrtok.signals.query import query_relevance
 from pyrtok.tokens import MultiScaleTokens
 
@@ -25,6 +27,9 @@ class QueryTokens(Allocator):
         if not 0.0 <= float(context) <= 1.0:
             raise ValueError(f"context must be a fraction in [0, 1], got {context!r}")
         self.context = float(context)
+
+    def reads(self, ctx: Context) -> tuple[str, ...]:
+        return ("query", "features")
 
     def priority(self, tokens: MultiScaleTokens, budgets: Tensor, ctx: Context) -> Tensor:
         relevance = query_relevance(tokens, ctx.query)  # float32, [-1, 1]

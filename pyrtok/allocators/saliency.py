@@ -7,7 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from pyrtok.allocators.base import Allocator, Context, register
+from pyrtok.allocators.base import Allocator, Context
+from pyrtok.allocators.registry import register
 from pyrtok.signals.saliency import METHODS, saliency
 from pyrtok.tokens import MultiScaleTokens
 
@@ -45,4 +46,5 @@ class SaliencyTokens(Allocator):
 
     def priority(self, tokens: MultiScaleTokens, budgets: Tensor, ctx: Context) -> Tensor:
         weights = level_weight_vector(self.level_weights, tokens.num_levels, 0.25, tokens.device)
-        return saliency(tokens, ctx.image, self.method) * weights[tokens.level].unsqueeze(0)
+        scores = saliency(tokens, ctx.image, self.method, check_finite=ctx.unchecked("image"))
+        return scores * weights[tokens.level].unsqueeze(0)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from pyrtok._checks import check_image
+from pyrtok._checks import check_image, check_level_count
 from pyrtok.encoders.openclip import OpenClipTower, is_openclip
 from pyrtok.encoders.towers import TowerView, VisionTower
 from pyrtok.pyramid import gaussian_pyramid
@@ -78,8 +78,7 @@ class MultiScaleEncoder(nn.Module):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if isinstance(levels, bool) or not isinstance(levels, int) or levels < 1:
-            raise ValueError(f"levels must be an int >= 1, got {levels!r}")
+        check_level_count(levels)
         self.tower = tower_view(tower)
         self.tower.layer_index(feature_layer)  # validates
         self.mode, self.levels, self.feature_layer, self.attention = mode, levels, feature_layer, attention

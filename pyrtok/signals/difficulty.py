@@ -53,20 +53,25 @@ def raw_difficulty(
     tokens: MultiScaleTokens | None = None,
     query: Tensor | None = None,
     band_maps: list[Tensor] | None = None,
+    *,
+    check_finite: bool = True,
 ) -> Tensor:
     """Uncalibrated difficulty (B,) in [0, 1]: the mean of the features in the module notes.
 
     ``band_maps``: optional precomputed ``band_energy_maps(image, k)`` with k >= 4, shared with other signals.
+    ``check_finite``: reject NaN/inf images (skip it when the caller has already checked them).
     """
-    check_image(image, "image")
+    check_image(image, "image", check_finite=check_finite)
     if image.dim() != 4:
         raise ValueError(f"image must have shape (B, C, H, W), got {tuple(image.shape)}")
     if band_maps is None:
-        band_maps = band_energy_maps(image.float(), BANDS)
+        band_maps = band_energy_maps(image.float(), BANDS, check_finite=False)
+    elif len(band_maps) < BANDS:
+        raise ValueError(f"band_maps must hold at least {BANDS} band energy maps, got {len(band_maps)}")
     energy = torch.stack([m.flatten(1).sum(1) for m in band_maps[:BANDS]], 1)  # (B, bands)
     fine = energy[:, :2].sum(1) / energy.sum(1).clamp_min(1e-12)
     # The entropy is a coarse statistic: a 32-pixel-wide saliency map measures it as well as a larger one.
-    saliency = spectral_residual(image, width=32, sigma=1.25, full_size=False)
+    saliency = spectral_residual(image, width=32, sigma=1.25, full_size=False, check_finite=False)
     features = [fine, _entropy_fraction(saliency.flatten(1))]
     if query is not None:
         if tokens is None:
@@ -130,6 +135,8 @@ def difficulty(
     query: Tensor | None = None,
     calibrator: DifficultyCalibrator | None = None,
     band_maps: list[Tensor] | None = None,
+    *,
+    check_finite: bool = True,
 ) -> Tensor:
     """Calibrated difficulty in [0, 1], one value per image.
 
@@ -139,12 +146,13 @@ def difficulty(
         query: optional (B, D) or (D,) text embedding in the tokens' space.
         calibrator: reference calibration; default the shipped one.
         band_maps: optional precomputed ``band_energy_maps(image, k)``, k >= 4.
+        check_finite: reject NaN/inf images (skip it when the caller has already checked them).
 
     Returns:
         (B,) difficulties in [0, 1].
     """
     calibrator = calibrator or DifficultyCalibrator.default()
-    return calibrator(raw_difficulty(image, tokens, query, band_maps))
+    return calibrator(raw_difficulty(image, tokens, query, band_maps, check_finite=check_finite))
 
 
 def reference_images(count: int = 256, size: int = 224, seed: int = 0) -> Tensor:

@@ -121,6 +121,12 @@ class Family:
             raise ValueError(f"an image tensor must be (3, H, W) in [0, 1], got {getattr(image, 'shape', image)}")
         if not image.is_floating_point() or bool(image.isnan().any()):
             raise ValueError("an image tensor must be floating point in [0, 1] without NaN")
+        low, high = float(image.min()), float(image.max())
+        # A 0-255 or mean/std-normalised tensor would be normalised again by the model's statistics and
+        # silently give wrong answers; the small margin admits resampling overshoot.
+        if low < -1e-3 or high > 1 + 1e-3:
+            raise ValueError(f"an image tensor must be in [0, 1], got values in [{low:.4g}, {high:.4g}] "
+                             "(divide 0-255 images by 255)")
         return image.float()
 
 

@@ -334,8 +334,10 @@ class PyramidVLM(nn.Module):
             features, extras = self.family.kept_features(group, chosen)
             for g, i in enumerate(members):
                 kept = chosen.index[g, : int(chosen.count[g])]
+                # the placeholders an image takes are its language-model inputs: the kept tokens, plus any layout
+                # tokens its family adds (such as row newlines)
                 per_image[i] = {"features": features[g], "extras": {k: v[g] for k, v in extras.items()},
-                                "count": int(chosen.count[g])}
+                                "count": int(features[g].shape[0])}
                 if self.family.rope == "mrope":
                     per_image[i]["positions"] = self.family.image_positions(group.tokens, kept)
         image_counts = [[per_image[i]["count"] for i, o in enumerate(owner) if o == b]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import string
 from collections.abc import Sequence
 
-__all__ = ["first_word", "first_word_match"]
+__all__ = ["check_answers", "first_word", "first_word_match"]
 
 
 def _check_text(text: object, name: str) -> str:
@@ -23,8 +23,11 @@ def _check_text(text: object, name: str) -> str:
     return text
 
 
-def _check_answers(answers: object, name: str = "answers") -> list[str]:
-    # a bare string is refused: iterating it would turn "yes" into the answers y, e, s
+def check_answers(answers: object, name: str = "answers") -> list[str]:
+    """``answers`` as a list if it is a non-empty list (or tuple) of strings.
+
+    A bare string is refused: iterating it would silently turn ``"yes"`` into the answers ``y, e, s``.
+    """
     if isinstance(answers, str) or not isinstance(answers, list | tuple):
         raise TypeError(f"{name} must be a non-empty list of strings, got {type(answers).__name__}")
     if not answers:
@@ -56,5 +59,5 @@ def first_word_match(prediction: str, answers: Sequence[str]) -> float:
         (1.0, 0.0)
     """
     guess = first_word(_check_text(prediction, "prediction"))
-    targets = {a.strip().strip(string.punctuation).lower() for a in _check_answers(answers)}
+    targets = {a.strip().strip(string.punctuation).lower() for a in check_answers(answers)}
     return float(bool(guess) and guess in targets)

@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from pyrtok.metrics import check_answers
+
 __all__ = ["check_answers", "check_prediction", "record_answers", "record_field", "row_scores"]
 
 
@@ -17,21 +19,6 @@ def check_prediction(prediction: object, name: str = "prediction") -> str:
     if not isinstance(prediction, str):
         raise TypeError(f"{name} must be a str (the generated text), got {type(prediction).__name__}")
     return prediction
-
-
-def check_answers(answers: object, name: str = "answers") -> list[str]:
-    """``answers`` as a list if it is a non-empty list (or tuple) of strings.
-
-    A bare string is refused: iterating it would silently turn ``"yes"`` into the answers ``y, e, s``.
-    """
-    if isinstance(answers, str) or not isinstance(answers, list | tuple):
-        raise TypeError(f"{name} must be a non-empty list of strings, got {type(answers).__name__}")
-    if not answers:
-        raise ValueError(f"{name} must be a non-empty list of strings, got an empty {type(answers).__name__}")
-    bad = [type(a).__name__ for a in answers if not isinstance(a, str)]
-    if bad:
-        raise TypeError(f"{name} must be a non-empty list of strings, got items of type {sorted(set(bad))}")
-    return list(answers)
 
 
 def record_field(record: object, field: str, name: str = "record") -> Any:

@@ -29,6 +29,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from pyrtok.allocators import Allocator, budget_tokens, resolve
+from pyrtok.images import open_image
 from pyrtok.tokens import MultiScaleTokens, TokenSelection
 from pyrtok.vlm.families import Encoded, Family, family_for
 
@@ -339,7 +340,8 @@ class PyramidVLM(nn.Module):
                 per_image[i] = {"features": features[g], "extras": {k: v[g] for k, v in extras.items()},
                                 "count": int(features[g].shape[0])}
                 if self.family.rope == "mrope":
-                    per_image[i]["positions"] = self.family.image_positions(group.tokens, kept)
+                    merged = None if chosen.merged is None else chosen.merged.boxes[g, : int(chosen.merged.count[g])]
+                    per_image[i]["positions"] = self.family.image_positions(group.tokens, kept, merged)
         image_counts = [[per_image[i]["count"] for i, o in enumerate(owner) if o == b]
                         for b in range(encoded.num_samples)]
         input_ids, attention_mask = self._expand(prompts, image_counts)
@@ -553,14 +555,13 @@ def _per_sample(images: Any) -> list[list[Any]]:
 
 
 def _load(image: Any, name: str) -> Image.Image | Tensor:
-    if isinstance(image, (str, Path)):
-        path = Path(image)
-        if not path.is_file():
-            raise FileNotFoundError(f"{name}: image file {str(path)!r} does not exist")
-        with Image.open(path) as opened:
-            return opened.convert("RGB")
-    if isinstance(image, (Image.Image, Tensor)):
+    if isinstance(image, Tensor):
         return image
+    if isinstance(image, (Image.Image, str, Path)):
+        try:
+            return open_image(image)
+        except FileNotFoundError as error:
+            raise FileNotFoundError(f"{name}: {error}") from None
     raise TypeError(f"{name} must be a PIL image, a file path or a (3, H, W) tensor, got {type(image).__name__}")
 
 

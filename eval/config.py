@@ -14,6 +14,7 @@
         max_new_tokens: 3
     allocators: [random, pool, laplacian, configs/allocators/saliency.yaml]
     budgets: [1.0, 0.25, 0.11]         # floats <= 1: fractions of the tokens; ints: token counts
+    schedules: [{name: fastv, layer: 2, keep: 0.25}, {name: pdrop, label: pdrop}]  # optional, in-LLM dropping
     tasks:
       - {name: shapes, source: shapes, split: test, questions: 1000, limit: 500, stratify: category,
          metric: exact}
@@ -24,6 +25,12 @@ with the field mapping of ``hf_task``). ``prompt_task`` picks a task's LLaVA-1.5
 (default: ``hf_task``; none: the question as it is); ``pre_prompt`` / ``post_prompt`` override it.
 ``metric`` defaults to the HF task's own metric, else the first-word exact match. ``group`` keeps records
 sharing a field together in subsets (``limit`` then counts groups); MME defaults to its image id.
+
+``schedules`` (optional) lists in-LLM dropping schedules (:func:`pyrtok.vlm.schedule.resolve_schedule` specs:
+a name, a YAML path, a mapping with ``name`` and an optional ``label``). Each one runs after every allocator at
+every budget, in cells labelled ``<allocator>+<schedule label>``; their rows report ``effective_tokens`` (image
+tokens averaged over the decoder layers) and FLOPs from the per-layer counts, so they sit in one table with the
+vision-side allocators at matched FLOPs.
 """
 
 from __future__ import annotations
@@ -42,7 +49,7 @@ HF_METRICS = {"vqav2": "vqav2", "gqa": "gqa", "textvqa": "textvqa", "pope": "pop
               "scienceqa_img": "scienceqa"}
 # what tables, rows and plots call the `all` allocator below the full budget: it keeps the coarsest tokens first
 COARSE = "coarse"
-KEYS = ("name", "output", "seed", "batch_size", "models", "allocators", "budgets", "tasks")
+KEYS = ("name", "output", "seed", "batch_size", "models", "allocators", "budgets", "tasks", "schedules")
 
 
 def embedded_model() -> Path:
@@ -122,6 +129,7 @@ class AblationConfig:
     seed: int = 0
     batch_size: int = 32
     raw_allocators: list[Any] = field(default_factory=list)
+    schedule_specs: dict[str, Any] = field(default_factory=dict)  # label -> schedule spec
 
     def save(self, path: Path) -> None:
         """Write the config as YAML that :func:`load_config` reads back to an equal config."""
@@ -129,6 +137,9 @@ class AblationConfig:
         data = {"name": self.name, "output": str(self.output), "seed": self.seed, "batch_size": self.batch_size,
                 "models": [asdict(m) for m in self.models], "allocators": self.raw_allocators,
                 "budgets": self.budgets, "tasks": [asdict(t) for t in self.tasks]}
+        if self.schedule_specs:
+            data["schedules"] = [dict(spec, label=label) if isinstance(spec, dict) else {"name": spec, "label": label}
+                                 for label, spec in self.schedule_specs.items()]
         path.write_text(yaml.safe_dump(data, sort_keys=False))
 
 
@@ -213,10 +224,19 @@ def load_config(source: str | Path | dict[str, Any], overrides: dict[str, Any] |
             )
     if not isinstance(data.get("batch_size", 32), int) or data.get("batch_size", 32) < 1:
         raise ValueError(f"batch_size must be a positive int, got {data.get('batch_size')!r}")
+    schedules: dict[str, Any] = {}
+    from pyrtok.vlm.schedule import resolve_schedule, schedule_label
+
+    for n, spec in enumerate(data.get("schedules") or []):
+        resolve_schedule(spec, f"schedules[{n}]")  # a bad name or option fails before any model loads
+        label = schedule_label(spec)
+        if label in schedules:
+            raise ValueError(f"schedules[{n}]: the label {label!r} appears twice")
+        schedules[label] = {k: v for k, v in spec.items() if k != "label"} if isinstance(spec, dict) else spec
     return AblationConfig(
         name=str(data.get("name", "ablation")), output=Path(data.get("output", f"runs/ablation/{data.get('name')}")),
         models=models, allocators=labels,
         budgets=[_budget(b, n) for n, b in enumerate(data["budgets"])], tasks=tasks, allocator_specs=specs,
         seed=int(data.get("seed", 0)), batch_size=int(data.get("batch_size", 32)),
-        raw_allocators=list(data["allocators"]),
+        raw_allocators=list(data["allocators"]), schedule_specs=schedules,
     )

@@ -43,7 +43,8 @@ def summarize(rows: Sequence[dict], metrics: dict[str, str]) -> tuple[list[Summa
     """(table, categories) from result rows; ``metrics`` maps each task name to its metric name.
 
     ``table``: one entry per (model, allocator, budget) with ``tasks`` = {task: headline value}, the
-    ``retention`` (%), ``tokens``, ``prefill_ms``, ``time_ms``, ``tflops`` and ``errors``.
+    ``retention`` (%), ``tokens``, ``prefill_ms``, ``time_ms``, ``tflops``, ``vision_tflops`` (the vision tower's
+    share: lower than the full row's where LLaVA-NeXT's lazy tiles skipped tiles) and ``errors``.
     ``categories``: one entry per (model, allocator, budget, task, category) with the headline value.
     """
     rows = [{**r, "allocator": COARSE} if r["allocator"] == "all" and r.get("fraction", 1.0) < 1.0 else r
@@ -71,7 +72,8 @@ def summarize(rows: Sequence[dict], metrics: dict[str, str]) -> tuple[list[Summa
         ratios = [100 * v / full[(model, t)] for t, v in cell["tasks"].items() if full.get((model, t))]
         cell.update(retention=float(np.mean(ratios)) if ratios else float("nan"), tokens=_mean(group, "tokens"),
                     prefill_ms=1e3 * _mean(group, "prefill_s"), time_ms=1e3 * _mean(group, "time_s"),
-                    tflops=_mean(group, "tflops"), errors=sum(1 for r in group if r.get("error")),
+                    tflops=_mean(group, "tflops"), vision_tflops=_mean(group, "vision_tflops"),
+                    errors=sum(1 for r in group if r.get("error")),
                     fraction=_mean(group, "fraction"))
         table.append(cell)
     return table, categories
@@ -82,12 +84,15 @@ def _fmt(value: float, digits: int = 1) -> str:
 
 
 def _markdown(table: list[Summary], categories: list[Summary], tasks: list[str]) -> str:
-    head = ["model", "allocator", "tokens", *tasks, "retention %", "prefill ms", "time ms", "TFLOPs", "errors"]
+    head = ["model", "allocator", "tokens", *tasks, "retention %", "prefill ms", "time ms", "TFLOPs", "vision TFLOPs",
+            "errors"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in table:
         cells = [row["model"], row["allocator"], f"{row['budget']} ({100 * row['fraction']:.0f}%)",
                  *(_fmt(row["tasks"].get(t, float("nan"))) for t in tasks), _fmt(row["retention"]),
-                 _fmt(row["prefill_ms"], 2), _fmt(row["time_ms"], 2), f"{row['tflops']:.3g}", str(row["errors"])]
+                 _fmt(row["prefill_ms"], 2), _fmt(row["time_ms"], 2), f"{row['tflops']:.3g}",
+                 "-" if row["vision_tflops"] != row["vision_tflops"] else f"{row['vision_tflops']:.3g}",
+                 str(row["errors"])]
         lines.append("| " + " | ".join(cells) + " |")
     out = ["# Token-budget ablation", "", *lines, "", "## Per category", ""]
     for (model, task), group in _group(categories, "model", "task").items():
@@ -164,7 +169,7 @@ def write_report(rows: Sequence[dict], metrics: dict[str, str], output: str | Pa
     _atomic_write(paths["report"], _markdown(table, categories, tasks))
     flat = [{**{k: v for k, v in r.items() if k != "tasks"}, **r["tasks"]} for r in table]
     _csv(paths["table"], flat, ["model", "allocator", "budget", "fraction", "tokens", *tasks, "retention",
-                                "prefill_ms", "time_ms", "tflops", "errors"])
+                                "prefill_ms", "time_ms", "tflops", "vision_tflops", "errors"])
     _csv(paths["categories"], categories, ["model", "allocator", "budget", "task", "category", "value", "n"])
     paths["budget_plot"], paths["latency_plot"] = _plots(table, tasks, output)
     return paths

@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 
 from pyrtok.allocators import budget_tokens, resolve
 from pyrtok.images import open_image
+from pyrtok.vlm.schedule import resolve_schedule
 
 __all__ = ["EMPTY_ANSWER", "Cell", "LoadedModel", "load_model", "run"]
 
@@ -60,6 +61,7 @@ class Cell:
     budget: int | float
     fraction: float
     spec: str
+    schedule: str | None = None  # a key of the config's ``schedule_specs``: in-LLM dropping after the allocator
 
 
 @dataclass
@@ -69,7 +71,8 @@ class LoadedModel:
     spec: ModelSpec
     vlms: dict[str, Any]
     num_tokens: int | None  # None: every image has its own count (native-resolution models)
-    fingerprints: dict[tuple[str, str], str] = field(default_factory=dict)  # (task, allocator) -> fingerprint
+    fingerprints: dict[tuple, str] = field(default_factory=dict)  # (task, allocator[, schedule]) -> fingerprint
+    schedules: dict[str, Any] = field(default_factory=dict)  # label -> resolved in-LLM schedule
 
     @property
     def base(self) -> Any:
@@ -107,7 +110,7 @@ def _cells(config: AblationConfig, n: int | None) -> list[Cell]:
                     continue
                 fraction = float(budget) if isinstance(budget, float) else 0.0
                 cells.add(Cell(COARSE if name == "all" else name, budget, fraction, name))
-        return sorted(cells, key=lambda c: (-c.fraction, -c.budget, c.allocator))
+        return _with_schedules(config, sorted(cells, key=lambda c: (-c.fraction, -c.budget, c.allocator)))
     cells = {Cell("all", n, 1.0, "all")}
     for name in config.allocators:
         for budget in config.budgets:
@@ -116,18 +119,36 @@ def _cells(config: AblationConfig, n: int | None) -> list[Cell]:
                 cells.add(Cell("all", n, 1.0, "all"))
             else:
                 cells.add(Cell(COARSE if name == "all" else name, count, round(count / n, 4), name))
-    return sorted(cells, key=lambda c: (-c.budget, c.allocator))
+    return _with_schedules(config, sorted(cells, key=lambda c: (-c.budget, c.allocator)))
 
 
-def fingerprint(config: AblationConfig, model: ModelSpec, task: TaskSpec, allocator: str) -> str:
+def _with_schedules(config: AblationConfig, cells: list[Cell]) -> list[Cell]:
+    """``cells``, then each of them again under every in-LLM schedule, labelled ``<allocator>+<schedule>``."""
+    return cells + [Cell(f"{c.allocator}+{label}", c.budget, c.fraction, c.spec, label)
+                    for label in config.schedule_specs for c in cells]
+
+
+def _fingerprint(model: LoadedModel, task: TaskSpec, cell: Cell) -> str:
+    return model.fingerprints[(task.name, cell.spec) if cell.schedule is None else
+                              (task.name, cell.spec, cell.schedule)]
+
+
+def fingerprint(config: AblationConfig, model: ModelSpec, task: TaskSpec, allocator: str,
+                schedule: str | None = None) -> str:
     """A short hash of everything that shapes a row besides its key: the model, task and allocator specs
     (an allocator YAML by its content), the seed and the batch size. Rows of another fingerprint are never
     taken as done, so a resumed run with a changed config recomputes instead of mixing results."""
     spec = config.allocator_specs[allocator]
     if isinstance(spec, str) and spec.endswith((".yaml", ".yml")) and Path(spec).is_file():
         spec = Path(spec).read_text()
-    payload = json.dumps([asdict(model), asdict(task), spec, config.seed, config.batch_size], sort_keys=True,
-                         default=str)
+    parts = [asdict(model), asdict(task), spec, config.seed, config.batch_size]
+    if schedule is not None:
+        schedule_spec = config.schedule_specs[schedule]
+        if isinstance(schedule_spec, str) and schedule_spec.endswith((".yaml", ".yml")) \
+                and Path(schedule_spec).is_file():
+            schedule_spec = Path(schedule_spec).read_text()
+        parts.append(schedule_spec)
+    payload = json.dumps(parts, sort_keys=True, default=str)
     return f"{zlib.crc32(payload.encode()):08x}"
 
 
@@ -179,9 +200,10 @@ def _budgets(model: LoadedModel, cell: Cell, encoded: Any) -> int | torch.Tensor
     return torch.tensor([budget_tokens(cell.budget, n) for n in counts])
 
 
-def _answer(model: LoadedModel, cell: Cell, encoded: Any, prompts: list[str],
-            generator: torch.Generator) -> tuple[list[str], torch.Tensor, float, float, float, list[int]]:
-    """Texts, kept counts, allocation / prefill / total LLM seconds and prompt lengths for one batch."""
+def _answer(model: LoadedModel, cell: Cell, encoded: Any, prompts: list[str], generator: torch.Generator
+            ) -> tuple[list[str], torch.Tensor, float, float, float, list[int], list[list[int]] | None]:
+    """Texts, kept counts, allocation / prefill / total LLM seconds, prompt lengths and (with an in-LLM
+    schedule) the tokens each decoder layer ran on, for one batch."""
     from transformers import StoppingCriteriaList
 
     vlm = model.vlms[cell.spec]
@@ -192,12 +214,17 @@ def _answer(model: LoadedModel, cell: Cell, encoded: Any, prompts: list[str],
     _sync(device)
     allocated = time.perf_counter()
     timer = _FirstToken()
-    out = vlm.generate(None, prompts, encoded=encoded, selections=selections,
-                       max_new_tokens=model.spec.max_new_tokens, stopping_criteria=StoppingCriteriaList([timer]))
+    if cell.schedule is None:
+        out = vlm.generate(None, prompts, encoded=encoded, selections=selections,
+                           max_new_tokens=model.spec.max_new_tokens, stopping_criteria=StoppingCriteriaList([timer]))
+    else:  # the scheduled loop takes no stopping criteria: its prefill time is not split from decoding
+        out = vlm.generate(None, prompts, encoded=encoded, selections=selections,
+                           max_new_tokens=model.spec.max_new_tokens, schedule=model.schedules[cell.schedule])
     _sync(device)
     done = time.perf_counter()
+    layers = None if out.layer_tokens is None else out.layer_tokens.tolist()
     return (out.texts, out.counts, allocated - start, (timer.at or done) - allocated, done - allocated,
-            out.prompt_lengths.tolist())
+            out.prompt_lengths.tolist(), layers)
 
 
 def _vision_flops(model: LoadedModel, encoded: Any) -> list[float]:
@@ -205,8 +232,8 @@ def _vision_flops(model: LoadedModel, encoded: Any) -> list[float]:
     family = model.base.family
     flops = [0.0] * encoded.num_samples
     for members, group in encoded.groups:
-        per_image = family.vision_flops(group)
-        for i in members:
+        # per image: with LLaVA-NeXT's lazy tiles each image encodes only the tiles its selection needs
+        for i, per_image in zip(members, family.image_vision_flops(group), strict=True):
             flops[encoded.owner[i]] += per_image
     return flops
 
@@ -221,11 +248,18 @@ def _flops(model: LoadedModel, prompt_tokens: int) -> float:
 def _rows_for_batch(model: LoadedModel, task: TaskSpec, cell: Cell, records: list[dict], answers: list[str],
                     counts: list[int], timing: dict[str, float], lengths: list[int],
                     score: Callable[[str, dict], float], vision_flops: list[float],
-                    image_tokens: list[int]) -> list[dict]:
+                    image_tokens: list[int], layer_tokens: list[list[int]] | None = None) -> list[dict]:
+    from pyrtok.vlm.decode import scheduled_flops
+
     rows = []
-    for record, text, count, length, vision, n in zip(records, answers, counts, lengths, vision_flops, image_tokens,
-                                                      strict=True):
-        llm_flops = _flops(model, length)
+    per_layer = layer_tokens or [None] * len(records)
+    for record, text, count, length, vision, n, layers in zip(records, answers, counts, lengths, vision_flops,
+                                                              image_tokens, per_layer, strict=True):
+        llm_flops, effective = _flops(model, length), float(count)
+        if layers is not None:  # in-LLM dropping: each layer's cost at its own length
+            llm_flops = float(scheduled_flops(model.base.model.config, torch.tensor([layers]))[0])
+            text_tokens = length - int(count)
+            effective = sum(t - text_tokens for t in layers) / len(layers)
         error, value = (None, 0.0) if text else (EMPTY_ANSWER, 0.0)
         if text:
             try:
@@ -237,7 +271,8 @@ def _rows_for_batch(model: LoadedModel, task: TaskSpec, cell: Cell, records: lis
                    prompt_tokens=int(length), vision_s=timing["vision"], allocation_s=timing["allocation"],
                    prefill_s=timing["prefill"], llm_s=timing["llm"],
                    time_s=timing["vision"] + timing["allocation"] + timing["llm"],
-                   tflops=(vision + llm_flops) / 1e12, llm_tflops=llm_flops / 1e12, error=error)
+                   tflops=(vision + llm_flops) / 1e12, llm_tflops=llm_flops / 1e12, vision_tflops=vision / 1e12,
+                   effective_tokens=round(effective, 4), error=error)
         if model.num_tokens is None:  # each image has its own count: the fraction this sample kept
             row["fraction"] = round(int(count) / n, 4)
         rows.append(row)
@@ -248,7 +283,7 @@ def _base_row(model: LoadedModel, task: TaskSpec, cell: Cell, record: dict) -> d
     extra = {k: v for k, v in record.items() if k != "image" and _jsonable(v)}
     return {**extra, "model": model.spec.name, "allocator": cell.allocator, "budget": cell.budget,
             "task": task.name, "id": str(record["id"]), "fraction": cell.fraction,
-            "fingerprint": model.fingerprints[(task.name, cell.spec)]}
+            "fingerprint": _fingerprint(model, task, cell)}
 
 
 def _jsonable(value: Any) -> bool:
@@ -304,6 +339,9 @@ def run(config: AblationConfig, resume: bool = False, fresh: bool = False, progr
             model = load_model(spec, allocators, state.device)
             model.fingerprints = {(t.name, a): fingerprint(config, spec, t, a) for t in config.tasks
                                   for a in config.allocator_specs}
+            model.fingerprints.update({(t.name, a, s): fingerprint(config, spec, t, a, s) for t in config.tasks
+                                       for a in config.allocator_specs for s in config.schedule_specs})
+            model.schedules = {s: resolve_schedule(v, f"schedules[{s}]") for s, v in config.schedule_specs.items()}
             cells = _cells(config, model.num_tokens)
             for task in config.tasks:
                 expected |= _run_task(config, model, task, records[task.name], cells, previous, retry_errors,
@@ -335,7 +373,7 @@ def _run_task(config: AblationConfig, model: LoadedModel, task: TaskSpec, record
 
     def key(cell: Cell, record: dict) -> tuple:
         return (model.spec.name, cell.allocator, cell.budget, task.name, str(record["id"]),
-                model.fingerprints[(task.name, cell.spec)])
+                _fingerprint(model, task, cell))
 
     def done(cell: Cell, record: dict) -> bool:
         row = previous.get(key(cell, record))
@@ -406,7 +444,7 @@ def _answer_cell(model: LoadedModel, task: TaskSpec, cell: Cell, records: list[d
     """Rows of one cell on one batch; a failing batch is retried sample by sample to isolate the failure
     (each retry seeded from its sample id, not from the failed batch's generator state)."""
     try:
-        texts, counts, allocation, prefill, llm, lengths = _answer(model, cell, encoded, prompts, generator)
+        texts, counts, allocation, prefill, llm, lengths, layers = _answer(model, cell, encoded, prompts, generator)
     except Exception as error:
         if len(records) == 1:
             return _error_rows(model, task, cell, records, f"{type(error).__name__}: {error}")
@@ -420,4 +458,4 @@ def _answer_cell(model: LoadedModel, task: TaskSpec, cell: Cell, records: list[d
     b = len(records)
     timing = {"vision": vision, "allocation": allocation / b, "prefill": prefill / b, "llm": llm / b}
     return _rows_for_batch(model, task, cell, records, texts, counts.tolist(), timing, lengths, score,
-                           _vision_flops(model, encoded), encoded.num_tokens())
+                           _vision_flops(model, encoded), encoded.num_tokens(), layers)

@@ -19,6 +19,7 @@ from torch import Tensor
 from pyrtok._checks import check_level_count, check_levels
 
 __all__ = [
+    "MergedTokens",
     "MultiScaleTokens",
     "TokenSelection",
     "from_feature_grid",
@@ -213,22 +214,76 @@ class MultiScaleTokens:
 
 
 @dataclass(frozen=True, eq=False)
+class MergedTokens:
+    """New tokens an allocator made from tokens it dropped (VisionZip's contextual tokens).
+
+    Attributes:
+        features: (B, M, D) features, in the space of ``MultiScaleTokens.features``; zeros at padded entries.
+        mask: (B, M) bool, True for valid entries; the valid entries of a row come first.
+        boxes: (B, M, 4) float ``(x0, y0, x1, y1)`` in level-0 pixels: the union of the boxes of the tokens
+            merged into each one; zeros at padded entries.
+    """
+
+    features: Tensor
+    mask: Tensor
+    boxes: Tensor
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.features, Tensor) or self.features.dim() != 3:
+            raise ValueError(f"merged features must be a (B, M, D) tensor, got {getattr(self.features, 'shape', None)}")
+        batch, m = self.features.shape[:2]
+        if not isinstance(self.mask, Tensor) or self.mask.shape != (batch, m) or self.mask.dtype != torch.bool:
+            shape = getattr(self.mask, "shape", None)
+            raise ValueError(f"merged mask must be a ({batch}, {m}) bool tensor, got {shape}")
+        if not isinstance(self.boxes, Tensor) or self.boxes.shape != (batch, m, 4):
+            shape = getattr(self.boxes, "shape", None)
+            raise ValueError(f"merged boxes must have shape ({batch}, {m}, 4), got {shape}")
+
+    @property
+    def count(self) -> Tensor:
+        """(B,) number of valid merged tokens per row."""
+        return self.mask.sum(1)
+
+
+@dataclass(frozen=True, eq=False)
 class TokenSelection:
-    """Indices of the kept tokens.
+    """Indices of the kept tokens, and optionally new tokens merged from dropped ones.
 
     Attributes:
         index: (B, K) long indices into N, ascending (canonical order) in the valid part; padding is 0.
         mask: (B, K) bool, True for valid entries; the valid entries of a row come first.
-        count: (B,) number of valid entries per row.
+        count: (B,) number of valid entries per row (kept tokens only).
+        merged: optional :class:`MergedTokens` (B, M); they count against the budget (see :attr:`total`), and
+            consumers place them after the kept tokens.
     """
 
     index: Tensor
     mask: Tensor
     count: Tensor
+    merged: MergedTokens | None = None
+
+    def __post_init__(self) -> None:
+        if self.merged is not None:
+            if not isinstance(self.merged, MergedTokens):
+                raise TypeError(f"merged must be MergedTokens or None, got {type(self.merged).__name__}")
+            if self.merged.features.shape[0] != self.index.shape[0]:
+                raise ValueError(f"merged tokens have batch size {self.merged.features.shape[0]}, "
+                                 f"the index has {self.index.shape[0]}")
+
+    @property
+    def merged_count(self) -> Tensor:
+        """(B,) merged tokens per row (zeros without merged tokens)."""
+        return torch.zeros_like(self.count) if self.merged is None else self.merged.count.to(self.count.dtype)
+
+    @property
+    def total(self) -> Tensor:
+        """(B,) tokens per row that count against the budget: kept + merged."""
+        return self.count + self.merged_count
 
     @classmethod
-    def from_keep_mask(cls, keep: Tensor) -> TokenSelection:
-        """Build a selection from a (B, N) boolean mask of kept tokens (vectorised, order-preserving)."""
+    def from_keep_mask(cls, keep: Tensor, merged: MergedTokens | None = None) -> TokenSelection:
+        """Build a selection from a (B, N) boolean mask of kept tokens (vectorised, order-preserving), with
+        optional ``merged`` tokens."""
         if keep.dim() != 2 or keep.dtype != torch.bool:
             raise ValueError(f"keep must be a (B, N) bool tensor, got {keep.dtype} {tuple(keep.shape)}")
         count = keep.sum(dim=1)
@@ -236,7 +291,7 @@ class TokenSelection:
         # Stable sort of "dropped" flags puts kept tokens first, in ascending index order.
         order = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices[:, :k]
         mask = torch.arange(k, device=keep.device).unsqueeze(0) < count.unsqueeze(1)
-        return cls(torch.where(mask, order, torch.zeros_like(order)), mask, count)
+        return cls(torch.where(mask, order, torch.zeros_like(order)), mask, count, merged)
 
     @property
     def batch_size(self) -> int:

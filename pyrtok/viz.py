@@ -11,7 +11,7 @@ from torch import Tensor
 
 from pyrtok.tokens import MultiScaleTokens, TokenSelection
 
-__all__ = ["LEVEL_COLOURS", "band_to_image", "draw_selection", "pyramid_figure", "save_png", "to_pil"]
+__all__ = ["LEVEL_COLOURS", "MERGED_COLOUR", "band_to_image", "draw_selection", "pyramid_figure", "save_png", "to_pil"]
 
 #: Outline colour of each pyramid level (index = level, 0 = finest); levels beyond the list reuse it cyclically.
 LEVEL_COLOURS: tuple[tuple[int, int, int], ...] = (
@@ -24,6 +24,9 @@ LEVEL_COLOURS: tuple[tuple[int, int, int], ...] = (
     (245, 130, 48),  # orange
     (145, 30, 180),  # purple
 )
+
+#: Outline colour of merged tokens (union boxes of what an allocator such as visionzip merged), unlike any level's.
+MERGED_COLOUR: tuple[int, int, int] = (255, 255, 255)
 
 
 def to_pil(image: Tensor) -> Image.Image:
@@ -80,7 +83,9 @@ def draw_selection(
     """Outline the boxes of the tokens that ``selection`` keeps in one sample, one colour per level.
 
     The image is blended 35% towards mid-grey so that the outlines read; level l is drawn in
-    ``LEVEL_COLOURS[l % len(LEVEL_COLOURS)]``, coarsest level first so that finer outlines lie on top.
+    ``LEVEL_COLOURS[l % len(LEVEL_COLOURS)]``, coarsest level first so that finer outlines lie on top. Merged
+    tokens (``selection.merged``) are drawn last as their union boxes, outlined in :data:`MERGED_COLOUR` at
+    half the width, so that a box spanning kept tokens still shows theirs.
 
     Args:
         image: (3, H, W) image in [0, 1] of sample ``sample``. Its size may differ from
@@ -137,6 +142,13 @@ def draw_selection(
             x0, y0 = min(max(x0, 0), out_w - 1), min(max(y0, 0), out_h - 1)
             x1, y1 = min(max(x1 - 1, x0), out_w - 1), min(max(y1 - 1, y0), out_h - 1)
             draw.rectangle((x0, y0, x1, y1), outline=colour, width=width)
+    if selection.merged is not None:
+        merged = selection.merged
+        union = merged.boxes[sample][merged.mask[sample]].detach().cpu().float() * scale
+        for x0, y0, x1, y1 in union.round().long().tolist():
+            x0, y0 = min(max(x0, 0), out_w - 1), min(max(y0, 0), out_h - 1)
+            x1, y1 = min(max(x1 - 1, x0), out_w - 1), min(max(y1 - 1, y0), out_h - 1)
+            draw.rectangle((x0, y0, x1, y1), outline=MERGED_COLOUR, width=max(1, width // 2))
     return picture
 
 

@@ -52,10 +52,24 @@ def test_contract(name, redundancy, problem):
         assert torch.equal(counts, cap)
     else:
         assert bool(((counts >= 1) & (counts <= cap)).all())
-    assert torch.equal(selection.count, counts)
-    assert selection.index.shape == selection.mask.shape == (tokens.batch_size, int(counts.max()))
+    # Merged tokens (visionzip's contextual ones) count against the budget: kept + merged == the budget.
+    assert torch.equal(selection.total, counts)
+    assert selection.index.shape == selection.mask.shape == (tokens.batch_size, int(selection.count.max()))
+    if selection.merged is not None:
+        merged = selection.merged
+        m = int(merged.count.max())
+        assert merged.features.shape == (tokens.batch_size, m, tokens.dim) and merged.boxes.shape[:2] == (
+            tokens.batch_size, m)
+        for b in range(tokens.batch_size):
+            c = int(merged.count[b])
+            assert bool(merged.mask[b, :c].all()) and not bool(merged.mask[b, c:].any())
+            assert bool((merged.features[b, c:] == 0).all()) and bool(torch.isfinite(merged.features).all())
+            boxes = merged.boxes[b, :c]
+            assert bool((boxes[:, :2] < boxes[:, 2:]).all())
+            assert bool((boxes[:, 2] <= tokens.image_size[1]).all())
+            assert bool((boxes[:, 3] <= tokens.image_size[0]).all())
     for b in range(tokens.batch_size):
-        k = int(counts[b])
+        k = int(selection.count[b])
         valid = selection.index[b, :k]
         assert bool(selection.mask[b, :k].all()) and not bool(selection.mask[b, k:].any())
         assert bool((selection.index[b, k:] == 0).all())
@@ -63,6 +77,10 @@ def test_contract(name, redundancy, problem):
         assert bool((valid[1:] > valid[:-1]).all())  # distinct, canonical order
     again = allocator(tokens, budget, generator=torch.Generator().manual_seed(seed), **kwargs)
     assert torch.equal(again.index, selection.index) and torch.equal(again.mask, selection.mask)
+    assert (again.merged is None) == (selection.merged is None)
+    if selection.merged is not None:
+        assert torch.equal(again.merged.features, selection.merged.features)
+        assert torch.equal(again.merged.boxes, selection.merged.boxes)
 
 
 @pytest.fixture
@@ -103,8 +121,9 @@ def test_missing_inputs_and_nan_scores_get_clear_errors(small):
     with pytest.raises(ValueError, match="needs query="):
         allocators.create("query")(tokens, 4)
     bare = from_feature_grid(tokens.features[:, :36].reshape(2, 6, 6, 4), 2)
-    with pytest.raises(ValueError, match=r"needs tokens\.attention"):
-        allocators.create("cls_attention")(bare, 4)
+    for name in ("cls_attention", "fastervlm", "visionzip"):
+        with pytest.raises(ValueError, match=rf"'{name}' needs tokens\.attention"):
+            allocators.create(name)(bare, 4)
     with pytest.raises(ValueError, match="redundancy=True needs image="):
         allocators.create("random", redundancy=True)(tokens, 4)
     nan_attention = tokens.attention.clone()
@@ -126,6 +145,9 @@ READS = {
     "saliency": (("image",), ("image",)),
     "laplacian": (("image",), ("image",)),
     "cls_attention": (("attention",), ("attention",)),
+    "fastervlm": (("attention",), ("attention",)),
+    "visionzip": (("attention", "features"), ("attention", "features")),
+    "divprune": (("features",), ("features",)),
     "query": (None, ("query", "features")),
     "difficulty": (("image",), ("image", "query", "features")),
     "foveated": (("image",), ("query", "features")),
@@ -170,7 +192,7 @@ def test_nan_in_an_input_a_policy_reads_is_rejected_by_name(name, with_query, po
             allocator.budgets(tokens, 5, **kwargs)
     else:  # an input the policy never looks at cannot spoil its selection
         selection = allocator(tokens, 5, **kwargs)
-        assert torch.equal(selection.count, allocator.budgets(tokens, 5, **kwargs))
+        assert torch.equal(selection.total, allocator.budgets(tokens, 5, **kwargs))
         assert bool((selection.count >= 1).all()) and bool((selection.count <= 5).all())
         clean = allocator(*small[:1], 5, image=small[1], query=small[2] if with_query else None)
         assert torch.equal(selection.index, clean.index)

@@ -8,6 +8,8 @@ used through its public calls.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -448,7 +450,10 @@ def test_unsupported_architecture_fails_before_loading_weights(tmp_path):
     folder = build("llava_next", tmp_path / "llava_next")
     for weights in folder.glob("*.safetensors"):
         weights.unlink()  # a ValueError (not a missing-weights OSError) proves nothing was loaded
-    with pytest.raises(ValueError, match="LlavaNextForConditionalGeneration") as error:
+    config = json.loads((folder / "config.json").read_text())
+    config["architectures"] = ["LlavaNextVideoForConditionalGeneration"]  # a real architecture pyrtok lacks
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="LlavaNextVideoForConditionalGeneration") as error:
         PyramidVLM.from_pretrained(folder)
     for supported in ("LlavaForConditionalGeneration", "Qwen2VLForConditionalGeneration",
                       "Qwen2_5_VLForConditionalGeneration", "Qwen3VLForConditionalGeneration"):

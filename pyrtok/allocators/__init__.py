@@ -1,11 +1,23 @@
 """Token allocators: a registry of policies that keep the best tokens under a budget.
 
     >>> from pyrtok import allocators
-    >>> allocators.available()
-    ['all', 'cls_attention', 'difficulty', 'foveated', 'laplacian', 'pool', 'query', 'random', 'saliency']
+    >>> allocators.available()  # doctest: +NORMALIZE_WHITESPACE
+    ['all', 'cls_attention', 'difficulty', 'divprune', 'fastervlm', 'foveated', 'laplacian', 'pool', 'query', 'random',
+     'saliency', 'visionzip']
 """
 
-from pyrtok.allocators import attention, baselines, difficulty, foveated, laplacian, query, saliency  # noqa: F401
+from pyrtok.allocators import (  # noqa: F401
+    attention,
+    baselines,
+    difficulty,
+    divprune,
+    fastervlm,
+    foveated,
+    laplacian,
+    query,
+    saliency,
+    visionzip,
+)
 from pyrtok.allocators.base import Allocator, Context
 from pyrtok.allocators.budget import budget_tokens, resolve_budget
 from pyrtok.allocators.registry import available, create, from_config, register, resolve, spec_label

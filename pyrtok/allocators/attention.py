@@ -1,20 +1,24 @@
-"""[CLS]-attention selection (FasterVLM-like): keep the tokens the [CLS] token attends to most."""
+"""[CLS]-attention selection over every level: FasterVLM's rule on the whole multi-scale token set.
+
+``cls_attention`` is kept as the project's multi-scale variant under its own name (configs and tables written
+before FasterVLM was registered keep working): it is :class:`~pyrtok.allocators.fastervlm.FasterVLMTokens` with
+``scales="all"``, one global top-k over the [CLS] attention of every level, and selects exactly what
+``create("fastervlm", scales="all")`` selects.
+"""
 
 from __future__ import annotations
 
-from torch import Tensor
-
-from pyrtok.allocators.base import Allocator, Context
+from pyrtok.allocators.fastervlm import FasterVLMTokens
 from pyrtok.allocators.registry import register
-from pyrtok.signals.attention import cls_attention
-from pyrtok.tokens import MultiScaleTokens
 
 
 @register("cls_attention")
-class ClsAttentionTokens(Allocator):
-    """Global top-k over the [CLS] attention the encoder captured (``tokens.attention``)."""
+class ClsAttentionTokens(FasterVLMTokens):
+    """Global top-k over the [CLS] attention the encoder captured (``tokens.attention``), every level.
 
-    needs = ("attention",)
+    Args:
+        scales: ``"all"`` by default; ``"finest"`` makes it ``fastervlm``.
+    """
 
-    def priority(self, tokens: MultiScaleTokens, budgets: Tensor, ctx: Context) -> Tensor:
-        return cls_attention(tokens)
+    def __init__(self, scales: str = "all", **options) -> None:
+        super().__init__(scales=scales, **options)

@@ -32,6 +32,7 @@ from pyrtok.allocators import Allocator, budget_tokens, resolve
 from pyrtok.images import open_image
 from pyrtok.tokens import MultiScaleTokens, TokenSelection
 from pyrtok.vlm.families import Encoded, Family, family_for
+from pyrtok.vlm.schedule import Schedule, resolve_schedule
 
 __all__ = ["EncodedBatch", "ImageInput", "PyramidVLM", "VLMOutput"]
 
@@ -93,6 +94,9 @@ class VLMOutput:
         counts: (B,) image tokens each sample was given (summed over its images).
         prompt_lengths: (B,) prompt tokens each sample's language model saw (image tokens included).
         image_counts: per sample, the tokens each of its images kept.
+        stage_counts: with an in-LLM schedule, (B, S + 1) image tokens entering the language model and after
+            each of its S stages.
+        layer_tokens: with an in-LLM schedule, (B, L) tokens each decoder layer ran on in the prompt pass.
     """
 
     sequences: Tensor
@@ -100,6 +104,8 @@ class VLMOutput:
     counts: Tensor
     prompt_lengths: Tensor | None = None
     image_counts: list[list[int]] | None = None
+    stage_counts: Tensor | None = None
+    layer_tokens: Tensor | None = None
 
 
 class PyramidVLM(nn.Module):
@@ -119,6 +125,9 @@ class PyramidVLM(nn.Module):
         share_budget: with several images in a sample, one budget for the sample, split over its images in
             proportion to their tokens (rounded down, the remainder to the earliest images); by default each
             image gets the budget.
+        schedule: an in-LLM dropping schedule (FastV, PyramidDrop, DART: any spec
+            :func:`pyrtok.vlm.schedule.resolve_schedule` takes), applied after the allocator's choice; None runs
+            every decoder layer on every token the allocator kept.
         family_options: options of the family (for the Qwen family ``coarse_positions``).
 
     Example (the embedded model; real ones come the same way from a folder or a hub id)::
@@ -139,6 +148,7 @@ class PyramidVLM(nn.Module):
         mode: str = "feature",
         levels: int = 1,
         share_budget: bool = False,
+        schedule: Schedule | str | dict | Path | None = None,
         **family_options: Any,
     ) -> None:
         super().__init__()
@@ -152,6 +162,7 @@ class PyramidVLM(nn.Module):
         self.allocator = resolve(allocator, "allocator")
         self.budget = budget
         self.share_budget = bool(share_budget)
+        self.schedule = resolve_schedule(schedule)
 
     # -- construction --------------------------------------------------------------------------------
     @classmethod
@@ -369,6 +380,7 @@ class PyramidVLM(nn.Module):
         selection: TokenSelection | None = None,
         encoded: EncodedBatch | None = None,
         selections: Sequence[TokenSelection] | None = None,
+        schedule: Schedule | str | dict | Path | None = None,
     ):
         """Logits (and loss, given ``labels``) of the language model on the images and B prompts.
 
@@ -378,9 +390,15 @@ class PyramidVLM(nn.Module):
         are those of :meth:`prepare`.
 
         Returns the model's output object (``logits`` (B, T, V), ``loss`` given labels), with ``input_ids``
-        (B, T) and ``counts`` (B,) attributes added.
+        (B, T) and ``counts`` (B,) attributes added. With a ``schedule`` (default: the one given at construction),
+        ``logits`` are (B, T', V) over the columns the last layer saw, with ``columns`` (B, T') (their columns in
+        ``input_ids``), ``column_mask`` (B, T'), ``stage_counts`` (B, S + 1) and ``layer_tokens`` (B, L) added;
+        labels are not taken then.
         """
         inputs = self.prepare(images, prompts, budget, query, generator, tokens, selection, encoded, selections)
+        schedule = self.schedule if schedule is None else resolve_schedule(schedule)
+        if schedule is not None:
+            return self._scheduled_forward(inputs, schedule, labels)
         if callable(labels):
             labels = labels(inputs["input_ids"])
         out = self.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
@@ -401,15 +419,22 @@ class PyramidVLM(nn.Module):
         selection: TokenSelection | None = None,
         encoded: EncodedBatch | None = None,
         selections: Sequence[TokenSelection] | None = None,
+        schedule: Schedule | str | dict | Path | None = None,
         **generation_kwargs: Any,
     ) -> VLMOutput:
         """Answer each prompt about its images from the allocated tokens (greedy unless told otherwise).
 
         The positions of the prompt (M-RoPE for the Qwen family) are passed explicitly and continue by one per
         new token, so decoding never falls back to positions the model would infer from ``inputs_embeds``.
-        The arguments are those of :meth:`prepare`; the rest go to the model's ``generate``.
+        The arguments are those of :meth:`prepare`; the rest go to the model's ``generate``. With a ``schedule``
+        (default: the one given at construction) the prompt runs through :func:`pyrtok.vlm.decode.prefill` and
+        decoding is greedy from its per-layer cache (``max_new_tokens``, ``eos_token_id``, ``pad_token_id`` and
+        ``logits_processor`` are taken); the output adds ``stage_counts`` and ``layer_tokens``.
         """
         inputs = self.prepare(images, prompts, budget, query, generator, tokens, selection, encoded, selections)
+        schedule = self.schedule if schedule is None else resolve_schedule(schedule)
+        if schedule is not None:
+            return self._scheduled_generate(inputs, schedule, generation_kwargs)
         generation_kwargs.setdefault("do_sample", False)
         generation_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
         input_ids = inputs["input_ids"]
@@ -420,6 +445,42 @@ class PyramidVLM(nn.Module):
         texts = self.tokenizer.batch_decode(sequences, skip_special_tokens=True)
         return VLMOutput(sequences, [t.strip() for t in texts], inputs["counts"], inputs["attention_mask"].sum(-1),
                          inputs["image_counts"])
+
+    # -- in-LLM schedules ----------------------------------------------------------------------------
+    def _scheduled_forward(self, inputs: dict[str, Any], schedule: Schedule, labels: Any) -> Any:
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        from pyrtok.vlm.decode import prefill
+
+        if labels is not None:
+            raise ValueError("labels are not taken with an in-LLM schedule (dropped columns have no logits); "
+                             "pass schedule=None for a loss")
+        state = prefill(self.model, inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"],
+                        self.image_token_id, schedule, inputs["mm_encoder_outputs"])
+        out = CausalLMOutputWithPast(logits=state.logits)
+        out.input_ids, out.counts = inputs["input_ids"], inputs["counts"]
+        out.columns, out.column_mask = state.columns, state.valid
+        out.stage_counts, out.layer_tokens = state.stage_counts, state.layer_tokens
+        return out
+
+    def _scheduled_generate(self, inputs: dict[str, Any], schedule: Schedule, options: dict[str, Any]) -> VLMOutput:
+        from pyrtok.vlm.decode import scheduled_generate
+
+        options = dict(options)
+        if options.pop("do_sample", False):
+            raise ValueError("in-LLM schedules decode greedily: do_sample must be False")
+        taken = {k: options.pop(k) for k in ("max_new_tokens", "eos_token_id", "pad_token_id", "logits_processor")
+                 if k in options}
+        if options:
+            raise ValueError(f"with an in-LLM schedule, generate takes max_new_tokens, eos_token_id, pad_token_id "
+                             f"and logits_processor; got also {sorted(options)}")
+        taken.setdefault("pad_token_id", self.tokenizer.pad_token_id)
+        out = scheduled_generate(self.model, inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"],
+                                 self.image_token_id, schedule, inputs["mm_encoder_outputs"], **taken)
+        texts = self.tokenizer.batch_decode(out.sequences, skip_special_tokens=True)
+        return VLMOutput(out.sequences, [t.strip() for t in texts], inputs["counts"],
+                         inputs["attention_mask"].sum(-1), inputs["image_counts"], out.prefill.stage_counts,
+                         out.prefill.layer_tokens)
 
     # -- internals ----------------------------------------------------------------------------------
     def _budget(self, budget: int | float | Tensor | None, num_tokens: int) -> int | Tensor:

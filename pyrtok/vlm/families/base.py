@@ -105,9 +105,16 @@ class Family:
         """Forward FLOPs of the vision tower for one image of ``encoded`` (every level it encoded)."""
         raise NotImplementedError
 
-    def image_positions(self, tokens: MultiScaleTokens, index: Tensor) -> tuple[Tensor, int]:
-        """M-RoPE families: (3, K) (t, h, w) offsets of the kept tokens ``index`` (K,) from the image's start
-        position, and how far the text after the image advances (as in the unpruned model)."""
+    def image_vision_flops(self, encoded: Encoded) -> list[float]:
+        """Vision-tower FLOPs of each of the G images of ``encoded`` (families whose cost differs per image,
+        such as LLaVA-NeXT's lazy tiles, override it)."""
+        return [self.vision_flops(encoded)] * encoded.tokens.batch_size
+
+    def image_positions(self, tokens: MultiScaleTokens, index: Tensor,
+                        merged_boxes: Tensor | None = None) -> tuple[Tensor, int]:
+        """M-RoPE families: (3, K + M) (t, h, w) offsets of the kept tokens ``index`` (K,), then of the merged
+        tokens with boxes ``merged_boxes`` (M, 4), from the image's start position, and how far the text after
+        the image advances (as in the unpruned model)."""
         raise NotImplementedError(f"family {self.name!r} uses 1-D positions")
 
     # -- shared helpers -------------------------------------------------------------------------------

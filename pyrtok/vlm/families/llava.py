@@ -6,13 +6,15 @@ with only a tokenizer, such as the embedded model) it is resized to the tower's 
 filter; a tensor is resized to that square with antialiased bicubic interpolation. Tokens: the tower's patch
 grid at ``vision_feature_layer`` (feature mode: pooled into coarser levels; image mode: every Gaussian level
 encoded at its own size), mapped by the model's projector after selection. Layout: the prompt's ``<image>``
-becomes K placeholders; positions are 1-D, consecutive over the kept sequence, as LLaVA's own are.
+becomes K placeholders; positions are 1-D, consecutive over the kept sequence, as LLaVA's own are. Merged tokens
+(VisionZip's contextual tokens) are projected like kept ones and follow them: K + M placeholders.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
 from PIL import Image
 from torch import Tensor, nn
 
@@ -75,6 +77,13 @@ class LlavaFamily(Family):
         return sum(vit_flops(vision, h * w, has_cls=has_cls) for h, w in encoded.tokens.level_shapes)
 
     def kept_features(self, encoded: Encoded, selection: TokenSelection) -> tuple[list[Tensor], dict[str, list]]:
+        """(K_g + M_g, D_lm) per image: the kept tokens, then the merged ones, both through the projector (merged
+        tokens live in the tower's feature space, like the kept ones)."""
         features, _ = gather(encoded.tokens, selection)
         projected = self.model.model.multi_modal_projector(features)
-        return [projected[g, : int(selection.count[g])] for g in range(projected.shape[0])], {}
+        kept = [projected[g, : int(selection.count[g])] for g in range(projected.shape[0])]
+        if selection.merged is None:
+            return kept, {}
+        merged = self.model.model.multi_modal_projector(selection.merged.features.to(features.dtype))
+        counts = selection.merged.count.tolist()
+        return [torch.cat([kept[g], merged[g, : counts[g]]]) for g in range(len(kept))], {}

@@ -18,6 +18,9 @@ box, by ``coarse_positions``:
 
 - ``"centre"`` (default): the cell under the centre of its box;
 - ``"corner"``: the top-left cell of its box.
+
+Merged tokens (VisionZip's contextual tokens, made from several dropped tokens) follow the kept tokens in the
+prompt and take the position of the finest-grid cell under the centre of their union box.
 """
 
 from __future__ import annotations
@@ -175,11 +178,19 @@ class QwenVLFamily(Family):
         return sum(qwen_vision_flops(vision, h * w * self.merge**2) for h, w in shapes)
 
     def kept_features(self, encoded: Encoded, selection: TokenSelection) -> tuple[list[Tensor], dict[str, list]]:
+        """(K_g + M_g, D) per image: the kept merged-grid tokens, then any merged tokens an allocator made (they
+        are in the same space, after the 2x2 merger)."""
         counts = [int(c) for c in selection.count]
         index = selection.index
         features = torch.gather(encoded.tokens.features, 1,
                                 repeat(index, "g k -> g k d", d=encoded.tokens.features.shape[-1]))
         kept = [features[g, : counts[g]] for g in range(len(counts))]
+        if selection.merged is not None:
+            if self.deepstack_key in encoded.extras:
+                raise ValueError("merged tokens (e.g. visionzip's) have no DeepStack features; Qwen3-VL needs an "
+                                 "allocator that only keeps tokens")
+            merged = selection.merged.features.to(features.dtype)
+            kept = [torch.cat([kept[g], merged[g, : int(selection.merged.count[g])]]) for g in range(len(kept))]
         extras: dict[str, list] = {}
         if self.deepstack_key in encoded.extras:
             deep = encoded.extras[self.deepstack_key]  # (G, N, L, D)
@@ -196,11 +207,20 @@ class QwenVLFamily(Family):
         return outputs
 
     # -- positions ------------------------------------------------------------------------------------
-    def image_positions(self, tokens: MultiScaleTokens, index: Tensor) -> tuple[Tensor, int]:
+    def image_positions(self, tokens: MultiScaleTokens, index: Tensor,
+                        merged_boxes: Tensor | None = None) -> tuple[Tensor, int]:
         h0, w0 = tokens.level_shapes[0]
         height, width = tokens.image_size
         cell_h, cell_w = height / h0, width / w0
         box = tokens.box[index]
+        if merged_boxes is not None and merged_boxes.shape[0]:
+            # A merged token sits at the finest cell under the centre of its union box, whatever the rule for
+            # coarse tokens: its box is not a grid cell, so only its centre is meaningful.
+            y, x = (merged_boxes[:, 1] + merged_boxes[:, 3]) / 2, (merged_boxes[:, 0] + merged_boxes[:, 2]) / 2
+            row = (y / cell_h).floor().long().clamp(0, h0 - 1)
+            col = (x / cell_w).floor().long().clamp(0, w0 - 1)
+            kept, span = self.image_positions(tokens, index)
+            return torch.cat([kept, torch.stack([torch.zeros_like(row), row, col]).to(kept.device)], dim=1), span
         if self.coarse_positions == "centre":
             y, x = (box[:, 1] + box[:, 3]) / 2, (box[:, 0] + box[:, 2]) / 2
         else:

@@ -1,0 +1,319 @@
+"""Run a language model layer by layer, dropping image tokens by a :class:`~pyrtok.vlm.schedule.Schedule`.
+
+The loop calls the model's own modules (embedding, decoder layers, final norm, LM head, rotary embedding) on
+one model instance; no class is patched and nothing is hooked. Every layer runs with the model's attention
+kernel (sdpa; eager and flash get their own mask forms) on an explicit mask: causal over the column order and
+blind to padding. A batch is left-padded; when a stage drops tokens, each sample keeps its own columns (in
+order) and the batch is re-packed, left-padded to its longest sample, with every kept column's hidden state,
+rotary embedding and position carried along, so kept tokens keep their positions (1-D or M-RoPE).
+
+The KV cache is a ``DynamicCache`` whose layer ``l`` holds only the columns layer ``l`` saw; a per-layer mask
+marks its padding. Greedy decoding continues from it; a new token's position is the last prompt token's
+position + 1 on every axis. Qwen3-VL's DeepStack features are added to the image tokens still present after
+each of the first layers, as the model itself does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from einops import repeat
+from torch import Tensor, nn
+
+from pyrtok.vlm.schedule import LayerView, Schedule, Stage, stage_budgets
+
+__all__ = ["Prefill", "ScheduledGeneration", "language_model", "prefill", "scheduled_flops", "scheduled_generate"]
+
+_KERNELS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
+
+
+@dataclass
+class Prefill:
+    """A scheduled prompt pass.
+
+    Attributes:
+        logits: (B, T', V) logits of the columns the last layer saw (T' = T when nothing was dropped), or
+            (B, 1, V) of the last column only.
+        columns: (B, T') prompt column of each of those columns (meaningless where ``valid`` is False).
+        valid: (B, T') False on padding.
+        stage_counts: (B, S + 1) image tokens of each sample entering the language model and after each stage.
+        layer_tokens: (B, L) tokens (text and image) each decoder layer ran on.
+        layer_image_tokens: (B, L) image tokens each decoder layer ran on.
+        cache: the per-layer KV cache; ``key_valid[l]`` (B, T_l) marks its padding.
+        next_positions: (B,) or (3, B) the position of the first generated token.
+    """
+
+    logits: Tensor
+    columns: Tensor
+    valid: Tensor
+    stage_counts: Tensor
+    layer_tokens: Tensor
+    layer_image_tokens: Tensor
+    cache: Any
+    key_valid: list[Tensor]
+    next_positions: Tensor
+
+    @property
+    def effective_image_tokens(self) -> Tensor:
+        """(B,) image tokens per layer, averaged over the layers."""
+        return self.layer_image_tokens.double().mean(-1)
+
+
+@dataclass
+class ScheduledGeneration:
+    """What :func:`scheduled_generate` returns: ``sequences`` (B, T_new) new tokens (pad after EOS), the
+    :class:`Prefill`, and ``scores`` (B, T_new, V) the logits of every step when asked for."""
+
+    sequences: Tensor
+    prefill: Prefill
+    scores: Tensor | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def language_model(model: nn.Module) -> nn.Module:
+    """The decoder stack of ``model`` (a ``*ForConditionalGeneration`` or a ``*ForCausalLM``): the module with
+    ``layers``, ``norm`` and ``rotary_emb``."""
+    for candidate in (getattr(getattr(model, "model", None), "language_model", None), getattr(model, "model", None),
+                      model):
+        if candidate is not None and all(hasattr(candidate, k) for k in ("layers", "norm", "rotary_emb")):
+            return candidate
+    raise TypeError(f"cannot find the decoder layers of {type(model).__name__}: in-LLM schedules run Llama-, "
+                    "Qwen2-, Mistral- and Qwen-VL-style language models (layers, norm, rotary_emb)")
+
+
+def _embeds(model: nn.Module, input_ids: Tensor, image: Tensor,
+            mm_encoder_outputs: dict[str, Any] | None) -> tuple[Tensor, list[Tensor] | None]:
+    """(B, T, D) input embeddings with the image features in place, and DeepStack features (one (N, D) per
+    layer, N image tokens of the batch in row order) when the vision outputs carry them."""
+    embeds = model.get_input_embeddings()(input_ids)
+    output = (mm_encoder_outputs or {}).get("image")
+    if output is None:
+        if bool(image.any()):
+            raise ValueError("input_ids hold image tokens but mm_encoder_outputs has no 'image' entry")
+        return embeds, None
+    features = torch.cat(list(output.pooler_output)).to(embeds.device, embeds.dtype)
+    if features.shape[0] != int(image.sum()):
+        raise ValueError(f"mm_encoder_outputs holds {features.shape[0]} image tokens but input_ids has "
+                         f"{int(image.sum())} image placeholders")
+    embeds = embeds.masked_scatter(repeat(image, "b t -> b t d", d=embeds.shape[-1]), features)
+    deep = getattr(output, "deepstack_features", None)
+    if not deep:
+        return embeds, None
+    return embeds, [torch.cat(list(layer)).to(embeds.device, embeds.dtype) for layer in deep]
+
+
+def _mask(key_valid: Tensor, queries: int, kernel: str, dtype: torch.dtype) -> Tensor:
+    """The attention mask of ``queries`` new columns over (B, T_k) keys (the new ones last): causal over the
+    column order, blind to padded keys; a padded query sees itself so that no row is empty."""
+    if kernel.startswith("flash"):
+        return key_valid.long()  # flash kernels take the 2-D padding mask and are causal themselves
+    keys = key_valid.shape[1]
+    key_index = torch.arange(keys, device=key_valid.device)
+    query_index = key_index[keys - queries:]
+    causal = key_index[None, :] <= query_index[:, None]
+    allowed = (causal[None] & key_valid[:, None, :]) | (key_index[None, :] == query_index[:, None])[None]
+    allowed = allowed[:, None]
+    if kernel == "sdpa":
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed,
+                                                                                      torch.finfo(dtype).min)
+
+
+def _repack(keep: Tensor) -> tuple[Tensor, Tensor]:
+    """(B, T) bool -> (B, T') indices of each row's kept columns, in order, right-aligned (left padding), and
+    the (B, T') mask of real entries; T' is the largest row count."""
+    length = max(int(keep.sum(-1).max()), 1)
+    index = torch.arange(keep.shape[1], device=keep.device).expand_as(keep)
+    key = torch.where(keep, index, torch.full_like(index, -1))
+    sorted_key, order = key.sort(dim=-1, stable=True)
+    return order[:, -length:], sorted_key[:, -length:] >= 0
+
+
+def _take(tensor: Tensor, index: Tensor, dim: int) -> Tensor:
+    """Gather ``index`` (B, T') along the column axis ``dim`` of a tensor whose batch axis is ``dim - 1``."""
+    shape = list(tensor.shape)
+    view = [1] * len(shape)
+    view[dim - 1], view[dim] = index.shape
+    expanded = index.reshape(view).expand(*shape[: dim - 1], index.shape[0], index.shape[1], *shape[dim + 1:])
+    return tensor.gather(dim, expanded)
+
+
+def _check(lm: nn.Module, schedule: Schedule | None, length: int) -> str:
+    config = lm.config
+    kernel = getattr(config, "_attn_implementation", None) or "sdpa"
+    if kernel not in _KERNELS:
+        raise ValueError(f"in-LLM schedules run with attention kernels {_KERNELS}, the model uses {kernel!r}")
+    window = getattr(config, "sliding_window", None)
+    sliding = "sliding_attention" in (getattr(config, "layer_types", None) or []) or (
+        window is not None and getattr(config, "use_sliding_window", True) and config.model_type == "mistral")
+    if sliding and window is not None and length > window:
+        raise ValueError(f"this model uses sliding-window attention ({window} tokens) and the sequence has {length}; "
+                         "in-LLM schedules run full attention only")
+    if schedule is not None:
+        schedule.check_layers(len(lm.layers))
+    return kernel
+
+
+@torch.no_grad()
+def prefill(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    position_ids: Tensor,
+    image_token_id: int,
+    schedule: Schedule | None,
+    mm_encoder_outputs: dict[str, Any] | None = None,
+    last_only: bool = False,
+) -> Prefill:
+    """Run the prompt through the language model layer by layer, dropping image tokens by ``schedule``.
+
+    Args:
+        model: a HF VLM (or causal LM) whose language model is Llama-, Qwen2-, Mistral- or Qwen-VL-style.
+        input_ids, attention_mask: (B, T) left-padded prompts with ``image_token_id`` placeholders.
+        position_ids: (B, T), or (3, B, T) for M-RoPE.
+        schedule: the stages (None: every layer sees every token, the plain model).
+        mm_encoder_outputs: the precomputed vision outputs (``{"image": ...}``) of the placeholders.
+        last_only: keep only the last column's logits (generation).
+
+    Returns:
+        A :class:`Prefill` (logits, kept columns, per-stage and per-layer counts, the per-layer cache).
+    """
+    from transformers import DynamicCache
+
+    if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
+        raise ValueError(f"input_ids and attention_mask must be (B, T) alike, got {tuple(input_ids.shape)} and "
+                         f"{tuple(attention_mask.shape)}")
+    if tuple(position_ids.shape[-2:]) != tuple(input_ids.shape) or position_ids.dim() not in (2, 3):
+        raise ValueError(f"position_ids must be (B, T) or (3, B, T) for input_ids {tuple(input_ids.shape)}, got "
+                         f"{tuple(position_ids.shape)}")
+    lm = language_model(model)
+    kernel = _check(lm, schedule, input_ids.shape[1])
+    valid = attention_mask.bool()
+    image = (input_ids == image_token_id) & valid
+    hidden, deep = _embeds(model, input_ids, input_ids == image_token_id, mm_encoder_outputs)
+    ordinal = ((input_ids == image_token_id).flatten().cumsum(0) - 1).view_as(input_ids)
+    cos, sin = lm.rotary_emb(hidden, position_ids)
+    positions = position_ids
+    columns = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+    stages: list[Stage] = [] if schedule is None else list(schedule.stages)
+    pending: dict[int, Tensor] = {}
+    stage_counts = [image.sum(-1)]
+    layer_tokens, layer_image, key_valid = [], [], []
+    cache = DynamicCache()
+    for index, layer in enumerate(lm.layers):
+        for s, stage in enumerate(stages):
+            if stage.observe == index:
+                view = LayerView(hidden, layer, cos, sin, valid, image, lm.norm)
+                chosen = stage.rule(view, stage_budgets(stage.keep, image.sum(-1)))
+                pending[s] = chosen & image
+        for s, stage in enumerate(stages):
+            if stage.layer == index:
+                keep = valid & (~image | pending.pop(s))
+                order, valid = _repack(keep)
+                hidden, cos, sin = _take(hidden, order, 1), _take(cos, order, 1), _take(sin, order, 1)
+                positions = _take(positions, order, positions.dim() - 1)
+                image, columns, ordinal = (_take(image, order, 1) & valid, _take(columns, order, 1),
+                                           _take(ordinal, order, 1))
+                stage_counts.append(image.sum(-1))
+        layer_tokens.append(valid.sum(-1))
+        layer_image.append(image.sum(-1))
+        key_valid.append(valid)
+        hidden = layer(hidden, attention_mask=_mask(valid, valid.shape[1], kernel, hidden.dtype),
+                       position_embeddings=(cos, sin), cache=cache, use_cache=True)
+        if deep is not None and index < len(deep) and bool(image.any()):
+            hidden = hidden.clone()
+            hidden[image] = hidden[image] + deep[index][ordinal[image]]
+    hidden = lm.norm(hidden[:, -1:] if last_only else hidden)
+    logits = model.get_output_embeddings()(hidden)
+    return Prefill(logits, columns, valid, torch.stack(stage_counts, -1), torch.stack(layer_tokens, -1),
+                   torch.stack(layer_image, -1), cache, key_valid, positions[..., -1] + 1)
+
+
+@torch.no_grad()
+def scheduled_generate(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    position_ids: Tensor,
+    image_token_id: int,
+    schedule: Schedule | None,
+    mm_encoder_outputs: dict[str, Any] | None = None,
+    max_new_tokens: int = 20,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+    logits_processor: Sequence[Any] | None = None,
+    output_scores: bool = False,
+) -> ScheduledGeneration:
+    """Greedy decoding after a scheduled prefill, from the per-layer cache.
+
+    Args: those of :func:`prefill`, and ``max_new_tokens``; ``eos_token_id`` (default: the model's generation
+    config) ends a sample, which then gets ``pad_token_id``; ``logits_processor``: callables
+    ``(ids (B, T + t), scores (B, V)) -> scores`` applied before the argmax, as in HF ``generate``.
+
+    Returns:
+        :class:`ScheduledGeneration` with ``sequences`` (B, T_new).
+    """
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    lm = language_model(model)
+    kernel = _check(lm, schedule, input_ids.shape[1] + max_new_tokens)
+    if eos_token_id is None:
+        eos_token_id = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    stops = torch.tensor([] if eos_token_id is None else
+                         list(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else [eos_token_id],
+                         device=input_ids.device, dtype=torch.long)
+    pad = pad_token_id if pad_token_id is not None else (int(stops[0]) if stops.numel() else 0)
+    state = prefill(model, input_ids, attention_mask, position_ids, image_token_id, schedule, mm_encoder_outputs,
+                    last_only=True)
+    ids, positions, logits = input_ids, state.next_positions, state.logits[:, -1]
+    unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    new, scores = [], []
+    for step in range(max_new_tokens):
+        for processor in logits_processor or ():
+            logits = processor(ids, logits)
+        if output_scores:
+            scores.append(logits)
+        token = logits.argmax(-1)
+        token = torch.where(unfinished, token, torch.full_like(token, pad))
+        new.append(token)
+        ids = torch.cat([ids, token[:, None]], dim=1)
+        unfinished = unfinished & ~torch.isin(token, stops)
+        if step == max_new_tokens - 1 or not bool(unfinished.any()):
+            break
+        hidden = model.get_input_embeddings()(token[:, None])
+        cos, sin = lm.rotary_emb(hidden, positions[..., None])
+        for index, layer in enumerate(lm.layers):
+            keys = torch.cat([state.key_valid[index], torch.ones_like(token[:, None], dtype=torch.bool)], dim=1)
+            state.key_valid[index] = keys
+            hidden = layer(hidden, attention_mask=_mask(keys, 1, kernel, hidden.dtype),
+                           position_embeddings=(cos, sin), cache=state.cache, use_cache=True)
+        logits = model.get_output_embeddings()(lm.norm(hidden))[:, -1]
+        positions = positions + 1
+    sequences = torch.stack(new, dim=1)
+    return ScheduledGeneration(sequences, state, torch.stack(scores, dim=1) if output_scores else None)
+
+
+def scheduled_flops(config: Any, layer_tokens: Tensor, logits_positions: int = 1) -> Tensor:
+    """(B,) prefill FLOPs of each sample from its (B, L) per-layer token counts (the convention of
+    :func:`pyrtok.vlm.flops.llm_prefill_flops`: projections, MLP and full T x T attention per layer, plus the LM
+    head for ``logits_positions`` positions).
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> cfg = SimpleNamespace(hidden_size=8, intermediate_size=16, num_hidden_layers=2,
+        ...                       num_attention_heads=2, num_key_value_heads=2, vocab_size=10)
+        >>> scheduled_flops(cfg, torch.tensor([[4, 4]])).tolist()  # equals llm_prefill_flops(cfg, 4)
+        [11424.0]
+    """
+    from pyrtok.vlm.flops import llm_prefill_flops
+
+    if layer_tokens.dim() != 2:
+        raise ValueError(f"layer_tokens must be (B, L), got {tuple(layer_tokens.shape)}")
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    layers = text.num_hidden_layers
+    per_layer = [[llm_prefill_flops(text, int(t), 0) / layers for t in row] for row in layer_tokens.tolist()]
+    head = 2.0 * text.hidden_size * text.vocab_size * logits_positions
+    return torch.tensor([sum(row) + head for row in per_layer], dtype=torch.float64)

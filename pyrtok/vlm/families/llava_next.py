@@ -1,0 +1,315 @@
+"""LLaVA-NeXT (1.6) and LLaVA-OneVision: any-resolution tiles plus a base view, as one token pyramid.
+
+Pixels: an image stays at its original size, as a (3, H, W) tensor in [0, 1] (a PIL image's 8-bit values
+exactly), and that is what :class:`~pyrtok.vlm.families.Encoded` carries for pixel signals (they accept any
+size: token boxes are in these pixels). Encoding runs the model's own image processor on it (the pinpoint
+choice, the resize and padding to the chosen canvas, the tiling, the square base view); a tensor is handed to
+the processor as 8-bit pixels, as an image file would be, because the processor's padding colour and
+resizing assume 8-bit input. Images of one original size share a group (and so a pinpoint grid).
+
+Tokens (in the language model's space, after the model's projector): level 0 is the unpadded tile grid the
+model itself builds (tile features joined into one grid, the padding rows or columns cut away as
+``unpad_image`` does, and for OneVision shrunk by ``anyres_max_N`` exactly as the model shrinks it); ``levels``
+> 1 adds 2x2-pooled levels of that grid; the base view's patch grid is always the last (top) level. Boxes are
+in original-image pixels: level-0 and pooled cells split the image uniformly, the base view's cells split it
+into (p, p) cells. ``vision_feature_layer`` (an int or a list, concatenated) and
+``vision_feature_select_strategy`` ('default' drops the tower's [CLS]; 'full' keeps every token and needs a
+tower without one, such as SigLIP) are the model's own.
+
+Layout: the kept base-view tokens first in raster order (where the model puts its base view), then the kept
+pooled-level tokens (coarsest first), then the kept level-0 tokens row by row, with ``image_newline`` after a
+row by ``newlines``:
+
+- ``"kept_rows"`` (default): after each row that keeps at least one token;
+- ``"all_rows"``: after every row, kept tokens or not (the row structure of the full image);
+- ``"none"``: no newlines.
+
+At full budget with the ``all`` allocator and ``levels=1`` every rule gives the model's own layout (the base
+view, then every row ended by ``image_newline``), so this is the unwrapped model. Positions are 1-D,
+consecutive over the kept sequence (newlines included). Merged tokens (VisionZip-style), already in the
+language model's space, follow the image's last row. Several images in one prompt are each tiled, as the
+processor tiles a flat list of images.
+
+Lazy tiles (``lazy_tiles=True``): :meth:`encode` runs the tower on the base views only; every tile token then
+carries the feature of the base-view cell under its box centre, so allocators that score features choose
+from the base view, and pixel-signal allocators (``laplacian``, ``saliency``) choose exactly as they do
+eagerly. :meth:`kept_features` then encodes only the tiles under the kept tile tokens (their boxes, plus one
+grid cell around them where OneVision's shrinking interpolates across cells) and builds the kept tokens'
+features from them, exactly as the eager path does. With every tile kept it is the eager path. The tiles
+each image encoded for its latest selection are in ``Encoded.extras["encoded_tiles"]`` (G,), which
+:meth:`image_vision_flops` counts.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from PIL import Image
+from torch import Tensor, nn
+
+from pyrtok._checks import check_level_count
+from pyrtok.images import image_tensor
+from pyrtok.tokens import MultiScaleTokens, TokenSelection, from_feature_grid, token_layout
+from pyrtok.vlm.families.base import Encoded, Family, register_family
+
+__all__ = ["NEWLINES", "LlavaNextFamily"]
+
+NEWLINES = ("kept_rows", "all_rows", "none")
+STRATEGIES = ("default", "full")
+
+
+@register_family
+class LlavaNextFamily(Family):
+    """LLaVA-NeXT and LLaVA-OneVision models.
+
+    Args:
+        model, processor: the model and the processor saved with it (needed: its image processor).
+        mode: ``"feature"`` (the only mode: the tiles are the finer scale).
+        levels: levels built from the unpadded tile grid (1: the grid alone); the base view comes on top.
+        newlines: the newline rule under a budget (see the module notes).
+        lazy_tiles: encode only the tiles that hold kept tokens (see the module notes).
+    """
+
+    name = "llava_next"
+    architectures = ("LlavaNextForConditionalGeneration", "LlavaOnevisionForConditionalGeneration")
+    rope = "1d"
+    tiles_key = "tiles"
+    count_key = "encoded_tiles"
+
+    def __init__(self, model: nn.Module, processor: Any, mode: str = "feature", levels: int = 1,
+                 newlines: str = "kept_rows", lazy_tiles: bool = False) -> None:
+        super().__init__(model, processor, mode, levels)
+        if mode != "feature":
+            raise ValueError(f"mode must be 'feature' for LLaVA-NeXT/OneVision (the tiles are the finer scale), "
+                             f"got {mode!r}")
+        check_level_count(levels)
+        if newlines not in NEWLINES:
+            raise ValueError(f"newlines must be one of {NEWLINES}, got {newlines!r}")
+        if not isinstance(lazy_tiles, bool):
+            raise TypeError(f"lazy_tiles must be a bool, got {lazy_tiles!r}")
+        if self.image_processor is None:
+            raise ValueError("LLaVA-NeXT/OneVision models need their image processor: pass the AutoProcessor "
+                             "saved with the model (or load with PyramidVLM.from_pretrained)")
+        self.newlines, self.lazy_tiles = newlines, lazy_tiles
+        config = model.config
+        vision = config.vision_config
+        self.tile = int(vision.image_size)
+        self.grid = self.tile // int(vision.patch_size)
+        self.pinpoints = [list(p) for p in config.image_grid_pinpoints]
+        self.feature_layer = config.vision_feature_layer
+        if not isinstance(self.feature_layer, (int, list, tuple)) or isinstance(self.feature_layer, bool):
+            raise ValueError(f"vision_feature_layer must be an int or a list of ints, got {self.feature_layer!r}")
+        self.strategy = config.vision_feature_select_strategy
+        tower = model.model.vision_tower
+        embeddings = getattr(getattr(tower, "vision_model", tower), "embeddings", None)
+        self.has_cls = getattr(embeddings, "class_embedding", None) is not None
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"vision_feature_select_strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        if self.strategy == "full" and self.has_cls:
+            raise ValueError("vision_feature_select_strategy='full' keeps the [CLS] token, which does not fit the "
+                             "tile grid; this tower has one: use 'default'")
+        if self.strategy == "default" and not self.has_cls:
+            raise ValueError("vision_feature_select_strategy='default' drops a [CLS] token, but this tower has "
+                             "none: use 'full'")
+        ratio = getattr(config, "vision_aspect_ratio", None)
+        self.max_tiles: int | None = None
+        if ratio is not None:
+            if not isinstance(ratio, str) or not ratio.startswith("anyres_max_") or \
+                    not ratio.removeprefix("anyres_max_").isdigit():
+                raise ValueError(f"vision_aspect_ratio must be 'anyres_max_<int>', got {ratio!r}")
+            self.max_tiles = int(ratio.removeprefix("anyres_max_"))
+
+    # -- pixels ---------------------------------------------------------------------------------------
+    def image_pixels(self, image: Image.Image | Tensor) -> Tensor:
+        pil = self._pil(image)
+        return image_tensor(pil) if pil is not None else self._check_tensor(image)
+
+    def _processed(self, pixels: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        """(G, 3, H, W) in [0, 1] -> the processor's normalised (G, 1 + T, 3, s, s) base view and tiles."""
+        eight_bit = (pixels.detach().float().cpu() * 255).round().clamp(0, 255).to(torch.uint8)
+        out = self.image_processor(images=list(eight_bit), return_tensors="pt")
+        dtype = next(self.model.parameters()).dtype
+        return out["pixel_values"].to(pixels.device, dtype), tuple(pixels.shape[-2:])
+
+    def tile_grid(self, size: tuple[int, int]) -> tuple[int, int]:
+        """(rows, cols) of tiles the model's pinpoints give an image of (H, W) pixels."""
+        from transformers.image_processing_utils import select_best_resolution
+
+        height, width = select_best_resolution([int(size[0]), int(size[1])], self.pinpoints)
+        return height // self.tile, width // self.tile
+
+    # -- tokens ---------------------------------------------------------------------------------------
+    def _tower(self, pixel_values: Tensor) -> Tensor:
+        """(n, 3, s, s) normalised tiles -> (n, p * p, D_lm) projected patch features, as the model computes
+        them (its feature layer or layers, its select strategy, its projector)."""
+        inner = self.model.model
+        out = inner.vision_tower(pixel_values, output_hidden_states=self.feature_layer, return_dict=True)
+        if isinstance(self.feature_layer, int):
+            hidden = out.hidden_states[self.feature_layer]
+        else:
+            hidden = torch.cat([out.hidden_states[k] for k in self.feature_layer], dim=-1)
+        if self.strategy == "default":
+            hidden = hidden[:, 1:]
+        return inner.multi_modal_projector(hidden)
+
+    def _unpad_box(self, size: tuple[int, int], rows: int, cols: int) -> tuple[int, int, int, int]:
+        """(top, bottom, left, right) of the unpadded region in the (rows * p, cols * p) joined tile grid,
+        by the model's ``unpad_image`` rule."""
+        height, width = size
+        current_h, current_w = rows * self.grid, cols * self.grid
+        if width / height > current_w / current_h:
+            new_h = int(round(height * (current_w / width), 7))
+            pad = (current_h - new_h) // 2
+            return pad, current_h - pad, 0, current_w
+        new_w = int(round(width * (current_h / height), 7))
+        pad = (current_w - new_w) // 2
+        return 0, current_h, pad, current_w - pad
+
+    def _shrunk(self, unpadded: tuple[int, int]) -> tuple[int, int] | None:
+        """OneVision's ``anyres_max_N`` target for an unpadded grid, or None where the model keeps it."""
+        if self.max_tiles is None:
+            return None
+        h, w = unpadded
+        ratio = math.sqrt(h * w / (self.max_tiles * self.grid**2))
+        return (int(h // ratio), int(w // ratio)) if ratio > 1.1 else None
+
+    def _fine_grid(self, tiles: Tensor, size: tuple[int, int], rows: int, cols: int) -> Tensor:
+        """(G, rows * cols, p * p, D) tile features -> (G, h0, w0, D) level-0 grid, as the model packs it."""
+        grid = rearrange(tiles, "g (nh nw) (ph pw) d -> g d (nh ph) (nw pw)", nh=rows, nw=cols, ph=self.grid)
+        top, bottom, left, right = self._unpad_box(size, rows, cols)
+        grid = grid[:, :, top:bottom, left:right]
+        target = self._shrunk((bottom - top, right - left))
+        if target is not None:
+            grid = F.interpolate(grid, list(target), mode="bilinear")
+        return rearrange(grid, "g d h w -> g h w d")
+
+    def encode(self, pixels: Tensor) -> Encoded:
+        if pixels.dim() != 4 or pixels.shape[1] != 3:
+            raise ValueError(f"pixels must be (G, 3, H, W) in [0, 1] from image_pixels(), got {tuple(pixels.shape)}")
+        values, size = self._processed(pixels)
+        rows, cols = self.tile_grid(size)
+        count = values.shape[1] - 1
+        if count != rows * cols:
+            raise ValueError(f"the image processor gave {count} tiles, but the model's pinpoints give {rows}x{cols}")
+        g = values.shape[0]
+        if self.lazy_tiles:
+            base = self._tower(values[:, 0])
+            fine = self._provisional(base, size, rows, cols)
+            encoded = torch.zeros(g, dtype=torch.long, device=pixels.device)
+        else:
+            features = rearrange(self._tower(rearrange(values, "g t c h w -> (g t) c h w")), "(g t) n d -> g t n d",
+                                 g=g)
+            base, fine = features[:, 0], self._fine_grid(features[:, 1:], size, rows, cols)
+            encoded = torch.full((g,), count, dtype=torch.long, device=pixels.device)
+        tokens = self._tokens(base, fine, size)
+        return Encoded(tokens, pixels, {self.tiles_key: values[:, 1:], self.count_key: encoded})
+
+    def _fine_shape(self, size: tuple[int, int], rows: int, cols: int) -> tuple[int, int]:
+        top, bottom, left, right = self._unpad_box(size, rows, cols)
+        unpadded = (bottom - top, right - left)
+        return self._shrunk(unpadded) or unpadded
+
+    def _provisional(self, base: Tensor, size: tuple[int, int], rows: int, cols: int) -> Tensor:
+        """(G, p * p, D) base-view features -> (G, h0, w0, D): each level-0 cell takes the base-view cell
+        under its centre (what feature-scoring allocators see before any tile is encoded)."""
+        h0, w0 = self._fine_shape(size, rows, cols)
+        r = ((torch.arange(h0, device=base.device) + 0.5) * self.grid / h0).floor().long().clamp(0, self.grid - 1)
+        c = ((torch.arange(w0, device=base.device) + 0.5) * self.grid / w0).floor().long().clamp(0, self.grid - 1)
+        cells = rearrange(r[:, None] * self.grid + c[None, :], "h w -> (h w)")
+        return rearrange(base[:, cells], "g (h w) d -> g h w d", h=h0)
+
+    def _tokens(self, base: Tensor, fine: Tensor, size: tuple[int, int]) -> MultiScaleTokens:
+        """Base view (G, p * p, D) and level-0 grid (G, h0, w0, D) -> the pyramid (base view on top)."""
+        pyramid = from_feature_grid(fine, self.levels, image_size=size)
+        height, width = size
+        h0, w0 = pyramid.level_shapes[0]
+        shapes = (*pyramid.level_shapes, (self.grid, self.grid))
+        cells = tuple((height / h0 * 2**lvl, width / w0 * 2**lvl) for lvl in range(self.levels))
+        cells = (*cells, (height / self.grid, width / self.grid))
+        layout = token_layout(shapes, size, cells, device=fine.device)
+        features = torch.cat([base, pyramid.features], dim=1)
+        return MultiScaleTokens(features, **layout, level_shapes=shapes, image_size=size)
+
+    # -- lazy tiles -----------------------------------------------------------------------------------
+    def needed_tiles(self, tokens: MultiScaleTokens, index: Tensor) -> Tensor:
+        """(rows * cols,) bool: the tiles the kept tokens ``index`` (K,) of one image draw on (their boxes;
+        one grid cell more where OneVision's shrinking interpolates across cells)."""
+        size = tokens.image_size
+        rows, cols = self.tile_grid(size)
+        top, bottom, left, right = self._unpad_box(size, rows, cols)
+        unpadded = (bottom - top, right - left)
+        margin = 1.0 if self._shrunk(unpadded) is not None else 0.0
+        index = index[tokens.level[index] < tokens.num_levels - 1]
+        need = torch.zeros(rows, cols, dtype=torch.bool, device=tokens.device)
+        if index.numel() == 0:
+            return need.flatten()
+        box = tokens.box[index].double()
+        scale_y, scale_x = unpadded[0] / size[0], unpadded[1] / size[1]
+        eps = 1e-6
+        y0 = ((box[:, 1] * scale_y - margin).clamp_min(0) + top) // self.grid
+        y1 = ((box[:, 3] * scale_y + margin - eps).clamp(max=unpadded[0] - eps) + top) // self.grid
+        x0 = ((box[:, 0] * scale_x - margin).clamp_min(0) + left) // self.grid
+        x1 = ((box[:, 2] * scale_x + margin - eps).clamp(max=unpadded[1] - eps) + left) // self.grid
+        r, c = torch.arange(rows, device=tokens.device), torch.arange(cols, device=tokens.device)
+        inside_r = (r[None] >= y0[:, None]) & (r[None] <= y1[:, None])  # (K, rows)
+        inside_c = (c[None] >= x0[:, None]) & (c[None] <= x1[:, None])  # (K, cols)
+        need = (inside_r[:, :, None] & inside_c[:, None, :]).any(0)
+        return need.flatten()
+
+    def _lazy_tokens(self, encoded: Encoded, selection: TokenSelection) -> MultiScaleTokens:
+        """The group's tokens with the tile levels built from only the tiles the selection needs."""
+        tokens = encoded.tokens
+        size = tokens.image_size
+        rows, cols = self.tile_grid(size)
+        tiles = encoded.extras[self.tiles_key]  # (G, T, 3, s, s)
+        need = torch.stack([self.needed_tiles(tokens, selection.index[g, : int(selection.count[g])])
+                            for g in range(tiles.shape[0])])  # (G, T)
+        features = torch.zeros(*need.shape, self.grid**2, tokens.dim, dtype=tokens.features.dtype,
+                               device=tokens.device)
+        if bool(need.any()):
+            features[need] = self._tower(tiles[need]).to(features.dtype)
+        encoded.extras[self.count_key] = need.sum(-1)
+        base = tokens.features[:, : self.grid**2]
+        return self._tokens(base, self._fine_grid(features, size, rows, cols), size)
+
+    # -- language-model inputs ------------------------------------------------------------------------
+    def kept_features(self, encoded: Encoded, selection: TokenSelection) -> tuple[list[Tensor], dict[str, list]]:
+        tokens = self._lazy_tokens(encoded, selection) if self.lazy_tiles else encoded.tokens
+        newline = self.model.model.image_newline
+        h0 = tokens.level_shapes[0][0]
+        merged = getattr(selection, "merged", None)
+        out = []
+        for g in range(tokens.batch_size):
+            index = selection.index[g, : int(selection.count[g])]
+            kept = tokens.features[g, index]
+            fine = tokens.level[index] == 0
+            head = kept[~fine]  # base view, then pooled levels: canonical order puts them first
+            pieces = [head]
+            if self.newlines == "none":
+                pieces.append(kept[fine])
+            else:
+                per_row = torch.bincount(tokens.row[index[fine]], minlength=h0).tolist()
+                for part, n in zip(kept[fine].split(per_row), per_row, strict=True):
+                    if n or self.newlines == "all_rows":
+                        pieces += [part, newline[None].to(kept)]
+            if merged is not None:  # merged tokens are made from these features (the LM's space): they follow
+                pieces.append(merged.features[g, : int(merged.count[g])].to(kept))
+            out.append(torch.cat(pieces))
+        return out, {}
+
+    # -- cost -----------------------------------------------------------------------------------------
+    def image_vision_flops(self, encoded: Encoded) -> list[float]:
+        """Vision-tower FLOPs of each image of ``encoded``: its base view and the tiles it encoded (all of them
+        eagerly; with ``lazy_tiles``, those its latest selection needed)."""
+        from pyrtok.vlm.flops import vit_flops
+
+        per_view = vit_flops(self.model.config.vision_config, self.grid**2, has_cls=self.has_cls)
+        return [per_view * (1 + int(n)) for n in encoded.extras[self.count_key].tolist()]
+
+    def vision_flops(self, encoded: Encoded) -> float:
+        """Vision-tower FLOPs of the first image of ``encoded`` (see :meth:`image_vision_flops`)."""
+        return self.image_vision_flops(encoded)[0]

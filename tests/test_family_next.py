@@ -1,0 +1,332 @@
+"""LLaVA-NeXT and LLaVA-OneVision against references built without pyrtok's code path.
+
+Tiny random-weight models are saved with their own processors (:func:`pyrtok.testing.save_tiny_vlm`). The
+references are the unwrapped model run through its processor, or the model's own packed image features
+(``get_image_features``: base view, then rows ended by ``image_newline``) subset by hand.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from transformers import AutoModelForImageTextToText, AutoProcessor, LogitsProcessor, LogitsProcessorList
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from pyrtok.testing import save_tiny_vlm
+from pyrtok.tokens import TokenSelection
+from pyrtok.vlm import PyramidVLM
+
+FAMILIES = ("llava_next", "llava_onevision")
+SIZES = ((70, 100), (100, 60), (130, 60))  # PIL (width, height): 3x2 tiles, 2x3 tiles, 2x3 tiles unpadded
+QUESTION = "what colour is the shape?"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    cache: dict[str, tuple] = {}
+
+    def load(family: str):
+        if family not in cache:
+            folder = save_tiny_vlm(family, tmp_path_factory.mktemp(family))
+            cache[family] = (folder, AutoModelForImageTextToText.from_pretrained(folder).eval(),
+                             AutoProcessor.from_pretrained(folder))
+        return cache[family]
+
+    return load
+
+
+def random_image(width: int, height: int, seed: int = 0) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def chat(processor, question: str = QUESTION, images: int = 1) -> str:
+    content = [{"type": "image"} for _ in range(images)] + [{"type": "text", "text": question}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+
+class Recorder(LogitsProcessor):
+    def __init__(self) -> None:
+        self.scores: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.scores.append(scores.detach().clone())
+        return scores
+
+
+def assert_reproduces(model, processor, vlm, images, prompt):
+    inputs = processor(images=images, text=[prompt], return_tensors="pt")
+    with torch.no_grad():
+        reference = model(**inputs).logits
+        ours = vlm([images], [prompt])
+    assert torch.equal(ours.input_ids, inputs["input_ids"])
+    assert (ours.logits - reference).abs().max().item() <= 1e-5
+    generated = model.generate(**inputs, max_new_tokens=4, do_sample=False, output_logits=True,
+                               return_dict_in_generate=True)
+    recorder = Recorder()
+    out = vlm.generate([images], [prompt], max_new_tokens=4, logits_processor=LogitsProcessorList([recorder]))
+    assert torch.equal(out.sequences, generated.sequences[:, inputs["input_ids"].shape[1]:])
+    steps = torch.stack(recorder.scores, dim=1)
+    assert (steps - torch.stack(generated.logits, dim=1)[:, : steps.shape[1]]).abs().max().item() <= 1e-5
+    assert out.counts.tolist() == [int((inputs["input_ids"] == model.config.image_token_id).sum())]
+
+
+def packed(model, processor, image) -> torch.Tensor:
+    """The model's own packed features of one image: (p*p + h0 * (w0 + 1), D)."""
+    inputs = processor.image_processor(images=[image], return_tensors="pt")
+    with torch.no_grad():
+        out = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"], return_dict=True)
+    return out.pooler_output[0]
+
+
+# -- full budget is the unwrapped model ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("lazy", [False, True], ids=["eager", "lazy"])
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_full_budget_reproduces_the_unwrapped_model(tiny, family, size, lazy):
+    _, model, processor = tiny(family)
+    vlm = PyramidVLM(model, processor, allocator="all", levels=1, lazy_tiles=lazy)
+    image = random_image(*size, seed=size[0])
+    assert_reproduces(model, processor, vlm, [image], chat(processor))
+    tokens = vlm.encode([image])
+    rows, cols = vlm.family.tile_grid(tokens.image_size)
+    expected_grid = {(70, 100): (3, 2), (100, 60): (2, 3), (130, 60): (2, 3)}[size]
+    assert (rows, cols) == expected_grid
+    assert tokens.level_shapes[-1] == (4, 4) and tokens.image_size == (size[1], size[0])
+    if size == (130, 60):  # on the 64x96 canvas the image fills 5 of 8 feature rows: one padded row cut each side
+        assert tokens.level_shapes[0] == (6, 12)
+    else:
+        assert tokens.level_shapes[0] == (rows * 4, cols * 4)
+
+
+def test_two_images_in_one_prompt_are_exact(tiny):
+    for family in FAMILIES:
+        _, model, processor = tiny(family)
+        vlm = PyramidVLM(model, processor, allocator="all", levels=1)
+        images = [random_image(70, 100, seed=4), random_image(130, 130, seed=5)]
+        assert_reproduces(model, processor, vlm, images, chat(processor, images=2))
+
+
+def test_feature_layer_lists_and_onevision_shrinking(tiny):
+    """vision_feature_layer as a list (concatenated layers) and OneVision's anyres_max_N shrinking."""
+    folder, _, processor = tiny("llava_next")
+    model = AutoModelForImageTextToText.from_pretrained(folder, vision_feature_layer=[-2, -1],
+                                                        ignore_mismatched_sizes=True).eval()
+    assert model.config.vision_feature_layer == [-2, -1]
+    vlm = PyramidVLM(model, processor, allocator="all")
+    assert_reproduces(model, processor, vlm, [random_image(70, 100, seed=1)], chat(processor))
+
+    folder, _, _ = tiny("llava_onevision")
+    model = AutoModelForImageTextToText.from_pretrained(folder, vision_aspect_ratio="anyres_max_2").eval()
+    processor = AutoProcessor.from_pretrained(folder)
+    processor.vision_aspect_ratio = "anyres_max_2"
+    image = random_image(70, 100, seed=2)
+    for lazy in (False, True):
+        vlm = PyramidVLM(model, processor, allocator="all", lazy_tiles=lazy)
+        assert_reproduces(model, processor, vlm, [image], chat(processor))
+    tokens = vlm.encode([image])
+    assert tokens.level_shapes[0] == (6, 4)  # 12x8 shrunk by sqrt(96 / (2 * 16))
+    # lazy, a few shrunk tokens: the tiles under them (and one cell around) give their exact features
+    eager = PyramidVLM(model, processor, allocator="all")
+    keep = torch.zeros(1, tokens.num_tokens, dtype=torch.bool)
+    keep[0, [16 + 0, 16 + 2 * 4 + 1, 16 + 23]] = True
+    selection = TokenSelection.from_keep_mask(keep)
+    lazy_inputs = vlm.prepare([image], [chat(processor)], selection=selection)
+    eager_inputs = eager.prepare([image], [chat(processor)], selection=selection)
+    for a, b in zip(lazy_inputs["mm_encoder_outputs"]["image"].pooler_output,
+                    eager_inputs["mm_encoder_outputs"]["image"].pooler_output, strict=True):
+        assert (a - b).abs().max().item() <= 1e-6
+
+
+# -- layout under a budget ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("rule", ["kept_rows", "all_rows", "none"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_newline_rules_against_the_models_own_packing(tiny, family, rule):
+    _, model, processor = tiny(family)
+    image, prompt = random_image(70, 100, seed=7), chat(processor)
+    reference_features = packed(model, processor, image)  # 16 base, then 12 rows of 8 tokens + a newline
+    vlm = PyramidVLM(model, processor, allocator="all", newlines=rule)
+    tokens = vlm.encode([image])
+    assert tokens.level_shapes == ((12, 8), (4, 4))
+    keep = torch.zeros(1, tokens.num_tokens, dtype=torch.bool)
+    base_kept, fine_kept = [1, 6], [(0, 0), (0, 5), (3, 2), (11, 7)]  # rows 0, 3, 11 keep tokens
+    keep[0, base_kept] = True
+    for r, c in fine_kept:
+        keep[0, 16 + r * 8 + c] = True
+    positions = list(base_kept)
+    for row in range(12):
+        cols = [c for r, c in fine_kept if r == row]
+        positions += [16 + row * 9 + c for c in cols]
+        if rule == "all_rows" or (rule == "kept_rows" and cols):
+            positions.append(16 + row * 9 + 8)
+    expected = reference_features[positions]
+    with torch.no_grad():
+        ours = vlm([image], [prompt], selection=TokenSelection.from_keep_mask(keep))
+    inputs = vlm.prepare([image], [prompt], selection=TokenSelection.from_keep_mask(keep))
+    features = inputs["mm_encoder_outputs"]["image"].pooler_output[0]
+    assert features.shape == expected.shape
+    assert (features - expected).abs().max().item() <= 1e-6
+    assert ours.counts.tolist() == [len(positions)]
+    # the language model on exactly those features, 1-D positions consecutive
+    ids = ours.input_ids
+    with torch.no_grad():
+        reference = model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                          mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=(expected,))}).logits
+    assert (ours.logits - reference).abs().max().item() <= 1e-5
+
+
+def test_a_quarter_budget_on_a_wide_image_keeps_base_and_tiles(tiny):
+    """A large smooth disc (coarse detail) beside a small noisy patch (fine detail): one choice over the
+    pyramid takes base-view tokens for the first and tile tokens for the second."""
+    _, model, processor = tiny("llava_next")
+    image = Image.new("RGB", (130, 60), (200, 200, 200))
+    ImageDraw.Draw(image).ellipse((5, 5, 55, 55), fill=(220, 30, 30))
+    pixels = np.array(image)
+    pixels[20:40, 90:120] = np.random.default_rng(0).integers(0, 256, (20, 30, 3))
+    image = Image.fromarray(pixels)
+    for allocator in ("laplacian", "saliency"):
+        for levels in (1, 2):
+            vlm = PyramidVLM(model, processor, allocator=allocator, budget=0.25, levels=levels)
+            encoded = vlm.encode_batch([image])
+            (selection,) = vlm.select_batch(encoded)
+            tokens = encoded.groups[0][1].tokens
+            kept = tokens.level[selection.index[0, : int(selection.count[0])]]
+            assert int(selection.count[0]) == -(-tokens.num_tokens // 4)
+            assert bool((kept == tokens.num_levels - 1).any()) and bool((kept == 0).any())
+
+
+# -- batches --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batched_per_sample_budgets_equal_one_by_one(tiny, family):
+    _, model, processor = tiny(family)
+    images = [random_image(70, 100, seed=1), random_image(100, 60, seed=2)]
+    prompts = [chat(processor), chat(processor, "how many circles are there?")]
+    vlm = PyramidVLM(model, processor, allocator="laplacian", levels=2)
+    budgets = (9, 30)
+    recorder = Recorder()
+    batched = vlm.generate(images, prompts, budget=torch.tensor(budgets), max_new_tokens=4,
+                           logits_processor=LogitsProcessorList([recorder]))
+    batched_scores = torch.stack(recorder.scores, dim=1)
+    pad = processor.tokenizer.pad_token_id
+    for b, (image, prompt, budget) in enumerate(zip(images, prompts, budgets, strict=True)):
+        alone_recorder = Recorder()
+        alone = vlm.generate([image], [prompt], budget=budget, max_new_tokens=4,
+                             logits_processor=LogitsProcessorList([alone_recorder]))
+        assert alone.counts.tolist() == batched.counts[b : b + 1].tolist()
+        length = alone.sequences.shape[1]
+        assert batched.sequences[b, :length].tolist() == alone.sequences[0].tolist()
+        assert (batched.sequences[b, length:] == pad).all()
+        alone_scores = torch.stack(alone_recorder.scores, dim=1)
+        assert (batched_scores[b, :length] - alone_scores[0]).abs().max().item() <= 1e-5
+
+
+# -- lazy tiles -----------------------------------------------------------------------------------------------
+
+class TileCounter:
+    """Counts the views (base views and tiles) that pass through a vision tower."""
+
+    def __init__(self, tower) -> None:
+        self.views = 0
+        self.handle = tower.register_forward_pre_hook(self)
+
+    def __call__(self, module, args) -> None:
+        self.views += args[0].shape[0]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lazy_tiles_match_the_eager_path_and_encode_fewer_tiles(tiny, family):
+    _, model, processor = tiny(family)
+    image, prompt = random_image(70, 100, seed=12), chat(processor)  # 3x2 tiles
+    eager = PyramidVLM(model, processor, allocator="laplacian", levels=1, budget=6)
+    lazy = PyramidVLM(model, processor, allocator="laplacian", levels=1, budget=6, lazy_tiles=True)
+    counter = TileCounter(model.model.vision_tower)
+    try:
+        encoded = lazy.encode_batch([image])
+        assert counter.views == 1  # the base view only
+        eager_encoded = eager.encode_batch([image])
+        assert counter.views == 1 + 7
+        (chosen,) = lazy.select_batch(encoded)
+        (eager_chosen,) = eager.select_batch(eager_encoded)
+        assert torch.equal(chosen.index, eager_chosen.index)  # pixel signals: the same choice
+        counter.views = 0
+        lazy_out = lazy.generate(None, [prompt], encoded=encoded, selections=[chosen], max_new_tokens=4)
+        needed = int(encoded.groups[0][1].extras["encoded_tiles"][0])
+        assert counter.views == needed and 0 < needed < 6
+    finally:
+        counter.handle.remove()
+    eager_out = eager.generate(None, [prompt], encoded=eager_encoded, selections=[eager_chosen], max_new_tokens=4)
+    assert torch.equal(lazy_out.sequences, eager_out.sequences)
+    with torch.no_grad():
+        a = lazy(None, [prompt], encoded=encoded, selections=[chosen]).logits
+        b = eager(None, [prompt], encoded=eager_encoded, selections=[eager_chosen]).logits
+    assert (a - b).abs().max().item() <= 1e-5
+    flops = lazy.family.image_vision_flops(encoded.groups[0][1])[0]
+    full = eager.family.image_vision_flops(eager_encoded.groups[0][1])[0]
+    assert flops == pytest.approx(full * (1 + needed) / 7)
+
+
+def test_lazy_feature_allocators_choose_from_the_base_view(tiny):
+    _, model, processor = tiny("llava_next")
+    image = random_image(70, 100, seed=13)
+    vlm = PyramidVLM(model, processor, allocator="all", levels=1, lazy_tiles=True)
+    tokens = vlm.encode([image])
+    base = tokens.features[0, :16]
+    # fine cell (r, c) of the 12x8 grid lies under base cell (r // 3, c // 2)
+    for r, c in ((0, 0), (5, 3), (11, 7)):
+        assert torch.equal(tokens.features[0, 16 + r * 8 + c], base[(r // 3) * 4 + c // 2])
+
+
+# -- errors ---------------------------------------------------------------------------------------------------
+
+def test_unsupported_options_and_strategies_raise(tiny):
+    folder, model, processor = tiny("llava_next")
+    with pytest.raises(ValueError, match="newlines"):
+        PyramidVLM(model, processor, newlines="sometimes")
+    with pytest.raises(ValueError, match="mode"):
+        PyramidVLM(model, processor, mode="image")
+    with pytest.raises(TypeError, match="lazy_tiles"):
+        PyramidVLM(model, processor, lazy_tiles="yes")
+    with pytest.raises(ValueError, match="image processor"):
+        PyramidVLM(model, processor.tokenizer)
+    full = AutoModelForImageTextToText.from_pretrained(folder, vision_feature_select_strategy="full").eval()
+    with pytest.raises(ValueError, match="'full' keeps the \\[CLS\\]"):
+        PyramidVLM(full, processor)
+    bogus = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    vars(bogus.config)["vision_feature_select_strategy"] = "cls_patch"  # past the config's own validation
+    with pytest.raises(ValueError, match="vision_feature_select_strategy must be one of"):
+        PyramidVLM(bogus, processor)
+    folder, _, processor = tiny("llava_onevision")
+    default = AutoModelForImageTextToText.from_pretrained(folder, vision_feature_select_strategy="default").eval()
+    with pytest.raises(ValueError, match="has none"):
+        PyramidVLM(default, processor)
+
+
+# -- the ablation runner --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_ablation_runner_runs_the_family(tmp_path, family):
+    from pyrtok.eval.config import load_config
+    from pyrtok.eval.report import write_report
+    from pyrtok.eval.runner import run
+
+    save_tiny_vlm(family, tmp_path / family)
+    config = load_config({
+        "name": family, "output": str(tmp_path / "out"), "batch_size": 2,
+        "models": [{"name": family, "path": str(tmp_path / family), "levels": 1, "max_new_tokens": 2}],
+        "allocators": ["laplacian"], "budgets": [1.0, 0.25],
+        "tasks": [{"name": "shapes", "source": "shapes", "split": "test", "questions": 1000, "limit": 3,
+                   "metric": "exact", "root": str(tmp_path / "data")}],
+    })
+    _, rows = run(config, progress=False)
+    assert len(rows) == 3 * 2 and not any(r["error"] for r in rows)
+    full = [r for r in rows if r["allocator"] == "all"]
+    # counts are placeholders, newlines included: the full row holds every token plus one newline per tile row
+    assert all(r["fraction"] > 1.0 for r in full)
+    assert all(r["fraction"] < 0.5 for r in rows if r["budget"] == 0.25)
+    assert all(0 < r["vision_tflops"] < r["tflops"] for r in rows)
+    report = write_report(rows, {"shapes": "exact"}, tmp_path / "report")
+    assert "vision TFLOPs" in report["report"].read_text()

@@ -1,0 +1,368 @@
+"""In-LLM schedules (FastV, PyramidDrop, DART) against references built without pyrtok's layer loop.
+
+Tiny random-weight models (4 text layers) are saved with their processors and loaded once per module. Kept sets
+are checked against the plain HF model's own eager attention weights (``output_attentions``) or its hidden
+states (``output_hidden_states``); generation against a loop that reruns the whole pruned sequence through the
+model's own decoder layers at every step, with no cache and no mask (the causal kernel path).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor, LogitsProcessor, LogitsProcessorList
+
+from pyrtok.testing import save_tiny_vlm
+from pyrtok.vlm import PyramidVLM, create_schedule, resolve_schedule, schedule_label
+from pyrtok.vlm.decode import language_model, scheduled_flops
+from pyrtok.vlm.flops import llm_prefill_flops
+
+FAMILIES = ("llava", "qwen2_5_vl")
+QUESTION = "what colour is the shape?"
+LONG_QUESTION = "how many small red circles are there in the picture on the left?"
+# A small theta makes every M-RoPE axis visible at the tolerances used here (see tests/test_families.py).
+ROPE = {"rope_type": "default", "rope_theta": 10.0, "mrope_section": [2, 3, 3]}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """family -> (model (sdpa), eager copy, processor)."""
+    cache: dict[str, tuple] = {}
+
+    def load(family: str):
+        if family not in cache:
+            overrides = {"text_config": {"rope_parameters": ROPE}} if family != "llava" else {}
+            folder = save_tiny_vlm(family, tmp_path_factory.mktemp(family), hidden=64, text_layers=4, **overrides)
+            model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+            eager = AutoModelForImageTextToText.from_pretrained(folder, attn_implementation="eager").eval()
+            cache[family] = (model, eager, AutoProcessor.from_pretrained(folder))
+        return cache[family]
+
+    return load
+
+
+def random_image(width: int, height: int, seed: int = 0) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def chat(processor, question: str = QUESTION) -> str:
+    content = [{"type": "image"}, {"type": "text", "text": question}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+
+def image_of(family: str) -> Image.Image:
+    # Qwen: 112x112 px is a 4x4 merged grid (16 image tokens); LLaVA: always 64 tokens
+    return random_image(112, 112, seed=5) if family != "llava" else random_image(70, 100, seed=5)
+
+
+class Recorder(LogitsProcessor):
+    def __init__(self) -> None:
+        self.scores: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.scores.append(scores.detach().clone())
+        return scores
+
+
+def recorded(recorder: Recorder) -> torch.Tensor:
+    return torch.stack(recorder.scores, dim=1)
+
+
+def model_inputs(inputs: dict) -> dict:
+    return {k: inputs[k] for k in ("input_ids", "attention_mask", "position_ids", "mm_encoder_outputs")}
+
+
+def kept_image_columns(out, image_token_id: int) -> set[int]:
+    columns = out.columns[0][out.column_mask[0]]
+    return {int(c) for c in columns if int(out.input_ids[0, c]) == image_token_id}
+
+
+# -- 1. keeping everything is the plain model ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("spec", [{"name": "pdrop", "layers": [1, 2], "keep": 1.0},
+                                  {"name": "fastv", "layer": 2, "keep": 1.0},
+                                  {"name": "dart", "layer": 1, "keep": 1.0}], ids=lambda s: s["name"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_keeping_everything_reproduces_the_plain_run(tiny, family, spec):
+    model, _, processor = tiny(family)
+    image, prompt = image_of(family), chat(processor)
+    inputs = processor(images=[image], text=[prompt], return_tensors="pt")
+    with torch.no_grad():
+        reference = model(**inputs).logits
+    vlm = PyramidVLM(model, processor, schedule=spec)
+    with torch.no_grad():
+        ours = vlm([image], [prompt])
+    assert torch.equal(ours.input_ids, inputs["input_ids"])
+    assert ours.logits.shape == reference.shape
+    assert (ours.logits - reference).abs().max().item() <= 1e-5
+    n = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    assert ours.stage_counts.tolist() == [[n] * (len(spec.get("layers", [0])) + 1)]
+    generated = model.generate(**inputs, max_new_tokens=6, do_sample=False, output_logits=True,
+                               return_dict_in_generate=True)
+    recorder = Recorder()
+    out = vlm.generate([image], [prompt], max_new_tokens=6, logits_processor=LogitsProcessorList([recorder]))
+    assert torch.equal(out.sequences, generated.sequences[:, inputs["input_ids"].shape[1]:])
+    assert (recorded(recorder) - torch.stack(generated.logits, dim=1)).abs().max().item() <= 1e-5
+
+
+# -- 2. kept sets equal independent references -------------------------------------------------------------------
+
+def top_set(scores: torch.Tensor, columns: torch.Tensor, k: int) -> set[int]:
+    return {int(columns[i]) for i in scores.topk(k).indices}
+
+
+@pytest.mark.parametrize("rule", ["fastv", "pdrop"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_attention_rules_keep_what_eager_attention_ranks_first(tiny, family, rule):
+    model, eager, processor = tiny(family)
+    image, prompt = image_of(family), chat(processor)
+    # FastV at layer 2 ranks by layer 1's attention; PyramidDrop at layer 1 by layer 1's own attention.
+    spec = {"name": "fastv", "layer": 2, "keep": 0.25} if rule == "fastv" else \
+        {"name": "pdrop", "layers": [1], "keep": 0.5}
+    vlm = PyramidVLM(model, processor, schedule=spec)
+    inputs = vlm.prepare([image], [prompt])
+    with torch.no_grad():
+        attentions = eager(**model_inputs(inputs), output_attentions=True).attentions
+        ours = vlm([image], [prompt])
+    image_columns = (inputs["input_ids"][0] == model.config.image_token_id).nonzero()[:, 0]
+    n = image_columns.numel()
+    k = int(np.ceil(n * spec["keep"]))
+    received = attentions[1][0, :, -1, image_columns].mean(0)  # heads averaged, last prompt token's row
+    expected = top_set(received, image_columns, k)
+    assert kept_image_columns(ours, model.config.image_token_id) == expected
+    assert ours.stage_counts.tolist() == [[n, k]]
+    # not a trivial set: the lowest-ranked image tokens are gone
+    assert len(expected) < n
+
+
+def duplication_reference(hidden: torch.Tensor, normed: torch.Tensor, image_columns: list[int], text_after: list[int],
+                          budget: int, pivots: int, text_pivots: int) -> set[int]:
+    """DART's rule written plainly over Python sets, on one sample's (T, D) states."""
+    norms = {c: float(hidden[c].abs().sum()) for c in image_columns + text_after}
+    image_pivots = sorted(image_columns, key=lambda c: -norms[c])[: min(pivots, budget)]
+    text_chosen = sorted(text_after, key=lambda c: -norms[c])[:text_pivots]
+    kept, remaining = set(image_pivots), [c for c in image_columns if c not in image_pivots]
+    order = image_pivots + text_chosen
+    extra = budget - len(image_pivots)
+    for j, pivot in enumerate(order):
+        take = extra // len(order) + (1 if j < extra % len(order) else 0)
+        similarity = {c: float(F.cosine_similarity(normed[pivot], normed[c], dim=0)) for c in remaining}
+        chosen = sorted(remaining, key=lambda c: similarity[c])[:take]
+        kept.update(chosen)
+        remaining = [c for c in remaining if c not in chosen]
+    return kept
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dart_keeps_the_duplication_rule_set(tiny, family):
+    model, _, processor = tiny(family)
+    image, prompt = image_of(family), chat(processor)
+    spec = {"name": "dart", "layer": 2, "keep": 0.5, "pivots": 2, "text_pivots": 2}
+    vlm = PyramidVLM(model, processor, schedule=spec)
+    inputs = vlm.prepare([image], [prompt])
+    with torch.no_grad():
+        hidden = model(**model_inputs(inputs), output_hidden_states=True).hidden_states[2][0]  # input of layer 2
+        normed = language_model(model).norm(hidden)
+        ours = vlm([image], [prompt])
+    ids = inputs["input_ids"][0]
+    image_columns = (ids == model.config.image_token_id).nonzero()[:, 0].tolist()
+    text_after = list(range(image_columns[-1] + 1, ids.shape[0]))
+    budget = int(np.ceil(len(image_columns) * 0.5))
+    expected = duplication_reference(hidden, normed, image_columns, text_after, budget, 2, 2)
+    assert len(expected) == budget
+    assert kept_image_columns(ours, model.config.image_token_id) == expected
+
+
+# -- 3. generation after a pruned prefill --------------------------------------------------------------------------
+
+def no_cache_reference(model, inputs: dict, layer: int, kept: torch.Tensor, steps: int) -> list[torch.Tensor]:
+    """Greedy decoding that reruns, at every step, the whole sequence through the model's own layers without a
+    cache: layers before ``layer`` on every prompt column, the rest on the ``kept`` prompt columns (bool (T,)),
+    new tokens always, each at the last prompt position + 1 per step (every axis)."""
+    lm = language_model(model)
+    ids, positions = inputs["input_ids"], inputs["position_ids"]
+    image = ids == model.config.image_token_id
+    with torch.no_grad():
+        prompt_embeds = model.get_input_embeddings()(ids)
+        features = torch.cat(list(inputs["mm_encoder_outputs"]["image"].pooler_output))
+        prompt_embeds[image] = features
+    new: list[int] = []
+    logits_per_step = []
+    for _ in range(steps):
+        tokens = torch.tensor([new], dtype=torch.long)
+        embeds = torch.cat([prompt_embeds, model.get_input_embeddings()(tokens)], dim=1)
+        extra = torch.arange(1, len(new) + 1)
+        step_positions = torch.cat([positions, positions[..., -1:] + extra], dim=-1)
+        columns = torch.cat([kept, torch.ones(len(new), dtype=torch.bool)])
+        with torch.no_grad():
+            hidden = embeds
+            cos, sin = lm.rotary_emb(hidden, step_positions)
+            for index, decoder in enumerate(lm.layers):
+                if index == layer:
+                    hidden, cos, sin = hidden[:, columns], cos[:, columns], sin[:, columns]
+                hidden = decoder(hidden, attention_mask=None, position_embeddings=(cos, sin))
+            logits = model.get_output_embeddings()(lm.norm(hidden[:, -1]))
+        logits_per_step.append(logits[0])
+        new.append(int(logits.argmax(-1)))
+    return logits_per_step
+
+
+@pytest.mark.parametrize("spec", [{"name": "fastv", "layer": 2, "keep": 0.25},
+                                  {"name": "dart", "layer": 1, "keep": 0.5, "pivots": 2}], ids=lambda s: s["name"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generation_after_pruning_equals_a_no_cache_rerun(tiny, family, spec):
+    model, _, processor = tiny(family)
+    image, prompt, steps = image_of(family), chat(processor), 5
+    vlm = PyramidVLM(model, processor, schedule=spec)
+    inputs = vlm.prepare([image], [prompt])
+    with torch.no_grad():
+        pruned = vlm([image], [prompt])
+    kept = torch.zeros(inputs["input_ids"].shape[1], dtype=torch.bool)
+    kept[pruned.columns[0][pruned.column_mask[0]]] = True
+    assert int((~kept).sum()) > 0
+    expected = no_cache_reference(model, inputs, spec["layer"], kept, steps)
+    recorder = Recorder()
+    out = vlm.generate([image], [prompt], max_new_tokens=steps, eos_token_id=[],
+                       logits_processor=LogitsProcessorList([recorder]))
+    assert out.sequences[0].tolist() == [int(s.argmax()) for s in expected]
+    assert (recorded(recorder)[0] - torch.stack(expected)).abs().max().item() <= 1e-5
+    # the cache holds, per layer, only what that layer saw
+    total = inputs["input_ids"].shape[1]
+    assert out.layer_tokens[0].tolist() == [total] * spec["layer"] + [int(kept.sum())] * (4 - spec["layer"])
+
+
+# -- 4. batched equals one by one, after a vision-side allocator ------------------------------------------------------
+
+@pytest.mark.parametrize("family, budgets", [("llava", (20, 40)), ("qwen2_5_vl", (6, 11))])
+def test_batched_equals_one_by_one(tiny, family, budgets):
+    model, _, processor = tiny(family)
+    images = [random_image(70, 100, seed=1), random_image(112, 112, seed=2)]
+    prompts = [chat(processor), chat(processor, LONG_QUESTION)]
+    schedule = {"name": "pdrop", "layers": [1, 2], "keep": 0.5}
+    vlm = PyramidVLM(model, processor, allocator="laplacian", levels=2, schedule=schedule)
+    scores = Recorder()
+    batched = vlm.generate(images, prompts, budget=torch.tensor(budgets), max_new_tokens=4,
+                           logits_processor=LogitsProcessorList([scores]))
+    half = [int(np.ceil(b / 2)) for b in budgets]
+    assert batched.stage_counts.tolist() == [[b, h, int(np.ceil(h / 2))] for b, h in zip(budgets, half, strict=True)]
+    pad = processor.tokenizer.pad_token_id
+    for b, (image, prompt, budget) in enumerate(zip(images, prompts, budgets, strict=True)):
+        alone_scores = Recorder()
+        alone = vlm.generate([image], [prompt], budget=budget, max_new_tokens=4,
+                             logits_processor=LogitsProcessorList([alone_scores]))
+        assert alone.stage_counts.tolist() == batched.stage_counts[b : b + 1].tolist()
+        assert torch.equal(alone.layer_tokens[0], batched.layer_tokens[b])
+        length = alone.sequences.shape[1]
+        assert (recorded(scores)[b, :length] - recorded(alone_scores)[0]).abs().max().item() <= 1e-5
+        assert batched.sequences[b, :length].tolist() == alone.sequences[0].tolist()
+        assert (batched.sequences[b, length:] == pad).all()
+
+
+# -- 5. Qwen3-VL DeepStack -----------------------------------------------------------------------------------------
+
+def test_qwen3_deepstack_keep_everything_is_the_plain_run(tmp_path):
+    overrides = {"text_config": {"rope_parameters": dict(ROPE, mrope_interleaved=True)}}
+    folder = save_tiny_vlm("qwen3_vl", tmp_path / "q3", hidden=64, text_layers=4, **overrides)
+    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    processor = AutoProcessor.from_pretrained(folder)
+    image, prompt = random_image(70, 100, seed=4), chat(processor)
+    inputs = processor(images=[image], text=[prompt], return_tensors="pt")
+    vlm = PyramidVLM(model, processor, schedule={"name": "fastv", "layer": 1, "keep": 1.0})
+    with torch.no_grad():
+        reference = model(**inputs).logits
+        ours = vlm([image], [prompt])
+        pruned = vlm([image], [prompt], schedule={"name": "fastv", "layer": 1, "keep": 0.5})
+    assert (ours.logits - reference).abs().max().item() <= 1e-5
+    assert pruned.stage_counts.tolist() == [[6, 3]]
+
+
+# -- 6. specs, validation, FLOPs -----------------------------------------------------------------------------------
+
+def test_specs_resolve_and_bad_input_is_named(tmp_path):
+    path = tmp_path / "pdrop.yaml"
+    path.write_text("name: pdrop\nlayers: [8, 16, 24]\nkeep: 0.5\n")
+    assert resolve_schedule(path).describe() == "pdrop(layers=[8, 16, 24], keep=0.5)"
+    assert resolve_schedule(str(path)).describe() == resolve_schedule({"name": "pdrop"}).describe()
+    assert resolve_schedule(None) is None
+    assert schedule_label({"name": "fastv", "label": "FastV-25%", "keep": 0.25}) == "FastV-25%"
+    assert schedule_label("fastv") == "fastv(layer=2, keep=0.5)"
+    with pytest.raises(ValueError, match="unknown schedule 'fast'"):
+        create_schedule("fast")
+    with pytest.raises(ValueError, match="keep must be a fraction"):
+        create_schedule("fastv", keep=1.5)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        create_schedule("pdrop", layers=[8, 8])
+    with pytest.raises(ValueError, match="layer must be an int >= 1"):
+        create_schedule("fastv", layer=0)
+    with pytest.raises(ValueError, match="one per stage"):
+        create_schedule("pdrop", layers=[1, 2], keep=[0.5])
+    with pytest.raises(TypeError, match="schedule 'dart'"):
+        create_schedule("dart", ratio=0.5)
+
+
+def test_too_deep_a_layer_and_labels_are_refused(tiny):
+    model, _, processor = tiny("llava")
+    vlm = PyramidVLM(model, processor, schedule={"name": "pdrop", "layers": [2, 4]})
+    image, prompt = image_of("llava"), chat(processor)
+    with pytest.raises(ValueError, match="drops at layer 4 but the language model has 4 layers"):
+        vlm([image], [prompt])
+    with pytest.raises(ValueError, match="labels"):
+        vlm([image], [prompt], labels=torch.zeros(1, 3, dtype=torch.long), schedule="fastv")
+
+
+def test_flops_follow_the_per_layer_counts(tiny):
+    model, _, processor = tiny("llava")
+    vlm = PyramidVLM(model, processor, schedule={"name": "fastv", "layer": 2, "keep": 0.25})
+    with torch.no_grad():
+        out = vlm([image_of("llava")], [chat(processor)])
+    text = model.config.text_config
+    full = out.input_ids.shape[1]
+    pruned = full - 64 + 16
+    assert out.layer_tokens.tolist() == [[full, full, pruned, pruned]]
+    # half the layers at each length, and the LM head once, for the last position
+    expected = (llm_prefill_flops(text, full, 0) + llm_prefill_flops(text, pruned, 0)) / 2
+    assert scheduled_flops(model.config, out.layer_tokens).item() == pytest.approx(
+        expected + 2 * text.hidden_size * text.vocab_size)
+    assert scheduled_flops(model.config, out.layer_tokens).item() < llm_prefill_flops(text, full)
+
+
+# -- 7. the ablation runner: schedules next to allocators --------------------------------------------------------
+
+def test_ablation_rows_report_effective_tokens_and_flops(tmp_path):
+    from pyrtok.eval.config import load_config
+    from pyrtok.eval.runner import run
+
+    from pyrtok.data.local import write_split
+
+    folder = save_tiny_vlm("llava", tmp_path / "model", hidden=64, text_layers=4)
+    (tmp_path / "data" / "images").mkdir(parents=True)
+    records = []
+    for i in range(3):
+        random_image(64, 64, seed=i).save(tmp_path / "data" / "images" / f"{i}.png")
+        records.append({"id": f"q{i}", "image": f"images/{i}.png", "question": QUESTION, "answers": ["red"],
+                        "category": "a"})
+    write_split(tmp_path / "data", "test", records)
+    config = load_config({
+        "name": "in-llm", "output": str(tmp_path / "out"), "batch_size": 2,
+        "models": [{"name": "tiny", "path": str(folder), "levels": 1, "max_new_tokens": 2}],
+        "allocators": ["laplacian"], "budgets": [1.0, 32],
+        "schedules": [{"name": "fastv", "layer": 2, "keep": 0.25, "label": "fastv"}],
+        "tasks": [{"name": "toy", "source": "local", "root": str(tmp_path / "data"), "metric": "exact",
+                   "split": "test"}]})
+    _, rows = run(config, progress=False)
+    by = {}
+    for row in rows:
+        assert row["error"] in (None, "empty answer")
+        by.setdefault((row["allocator"], row["budget"]), []).append(row)
+    assert set(by) == {("all", 64), ("laplacian", 32), ("all+fastv", 64), ("laplacian+fastv", 32)}
+    full, fastv = by[("all", 64)][0], by[("all+fastv", 64)][0]
+    assert full["effective_tokens"] == 64 and fastv["tokens"] == 64
+    assert fastv["effective_tokens"] == pytest.approx((64 * 2 + 16 * 2) / 4)
+    assert by[("laplacian+fastv", 32)][0]["effective_tokens"] == pytest.approx((32 * 2 + 8 * 2) / 4)
+    assert fastv["llm_tflops"] < full["llm_tflops"]
+    # the plain cell's FLOPs follow the same per-layer rule at full length
+    assert full["llm_tflops"] * 1e12 == pytest.approx(llm_prefill_flops(
+        AutoModelForImageTextToText.from_pretrained(folder).config.text_config, full["prompt_tokens"]))

@@ -174,14 +174,15 @@ class PyramidVLM(nn.Module):
         config: str | Path | dict | None = None,
         mode: str | None = None,
         levels: int | None = None,
+        schedule: Any = None,
         **model_kwargs: Any,
     ) -> PyramidVLM:
         """Load a supported VLM and its processor from a local folder or a hub id; the family comes from the
         model's config.
 
         ``config`` (a YAML path or dict) may give ``allocator`` (any spec :func:`pyrtok.allocators.resolve`
-        takes), ``budget``, ``mode``, ``levels``, ``share_budget`` and family options; explicit arguments win over
-        it. The allocator and the family are resolved before the weights load, so a bad spec or an unsupported
+        takes), ``budget``, ``mode``, ``levels``, ``schedule``, ``share_budget`` and family options; explicit
+        arguments win over it. The allocator and the family are resolved before the weights load, so a bad spec or an unsupported
         architecture fails at once. Other keyword arguments go to the model's ``from_pretrained`` (e.g.
         ``dtype``).
         """
@@ -192,7 +193,7 @@ class PyramidVLM(nn.Module):
             options = yaml.safe_load(Path(config).read_text()) if not isinstance(config, dict) else dict(config)
         if allocator is not None:
             options["allocator"] = allocator
-        for key, value in (("budget", budget), ("mode", mode), ("levels", levels)):
+        for key, value in (("budget", budget), ("mode", mode), ("levels", levels), ("schedule", schedule)):
             if value is not None:
                 options[key] = value
         chosen = resolve(options.pop("allocator", "all"), "allocator")

@@ -182,9 +182,9 @@ class PyramidVLM(nn.Module):
 
         ``config`` (a YAML path or dict) may give ``allocator`` (any spec :func:`pyrtok.allocators.resolve`
         takes), ``budget``, ``mode``, ``levels``, ``schedule``, ``share_budget`` and family options; explicit
-        arguments win over it. The allocator and the family are resolved before the weights load, so a bad spec or an unsupported
-        architecture fails at once. Other keyword arguments go to the model's ``from_pretrained`` (e.g.
-        ``dtype``).
+        arguments win over it. The allocator and the family are resolved before the weights load, so a bad spec
+        or an unsupported architecture fails at once. Other keyword arguments go to the model's
+        ``from_pretrained`` (e.g. ``dtype``).
         """
         import transformers
 

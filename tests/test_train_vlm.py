@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -370,3 +371,162 @@ def test_shipped_embedded_configs_load_with_a_valid_schedule(name):
     factors = [lr_factor(step, t) for step in range(t["steps"])]
     assert all(0 <= f <= 1 for f in factors) and factors[-1] < 0.01  # every schedule anneals to ~0
     assert {turns_at(step, t) for step in range(t["dense_steps"])} == {1}
+
+
+def test_training_mix_is_no_registered_allocator_and_keeps_exact_budgets_whole_levels_and_blobs():
+    from pyrtok.allocators import available
+    from pyrtok.tokens import from_feature_grid
+    from pyrtok.vlm.train import MIX, TrainingMix, _check
+
+    fair = load_config(EMBEDDED / "tiny_llava_fair.yaml")
+    assert fair["allocation"]["allocators"] == [MIX] and MIX not in available()
+    assert not set(fair["allocation"]["allocators"]) & set(available())  # no evaluated policy is trained on
+    tokens = from_feature_grid(torch.rand(64, 8, 8, 4), 3)  # levels of 64, 16 and 4 tokens
+    budgets = torch.randint(1, 85, (64,))
+    mixed = TrainingMix(whole_levels=0.0)(tokens, budgets, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(mixed.count, budgets)
+    again = TrainingMix(whole_levels=0.0)(tokens, budgets, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(again.index, mixed.index)  # a pure function of the generator
+    # random per-level shares: among samples keeping 20 tokens, the coarse share ranges widely
+    shares = []
+    for seed in range(20):
+        sel = TrainingMix(whole_levels=0.0)(tokens, 20, generator=torch.Generator().manual_seed(seed))
+        shares += ((tokens.level[sel.index] > 0) & sel.mask).float().mean(1).tolist()
+    assert min(shares) < 0.1 and max(shares) > 0.7
+    # whole levels: every kept set is a union of whole levels
+    whole = TrainingMix(whole_levels=1.0)(tokens, 10, generator=torch.Generator().manual_seed(2))
+    for b in range(64):
+        kept = tokens.level[whole.index[b][whole.mask[b]]]
+        levels = kept.unique()
+        assert len(kept) == sum(int(tokens.level_sizes[lvl]) for lvl in levels)
+    assert len({int(c) for c in whole.count}) > 3
+    # blobs: a clumped set keeps more neighbours of its level-0 tokens than a scattered one
+    def neighbours(allocator):
+        sel = allocator(tokens, 20, generator=torch.Generator().manual_seed(3))
+        keep = sel.keep_mask(tokens.num_tokens)[:, tokens.level_slices[0]].float().reshape(64, 1, 8, 8)
+        around = torch.nn.functional.conv2d(keep, torch.ones(1, 1, 3, 3), padding=1) - keep
+        return float((around * keep).sum() / keep.sum().clamp_min(1))
+    blobs = neighbours(TrainingMix(whole_levels=0.0, blobs=1.0, level_spread=0.0))
+    scattered = neighbours(TrainingMix(whole_levels=0.0, blobs=0.0, level_spread=0.0))
+    assert blobs > 1.5 * scattered
+    with pytest.raises(ValueError, match=r"allocation\.allocators must name registered allocators or 'mix'"):
+        _check(load_config(None, {"allocation": {"allocators": ["laplacian", "mixx"]}}))
+    with pytest.raises(ValueError, match=r"allocation\.mix\.blobs must be a probability"):
+        TrainingMix(blobs=2)
+
+
+def test_scene_labels_of_a_hand_built_scene_and_the_cls_head_loss():
+    from PIL import Image
+
+    from pyrtok.data.shapes_vqa import SCENE_LABELS, Scene, Thing, scene_labels
+
+    scene = Scene(Image.new("RGB", (64, 64)),
+                  [Thing("circle", "red", (10, 10), 8), Thing("square", "blue", (40, 40), 8),
+                   Thing("circle", "blue", (40, 10), 8)],
+                  "K", (50, 50, 56, 56), [Thing("circle", "yellow", (5, 50), 2)])
+    labels = scene_labels(scene)
+    present = {SCENE_LABELS[i] for i in labels.nonzero()[0]}
+    assert present == {"colour red", "colour blue", "shape circle", "shape square", "object red circle",
+                       "object blue square", "object blue circle", "dot yellow", "glyph k"}
+    assert labels.dtype == np.float32 and labels.shape == (len(SCENE_LABELS),) == (84,)
+    _, _, targets = scene_batch("train", 0, 3, 64, patch=16)
+    assert torch.equal(targets["scene"][1], torch.from_numpy(scene_labels(make_scene(0, "train", 1, 64))))
+    heads = DenseHeads(8, grid=2)
+    cls = torch.randn(3, 8)
+    loss = heads.scene_loss(cls, targets["scene"])
+    loss.backward()
+    assert loss > 0 and heads.scene[1].weight.grad.abs().sum() > 0
+    one = targets["scene"][:1]
+    with torch.no_grad():  # a uniform guess costs log 2; confident and right much less, confident and wrong more
+        heads.scene[1].weight.zero_()
+        heads.scene[1].bias.zero_()
+        uniform = heads.scene_loss(cls[:1], one)
+        heads.scene[1].bias.copy_(5 * (2 * one[0] - 1))
+        right = heads.scene_loss(cls[:1], one)
+        wrong = heads.scene_loss(cls[:1], 1 - one)
+    assert uniform == pytest.approx(np.log(2), rel=1e-5) and right < 0.01 < np.log(2) < wrong
+    with pytest.raises(ValueError, match=r"labels \(B, 84\)"):
+        heads.scene_loss(cls, targets["scene"][:, :5])
+
+
+def test_cls_focus_measures_attention_mass_on_content_against_its_area():
+    from types import SimpleNamespace
+
+    from pyrtok.tokens import from_feature_grid
+    from pyrtok.vlm.tiny import cls_focus
+
+    attention = torch.zeros(2, 4, 4)
+    attention[:, 0, 0] = 3.0  # three quarters of the mass on one patch
+    attention[:, 3, 3] = 1.0
+    tokens = from_feature_grid(torch.rand(2, 4, 4, 8), 2, attention=attention)
+    vlm = SimpleNamespace(encoder=SimpleNamespace(prepare=lambda images: images), encode=lambda prepared: tokens)
+    covered = torch.zeros(2, 4, 4, dtype=torch.bool)
+    covered[:, :2, :2] = True
+    focus = cls_focus(vlm, torch.rand(2, 3, 64, 64), covered)
+    assert focus["mass"] == pytest.approx(0.75) and focus["area"] == pytest.approx(0.25)
+    assert focus["lift"] == pytest.approx(3.0)
+
+
+def test_stock_prompt_words_are_known_and_training_wordings_vary():
+    from pyrtok.data.conversations import SHORT_ANSWER, pope_question, reword
+    from pyrtok.vlm.tokenizer import word_tokenizer
+
+    tokenizer = word_tokenizer(vocabulary(stock_prompts=True))
+    unk = tokenizer.unk_token_id
+    lmms_pope = ("USER: <image>\nIs there a red circle in the image?\nAnswer the question using a single word or "
+                 "phrase. ASSISTANT:")
+    assert unk not in tokenizer(lmms_pope)["input_ids"]
+    assert unk in word_tokenizer(vocabulary())(f"what colour? {SHORT_ANSWER}")["input_ids"]  # the old vocabulary
+    config = load_config(EMBEDDED / "tiny_llava_fair.yaml")
+    assert config["model"]["stock_prompts"] and len(build(config)[1]) == len(tokenizer)
+    # wordings: bare, the suffix, POPE's form and unknown words all appear; the benchmark question stays
+    _, plain = scene_batch("train", 0, 60, 32, turns=5)
+    _, items = scene_batch("train", 0, 60, 32, turns=5, wording=config["train"]["wording"])
+    turns = [t for i in items for t in (i, *i["more"])]
+    assert [t["question"] for t in turns] == [t["question"] for i in plain for t in (i, *i["more"])]
+    texts = [t["text"] for t in turns]
+    assert any(t == q["question"] for t, q in zip(texts, turns, strict=True))
+    assert any(t.endswith("\n" + SHORT_ANSWER) for t in texts) and any("<unk>" in t for t in texts)
+    existence = [t["text"] for t in turns if t["family"] == "existence"]
+    assert any("in the image?" in t for t in existence)
+    assert not any("in the image" in t["text"] for t in turns if t["family"] != "existence")
+    firsts = [conversation(i).split(" ASSISTANT:")[0] for i in items]
+    assert all(f == f"USER: <image> {i['text']}" for f, i in zip(firsts, items, strict=True))
+    assert any(i["text"] != i["question"] for i in items)  # the first turn is reworded too, in the same template
+    _, again = scene_batch("train", 0, 60, 32, turns=5, wording=config["train"]["wording"])
+    assert again == items  # a pure function of (seed, split, index)
+    assert pope_question("is there a red circle?") == "is there a red circle in the image?"
+    assert reword({"question": "is there a red circle?", "family": "existence"}, np.random.default_rng(0),
+                  {"suffix": 0.0, "pope": 0.0, "unknown": 0.0}) == "is there a red circle?"
+    with pytest.raises(ValueError, match="existence question"):
+        pope_question("what colour is the big circle?")
+    with pytest.raises(ValueError, match=r"unknown variants \['prefix'\]"):
+        reword({"question": "q?", "family": "fine"}, np.random.default_rng(0), {"prefix": 1.0})
+
+
+def test_fair_training_resumes_exactly_with_the_mix_cls_head_and_wordings(tmp_path):
+    def fair(name):
+        config = micro(tmp_path, name)
+        config["model"]["stock_prompts"] = True
+        config["allocation"].update(allocators=["mix"], full_steps=0, full_probability=0.0)
+        config["train"].update(steps=5, cls_weight=1.0, wording={"suffix": 0.5, "pope": 0.5, "unknown": 0.2},
+                               turns=3, eval_every=100, focus_scenes=4, eval_allocators=["all"])
+        return config
+
+    straight = train(fair("straight"), progress=False)
+    config = fair("sliced")
+    train(config, progress=False, stop_after=3)
+    sliced = train(config, progress=False)
+    for step in (4, 5):
+        a = load_file(str(straight / f"checkpoints/step-{step:07d}/model.safetensors"))
+        b = load_file(str(sliced / f"checkpoints/step-{step:07d}/model.safetensors"))
+        assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    stage1 = load_file(str(straight / "checkpoints/step-0000002/model.safetensors"))
+    assert "heads.scene.1.weight" in stage1
+    log = [json.loads(line) for line in (straight / "log.jsonl").read_text().splitlines()]
+    assert all(row["scene_loss"] > 0 for row in log[:2]) and all(row["loss"] > 0 for row in log[2:])
+    focus = [json.loads(line) for line in (straight / "cls.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in focus] == [2] and 0 <= focus[0]["mass"] <= 1 and 0 < focus[0]["area"] < 1
+    vlm = PyramidVLM.from_pretrained(straight / "model", levels=2)
+    assert vlm.tokenizer.unk_token_id not in vlm.tokenizer("in the image? answer the question using a single word "
+                                                           "or phrase.")["input_ids"][1:]

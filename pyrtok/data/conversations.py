@@ -19,31 +19,92 @@ from collections import defaultdict
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from pyrtok.data.shapes_vqa import ANSWERS, FAMILIES, make_scene, patch_targets, questions_for
+from pyrtok.data.shapes_vqa import ANSWERS, FAMILIES, SPLITS, make_scene, patch_targets, questions_for, scene_labels
 from pyrtok.images import image_tensor
 
 __all__ = [
-    "PROMPT", "answer_labels", "conversation", "family_counts", "num_turns", "scene_batch", "scene_questions",
-    "vocabulary",
+    "PROMPT", "SHORT_ANSWER", "STOCK_PROMPTS", "WORDING", "answer_labels", "conversation", "family_counts",
+    "num_turns", "pope_question", "reword", "scene_batch", "scene_questions", "vocabulary",
 ]
 
 PROMPT = "USER: <image> {question} ASSISTANT:"
 """The single-question prompt: evaluation asks exactly this, and it is the first turn of every conversation."""
 
 _DRAW_STRIDE = 100_003  # seed offset between the question draws of one scene
+_WORDING_STREAM = 7_001  # seed-sequence entry that separates the wording draws from the scene's own
+
+SHORT_ANSWER = "Answer the question using a single word or phrase."
+"""LLaVA-1.5's short-answer suffix, the ``post_prompt`` of stock lmms-eval tasks (POPE, GQA, VQAv2, ...)."""
+
+STOCK_PROMPTS = (SHORT_ANSWER, "Is there a red circle in the image?")
+"""Stock lmms-eval prompt text (the short-answer suffix, POPE's question form) whose words the tokenizer of a
+``stock_prompts`` vocabulary covers."""
+
+WORDING: dict[str, float] = {"suffix": 0.0, "pope": 0.0, "unknown": 0.0}
+"""Probabilities of the wording variants of one training turn (:func:`reword`): the short-answer suffix, POPE's
+"in the image" form of an existence question, and a few unknown words (``<unk>``) after the question."""
 
 
-def vocabulary(scenes: int = 400) -> list[str]:
-    """Every word the prompts and answers of the benchmark use (deterministic, sorted)."""
+def _words(text: str) -> set[str]:
+    return set(re.findall(r"\w+|[^\w\s]", text.lower()))
+
+
+def vocabulary(scenes: int = 400, stock_prompts: bool = False) -> list[str]:
+    """Every word the prompts and answers of the benchmark use (deterministic, sorted); with ``stock_prompts``
+    also the words of :data:`STOCK_PROMPTS`, so that stock lmms-eval prompts carry no unknown word."""
     words = {"user", "assistant", ":", "?"} | set(ANSWERS)
     for index in range(scenes):
         scene = make_scene(0, "train", index, size=32)
         for item in questions_for(scene, 0, "train", index):
-            words.update(re.findall(r"\w+|[^\w\s]", item["question"].lower()))
+            words.update(_words(item["question"]))
+    if stock_prompts:
+        for text in STOCK_PROMPTS:
+            words.update(_words(text))
     return sorted(words)
+
+
+def pope_question(question: str) -> str:
+    """POPE's form of an existence question: ``is there a red circle?`` -> ``is there a red circle in the image?``.
+
+    Example:
+        >>> pope_question("is there an orange square?")
+        'is there an orange square in the image?'
+    """
+    if not question.startswith("is there ") or not question.endswith("?"):
+        raise ValueError(f"question must be an existence question 'is there ...?', got {question!r}")
+    return question[:-1] + " in the image?"
+
+
+def reword(item: dict, rng: np.random.Generator, wording: Mapping[str, float]) -> str:
+    """The text one training turn asks ``item``'s question with: its own words, or a variant drawn from ``rng``.
+
+    Three independent draws, with the probabilities of ``wording`` (keys of :data:`WORDING`): an existence
+    question in POPE's form (:func:`pope_question`), one to three unknown words (``<unk>``) after the question
+    (so that words the tokenizer never saw do not derail the answer), and the short-answer suffix
+    :data:`SHORT_ANSWER` on a new line, as LLaVA-1.5 and lmms-eval write it. Every draw is made whatever
+    the item, so the variants of later turns do not depend on earlier ones.
+
+    Example:
+        >>> item = {"question": "is there a red circle?", "family": "existence"}
+        >>> reword(item, np.random.default_rng(0), {"suffix": 1.0, "pope": 1.0, "unknown": 0.0})
+        'is there a red circle in the image?\\nAnswer the question using a single word or phrase.'
+    """
+    unknown = set(wording) - set(WORDING)
+    if unknown:
+        raise ValueError(f"wording names unknown variants {sorted(unknown)}; expected some of {list(WORDING)}")
+    p = {**WORDING, **wording}
+    pope, noise, suffix = rng.random(3) < np.array([p["pope"], p["unknown"], p["suffix"]])
+    count = int(rng.integers(1, 4))
+    text = item["question"]
+    if pope and item["family"] == "existence":
+        text = pope_question(text)
+    if noise:
+        text += " " + " ".join(["<unk>"] * count)
+    return text + f"\n{SHORT_ANSWER}" if suffix else text
 
 
 def family_counts(turns: Mapping[str, int]) -> dict[str, int]:
@@ -117,6 +178,7 @@ def scene_batch(
     seed: int = 0,
     patch: int | None = None,
     turns: int | Mapping[str, int] = 1,
+    wording: Mapping[str, float] | None = None,
 ) -> tuple[Tensor, list[dict]] | tuple[Tensor, list[dict], dict[str, Tensor]]:
     """Scenes ``first .. first+count-1`` of ``split``: images (count, 3, S, S) in [0, 1] and one question each.
 
@@ -125,7 +187,10 @@ def scene_batch(
     following families, cyclically; see :func:`scene_questions` for more than one per family, or for a
     ``{family: count}`` mapping), for multi-turn training. With ``patch``, also the per-patch targets of
     every scene, ``{name: (count, S/patch, S/patch) int64}``
-    (:func:`~pyrtok.data.shapes_vqa.patch_targets`).
+    (:func:`~pyrtok.data.shapes_vqa.patch_targets`), and under ``"scene"`` its image-level labels, (count, K)
+    float32 multi-hot (:func:`~pyrtok.data.shapes_vqa.scene_labels`). With ``wording`` (probabilities of the
+    variants of :func:`reword`), every turn also carries ``"text"``: the words it is asked with in training,
+    drawn from (seed, split, index) alone; ``"question"`` stays the benchmark's.
     """
     many = num_turns(turns)
     if many < 1:
@@ -134,12 +199,17 @@ def scene_batch(
     for index in range(first, first + count):
         scene = make_scene(seed, split, index, size)
         first_question, *more = scene_questions(scene, seed, split, index, turns)
+        if wording is not None:
+            rng = np.random.default_rng(np.random.SeedSequence([seed, SPLITS[split], index, _WORDING_STREAM]))
+            first_question = {**first_question, "text": reword(first_question, rng, wording)}
+            more = [{**q, "text": reword(q, rng, wording)} for q in more]
         item = {**first_question, **({"more": more} if many > 1 else {})}
         images.append(image_tensor(scene.image))
         items.append(item)
         if patch is not None:
             for name, value in patch_targets(scene, patch).items():
                 targets[name].append(torch.from_numpy(value))
+            targets["scene"].append(torch.from_numpy(scene_labels(scene)))
     if patch is None:
         return torch.stack(images), items
     return torch.stack(images), items, {name: torch.stack(v) for name, v in targets.items()}
@@ -148,17 +218,19 @@ def scene_batch(
 def conversation(item: dict) -> str:
     """The training text of a question and its ``"more"`` follow-ups: LLaVA-style turns, image in the first.
 
-    ``USER: <image> q1 ASSISTANT: a1 </s> USER: q2 ASSISTANT: a2 </s> ...``; the first turn is exactly the
+    ``USER: <image> q1 ASSISTANT: a1 </s> USER: q2 ASSISTANT: a2 </s> ...``; the first turn is the
     single-question prompt evaluation uses (:data:`PROMPT`), and later turns supervise more answers per
-    encoded image.
+    encoded image. A turn with a ``"text"`` (a training wording, see :func:`scene_batch`) is asked in those
+    words instead of its ``"question"``.
 
     Example:
         >>> conversation({"question": "what colour?", "answer": "red", "more": [{"question": "how many?",
         ...                                                                   "answer": "2"}]})
         'USER: <image> what colour? ASSISTANT: red </s> USER: how many? ASSISTANT: 2 </s>'
     """
-    text = PROMPT.format(question=item["question"]) + f" {item['answer']} </s>"
-    return text + "".join(f" USER: {q['question']} ASSISTANT: {q['answer']} </s>" for q in item.get("more", []))
+    text = PROMPT.format(question=item.get("text", item["question"])) + f" {item['answer']} </s>"
+    return text + "".join(f" USER: {q.get('text', q['question'])} ASSISTANT: {q['answer']} </s>"
+                          for q in item.get("more", []))
 
 
 def answer_labels(input_ids: Tensor, tokenizer: Any) -> Tensor:

@@ -29,6 +29,7 @@ __all__ = [
     "ANSWERS",
     "COLOURS",
     "FAMILIES",
+    "SCENE_LABELS",
     "SHAPES",
     "SPLITS",
     "Scene",
@@ -36,6 +37,7 @@ __all__ = [
     "patch_targets",
     "questions_for",
     "samples",
+    "scene_labels",
 ]
 
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -196,6 +198,32 @@ def patch_targets(scene: Scene, patch: int = 16, cover: float = 0.3) -> dict[str
         row, col = (min(int(v // patch), grid - 1) for v in dot.centre[::-1])
         out["dot"][row, col] = colours.index(dot.colour) + 1
     return out
+
+
+SCENE_LABELS: tuple[str, ...] = (
+    *(f"colour {c}" for c in COLOURS), *(f"shape {s}" for s in SHAPES),
+    *(f"object {c} {s}" for c in COLOURS for s in SHAPES), *(f"dot {c}" for c in COLOURS),
+    *(f"glyph {g.lower()}" for g in DIGITS + LETTERS),
+)
+"""The image-level labels of a scene (:func:`scene_labels`): which colours, shapes and (colour, shape) objects
+its large objects show, which colours its tiny dots have, and which glyph its label bears."""
+
+
+def scene_labels(scene: Scene) -> np.ndarray:
+    """(len(SCENE_LABELS),) float32 multi-hot vector of what ``scene`` holds, in :data:`SCENE_LABELS` order.
+
+    A whole-image target (the answer to "what is in this picture?"), for training a tower's [CLS] token.
+
+    Example:
+        >>> scene = make_scene(0, "train", 0)
+        >>> labels = scene_labels(scene)
+        >>> labels.shape == (len(SCENE_LABELS),), labels[SCENE_LABELS.index(f"glyph {scene.glyph.lower()}")]
+        (True, np.float32(1.0))
+    """
+    present = {f"colour {o.colour}" for o in scene.objects} | {f"shape {o.shape}" for o in scene.objects}
+    present |= {f"object {o.colour} {o.shape}" for o in scene.objects} | {f"dot {d.colour}" for d in scene.dots}
+    present.add(f"glyph {scene.glyph.lower()}")
+    return np.array([name in present for name in SCENE_LABELS], dtype=np.float32)
 
 
 def _article(word: str) -> str:

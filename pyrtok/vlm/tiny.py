@@ -4,36 +4,41 @@ The model is a HF ``LlavaForConditionalGeneration`` (CLIP vision tower, 2-layer 
 with a word-level tokenizer over the shapes benchmark's words (:func:`~pyrtok.data.conversations.vocabulary`);
 both save with ``save_pretrained``, so :meth:`PyramidVLM.from_pretrained` and plain transformers load it
 offline. :class:`DenseHeads` are linear per-patch classifiers that teach the tower what each patch shows and
-where it is; :class:`Trainee` holds the LLaVA and the heads so that one forward serves both training stages.
+where it is, plus a multi-label head on its [CLS] token that teaches [CLS] what the whole scene holds (so that
+[CLS] attention means something, as in CLIP-style towers; :func:`cls_focus` measures it); :class:`Trainee`
+holds the LLaVA and the heads so that one forward serves both training stages.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pyrtok.allocators import Allocator
 from pyrtok.data.conversations import answer_labels, conversation, vocabulary
-from pyrtok.data.shapes_vqa import TARGETS
+from pyrtok.data.shapes_vqa import SCENE_LABELS, TARGETS
 from pyrtok.vlm.adapter import PyramidVLM
 from pyrtok.vlm.tokenizer import word_tokenizer
 
-__all__ = ["DenseHeads", "Trainee", "build"]
+__all__ = ["DenseHeads", "Trainee", "build", "cls_focus"]
 
 
 def build(config: dict[str, Any]) -> tuple[nn.Module, Any]:
     """A fresh (``LlavaForConditionalGeneration``, tokenizer) pair from ``config['model']``.
 
     ``config['init']['vision_tower']``, if set, names a saved ``CLIPVisionModel`` folder (a ``pyrtok pretrain``
-    encoder) whose weights replace the fresh tower's. The initial weights come from torch's global RNG:
-    seed it first for a reproducible model.
+    encoder) whose weights replace the fresh tower's. ``model.stock_prompts`` adds the words of stock
+    lmms-eval prompts to the tokenizer (:func:`~pyrtok.data.conversations.vocabulary`). The initial weights come
+    from torch's global RNG: seed it first for a reproducible model.
     """
     from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     m = config["model"]
-    tokenizer = word_tokenizer(vocabulary())
+    tokenizer = word_tokenizer(vocabulary(stock_prompts=bool(m.get("stock_prompts", False))))
     vision = CLIPVisionConfig(hidden_size=m["vision_hidden"], intermediate_size=m["vision_intermediate"],
                               num_hidden_layers=m["vision_layers"], num_attention_heads=m["vision_heads"],
                               image_size=m["image_size"], patch_size=m["patch_size"])
@@ -61,7 +66,9 @@ class DenseHeads(nn.Module):
 
     The scene heads predict :data:`~pyrtok.data.shapes_vqa.TARGETS`; the position heads predict the patch's
     row and column in the ``grid`` x ``grid`` patch grid, so the features keep their location even when an
-    allocator drops tokens and the language model no longer sees them in grid order.
+    allocator drops tokens and the language model no longer sees them in grid order. The scene head
+    (:meth:`scene_loss`) reads the [CLS] token instead and predicts the scene's
+    :data:`~pyrtok.data.shapes_vqa.SCENE_LABELS`.
     """
 
     def __init__(self, dim: int, grid: int) -> None:
@@ -69,6 +76,22 @@ class DenseHeads(nn.Module):
         self.grid = grid
         self.heads = nn.ModuleDict({name: nn.Linear(dim, classes) for name, classes in TARGETS.items()})
         self.position = nn.ModuleDict({name: nn.Linear(dim, grid) for name in ("row", "col")})
+        # normalised first: [CLS] is read from the residual stream of the feature layer, before any final norm
+        self.scene = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, len(SCENE_LABELS)))
+
+    def scene_loss(self, cls: Tensor, labels: Tensor) -> Tensor:
+        """Multi-label loss of the scene head for (B, D) [CLS] features and (B, K) multi-hot ``labels``.
+
+        A binary cross-entropy per label, positives and negatives weighing half each per label and batch (most
+        labels are absent from most scenes, so an unweighted loss would be won by predicting "absent").
+        """
+        if cls.dim() != 2 or labels.shape != (cls.shape[0], len(SCENE_LABELS)):
+            raise ValueError(f"cls must be (B, D) and labels (B, {len(SCENE_LABELS)}), got {tuple(cls.shape)} and "
+                             f"{tuple(labels.shape)}")
+        loss = F.binary_cross_entropy_with_logits(self.scene(cls), labels.float(), reduction="none")
+        positive = labels.float()
+        parts = [(loss * w).sum() / w.sum() for w in (positive, 1 - positive) if w.sum() > 0]
+        return sum(parts) / len(parts)
 
     def forward(self, features: Tensor, targets: dict[str, Tensor]) -> Tensor:
         """Mean loss over the six heads for (B, G*G, D) features and ``{name: (B, G, G)}`` scene targets.
@@ -107,28 +130,32 @@ class Trainee(nn.Module):
         self.tokenizer, self.levels = tokenizer, levels
         self._vlms: dict[str, PyramidVLM] = {}  # a plain dict: views share the LLaVA, not registered twice
 
-    def vlm(self, allocator: str) -> PyramidVLM:
-        """A :class:`PyramidVLM` view of the LLaVA with ``allocator`` (cached; shares the weights)."""
-        if allocator not in self._vlms:
-            self._vlms[allocator] = PyramidVLM(self.llava, self.tokenizer, allocator=allocator, levels=self.levels)
-        return self._vlms[allocator]
+    def vlm(self, allocator: str | Allocator) -> PyramidVLM:
+        """A :class:`PyramidVLM` view of the LLaVA with ``allocator`` (a registered name or an allocator instance;
+        cached; shares the weights)."""
+        key = allocator if isinstance(allocator, str) else f"{type(allocator).__name__}@{id(allocator)}"
+        if key not in self._vlms:
+            self._vlms[key] = PyramidVLM(self.llava, self.tokenizer, allocator=allocator, levels=self.levels)
+        return self._vlms[key]
 
     def forward(
         self,
         images: Tensor,
         targets: dict[str, Tensor],
         items: list[dict] | None = None,
-        allocator: str = "all",
+        allocator: str | Allocator = "all",
         budgets: Tensor | None = None,
         generator: torch.Generator | None = None,
-    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """(dense loss, answer loss, (B,) kept counts) for (B, 3, H, W) images; the last two are None without
-        ``items`` (stage 1).
+    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """(dense loss, scene loss, answer loss, (B,) kept counts) for (B, 3, H, W) images; the last two are None
+        without ``items`` (stage 1).
 
-        ``targets``: ``{name: (B, G, G)}`` per-patch targets; ``items``: one question (with its ``"more"``
-        turns) per image, trained as a :func:`~pyrtok.data.conversations.conversation` with the loss on the
-        answers; ``budgets``: (B,) tokens each image keeps. The tower encodes once for both losses. While the
-        tower is frozen it runs without autograd and the dense loss is a constant 0.
+        ``targets``: ``{name: (B, G, G)}`` per-patch targets and, for the scene loss of the [CLS] head,
+        ``"scene"``: (B, K) multi-hot scene labels (without them the scene loss is a constant 0); ``items``: one
+        question (with its ``"more"`` turns) per image, trained as a
+        :func:`~pyrtok.data.conversations.conversation` with the loss on the answers; ``budgets``: (B,) tokens
+        each image keeps. The tower encodes once for all losses. While the tower is frozen it runs without
+        autograd and the dense and scene losses are constant 0s.
         """
         vlm = self.vlm(allocator)
         tower_trains = any(p.requires_grad for p in self.llava.model.vision_tower.parameters())
@@ -137,8 +164,36 @@ class Trainee(nn.Module):
             tokens = vlm.encode(prepared)
         level0 = tokens.features[:, tokens.level_slices[0]]
         dense = self.heads(level0, targets) if tower_trains else level0.new_zeros(())
+        scored = tower_trains and "scene" in targets and tokens.cls is not None
+        scene = self.heads.scene_loss(tokens.cls[:, 0], targets["scene"]) if scored else level0.new_zeros(())
         if items is None:
-            return dense, None, None
+            return dense, scene, None, None
         out = vlm(prepared, [conversation(i) for i in items], labels=lambda ids: answer_labels(ids, self.tokenizer),
                   budget=budgets, generator=generator, tokens=tokens)
-        return dense, out.loss, out.counts
+        return dense, scene, out.loss, out.counts
+
+
+@torch.no_grad()
+def cls_focus(vlm: PyramidVLM, images: Tensor, covered: Tensor) -> dict[str, float]:
+    """How much of the tower's [CLS] attention falls on scene content, against the area that content covers.
+
+    Args:
+        vlm: the model whose encoder captures [CLS] attention at its feature layer (``tokens.attention``).
+        images: (B, 3, H, W) images in [0, 1].
+        covered: (B, G, G) bool, the level-0 patches showing content (objects, the label, the dots).
+
+    Returns:
+        ``{"mass": share of the level-0 [CLS] attention on covered patches, "area": share of patches covered,
+        "lift": mass / area}`` over the batch: a [CLS] that reads the scene has a lift well above 1, one that
+        attends anywhere about 1.
+    """
+    tokens = vlm.encode(vlm.encoder.prepare(images))
+    if tokens.attention is None:
+        raise ValueError("vlm's encoder captures no [CLS] attention (tokens.attention is None)")
+    attention = tokens.attention[:, tokens.level_slices[0]].float()
+    covered = covered.to(attention.device).flatten(1).float()
+    if covered.shape != attention.shape:
+        raise ValueError(f"covered must be (B, G, G) with B*G*G = {tuple(attention.shape)}, got {tuple(covered.shape)}")
+    mass = float(((attention * covered).sum(1) / attention.sum(1)).mean())
+    area = float(covered.mean())
+    return {"mass": mass, "area": area, "lift": mass / area if area else float(np.nan)}

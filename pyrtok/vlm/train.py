@@ -8,7 +8,10 @@ Training sees the model exactly as evaluation will: every step encodes a batch o
 3-level token pyramid, one allocator drawn from ``allocation.allocators`` keeps a random fraction of the
 tokens per sample (``full_probability`` of the samples keep everything), and the language model learns
 the one-word answer (loss on the answer and end-of-sequence tokens only). So the model learns to answer from
-any subset of multi-scale tokens.
+any subset of multi-scale tokens. The name ``mix`` in ``allocation.allocators`` is the policy-neutral
+:class:`TrainingMix` (whole levels, or random subsets with random per-level shares, scattered or in random
+blobs; ``allocation.mix``), which no evaluated allocator matches, so that no policy meets at test time the
+token sets it was trained on.
 
 Training is staged, because a tiny model trained end to end from scratch answers from the question alone
 (the language prior) long before it learns to look. Stage 1 (``train.dense_steps``) trains only the vision
@@ -27,8 +30,15 @@ last steps of stage 2 can be warm restarts (SGDR, ``train.restart``: one ``{step
 them): in each, the LR warms up again to its ``lr`` and follows a new cosine to 0 over its ``steps``, with its
 own ``turns`` (:func:`pyrtok._training.lr_factor`). The steps before a restart are exactly those of the same
 config without it, so a finished run can be extended by resuming it under a config with one more restart.
+With ``train.cls_weight`` > 0, stage 1 also trains the tower's [CLS] token (at the feature layer) to predict
+what the scene holds (:func:`pyrtok.data.shapes_vqa.scene_labels`), so that [CLS] attention reads the scene;
+``cls.jsonl`` logs how much of that attention falls on content (:func:`pyrtok.vlm.tiny.cls_focus`) at the end
+of stage 1 and at every evaluation. ``train.wording`` gives the probabilities of training wordings of a turn
+(the short-answer suffix of stock lmms-eval tasks, POPE's "in the image" form, unknown words;
+:func:`~pyrtok.data.conversations.reword`), and ``model.stock_prompts`` adds the stock prompts' words to the
+tokenizer; validation always asks the bare benchmark prompt.
 The tower can be frozen for the first ``train.freeze_vision_steps`` steps of stage 2 (or all of them); while it trains,
-the dense loss stays on as an auxiliary term (``train.dense_weight``). The vision tower can also start
+the dense (and [CLS]) losses stay on as an auxiliary term (``train.dense_weight``). The vision tower can also start
 from a ``pyrtok pretrain`` encoder (``init.vision_tower``). ``model.text_init_std`` sets the initial weight
 scale of the language model and the projector (LLaVA initialises both from the text config), and
 ``model.text_rope_theta`` the language model's RoPE base: a large base keeps the rotary angles small
@@ -50,30 +60,38 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor
 
 from pyrtok import _training
 from pyrtok._training import Run, lr_factor, optimizer_step, restarts, step_generator, turns_at
-from pyrtok.allocators import budget_tokens
-from pyrtok.data.conversations import PROMPT, scene_batch
+from pyrtok.allocators import Allocator, available, budget_tokens
+from pyrtok.allocators.base import Context
+from pyrtok.data.conversations import PROMPT, WORDING, scene_batch
 from pyrtok.metrics import first_word_match
-from pyrtok.tokens import pyramid_tokens
-from pyrtok.vlm.tiny import Trainee, build
+from pyrtok.tokens import MultiScaleTokens, pyramid_tokens
+from pyrtok.vlm.tiny import Trainee, build, cls_focus
 
 # build: the harness and its tests build the tiny model from a train-vlm config through this module
-__all__ = ["DEFAULTS", "build", "evaluate", "load_config", "main", "num_tokens", "train"]
+__all__ = ["DEFAULTS", "MIX", "TrainingMix", "build", "evaluate", "load_config", "main", "num_tokens", "train"]
+
+MIX = "mix"
+"""The name that stands for :class:`TrainingMix` in ``allocation.allocators`` (not a registered allocator)."""
 
 DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "model": {"image_size": 224, "patch_size": 16, "vision_hidden": 128, "vision_layers": 3, "vision_heads": 4,
               "vision_intermediate": 512, "text_hidden": 128, "text_layers": 3, "text_heads": 4,
               "text_intermediate": 512, "text_init_std": 0.02, "text_rope_theta": 10000.0, "levels": 3,
-              "feature_layer": -2},
+              "feature_layer": -2, "stock_prompts": False},
     "init": {"vision_tower": None},
     "allocation": {"allocators": ["all", "random", "pool", "laplacian"], "min_fraction": 0.05,
-                   "full_probability": 0.3, "coarse_steps": 0, "full_steps": 0},
+                   "full_probability": 0.3, "coarse_steps": 0, "full_steps": 0,
+                   "mix": {"whole_levels": 0.2, "blobs": 0.5, "level_spread": 3.0}},
     "train": {"steps": 2000, "batch_size": 32, "lr": 1e-3, "weight_decay": 0.01, "warmup_steps": 100,
               "grad_clip": 1.0, "turns": 1, "dense_steps": 0, "dense_batch_size": 64, "dense_weight": 0.2,
+              "cls_weight": 0.0, "wording": dict(WORDING), "focus_scenes": 64,
               "freeze_vision_steps": 0, "restart": [],
               "log_every": 10, "checkpoint_every": 200,
               "keep_checkpoints": 2, "eval_every": 500, "eval_questions": 250,
@@ -100,6 +118,76 @@ def num_tokens(config: dict[str, Any], levels: int | None = None) -> int:
     return pyramid_tokens((side, side), levels)
 
 
+class TrainingMix(Allocator):
+    """Policy-neutral training token sets: whole levels, or random subsets with random per-level shares.
+
+    Per sample, with probability ``whole_levels``: a random non-empty set of whole levels (the budget becomes
+    their size); otherwise a weighted random subset of the budget's size in which every token of level l
+    weighs exp(u_l), u_l uniform in [-``level_spread``, ``level_spread``] per sample and level, so the share of
+    each level ranges from almost none to almost all. Those subsets are scattered (independent noise per token)
+    or, with probability ``blobs``, clumped into a few random regions (a smooth random field over the image,
+    the same at every level), the shapes that content-driven selections take, placed without looking at the
+    content. Nothing here reads the image, the features or [CLS]: no evaluated allocator's choice is favoured.
+    Not registered: it exists to train, not to be evaluated (``mix`` in ``allocation.allocators``).
+
+    Every draw comes from the call's ``generator`` (memoised per call, so the budget and the choice agree).
+
+    Example:
+        >>> from pyrtok.tokens import from_feature_grid
+        >>> tokens = from_feature_grid(torch.rand(4, 8, 8, 2), 3)
+        >>> mix = TrainingMix(whole_levels=1.0)
+        >>> selection = mix(tokens, 10, generator=torch.Generator().manual_seed(0))
+        >>> set(selection.count.tolist()) <= {4, 16, 20, 64, 68, 80, 84}  # sums of the level sizes 64, 16 and 4
+        True
+    """
+
+    def __init__(self, whole_levels: float = 0.2, blobs: float = 0.5, level_spread: float = 3.0, **options) -> None:
+        super().__init__(**options)
+        for name, value in (("whole_levels", whole_levels), ("blobs", blobs)):
+            if not 0.0 <= float(value) <= 1.0:
+                raise ValueError(f"allocation.mix.{name} must be a probability in [0, 1], got {value!r}")
+        if not float(level_spread) >= 0.0:
+            raise ValueError(f"allocation.mix.level_spread must be >= 0, got {level_spread!r}")
+        self.whole_levels, self.blobs, self.level_spread = float(whole_levels), float(blobs), float(level_spread)
+
+    def _draws(self, tokens: MultiScaleTokens, ctx: Context) -> dict[str, Tensor]:
+        def draw() -> dict[str, Tensor]:
+            g = ctx.generator or torch.Generator().manual_seed(0)
+            b, n, levels = tokens.batch_size, tokens.num_tokens, tokens.num_levels
+            whole = torch.rand(b, generator=g) < self.whole_levels
+            chosen = torch.rand(b, levels, generator=g) < 0.5
+            fallback = torch.randint(levels, (b,), generator=g)
+            # an empty draw keeps one random level instead
+            chosen |= ~chosen.any(1, keepdim=True) & (torch.arange(levels) == fallback.unsqueeze(1))
+            logits = (2 * torch.rand(b, levels, generator=g) - 1) * self.level_spread
+            blob = torch.rand(b, generator=g) < self.blobs
+            sharpness = 1 + 5 * torch.rand(b, 1, generator=g)
+            field = torch.randn(b, 1, 3, 3, generator=g)
+            gumbel = -torch.log(-torch.log(torch.rand(b, n, generator=g).clamp(1e-9, 1 - 1e-9)))
+            smooth = torch.zeros(b, n)
+            for lvl, level_slice in enumerate(tokens.level_slices):
+                h, w = tokens.level_shapes[lvl]
+                grid = F.interpolate(field, size=(h, w), mode="bilinear", align_corners=False)
+                smooth[:, level_slice] = rearrange(grid, "b 1 h w -> b (h w)")
+            level = tokens.level.cpu()
+            priority = logits[:, level] + torch.where(blob.unsqueeze(1), sharpness * smooth + 0.5 * gumbel, gumbel)
+            in_chosen = chosen[:, level]
+            priority = torch.where(whole.unsqueeze(1), in_chosen.float() * 10 + torch.rand(b, n, generator=g),
+                                   priority)
+            sizes = (chosen * tokens.level_sizes.cpu()).sum(1)
+            device = tokens.device
+            return {"whole": whole.to(device), "sizes": sizes.to(device), "priority": priority.to(device)}
+
+        return ctx.cached("training_mix", draw)
+
+    def effective_budgets(self, tokens: MultiScaleTokens, budgets: Tensor, ctx: Context) -> Tensor:
+        draws = self._draws(tokens, ctx)
+        return torch.where(draws["whole"], draws["sizes"].to(budgets.dtype), budgets)
+
+    def priority(self, tokens: MultiScaleTokens, budgets: Tensor, ctx: Context) -> Tensor:
+        return self._draws(tokens, ctx)["priority"]
+
+
 def _budgets(config: dict[str, Any], n: int, size: int, generator: torch.Generator, full: bool = False) -> Tensor:
     """(size,) budgets: a fraction uniform in [min_fraction, 1], or all ``n`` tokens for a ``full_probability``
     share of the samples (for every sample when ``full``)."""
@@ -110,7 +198,8 @@ def _budgets(config: dict[str, Any], n: int, size: int, generator: torch.Generat
 
 
 def _allocation(config: dict[str, Any], stage_step: int, size: int, generator: torch.Generator) -> tuple[str, Tensor]:
-    """The allocator name and (size,) budgets of stage-2 step ``stage_step``: coarse levels, all, then dropout.
+    """The allocator name (or :data:`MIX`) and (size,) budgets of stage-2 step ``stage_step``: coarse levels,
+    all, then dropout.
 
     The draws from ``generator`` are the same in every phase, so resumed runs stay exact.
     """
@@ -159,6 +248,16 @@ def evaluate(vlm_for: Any, config: dict[str, Any], device: torch.device) -> list
     return rows
 
 
+def _focus(trainee: Trainee, config: dict[str, Any], device: torch.device) -> dict[str, float]:
+    """:func:`~pyrtok.vlm.tiny.cls_focus` on the first ``train.focus_scenes`` validation scenes, content being
+    the patches the dense targets mark (large objects, the label, the dots)."""
+    m = config["model"]
+    images, _, targets = scene_batch("validation", 0, config["train"]["focus_scenes"], m["image_size"],
+                                     config["seed"], m["patch_size"])
+    covered = (targets["colour"] > 0) | (targets["glyph"] > 0) | (targets["dot"] > 0)
+    return cls_focus(trainee.vlm("all"), images.to(device), covered)
+
+
 def _check(config: dict[str, Any]) -> None:
     t, m, a = config["train"], config["model"], config["allocation"]
     if not 0 <= t["dense_steps"] < t["steps"]:
@@ -169,6 +268,11 @@ def _check(config: dict[str, Any]) -> None:
                          f"train.dense_steps={t['steps'] - t['dense_steps']}), got {restart_steps}")
     if a["coarse_steps"] and m["levels"] < 2:
         raise ValueError(f"allocation.coarse_steps needs model.levels >= 2 (a coarse level), got {m['levels']}")
+    unknown = [name for name in a["allocators"] if name != MIX and name not in available()]
+    if unknown or not a["allocators"]:
+        raise ValueError(f"allocation.allocators must name registered allocators or {MIX!r}, got {a['allocators']}")
+    if not t["cls_weight"] >= 0:
+        raise ValueError(f"train.cls_weight must be >= 0, got {t['cls_weight']!r}")
 
 
 def train(config: dict[str, Any], resume: bool = True, progress: bool = True, stop_after: int | None = None) -> Path:
@@ -186,8 +290,10 @@ def train(config: dict[str, Any], resume: bool = True, progress: bool = True, st
     optimizer = torch.optim.AdamW(trainee.parameters(), lr=t["lr"], weight_decay=t["weight_decay"])
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, t))
     model, optimizer, scheduler = accelerator.prepare(trainee, optimizer, schedule)
-    run.resume(resume, schedule, logs=("log.jsonl", "eval.jsonl"))
+    run.resume(resume, schedule, logs=("log.jsonl", "eval.jsonl", "cls.jsonl"))
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    mix = TrainingMix(**config["allocation"]["mix"])
+    wording = t["wording"] if any(t["wording"].values()) else None
     bar = run.steps(t["steps"], stop_after, progress)
     for step in bar:
         generator = step_generator(config["seed"], step, rank, stream=4)
@@ -195,24 +301,26 @@ def train(config: dict[str, Any], resume: bool = True, progress: bool = True, st
         size = t["batch_size"] if stage2 else t["dense_batch_size"]
         first = (step * world + rank) * max(t["batch_size"], t["dense_batch_size"])
         images, items, targets = scene_batch("train", first, size, m["image_size"], config["seed"], m["patch_size"],
-                                             turns=turns_at(step, t))
+                                             turns=turns_at(step, t), wording=wording)
         images, targets = images.to(device), {name: v.to(device) for name, v in targets.items()}
         if stage2:
             stage_step = step - t["dense_steps"]
             trainee.llava.model.vision_tower.requires_grad_(stage_step >= t["freeze_vision_steps"])
             allocator, budgets = _allocation(config, stage_step, size, generator)
-            dense, answer, counts = model(images, targets, items, allocator, budgets, generator)
-            loss = answer + t["dense_weight"] * dense
+            dense, scene, answer, counts = model(images, targets, items, mix if allocator == MIX else allocator,
+                                                 budgets, generator)
+            loss = answer + t["dense_weight"] * (dense + t["cls_weight"] * scene)
         else:
-            dense, answer, counts = model(images, targets)
-            loss = dense
+            dense, scene, answer, counts = model(images, targets)
+            loss = dense + t["cls_weight"] * scene
         optimizer_step(accelerator, model, optimizer, scheduler, loss, t["grad_clip"])
         done = step + 1
         if done % t["log_every"] == 0 or done == run.end:
-            losses = accelerator.gather(torch.stack([dense.detach(), (answer if stage2 else dense).detach()]))
-            dense_loss, answer_loss = losses.reshape(-1, 2).mean(0).tolist()
+            losses = accelerator.gather(torch.stack([dense.detach(), (answer if stage2 else dense).detach(),
+                                                     scene.detach()]))
+            dense_loss, answer_loss, scene_loss = losses.reshape(-1, 3).mean(0).tolist()
             bar.set_postfix(dense=f"{dense_loss:.3f}", **({"answer": f"{answer_loss:.3f}"} if stage2 else {}))
-            row = {"step": done, "stage": 2 if stage2 else 1, "dense_loss": dense_loss,
+            row = {"step": done, "stage": 2 if stage2 else 1, "dense_loss": dense_loss, "scene_loss": scene_loss,
                    "lr": scheduler.get_last_lr()[0]}
             if stage2:
                 row.update(loss=answer_loss, tokens=counts.float().mean().item())
@@ -222,6 +330,10 @@ def train(config: dict[str, Any], resume: bool = True, progress: bool = True, st
             rows = evaluate(trainee.vlm, config, device)
             trainee.train()
             run.log("eval.jsonl", *({"step": done, **row} for row in rows))
+        if t["cls_weight"] and (done == t["dense_steps"] or (stage2 and done % t["eval_every"] == 0)) and run.is_main:
+            trainee.eval()
+            run.log("cls.jsonl", {"step": done, **_focus(trainee, config, device)})
+            trainee.train()
         if done % t["checkpoint_every"] == 0 or done == run.end:
             run.checkpoint(done, t["keep_checkpoints"])
     if run.is_main and run.finished:

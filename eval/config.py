@@ -12,6 +12,7 @@
         prompt: "USER: <image> {question} ASSISTANT:"
         levels: 3                      # pyramid levels; mode: feature (pooled) or image (per level)
         max_new_tokens: 3
+        options: {}                    # PyramidVLM / family options, e.g. {lazy_tiles: true, newlines: none}
     allocators: [random, pool, laplacian, configs/allocators/saliency.yaml]
     budgets: [1.0, 0.25, 0.11]         # floats <= 1: fractions of the tokens; ints: token counts
     schedules: [{name: fastv, layer: 2, keep: 0.25}, {name: pdrop, label: pdrop}]  # optional, in-LLM dropping
@@ -25,6 +26,14 @@ with the field mapping of ``hf_task``). ``prompt_task`` picks a task's LLaVA-1.5
 (default: ``hf_task``; none: the question as it is); ``pre_prompt`` / ``post_prompt`` override it.
 ``metric`` defaults to the HF task's own metric, else the first-word exact match. ``group`` keeps records
 sharing a field together in subsets (``limit`` then counts groups); MME defaults to its image id.
+
+A model's ``options`` go to :class:`~pyrtok.vlm.PyramidVLM` as they are: core options (``share_budget``) and
+the options of the model's family (LLaVA-NeXT / OneVision: ``lazy_tiles``, ``newlines``; Qwen:
+``coarse_positions``). The allocator, budget, mode, levels and schedules have their own places and are refused
+there. Where the model's config is on disk (a local folder, the embedded model), the option names and values
+are checked when the config loads, by building the wrapper on the model's empty (meta-device) shell with its
+processor, so a bad option fails before any weights load or any row is written; otherwise they are checked
+when the model loads. The options are part of every row's fingerprint.
 
 ``schedules`` (optional) lists in-LLM dropping schedules (:func:`pyrtok.vlm.schedule.resolve_schedule` specs:
 a name, a YAML path, a mapping with ``name`` and an optional ``label``). Each one runs after every allocator at
@@ -41,7 +50,7 @@ from typing import Any
 
 import yaml
 
-__all__ = ["COARSE", "AblationConfig", "ModelSpec", "TaskSpec", "embedded_model", "load_config"]
+__all__ = ["COARSE", "AblationConfig", "ModelSpec", "TaskSpec", "check_model_options", "embedded_model", "load_config"]
 
 SOURCES = ("shapes", "local", "hf")
 # the metric each HF task is scored with unless a task config names another
@@ -49,6 +58,8 @@ HF_METRICS = {"vqav2": "vqav2", "gqa": "gqa", "textvqa": "textvqa", "pope": "pop
               "scienceqa_img": "scienceqa"}
 # what tables, rows and plots call the `all` allocator below the full budget: it keeps the coarsest tokens first
 COARSE = "coarse"
+# PyramidVLM arguments that an ablation sets elsewhere (allocators, budgets, schedules, a model's mode/levels)
+RESERVED_OPTIONS = frozenset({"allocator", "budget", "mode", "levels", "schedule", "encoder", "config"})
 KEYS = ("name", "output", "seed", "batch_size", "models", "allocators", "budgets", "tasks", "schedules")
 
 
@@ -70,6 +81,7 @@ class ModelSpec:
     mode: str = "feature"
     levels: int = 3
     max_new_tokens: int = 8
+    options: dict[str, Any] = field(default_factory=dict)  # PyramidVLM / family options (see the module notes)
 
     @property
     def resolved_path(self) -> str:
@@ -81,6 +93,44 @@ class ModelSpec:
                              f"model's image marker), or omitted for the model's chat template, got {self.prompt!r}")
         if self.mode not in ("feature", "image"):
             raise ValueError(f"models[{self.name}].mode must be 'feature' or 'image', got {self.mode!r}")
+        if not isinstance(self.options, dict) or not all(isinstance(k, str) for k in self.options):
+            raise ValueError(f"models[{self.name}].options must be a mapping of option names to values, "
+                             f"got {self.options!r}")
+        reserved = sorted(set(self.options) & RESERVED_OPTIONS)
+        if reserved:
+            raise ValueError(f"models[{self.name}].options cannot set {reserved}: the allocator, budget, mode, "
+                             "levels and schedules have their own places in the ablation config")
+
+
+def check_model_options(spec: ModelSpec) -> None:
+    """Raise a ValueError/TypeError naming ``models[<name>].options`` unless :class:`~pyrtok.vlm.PyramidVLM`
+    takes ``spec.options`` for this model. Needs the model's config on disk (a local folder or the embedded
+    model; a hub id is left to load time): the wrapper is built on the model's meta-device shell, so no weight
+    is read or allocated."""
+    if not spec.options:
+        return
+    try:
+        folder = Path(spec.resolved_path)
+    except FileNotFoundError:
+        return
+    if not (folder / "config.json").is_file():
+        return
+    import torch
+    import transformers
+
+    from pyrtok.vlm import PyramidVLM, family_for
+    from pyrtok.vlm.adapter import _load_processor
+
+    model_config = transformers.AutoConfig.from_pretrained(folder)
+    family_for(model_config)
+    with torch.device("meta"):
+        shell = getattr(transformers, model_config.architectures[0])(model_config)
+    processor = _load_processor(folder)
+    try:
+        PyramidVLM(shell, processor, mode=spec.mode, levels=spec.levels, **spec.options)
+    except (TypeError, ValueError) as error:
+        PyramidVLM(shell, processor, mode=spec.mode, levels=spec.levels)  # a mode or levels error is not the options'
+        raise type(error)(f"models[{spec.name}].options = {spec.options!r}: {error}") from None
 
 
 @dataclass
@@ -210,6 +260,8 @@ def load_config(source: str | Path | dict[str, Any], overrides: dict[str, Any] |
     models = [_entry(ModelSpec, m, f"models[{n}]") for n, m in enumerate(data["models"])]
     if len({m.name for m in models}) != len(models):
         raise ValueError("models must have distinct names")
+    for model in models:  # a bad family option fails here, before any weights load or any row is written
+        check_model_options(model)
     tasks = [_entry(TaskSpec, t, f"tasks[{n}]") for n, t in enumerate(data["tasks"])]
     if len({t.name for t in tasks}) != len(tasks):
         raise ValueError("tasks must have distinct names")

@@ -81,14 +81,20 @@ class LoadedModel:
 
 def load_model(spec: ModelSpec, allocators: dict[str, Any], device: torch.device) -> LoadedModel:
     """Load ``spec`` once and wrap it with every allocator (label -> any spec :func:`~pyrtok.allocators.resolve`
-    takes, or an allocator)."""
+    takes, or an allocator), each wrapper with the spec's ``options`` (core and family options)."""
     from pyrtok.vlm import PyramidVLM
 
     resolved = {name: resolve(allocator, f"allocators[{name}]") for name, allocator in allocators.items()}
     first = PyramidVLM.from_pretrained(spec.resolved_path, mode=spec.mode, levels=spec.levels)
     first.model.to(device)
-    vlms = {name: PyramidVLM(first.model, first.processor, allocator=allocator, mode=spec.mode, levels=spec.levels)
-            for name, allocator in resolved.items()}
+    try:  # a hub model's options are first checked here (a local folder's when the config loaded)
+        vlms = {name: PyramidVLM(first.model, first.processor, allocator=allocator, mode=spec.mode,
+                                 levels=spec.levels, **spec.options)
+                for name, allocator in resolved.items()}
+    except (TypeError, ValueError) as error:
+        if not spec.options:
+            raise
+        raise type(error)(f"models[{spec.name}].options = {spec.options!r}: {error}") from None
     n = None
     if first.family.fixed_resolution:  # every image is resized to the tower's square: one token count
         with torch.no_grad():

@@ -491,3 +491,50 @@ def test_the_plugin_runs_a_qwen_family_model(tmp_path):
     pruned = _model(folder, docs, allocator="pool", levels=2, budget=3, batch_size=2)
     pruned.generate_until(_requests(docs))
     assert [pruned.kept_tokens[(TASK, SPLIT, i)] for i in range(2)] == [3, 3]
+
+
+@pytest.mark.parametrize("family", ["llava_next", "llava_onevision"])
+def test_the_plugin_runs_llava_next_and_onevision(tmp_path, family):
+    """Any-resolution tiles through the plugin: the chat template is the default prompt, images that pick
+    different pinpoint grids share a batch, full-budget answers are the unwrapped model's through its
+    processor, and a budget keeps that many tokens (plus, by default, one newline per row that keeps any)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from pyrtok.testing import save_tiny_vlm
+
+    folder = save_tiny_vlm(family, tmp_path / family)
+    docs = [{"image": _image(0, (70, 100)), "question": "what colour is the shape?"},
+            {"image": _image(1, (100, 60)), "question": "what shape is it?"}]
+    model, processor = AutoModelForImageTextToText.from_pretrained(folder).eval(), AutoProcessor.from_pretrained(folder)
+    lm = _model(folder, docs, allocator="all", levels=1, batch_size=2)
+    template = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "{context}"}]}],
+        add_generation_prompt=True)
+    assert lm.prompt_template == template and lm.image_token in template
+    results = lm.generate_until(_requests(docs))
+    for i, (doc, result) in enumerate(zip(docs, results, strict=True)):
+        prompt = lm.prompt_template.replace("{context}", doc["question"])
+        inputs = processor(images=[doc["image"]], text=[prompt], return_tensors="pt")
+        new = model.generate(**inputs, max_new_tokens=3, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+        assert result.text == processor.tokenizer.decode(new, skip_special_tokens=True).strip()
+        # the full layout: base view, tile rows and their newlines, as the processor expands the image
+        assert lm.kept_tokens[(TASK, SPLIT, i)] == int((inputs["input_ids"] == model.config.image_token_id).sum())
+    sizes = [lm.vlm.family.tile_grid(lm.vlm.pixels([d["image"]])[0].shape[-2:]) for d in docs]
+    assert sizes[0] != sizes[1]  # two pinpoint grids in one batch
+    config = tmp_path / "no_newlines.yaml"
+    config.write_text("newlines: none\n")
+    exact = _model(folder, docs, allocator="laplacian", levels=2, budget=9, batch_size=2, config=str(config))
+    exact.generate_until(_requests(docs))
+    assert [exact.kept_tokens[(TASK, SPLIT, i)] for i in range(2)] == [9, 9]
+    rows = _model(folder, docs, allocator="laplacian", levels=2, budget=9, batch_size=2)
+    rows.generate_until(_requests(docs))
+    counted = []
+    for i, doc in enumerate(docs):
+        encoded = rows.vlm.encode_batch([doc["image"]])
+        (selection,) = rows.vlm.select_batch(encoded, budget=9)
+        tokens = encoded.groups[0][1].tokens
+        kept = selection.index[0, : int(selection.count[0])]
+        newlines = len(set(tokens.row[kept[tokens.level[kept] == 0]].tolist()))
+        assert rows.kept_tokens[(TASK, SPLIT, i)] == 9 + newlines
+        counted.append(newlines)
+    assert any(counted)  # the rule was exercised: some sample kept tile tokens

@@ -330,3 +330,80 @@ def test_the_ablation_runner_runs_the_family(tmp_path, family):
     assert all(0 < r["vision_tflops"] < r["tflops"] for r in rows)
     report = write_report(rows, {"shapes": "exact"}, tmp_path / "report")
     assert "vision TFLOPs" in report["report"].read_text()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_visionzip_merged_tokens_follow_the_rows_and_keep_the_budget(tiny, family):
+    """VisionZip on the tile pyramid: kept + merged tokens make the budget exactly; the prompt holds those and
+    the newline rule's newlines, the merged tokens (in the language model's space) after the last row."""
+    _, model, processor = tiny(family)
+    image, prompt, budget = random_image(70, 100, seed=21), chat(processor), 20
+    for rule in ("kept_rows", "all_rows", "none"):
+        vlm = PyramidVLM(model, processor, allocator="visionzip", budget=budget, levels=2, newlines=rule)
+        encoded = vlm.encode_batch([image])
+        (selection,) = vlm.select_batch(encoded)
+        tokens = encoded.groups[0][1].tokens
+        assert tokens.attention is not None and tokens.attention.shape == (1, tokens.num_tokens)
+        merged = int(selection.merged_count[0])
+        assert merged > 0 and int(selection.total[0]) == budget
+        kept = selection.index[0, : int(selection.count[0])]
+        rows_kept = len(set(tokens.row[kept[tokens.level[kept] == 0]].tolist()))
+        newlines = {"kept_rows": rows_kept, "all_rows": tokens.level_shapes[0][0], "none": 0}[rule]
+        inputs = vlm.prepare(None, [prompt], encoded=encoded, selections=[selection])
+        placeholders = int((inputs["input_ids"] == model.config.image_token_id).sum())
+        assert placeholders == budget + newlines == int(inputs["counts"][0])
+        features = inputs["mm_encoder_outputs"]["image"].pooler_output[0]
+        assert features.shape[0] == placeholders
+        assert torch.equal(features[-merged:], selection.merged.features[0, :merged].to(features))
+        if newlines:  # the last row's newline comes right before the merged tokens
+            assert torch.equal(features[-merged - 1], model.model.image_newline.to(features))
+        with torch.no_grad():
+            out = vlm.generate(None, [prompt], encoded=encoded, selections=[selection], max_new_tokens=2)
+        assert out.counts.tolist() == [placeholders]
+
+
+def test_an_ablation_passes_family_options_and_lazy_tiles_save_vision_flops(tmp_path):
+    from pyrtok.eval.config import load_config
+    from pyrtok.eval.runner import fingerprint, run
+
+    save_tiny_vlm("llava_next", tmp_path / "next")
+
+    def config(options, name="next"):
+        return load_config({
+            "name": "lazy", "output": str(tmp_path / "out"), "batch_size": 2,
+            "models": [{"name": name, "path": str(tmp_path / "next"), "levels": 1, "max_new_tokens": 2,
+                        "options": options}],
+            "allocators": ["all", "laplacian"], "budgets": [1.0, 0.25, 0.1],
+            "tasks": [{"name": "shapes", "source": "shapes", "split": "test", "questions": 1000, "limit": 3,
+                       "metric": "exact", "root": str(tmp_path / "data")}],
+        })
+
+    for bad, error, match in (({"newlines": "sometimes"}, ValueError, "newlines must be one of"),
+                              ({"lazy": True}, TypeError, "unexpected keyword argument 'lazy'"),
+                              ({"levels": 2}, ValueError, "cannot set \\['levels'\\]")):
+        with pytest.raises(error, match=match) as raised:
+            config(bad, name="bad")
+        assert "models[bad].options" in str(raised.value)
+    assert not (tmp_path / "out").exists()
+    lazy = config({"lazy_tiles": True, "newlines": "none"})
+    eager = config({})
+    assert lazy.models[0].options == {"lazy_tiles": True, "newlines": "none"}
+    assert fingerprint(lazy, lazy.models[0], lazy.tasks[0], "laplacian") != \
+        fingerprint(eager, eager.models[0], eager.tasks[0], "laplacian")
+    _, rows = run(lazy, progress=False)
+    assert rows and not any(r["error"] for r in rows)
+    full = {r["id"]: r for r in rows if r["allocator"] == "all"}
+    pruned = [r for r in rows if r["allocator"] != "all"]
+    assert {r["allocator"] for r in pruned} == {"coarse", "laplacian"} and len(full) == 3
+    for r in pruned:  # only the tiles under kept tokens reach the tower: never more than the full row's
+        assert 0 < r["vision_tflops"] <= full[r["id"]]["vision_tflops"]
+    full_mean = np.mean([r["vision_tflops"] for r in full.values()])
+    for cell in {(r["allocator"], r["budget"]) for r in pruned}:  # and fewer on average in every pruned cell
+        assert np.mean([r["vision_tflops"] for r in pruned if (r["allocator"], r["budget"]) == cell]) < full_mean
+    # `all` below the full budget keeps the coarsest tokens first: the base view, then the top tile row
+    assert all(r["vision_tflops"] < full[r["id"]]["vision_tflops"] for r in pruned if r["allocator"] == "coarse")
+    # no newlines: a row's count is exactly its kept tokens
+    assert all(r["fraction"] == 1.0 for r in full.values())
+    assert all(abs(r["fraction"] - r["budget"]) < 0.02 for r in pruned)
+    saved = load_config(tmp_path / "out" / "config.yaml")
+    assert saved.models[0].options == {"lazy_tiles": True, "newlines": "none"}

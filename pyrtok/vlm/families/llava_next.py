@@ -16,6 +16,13 @@ into (p, p) cells. ``vision_feature_layer`` (an int or a list, concatenated) and
 ``vision_feature_select_strategy`` ('default' drops the tower's [CLS]; 'full' keeps every token and needs a
 tower without one, such as SigLIP) are the model's own.
 
+Attention (``tokens.attention``, for [CLS]-attention allocators such as ``fastervlm`` and ``visionzip``): each
+view's [CLS] attention to its patches at the feature layer (the last listed layer for a list), or, for a SigLIP
+tower, its pooling probe's attention over the last layer, as VisionZip reads each view of an any-resolution
+image. Every view's row sums to about 1; the tile rows are joined, unpadded and shrunk like the features and
+divided by the number of tiles, and the base view's row is scaled by its share of the level-0 cells, so every
+token carries a density per level-0 cell and the base view and the tiles compete on one scale.
+
 Layout: the kept base-view tokens first in raster order (where the model puts its base view), then the kept
 pooled-level tokens (coarsest first), then the kept level-0 tokens row by row, with ``image_newline`` after a
 row by ``newlines``:
@@ -26,8 +33,10 @@ row by ``newlines``:
 
 At full budget with the ``all`` allocator and ``levels=1`` every rule gives the model's own layout (the base
 view, then every row ended by ``image_newline``), so this is the unwrapped model. Positions are 1-D,
-consecutive over the kept sequence (newlines included). Merged tokens (VisionZip-style), already in the
-language model's space, follow the image's last row. Several images in one prompt are each tiled, as the
+consecutive over the kept sequence (newlines included). Merged tokens (VisionZip-style) are averaged from the
+tokens' features, which are already in the language model's space (after the projector, as kept tokens are),
+so they go in as they are, after the image's last row (and its newline); they count against the budget and
+take one placeholder each. Several images in one prompt are each tiled, as the
 processor tiles a flat list of images.
 
 Lazy tiles (``lazy_tiles=True``): :meth:`encode` runs the tower on the base views only; every tile token then
@@ -35,7 +44,10 @@ carries the feature of the base-view cell under its box centre, so allocators th
 from the base view, and pixel-signal allocators (``laplacian``, ``saliency``) choose exactly as they do
 eagerly. :meth:`kept_features` then encodes only the tiles under the kept tile tokens (their boxes, plus one
 grid cell around them where OneVision's shrinking interpolates across cells) and builds the kept tokens'
-features from them, exactly as the eager path does. With every tile kept it is the eager path. The tiles
+features from them, exactly as the eager path does. With every tile kept it is the eager path. The attention
+of a tile token is likewise the base view's under its box centre, so attention allocators also choose from
+the base view; merged tokens are averaged from the features the allocator saw (base-view cells for tile
+tokens), since encoding the tiles under every merged group would encode them all. The tiles
 each image encoded for its latest selection are in ``Encoded.extras["encoded_tiles"]`` (G,), which
 :meth:`image_vision_flops` counts.
 """
@@ -104,6 +116,7 @@ class LlavaNextFamily(Family):
         if not isinstance(self.feature_layer, (int, list, tuple)) or isinstance(self.feature_layer, bool):
             raise ValueError(f"vision_feature_layer must be an int or a list of ints, got {self.feature_layer!r}")
         self.strategy = config.vision_feature_select_strategy
+        self._view: Any = None  # the tower's attention reader, made on first use
         tower = model.model.vision_tower
         embeddings = getattr(getattr(tower, "vision_model", tower), "embeddings", None)
         self.has_cls = getattr(embeddings, "class_embedding", None) is not None
@@ -143,18 +156,31 @@ class LlavaNextFamily(Family):
         return height // self.tile, width // self.tile
 
     # -- tokens ---------------------------------------------------------------------------------------
-    def _tower(self, pixel_values: Tensor) -> Tensor:
+    def _tower(self, pixel_values: Tensor, attention: bool = False) -> tuple[Tensor, Tensor | None]:
         """(n, 3, s, s) normalised tiles -> (n, p * p, D_lm) projected patch features, as the model computes
-        them (its feature layer or layers, its select strategy, its projector)."""
+        them (its feature layer or layers, its select strategy, its projector), and with ``attention`` the
+        (n, p * p) attention row of each view (see :meth:`_attention`)."""
         inner = self.model.model
-        out = inner.vision_tower(pixel_values, output_hidden_states=self.feature_layer, return_dict=True)
+        out = inner.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
         if isinstance(self.feature_layer, int):
             hidden = out.hidden_states[self.feature_layer]
         else:
             hidden = torch.cat([out.hidden_states[k] for k in self.feature_layer], dim=-1)
         if self.strategy == "default":
             hidden = hidden[:, 1:]
-        return inner.multi_modal_projector(hidden)
+        row = self._attention(out.hidden_states) if attention else None
+        return inner.multi_modal_projector(hidden), row
+
+    def _attention(self, states: tuple[Tensor, ...]) -> Tensor | None:
+        """(n, p * p) attention of each view's [CLS] to its patches at the feature layer (the last listed one
+        for a list), or of SigLIP's pooling probe over the last layer; None for a tower with neither."""
+        from pyrtok.encoders.towers import VisionTower
+
+        if self._view is None:
+            self._view = VisionTower(self.model.model.vision_tower)
+        layer = self.feature_layer if isinstance(self.feature_layer, int) else self.feature_layer[-1]
+        row = self._view.attention_row(states, int(layer))
+        return None if row is None else row.float()
 
     def _unpad_box(self, size: tuple[int, int], rows: int, cols: int) -> tuple[int, int, int, int]:
         """(top, bottom, left, right) of the unpadded region in the (rows * p, cols * p) joined tile grid,
@@ -196,16 +222,28 @@ class LlavaNextFamily(Family):
         if count != rows * cols:
             raise ValueError(f"the image processor gave {count} tiles, but the model's pinpoints give {rows}x{cols}")
         g = values.shape[0]
+        h0, w0 = self._fine_shape(size, rows, cols)
+        attention = None
         if self.lazy_tiles:
-            base = self._tower(values[:, 0])
+            base, base_row = self._tower(values[:, 0], attention=True)
             fine = self._provisional(base, size, rows, cols)
             encoded = torch.zeros(g, dtype=torch.long, device=pixels.device)
+            if base_row is not None:
+                # a density per level-0 cell: the base view's share spread over the cells under it
+                base_row = base_row * self.grid**2 / (h0 * w0)
+                attention = (base_row, self._provisional(base_row[..., None], size, rows, cols)[..., 0])
         else:
-            features = rearrange(self._tower(rearrange(values, "g t c h w -> (g t) c h w")), "(g t) n d -> g t n d",
-                                 g=g)
+            features, row = self._tower(rearrange(values, "g t c h w -> (g t) c h w"), attention=True)
+            features = rearrange(features, "(g t) n d -> g t n d", g=g)
             base, fine = features[:, 0], self._fine_grid(features[:, 1:], size, rows, cols)
             encoded = torch.full((g,), count, dtype=torch.long, device=pixels.device)
-        tokens = self._tokens(base, fine, size)
+            if row is not None:
+                # each view's row sums to ~1; scaled so that every level's tokens carry a density per level-0
+                # cell (levels sum to ~1 over the image), comparable across the base view and the tiles
+                row = rearrange(row, "(g t) n -> g t n 1", g=g)
+                attention = (row[:, 0, :, 0] * self.grid**2 / (h0 * w0),
+                             self._fine_grid(row[:, 1:] / count, size, rows, cols)[..., 0])
+        tokens = self._tokens(base, fine, size, attention)
         return Encoded(tokens, pixels, {self.tiles_key: values[:, 1:], self.count_key: encoded})
 
     def _fine_shape(self, size: tuple[int, int], rows: int, cols: int) -> tuple[int, int]:
@@ -222,9 +260,12 @@ class LlavaNextFamily(Family):
         cells = rearrange(r[:, None] * self.grid + c[None, :], "h w -> (h w)")
         return rearrange(base[:, cells], "g (h w) d -> g h w d", h=h0)
 
-    def _tokens(self, base: Tensor, fine: Tensor, size: tuple[int, int]) -> MultiScaleTokens:
-        """Base view (G, p * p, D) and level-0 grid (G, h0, w0, D) -> the pyramid (base view on top)."""
-        pyramid = from_feature_grid(fine, self.levels, image_size=size)
+    def _tokens(self, base: Tensor, fine: Tensor, size: tuple[int, int],
+                attention: tuple[Tensor, Tensor] | None = None) -> MultiScaleTokens:
+        """Base view (G, p * p, D) and level-0 grid (G, h0, w0, D) -> the pyramid (base view on top);
+        ``attention``: the base view's (G, p * p) and the level-0 grid's (G, h0, w0) attention densities."""
+        pyramid = from_feature_grid(fine, self.levels, image_size=size,
+                                    attention=None if attention is None else attention[1])
         height, width = size
         h0, w0 = pyramid.level_shapes[0]
         shapes = (*pyramid.level_shapes, (self.grid, self.grid))
@@ -232,7 +273,8 @@ class LlavaNextFamily(Family):
         cells = (*cells, (height / self.grid, width / self.grid))
         layout = token_layout(shapes, size, cells, device=fine.device)
         features = torch.cat([base, pyramid.features], dim=1)
-        return MultiScaleTokens(features, **layout, level_shapes=shapes, image_size=size)
+        row = None if attention is None else torch.cat([attention[0], pyramid.attention], dim=1)
+        return MultiScaleTokens(features, **layout, level_shapes=shapes, image_size=size, attention=row)
 
     # -- lazy tiles -----------------------------------------------------------------------------------
     def needed_tiles(self, tokens: MultiScaleTokens, index: Tensor) -> Tensor:
@@ -271,7 +313,7 @@ class LlavaNextFamily(Family):
         features = torch.zeros(*need.shape, self.grid**2, tokens.dim, dtype=tokens.features.dtype,
                                device=tokens.device)
         if bool(need.any()):
-            features[need] = self._tower(tiles[need]).to(features.dtype)
+            features[need] = self._tower(tiles[need])[0].to(features.dtype)
         encoded.extras[self.count_key] = need.sum(-1)
         base = tokens.features[:, : self.grid**2]
         return self._tokens(base, self._fine_grid(features, size, rows, cols), size)

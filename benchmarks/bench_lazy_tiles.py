@@ -1,0 +1,121 @@
+"""Lazy tiles on a LLaVA-NeXT-shaped model: vision time and FLOPs against encoding every tile, in one run.
+
+Model: ``LlavaNextForConditionalGeneration`` with random weights (:func:`pyrtok.testing.save_tiny_vlm`, saved to
+a temporary folder with its processor): a CLIP ViT-B/14-like tower (hidden 768, 12 layers, 12 heads, MLP 3072,
+336 px, patch 14: 24 x 24 = 576 patches per view), LLaVA-NeXT's pinpoints [[336, 672], [672, 336], [672, 672],
+[1008, 336], [336, 1008]] and a small Llama (hidden 256, 2 layers). Image: a 672 x 672 photograph (a bundled
+sample, random pixels if none is installed), so 2 x 2 tiles + the base view: 576 base + 2304 tile tokens.
+
+Baseline (``eager``): ``encode_batch`` runs the tower on the base view and all 4 tiles, then the allocator
+chooses and the kept tokens' language-model inputs are built (``family.kept_features``). ``lazy``
+(``lazy_tiles=True``): ``encode_batch`` runs the base view only, the allocator chooses, and ``kept_features``
+encodes only the tiles under kept tile tokens. Vision time = encode + allocate + kept features (everything
+before the language model), the median of ``--repeats`` runs after one warm-up, eager and lazy interleaved in
+every round so that background load on a shared machine reaches both. Vision FLOPs are the family's count
+(``image_vision_flops``: the tower's forward FLOPs per view encoded). Ratios are lazy / eager of the same run.
+
+Allocators: ``laplacian`` and ``saliency`` read pixels only, so the lazy selection is exactly the eager one
+(checked: "same"); ``pool`` scores features, so lazily it chooses from the base view (tile tokens carry the
+base-view feature under them) and its selection may differ.
+
+    python benchmarks/bench_lazy_tiles.py [--repeats 3] [--threads 2] [--budgets 1.0 0.5 0.25 0.1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from einops import rearrange
+from PIL import Image
+
+from pyrtok.samples import available_samples, sample_image
+from pyrtok.testing import save_tiny_vlm
+from pyrtok.vlm import PyramidVLM
+
+PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+TOWER = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+         "image_size": 336, "patch_size": 14, "projection_dim": 768}
+SIDE = 672
+
+
+def build(folder: Path) -> tuple[torch.nn.Module, object]:
+    """The NeXT-shaped random model and its processor, saved to ``folder`` and loaded back."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    save_tiny_vlm("llava_next", folder, hidden=256, text_layers=2, vision_config=TOWER, image_grid_pinpoints=PINPOINTS)
+    return AutoModelForImageTextToText.from_pretrained(folder).eval(), AutoProcessor.from_pretrained(folder)
+
+
+def photo() -> Image.Image:
+    """A 672 x 672 RGB photograph (random pixels where no sample is installed)."""
+    if "astronaut" in available_samples():
+        pixels = (sample_image("astronaut", SIDE) * 255).round().to(torch.uint8)
+    else:
+        pixels = torch.randint(0, 256, (3, SIDE, SIDE), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    return Image.fromarray(rearrange(pixels, "c h w -> h w c").numpy())
+
+
+def vision_pass(vlm: PyramidVLM, image: Image.Image, budget: float) -> tuple[torch.Tensor, float]:
+    """Everything before the language model for one image: (kept indices (K,), vision FLOPs)."""
+    encoded = vlm.encode_batch([image])
+    (selection,) = vlm.select_batch(encoded, budget=budget)
+    group = encoded.groups[0][1]
+    vlm.family.kept_features(group, selection)
+    return selection.index[0, : int(selection.count[0])], vlm.family.image_vision_flops(group)[0]
+
+
+def timed(fn) -> tuple[object, float]:
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--budgets", type=float, nargs="+", default=[1.0, 0.5, 0.25, 0.1])
+    parser.add_argument("--allocators", nargs="+", default=["laplacian", "saliency", "pool"])
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    image = photo()
+    with tempfile.TemporaryDirectory() as folder, torch.no_grad():
+        model, processor = build(Path(folder))
+        tower = sum(p.numel() for p in model.model.vision_tower.parameters()) / 1e6
+        print(f"LLaVA-NeXT-shaped random model: CLIP tower {tower:.0f}M parameters at 336 px (patch 14), image "
+              f"{SIDE}x{SIDE}, {args.threads} threads, median of {args.repeats} runs after one warm-up")
+        rows = []
+        for name in args.allocators:
+            eager = PyramidVLM(model, processor, allocator=name)
+            lazy = PyramidVLM(model, processor, allocator=name, lazy_tiles=True)
+            for budget in args.budgets:
+                times: dict[str, list[float]] = {"eager": [], "lazy": []}
+                results = {}
+                for round_ in range(args.repeats + 1):  # round 0 warms up
+                    for label, vlm in (("eager", eager), ("lazy", lazy)):
+                        results[label], seconds = timed(lambda vlm=vlm, budget=budget: vision_pass(vlm, image, budget))
+                        if round_:
+                            times[label].append(seconds)
+                (eager_index, eager_flops), (lazy_index, lazy_flops) = results["eager"], results["lazy"]
+                same = torch.equal(eager_index, lazy_index)
+                eager_s, lazy_s = statistics.median(times["eager"]), statistics.median(times["lazy"])
+                tiles = round((lazy_flops / eager_flops) * 5 - 1)
+                rows.append((name, budget, len(lazy_index), tiles, eager_s, lazy_s, lazy_s / eager_s,
+                             lazy_flops / eager_flops, "same" if same else "differs"))
+                print(f"  {name} {budget:.0%}: eager {eager_s:.2f} s, lazy {lazy_s:.2f} s", flush=True)
+        print()
+        print("| allocator | budget | kept tokens | tiles encoded (of 4) | eager s | lazy s | time ratio | "
+              "FLOPs ratio | selection |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for name, budget, kept, tiles, eager_s, lazy_s, time_ratio, flops_ratio, same in rows:
+            print(f"| {name} | {budget:.0%} | {kept} | {tiles} | {eager_s:.2f} | {lazy_s:.2f} | {time_ratio:.2f} | "
+                  f"{flops_ratio:.2f} | {same} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -3,8 +3,12 @@
 Model: ``LlavaNextForConditionalGeneration`` with random weights (:func:`pyrtok.testing.save_tiny_vlm`, saved to
 a temporary folder with its processor): a CLIP ViT-B/14-like tower (hidden 768, 12 layers, 12 heads, MLP 3072,
 336 px, patch 14: 24 x 24 = 576 patches per view), LLaVA-NeXT's pinpoints [[336, 672], [672, 336], [672, 672],
-[1008, 336], [336, 1008]] and a small Llama (hidden 256, 2 layers). Image: a 672 x 672 photograph (a bundled
-sample, random pixels if none is installed), so 2 x 2 tiles + the base view: 576 base + 2304 tile tokens.
+[1008, 336], [336, 1008]] and a small Llama (hidden 256, 2 layers). Images (``--scenes``), each 672 x 672, so
+2 x 2 tiles + the base view: 576 base + 2304 tile tokens:
+
+- ``photo``: a photograph (a bundled sample, random pixels if none is installed), detail everywhere;
+- ``object``: the same photograph at half the side in one quadrant of a flat grey canvas (an object on a plain
+  background, as in product shots, documents with margins or screenshots), detail in one tile.
 
 Baseline (``eager``): ``encode_batch`` runs the tower on the base view and all 4 tiles, then the allocator
 chooses and the kept tokens' language-model inputs are built (``family.kept_features``). ``lazy``
@@ -60,6 +64,13 @@ def photo() -> Image.Image:
     return Image.fromarray(rearrange(pixels, "c h w -> h w c").numpy())
 
 
+def object_on_plain(image: Image.Image) -> Image.Image:
+    """``image`` at half its side in the top-left quadrant of a flat mid-grey canvas of its size."""
+    canvas = Image.new("RGB", image.size, (128, 128, 128))
+    canvas.paste(image.resize((image.width // 2, image.height // 2), Image.BICUBIC), (0, 0))
+    return canvas
+
+
 def vision_pass(vlm: PyramidVLM, image: Image.Image, budget: float) -> tuple[torch.Tensor, float]:
     """Everything before the language model for one image: (kept indices (K,), vision FLOPs)."""
     encoded = vlm.encode_batch([image])
@@ -81,16 +92,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--budgets", type=float, nargs="+", default=[1.0, 0.5, 0.25, 0.1])
     parser.add_argument("--allocators", nargs="+", default=["laplacian", "saliency", "pool"])
+    parser.add_argument("--scenes", nargs="+", default=["photo", "object"], choices=["photo", "object"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    image = photo()
+    scenes = {"photo": photo()}
+    scenes["object"] = object_on_plain(scenes["photo"])
     with tempfile.TemporaryDirectory() as folder, torch.no_grad():
         model, processor = build(Path(folder))
         tower = sum(p.numel() for p in model.model.vision_tower.parameters()) / 1e6
         print(f"LLaVA-NeXT-shaped random model: CLIP tower {tower:.0f}M parameters at 336 px (patch 14), image "
               f"{SIDE}x{SIDE}, {args.threads} threads, median of {args.repeats} runs after one warm-up")
         rows = []
-        for name in args.allocators:
+        for scene, name in ((scene, name) for scene in args.scenes for name in args.allocators):
+            image = scenes[scene]
             eager = PyramidVLM(model, processor, allocator=name)
             lazy = PyramidVLM(model, processor, allocator=name, lazy_tiles=True)
             for budget in args.budgets:
@@ -98,23 +112,24 @@ def main() -> None:
                 results = {}
                 for round_ in range(args.repeats + 1):  # round 0 warms up
                     for label, vlm in (("eager", eager), ("lazy", lazy)):
-                        results[label], seconds = timed(lambda vlm=vlm, budget=budget: vision_pass(vlm, image, budget))
+                        results[label], seconds = timed(
+                            lambda vlm=vlm, budget=budget, image=image: vision_pass(vlm, image, budget))
                         if round_:
                             times[label].append(seconds)
                 (eager_index, eager_flops), (lazy_index, lazy_flops) = results["eager"], results["lazy"]
                 same = torch.equal(eager_index, lazy_index)
                 eager_s, lazy_s = statistics.median(times["eager"]), statistics.median(times["lazy"])
                 tiles = round((lazy_flops / eager_flops) * 5 - 1)
-                rows.append((name, budget, len(lazy_index), tiles, eager_s, lazy_s, lazy_s / eager_s,
+                rows.append((scene, name, budget, len(lazy_index), tiles, eager_s, lazy_s, lazy_s / eager_s,
                              lazy_flops / eager_flops, "same" if same else "differs"))
-                print(f"  {name} {budget:.0%}: eager {eager_s:.2f} s, lazy {lazy_s:.2f} s", flush=True)
+                print(f"  {scene} {name} {budget:.0%}: eager {eager_s:.2f} s, lazy {lazy_s:.2f} s", flush=True)
         print()
-        print("| allocator | budget | kept tokens | tiles encoded (of 4) | eager s | lazy s | time ratio | "
+        print("| image | allocator | budget | kept tokens | tiles encoded (of 4) | eager s | lazy s | time ratio | "
               "FLOPs ratio | selection |")
-        print("|---|---|---|---|---|---|---|---|---|")
-        for name, budget, kept, tiles, eager_s, lazy_s, time_ratio, flops_ratio, same in rows:
-            print(f"| {name} | {budget:.0%} | {kept} | {tiles} | {eager_s:.2f} | {lazy_s:.2f} | {time_ratio:.2f} | "
-                  f"{flops_ratio:.2f} | {same} |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for scene, name, budget, kept, tiles, eager_s, lazy_s, time_ratio, flops_ratio, same in rows:
+            print(f"| {scene} | {name} | {budget:.0%} | {kept} | {tiles} | {eager_s:.2f} | {lazy_s:.2f} | "
+                  f"{time_ratio:.2f} | {flops_ratio:.2f} | {same} |")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,13 @@ Ratios are against the full-token run of the same model; the ideal prefill speed
 lengths. Targets: prefill speed-up at 1/8 of the tokens (64 for LLaVA, 128 for Qwen) >= 80% of ideal,
 allocation <= 2% of time to first token.
 
+On the LLaVA-shaped model a second table times in-LLM dropping (:mod:`pyrtok.vlm.decode`'s layer loop, last
+position's logits only) against the plain forward over all 576 tokens: FastV after layer 2 keeping 50% and 25%,
+PyramidDrop at layers 2, 4, 6 keeping 50% each (8/16/24 of 32 layers, scaled to 8), DART after layer 2 keeping
+25%, and laplacian to 192 tokens with and without those PyramidDrop stages. FLOPs come from the per-layer token
+counts (:func:`pyrtok.vlm.decode.scheduled_flops`); the ideal speed-up is the full run's FLOPs over the row's.
+Target: FastV 25% and PyramidDrop >= 80% of ideal. The loop without a schedule shows the loop's own overhead.
+
     python benchmarks/bench_prefill.py [--models llava qwen2_5_vl] [--repeats 9] [--allocators laplacian pool]
 """
 
@@ -38,10 +45,23 @@ from PIL import Image
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from pyrtok.testing import save_tiny_vlm
-from pyrtok.vlm import PyramidVLM, word_tokenizer
+from pyrtok.vlm import PyramidVLM, resolve_schedule, word_tokenizer
+from pyrtok.vlm.decode import prefill, scheduled_flops
 from pyrtok.vlm.flops import llm_prefill_flops
 
 QUESTION = " ".join(["describe the picture in detail ."] * 6)
+# (label, allocator, budget, schedule spec): the in-LLM rows on the 8-layer LLaVA-shaped model; schedule None
+# with label "loop" runs the layer loop with no stage, None otherwise the plain forward
+SCHEDULE_ROWS = [
+    ("all (full grid)", "all", 576, None),
+    ("loop, no schedule", "all", 576, "loop"),
+    ("fastv L2 50%", "all", 576, {"name": "fastv", "layer": 2, "keep": 0.5}),
+    ("fastv L2 25%", "all", 576, {"name": "fastv", "layer": 2, "keep": 0.25}),
+    ("pdrop 2/4/6 50%", "all", 576, {"name": "pdrop", "layers": [2, 4, 6], "keep": 0.5}),
+    ("dart L2 25%", "all", 576, {"name": "dart", "layer": 2, "keep": 0.25}),
+    ("laplacian", "laplacian", 192, None),
+    ("laplacian+pdrop", "laplacian", 192, {"name": "pdrop", "layers": [2, 4, 6], "keep": 0.5}),
+]
 
 
 def build_llava(seed: int = 0) -> tuple[LlavaForConditionalGeneration, object]:
@@ -112,6 +132,50 @@ def report(title: str, full: dict[str, float], rows: list[tuple[str, int, dict[s
               f"{100 * speedup / ideal:>9.0f}{100 * r['allocation'] / ttft:>9.2f}", flush=True)
 
 
+@torch.no_grad()
+def run_scheduled(vlm: PyramidVLM, image: Image.Image, prompt: str, budget: int, schedule: object,
+                  repeats: int) -> dict[str, object]:
+    """Median prefill ms (prompt preparation and the language model up to the first token's logits) of one
+    schedule (None: the model's own forward; "loop": the layer loop with no stage), and the (L,) tokens each
+    decoder layer ran on."""
+    encoded = vlm.encode_batch([image])
+    selections = vlm.select_batch(encoded, budget)
+    resolved = None if schedule in (None, "loop") else resolve_schedule(schedule)
+    times, layer_tokens = [], None
+    for _ in range(repeats + 1):  # the first pass warms up
+        start = time.perf_counter()
+        inputs = vlm.prepare(None, [prompt], encoded=encoded, selections=selections)
+        if schedule is None:
+            vlm.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                      position_ids=inputs["position_ids"], mm_encoder_outputs=inputs["mm_encoder_outputs"],
+                      use_cache=True, logits_to_keep=1)
+            layers = vlm.model.config.text_config.num_hidden_layers
+            layer_tokens = torch.full((layers,), inputs["input_ids"].shape[1])
+        else:
+            state = prefill(vlm.model, inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"],
+                            vlm.image_token_id, resolved, inputs["mm_encoder_outputs"], last_only=True)
+            layer_tokens = state.layer_tokens[0]
+        times.append(time.perf_counter() - start)
+    return {"prefill": median_ms(times[1:]), "layer_tokens": layer_tokens}
+
+
+def bench_schedules(make: callable, image: Image.Image, prompt: str, repeats: int, title: str) -> None:
+    """Print the in-LLM table: :data:`SCHEDULE_ROWS`, each against the first (the plain full forward)."""
+    print(f"\n{title}")
+    print(f"{'row':<20}{'K':>5}{'tokens per layer':>34}{'prefill':>9}{'TFLOPs':>9}{'prefill x':>11}"
+          f"{'FLOPs x':>9}{'% ideal':>9}   (times in ms)")
+    full = None
+    for label, allocator, budget, schedule in SCHEDULE_ROWS:
+        vlm = make(allocator)
+        r = run_scheduled(vlm, image, prompt, budget, schedule, repeats)
+        flops = float(scheduled_flops(vlm.model.config, r["layer_tokens"][None])[0])
+        full = full or (r["prefill"], flops)
+        speedup, ideal = full[0] / r["prefill"], full[1] / flops
+        counts = "/".join(str(int(t)) for t in r["layer_tokens"])
+        print(f"{label:<20}{budget:>5}{counts:>34}{r['prefill']:>9.0f}{flops / 1e12:>9.3f}{speedup:>11.2f}"
+              f"{ideal:>9.2f}{100 * speedup / ideal:>9.0f}", flush=True)
+
+
 def bench(vlm_full: PyramidVLM, make: callable, image: Image.Image, prompt: str, full_tokens: int,
           budgets: list[int], allocators: list[str], repeats: int, title: str) -> None:
     full = run(vlm_full, image, prompt, full_tokens, repeats)
@@ -129,6 +193,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=9)  # 3 left the 1/8 rows within noise of the target
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--allocators", nargs="+", default=["laplacian", "pool", "random"])
+    parser.add_argument("--skip-schedules", action="store_true", help="leave out the in-LLM dropping table")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, float32 CPU, median of {args.repeats}")
@@ -140,6 +205,11 @@ def main() -> None:
         bench(PyramidVLM(model, tokenizer, allocator="all", levels=1),
               lambda name: PyramidVLM(model, tokenizer, allocator=name, levels=3), image, prompt, 576,
               [192, 128, 64], args.allocators, args.repeats, "LLaVA-1.5-style (576 patch tokens)")
+        if not args.skip_schedules:
+            views = {"all": PyramidVLM(model, tokenizer, allocator="all", levels=1),
+                     "laplacian": PyramidVLM(model, tokenizer, allocator="laplacian", levels=3)}
+            bench_schedules(views.__getitem__, image, prompt, args.repeats,
+                            "LLaVA-1.5-style, in-LLM dropping (8 decoder layers, 576 image tokens)")
     if "qwen2_5_vl" in args.models:
         with tempfile.TemporaryDirectory() as folder:
             full = build_qwen(folder)

@@ -43,8 +43,10 @@ def summarize(rows: Sequence[dict], metrics: dict[str, str]) -> tuple[list[Summa
     """(table, categories) from result rows; ``metrics`` maps each task name to its metric name.
 
     ``table``: one entry per (model, allocator, budget) with ``tasks`` = {task: headline value}, the
-    ``retention`` (%), ``tokens``, ``prefill_ms``, ``time_ms``, ``tflops``, ``vision_tflops`` (the vision tower's
-    share: lower than the full row's where LLaVA-NeXT's lazy tiles skipped tiles) and ``errors``.
+    ``retention`` (%), ``tokens``, ``effective_tokens`` (image tokens averaged over the decoder layers: below
+    ``tokens`` under an in-LLM schedule; NaN where no row recorded it), ``prefill_ms``, ``time_ms``, ``tflops``,
+    ``vision_tflops`` (the vision tower's share: lower than the full row's where LLaVA-NeXT's lazy tiles skipped
+    tiles) and ``errors``.
     ``categories``: one entry per (model, allocator, budget, task, category) with the headline value.
     """
     rows = [{**r, "allocator": COARSE} if r["allocator"] == "all" and r.get("fraction", 1.0) < 1.0 else r
@@ -71,6 +73,7 @@ def summarize(rows: Sequence[dict], metrics: dict[str, str]) -> tuple[list[Summa
         group = cell.pop("rows")
         ratios = [100 * v / full[(model, t)] for t, v in cell["tasks"].items() if full.get((model, t))]
         cell.update(retention=float(np.mean(ratios)) if ratios else float("nan"), tokens=_mean(group, "tokens"),
+                    effective_tokens=_mean(group, "effective_tokens"),
                     prefill_ms=1e3 * _mean(group, "prefill_s"), time_ms=1e3 * _mean(group, "time_s"),
                     tflops=_mean(group, "tflops"), vision_tflops=_mean(group, "vision_tflops"),
                     errors=sum(1 for r in group if r.get("error")),
@@ -84,11 +87,12 @@ def _fmt(value: float, digits: int = 1) -> str:
 
 
 def _markdown(table: list[Summary], categories: list[Summary], tasks: list[str]) -> str:
-    head = ["model", "allocator", "tokens", *tasks, "retention %", "prefill ms", "time ms", "TFLOPs", "vision TFLOPs",
-            "errors"]
+    head = ["model", "allocator", "tokens", "effective tokens", *tasks, "retention %", "prefill ms", "time ms",
+            "TFLOPs", "vision TFLOPs", "errors"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in table:
         cells = [row["model"], row["allocator"], f"{row['budget']} ({100 * row['fraction']:.0f}%)",
+                 _fmt(row["effective_tokens"]),
                  *(_fmt(row["tasks"].get(t, float("nan"))) for t in tasks), _fmt(row["retention"]),
                  _fmt(row["prefill_ms"], 2), _fmt(row["time_ms"], 2), f"{row['tflops']:.3g}",
                  "-" if row["vision_tflops"] != row["vision_tflops"] else f"{row['vision_tflops']:.3g}",
@@ -168,8 +172,11 @@ def write_report(rows: Sequence[dict], metrics: dict[str, str], output: str | Pa
     paths = {"report": output / "report.md", "table": output / "table.csv", "categories": output / "categories.csv"}
     _atomic_write(paths["report"], _markdown(table, categories, tasks))
     flat = [{**{k: v for k, v in r.items() if k != "tasks"}, **r["tasks"]} for r in table]
-    _csv(paths["table"], flat, ["model", "allocator", "budget", "fraction", "tokens", *tasks, "retention",
-                                "prefill_ms", "time_ms", "tflops", "vision_tflops", "errors"])
+    for r in flat:  # rows of runs that did not record it: "-", as in report.md
+        if r["effective_tokens"] != r["effective_tokens"]:
+            r["effective_tokens"] = "-"
+    _csv(paths["table"], flat, ["model", "allocator", "budget", "fraction", "tokens", "effective_tokens", *tasks,
+                                "retention", "prefill_ms", "time_ms", "tflops", "vision_tflops", "errors"])
     _csv(paths["categories"], categories, ["model", "allocator", "budget", "task", "category", "value", "n"])
     paths["budget_plot"], paths["latency_plot"] = _plots(table, tasks, output)
     return paths

@@ -8,6 +8,9 @@ model's own decoder layers at every step, with no cache and no mask (the causal 
 
 from __future__ import annotations
 
+import copy
+import csv
+
 import numpy as np
 import pytest
 import torch
@@ -136,6 +139,63 @@ def test_attention_rules_keep_what_eager_attention_ranks_first(tiny, family, rul
     assert ours.stage_counts.tolist() == [[n, k]]
     # not a trivial set: the lowest-ranked image tokens are gone
     assert len(expected) < n
+
+
+def decoder_from(lm: torch.nn.Module, start: int) -> torch.nn.Module:
+    """A copy of the decoder stack ``lm`` that starts at layer ``start`` (its layers, norm and rotary embedding;
+    the copy's config says how many layers it has), to run later stages of a reference on given hidden states.
+    Its layers keep their original cache indices, so it runs without a cache."""
+    tail = copy.deepcopy(lm)
+    tail.layers = torch.nn.ModuleList(list(tail.layers)[start:])
+    tail.config.num_hidden_layers = len(tail.layers)
+    if getattr(tail.config, "layer_types", None):
+        tail.config.layer_types = tail.config.layer_types[start:]
+    return tail
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pyramid_drop_later_stages_keep_what_eager_attention_ranks_first(tiny, family):
+    """Every stage of a 3-stage PyramidDrop against the plain eager model run on the sequence as that stage
+    finds it: the stage's layer and those after it, on the columns the earlier stages kept, at their original
+    positions; the last prompt token's attention there (heads averaged) ranks the image tokens still present."""
+    model, eager, processor = tiny(family)
+    image, prompt = image_of(family), chat(processor)
+    layers, keep = [1, 2, 3], 0.5
+    vlm = PyramidVLM(model, processor, schedule={"name": "pdrop", "layers": layers, "keep": keep})
+    inputs = vlm.prepare([image], [prompt])
+    ids, positions = inputs["input_ids"][0], inputs["position_ids"]
+    image_token = ids == model.config.image_token_id
+    with torch.no_grad():
+        ours = vlm([image], [prompt])
+        hidden = eager(**model_inputs(inputs), output_hidden_states=True).hidden_states[layers[0]]
+    columns = torch.arange(ids.shape[0])  # the prompt columns the current stage sees
+
+    def seen() -> dict:
+        # an explicit mask: without one, transformers reads the gaps that dropped tokens leave in the position
+        # ids as the starts of packed sequences and stops attention across them
+        return {"position_ids": positions[..., columns], "attention_mask": torch.ones(1, columns.numel(),
+                                                                                       dtype=torch.long)}
+
+    counts = [int(image_token.sum())]
+    for i, layer in enumerate(layers):
+        tail = decoder_from(language_model(eager), layer)
+        with torch.no_grad():
+            attention = tail(inputs_embeds=hidden, **seen(), use_cache=False, output_attentions=True).attentions[0]
+        present = columns[image_token[columns]]
+        received = attention[0, :, -1, image_token[columns]].mean(0)
+        budget = int(np.ceil(present.numel() * keep))
+        kept = top_set(received, present, budget)
+        assert len(kept) < present.numel()  # the stage drops something
+        survivors = ~image_token[columns] | torch.tensor([int(c) in kept for c in columns])
+        columns = columns[survivors]
+        counts.append(budget)
+        if i + 1 < len(layers):  # the next stage's input: this stage's layers run on the kept columns
+            with torch.no_grad():
+                hidden = tail(inputs_embeds=hidden[:, survivors], **seen(), use_cache=False,
+                              output_hidden_states=True).hidden_states[layers[i + 1] - layer]
+    assert ours.stage_counts.tolist() == [counts]
+    assert kept_image_columns(ours, model.config.image_token_id) == kept
+    assert ours.columns[0][ours.column_mask[0]].tolist() == columns.tolist()
 
 
 def duplication_reference(hidden: torch.Tensor, normed: torch.Tensor, image_columns: list[int], text_after: list[int],
@@ -333,6 +393,7 @@ def test_flops_follow_the_per_layer_counts(tiny):
 
 def test_ablation_rows_report_effective_tokens_and_flops(tmp_path):
     from pyrtok.eval.config import load_config
+    from pyrtok.eval.report import write_report
     from pyrtok.eval.runner import run
 
     from pyrtok.data.local import write_split
@@ -366,3 +427,17 @@ def test_ablation_rows_report_effective_tokens_and_flops(tmp_path):
     # the plain cell's FLOPs follow the same per-layer rule at full length
     assert full["llm_tflops"] * 1e12 == pytest.approx(llm_prefill_flops(
         AutoModelForImageTextToText.from_pretrained(folder).config.text_config, full["prompt_tokens"]))
+    # the report shows them next to the kept tokens; rows of runs that did not record them show "-"
+    older = [{k: v for k, v in r.items() if k != "effective_tokens"} if r["allocator"] == "laplacian" else r
+             for r in rows]
+    paths = write_report(older, {"toy": "exact"}, tmp_path / "report")
+    lines = paths["report"].read_text().splitlines()
+    assert lines[2].startswith("| model | allocator | tokens | effective tokens | toy |")
+    assert any(line.startswith("| tiny | all | 64 (100%) | 64.0 |") for line in lines)
+    assert any(line.startswith("| tiny | all+fastv | 64 (100%) | 40.0 |") for line in lines)
+    assert any(line.startswith("| tiny | laplacian+fastv | 32 (50%) | 20.0 |") for line in lines)
+    assert any(line.startswith("| tiny | laplacian | 32 (50%) | - |") for line in lines)
+    with paths["table"].open() as f:
+        table = {(r["allocator"], r["budget"]): r["effective_tokens"] for r in csv.DictReader(f)}
+    assert table == {("all", "64"): "64.0", ("all+fastv", "64"): "40.0", ("laplacian", "32"): "-",
+                     ("laplacian+fastv", "32"): "20.0"}

@@ -1,7 +1,7 @@
 """lmms-eval model ``pyrtok``: run any lmms-eval task on the visual tokens a pyrtok allocator keeps.
 
 The model wraps :class:`pyrtok.vlm.PyramidVLM` (a local folder or hub id of any supported family: LLaVA-1.5,
-Qwen2-VL, Qwen2.5-VL, Qwen3-VL). The
+Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-NeXT, LLaVA-OneVision). The
 allocator and the budget are model arguments, so lmms-eval's response cache (``--use_cache``), which keys on
 the model arguments (on ``str(model)`` when given a model object, see :meth:`PyrtokLMM.__repr__`), keeps one
 entry per (allocator, budget)::

@@ -429,11 +429,26 @@ def _run_task(config: AblationConfig, model: LoadedModel, task: TaskSpec, record
             bar.update(len(todo))
             continue
         with torch.no_grad():
-            _sync(base.device)
-            start = time.perf_counter()
-            encoded = base.encode_batch(images)
-            _sync(base.device)
-            vision = (time.perf_counter() - start) / len(good)
+            try:
+                encoded, vision = _encode(base, images)
+            except Exception:
+                # an image the model cannot take (e.g. an aspect ratio its processor refuses) must not stop the
+                # run: find it by encoding one image at a time, record it, go on with the others
+                failed = {}
+                for i, image in enumerate(images):
+                    try:
+                        base.encode_batch([image])
+                    except Exception as error:
+                        failed[i] = f"encode: {type(error).__name__}: {error}"
+                for i, message in failed.items():
+                    for c in todo:
+                        write(_error_rows(model, task, c, [good[i]], message), c in retried)
+                kept = [i for i in range(len(images)) if i not in failed]
+                images, good, prompts = [images[i] for i in kept], [good[i] for i in kept], [prompts[i] for i in kept]
+                if not good:
+                    bar.update(len(todo))
+                    continue
+                encoded, vision = _encode(base, images)
             for cell in todo:
                 generator = torch.Generator(device=base.device).manual_seed(
                     _seed(config.seed, model.spec.name, task.name, index, cell.allocator, cell.budget))
@@ -442,6 +457,15 @@ def _run_task(config: AblationConfig, model: LoadedModel, task: TaskSpec, record
                 bar.update(1)
     bar.close()
     return grid
+
+
+def _encode(base: Any, images: list[Image.Image]) -> tuple[Any, float]:
+    """The batch encoded once, and the vision seconds per image."""
+    _sync(base.device)
+    start = time.perf_counter()
+    encoded = base.encode_batch(images)
+    _sync(base.device)
+    return encoded, (time.perf_counter() - start) / len(images)
 
 
 def _answer_cell(model: LoadedModel, task: TaskSpec, cell: Cell, records: list[dict], encoded: Any,

@@ -391,3 +391,32 @@ def test_runner_runs_a_qwen_family_model_from_a_folder(tmp_path):
     table, _ = summarize(rows, {"shapes": "exact"})
     assert {(c["allocator"], c["budget"]) for c in table} == {
         ("all", 1.0), ("random", 0.25), ("laplacian", 0.25)}
+
+
+def test_an_image_the_model_refuses_is_recorded_and_the_batch_goes_on(tmp_path):
+    """Qwen's processor refuses aspect ratios over 200: that sample becomes an error row in every cell, and the
+    other samples of its batch are answered."""
+    from pyrtok.testing import save_tiny_vlm
+
+    save_tiny_vlm("qwen2_vl", tmp_path / "qwen")
+    rng = np.random.default_rng(0)
+    (tmp_path / "data" / "images").mkdir(parents=True)
+    records = []
+    for i, size in enumerate([(64, 48), (4000, 10), (56, 80)]):  # (width, height); the middle one is refused
+        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(
+            tmp_path / "data" / "images" / f"{i}.png")
+        records.append({"id": f"q{i}", "image": f"images/{i}.png", "question": "what colour is the big circle?",
+                        "answers": ["red"], "category": "a"})
+    write_split(tmp_path / "data", "test", records)
+    config = load_config({
+        "name": "refused", "output": str(tmp_path / "out"), "batch_size": 3,
+        "models": [{"name": "q", "path": str(tmp_path / "qwen"), "levels": 1, "max_new_tokens": 2}],
+        "allocators": ["random"], "budgets": [1.0, 0.5],
+        "tasks": [{"name": "toy", "source": "local", "root": str(tmp_path / "data"), "split": "test",
+                   "metric": "exact"}],
+    })
+    _, rows = run(config, progress=False)
+    assert len(rows) == 3 * 2
+    errors = {r["id"]: r["error"] for r in rows if r["error"]}
+    assert set(errors) == {"q1"} and all(e.startswith("encode: ValueError") for e in errors.values())
+    assert sum(1 for r in rows if r["id"] == "q1") == 2  # one error row per cell

@@ -148,6 +148,8 @@ def test_bad_inputs_get_clear_errors(tiny):
     vlm = PyramidVLM(model, tokenizer)
     with pytest.raises(ValueError, match="once per image"):
         vlm.generate(images[:1], ["no placeholder here"])
+    with pytest.raises(TypeError, match="integer dtype"):  # a float tensor is not silently truncated
+        vlm.generate(images, PROMPTS, budget=torch.tensor([0.5, 1.7]))
     with pytest.raises(ValueError, match="list of 2 strings"):
         vlm.generate(images, PROMPTS[:1])
     with pytest.raises(ValueError, match=r"images must be a \(B, 3, H, W\)"):

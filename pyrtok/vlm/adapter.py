@@ -633,6 +633,9 @@ def _flatten(samples: list[list[Any]]) -> list[Any]:
 
 def _per_sample_budget(budget: int | Tensor, batch: int) -> list[int]:
     if isinstance(budget, Tensor):
+        if budget.is_floating_point() or budget.is_complex() or budget.dtype == torch.bool:
+            raise TypeError(f"a budget tensor holds token counts and must have an integer dtype, got {budget.dtype}; "
+                            "pass a float (not a tensor) for a fraction of each image's tokens")
         if budget.dim() == 0:
             return [int(budget)] * batch
         if budget.shape != (batch,):

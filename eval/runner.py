@@ -63,6 +63,13 @@ class Cell:
     spec: str
     schedule: str | None = None  # a key of the config's ``schedule_specs``: in-LLM dropping after the allocator
 
+    @property
+    def selection_key(self) -> str:
+        """What seeds the allocator's draws: the label without its schedule, so that a scheduled cell keeps
+        exactly the tokens its unscheduled twin keeps (a random allocator included) and differs by the
+        schedule alone."""
+        return self.allocator if self.schedule is None else self.allocator.removesuffix(f"+{self.schedule}")
+
 
 @dataclass
 class LoadedModel:
@@ -207,9 +214,9 @@ def _budgets(model: LoadedModel, cell: Cell, encoded: Any) -> int | torch.Tensor
 
 
 def _answer(model: LoadedModel, cell: Cell, encoded: Any, prompts: list[str], generator: torch.Generator
-            ) -> tuple[list[str], torch.Tensor, float, float, float, list[int], list[list[int]] | None]:
-    """Texts, kept counts, allocation / prefill / total LLM seconds, prompt lengths and (with an in-LLM
-    schedule) the tokens each decoder layer ran on, for one batch."""
+            ) -> tuple[list[str], torch.Tensor, float, float, float, list[int], list[list[int]] | None, list[int]]:
+    """Texts, image placeholders per sample, allocation / prefill / total LLM seconds, prompt lengths, (with an
+    in-LLM schedule) the tokens each decoder layer ran on, and the tokens the allocator kept, for one batch."""
     from transformers import StoppingCriteriaList
 
     vlm = model.vlms[cell.spec]
@@ -230,7 +237,17 @@ def _answer(model: LoadedModel, cell: Cell, encoded: Any, prompts: list[str], ge
     done = time.perf_counter()
     layers = None if out.layer_tokens is None else out.layer_tokens.tolist()
     return (out.texts, out.counts, allocated - start, (timer.at or done) - allocated, done - allocated,
-            out.prompt_lengths.tolist(), layers)
+            out.prompt_lengths.tolist(), layers, _kept(encoded, selections))
+
+
+def _kept(encoded: Any, selections: list[Any]) -> list[int]:
+    """Visual tokens the allocator kept per sample (merged ones included), without the layout tokens a family
+    adds around them (LLaVA-NeXT's row newlines): what a budget fraction counts."""
+    kept = [0] * encoded.num_samples
+    for (members, _), chosen in zip(encoded.groups, selections, strict=True):
+        for g, i in enumerate(members):
+            kept[encoded.owner[i]] += int(chosen.total[g])
+    return kept
 
 
 def _vision_flops(model: LoadedModel, encoded: Any) -> list[float]:
@@ -254,13 +271,14 @@ def _flops(model: LoadedModel, prompt_tokens: int) -> float:
 def _rows_for_batch(model: LoadedModel, task: TaskSpec, cell: Cell, records: list[dict], answers: list[str],
                     counts: list[int], timing: dict[str, float], lengths: list[int],
                     score: Callable[[str, dict], float], vision_flops: list[float],
-                    image_tokens: list[int], layer_tokens: list[list[int]] | None = None) -> list[dict]:
+                    image_tokens: list[int], kept: list[int], layer_tokens: list[list[int]] | None = None
+                    ) -> list[dict]:
     from pyrtok.vlm.decode import scheduled_flops
 
     rows = []
     per_layer = layer_tokens or [None] * len(records)
-    for record, text, count, length, vision, n, layers in zip(records, answers, counts, lengths, vision_flops,
-                                                              image_tokens, per_layer, strict=True):
+    for record, text, count, length, vision, n, k, layers in zip(records, answers, counts, lengths, vision_flops,
+                                                                 image_tokens, kept, per_layer, strict=True):
         llm_flops, effective = _flops(model, length), float(count)
         if layers is not None:  # in-LLM dropping: each layer's cost at its own length
             llm_flops = float(scheduled_flops(model.base.model.config, torch.tensor([layers]))[0])
@@ -280,7 +298,7 @@ def _rows_for_batch(model: LoadedModel, task: TaskSpec, cell: Cell, records: lis
                    tflops=(vision + llm_flops) / 1e12, llm_tflops=llm_flops / 1e12, vision_tflops=vision / 1e12,
                    effective_tokens=round(effective, 4), error=error)
         if model.num_tokens is None:  # each image has its own count: the fraction this sample kept
-            row["fraction"] = round(int(count) / n, 4)
+            row["fraction"] = round(k / n, 4)
         rows.append(row)
     return rows
 
@@ -451,7 +469,7 @@ def _run_task(config: AblationConfig, model: LoadedModel, task: TaskSpec, record
                 encoded, vision = _encode(base, images)
             for cell in todo:
                 generator = torch.Generator(device=base.device).manual_seed(
-                    _seed(config.seed, model.spec.name, task.name, index, cell.allocator, cell.budget))
+                    _seed(config.seed, model.spec.name, task.name, index, cell.selection_key, cell.budget))
                 write(_answer_cell(model, task, cell, good, encoded, prompts, generator, vision,
                                    metric.score, config.seed), cell in retried)
                 bar.update(1)
@@ -474,18 +492,19 @@ def _answer_cell(model: LoadedModel, task: TaskSpec, cell: Cell, records: list[d
     """Rows of one cell on one batch; a failing batch is retried sample by sample to isolate the failure
     (each retry seeded from its sample id, not from the failed batch's generator state)."""
     try:
-        texts, counts, allocation, prefill, llm, lengths, layers = _answer(model, cell, encoded, prompts, generator)
+        texts, counts, allocation, prefill, llm, lengths, layers, kept = _answer(model, cell, encoded, prompts,
+                                                                                 generator)
     except Exception as error:
         if len(records) == 1:
             return _error_rows(model, task, cell, records, f"{type(error).__name__}: {error}")
         rows = []
         for i in range(len(records)):
             one = torch.Generator(device=model.base.device).manual_seed(
-                _seed(seed, model.spec.name, task.name, records[i]["id"], cell.allocator, cell.budget))
+                _seed(seed, model.spec.name, task.name, records[i]["id"], cell.selection_key, cell.budget))
             rows += _answer_cell(model, task, cell, records[i : i + 1], encoded.subset([i]), prompts[i : i + 1],
                                  one, vision, score, seed)
         return rows
     b = len(records)
     timing = {"vision": vision, "allocation": allocation / b, "prefill": prefill / b, "llm": llm / b}
     return _rows_for_batch(model, task, cell, records, texts, counts.tolist(), timing, lengths, score,
-                           _vision_flops(model, encoded), encoded.num_tokens(), layers)
+                           _vision_flops(model, encoded), encoded.num_tokens(), kept, layers)

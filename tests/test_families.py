@@ -286,7 +286,10 @@ def shares(budget: int, sizes: list[int]) -> list[int]:
     out = [budget * s // sum(sizes) for s in sizes]
     for k in range(budget - sum(out)):
         out[k % len(out)] += 1
-    return [max(1, v) for v in out]
+    for k in [k for k, v in enumerate(out) if v == 0]:  # an image left with none takes one from the largest
+        out[out.index(max(out))] -= 1
+        out[k] = 1
+    return out
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -316,6 +319,11 @@ def test_several_images_in_one_prompt(tiny, family):
         out = shared.generate([[first, second]], [prompt], budget=budget, max_new_tokens=1)
         assert out.image_counts == [shares(budget, sizes)]
         assert out.counts.tolist() == [budget]
+    # Each image keeps at least one token and the shares add up to the budget (the larger image gives one up).
+    out = shared.generate([[second, first]], [prompt], budget=2, max_new_tokens=1)
+    assert out.image_counts == [[1, 1]] and out.counts.tolist() == [2]
+    with pytest.raises(ValueError, match="budget for sample 0 is 1 tokens, fewer than its 2 images"):
+        shared.generate([[first, second]], [prompt], budget=1, max_new_tokens=1)
     if family == "llava":  # equal images split evenly, the odd token to the first
         assert shares(11, sizes) == [6, 5]
     elif family == "qwen2_vl":  # 8 and 25 merged tokens: 10 * 8 // 33 = 2 (+1 remainder), 10 * 25 // 33 = 7

@@ -441,3 +441,34 @@ def test_ablation_rows_report_effective_tokens_and_flops(tmp_path):
         table = {(r["allocator"], r["budget"]): r["effective_tokens"] for r in csv.DictReader(f)}
     assert table == {("all", "64"): "64.0", ("all+fastv", "64"): "40.0", ("laplacian", "32"): "-",
                      ("laplacian+fastv", "32"): "20.0"}
+
+
+def test_a_scheduled_cell_keeps_the_random_tokens_of_its_unscheduled_twin(tmp_path):
+    """The allocator's draws are seeded without the schedule's label: under a schedule that keeps everything,
+    a random cell answers exactly as the plain one; the seeds still differ between allocators and budgets."""
+    from pyrtok.eval.config import load_config
+    from pyrtok.eval.runner import Cell, run
+
+    from pyrtok.data.local import write_split
+
+    assert Cell("random+fastv", 16, 0.25, "random", "fastv").selection_key == "random"
+    assert Cell("random", 16, 0.25, "random").selection_key == "random"
+    folder = save_tiny_vlm("llava", tmp_path / "model", hidden=64, text_layers=4)
+    (tmp_path / "data" / "images").mkdir(parents=True)
+    records = []
+    for i in range(4):
+        random_image(64, 64, seed=i).save(tmp_path / "data" / "images" / f"{i}.png")
+        records.append({"id": f"q{i}", "image": f"images/{i}.png", "question": QUESTION, "answers": ["red"],
+                        "category": "a"})
+    write_split(tmp_path / "data", "test", records)
+    config = load_config({
+        "name": "twins", "output": str(tmp_path / "out"), "batch_size": 2,
+        "models": [{"name": "tiny", "path": str(folder), "levels": 1, "max_new_tokens": 4}],
+        "allocators": ["random"], "budgets": [4],
+        "schedules": [{"name": "fastv", "layer": 2, "keep": 1.0, "label": "keepall"}],
+        "tasks": [{"name": "toy", "source": "local", "root": str(tmp_path / "data"), "metric": "exact",
+                   "split": "test"}]})
+    _, rows = run(config, progress=False)
+    answers = {(r["allocator"], r["id"]): r["prediction"] for r in rows}
+    assert len(answers) == 4 * 4  # all, random, and each under the schedule
+    assert all(answers[("random+keepall", f"q{i}")] == answers[("random", f"q{i}")] for i in range(4))

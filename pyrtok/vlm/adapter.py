@@ -512,7 +512,9 @@ class PyramidVLM(nn.Module):
 
     def _image_budgets(self, budget: int | Tensor | None, members: list[int], encoded: EncodedBatch) -> Tensor:
         """(G,) budget of each image of a group: its sample's budget, or its share of it (``share_budget``:
-        in proportion to the images' tokens, rounded down, the remainder to the earliest images; at least 1)."""
+        in proportion to the images' tokens, rounded down, the remainder to the earliest images; an image left
+        with none takes one from the largest share, so a shared budget must be at least the sample's image
+        count, and the shares add up to it)."""
         budget = self.budget if budget is None else budget
         sizes = encoded.num_tokens()
         if budget is None:
@@ -527,11 +529,17 @@ class PyramidVLM(nn.Module):
             siblings = [j for j, o in enumerate(encoded.owner) if o == b]
             value = per_sample[b]
             if self.share_budget and len(siblings) > 1:
+                if value < len(siblings):
+                    raise ValueError(f"budget for sample {b} is {value} tokens, fewer than its {len(siblings)} "
+                                     f"images: with share_budget each image keeps at least one token")
                 total = sum(sizes[j] for j in siblings)
                 shares = [value * sizes[j] // total for j in siblings]
                 for k in range(value - sum(shares)):
                     shares[k % len(shares)] += 1
-                value = max(1, shares[siblings.index(i)])
+                for k in [k for k, share in enumerate(shares) if share == 0]:  # one token from the largest
+                    shares[max(range(len(shares)), key=shares.__getitem__)] -= 1
+                    shares[k] = 1
+                value = shares[siblings.index(i)]
             out.append(value)
         return torch.tensor(out, dtype=torch.long, device=self.device)
 

@@ -12,7 +12,8 @@ entry per (allocator, budget)::
 
 Model arguments (``key=value``, comma-separated):
 
-- ``pretrained``: model folder (or hub id) that ``PyramidVLM.from_pretrained`` loads.
+- ``pretrained``: model folder (or hub id) that ``PyramidVLM.from_pretrained`` loads; ``embedded`` names the
+  shipped tiny LLaVA, as in ablation YAML.
 - ``allocator``: a registered allocator name (``pyrtok.allocators.available()``) or an allocator YAML path
   (through the Python API also a mapping with ``name`` or an allocator object; see
   ``pyrtok.allocators.resolve``); default ``all``. Query-driven allocators (``query``) need a text embedding
@@ -173,6 +174,10 @@ class PyrtokLMM(lmms):
 
         if not isinstance(pretrained, str) or not pretrained:
             raise ValueError(f"pretrained must be a model folder or hub id, got {pretrained!r}")
+        if pretrained == "embedded":
+            from pyrtok.eval.config import embedded_model
+
+            pretrained = str(embedded_model())
         self.budget = _positive_int(budget, "budget", allow_none=True)
         self.batch_size_per_process = _positive_int(batch_size, "batch_size")
         self.max_new_tokens = _positive_int(max_new_tokens, "max_new_tokens")

@@ -1,6 +1,8 @@
 """The procedural shapes VQA benchmark and the local dataset format."""
 
+import io
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -72,3 +74,38 @@ def test_local_format_round_trip_and_command(tmp_path, capsys):
     (tmp_path / "partial.jsonl").write_text('{"id": 1}\n')
     with pytest.raises(ValueError, match=r"partial\.jsonl:1 lacks the fields"):
         list(read_split(tmp_path, "partial"))
+
+
+
+def test_pope_rows_ask_each_scenes_existence_question_in_popes_words():
+    from pyrtok.data.shapes_pope import POPE_COLUMNS, pope_rows
+
+    rows = pope_rows("test", 40, seed=3)
+    assert [tuple(r) for r in rows] == [POPE_COLUMNS] * 40
+    assert len({r["question_id"] for r in rows}) == 40
+    assert {r["answer"] for r in rows} == {"yes", "no"}
+    assert {r["category"] for r in rows} <= {"present", "absent random", "absent adversarial"}
+    for (_, scene, items), row in zip(samples("test", 40, seed=3), rows, strict=True):
+        exist = next(i for i in items if i["family"] == "existence")
+        assert row["question"] == exist["question"][0].upper() + exist["question"][1:-1] + " in the image?"
+        assert row["answer"] == exist["answer"] and row["category"] == exist["category"]
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(row["image"]["bytes"]))), np.asarray(scene.image))
+    assert [r["question"] for r in pope_rows("test", 40, seed=4)] != [r["question"] for r in rows]
+    with pytest.raises(ValueError, match="questions must be an int >= 1"):
+        pope_rows("test", 0)
+    with pytest.raises(ValueError, match="split must be one of"):
+        pope_rows("dev", 4)
+
+
+def test_make_shapes_writes_a_pope_task_that_includes_lmms_evals_own(tmp_path):
+    pytest.importorskip("lmms_eval")
+    import datasets
+    import yaml
+
+    cli_main(["make-shapes", "--format", "pope", "--out", str(tmp_path), "--splits", "test", "--questions", "6"])
+    task = yaml.safe_load((tmp_path / "pope_shapes.yaml").read_text())
+    assert Path(task["include"]).name == "pope.yaml" and Path(task["include"]).parent.name == "pope"
+    assert task["task"] == "pope_shapes" and task["dataset_kwargs"]["data_files"] == {"test": "test.parquet"}
+    table = datasets.load_dataset("parquet", data_files={"test": str(tmp_path / "test.parquet")})["test"]
+    assert table.num_rows == 6 and isinstance(table[0]["image"], Image.Image)
+    assert table[0]["image"].size == (224, 224)

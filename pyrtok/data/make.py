@@ -1,4 +1,5 @@
-"""``pyrtok make-shapes``: write splits of the procedural shapes VQA benchmark in the local format."""
+"""``pyrtok make-shapes``: write splits of the procedural shapes VQA benchmark in the local format, or its
+existence questions as a POPE set for lmms-eval's own ``pope`` task (``--format pope``)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from pyrtok.data.local import write_split
+from pyrtok.data.shapes_pope import write_pope
 from pyrtok.data.shapes_vqa import FAMILIES, SPLITS, samples
 
 
@@ -36,6 +38,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--splits", nargs="+", default=["validation", "test"], choices=sorted(SPLITS))
     parser.add_argument("--questions", type=int, default=1000, help="questions per split (5 per scene)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--format", choices=["local", "pope"], default="local",
+                        help="local: every family as JSONL + PNG; pope: one existence question per scene as "
+                             "parquet plus an lmms-eval task (pope_shapes) that includes lmms-eval's pope.yaml")
     args = parser.parse_args(argv)
     for split in args.splits:
-        print(write_shapes(args.out, split, args.questions, args.seed))
+        if args.format == "pope":
+            print(write_pope(args.out, split, args.questions, args.seed))
+        else:
+            print(write_shapes(args.out, split, args.questions, args.seed))

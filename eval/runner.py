@@ -182,6 +182,21 @@ class _FirstToken:
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
+class _PrefillEnd:
+    """A logits processor that changes nothing: the scheduled decoding loop first calls it right after the
+    prefill, before the first token is chosen, so it notes when the prefill ended."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.at: float | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.at is None:
+            _sync(self.device)
+            self.at = time.perf_counter()
+        return scores
+
+
 def _question(task: TaskSpec, record: dict[str, Any]) -> str:
     """The user text of a sample: the task's prompt convention, or the bare question with pre/post text."""
     if task.prompt_task:
@@ -226,13 +241,15 @@ def _answer(model: LoadedModel, cell: Cell, encoded: Any, prompts: list[str], ge
     selections = vlm.select_batch(encoded, _budgets(model, cell, encoded), generator=generator)
     _sync(device)
     allocated = time.perf_counter()
-    timer = _FirstToken()
     if cell.schedule is None:
+        timer = _FirstToken()
         out = vlm.generate(None, prompts, encoded=encoded, selections=selections,
                            max_new_tokens=model.spec.max_new_tokens, stopping_criteria=StoppingCriteriaList([timer]))
-    else:  # the scheduled loop takes no stopping criteria: its prefill time is not split from decoding
+    else:  # the scheduled loop takes no stopping criteria, but calls logits processors from the prefill's logits
+        timer = _PrefillEnd(device)
         out = vlm.generate(None, prompts, encoded=encoded, selections=selections,
-                           max_new_tokens=model.spec.max_new_tokens, schedule=model.schedules[cell.schedule])
+                           max_new_tokens=model.spec.max_new_tokens, schedule=model.schedules[cell.schedule],
+                           logits_processor=[timer])
     _sync(device)
     done = time.perf_counter()
     layers = None if out.layer_tokens is None else out.layer_tokens.tolist()

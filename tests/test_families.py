@@ -468,6 +468,18 @@ def test_unsupported_architecture_fails_before_loading_weights(tmp_path):
         assert supported in str(error.value)
 
 
+def test_a_saved_processor_that_fails_to_load_is_not_replaced_by_the_tokenizer(tmp_path):
+    folder = build("llava", tmp_path / "llava")
+    assert PyramidVLM.from_pretrained(folder).family.image_processor is not None
+    config = json.loads((folder / "processor_config.json").read_text())
+    config["image_processor"]["image_processor_type"] = "NoSuchImageProcessor"
+    (folder / "processor_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="Unrecognized image processor"):
+        PyramidVLM.from_pretrained(folder)
+    for name in ("preprocessor_config.json", "processor_config.json"):
+        (folder / name).unlink(missing_ok=True)
+    assert PyramidVLM.from_pretrained(folder).family.image_processor is None  # none saved: the tokenizer alone
+
 # -- 10. tensors in [0, 1] ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("family", QWEN)

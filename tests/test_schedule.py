@@ -424,6 +424,8 @@ def test_ablation_rows_report_effective_tokens_and_flops(tmp_path):
     assert fastv["effective_tokens"] == pytest.approx((64 * 2 + 16 * 2) / 4)
     assert by[("laplacian+fastv", 32)][0]["effective_tokens"] == pytest.approx((32 * 2 + 8 * 2) / 4)
     assert fastv["llm_tflops"] < full["llm_tflops"]
+    # a scheduled row's prefill ends at the first token's logits, before its decoding ends
+    assert all(0 < r["prefill_s"] < r["llm_s"] for r in by[("all+fastv", 64)] + by[("laplacian+fastv", 32)])
     # the plain cell's FLOPs follow the same per-layer rule at full length
     assert full["llm_tflops"] * 1e12 == pytest.approx(llm_prefill_flops(
         AutoModelForImageTextToText.from_pretrained(folder).config.text_config, full["prompt_tokens"]))

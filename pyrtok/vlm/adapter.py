@@ -595,15 +595,24 @@ class PyramidVLM(nn.Module):
         return positions
 
 
+_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+
+
 def _load_processor(path_or_id: str | Path) -> Any:
-    """The model's ``AutoProcessor``; its tokenizer alone when no processor was saved with it."""
+    """The model's ``AutoProcessor``; its tokenizer alone when no processor was saved with it (a local folder
+    without processor files, or a hub repository whose processor files are missing). A processor that was
+    saved but fails to load raises: falling back would silently replace the model's own image processing."""
     from transformers import AutoProcessor, AutoTokenizer
 
+    folder = Path(path_or_id)
+    if folder.is_dir():
+        if not any((folder / name).is_file() for name in _PROCESSOR_FILES):
+            return AutoTokenizer.from_pretrained(path_or_id)
+        return AutoProcessor.from_pretrained(path_or_id)
     try:
-        processor = AutoProcessor.from_pretrained(path_or_id)
-    except (OSError, ValueError, TypeError, KeyError):
+        return AutoProcessor.from_pretrained(path_or_id)
+    except OSError:  # transformers' error for a missing file: the repository has no processor
         return AutoTokenizer.from_pretrained(path_or_id)
-    return processor
 
 
 def _per_sample(images: Any) -> list[list[Any]]:

@@ -468,6 +468,22 @@ def test_unsupported_architecture_fails_before_loading_weights(tmp_path):
         assert supported in str(error.value)
 
 
+@pytest.mark.parametrize("family", QWEN)
+def test_tokens_passed_back_work_unless_the_family_needs_more_of_the_encoding(tiny, family):
+    _, model, processor = tiny(family)
+    image, prompt = random_image(70, 100, seed=3), chat(processor)
+    vlm = PyramidVLM(model, processor, allocator="laplacian", levels=2, budget=5)
+    tokens = vlm.encode([image])
+    with torch.no_grad():
+        plain = vlm([image], [prompt]).logits
+        if family != "qwen3_vl":
+            assert torch.equal(vlm([image], [prompt], tokens=tokens).logits, plain)
+            return
+        # Qwen3-VL's DeepStack features are not in the tokens: refused, and the encoded batch carries them
+        with pytest.raises(ValueError, match=r"tokens= holds only.*needs \['deepstack'\].*encode_batch"):
+            vlm([image], [prompt], tokens=tokens)
+        assert torch.equal(vlm(None, [prompt], encoded=vlm.encode_batch([image])).logits, plain)
+
 def test_a_saved_processor_that_fails_to_load_is_not_replaced_by_the_tokenizer(tmp_path):
     folder = build("llava", tmp_path / "llava")
     assert PyramidVLM.from_pretrained(folder).family.image_processor is not None

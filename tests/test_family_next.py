@@ -269,6 +269,17 @@ def test_lazy_tiles_match_the_eager_path_and_encode_fewer_tiles(tiny, family):
     assert flops == pytest.approx(full * (1 + needed) / 7)
 
 
+def test_tokens_passed_back_are_refused_with_lazy_tiles(tiny):
+    _, model, processor = tiny("llava_next")
+    image, prompt = random_image(70, 100, seed=12), chat(processor)
+    eager = PyramidVLM(model, processor, allocator="laplacian", levels=1, budget=6)
+    lazy = PyramidVLM(model, processor, allocator="laplacian", levels=1, budget=6, lazy_tiles=True)
+    with torch.no_grad():
+        tokens = eager.encode([image])
+        assert torch.equal(eager([image], [prompt], tokens=tokens).logits, eager([image], [prompt]).logits)
+        with pytest.raises(ValueError, match=r"needs \['tiles'\] from the encoding"):
+            lazy([image], [prompt], tokens=lazy.encode([image]))
+
 def test_lazy_feature_allocators_choose_from_the_base_view(tiny):
     _, model, processor = tiny("llava_next")
     image = random_image(70, 100, seed=13)

@@ -498,6 +498,10 @@ class PyramidVLM(nn.Module):
         stacked = torch.stack(pixels)
         if tokens is None:
             return self.family.encode(stacked)
+        if self.family.encoding_extras:
+            raise ValueError(f"tokens= holds only the multi-scale tokens, but this {self.family.name} model also "
+                             f"needs {list(self.family.encoding_extras)} from the encoding; pass "
+                             f"encoded=vlm.encode_batch(images) (and selections=vlm.select_batch(...)) instead")
         if tokens.batch_size != stacked.shape[0]:
             raise ValueError(f"tokens hold {tokens.batch_size} images but images has {stacked.shape[0]}")
         return Encoded(tokens, stacked)

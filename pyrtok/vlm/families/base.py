@@ -90,6 +90,12 @@ class Family:
         """(G, 3, H, W) pixels in [0, 1] from :meth:`image_pixels` (one size) -> :class:`Encoded`."""
         raise NotImplementedError
 
+    @property
+    def encoding_extras(self) -> tuple[str, ...]:
+        """Keys of :attr:`Encoded.extras` that :meth:`kept_features` needs besides the tokens (none by default:
+        the tokens alone suffice, so tokens from ``PyramidVLM.encode`` can be passed back as ``tokens=``)."""
+        return ()
+
     def kept_features(self, encoded: Encoded, selection: TokenSelection) -> tuple[list[Tensor], dict[str, list]]:
         """The language-model inputs of the kept tokens: a list of G (K_g, D_lm) tensors, and family extras
         (lists of G entries) that :meth:`encoder_outputs` consumes."""

@@ -302,6 +302,11 @@ class LlavaNextFamily(Family):
         need = (inside_r[:, :, None] & inside_c[:, None, :]).any(0)
         return need.flatten()
 
+    @property
+    def encoding_extras(self) -> tuple[str, ...]:
+        """With lazy tiles, the tiles' pixels follow the tokens (the tile levels are built from them)."""
+        return (self.tiles_key,) if self.lazy_tiles else ()
+
     def _lazy_tokens(self, encoded: Encoded, selection: TokenSelection) -> MultiScaleTokens:
         """The group's tokens with the tile levels built from only the tiles the selection needs."""
         tokens = encoded.tokens

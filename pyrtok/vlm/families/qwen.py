@@ -177,6 +177,12 @@ class QwenVLFamily(Family):
         shapes = encoded.tokens.level_shapes[:1] if self.mode == "feature" else encoded.tokens.level_shapes
         return sum(qwen_vision_flops(vision, h * w * self.merge**2) for h, w in shapes)
 
+    @property
+    def encoding_extras(self) -> tuple[str, ...]:
+        """Qwen3-VL's DeepStack features follow the tokens; Qwen2-VL and Qwen2.5-VL need nothing more."""
+        indexes = getattr(self.model.config.vision_config, "deepstack_visual_indexes", None)
+        return (self.deepstack_key,) if indexes else ()
+
     def kept_features(self, encoded: Encoded, selection: TokenSelection) -> tuple[list[Tensor], dict[str, list]]:
         """(K_g + M_g, D) per image: the kept merged-grid tokens, then any merged tokens an allocator made (they
         are in the same space, after the 2x2 merger)."""

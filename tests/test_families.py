@@ -484,6 +484,13 @@ def test_tokens_passed_back_work_unless_the_family_needs_more_of_the_encoding(ti
             vlm([image], [prompt], tokens=tokens)
         assert torch.equal(vlm(None, [prompt], encoded=vlm.encode_batch([image])).logits, plain)
 
+def test_hub_arguments_reach_the_config_the_weights_and_the_processor(tmp_path):
+    folder = build("qwen2_vl", tmp_path / "repo" / "variant")
+    vlm = PyramidVLM.from_pretrained(tmp_path / "repo", subfolder="variant", local_files_only=True)
+    assert vlm.family.name == "qwen2_vl" and vlm.family.image_processor is not None
+    processor = AutoProcessor.from_pretrained(folder)
+    assert vlm.family.image_processor.to_dict() == processor.image_processor.to_dict()
+
 def test_a_saved_processor_that_fails_to_load_is_not_replaced_by_the_tokenizer(tmp_path):
     folder = build("llava", tmp_path / "llava")
     assert PyramidVLM.from_pretrained(folder).family.image_processor is not None

@@ -184,7 +184,9 @@ class PyramidVLM(nn.Module):
         takes), ``budget``, ``mode``, ``levels``, ``schedule``, ``share_budget`` and family options; explicit
         arguments win over it. The allocator and the family are resolved before the weights load, so a bad spec
         or an unsupported architecture fails at once. Other keyword arguments go to the model's
-        ``from_pretrained`` (e.g. ``dtype``).
+        ``from_pretrained`` (e.g. ``dtype``); the hub's (``revision``, ``token``, ``cache_dir``,
+        ``local_files_only``, ``subfolder``, ``trust_remote_code``) also reach the config and the processor, so
+        all three come from the same files.
         """
         import transformers
 
@@ -197,11 +199,12 @@ class PyramidVLM(nn.Module):
             if value is not None:
                 options[key] = value
         chosen = resolve(options.pop("allocator", "all"), "allocator")
-        model_config = transformers.AutoConfig.from_pretrained(path_or_id)
+        hub = {k: v for k, v in model_kwargs.items() if k in HUB_KWARGS}
+        model_config = transformers.AutoConfig.from_pretrained(path_or_id, **hub)
         family_for(model_config)
         model_class = getattr(transformers, model_config.architectures[0])
         model = model_class.from_pretrained(path_or_id, **model_kwargs)
-        processor = _load_processor(path_or_id)
+        processor = _load_processor(path_or_id, **hub)
         levels_value = int(options.pop("levels", 1))
         return cls(model.eval(), processor, allocator=chosen, budget=options.pop("budget", None),
                    mode=options.pop("mode", "feature"), levels=levels_value, **options)
@@ -600,23 +603,26 @@ class PyramidVLM(nn.Module):
 
 
 _PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "subfolder", "trust_remote_code")
+"""``from_pretrained`` keyword arguments that say where files come from: they reach the config, the weights
+and the processor alike."""
 
 
-def _load_processor(path_or_id: str | Path) -> Any:
+def _load_processor(path_or_id: str | Path, **hub: Any) -> Any:
     """The model's ``AutoProcessor``; its tokenizer alone when no processor was saved with it (a local folder
     without processor files, or a hub repository whose processor files are missing). A processor that was
     saved but fails to load raises: falling back would silently replace the model's own image processing."""
     from transformers import AutoProcessor, AutoTokenizer
 
-    folder = Path(path_or_id)
+    folder = Path(path_or_id) / hub.get("subfolder", "")
     if folder.is_dir():
         if not any((folder / name).is_file() for name in _PROCESSOR_FILES):
-            return AutoTokenizer.from_pretrained(path_or_id)
-        return AutoProcessor.from_pretrained(path_or_id)
+            return AutoTokenizer.from_pretrained(path_or_id, **hub)
+        return AutoProcessor.from_pretrained(path_or_id, **hub)
     try:
-        return AutoProcessor.from_pretrained(path_or_id)
+        return AutoProcessor.from_pretrained(path_or_id, **hub)
     except OSError:  # transformers' error for a missing file: the repository has no processor
-        return AutoTokenizer.from_pretrained(path_or_id)
+        return AutoTokenizer.from_pretrained(path_or_id, **hub)
 
 
 def _per_sample(images: Any) -> list[list[Any]]:

@@ -229,9 +229,11 @@ def _budgets(model: LoadedModel, cell: Cell, encoded: Any) -> int | torch.Tensor
 
 
 def _answer(model: LoadedModel, cell: Cell, encoded: Any, prompts: list[str], generator: torch.Generator
-            ) -> tuple[list[str], torch.Tensor, float, float, float, list[int], list[list[int]] | None, list[int]]:
+            ) -> tuple[list[str], torch.Tensor, float, float, float, list[int], list[list[int]] | None, list[int],
+                       float]:
     """Texts, image placeholders per sample, allocation / prefill / total LLM seconds, prompt lengths, (with an
-    in-LLM schedule) the tokens each decoder layer ran on, and the tokens the allocator kept, for one batch."""
+    in-LLM schedule) the tokens each decoder layer ran on, the tokens the allocator kept, and the seconds of
+    vision work deferred into generation (LLaVA-NeXT's lazy tiles; taken out of the LLM times), for one batch."""
     from transformers import StoppingCriteriaList
 
     vlm = model.vlms[cell.spec]
@@ -253,8 +255,10 @@ def _answer(model: LoadedModel, cell: Cell, encoded: Any, prompts: list[str], ge
     _sync(device)
     done = time.perf_counter()
     layers = None if out.layer_tokens is None else out.layer_tokens.tolist()
-    return (out.texts, out.counts, allocated - start, (timer.at or done) - allocated, done - allocated,
-            out.prompt_lengths.tolist(), layers, _kept(encoded, selections))
+    # vision work deferred until the selection was known (LLaVA-NeXT's lazy tiles) ran inside generate
+    deferred = sum(vlm.family.selection_vision_seconds(group) for _, group in encoded.groups)
+    return (out.texts, out.counts, allocated - start, (timer.at or done) - allocated - deferred,
+            done - allocated - deferred, out.prompt_lengths.tolist(), layers, _kept(encoded, selections), deferred)
 
 
 def _kept(encoded: Any, selections: list[Any]) -> list[int]:
@@ -509,8 +513,8 @@ def _answer_cell(model: LoadedModel, task: TaskSpec, cell: Cell, records: list[d
     """Rows of one cell on one batch; a failing batch is retried sample by sample to isolate the failure
     (each retry seeded from its sample id, not from the failed batch's generator state)."""
     try:
-        texts, counts, allocation, prefill, llm, lengths, layers, kept = _answer(model, cell, encoded, prompts,
-                                                                                 generator)
+        texts, counts, allocation, prefill, llm, lengths, layers, kept, deferred = _answer(
+            model, cell, encoded, prompts, generator)
     except Exception as error:
         if len(records) == 1:
             return _error_rows(model, task, cell, records, f"{type(error).__name__}: {error}")
@@ -522,6 +526,6 @@ def _answer_cell(model: LoadedModel, task: TaskSpec, cell: Cell, records: list[d
                                  one, vision, score, seed)
         return rows
     b = len(records)
-    timing = {"vision": vision, "allocation": allocation / b, "prefill": prefill / b, "llm": llm / b}
+    timing = {"vision": vision + deferred / b, "allocation": allocation / b, "prefill": prefill / b, "llm": llm / b}
     return _rows_for_batch(model, task, cell, records, texts, counts.tolist(), timing, lengths, score,
                            _vision_flops(model, encoded), encoded.num_tokens(), kept, layers)

@@ -267,6 +267,9 @@ def test_lazy_tiles_match_the_eager_path_and_encode_fewer_tiles(tiny, family):
     flops = lazy.family.image_vision_flops(encoded.groups[0][1])[0]
     full = eager.family.image_vision_flops(eager_encoded.groups[0][1])[0]
     assert flops == pytest.approx(full * (1 + needed) / 7)
+    # the deferred tile encoding is reported, so ablation timing counts it as vision, not LLM, time
+    assert lazy.family.selection_vision_seconds(encoded.groups[0][1]) > 0
+    assert eager.family.selection_vision_seconds(eager_encoded.groups[0][1]) == 0
 
 
 def test_tokens_passed_back_are_refused_with_lazy_tiles(tiny):

@@ -116,6 +116,12 @@ class Family:
         such as LLaVA-NeXT's lazy tiles, override it)."""
         return [self.vision_flops(encoded)] * encoded.tokens.batch_size
 
+    def selection_vision_seconds(self, encoded: Encoded) -> float:
+        """Seconds of vision-tower work that building the kept tokens of ``encoded``'s latest selection took
+        (0 unless a family defers encoding until the selection is known, as LLaVA-NeXT's lazy tiles do), so
+        that timing can count it as vision rather than language-model time."""
+        return 0.0
+
     def image_positions(self, tokens: MultiScaleTokens, index: Tensor,
                         merged_boxes: Tensor | None = None) -> tuple[Tensor, int]:
         """M-RoPE families: (3, K + M) (t, h, w) offsets of the kept tokens ``index`` (K,), then of the merged

@@ -49,12 +49,14 @@ of a tile token is likewise the base view's under its box centre, so attention a
 the base view; merged tokens are averaged from the features the allocator saw (base-view cells for tile
 tokens), since encoding the tiles under every merged group would encode them all. The tiles
 each image encoded for its latest selection are in ``Encoded.extras["encoded_tiles"]`` (G,), which
-:meth:`image_vision_flops` counts.
+:meth:`image_vision_flops` counts, and the seconds they took in ``"tile_seconds"``
+(:meth:`selection_vision_seconds`).
 """
 
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import torch
@@ -71,6 +73,12 @@ from pyrtok.vlm.families.base import Encoded, Family, register_family
 __all__ = ["NEWLINES", "LlavaNextFamily"]
 
 NEWLINES = ("kept_rows", "all_rows", "none")
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so that wall-clock time covers it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 STRATEGIES = ("default", "full")
 
 
@@ -91,6 +99,7 @@ class LlavaNextFamily(Family):
     rope = "1d"
     tiles_key = "tiles"
     count_key = "encoded_tiles"
+    seconds_key = "tile_seconds"
 
     def __init__(self, model: nn.Module, processor: Any, mode: str = "feature", levels: int = 1,
                  newlines: str = "kept_rows", lazy_tiles: bool = False) -> None:
@@ -317,8 +326,12 @@ class LlavaNextFamily(Family):
                             for g in range(tiles.shape[0])])  # (G, T)
         features = torch.zeros(*need.shape, self.grid**2, tokens.dim, dtype=tokens.features.dtype,
                                device=tokens.device)
+        _sync(tokens.device)
+        start = time.perf_counter()
         if bool(need.any()):
             features[need] = self._tower(tiles[need])[0].to(features.dtype)
+        _sync(tokens.device)
+        encoded.extras[self.seconds_key] = torch.tensor(time.perf_counter() - start)
         encoded.extras[self.count_key] = need.sum(-1)
         base = tokens.features[:, : self.grid**2]
         return self._tokens(base, self._fine_grid(features, size, rows, cols), size)
@@ -349,6 +362,10 @@ class LlavaNextFamily(Family):
         return out, {}
 
     # -- cost -----------------------------------------------------------------------------------------
+    def selection_vision_seconds(self, encoded: Encoded) -> float:
+        """With lazy tiles, the seconds the tiles of the latest selection took to encode."""
+        return float(encoded.extras.get(self.seconds_key, 0.0))
+
     def image_vision_flops(self, encoded: Encoded) -> list[float]:
         """Vision-tower FLOPs of each image of ``encoded``: its base view and the tiles it encoded (all of them
         eagerly; with ``lazy_tiles``, those its latest selection needed)."""

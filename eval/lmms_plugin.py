@@ -59,9 +59,9 @@ without one, such as the embedded model's, resize to the tower's square with PIL
 sees the same pixels through either.
 
 When a task's prompts hold words that the tokenizer maps to its unknown token (a word-level tokenizer such
-as the embedded model's does not know LLaVA-1.5's "Answer the question using a single word or phrase."), a
-warning naming those words is logged once per task: the model never reads them, and its answers are often
-empty.
+as the embedded model's knows its benchmark's words and those of the stock lmms-eval prompts, nothing else),
+a warning naming those words is logged once per task: the model never reads them, and a model not trained
+with unknown words may answer nothing.
 
 One image per sample (LLaVA-1.5 style): samples with several images or videos raise ``ValueError``; samples
 without an image run the language model on the text alone and count 0 image tokens. ``loglikelihood`` scores

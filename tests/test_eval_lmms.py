@@ -298,7 +298,7 @@ def test_unknown_prompt_words_are_warned_once_per_task():
     from loguru import logger
     from pyrtok.eval.config import embedded_model
 
-    suffix = "\nAnswer the question using a single word or phrase."
+    suffix = "\nDescribe the zebra photograph briefly."  # words outside the embedded model's vocabulary
     tasks = {"vqa_a": {SPLIT: [{"image": _image(i, (48, 48)), "question": QUESTION} for i in range(3)]},
              "vqa_b": {SPLIT: [{"image": _image(9, (48, 48)), "question": QUESTION}]},
              "known": {SPLIT: [{"image": _image(8, (48, 48)), "question": QUESTION}]}}
@@ -321,7 +321,7 @@ def test_unknown_prompt_words_are_warned_once_per_task():
     warnings = [m for m in messages if "unknown token" in m]
     assert len(warnings) == 2
     assert "'vqa_a'" in warnings[0] and "'vqa_b'" in warnings[1]
-    for word in ("Answer", "question", "using", "single", "word", "phrase"):
+    for word in ("Describe", "zebra", "photograph", "briefly"):
         assert all(repr(word) in w for w in warnings)
     assert not any("'known'" in m for m in messages)
     # Words the tokenizer knows are not named.
@@ -460,6 +460,28 @@ def test_cli_runs_the_embedded_model_by_name(tmp_path):
     rows = [json.loads(line) for line in log.read_text().splitlines()]
     assert sorted(r["doc_id"] for r in rows) == list(range(10)) and {r["tokens"] for r in rows} == {29}
 
+
+
+def test_lmms_evals_own_pope_task_gets_answers_from_the_embedded_model(tmp_path, monkeypatch):
+    # lmms-eval's pope.yaml (its prompt with the short-answer suffix, its parsing and metrics) on a local shapes
+    # POPE set, through the plugin with its default prompt: the embedded model answers yes or no, and mostly right.
+    for key, value in OFFLINE.items():
+        monkeypatch.setenv(key, value)
+    from lmms_eval.evaluator import simple_evaluate
+    from lmms_eval.tasks import TaskManager
+
+    from pyrtok.data.shapes_pope import TASK_NAME, write_pope
+
+    write_pope(tmp_path / "pope", "test", 40, seed=5)
+    manager = TaskManager("WARNING", include_path=str(tmp_path / "pope"), include_defaults=False)
+    lm = PyrtokLMM(pretrained="embedded", levels=3, device="cpu", batch_size=8)
+    results = simple_evaluate(model=lm, tasks=[TASK_NAME], task_manager=manager, bootstrap_iters=0,
+                              log_samples=True, verbosity="WARNING")
+    samples = results["samples"][TASK_NAME]
+    assert samples[0]["arguments"][0].endswith("?\nAnswer the question using a single word or phrase.")
+    predictions = [s["pope_accuracy"]["prediction"] for s in samples]
+    assert len(predictions) == 40 and set(predictions) <= {"yes", "no"}
+    assert results["results"][TASK_NAME]["pope_accuracy,none"] >= 0.75
 
 @pytest.mark.xfail(strict=True, reason="lmms-eval 0.7.3's evaluator passes every response through "
                    "unwrap_generation_output, which turns loglikelihood's (float, bool) into a string, so "

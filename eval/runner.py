@@ -166,8 +166,12 @@ def fingerprint(config: AblationConfig, model: ModelSpec, task: TaskSpec, alloca
 
 
 def _load_image(record: dict[str, Any]) -> Image.Image:
-    """The record's image, RGB; the model's family turns it into the pixels the model sees."""
-    return open_image(record["image"])
+    """The record's image, RGB (a HF task's :class:`~pyrtok.eval.tasks.hf.DatasetImage` decoded now); the
+    model's family turns it into the pixels the model sees."""
+    from pyrtok.eval.tasks.hf import DatasetImage
+
+    image = record["image"]
+    return open_image(image.open() if isinstance(image, DatasetImage) else image)
 
 
 class _FirstToken:

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 from PIL import Image
-from pyrtok.eval.tasks.hf import HF_TASKS, load_hf_task
+from pyrtok.eval.tasks.hf import HF_TASKS, DatasetImage, load_hf_task
 from pyrtok.eval.tasks.prompts import PROMPTS, format_question
 
 SHORT = "\nAnswer the question using a single word or phrase."
@@ -74,7 +74,8 @@ def test_vqav2_maps_answers_types_and_ids(hf: Any, tmp_path: Path) -> None:
     assert first["question_type"] == "what color is the"
     assert first["question_id"] == 9001 and first["image_id"] == 9
     assert first["multiple_choice_answer"] == "red"
-    assert isinstance(first["image"], Image.Image) and first["image"].getpixel((0, 0)) == (255, 0, 0)
+    assert isinstance(first["image"], DatasetImage)  # decoded only when read
+    assert first["image"].open().getpixel((0, 0)) == (255, 0, 0)
     assert records[1]["category"] == "yes/no"
     assert len(load_hf_task("vqav2", folder, limit=1)) == 1
 
@@ -150,8 +151,8 @@ def test_gqa_joins_questions_and_images(hf: Any, tmp_path: Path) -> None:
     records = load_hf_task("gqa", questions, images_path=images)
     assert [r["id"] for r in records] == ["201307251", "201640614", "202225914"]
     # n161313 is the third image (red 20), n235859 the second (red 10).
-    assert [r["image"].getpixel((0, 0)) for r in records] == [(20, 0, 0), (10, 0, 0), (20, 0, 0)]
-    assert records[0]["image"] is records[2]["image"]  # decoded once, shared
+    assert [r["image"].open().getpixel((0, 0)) for r in records] == [(20, 0, 0), (10, 0, 0), (20, 0, 0)]
+    assert records[0]["image"] is records[2]["image"]  # one reference per image, shared
     assert [r["category"] for r in records] == ["verify", "query", "query"]
     assert records[1]["semantic"] == "rel" and records[1]["structural"] == "query"
     assert records[0]["image_id"] == "n161313" and records[0]["answers"] == ["no"]
@@ -303,3 +304,26 @@ def test_prompt_errors() -> None:
     with pytest.raises(ValueError, match="ocr applies"):
         format_question("gqa", {"question": "q"}, ocr=True)
     assert set(PROMPTS) == set(HF_TASKS) | {"shapes"}
+
+
+def test_the_runner_answers_a_hf_task_from_a_folder(hf: Any, tmp_path: Path) -> None:
+    from pyrtok.eval.config import load_config
+    from pyrtok.eval.runner import run
+
+    from pyrtok.testing import save_tiny_vlm
+
+    columns = {"question_id": ["a", "b", "c"], "question": ["Is there a red square in the image?"] * 3,
+               "answer": ["yes", "no", "yes"], "category": ["random", "popular", "random"],
+               "image": [_image((255, 0, 0)), _image((0, 0, 255)), _image((255, 0, 0))]}
+    features = {"question_id": hf.Value("string"), "question": hf.Value("string"), "answer": hf.Value("string"),
+                "category": hf.Value("string"), "image": hf.Image()}
+    folder = _save(hf, tmp_path / "pope", columns, features, split="test")
+    model = save_tiny_vlm("llava", tmp_path / "model")
+    config = load_config({
+        "name": "hf", "output": str(tmp_path / "out"), "batch_size": 2,
+        "models": [{"name": "tiny", "path": str(model), "levels": 1, "max_new_tokens": 2}],
+        "allocators": ["laplacian"], "budgets": [1.0, 0.25],
+        "tasks": [{"name": "pope", "source": "hf", "hf_task": "pope", "path": folder, "limit": 2}]})
+    _, rows = run(config, progress=False)
+    assert len(rows) == 2 * 2 and {r["task"] for r in rows} == {"pope"}
+    assert all(r["error"] in (None, "empty answer") for r in rows)  # every image was read and encoded

@@ -1,7 +1,9 @@
 """The HuggingFace ``datasets`` versions of the VQA benchmarks that lmms-eval uses, mapped to records.
 
 A record is the harness's common currency (the local format of :mod:`pyrtok.data.local`): ``id`` (unique
-within the split), ``image`` (a ``PIL.Image.Image`` here), ``question``, ``answers`` (list of str),
+within the split), ``image`` (a :class:`DatasetImage` here: a reference to the dataset's row, decoded only
+when read, so that loading a large split and drawing a subset of it decode no image), ``question``,
+``answers`` (list of str),
 ``category`` and task-specific fields. :data:`HF_TASKS` holds, per task, the hub id, config and split of
 lmms-eval's task YAML, the columns a dataset must have and the function that maps one row to a record:
 
@@ -36,9 +38,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["HF_TASKS", "HFTask", "iter_hf_task", "load_hf_task"]
+__all__ = ["HF_TASKS", "DatasetImage", "HFTask", "iter_hf_task", "load_hf_task"]
 
 Record = dict[str, Any]
+
+
+@dataclass(frozen=True, eq=False)
+class DatasetImage:
+    """The image in row ``row`` of a ``datasets.Dataset``, decoded when :meth:`open` is called (the dataset
+    stays memory-mapped, so a record costs a few bytes until its image is needed)."""
+
+    dataset: Any
+    row: int
+    column: str = "image"
+
+    def open(self) -> Any:
+        """The decoded ``PIL.Image.Image``."""
+        return self.dataset[self.row][self.column]
+
+    def __repr__(self) -> str:
+        return f"DatasetImage(row={self.row}, column={self.column!r})"
 
 
 @dataclass(frozen=True)
@@ -242,6 +261,22 @@ def _check_columns(task: str, dataset: Any, required: tuple[str, ...], role: str
         )
 
 
+def _undecoded(dataset: Any) -> Any:
+    """``dataset`` with its image columns read as stored bytes, not decoded (for iterating over the rows)."""
+    datasets = _import_datasets()
+    for column, feature in dataset.features.items():
+        if isinstance(feature, datasets.Image) and feature.decode:
+            dataset = dataset.cast_column(column, datasets.Image(decode=False))
+    return dataset
+
+
+def _with_image_reference(record: Record, dataset: Any, row: int) -> Record:
+    """``record`` with its image (taken from the row's ``image`` column) replaced by a reference to it."""
+    if record.get("image") is not None:
+        record["image"] = DatasetImage(dataset, row)
+    return record
+
+
 def _unique_ids(records: Iterator[Record]) -> Iterator[Record]:
     """Records with repeated ids suffixed ``#1``, ``#2``... in order of appearance (MME's image pairs)."""
     seen: Counter[str] = Counter()
@@ -254,7 +289,8 @@ def _unique_ids(records: Iterator[Record]) -> Iterator[Record]:
 
 
 def _gqa_join(records: Iterator[Record], images: Any, images_source: str) -> Iterator[Record]:
-    """GQA records with ``image`` looked up by ``image_id`` in the images dataset (decoded once per image)."""
+    """GQA records with ``image`` looked up by ``image_id`` in the images dataset (one :class:`DatasetImage`
+    per image, shared by its questions)."""
     row_of = {str(image_id): n for n, image_id in enumerate(images["id"])}
     cache: dict[str, Any] = {}
     for record in records:
@@ -265,7 +301,7 @@ def _gqa_join(records: Iterator[Record], images: Any, images_source: str) -> Ite
                     f"task 'gqa': question {record['id']!r} refers to image {image_id!r}, which the images "
                     f"dataset {images_source!r} lacks (do the questions and images configs match?)"
                 )
-            cache[image_id] = images[row_of[image_id]]["image"]
+            cache[image_id] = DatasetImage(images, row_of[image_id])
         record["image"] = cache[image_id]
         yield record
 
@@ -280,7 +316,7 @@ def iter_hf_task(
     images_name: str | None = None,
     limit: int | None = None,
 ) -> Iterator[Record]:
-    """Records of ``task`` one at a time, images decoded as they come (for large splits).
+    """Records of ``task`` one at a time; images stay in the dataset as :class:`DatasetImage` references.
 
     Args:
         task: a key of :data:`HF_TASKS`.
@@ -305,7 +341,8 @@ def iter_hf_task(
     name = name or spec.config
     dataset = _open(task, path, name, split, spec.split, "path")
     _check_columns(task, dataset, spec.required, "questions" if spec.images_config else task)
-    records: Iterator[Record] = (spec.to_record(row, n) for n, row in enumerate(dataset))
+    records: Iterator[Record] = (_with_image_reference(spec.to_record(row, n), dataset, n)
+                                 for n, row in enumerate(_undecoded(dataset)))
     if spec.images_config:
         if images_path is None:
             if _is_local(path):

@@ -160,7 +160,8 @@ def fingerprint(config: AblationConfig, model: ModelSpec, task: TaskSpec, alloca
         if isinstance(schedule_spec, str) and schedule_spec.endswith((".yaml", ".yml")) \
                 and Path(schedule_spec).is_file():
             schedule_spec = Path(schedule_spec).read_text()
-        parts.append(schedule_spec)
+        # "twin-seeded": a scheduled cell draws its allocator's randomness as its unscheduled twin does
+        parts += [schedule_spec, "twin-seeded"]
     payload = json.dumps(parts, sort_keys=True, default=str)
     return f"{zlib.crc32(payload.encode()):08x}"
 
@@ -175,13 +176,16 @@ def _load_image(record: dict[str, Any]) -> Image.Image:
 
 
 class _FirstToken:
-    """A stopping criterion that never stops: it notes when the first new token exists (end of prefill)."""
+    """A stopping criterion that never stops: it notes when the first new token exists (end of prefill),
+    after the device has finished it (HF generate does not wait for the device before its criteria)."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
         self.at: float | None = None
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         if self.at is None:
+            _sync(self.device)
             self.at = time.perf_counter()
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
@@ -248,7 +252,7 @@ def _answer(model: LoadedModel, cell: Cell, encoded: Any, prompts: list[str], ge
     _sync(device)
     allocated = time.perf_counter()
     if cell.schedule is None:
-        timer = _FirstToken()
+        timer = _FirstToken(device)
         out = vlm.generate(None, prompts, encoded=encoded, selections=selections,
                            max_new_tokens=model.spec.max_new_tokens, stopping_criteria=StoppingCriteriaList([timer]))
     else:  # the scheduled loop takes no stopping criteria, but calls logits processors from the prefill's logits

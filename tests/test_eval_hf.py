@@ -80,6 +80,16 @@ def test_vqav2_maps_answers_types_and_ids(hf: Any, tmp_path: Path) -> None:
     assert len(load_hf_task("vqav2", folder, limit=1)) == 1
 
 
+def test_loading_reads_no_image_until_one_is_opened(hf: Any, tmp_path: Path) -> None:
+    columns, features = _vqav2_columns(hf)
+    columns["image"] = [{"bytes": b"not an image", "path": None}, _image((0, 0, 255))]
+    records = load_hf_task("vqav2", _save(hf, tmp_path / "vqav2", columns, features, split="validation"))
+    assert [type(r["image"]) for r in records] == [DatasetImage, DatasetImage]  # the broken one loads too
+    assert records[1]["image"].open().getpixel((0, 0)) == (0, 0, 255)
+    with pytest.raises(Exception, match="cannot identify image"):
+        records[0]["image"].open()
+
+
 def test_missing_column_names_task_and_column(hf: Any, tmp_path: Path) -> None:
     columns, features = _vqav2_columns(hf)
     del columns["answer_type"], features["answer_type"]

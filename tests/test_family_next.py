@@ -270,6 +270,12 @@ def test_lazy_tiles_match_the_eager_path_and_encode_fewer_tiles(tiny, family):
     # the deferred tile encoding is reported, so ablation timing counts it as vision, not LLM, time
     assert lazy.family.selection_vision_seconds(encoded.groups[0][1]) > 0
     assert eager.family.selection_vision_seconds(eager_encoded.groups[0][1]) == 0
+    # per-image extras: a sub-batch (the runner's one-by-one retry of a failed batch) still works
+    one = encoded.subset([0])
+    assert lazy.family.selection_vision_seconds(one.groups[0][1]) == \
+        pytest.approx(lazy.family.selection_vision_seconds(encoded.groups[0][1]))
+    assert torch.equal(lazy.generate(None, [prompt], encoded=one, selections=[chosen], max_new_tokens=4).sequences,
+                       lazy_out.sequences)
 
 
 def test_tokens_passed_back_are_refused_with_lazy_tiles(tiny):

@@ -445,9 +445,10 @@ def test_ablation_rows_report_effective_tokens_and_flops(tmp_path):
                      ("laplacian+fastv", "32"): "20.0"}
 
 
-def test_a_scheduled_cell_keeps_the_random_tokens_of_its_unscheduled_twin(tmp_path):
-    """The allocator's draws are seeded without the schedule's label: under a schedule that keeps everything,
-    a random cell answers exactly as the plain one; the seeds still differ between allocators and budgets."""
+def test_a_scheduled_cell_keeps_the_random_tokens_of_its_unscheduled_twin(tmp_path, monkeypatch):
+    """The allocator's draws are seeded without the schedule's label: a scheduled cell draws exactly as its
+    unscheduled twin (under a schedule that keeps everything, it answers as the plain one)."""
+    from pyrtok.eval import runner
     from pyrtok.eval.config import load_config
     from pyrtok.eval.runner import Cell, run
 
@@ -470,7 +471,14 @@ def test_a_scheduled_cell_keeps_the_random_tokens_of_its_unscheduled_twin(tmp_pa
         "schedules": [{"name": "fastv", "layer": 2, "keep": 1.0, "label": "keepall"}],
         "tasks": [{"name": "toy", "source": "local", "root": str(tmp_path / "data"), "metric": "exact",
                    "split": "test"}]})
+    seeds: list[tuple] = []
+    seed = runner._seed
+    monkeypatch.setattr(runner, "_seed", lambda *parts: seeds.append(parts) or seed(*parts))
     _, rows = run(config, progress=False)
     answers = {(r["allocator"], r["id"]): r["prediction"] for r in rows}
     assert len(answers) == 4 * 4  # all, random, and each under the schedule
     assert all(answers[("random+keepall", f"q{i}")] == answers[("random", f"q{i}")] for i in range(4))
+    # per batch: all, all+keepall, random, random+keepall; each twin pair drew from the same seed
+    drawn = [parts[4] for parts in seeds]
+    assert sorted(set(drawn)) == ["all", "random"] and len(seeds) == 2 * 4
+    assert [p for p in seeds if p[4] == "random"][::2] == [p for p in seeds if p[4] == "random"][1::2]

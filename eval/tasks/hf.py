@@ -261,13 +261,19 @@ def _check_columns(task: str, dataset: Any, required: tuple[str, ...], role: str
         )
 
 
-def _undecoded(dataset: Any) -> Any:
-    """``dataset`` with its image columns read as stored bytes, not decoded (for iterating over the rows)."""
+def _rows_without_images(dataset: Any) -> Iterator[dict[str, Any]]:
+    """The rows of ``dataset`` with every image column read as True (an image is stored) or None, so that
+    iterating a large split neither decodes nor reads a single image (the bytes stay memory-mapped)."""
+    import pyarrow.compute as pc
+
     datasets = _import_datasets()
-    for column, feature in dataset.features.items():
-        if isinstance(feature, datasets.Image) and feature.decode:
-            dataset = dataset.cast_column(column, datasets.Image(decode=False))
-    return dataset
+    columns = [c for c, feature in dataset.features.items() if isinstance(feature, datasets.Image)]
+    if not columns:
+        yield from dataset
+        return
+    stored = {c: pc.is_valid(dataset.with_format("arrow")[c]).to_pylist() for c in columns}
+    for n, row in enumerate(dataset.remove_columns(columns)):
+        yield {**row, **{c: True if stored[c][n] else None for c in columns}}
 
 
 def _with_image_reference(record: Record, dataset: Any, row: int) -> Record:
@@ -342,7 +348,7 @@ def iter_hf_task(
     dataset = _open(task, path, name, split, spec.split, "path")
     _check_columns(task, dataset, spec.required, "questions" if spec.images_config else task)
     records: Iterator[Record] = (_with_image_reference(spec.to_record(row, n), dataset, n)
-                                 for n, row in enumerate(_undecoded(dataset)))
+                                 for n, row in enumerate(_rows_without_images(dataset)))
     if spec.images_config:
         if images_path is None:
             if _is_local(path):

@@ -36,12 +36,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="pyrtok make-shapes", description=__doc__)
     parser.add_argument("--out", default="data/shapes_vqa")
     parser.add_argument("--splits", nargs="+", default=["validation", "test"], choices=sorted(SPLITS))
-    parser.add_argument("--questions", type=int, default=1000, help="questions per split (5 per scene)")
+    parser.add_argument("--questions", type=int, default=1000,
+                        help="questions per split (local: 5 per scene; pope: one per scene)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--format", choices=["local", "pope"], default="local",
                         help="local: every family as JSONL + PNG; pope: one existence question per scene as "
                              "parquet plus an lmms-eval task (pope_shapes) that includes lmms-eval's pope.yaml")
     args = parser.parse_args(argv)
+    if args.format == "pope" and len(args.splits) != 1:
+        parser.error(f"--format pope writes one task (pope_shapes) for one split; got --splits {args.splits}")
     for split in args.splits:
         if args.format == "pope":
             print(write_pope(args.out, split, args.questions, args.seed))

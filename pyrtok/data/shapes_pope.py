@@ -18,6 +18,7 @@ split drawn with another seed is a fresh set of images.
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 from pyrtok.data.conversations import pope_question
@@ -68,6 +69,7 @@ def write_pope(root: str | Path, split: str = "test", questions: int = 500, seed
     """Write ``<root>/<split>.parquet`` and the task ``<root>/pope_shapes.yaml``; returns the YAML's path."""
     import datasets
 
+    included = _pope_yaml()  # before any work: without lmms-eval the folder could not run
     rows = pope_rows(split, questions, seed)
     features = datasets.Features({"question_id": datasets.Value("string"), "question": datasets.Value("string"),
                                   "answer": datasets.Value("string"), "image_source": datasets.Value("string"),
@@ -82,7 +84,7 @@ def write_pope(root: str | Path, split: str = "test", questions: int = 500, seed
     task.write_text(
         f"# lmms-eval's own POPE task on {questions} shapes scenes ({split}, seed {seed}); written by "
         f"pyrtok.data.shapes_pope\n"
-        f"include: {_pope_yaml()}\n"
+        f"include: {json.dumps(str(included))}\n"
         f"task: {TASK_NAME}\n"
         f"dataset_path: parquet\n"
         f"dataset_kwargs:\n  data_files:\n    test: {split}.parquet\n"

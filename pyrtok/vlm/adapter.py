@@ -123,8 +123,9 @@ class PyramidVLM(nn.Module):
         mode, levels: ``"feature"`` (encode once, pool the grid) or ``"image"`` (encode every Gaussian level),
             and the number of pyramid levels.
         share_budget: with several images in a sample, one budget for the sample, split over its images in
-            proportion to their tokens (rounded down, the remainder to the earliest images); by default each
-            image gets the budget.
+            proportion to their tokens (rounded down, the remainder to the earliest images; an image left with
+            none takes one from the largest share), so the shares add up to the budget, which must be at least
+            the sample's image count; by default each image gets the budget.
         schedule: an in-LLM dropping schedule (FastV, PyramidDrop, DART: any spec
             :func:`pyrtok.vlm.schedule.resolve_schedule` takes), applied after the allocator's choice; None runs
             every decoder layer on every token the allocator kept.
@@ -184,9 +185,9 @@ class PyramidVLM(nn.Module):
         takes), ``budget``, ``mode``, ``levels``, ``schedule``, ``share_budget`` and family options; explicit
         arguments win over it. The allocator and the family are resolved before the weights load, so a bad spec
         or an unsupported architecture fails at once. Other keyword arguments go to the model's
-        ``from_pretrained`` (e.g. ``dtype``); the hub's (``revision``, ``token``, ``cache_dir``,
-        ``local_files_only``, ``subfolder``, ``trust_remote_code``) also reach the config and the processor, so
-        all three come from the same files.
+        ``from_pretrained`` (e.g. ``dtype``); the hub's (:data:`HUB_KWARGS`: ``revision``, ``token``,
+        ``cache_dir``, ``subfolder``, ...) also reach the config and the processor, so all three come from the
+        same files.
         """
         import transformers
 
@@ -603,7 +604,8 @@ class PyramidVLM(nn.Module):
 
 
 _PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
-HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "subfolder", "trust_remote_code")
+HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "subfolder", "trust_remote_code",
+              "force_download", "proxies")
 """``from_pretrained`` keyword arguments that say where files come from: they reach the config, the weights
 and the processor alike."""
 
@@ -614,7 +616,7 @@ def _load_processor(path_or_id: str | Path, **hub: Any) -> Any:
     saved but fails to load raises: falling back would silently replace the model's own image processing."""
     from transformers import AutoProcessor, AutoTokenizer
 
-    folder = Path(path_or_id) / hub.get("subfolder", "")
+    folder = Path(path_or_id) / (hub.get("subfolder") or "")
     if folder.is_dir():
         if not any((folder / name).is_file() for name in _PROCESSOR_FILES):
             return AutoTokenizer.from_pretrained(path_or_id, **hub)

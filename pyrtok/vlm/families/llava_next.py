@@ -49,7 +49,7 @@ of a tile token is likewise the base view's under its box centre, so attention a
 the base view; merged tokens are averaged from the features the allocator saw (base-view cells for tile
 tokens), since encoding the tiles under every merged group would encode them all. The tiles
 each image encoded for its latest selection are in ``Encoded.extras["encoded_tiles"]`` (G,), which
-:meth:`image_vision_flops` counts, and the seconds they took in ``"tile_seconds"``
+:meth:`image_vision_flops` counts, and the seconds they took, shared evenly over the images, in ``"tile_seconds"`` (G,)
 (:meth:`selection_vision_seconds`).
 """
 
@@ -331,7 +331,8 @@ class LlavaNextFamily(Family):
         if bool(need.any()):
             features[need] = self._tower(tiles[need])[0].to(features.dtype)
         _sync(tokens.device)
-        encoded.extras[self.seconds_key] = torch.tensor(time.perf_counter() - start)
+        # extras hold one entry per image (EncodedBatch.subset indexes them): the seconds, shared out evenly
+        encoded.extras[self.seconds_key] = torch.full((tiles.shape[0],), (time.perf_counter() - start) / tiles.shape[0])
         encoded.extras[self.count_key] = need.sum(-1)
         base = tokens.features[:, : self.grid**2]
         return self._tokens(base, self._fine_grid(features, size, rows, cols), size)
@@ -364,7 +365,8 @@ class LlavaNextFamily(Family):
     # -- cost -----------------------------------------------------------------------------------------
     def selection_vision_seconds(self, encoded: Encoded) -> float:
         """With lazy tiles, the seconds the tiles of the latest selection took to encode."""
-        return float(encoded.extras.get(self.seconds_key, 0.0))
+        seconds = encoded.extras.get(self.seconds_key)
+        return 0.0 if seconds is None else float(seconds.sum())
 
     def image_vision_flops(self, encoded: Encoded) -> list[float]:
         """Vision-tower FLOPs of each image of ``encoded``: its base view and the tiles it encoded (all of them

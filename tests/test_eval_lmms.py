@@ -472,16 +472,16 @@ def test_lmms_evals_own_pope_task_gets_answers_from_the_embedded_model(tmp_path,
 
     from pyrtok.data.shapes_pope import TASK_NAME, write_pope
 
-    write_pope(tmp_path / "pope", "test", 40, seed=5)
+    write_pope(tmp_path / "pope", "test", 100)
     manager = TaskManager("WARNING", include_path=str(tmp_path / "pope"), include_defaults=False)
-    lm = PyrtokLMM(pretrained="embedded", levels=3, device="cpu", batch_size=8)
+    lm = PyrtokLMM(pretrained="embedded", levels=3, device="cpu", batch_size=50)
     results = simple_evaluate(model=lm, tasks=[TASK_NAME], task_manager=manager, bootstrap_iters=0,
                               log_samples=True, verbosity="WARNING")
     samples = results["samples"][TASK_NAME]
     assert samples[0]["arguments"][0].endswith("?\nAnswer the question using a single word or phrase.")
     predictions = [s["pope_accuracy"]["prediction"] for s in samples]
-    assert len(predictions) == 40 and set(predictions) <= {"yes", "no"}
-    assert results["results"][TASK_NAME]["pope_accuracy,none"] >= 0.75
+    assert len(predictions) == 100 and set(predictions) <= {"yes", "no"}
+    assert results["results"][TASK_NAME]["pope_accuracy,none"] >= 0.7  # chance is 0.5
 
 @pytest.mark.xfail(strict=True, reason="lmms-eval 0.7.3's evaluator passes every response through "
                    "unwrap_generation_output, which turns loglikelihood's (float, bool) into a string, so "

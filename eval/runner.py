@@ -42,6 +42,7 @@ from pyrtok.eval.tasks import load_task
 from pyrtok.eval.tasks.prompts import format_question
 from tqdm.auto import tqdm
 
+from pyrtok._timing import sync
 from pyrtok.allocators import budget_tokens, resolve
 from pyrtok.images import open_image
 from pyrtok.vlm.schedule import resolve_schedule
@@ -175,33 +176,27 @@ def _load_image(record: dict[str, Any]) -> Image.Image:
     return open_image(image.open() if isinstance(image, DatasetImage) else image)
 
 
-class _FirstToken:
-    """A stopping criterion that never stops: it notes when the first new token exists (end of prefill),
-    after the device has finished it (HF generate does not wait for the device before its criteria)."""
+class _PrefillClock:
+    """Notes when the prefill ended, once the device has finished it (neither generation loop waits for the
+    device before calling these): :meth:`criterion` is a stopping criterion that never stops (HF generate calls
+    it once the first token exists), :meth:`processor` a logits processor that changes nothing (the scheduled
+    loop calls it on the prefill's logits, before the first token is chosen)."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.at: float | None = None
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    def _mark(self) -> None:
         if self.at is None:
-            _sync(self.device)
+            sync(self.device)
             self.at = time.perf_counter()
+
+    def criterion(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        self._mark()
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
-
-class _PrefillEnd:
-    """A logits processor that changes nothing: the scheduled decoding loop first calls it right after the
-    prefill, before the first token is chosen, so it notes when the prefill ended."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.at: float | None = None
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if self.at is None:
-            _sync(self.device)
-            self.at = time.perf_counter()
+    def processor(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self._mark()
         return scores
 
 
@@ -217,11 +212,6 @@ def _prompt(model: LoadedModel, question: str) -> str:
     if model.spec.prompt is None:
         return model.base.chat_prompt(question)
     return model.spec.prompt.format(question=question)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _seed(*parts: Any) -> int:
@@ -246,21 +236,21 @@ def _answer(model: LoadedModel, cell: Cell, encoded: Any, prompts: list[str], ge
 
     vlm = model.vlms[cell.spec]
     device = vlm.device
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     selections = vlm.select_batch(encoded, _budgets(model, cell, encoded), generator=generator)
-    _sync(device)
+    sync(device)
     allocated = time.perf_counter()
+    timer = _PrefillClock(device)
     if cell.schedule is None:
-        timer = _FirstToken(device)
         out = vlm.generate(None, prompts, encoded=encoded, selections=selections,
-                           max_new_tokens=model.spec.max_new_tokens, stopping_criteria=StoppingCriteriaList([timer]))
+                           max_new_tokens=model.spec.max_new_tokens,
+                           stopping_criteria=StoppingCriteriaList([timer.criterion]))
     else:  # the scheduled loop takes no stopping criteria, but calls logits processors from the prefill's logits
-        timer = _PrefillEnd(device)
         out = vlm.generate(None, prompts, encoded=encoded, selections=selections,
                            max_new_tokens=model.spec.max_new_tokens, schedule=model.schedules[cell.schedule],
-                           logits_processor=[timer])
-    _sync(device)
+                           logits_processor=[timer.processor])
+    sync(device)
     done = time.perf_counter()
     layers = None if out.layer_tokens is None else out.layer_tokens.tolist()
     # vision work deferred until the selection was known (LLaVA-NeXT's lazy tiles) ran inside generate
@@ -508,10 +498,10 @@ def _run_task(config: AblationConfig, model: LoadedModel, task: TaskSpec, record
 
 def _encode(base: Any, images: list[Image.Image]) -> tuple[Any, float]:
     """The batch encoded once, and the vision seconds per image."""
-    _sync(base.device)
+    sync(base.device)
     start = time.perf_counter()
     encoded = base.encode_batch(images)
-    _sync(base.device)
+    sync(base.device)
     return encoded, (time.perf_counter() - start) / len(images)
 
 

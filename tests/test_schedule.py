@@ -391,21 +391,28 @@ def test_flops_follow_the_per_layer_counts(tiny):
 
 # -- 7. the ablation runner: schedules next to allocators --------------------------------------------------------
 
-def test_ablation_rows_report_effective_tokens_and_flops(tmp_path):
-    from pyrtok.eval.config import load_config
-    from pyrtok.eval.report import write_report
-    from pyrtok.eval.runner import run
-
+def _model_and_local_task(tmp_path, questions: int):
+    """A tiny LLaVA (4 decoder layers) saved under ``tmp_path/model`` and a local task of ``questions``
+    random images under ``tmp_path/data``; returns the model folder."""
     from pyrtok.data.local import write_split
 
     folder = save_tiny_vlm("llava", tmp_path / "model", hidden=64, text_layers=4)
     (tmp_path / "data" / "images").mkdir(parents=True)
     records = []
-    for i in range(3):
+    for i in range(questions):
         random_image(64, 64, seed=i).save(tmp_path / "data" / "images" / f"{i}.png")
         records.append({"id": f"q{i}", "image": f"images/{i}.png", "question": QUESTION, "answers": ["red"],
                         "category": "a"})
     write_split(tmp_path / "data", "test", records)
+    return folder
+
+
+def test_ablation_rows_report_effective_tokens_and_flops(tmp_path):
+    from pyrtok.eval.config import load_config
+    from pyrtok.eval.report import write_report
+    from pyrtok.eval.runner import run
+
+    folder = _model_and_local_task(tmp_path, 3)
     config = load_config({
         "name": "in-llm", "output": str(tmp_path / "out"), "batch_size": 2,
         "models": [{"name": "tiny", "path": str(folder), "levels": 1, "max_new_tokens": 2}],
@@ -452,18 +459,9 @@ def test_a_scheduled_cell_keeps_the_random_tokens_of_its_unscheduled_twin(tmp_pa
     from pyrtok.eval.config import load_config
     from pyrtok.eval.runner import Cell, run
 
-    from pyrtok.data.local import write_split
-
     assert Cell("random+fastv", 16, 0.25, "random", "fastv").selection_key == "random"
     assert Cell("random", 16, 0.25, "random").selection_key == "random"
-    folder = save_tiny_vlm("llava", tmp_path / "model", hidden=64, text_layers=4)
-    (tmp_path / "data" / "images").mkdir(parents=True)
-    records = []
-    for i in range(4):
-        random_image(64, 64, seed=i).save(tmp_path / "data" / "images" / f"{i}.png")
-        records.append({"id": f"q{i}", "image": f"images/{i}.png", "question": QUESTION, "answers": ["red"],
-                        "category": "a"})
-    write_split(tmp_path / "data", "test", records)
+    folder = _model_and_local_task(tmp_path, 4)
     config = load_config({
         "name": "twins", "output": str(tmp_path / "out"), "batch_size": 2,
         "models": [{"name": "tiny", "path": str(folder), "levels": 1, "max_new_tokens": 4}],

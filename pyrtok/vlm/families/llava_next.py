@@ -66,6 +66,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from pyrtok._checks import check_level_count
+from pyrtok._timing import sync
 from pyrtok.images import image_tensor
 from pyrtok.tokens import MultiScaleTokens, TokenSelection, from_feature_grid, token_layout
 from pyrtok.vlm.families.base import Encoded, Family, register_family
@@ -73,12 +74,6 @@ from pyrtok.vlm.families.base import Encoded, Family, register_family
 __all__ = ["NEWLINES", "LlavaNextFamily"]
 
 NEWLINES = ("kept_rows", "all_rows", "none")
-
-
-def _sync(device: torch.device) -> None:
-    """Wait for queued GPU work, so that wall-clock time covers it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 STRATEGIES = ("default", "full")
 
 
@@ -326,11 +321,11 @@ class LlavaNextFamily(Family):
                             for g in range(tiles.shape[0])])  # (G, T)
         features = torch.zeros(*need.shape, self.grid**2, tokens.dim, dtype=tokens.features.dtype,
                                device=tokens.device)
-        _sync(tokens.device)
+        sync(tokens.device)
         start = time.perf_counter()
         if bool(need.any()):
             features[need] = self._tower(tiles[need])[0].to(features.dtype)
-        _sync(tokens.device)
+        sync(tokens.device)
         # extras hold one entry per image (EncodedBatch.subset indexes them): the seconds, shared out evenly
         encoded.extras[self.seconds_key] = torch.full((tiles.shape[0],), (time.perf_counter() - start) / tiles.shape[0])
         encoded.extras[self.count_key] = need.sum(-1)

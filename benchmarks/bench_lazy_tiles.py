@@ -10,13 +10,13 @@ a temporary folder with its processor): a CLIP ViT-B/14-like tower (hidden 768, 
 - ``object``: the same photograph at half the side in one quadrant of a flat grey canvas (an object on a plain
   background, as in product shots, documents with margins or screenshots), detail in one tile.
 
-Baseline (``eager``): ``encode_batch`` runs the tower on the base view and all 4 tiles, then the allocator
+Baseline (``eager``): ``encode`` runs the tower on the base view and all 4 tiles, then the allocator
 chooses and the kept tokens' language-model inputs are built (``family.kept_features``). ``lazy``
-(``lazy_tiles=True``): ``encode_batch`` runs the base view only, the allocator chooses, and ``kept_features``
+(``lazy_tiles=True``): ``encode`` runs the base view only, the allocator chooses, and ``complete``
 encodes only the tiles under kept tile tokens. Vision time = encode + allocate + kept features (everything
 before the language model), the median of ``--repeats`` runs after one warm-up, eager and lazy interleaved in
 every round so that background load on a shared machine reaches both. Vision FLOPs are the family's count
-(``image_vision_flops``: the tower's forward FLOPs per view encoded). Ratios are lazy / eager of the same run.
+(``EncodedBatch.vision_flops``: the tower's forward FLOPs per view encoded). Ratios are lazy / eager of the same run.
 
 Allocators: ``laplacian`` and ``saliency`` read pixels only, so the lazy selection is exactly the eager one
 (checked: "same"); ``pool`` scores features, so lazily it chooses from the base view (tile tokens carry the
@@ -73,11 +73,11 @@ def object_on_plain(image: Image.Image) -> Image.Image:
 
 def vision_pass(vlm: PyramidVLM, image: Image.Image, budget: float) -> tuple[torch.Tensor, float]:
     """Everything before the language model for one image: (kept indices (K,), vision FLOPs)."""
-    encoded = vlm.encode_batch([image])
-    (selection,) = vlm.select_batch(encoded, budget=budget)
-    group = encoded.groups[0][1]
-    vlm.family.kept_features(group, selection)
-    return selection.index[0, : int(selection.count[0])], vlm.family.image_vision_flops(group)[0]
+    encoded = vlm.encode([image])
+    (selection,) = vlm.select(encoded, budget=budget)
+    completed = vlm.complete(encoded, [selection])
+    vlm.family.kept_features(completed.groups[0][1], selection)
+    return selection.index[0, : int(selection.count[0])], completed.vision_flops()[0]
 
 
 def timed(fn) -> tuple[object, float]:

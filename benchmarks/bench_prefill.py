@@ -13,8 +13,8 @@ Both models have random weights and are sized to run on a CPU:
 The full-token run of each is the plain grid (allocator ``all``, one level). For each run, in the same
 process, on the same image and prompt, through pyrtok's public API:
 
-- vision: ``encode_batch`` (the tower forward and the pooled levels);
-- allocation: ``select_batch`` (signals + selection);
+- vision: ``encode`` (the tower forward and the pooled levels);
+- allocation: ``select`` (signals + selection);
 - LLM prefill: ``prepare`` (prompt expansion, positions) and the language model's forward over the prompt,
   keeping the KV cache, up to the logits of the first new token;
 - FLOPs of the prefill from :mod:`pyrtok.vlm.flops`.
@@ -100,19 +100,18 @@ def run(vlm: PyramidVLM, image: Image.Image, prompt: str, budget: int, repeats: 
     vision, allocation, prefill, length = [], [], [], 0
     for _ in range(repeats + 1):  # the first pass warms up
         start = time.perf_counter()
-        encoded = vlm.encode_batch([image])
+        encoded = vlm.encode([image])
         t_vision = time.perf_counter()
-        selections = vlm.select_batch(encoded, budget)
+        selections = vlm.select(encoded, budget)
         t_alloc = time.perf_counter()
         inputs = vlm.prepare(None, [prompt], encoded=encoded, selections=selections)
-        vlm.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                  position_ids=inputs["position_ids"], mm_encoder_outputs=inputs["mm_encoder_outputs"],
+        vlm.model(**inputs.model_inputs(),
                   use_cache=True, logits_to_keep=1)
         t_prefill = time.perf_counter()
         vision.append(t_vision - start)
         allocation.append(t_alloc - t_vision)
         prefill.append(t_prefill - t_alloc)
-        length = inputs["input_ids"].shape[1]
+        length = inputs.input_ids.shape[1]
     return {"vision": median_ms(vision[1:]), "allocation": median_ms(allocation[1:]),
             "prefill": median_ms(prefill[1:]), "prompt_tokens": length}
 
@@ -138,22 +137,21 @@ def run_scheduled(vlm: PyramidVLM, image: Image.Image, prompt: str, budget: int,
     """Median prefill ms (prompt preparation and the language model up to the first token's logits) of one
     schedule (None: the model's own forward; "loop": the layer loop with no stage), and the (L,) tokens each
     decoder layer ran on."""
-    encoded = vlm.encode_batch([image])
-    selections = vlm.select_batch(encoded, budget)
+    encoded = vlm.encode([image])
+    selections = vlm.select(encoded, budget)
     resolved = None if schedule in (None, "loop") else resolve_schedule(schedule)
     times, layer_tokens = [], None
     for _ in range(repeats + 1):  # the first pass warms up
         start = time.perf_counter()
         inputs = vlm.prepare(None, [prompt], encoded=encoded, selections=selections)
         if schedule is None:
-            vlm.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                      position_ids=inputs["position_ids"], mm_encoder_outputs=inputs["mm_encoder_outputs"],
+            vlm.model(**inputs.model_inputs(),
                       use_cache=True, logits_to_keep=1)
             layers = vlm.model.config.text_config.num_hidden_layers
-            layer_tokens = torch.full((layers,), inputs["input_ids"].shape[1])
+            layer_tokens = torch.full((layers,), inputs.input_ids.shape[1])
         else:
-            state = prefill(vlm.model, inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"],
-                            vlm.image_token_id, resolved, inputs["mm_encoder_outputs"], last_only=True)
+            state = prefill(vlm.model, inputs.input_ids, inputs.attention_mask, inputs.position_ids,
+                            vlm.image_token_id, resolved, inputs.mm_encoder_outputs, last_only=True)
             layer_tokens = state.layer_tokens[0]
         times.append(time.perf_counter() - start)
     return {"prefill": median_ms(times[1:]), "layer_tokens": layer_tokens}

@@ -35,7 +35,7 @@ are checked when the config loads, by building the wrapper on the model's empty 
 processor, so a bad option fails before any weights load or any row is written; otherwise they are checked
 when the model loads. The options are part of every row's fingerprint.
 
-``schedules`` (optional) lists in-LLM dropping schedules (:func:`pyrtok.vlm.schedule.resolve_schedule` specs:
+``schedules`` (optional) lists in-LLM dropping schedules (:func:`pyrtok.vlm.schedules.resolve_schedule` specs:
 a name, a YAML path, a mapping with ``name`` and an optional ``label``). Each one runs after every allocator at
 every budget, in cells labelled ``<allocator>+<schedule label>``; their rows report ``effective_tokens`` (image
 tokens averaged over the decoder layers) and FLOPs from the per-layer counts, so they sit in one table with the
@@ -119,13 +119,13 @@ def check_model_options(spec: ModelSpec) -> None:
     import transformers
 
     from pyrtok.vlm import PyramidVLM, family_for
-    from pyrtok.vlm.adapter import _load_processor
+    from pyrtok.vlm.hub import load_processor
 
     model_config = transformers.AutoConfig.from_pretrained(folder)
     family_for(model_config)
     with torch.device("meta"):
         shell = getattr(transformers, model_config.architectures[0])(model_config)
-    processor = _load_processor(folder)
+    processor = load_processor(folder)
     try:
         PyramidVLM(shell, processor, mode=spec.mode, levels=spec.levels, **spec.options)
     except (TypeError, ValueError) as error:
@@ -277,7 +277,7 @@ def load_config(source: str | Path | dict[str, Any], overrides: dict[str, Any] |
     if not isinstance(data.get("batch_size", 32), int) or data.get("batch_size", 32) < 1:
         raise ValueError(f"batch_size must be a positive int, got {data.get('batch_size')!r}")
     schedules: dict[str, Any] = {}
-    from pyrtok.vlm.schedule import resolve_schedule, schedule_label
+    from pyrtok.vlm.schedules import resolve_schedule, schedule_label
 
     for n, spec in enumerate(data.get("schedules") or []):
         resolve_schedule(spec, f"schedules[{n}]")  # a bad name or option fails before any model loads

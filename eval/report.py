@@ -3,6 +3,10 @@
 One table row per (model, allocator, budget): the headline metric of every task, the average retention
 (each task's metric as a percentage of the same model's full-token metric, averaged over tasks), the mean
 kept tokens, the mean prefill and end-to-end times per sample, and TFLOPs per sample (vision + LLM prefill).
+A row that records a failure instead of an answer (an unreadable image, a failed batch: see
+:func:`pyrtok.eval.rows.failed`) counts as a wrong answer in the headline metric, as it always has; beside it, every
+task also gets its metric over the answered questions only (``<task> answered``), and ``failed`` counts the rows
+without an answer (``errors`` counts every row with an error, empty answers included).
 ``all`` is the full-token reference only; the ``all`` allocator below the full budget (the coarsest tokens first)
 is ``coarse``, in rows the runner writes and in rows of older runs alike. Each (model, allocator, budget, task,
 id) counts once: give these functions the latest row per key, as :func:`pyrtok.eval.rows.read_rows` does.
@@ -20,6 +24,7 @@ from typing import Any
 import numpy as np
 from pyrtok.eval.config import COARSE
 from pyrtok.eval.metrics import get_metric
+from pyrtok.eval.rows import failed
 
 __all__ = ["Summary", "summarize", "write_report"]
 
@@ -46,7 +51,8 @@ def summarize(rows: Sequence[dict], metrics: dict[str, str]) -> tuple[list[Summa
     ``retention`` (%), ``tokens``, ``effective_tokens`` (image tokens averaged over the decoder layers: below
     ``tokens`` under an in-LLM schedule; NaN where no row recorded it), ``prefill_ms``, ``time_ms``, ``tflops``,
     ``vision_tflops`` (the vision tower's share: lower than the full row's where LLaVA-NeXT's lazy tiles skipped
-    tiles) and ``errors``.
+    tiles), ``errors`` (rows with an error, empty answers included), ``failed`` (rows without an answer) and
+    ``answered`` = {task: headline value over the rows with an answer} (NaN where every row failed).
     ``categories``: one entry per (model, allocator, budget, task, category) with the headline value.
     """
     rows = [{**r, "allocator": COARSE} if r["allocator"] == "all" and r.get("fraction", 1.0) < 1.0 else r
@@ -58,8 +64,10 @@ def summarize(rows: Sequence[dict], metrics: dict[str, str]) -> tuple[list[Summa
         metric = get_metric(metrics[task])
         value = metric.summarize(group)[metric.main]
         cell = cells.setdefault((model, allocator, budget), {"model": model, "allocator": allocator, "budget": budget,
-                                                             "tasks": {}, "rows": []})
+                                                             "tasks": {}, "answered": {}, "rows": []})
         cell["tasks"][task] = value
+        answered = [r for r in group if not failed(r)]
+        cell["answered"][task] = metric.summarize(answered)[metric.main] if answered else float("nan")
         cell["rows"] += group
         if allocator == "all":
             full[(model, task)] = value  # the full-token reference
@@ -76,7 +84,7 @@ def summarize(rows: Sequence[dict], metrics: dict[str, str]) -> tuple[list[Summa
                     effective_tokens=_mean(group, "effective_tokens"),
                     prefill_ms=1e3 * _mean(group, "prefill_s"), time_ms=1e3 * _mean(group, "time_s"),
                     tflops=_mean(group, "tflops"), vision_tflops=_mean(group, "vision_tflops"),
-                    errors=sum(1 for r in group if r.get("error")),
+                    errors=sum(1 for r in group if r.get("error")), failed=sum(1 for r in group if failed(r)),
                     fraction=_mean(group, "fraction"))
         table.append(cell)
     return table, categories
@@ -87,17 +95,25 @@ def _fmt(value: float, digits: int = 1) -> str:
 
 
 def _markdown(table: list[Summary], categories: list[Summary], tasks: list[str]) -> str:
-    head = ["model", "allocator", "tokens", "effective tokens", *tasks, "retention %", "prefill ms", "time ms",
-            "TFLOPs", "vision TFLOPs", "errors"]
+    # only a run with failed rows gets the answered-only columns: elsewhere they would repeat the headline
+    failures = sum(row["failed"] for row in table)
+    answered = [f"{t} answered" for t in tasks] if failures else []
+    head = ["model", "allocator", "tokens", "effective tokens", *tasks, *answered, "retention %", "prefill ms",
+            "time ms", "TFLOPs", "vision TFLOPs", "errors", *(["failed"] if failures else [])]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in table:
         cells = [row["model"], row["allocator"], f"{row['budget']} ({100 * row['fraction']:.0f}%)",
                  _fmt(row["effective_tokens"]),
-                 *(_fmt(row["tasks"].get(t, float("nan"))) for t in tasks), _fmt(row["retention"]),
-                 _fmt(row["prefill_ms"], 2), _fmt(row["time_ms"], 2), f"{row['tflops']:.3g}",
+                 *(_fmt(row["tasks"].get(t, float("nan"))) for t in tasks),
+                 *(_fmt(row["answered"].get(t, float("nan"))) for t in (tasks if failures else [])),
+                 _fmt(row["retention"]), _fmt(row["prefill_ms"], 2), _fmt(row["time_ms"], 2), f"{row['tflops']:.3g}",
                  "-" if row["vision_tflops"] != row["vision_tflops"] else f"{row['vision_tflops']:.3g}",
-                 str(row["errors"])]
+                 str(row["errors"]), *([str(row["failed"])] if failures else [])]
         lines.append("| " + " | ".join(cells) + " |")
+    if failures:
+        lines += ["", f"{failures} rows got no answer (`failed`: an unreadable image, a failed batch; each row's "
+                  "`error` in `rows/` names the file or the cause). The task columns count them as wrong answers, the "
+                  "`answered` columns leave them out. Once the cause is fixed, rerun with `--resume --retry-errors`."]
     out = ["# Token-budget ablation", "", *lines, "", "## Per category", ""]
     for (model, task), group in _group(categories, "model", "task").items():
         names = sorted({c["category"] for c in group})
@@ -171,12 +187,14 @@ def write_report(rows: Sequence[dict], metrics: dict[str, str], output: str | Pa
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     paths = {"report": output / "report.md", "table": output / "table.csv", "categories": output / "categories.csv"}
     _atomic_write(paths["report"], _markdown(table, categories, tasks))
-    flat = [{**{k: v for k, v in r.items() if k != "tasks"}, **r["tasks"]} for r in table]
+    flat = [{**{k: v for k, v in r.items() if k not in ("tasks", "answered")}, **r["tasks"],
+             **{f"{t}_answered": v for t, v in r["answered"].items()}} for r in table]
     for r in flat:  # rows of runs that did not record it: "-", as in report.md
         if r["effective_tokens"] != r["effective_tokens"]:
             r["effective_tokens"] = "-"
     _csv(paths["table"], flat, ["model", "allocator", "budget", "fraction", "tokens", "effective_tokens", *tasks,
-                                "retention", "prefill_ms", "time_ms", "tflops", "vision_tflops", "errors"])
+                                *(f"{t}_answered" for t in tasks), "retention", "prefill_ms", "time_ms", "tflops",
+                                "vision_tflops", "errors", "failed"])
     _csv(paths["categories"], categories, ["model", "allocator", "budget", "task", "category", "value", "n"])
     paths["budget_plot"], paths["latency_plot"] = _plots(table, tasks, output)
     return paths

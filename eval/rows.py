@@ -16,9 +16,17 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["KEY_FIELDS", "RowWriter", "read_rows", "row_key"]
+__all__ = ["EMPTY_ANSWER", "KEY_FIELDS", "RowWriter", "failed", "read_rows", "row_key"]
 
 KEY_FIELDS = ("model", "allocator", "budget", "task", "id", "fingerprint")
+# the error of a row whose answer is empty: the model's own result (a wrong answer), which a rerun repeats
+EMPTY_ANSWER = "empty answer"
+
+
+def failed(row: dict[str, Any]) -> bool:
+    """Whether ``row`` records a failure instead of an answer (an unreadable image, a failed batch, a record the
+    metric could not score): what ``--resume --retry-errors`` recomputes. An empty answer is an answer."""
+    return bool(row.get("error")) and row["error"] != EMPTY_ANSWER
 
 
 def row_key(row: dict[str, Any]) -> tuple:

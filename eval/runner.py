@@ -25,7 +25,7 @@ never depend on the number of processes and the batch size is part of a row's fi
 from __future__ import annotations
 
 import json
-import shutil
+import sys
 import time
 import zlib
 from collections.abc import Callable
@@ -37,7 +37,8 @@ import torch
 from PIL import Image
 from pyrtok.eval.config import COARSE, AblationConfig, ModelSpec, TaskSpec
 from pyrtok.eval.metrics import get_metric
-from pyrtok.eval.rows import RowWriter, read_rows, row_key
+from pyrtok.eval.outputs import hold, set_aside
+from pyrtok.eval.rows import EMPTY_ANSWER, RowWriter, failed, read_rows, row_key
 from pyrtok.eval.tasks import load_task
 from pyrtok.eval.tasks.prompts import format_question
 from tqdm.auto import tqdm
@@ -45,12 +46,9 @@ from tqdm.auto import tqdm
 from pyrtok._timing import sync
 from pyrtok.allocators import budget_tokens, resolve
 from pyrtok.images import open_image
-from pyrtok.vlm.schedule import resolve_schedule
+from pyrtok.vlm.schedules import resolve_schedule
 
 __all__ = ["EMPTY_ANSWER", "Cell", "LoadedModel", "load_model", "run"]
-
-# the error of a row whose answer is empty: the model's own result, which a rerun repeats, so never retried
-EMPTY_ANSWER = "empty answer"
 
 
 @dataclass(frozen=True)
@@ -106,7 +104,7 @@ def load_model(spec: ModelSpec, allocators: dict[str, Any], device: torch.device
     n = None
     if first.family.fixed_resolution:  # every image is resized to the tower's square: one token count
         with torch.no_grad():
-            n = first.encode(torch.zeros(1, 3, 32, 32, device=device)).num_tokens
+            n = first.encode(torch.zeros(1, 3, 32, 32, device=device)).tokens.num_tokens
     loaded = LoadedModel(spec, vlms, n)
     first.check_prompt(_prompt(loaded, "what is shown?"), argument=f"models[{spec.name}].prompt")
     return loaded
@@ -219,29 +217,32 @@ def _seed(*parts: Any) -> int:
 
 
 def _budgets(model: LoadedModel, cell: Cell, encoded: Any) -> int | torch.Tensor:
-    """The cell's budget: its token count, or (native-resolution models) each image's count for its value."""
-    if model.num_tokens is not None:
-        return int(cell.budget)
-    counts = encoded.num_tokens()
-    return torch.tensor([budget_tokens(cell.budget, n) for n in counts])
+    """The cell's budget: its token count, or (native-resolution models) its value, which
+    :func:`pyrtok.budget.sample_budgets` turns into each image's own count."""
+    return int(cell.budget) if model.num_tokens is not None else cell.budget
 
 
 def _answer(model: LoadedModel, cell: Cell, encoded: Any, prompts: list[str], generator: torch.Generator
             ) -> tuple[list[str], torch.Tensor, float, float, float, list[int], list[list[int]] | None, list[int],
-                       float]:
+                       float, list[float]]:
     """Texts, image placeholders per sample, allocation / prefill / total LLM seconds, prompt lengths, (with an
-    in-LLM schedule) the tokens each decoder layer ran on, the tokens the allocator kept, and the seconds of
-    vision work deferred into generation (LLaVA-NeXT's lazy tiles; taken out of the LLM times), for one batch."""
+    in-LLM schedule) the tokens each decoder layer ran on, the tokens the allocator kept, the seconds of
+    vision work deferred until the selection was known (LLaVA-NeXT's lazy tiles) and the vision FLOPs of each
+    sample, for one batch."""
     from transformers import StoppingCriteriaList
 
     vlm = model.vlms[cell.spec]
     device = vlm.device
     sync(device)
     start = time.perf_counter()
-    selections = vlm.select_batch(encoded, _budgets(model, cell, encoded), generator=generator)
+    selections = vlm.select(encoded, _budgets(model, cell, encoded), generator=generator)
     sync(device)
     allocated = time.perf_counter()
+    encoded = vlm.complete(encoded, selections)  # deferred vision work (LLaVA-NeXT's lazy tiles), timed as vision
+    sync(device)
+    deferred = time.perf_counter() - allocated
     timer = _PrefillClock(device)
+    started = time.perf_counter()
     if cell.schedule is None:
         out = vlm.generate(None, prompts, encoded=encoded, selections=selections,
                            max_new_tokens=model.spec.max_new_tokens,
@@ -253,31 +254,8 @@ def _answer(model: LoadedModel, cell: Cell, encoded: Any, prompts: list[str], ge
     sync(device)
     done = time.perf_counter()
     layers = None if out.layer_tokens is None else out.layer_tokens.tolist()
-    # vision work deferred until the selection was known (LLaVA-NeXT's lazy tiles) ran inside generate
-    deferred = sum(vlm.family.selection_vision_seconds(group) for _, group in encoded.groups)
-    return (out.texts, out.counts, allocated - start, (timer.at or done) - allocated - deferred,
-            done - allocated - deferred, out.prompt_lengths.tolist(), layers, _kept(encoded, selections), deferred)
-
-
-def _kept(encoded: Any, selections: list[Any]) -> list[int]:
-    """Visual tokens the allocator kept per sample (merged ones included), without the layout tokens a family
-    adds around them (LLaVA-NeXT's row newlines): what a budget fraction counts."""
-    kept = [0] * encoded.num_samples
-    for (members, _), chosen in zip(encoded.groups, selections, strict=True):
-        for g, i in enumerate(members):
-            kept[encoded.owner[i]] += int(chosen.total[g])
-    return kept
-
-
-def _vision_flops(model: LoadedModel, encoded: Any) -> list[float]:
-    """Vision-tower FLOPs of each sample of ``encoded``."""
-    family = model.base.family
-    flops = [0.0] * encoded.num_samples
-    for members, group in encoded.groups:
-        # per image: with LLaVA-NeXT's lazy tiles each image encodes only the tiles its selection needs
-        for i, per_image in zip(members, family.image_vision_flops(group), strict=True):
-            flops[encoded.owner[i]] += per_image
-    return flops
+    return (out.texts, out.counts, allocated - start, (timer.at or done) - started, done - started,
+            out.prompt_lengths.tolist(), layers, encoded.kept(selections), deferred, encoded.vision_flops())
 
 
 def _flops(model: LoadedModel, prompt_tokens: int) -> float:
@@ -343,14 +321,17 @@ def run(config: AblationConfig, resume: bool = False, fresh: bool = False, progr
         retry_errors: bool = False) -> tuple[Path, list[dict]]:
     """Run the grid ``config`` describes; returns the output folder and, on the main process, all rows.
 
-    ``resume`` keeps earlier rows and runs what is missing; ``fresh`` deletes earlier rows first (once the
-    tasks and allocators have been checked, so a failing run deletes nothing). ``retry_errors`` (with
-    ``resume``) also recomputes every cell of a batch where a row records an error other than an empty answer.
+    ``resume`` keeps earlier rows and runs what is missing; ``fresh`` moves everything the output folder holds
+    into a sibling ``<output>.previous-<UTC time>`` first (see :func:`pyrtok.eval.outputs.set_aside`; once the
+    tasks and allocators have been checked, so a failing run moves nothing) and says where on stderr; nothing is
+    ever deleted. ``retry_errors`` (with ``resume``) also recomputes every cell of a batch where a row records an
+    error other than an empty answer. The run holds the output folder's lock from its checks to its last row.
 
     Raises:
         FileExistsError: rows already exist and neither ``resume`` nor ``fresh`` is set.
         FileNotFoundError, ValueError: a task's records cannot be read or an allocator spec does not resolve;
             raised before any model loads and before anything is written.
+        pyrtok.eval.outputs.OutputInUseError: another run holds the output folder (an ``OSError``).
     """
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
@@ -360,18 +341,35 @@ def run(config: AblationConfig, resume: bool = False, fresh: bool = False, progr
     # PartialState only forms a CPU process group when told it runs on CPU (Accelerator reads this flag itself)
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
     output = config.output
-    # an empty shard is what a run that failed before its first row left behind: it holds nothing to protect
-    if not (resume or fresh) and any(p.stat().st_size for p in (output / "rows").glob("rows-*.jsonl")):
-        raise FileExistsError(f"{output} already holds rows; pass --resume to continue it or --fresh to restart")
+    _check_unclaimed(output, resume or fresh)
     allocators = {label: resolve(spec, f"allocators[{label}]") for label, spec in config.allocator_specs.items()}
     records = {}
     for task in config.tasks:
         with state.main_process_first():  # the shapes benchmark is written to disk on first use: once
             records[task.name] = load_task(task)
     state.wait_for_everyone()
-    if state.is_main_process and fresh and (output / "rows").is_dir():
-        shutil.rmtree(output / "rows")
-    state.wait_for_everyone()
+    with hold(output, state):  # created here, after the checks: a run that fails on its config leaves nothing
+        _check_unclaimed(output, resume or fresh)  # again: a run that held the folder may have ended meanwhile
+        if state.is_main_process and fresh:
+            aside = set_aside(output)
+            if aside is not None:
+                print(f"pyrtok ablate: earlier run set aside in {aside}", file=sys.stderr, flush=True)
+        state.wait_for_everyone()
+        return _run_grid(config, state, allocators, records, retry_errors, progress)
+
+
+def _check_unclaimed(output: Path, restart: bool) -> None:
+    """Refuse to mix a new run into rows already in ``output`` unless told how (``restart``: resume or fresh)."""
+    # an empty shard is what a run that failed before its first row left behind: it holds nothing to protect
+    if not restart and any(p.stat().st_size for p in (output / "rows").glob("rows-*.jsonl")):
+        raise FileExistsError(f"{output} already holds rows; pass --resume to continue it, or --fresh to set them "
+                              f"aside and restart")
+
+
+def _run_grid(config: AblationConfig, state: Any, allocators: dict[str, Any], records: dict[str, list[dict]],
+              retry_errors: bool, progress: bool) -> tuple[Path, list[dict]]:
+    """The body of :func:`run` once the output folder is held and cleared as asked."""
+    output = config.output
     if state.is_main_process:
         config.save(output / "config.yaml")
     previous = {row_key(r): r for r in read_rows(output)}
@@ -401,7 +399,28 @@ def run(config: AblationConfig, resume: bool = False, fresh: bool = False, progr
 
 def _retryable(row: dict[str, Any]) -> bool:
     """Whether a row records a failure that a rerun may not repeat (an empty answer is the model's own)."""
-    return bool(row.get("error")) and row["error"] != EMPTY_ANSWER
+    return failed(row)
+
+
+def _image_error(record: dict[str, Any], error: Exception) -> str:
+    """The error of a sample whose image cannot be opened, naming where the image was to come from (so the
+    file to fix is in the row): ``image: <file or dataset row>: <exception>``."""
+    from pyrtok.eval.tasks.hf import DatasetImage
+
+    image = record.get("image")
+    if isinstance(image, (str, Path)):
+        source = str(image)
+    elif isinstance(image, DatasetImage):
+        files = [f.get("filename") for f in getattr(image.dataset, "cache_files", None) or [] if f.get("filename")]
+        name = getattr(getattr(image.dataset, "info", None), "dataset_name", None)
+        where = (files[0] if len(files) == 1 else f"the dataset in {Path(files[0]).parent}" if files
+                 else f"the dataset {name}" if name else "its dataset")
+        source = f"row {image.row} ({image.column!r}) of {where}"
+    elif image is None:
+        source = "the record has no image"
+    else:
+        source = f"an in-memory {type(image).__name__}"
+    return f"image: {source}: {type(error).__name__}: {error}"
 
 
 def _run_task(config: AblationConfig, model: LoadedModel, task: TaskSpec, records: list[dict], cells: list[Cell],
@@ -450,7 +469,7 @@ def _run_task(config: AblationConfig, model: LoadedModel, task: TaskSpec, record
                 image = _load_image(record)
             except Exception as error:
                 for c in todo:
-                    write(_error_rows(model, task, c, [record], f"image: {type(error).__name__}: {error}"),
+                    write(_error_rows(model, task, c, [record], _image_error(record, error)),
                           c in retried)
                 continue
             try:
@@ -474,7 +493,7 @@ def _run_task(config: AblationConfig, model: LoadedModel, task: TaskSpec, record
                 failed = {}
                 for i, image in enumerate(images):
                     try:
-                        base.encode_batch([image])
+                        base.encode([image])
                     except Exception as error:
                         failed[i] = f"encode: {type(error).__name__}: {error}"
                 for i, message in failed.items():
@@ -500,7 +519,7 @@ def _encode(base: Any, images: list[Image.Image]) -> tuple[Any, float]:
     """The batch encoded once, and the vision seconds per image."""
     sync(base.device)
     start = time.perf_counter()
-    encoded = base.encode_batch(images)
+    encoded = base.encode(images)
     sync(base.device)
     return encoded, (time.perf_counter() - start) / len(images)
 
@@ -511,7 +530,7 @@ def _answer_cell(model: LoadedModel, task: TaskSpec, cell: Cell, records: list[d
     """Rows of one cell on one batch; a failing batch is retried sample by sample to isolate the failure
     (each retry seeded from its sample id, not from the failed batch's generator state)."""
     try:
-        texts, counts, allocation, prefill, llm, lengths, layers, kept, deferred = _answer(
+        texts, counts, allocation, prefill, llm, lengths, layers, kept, deferred, vision_flops = _answer(
             model, cell, encoded, prompts, generator)
     except Exception as error:
         if len(records) == 1:
@@ -526,4 +545,4 @@ def _answer_cell(model: LoadedModel, task: TaskSpec, cell: Cell, records: list[d
     b = len(records)
     timing = {"vision": vision + deferred / b, "allocation": allocation / b, "prefill": prefill / b, "llm": llm / b}
     return _rows_for_batch(model, task, cell, records, texts, counts.tolist(), timing, lengths, score,
-                           _vision_flops(model, encoded), encoded.num_tokens(), kept, layers)
+                           vision_flops, encoded.sample_tokens(), kept, layers)

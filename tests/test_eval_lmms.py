@@ -552,8 +552,8 @@ def test_the_plugin_runs_llava_next_and_onevision(tmp_path, family):
     rows.generate_until(_requests(docs))
     counted = []
     for i, doc in enumerate(docs):
-        encoded = rows.vlm.encode_batch([doc["image"]])
-        (selection,) = rows.vlm.select_batch(encoded, budget=9)
+        encoded = rows.vlm.encode([doc["image"]])
+        (selection,) = rows.vlm.select(encoded, budget=9)
         tokens = encoded.groups[0][1].tokens
         kept = selection.index[0, : int(selection.count[0])]
         newlines = len(set(tokens.row[kept[tokens.level[kept] == 0]].tolist()))

@@ -179,7 +179,7 @@ def test_pruning_equals_the_model_on_the_kept_tokens(tiny, family, size):
         expected = model(input_ids=reference["input_ids"], position_ids=reference["position_ids"],
                          attention_mask=torch.ones_like(reference["input_ids"]),
                          mm_encoder_outputs=encoder_outputs(reference)).logits
-        ours = vlm([image], [prompt], selection=TokenSelection.from_keep_mask(keep[None]))
+        ours = vlm([image], [prompt], selections=[TokenSelection.from_keep_mask(keep[None])])
     assert torch.equal(ours.input_ids, reference["input_ids"])
     assert ours.counts.tolist() == [int(keep.sum())]
     assert (ours.logits - expected).abs().max().item() <= 1e-5
@@ -217,7 +217,7 @@ def test_pruned_generation_equals_a_no_cache_loop_with_explicit_positions(tiny, 
     expected = until_eos(ids[0, reference["input_ids"].shape[1]:].tolist(), model.generation_config.eos_token_id)
     vlm = PyramidVLM(model, processor, allocator="all", levels=1)
     recorder = Recorder()
-    out = vlm.generate([image], [prompt], selection=TokenSelection.from_keep_mask(keep[None]), max_new_tokens=steps,
+    out = vlm.generate([image], [prompt], selections=[TokenSelection.from_keep_mask(keep[None])], max_new_tokens=steps,
                        logits_processor=LogitsProcessorList([recorder]))
     assert out.sequences[0].tolist() == expected
     assert out.counts.tolist() == [int(keep.sum())]
@@ -345,7 +345,7 @@ def test_several_pruned_images_keep_their_unpruned_positions(tiny, family):
                          attention_mask=torch.ones_like(reference["input_ids"]),
                          mm_encoder_outputs=encoder_outputs(reference)).logits
     vlm = PyramidVLM(model, processor, allocator="all", levels=1)
-    encoded = vlm.encode_batch([images])
+    encoded = vlm.encode([images])
     assert [members for members, _ in encoded.groups] == [[0], [1]]  # two sizes: one group each
     selections = [TokenSelection.from_keep_mask(keep[None]) for keep in keeps]
     with torch.no_grad():
@@ -403,12 +403,13 @@ def test_coarse_token_positions(tiny, rule, expected):
     _, model, processor = tiny("qwen2_vl")
     image, prompt = random_image(70, 100, seed=7), chat(processor)
     vlm = PyramidVLM(model, processor, allocator="all", levels=2, coarse_positions=rule)
-    tokens = vlm.encode([image])
+    encoded = vlm.encode([image])
+    tokens = encoded.tokens
     assert tokens.level_shapes == ((4, 2), (2, 1))
     keep = torch.zeros(1, tokens.num_tokens, dtype=torch.bool)
     keep[0, [0, 1, 2 + 1 * 2 + 0, 2 + 3 * 2 + 1]] = True
-    inputs = vlm.prepare([image], [prompt], selection=TokenSelection.from_keep_mask(keep))
-    ids, positions = inputs["input_ids"][0], inputs["position_ids"][:, 0]
+    inputs = vlm.prepare(None, [prompt], encoded=encoded, selections=[TokenSelection.from_keep_mask(keep)])
+    ids, positions = inputs.input_ids[0], inputs.position_ids[:, 0]
     image_columns = (ids == model.config.image_token_id).nonzero()[:, 0]
     full = processor(images=[image], text=[prompt], return_tensors="pt")
     unpruned, _ = model.model.get_rope_index(full["input_ids"], mm_token_type_ids=full["mm_token_type_ids"],
@@ -433,7 +434,7 @@ def test_image_mode_encodes_each_level_separately(tiny, family, side):
     feature = PyramidVLM(model, processor, mode="feature", levels=2)
     per_level = PyramidVLM(model, processor, mode="image", levels=2)
     with torch.no_grad():
-        pooled, native = feature.encode([image]), per_level.encode([image])
+        pooled, native = feature.encode([image]).tokens, per_level.encode([image]).tokens
     assert pooled.level_shapes == native.level_shapes == ((4, 4), (2, 2))
     fine, coarse = native.level_slices[0], native.level_slices[1]
     assert torch.allclose(native.features[:, fine], pooled.features[:, fine], atol=1e-5)
@@ -469,20 +470,16 @@ def test_unsupported_architecture_fails_before_loading_weights(tmp_path):
 
 
 @pytest.mark.parametrize("family", QWEN)
-def test_tokens_passed_back_work_unless_the_family_needs_more_of_the_encoding(tiny, family):
+def test_an_encoding_and_a_selection_passed_back_give_the_same_answer(tiny, family):
     _, model, processor = tiny(family)
     image, prompt = random_image(70, 100, seed=3), chat(processor)
     vlm = PyramidVLM(model, processor, allocator="laplacian", levels=2, budget=5)
-    tokens = vlm.encode([image])
     with torch.no_grad():
         plain = vlm([image], [prompt]).logits
-        if family != "qwen3_vl":
-            assert torch.equal(vlm([image], [prompt], tokens=tokens).logits, plain)
-            return
-        # Qwen3-VL's DeepStack features are not in the tokens: refused, and the encoded batch carries them
-        with pytest.raises(ValueError, match=r"tokens= holds only.*needs \['deepstack'\].*encode_batch"):
-            vlm([image], [prompt], tokens=tokens)
-        assert torch.equal(vlm(None, [prompt], encoded=vlm.encode_batch([image])).logits, plain)
+        encoded = vlm.encode([image])  # Qwen3-VL's DeepStack features travel with the encoding
+        assert torch.equal(vlm(None, [prompt], encoded=encoded).logits, plain)
+        assert torch.equal(vlm(None, [prompt], encoded=encoded, selections=vlm.select(encoded)).logits, plain)
+
 
 def test_hub_arguments_reach_the_config_the_weights_and_the_processor(tmp_path):
     folder = build("qwen2_vl", tmp_path / "repo" / "variant")

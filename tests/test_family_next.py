@@ -90,7 +90,7 @@ def test_full_budget_reproduces_the_unwrapped_model(tiny, family, size, lazy):
     vlm = PyramidVLM(model, processor, allocator="all", levels=1, lazy_tiles=lazy)
     image = random_image(*size, seed=size[0])
     assert_reproduces(model, processor, vlm, [image], chat(processor))
-    tokens = vlm.encode([image])
+    tokens = vlm.encode([image]).tokens
     rows, cols = vlm.family.tile_grid(tokens.image_size)
     expected_grid = {(70, 100): (3, 2), (100, 60): (2, 3), (130, 60): (2, 3)}[size]
     assert (rows, cols) == expected_grid
@@ -126,17 +126,17 @@ def test_feature_layer_lists_and_onevision_shrinking(tiny):
     for lazy in (False, True):
         vlm = PyramidVLM(model, processor, allocator="all", lazy_tiles=lazy)
         assert_reproduces(model, processor, vlm, [image], chat(processor))
-    tokens = vlm.encode([image])
+    tokens = vlm.encode([image]).tokens
     assert tokens.level_shapes[0] == (6, 4)  # 12x8 shrunk by sqrt(96 / (2 * 16))
     # lazy, a few shrunk tokens: the tiles under them (and one cell around) give their exact features
     eager = PyramidVLM(model, processor, allocator="all")
     keep = torch.zeros(1, tokens.num_tokens, dtype=torch.bool)
     keep[0, [16 + 0, 16 + 2 * 4 + 1, 16 + 23]] = True
     selection = TokenSelection.from_keep_mask(keep)
-    lazy_inputs = vlm.prepare([image], [chat(processor)], selection=selection)
-    eager_inputs = eager.prepare([image], [chat(processor)], selection=selection)
-    for a, b in zip(lazy_inputs["mm_encoder_outputs"]["image"].pooler_output,
-                    eager_inputs["mm_encoder_outputs"]["image"].pooler_output, strict=True):
+    lazy_inputs = vlm.prepare([image], [chat(processor)], selections=[selection])
+    eager_inputs = eager.prepare([image], [chat(processor)], selections=[selection])
+    for a, b in zip(lazy_inputs.mm_encoder_outputs["image"].pooler_output,
+                    eager_inputs.mm_encoder_outputs["image"].pooler_output, strict=True):
         assert (a - b).abs().max().item() <= 1e-6
 
 
@@ -149,7 +149,7 @@ def test_newline_rules_against_the_models_own_packing(tiny, family, rule):
     image, prompt = random_image(70, 100, seed=7), chat(processor)
     reference_features = packed(model, processor, image)  # 16 base, then 12 rows of 8 tokens + a newline
     vlm = PyramidVLM(model, processor, allocator="all", newlines=rule)
-    tokens = vlm.encode([image])
+    tokens = vlm.encode([image]).tokens
     assert tokens.level_shapes == ((12, 8), (4, 4))
     keep = torch.zeros(1, tokens.num_tokens, dtype=torch.bool)
     base_kept, fine_kept = [1, 6], [(0, 0), (0, 5), (3, 2), (11, 7)]  # rows 0, 3, 11 keep tokens
@@ -164,9 +164,9 @@ def test_newline_rules_against_the_models_own_packing(tiny, family, rule):
             positions.append(16 + row * 9 + 8)
     expected = reference_features[positions]
     with torch.no_grad():
-        ours = vlm([image], [prompt], selection=TokenSelection.from_keep_mask(keep))
-    inputs = vlm.prepare([image], [prompt], selection=TokenSelection.from_keep_mask(keep))
-    features = inputs["mm_encoder_outputs"]["image"].pooler_output[0]
+        ours = vlm([image], [prompt], selections=[TokenSelection.from_keep_mask(keep)])
+    inputs = vlm.prepare([image], [prompt], selections=[TokenSelection.from_keep_mask(keep)])
+    features = inputs.mm_encoder_outputs["image"].pooler_output[0]
     assert features.shape == expected.shape
     assert (features - expected).abs().max().item() <= 1e-6
     assert ours.counts.tolist() == [len(positions)]
@@ -190,8 +190,8 @@ def test_a_quarter_budget_on_a_wide_image_keeps_base_and_tiles(tiny):
     for allocator in ("laplacian", "saliency"):
         for levels in (1, 2):
             vlm = PyramidVLM(model, processor, allocator=allocator, budget=0.25, levels=levels)
-            encoded = vlm.encode_batch([image])
-            (selection,) = vlm.select_batch(encoded)
+            encoded = vlm.encode([image])
+            (selection,) = vlm.select(encoded)
             tokens = encoded.groups[0][1].tokens
             kept = tokens.level[selection.index[0, : int(selection.count[0])]]
             assert int(selection.count[0]) == -(-tokens.num_tokens // 4)
@@ -245,17 +245,20 @@ def test_lazy_tiles_match_the_eager_path_and_encode_fewer_tiles(tiny, family):
     lazy = PyramidVLM(model, processor, allocator="laplacian", levels=1, budget=6, lazy_tiles=True)
     counter = TileCounter(model.model.vision_tower)
     try:
-        encoded = lazy.encode_batch([image])
+        encoded = lazy.encode([image])
         assert counter.views == 1  # the base view only
-        eager_encoded = eager.encode_batch([image])
+        eager_encoded = eager.encode([image])
         assert counter.views == 1 + 7
-        (chosen,) = lazy.select_batch(encoded)
-        (eager_chosen,) = eager.select_batch(eager_encoded)
+        (chosen,) = lazy.select(encoded)
+        (eager_chosen,) = eager.select(eager_encoded)
         assert torch.equal(chosen.index, eager_chosen.index)  # pixel signals: the same choice
         counter.views = 0
-        lazy_out = lazy.generate(None, [prompt], encoded=encoded, selections=[chosen], max_new_tokens=4)
-        needed = int(encoded.groups[0][1].extras["encoded_tiles"][0])
+        completed = lazy.complete(encoded, [chosen])  # the deferred step: the tiles the kept tokens read
+        needed = int(completed.groups[0][1].extras["encoded_tiles"][0])
         assert counter.views == needed and 0 < needed < 6
+        lazy_out = lazy.generate(None, [prompt], encoded=completed, selections=[chosen], max_new_tokens=4)
+        assert counter.views == needed  # generate does not encode them again
+        assert lazy.complete(completed, [chosen]) is completed
     finally:
         counter.handle.remove()
     eager_out = eager.generate(None, [prompt], encoded=eager_encoded, selections=[eager_chosen], max_new_tokens=4)
@@ -264,36 +267,20 @@ def test_lazy_tiles_match_the_eager_path_and_encode_fewer_tiles(tiny, family):
         a = lazy(None, [prompt], encoded=encoded, selections=[chosen]).logits
         b = eager(None, [prompt], encoded=eager_encoded, selections=[eager_chosen]).logits
     assert (a - b).abs().max().item() <= 1e-5
-    flops = lazy.family.image_vision_flops(encoded.groups[0][1])[0]
-    full = eager.family.image_vision_flops(eager_encoded.groups[0][1])[0]
+    (flops,), (full,) = completed.vision_flops(), eager.complete(eager_encoded, [eager_chosen]).vision_flops()
     assert flops == pytest.approx(full * (1 + needed) / 7)
-    # the deferred tile encoding is reported, so ablation timing counts it as vision, not LLM, time
-    assert lazy.family.selection_vision_seconds(encoded.groups[0][1]) > 0
-    assert eager.family.selection_vision_seconds(eager_encoded.groups[0][1]) == 0
-    # per-image extras: a sub-batch (the runner's one-by-one retry of a failed batch) still works
+    assert encoded.vision_flops()[0] == pytest.approx(full / 7)  # before the deferred step: the base view only
+    # a sub-batch (the runner's one-by-one retry of a failed batch) still works
     one = encoded.subset([0])
-    assert lazy.family.selection_vision_seconds(one.groups[0][1]) == \
-        pytest.approx(lazy.family.selection_vision_seconds(encoded.groups[0][1]))
     assert torch.equal(lazy.generate(None, [prompt], encoded=one, selections=[chosen], max_new_tokens=4).sequences,
                        lazy_out.sequences)
 
-
-def test_tokens_passed_back_are_refused_with_lazy_tiles(tiny):
-    _, model, processor = tiny("llava_next")
-    image, prompt = random_image(70, 100, seed=12), chat(processor)
-    eager = PyramidVLM(model, processor, allocator="laplacian", levels=1, budget=6)
-    lazy = PyramidVLM(model, processor, allocator="laplacian", levels=1, budget=6, lazy_tiles=True)
-    with torch.no_grad():
-        tokens = eager.encode([image])
-        assert torch.equal(eager([image], [prompt], tokens=tokens).logits, eager([image], [prompt]).logits)
-        with pytest.raises(ValueError, match=r"needs \['tiles'\] from the encoding"):
-            lazy([image], [prompt], tokens=lazy.encode([image]))
 
 def test_lazy_feature_allocators_choose_from_the_base_view(tiny):
     _, model, processor = tiny("llava_next")
     image = random_image(70, 100, seed=13)
     vlm = PyramidVLM(model, processor, allocator="all", levels=1, lazy_tiles=True)
-    tokens = vlm.encode([image])
+    tokens = vlm.encode([image]).tokens
     base = tokens.features[0, :16]
     # fine cell (r, c) of the 12x8 grid lies under base cell (r // 3, c // 2)
     for r, c in ((0, 0), (5, 3), (11, 7)):
@@ -360,8 +347,8 @@ def test_visionzip_merged_tokens_follow_the_rows_and_keep_the_budget(tiny, famil
     image, prompt, budget = random_image(70, 100, seed=21), chat(processor), 20
     for rule in ("kept_rows", "all_rows", "none"):
         vlm = PyramidVLM(model, processor, allocator="visionzip", budget=budget, levels=2, newlines=rule)
-        encoded = vlm.encode_batch([image])
-        (selection,) = vlm.select_batch(encoded)
+        encoded = vlm.encode([image])
+        (selection,) = vlm.select(encoded)
         tokens = encoded.groups[0][1].tokens
         assert tokens.attention is not None and tokens.attention.shape == (1, tokens.num_tokens)
         merged = int(selection.merged_count[0])
@@ -370,9 +357,9 @@ def test_visionzip_merged_tokens_follow_the_rows_and_keep_the_budget(tiny, famil
         rows_kept = len(set(tokens.row[kept[tokens.level[kept] == 0]].tolist()))
         newlines = {"kept_rows": rows_kept, "all_rows": tokens.level_shapes[0][0], "none": 0}[rule]
         inputs = vlm.prepare(None, [prompt], encoded=encoded, selections=[selection])
-        placeholders = int((inputs["input_ids"] == model.config.image_token_id).sum())
-        assert placeholders == budget + newlines == int(inputs["counts"][0])
-        features = inputs["mm_encoder_outputs"]["image"].pooler_output[0]
+        placeholders = int((inputs.input_ids == model.config.image_token_id).sum())
+        assert placeholders == budget + newlines == int(inputs.counts[0])
+        features = inputs.mm_encoder_outputs["image"].pooler_output[0]
         assert features.shape[0] == placeholders
         assert torch.equal(features[-merged:], selection.merged.features[0, :merged].to(features))
         if newlines:  # the last row's newline comes right before the merged tokens

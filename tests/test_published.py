@@ -267,14 +267,14 @@ def test_llava_places_projected_merged_tokens_after_the_kept_ones(tiny_llava, sc
     allocator = {"name": "visionzip", "contextual": 0.25, "scales": scales}
     vlm = PyramidVLM(model, tokenizer, allocator=allocator, levels=2)  # 16 + 4 tokens per image
     budgets = torch.tensor([8, 5])
-    encoded = vlm.encode_batch(images)
-    (selection,) = vlm.select_batch(encoded, budgets)
+    encoded = vlm.encode(images)
+    (selection,) = vlm.select(encoded, budgets)
     assert selection.count.tolist() == [6, 4] and selection.merged_count.tolist() == [2, 1]
     inputs = vlm.prepare(None, prompts, encoded=encoded, selections=[selection])
-    assert inputs["counts"].tolist() == [8, 5]
-    placeholders = (inputs["input_ids"] == vlm.image_token_id).sum(1)
+    assert inputs.counts.tolist() == [8, 5]
+    placeholders = (inputs.input_ids == vlm.image_token_id).sum(1)
     assert placeholders.tolist() == [8, 5]
-    per_image = inputs["mm_encoder_outputs"]["image"].pooler_output
+    per_image = inputs.mm_encoder_outputs["image"].pooler_output
     projector = model.model.multi_modal_projector
     with torch.no_grad():
         for b in range(2):
@@ -301,18 +301,18 @@ def test_qwen_places_merged_tokens_at_the_cell_under_their_box_centre(tmp_path):
                             .to(torch.uint8).numpy())
     vlm = PyramidVLM(model, processor, allocator="all")
     prompt = vlm.chat_prompt("what colour is the shape?")
-    tokens = vlm.encode([image])
+    tokens = vlm.encode([image]).tokens
     assert tokens.level_shapes == ((4, 2),) and tokens.image_size == (112, 56)  # 28 px cells
     keep = torch.zeros(1, tokens.num_tokens, dtype=torch.bool)
     keep[0, [1, 6]] = True  # cells (0, 1) and (3, 0)
     boxes = torch.tensor([[[0.0, 0.0, 56.0, 28.0], [0.0, 56.0, 28.0, 112.0]]])  # centres (28, 14), (14, 84)
     features = torch.randn(1, 2, tokens.dim)
     merged = MergedTokens(features, torch.ones(1, 2, dtype=torch.bool), boxes)
-    inputs = vlm.prepare([image], [prompt], selection=TokenSelection.from_keep_mask(keep, merged))
-    ids, positions = inputs["input_ids"][0], inputs["position_ids"][:, 0]
+    inputs = vlm.prepare([image], [prompt], selections=[TokenSelection.from_keep_mask(keep, merged)])
+    ids, positions = inputs.input_ids[0], inputs.position_ids[:, 0]
     columns = (ids == model.config.image_token_id).nonzero()[:, 0]
     assert columns.numel() == 4
     start = int(positions[0, columns[0]])
     offsets = (positions[:, columns] - start).T.tolist()
     assert offsets == [[0, 0, 1], [0, 3, 0], [0, 0, 1], [0, 3, 0]]  # kept cells, then the merged box centres
-    assert torch.equal(inputs["mm_encoder_outputs"]["image"].pooler_output[0][2:], features[0])
+    assert torch.equal(inputs.mm_encoder_outputs["image"].pooler_output[0][2:], features[0])

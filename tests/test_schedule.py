@@ -19,7 +19,7 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, LogitsProcessor, LogitsProcessorList
 
 from pyrtok.testing import save_tiny_vlm
-from pyrtok.vlm import PyramidVLM, create_schedule, resolve_schedule, schedule_label
+from pyrtok.vlm import Prepared, PyramidVLM, create_schedule, resolve_schedule, schedule_label
 from pyrtok.vlm.decode import language_model, scheduled_flops
 from pyrtok.vlm.flops import llm_prefill_flops
 
@@ -74,10 +74,6 @@ def recorded(recorder: Recorder) -> torch.Tensor:
     return torch.stack(recorder.scores, dim=1)
 
 
-def model_inputs(inputs: dict) -> dict:
-    return {k: inputs[k] for k in ("input_ids", "attention_mask", "position_ids", "mm_encoder_outputs")}
-
-
 def kept_image_columns(out, image_token_id: int) -> set[int]:
     columns = out.columns[0][out.column_mask[0]]
     return {int(c) for c in columns if int(out.input_ids[0, c]) == image_token_id}
@@ -128,9 +124,9 @@ def test_attention_rules_keep_what_eager_attention_ranks_first(tiny, family, rul
     vlm = PyramidVLM(model, processor, schedule=spec)
     inputs = vlm.prepare([image], [prompt])
     with torch.no_grad():
-        attentions = eager(**model_inputs(inputs), output_attentions=True).attentions
+        attentions = eager(**inputs.model_inputs(), output_attentions=True).attentions
         ours = vlm([image], [prompt])
-    image_columns = (inputs["input_ids"][0] == model.config.image_token_id).nonzero()[:, 0]
+    image_columns = (inputs.input_ids[0] == model.config.image_token_id).nonzero()[:, 0]
     n = image_columns.numel()
     k = int(np.ceil(n * spec["keep"]))
     received = attentions[1][0, :, -1, image_columns].mean(0)  # heads averaged, last prompt token's row
@@ -163,11 +159,11 @@ def test_pyramid_drop_later_stages_keep_what_eager_attention_ranks_first(tiny, f
     layers, keep = [1, 2, 3], 0.5
     vlm = PyramidVLM(model, processor, schedule={"name": "pdrop", "layers": layers, "keep": keep})
     inputs = vlm.prepare([image], [prompt])
-    ids, positions = inputs["input_ids"][0], inputs["position_ids"]
+    ids, positions = inputs.input_ids[0], inputs.position_ids
     image_token = ids == model.config.image_token_id
     with torch.no_grad():
         ours = vlm([image], [prompt])
-        hidden = eager(**model_inputs(inputs), output_hidden_states=True).hidden_states[layers[0]]
+        hidden = eager(**inputs.model_inputs(), output_hidden_states=True).hidden_states[layers[0]]
     columns = torch.arange(ids.shape[0])  # the prompt columns the current stage sees
 
     def seen() -> dict:
@@ -224,10 +220,10 @@ def test_dart_keeps_the_duplication_rule_set(tiny, family):
     vlm = PyramidVLM(model, processor, schedule=spec)
     inputs = vlm.prepare([image], [prompt])
     with torch.no_grad():
-        hidden = model(**model_inputs(inputs), output_hidden_states=True).hidden_states[2][0]  # input of layer 2
+        hidden = model(**inputs.model_inputs(), output_hidden_states=True).hidden_states[2][0]  # input of layer 2
         normed = language_model(model).norm(hidden)
         ours = vlm([image], [prompt])
-    ids = inputs["input_ids"][0]
+    ids = inputs.input_ids[0]
     image_columns = (ids == model.config.image_token_id).nonzero()[:, 0].tolist()
     text_after = list(range(image_columns[-1] + 1, ids.shape[0]))
     budget = int(np.ceil(len(image_columns) * 0.5))
@@ -238,16 +234,16 @@ def test_dart_keeps_the_duplication_rule_set(tiny, family):
 
 # -- 3. generation after a pruned prefill --------------------------------------------------------------------------
 
-def no_cache_reference(model, inputs: dict, layer: int, kept: torch.Tensor, steps: int) -> list[torch.Tensor]:
+def no_cache_reference(model, inputs: Prepared, layer: int, kept: torch.Tensor, steps: int) -> list[torch.Tensor]:
     """Greedy decoding that reruns, at every step, the whole sequence through the model's own layers without a
     cache: layers before ``layer`` on every prompt column, the rest on the ``kept`` prompt columns (bool (T,)),
     new tokens always, each at the last prompt position + 1 per step (every axis)."""
     lm = language_model(model)
-    ids, positions = inputs["input_ids"], inputs["position_ids"]
+    ids, positions = inputs.input_ids, inputs.position_ids
     image = ids == model.config.image_token_id
     with torch.no_grad():
         prompt_embeds = model.get_input_embeddings()(ids)
-        features = torch.cat(list(inputs["mm_encoder_outputs"]["image"].pooler_output))
+        features = torch.cat(list(inputs.mm_encoder_outputs["image"].pooler_output))
         prompt_embeds[image] = features
     new: list[int] = []
     logits_per_step = []
@@ -280,7 +276,7 @@ def test_generation_after_pruning_equals_a_no_cache_rerun(tiny, family, spec):
     inputs = vlm.prepare([image], [prompt])
     with torch.no_grad():
         pruned = vlm([image], [prompt])
-    kept = torch.zeros(inputs["input_ids"].shape[1], dtype=torch.bool)
+    kept = torch.zeros(inputs.input_ids.shape[1], dtype=torch.bool)
     kept[pruned.columns[0][pruned.column_mask[0]]] = True
     assert int((~kept).sum()) > 0
     expected = no_cache_reference(model, inputs, spec["layer"], kept, steps)
@@ -290,7 +286,7 @@ def test_generation_after_pruning_equals_a_no_cache_rerun(tiny, family, spec):
     assert out.sequences[0].tolist() == [int(s.argmax()) for s in expected]
     assert (recorded(recorder)[0] - torch.stack(expected)).abs().max().item() <= 1e-5
     # the cache holds, per layer, only what that layer saw
-    total = inputs["input_ids"].shape[1]
+    total = inputs.input_ids.shape[1]
     assert out.layer_tokens[0].tolist() == [total] * spec["layer"] + [int(kept.sum())] * (4 - spec["layer"])
 
 

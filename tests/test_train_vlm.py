@@ -459,7 +459,8 @@ def test_cls_focus_measures_attention_mass_on_content_against_its_area():
     attention[:, 0, 0] = 3.0  # three quarters of the mass on one patch
     attention[:, 3, 3] = 1.0
     tokens = from_feature_grid(torch.rand(2, 4, 4, 8), 2, attention=attention)
-    vlm = SimpleNamespace(encoder=SimpleNamespace(prepare=lambda images: images), encode=lambda prepared: tokens)
+    vlm = SimpleNamespace(encoder=SimpleNamespace(prepare=lambda images: images),
+                          encode=lambda prepared: SimpleNamespace(tokens=tokens))
     covered = torch.zeros(2, 4, 4, dtype=torch.bool)
     covered[:, :2, :2] = True
     focus = cls_focus(vlm, torch.rand(2, 3, 64, 64), covered)

@@ -87,7 +87,7 @@ def test_loss_with_labels(tiny):
     model, tokenizer, images = tiny
     vlm = PyramidVLM(model, tokenizer, allocator="saliency", budget=6, levels=2)
     inputs = vlm.prepare(images, PROMPTS)
-    labels = inputs["input_ids"].masked_fill(inputs["input_ids"] == vlm.image_token_id, -100)
+    labels = inputs.input_ids.masked_fill(inputs.input_ids == vlm.image_token_id, -100)
     out = vlm(images, PROMPTS, labels=labels)
     assert out.loss.ndim == 0 and torch.isfinite(out.loss)
     out.loss.backward()
@@ -106,18 +106,20 @@ def test_forward_on_precomputed_tokens_and_selection_equals_forward_from_images(
 
     with torch.no_grad():
         direct = vlm(images, PROMPTS, labels=labels, budget=budget, generator=torch.Generator().manual_seed(3))
-        tokens = vlm.encode(vlm.encoder.prepare(images))
-        selection = vlm.select(tokens, images, budget, generator=torch.Generator().manual_seed(3))
-        shared = vlm(images, PROMPTS, labels=labels, tokens=tokens, selection=selection)
-        fixed = vlm(images, PROMPTS, labels=labels(direct.input_ids), tokens=tokens, selection=selection)
-        other = vlm(images, PROMPTS, budget=budget, generator=torch.Generator().manual_seed(4), tokens=tokens)
+        encoded = vlm.encode(images)
+        selections = vlm.select(encoded, budget, generator=torch.Generator().manual_seed(3))
+        shared = vlm(None, PROMPTS, labels=labels, encoded=encoded, selections=selections)
+        fixed = vlm(None, PROMPTS, labels=labels(direct.input_ids), encoded=encoded, selections=selections)
+        other = vlm(None, PROMPTS, budget=budget, generator=torch.Generator().manual_seed(4), encoded=encoded)
     assert direct.counts.tolist() == shared.counts.tolist() == [5, 12]
     assert torch.equal(direct.input_ids, shared.input_ids) and torch.equal(direct.logits, shared.logits)
     assert torch.isfinite(direct.loss) and torch.equal(direct.loss, shared.loss)
     assert torch.equal(fixed.loss, direct.loss)  # a labels function is the labels it returns
     assert not torch.equal(other.logits, direct.logits)  # another random selection: the selection was used
-    with pytest.raises(ValueError, match="tokens hold 2 images"):
-        vlm(images[:1], PROMPTS[:1], tokens=tokens)
+    with pytest.raises(ValueError, match="prompts must be a list of 2 strings"):
+        vlm(None, PROMPTS[:1], encoded=encoded)
+    with pytest.raises(ValueError, match=r"selections\[0\] holds 2 images but its group has 1"):
+        vlm(None, PROMPTS[:1], encoded=encoded.subset([0]), selections=selections)
 
 
 def test_from_pretrained_on_a_saved_folder(tiny, tmp_path):

@@ -19,11 +19,12 @@ from pyrtok.allocators import (  # noqa: F401
     visionzip,
 )
 from pyrtok.allocators.base import Allocator, Context
-from pyrtok.allocators.budget import budget_tokens, resolve_budget
-from pyrtok.allocators.registry import available, create, from_config, register, resolve, spec_label
+from pyrtok.allocators.registry import ALLOCATORS, available, create, from_config, register, resolve, spec_label
 from pyrtok.allocators.select import water_fill
+from pyrtok.budget import budget_tokens, resolve_budget
 
 __all__ = [
+    "ALLOCATORS",
     "Allocator",
     "Context",
     "available",

@@ -7,7 +7,7 @@ included), does the selection with the primitives of :mod:`pyrtok.allocators.sel
 redundancy pass, and enforces the contract: each sample gets exactly min(budget_b, N) distinct tokens
 (``difficulty`` may lower budget_b, see :meth:`Allocator.budgets`), in canonical order, deterministically for
 a fixed seed, without a Python loop over tokens. The registry lives in :mod:`pyrtok.allocators.registry`,
-budgets in :mod:`pyrtok.allocators.budget`.
+budgets in :mod:`pyrtok.budget`.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from pyrtok.allocators.budget import resolve_budget
 from pyrtok.allocators.select import exact_count, per_level_topk, topk_mask
+from pyrtok.budget import resolve_budget
 from pyrtok.signals.laplacian import band_energy_maps, laplacian_energy
 from pyrtok.tokens import MultiScaleTokens, TokenSelection
 

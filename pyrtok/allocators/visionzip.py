@@ -29,9 +29,9 @@ from einops import rearrange, repeat
 from torch import Tensor
 
 from pyrtok.allocators.base import Allocator, Context
-from pyrtok.allocators.budget import resolve_budget
 from pyrtok.allocators.registry import register
 from pyrtok.allocators.scales import candidate_slice, candidates_first, check_scales
+from pyrtok.budget import resolve_budget
 from pyrtok.signals.attention import cls_attention
 from pyrtok.tokens import MergedTokens, MultiScaleTokens, TokenSelection
 

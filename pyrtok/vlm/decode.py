@@ -1,4 +1,4 @@
-"""Run a language model layer by layer, dropping image tokens by a :class:`~pyrtok.vlm.schedule.Schedule`.
+"""Run a language model layer by layer, dropping image tokens by a :class:`~pyrtok.vlm.schedules.Schedule`.
 
 The loop calls the model's own modules (embedding, decoder layers, final norm, LM head, rotary embedding) on
 one model instance; no class is patched and nothing is hooked. Every layer runs with the model's attention
@@ -15,19 +15,68 @@ each of the first layers, as the model itself does.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from einops import repeat
+from einops import rearrange, repeat
 from torch import Tensor, nn
 
-from pyrtok.vlm.schedule import LayerView, Schedule, Stage, stage_budgets
+from pyrtok.budget import stage_budgets
 
-__all__ = ["Prefill", "ScheduledGeneration", "language_model", "prefill", "scheduled_flops", "scheduled_generate"]
+if TYPE_CHECKING:
+    from pyrtok.vlm.schedules import Schedule, Stage
+
+__all__ = ["LayerView", "Prefill", "ScheduledGeneration", "attention_to_last", "language_model", "prefill",
+           "scheduled_flops", "scheduled_generate"]
 
 _KERNELS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
+
+
+@dataclass
+class LayerView:
+    """What a stage sees of the batch at the input of the layer it observes.
+
+    Attributes:
+        hidden: (B, T, D) the layer's input hidden states (left-padded columns).
+        layer: the decoder layer module (its own norm, projections and attention).
+        cos, sin: (B, T, head_dim) the rotary embedding of every column (already at its position).
+        valid: (B, T) bool, False on padding.
+        image: (B, T) bool, True on image tokens still present.
+        final_norm: the language model's final norm module.
+    """
+
+    hidden: Tensor
+    layer: nn.Module
+    cos: Tensor
+    sin: Tensor
+    valid: Tensor
+    image: Tensor
+    final_norm: nn.Module
+
+
+def attention_to_last(view: LayerView) -> Tensor:
+    """(B, T) attention probabilities of the last column (the last prompt token) over every column, averaged
+    over heads, in ``view.layer``'s self-attention: from the layer's own input norm, q/k projections (q/k norms
+    where it has them) and rotary embedding, for that one query row. Padding gets 0.
+    """
+    attention = view.layer.self_attn
+    x = view.layer.input_layernorm(view.hidden)
+    head_dim = attention.head_dim
+    q = rearrange(attention.q_proj(x[:, -1:]), "b t (h d) -> b t h d", d=head_dim)
+    k = rearrange(attention.k_proj(x), "b t (h d) -> b t h d", d=head_dim)
+    if hasattr(attention, "q_norm"):
+        q, k = attention.q_norm(q), attention.k_norm(k)
+    q, k = rearrange(q, "b t h d -> b h t d"), rearrange(k, "b t h d -> b h t d")
+    rotate = sys.modules[type(attention).__module__].apply_rotary_pos_emb
+    q = rotate(q, q, view.cos[:, -1:], view.sin[:, -1:])[0]
+    k = rotate(k, k, view.cos, view.sin)[1]
+    k = repeat(k, "b h t d -> b (h g) t d", g=q.shape[1] // k.shape[1])
+    logits = torch.einsum("bhqd,bhkd->bhqk", q, k)[:, :, 0] * attention.scaling
+    logits = logits.masked_fill(~view.valid[:, None], float("-inf"))
+    return logits.float().softmax(-1).to(q.dtype).mean(1)
 
 
 @dataclass

@@ -161,7 +161,8 @@ class Trainee(nn.Module):
         tower_trains = any(p.requires_grad for p in self.llava.model.vision_tower.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and tower_trains):
             prepared = vlm.encoder.prepare(images)
-            tokens = vlm.encode(prepared)
+            encoded = vlm.encode(prepared)
+        tokens = encoded.tokens
         level0 = tokens.features[:, tokens.level_slices[0]]
         dense = self.heads(level0, targets) if tower_trains else level0.new_zeros(())
         scored = tower_trains and "scene" in targets and tokens.cls is not None
@@ -169,7 +170,7 @@ class Trainee(nn.Module):
         if items is None:
             return dense, scene, None, None
         out = vlm(prepared, [conversation(i) for i in items], labels=lambda ids: answer_labels(ids, self.tokenizer),
-                  budget=budgets, generator=generator, tokens=tokens)
+                  budget=budgets, generator=generator, encoded=encoded)
         return dense, scene, out.loss, out.counts
 
 
@@ -187,7 +188,7 @@ def cls_focus(vlm: PyramidVLM, images: Tensor, covered: Tensor) -> dict[str, flo
         "lift": mass / area}`` over the batch: a [CLS] that reads the scene has a lift well above 1, one that
         attends anywhere about 1.
     """
-    tokens = vlm.encode(vlm.encoder.prepare(images))
+    tokens = vlm.encode(vlm.encoder.prepare(images)).tokens
     if tokens.attention is None:
         raise ValueError("vlm's encoder captures no [CLS] attention (tokens.attention is None)")
     attention = tokens.attention[:, tokens.level_slices[0]].float()

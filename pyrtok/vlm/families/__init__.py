@@ -7,6 +7,6 @@
 """
 
 from pyrtok.vlm.families import llava, llava_next, qwen  # noqa: F401  (registration)
-from pyrtok.vlm.families.base import Encoded, Family, family_for, register_family, supported_architectures
+from pyrtok.vlm.families.base import FAMILIES, Encoded, Family, family_for, register_family, supported_architectures
 
-__all__ = ["Encoded", "Family", "family_for", "register_family", "supported_architectures"]
+__all__ = ["FAMILIES", "Encoded", "Family", "family_for", "register_family", "supported_architectures"]

@@ -1,11 +1,21 @@
 """What a model family tells the adapter core, and the registry that picks a family from a model's config.
 
 A family is a small class bound to one loaded model and its processor. It knows only what differs between
-VLMs: how an image becomes the pixels the model sees (through the model's own image processor), how those
-pixels become :class:`~pyrtok.tokens.MultiScaleTokens` in the language model's input space (or the space its
-projector maps from), how the kept tokens reach the language model (``mm_encoder_outputs``), and the position
-ids of kept tokens. Everything else (allocation, prompt expansion, left padding, forward, generate) is the
-core's (:mod:`pyrtok.vlm.adapter`).
+VLMs, as hooks the core calls unconditionally (the core holds no branch on the family):
+
+- :meth:`Family.image_pixels`: an image as the model sees it (through the model's own image processor);
+- :meth:`Family.encode`: those pixels -> :class:`Encoded` (multi-scale tokens in the language model's input
+  space, or the space its projector maps from, and the vision FLOPs each image cost);
+- :meth:`Family.after_selection`: deferred vision work once the kept tokens are known (LLaVA-NeXT's lazy
+  tiles); callers time it like encoding (``PyramidVLM.complete``);
+- :meth:`Family.kept_features` and :meth:`Family.encoder_outputs`: how kept and merged tokens reach the
+  language model (``mm_encoder_outputs``);
+- :meth:`Family.image_positions` and :meth:`Family.position_ids`: the positions of the prompt (1-D by
+  default; M-RoPE in :mod:`pyrtok.vlm.families.qwen`).
+
+Everything else (allocation, budgets, prompt expansion, left padding, forward, generate) is the core's
+(:mod:`pyrtok.vlm.adapter`). A new family is one module with one registered class; the family contract test
+(``tests/test_family_contract.py``) picks it up from :data:`FAMILIES`.
 """
 
 from __future__ import annotations
@@ -15,14 +25,14 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
+from einops import repeat
 from PIL import Image
 from torch import Tensor, nn
 
+from pyrtok.registry import Registry
 from pyrtok.tokens import MultiScaleTokens, TokenSelection
 
-__all__ = ["Encoded", "Family", "family_for", "register_family", "supported_architectures"]
-
-_FAMILIES: dict[str, type[Family]] = {}
+__all__ = ["FAMILIES", "Encoded", "Family", "family_for", "register_family", "supported_architectures"]
 
 
 @dataclass
@@ -32,25 +42,33 @@ class Encoded:
     Attributes:
         tokens: (G, N, D) multi-scale tokens of the G images.
         pixels: (G, 3, H, W) the pixels the model sees, in [0, 1] (for pixel-based signals).
-        extras: family data that follows the tokens (for example Qwen3-VL's DeepStack features (G, N, L, D)).
+        flops: (G,) vision-tower forward FLOPs each image cost so far (every level and view it encoded).
+        extras: family data that follows the tokens, one row per image (for example Qwen3-VL's DeepStack
+            features (G, N, L, D)).
     """
 
     tokens: MultiScaleTokens
     pixels: Tensor
+    flops: Tensor
     extras: dict[str, Tensor] = field(default_factory=dict)
+
+    def rows(self, rows: Tensor) -> Encoded:
+        """The encoding of images ``rows`` (a (G',) index) of this group."""
+        return Encoded(self.tokens.select_images(rows), self.pixels[rows], self.flops[rows.to(self.flops.device)],
+                       {k: v[rows.to(v.device)] for k, v in self.extras.items()})
 
 
 class Family:
     """Base class of a model family bound to ``model`` and its ``processor`` (either may hold the tokenizer).
 
-    Subclasses set ``name``, ``architectures`` (the ``*ForConditionalGeneration`` class names they run),
-    ``rope`` (``"1d"`` or ``"mrope"``) and implement :meth:`image_pixels`, :meth:`encode` and
-    :meth:`kept_features`; M-RoPE families also implement :meth:`image_positions`.
+    Subclasses set ``name``, ``architectures`` (the ``*ForConditionalGeneration`` class names they run) and
+    implement :meth:`image_pixels`, :meth:`encode` and :meth:`kept_features`; families whose positions are not
+    1-D and consecutive (M-RoPE) implement :meth:`image_positions` and :meth:`position_ids`; families that
+    defer vision work until the selection is known implement :meth:`after_selection` and set ``defers``.
     """
 
     name: ClassVar[str] = ""
     architectures: ClassVar[tuple[str, ...]] = ()
-    rope: ClassVar[str] = "1d"
     fixed_resolution: ClassVar[bool] = False  # True: every image becomes the same number of tokens
 
     def __init__(self, model: nn.Module, processor: Any, mode: str = "feature", levels: int = 1,
@@ -91,14 +109,19 @@ class Family:
         raise NotImplementedError
 
     @property
-    def encoding_extras(self) -> tuple[str, ...]:
-        """Keys of :attr:`Encoded.extras` that :meth:`kept_features` needs besides the tokens (none by default:
-        the tokens alone suffice, so tokens from ``PyramidVLM.encode`` can be passed back as ``tokens=``)."""
-        return ()
+    def defers(self) -> bool:
+        """Whether :meth:`after_selection` does work (encodes what the selection needs)."""
+        return False
+
+    def after_selection(self, encoded: Encoded, selection: TokenSelection) -> Encoded:
+        """Deferred vision work for ``selection`` of ``encoded``: the group as the kept tokens need it, with
+        ``flops`` counting what was encoded (by default ``encoded`` itself: nothing was deferred)."""
+        return encoded
 
     def kept_features(self, encoded: Encoded, selection: TokenSelection) -> tuple[list[Tensor], dict[str, list]]:
-        """The language-model inputs of the kept tokens: a list of G (K_g, D_lm) tensors, and family extras
-        (lists of G entries) that :meth:`encoder_outputs` consumes."""
+        """The language-model inputs of the kept tokens: a list of G (P_g, D_lm) tensors (P_g placeholders:
+        the kept tokens, merged tokens and any layout tokens the family adds), and family extras (lists of G
+        entries) that :meth:`encoder_outputs` consumes."""
         raise NotImplementedError
 
     def encoder_outputs(self, features: list[Tensor], extras: dict[str, list]) -> dict[str, Any]:
@@ -107,27 +130,35 @@ class Family:
 
         return {"image": BaseModelOutputWithPooling(pooler_output=tuple(features))}
 
-    def vision_flops(self, encoded: Encoded) -> float:
-        """Forward FLOPs of the vision tower for one image of ``encoded`` (every level it encoded)."""
-        raise NotImplementedError
+    def image_positions(self, tokens: MultiScaleTokens, index: Tensor, merged_boxes: Tensor | None = None) -> Any:
+        """What :meth:`position_ids` needs of one image's kept tokens ``index`` (K,) and merged tokens with boxes
+        ``merged_boxes`` (M, 4); None for 1-D families, which need nothing."""
+        return None
 
-    def image_vision_flops(self, encoded: Encoded) -> list[float]:
-        """Vision-tower FLOPs of each of the G images of ``encoded`` (families whose cost differs per image,
-        such as LLaVA-NeXT's lazy tiles, override it)."""
-        return [self.vision_flops(encoded)] * encoded.tokens.batch_size
+    def position_ids(self, input_ids: Tensor, attention_mask: Tensor, images: list[list[Any]]) -> Tensor:
+        """(B, T) position ids of a left-padded, expanded batch: consecutive over each sample's tokens, padding 0.
 
-    def selection_vision_seconds(self, encoded: Encoded) -> float:
-        """Seconds of vision-tower work that building the kept tokens of ``encoded``'s latest selection took
-        (0 unless a family defers encoding until the selection is known, as LLaVA-NeXT's lazy tiles do), so
-        that timing can count it as vision rather than language-model time."""
-        return 0.0
+        ``images``: per sample, :meth:`image_positions` of each of its images, in prompt order.
+        """
+        return (attention_mask.cumsum(-1) - 1).clamp_min(0)
 
-    def image_positions(self, tokens: MultiScaleTokens, index: Tensor,
-                        merged_boxes: Tensor | None = None) -> tuple[Tensor, int]:
-        """M-RoPE families: (3, K + M) (t, h, w) offsets of the kept tokens ``index`` (K,), then of the merged
-        tokens with boxes ``merged_boxes`` (M, 4), from the image's start position, and how far the text after
-        the image advances (as in the unpruned model)."""
-        raise NotImplementedError(f"family {self.name!r} uses 1-D positions")
+    @staticmethod
+    def gather_kept(features: Tensor, selection: TokenSelection,
+                    project: Callable[[Tensor], Tensor] | None = None) -> list[Tensor]:
+        """(G, N, D) features -> G (K_g + M_g, D') tensors: the kept tokens in canonical order, then the merged
+        ones, both through ``project`` (identity by default) when they live in the space it maps from."""
+        index = repeat(selection.index, "g k -> g k d", d=features.shape[-1])
+        kept = torch.gather(features, 1, index)
+        parts = [kept]
+        if selection.merged is not None:
+            parts.append(selection.merged.features.to(features.dtype))
+        if project is not None:
+            parts = [project(part) for part in parts]
+        counts = selection.count.tolist()
+        if selection.merged is None:
+            return [parts[0][g, : counts[g]] for g in range(len(counts))]
+        merged = selection.merged.count.tolist()
+        return [torch.cat([parts[0][g, : counts[g]], parts[1][g, : merged[g]]]) for g in range(len(counts))]
 
     # -- shared helpers -------------------------------------------------------------------------------
     @staticmethod
@@ -149,18 +180,20 @@ class Family:
         return image.float()
 
 
+FAMILIES: Registry[Family] = Registry("family", Family)
+"""Model families by the architectures (``*ForConditionalGeneration`` class names) they run."""
+
+
 def register_family(cls: type[Family]) -> type[Family]:
     """Class decorator: make a family reachable by the architectures it lists."""
     for architecture in cls.architectures:
-        if architecture in _FAMILIES:
-            raise ValueError(f"{architecture} is already handled by {_FAMILIES[architecture].__name__}")
-        _FAMILIES[architecture] = cls
+        FAMILIES.add(architecture, cls)
     return cls
 
 
 def supported_architectures() -> list[str]:
     """The ``*ForConditionalGeneration`` classes pyrtok runs, sorted."""
-    return sorted(_FAMILIES)
+    return FAMILIES.available()
 
 
 def family_for(model_or_config: Any) -> type[Family]:
@@ -174,8 +207,8 @@ def family_for(model_or_config: Any) -> type[Family]:
     else:
         names = list(getattr(model_or_config, "architectures", None) or [])
     for name in names:
-        if name in _FAMILIES:
-            return _FAMILIES[name]
+        if name in FAMILIES:
+            return FAMILIES.get(name)  # type: ignore[return-value]
     shown = names[0] if names else f"a config of model_type {getattr(model_or_config, 'model_type', None)!r}"
     error = TypeError if isinstance(model_or_config, nn.Module) else ValueError
     raise error(f"pyrtok does not support {shown}; supported architectures: {supported_architectures()}")
@@ -187,5 +220,3 @@ def unnormalise(pixel_values: Tensor, mean: Any, std: Any) -> Tensor:
     std = torch.as_tensor(std, dtype=torch.float32, device=pixel_values.device).view(3, 1, 1)
     return (pixel_values.float() * std + mean).clamp(0, 1)
 
-
-Hook = Callable[..., Any]

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from pyrtok.encoders import MultiScaleEncoder
 from pyrtok.images import load_image
-from pyrtok.tokens import TokenSelection, gather
+from pyrtok.tokens import MultiScaleTokens, TokenSelection
 from pyrtok.vlm.families.base import Encoded, Family, register_family, unnormalise
 
 __all__ = ["LlavaFamily"]
@@ -32,7 +32,6 @@ class LlavaFamily(Family):
 
     name = "llava"
     architectures = ("LlavaForConditionalGeneration",)
-    rope = "1d"
     fixed_resolution = True
 
     def __init__(self, model: nn.Module, processor: Any, mode: str = "feature", levels: int = 1,
@@ -64,26 +63,20 @@ class LlavaFamily(Family):
 
     def encode(self, pixels: Tensor) -> Encoded:
         pixels = self.encoder.prepare(pixels)
-        return Encoded(self.encoder(pixels), pixels)
+        tokens = self.encoder(pixels)
+        flops = torch.full((pixels.shape[0],), self._vision_flops(tokens), dtype=torch.float64)
+        return Encoded(tokens, pixels, flops)
 
-    def vision_flops(self, encoded: Encoded) -> float:
+    def _vision_flops(self, tokens: MultiScaleTokens) -> float:
+        """Forward FLOPs of the tower for one image: one pass (feature mode) or one per level (image mode)."""
         from pyrtok.vlm.flops import vit_flops
 
         vision = self.model.config.vision_config
         has_cls = self.encoder.tower.has_cls
-        if self.encoder.mode == "feature":
-            h, w = encoded.tokens.level_shapes[0]
-            return vit_flops(vision, h * w, has_cls=has_cls)
-        return sum(vit_flops(vision, h * w, has_cls=has_cls) for h, w in encoded.tokens.level_shapes)
+        shapes = tokens.level_shapes[:1] if self.encoder.mode == "feature" else tokens.level_shapes
+        return sum(vit_flops(vision, h * w, has_cls=has_cls) for h, w in shapes)
 
     def kept_features(self, encoded: Encoded, selection: TokenSelection) -> tuple[list[Tensor], dict[str, list]]:
         """(K_g + M_g, D_lm) per image: the kept tokens, then the merged ones, both through the projector (merged
         tokens live in the tower's feature space, like the kept ones)."""
-        features, _ = gather(encoded.tokens, selection)
-        projected = self.model.model.multi_modal_projector(features)
-        kept = [projected[g, : int(selection.count[g])] for g in range(projected.shape[0])]
-        if selection.merged is None:
-            return kept, {}
-        merged = self.model.model.multi_modal_projector(selection.merged.features.to(features.dtype))
-        counts = selection.merged.count.tolist()
-        return [torch.cat([kept[g], merged[g, : counts[g]]]) for g in range(len(kept))], {}
+        return self.gather_kept(encoded.tokens.features, selection, self.model.model.multi_modal_projector), {}

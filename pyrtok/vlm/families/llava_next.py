@@ -42,21 +42,20 @@ processor tiles a flat list of images.
 Lazy tiles (``lazy_tiles=True``): :meth:`encode` runs the tower on the base views only; every tile token then
 carries the feature of the base-view cell under its box centre, so allocators that score features choose
 from the base view, and pixel-signal allocators (``laplacian``, ``saliency``) choose exactly as they do
-eagerly. :meth:`kept_features` then encodes only the tiles under the kept tile tokens (their boxes, plus one
+eagerly. :meth:`after_selection` then encodes only the tiles under the kept tile tokens (their boxes, plus one
 grid cell around them where OneVision's shrinking interpolates across cells) and builds the kept tokens'
 features from them, exactly as the eager path does. With every tile kept it is the eager path. The attention
 of a tile token is likewise the base view's under its box centre, so attention allocators also choose from
 the base view; merged tokens are averaged from the features the allocator saw (base-view cells for tile
-tokens), since encoding the tiles under every merged group would encode them all. The tiles
-each image encoded for its latest selection are in ``Encoded.extras["encoded_tiles"]`` (G,), which
-:meth:`image_vision_flops` counts, and the seconds they took, shared evenly over the images, in ``"tile_seconds"`` (G,)
-(:meth:`selection_vision_seconds`).
+tokens), since encoding the tiles under every merged group would encode them all. The tile encoding is the
+family's deferred step (``PyramidVLM.complete``, which callers time like encoding): it returns the group with
+its tile levels built, ``Encoded.flops`` counting the base view and the tiles each image encoded, and their
+number in ``Encoded.extras["encoded_tiles"]`` (G,).
 """
 
 from __future__ import annotations
 
 import math
-import time
 from typing import Any
 
 import torch
@@ -66,7 +65,6 @@ from PIL import Image
 from torch import Tensor, nn
 
 from pyrtok._checks import check_level_count
-from pyrtok._timing import sync
 from pyrtok.images import image_tensor
 from pyrtok.tokens import MultiScaleTokens, TokenSelection, from_feature_grid, token_layout
 from pyrtok.vlm.families.base import Encoded, Family, register_family
@@ -91,10 +89,8 @@ class LlavaNextFamily(Family):
 
     name = "llava_next"
     architectures = ("LlavaNextForConditionalGeneration", "LlavaOnevisionForConditionalGeneration")
-    rope = "1d"
     tiles_key = "tiles"
     count_key = "encoded_tiles"
-    seconds_key = "tile_seconds"
 
     def __init__(self, model: nn.Module, processor: Any, mode: str = "feature", levels: int = 1,
                  newlines: str = "kept_rows", lazy_tiles: bool = False) -> None:
@@ -248,7 +244,15 @@ class LlavaNextFamily(Family):
                 attention = (row[:, 0, :, 0] * self.grid**2 / (h0 * w0),
                              self._fine_grid(row[:, 1:] / count, size, rows, cols)[..., 0])
         tokens = self._tokens(base, fine, size, attention)
-        return Encoded(tokens, pixels, {self.tiles_key: values[:, 1:], self.count_key: encoded})
+        extras = {self.tiles_key: values[:, 1:], self.count_key: encoded}
+        return Encoded(tokens, pixels, self._flops(encoded), extras)
+
+    def _flops(self, tiles: Tensor) -> Tensor:
+        """(G,) vision FLOPs of images that encoded their base view and ``tiles`` (G,) tiles each."""
+        from pyrtok.vlm.flops import vit_flops
+
+        per_view = vit_flops(self.model.config.vision_config, self.grid**2, has_cls=self.has_cls)
+        return (1 + tiles.double().cpu()) * per_view
 
     def _fine_shape(self, size: tuple[int, int], rows: int, cols: int) -> tuple[int, int]:
         top, bottom, left, right = self._unpad_box(size, rows, cols)
@@ -307,12 +311,15 @@ class LlavaNextFamily(Family):
         return need.flatten()
 
     @property
-    def encoding_extras(self) -> tuple[str, ...]:
-        """With lazy tiles, the tiles' pixels follow the tokens (the tile levels are built from them)."""
-        return (self.tiles_key,) if self.lazy_tiles else ()
+    def defers(self) -> bool:
+        """With lazy tiles, the tiles are encoded once the kept tokens are known."""
+        return self.lazy_tiles
 
-    def _lazy_tokens(self, encoded: Encoded, selection: TokenSelection) -> MultiScaleTokens:
-        """The group's tokens with the tile levels built from only the tiles the selection needs."""
+    def after_selection(self, encoded: Encoded, selection: TokenSelection) -> Encoded:
+        """With lazy tiles: the group with its tile levels built from only the tiles the selection needs, and
+        ``flops`` counting them; without, the group as it is."""
+        if not self.lazy_tiles:
+            return encoded
         tokens = encoded.tokens
         size = tokens.image_size
         rows, cols = self.tile_grid(size)
@@ -321,20 +328,16 @@ class LlavaNextFamily(Family):
                             for g in range(tiles.shape[0])])  # (G, T)
         features = torch.zeros(*need.shape, self.grid**2, tokens.dim, dtype=tokens.features.dtype,
                                device=tokens.device)
-        sync(tokens.device)
-        start = time.perf_counter()
         if bool(need.any()):
             features[need] = self._tower(tiles[need])[0].to(features.dtype)
-        sync(tokens.device)
-        # extras hold one entry per image (EncodedBatch.subset indexes them): the seconds, shared out evenly
-        encoded.extras[self.seconds_key] = torch.full((tiles.shape[0],), (time.perf_counter() - start) / tiles.shape[0])
-        encoded.extras[self.count_key] = need.sum(-1)
         base = tokens.features[:, : self.grid**2]
-        return self._tokens(base, self._fine_grid(features, size, rows, cols), size)
+        built = self._tokens(base, self._fine_grid(features, size, rows, cols), size)
+        count = need.sum(-1)
+        return Encoded(built, encoded.pixels, self._flops(count), {**encoded.extras, self.count_key: count})
 
     # -- language-model inputs ------------------------------------------------------------------------
     def kept_features(self, encoded: Encoded, selection: TokenSelection) -> tuple[list[Tensor], dict[str, list]]:
-        tokens = self._lazy_tokens(encoded, selection) if self.lazy_tiles else encoded.tokens
+        tokens = encoded.tokens
         newline = self.model.model.image_newline
         h0 = tokens.level_shapes[0][0]
         merged = getattr(selection, "merged", None)
@@ -356,21 +359,3 @@ class LlavaNextFamily(Family):
                 pieces.append(merged.features[g, : int(merged.count[g])].to(kept))
             out.append(torch.cat(pieces))
         return out, {}
-
-    # -- cost -----------------------------------------------------------------------------------------
-    def selection_vision_seconds(self, encoded: Encoded) -> float:
-        """With lazy tiles, the seconds the tiles of the latest selection took to encode."""
-        seconds = encoded.extras.get(self.seconds_key)
-        return 0.0 if seconds is None else float(seconds.sum())
-
-    def image_vision_flops(self, encoded: Encoded) -> list[float]:
-        """Vision-tower FLOPs of each image of ``encoded``: its base view and the tiles it encoded (all of them
-        eagerly; with ``lazy_tiles``, those its latest selection needed)."""
-        from pyrtok.vlm.flops import vit_flops
-
-        per_view = vit_flops(self.model.config.vision_config, self.grid**2, has_cls=self.has_cls)
-        return [per_view * (1 + int(n)) for n in encoded.extras[self.count_key].tolist()]
-
-    def vision_flops(self, encoded: Encoded) -> float:
-        """Vision-tower FLOPs of the first image of ``encoded`` (see :meth:`image_vision_flops`)."""
-        return self.image_vision_flops(encoded)[0]

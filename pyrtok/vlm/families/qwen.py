@@ -57,7 +57,6 @@ class QwenVLFamily(Family):
     name = "qwen2_vl"
     architectures = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration",
                      "Qwen3VLForConditionalGeneration")
-    rope = "mrope"
     deepstack_key: ClassVar[str] = "deepstack"
 
     def __init__(self, model: nn.Module, processor: Any, mode: str = "feature", levels: int = 1,
@@ -144,7 +143,7 @@ class QwenVLFamily(Family):
             if deep:
                 pooled = [from_feature_grid(d, self.levels, image_size=(height, width)).features for d in deep]
                 extras[self.deepstack_key] = torch.stack(pooled, dim=2)
-            return Encoded(tokens, pixels, extras)
+            return Encoded(tokens, pixels, self._flops(tokens), extras)
         return self._encode_levels(pixels)
 
     def _encode_levels(self, pixels: Tensor) -> Encoded:
@@ -168,35 +167,25 @@ class QwenVLFamily(Family):
             per_layer = [torch.cat([rearrange(d[k], "b h w d -> b (h w) d") for d in reversed(deeps)], dim=1)
                          for k in range(len(deeps[0]))]
             extras[self.deepstack_key] = torch.stack(per_layer, dim=2)
-        return Encoded(tokens, pixels, extras)
+        return Encoded(tokens, pixels, self._flops(tokens), extras)
 
-    def vision_flops(self, encoded: Encoded) -> float:
+    def _flops(self, tokens: MultiScaleTokens) -> Tensor:
+        """(G,) vision FLOPs of each image: one pass (feature mode) or one per level (image mode)."""
         from pyrtok.vlm.flops import qwen_vision_flops
 
         vision = self.model.config.vision_config
-        shapes = encoded.tokens.level_shapes[:1] if self.mode == "feature" else encoded.tokens.level_shapes
-        return sum(qwen_vision_flops(vision, h * w * self.merge**2) for h, w in shapes)
-
-    @property
-    def encoding_extras(self) -> tuple[str, ...]:
-        """Qwen3-VL's DeepStack features follow the tokens; Qwen2-VL and Qwen2.5-VL need nothing more."""
-        indexes = getattr(self.model.config.vision_config, "deepstack_visual_indexes", None)
-        return (self.deepstack_key,) if indexes else ()
+        shapes = tokens.level_shapes[:1] if self.mode == "feature" else tokens.level_shapes
+        per_image = sum(qwen_vision_flops(vision, h * w * self.merge**2) for h, w in shapes)
+        return torch.full((tokens.batch_size,), per_image, dtype=torch.float64)
 
     def kept_features(self, encoded: Encoded, selection: TokenSelection) -> tuple[list[Tensor], dict[str, list]]:
         """(K_g + M_g, D) per image: the kept merged-grid tokens, then any merged tokens an allocator made (they
         are in the same space, after the 2x2 merger)."""
-        counts = [int(c) for c in selection.count]
-        index = selection.index
-        features = torch.gather(encoded.tokens.features, 1,
-                                repeat(index, "g k -> g k d", d=encoded.tokens.features.shape[-1]))
-        kept = [features[g, : counts[g]] for g in range(len(counts))]
-        if selection.merged is not None:
-            if self.deepstack_key in encoded.extras:
-                raise ValueError("merged tokens (e.g. visionzip's) have no DeepStack features; Qwen3-VL needs an "
-                                 "allocator that only keeps tokens")
-            merged = selection.merged.features.to(features.dtype)
-            kept = [torch.cat([kept[g], merged[g, : int(selection.merged.count[g])]]) for g in range(len(kept))]
+        if selection.merged is not None and self.deepstack_key in encoded.extras:
+            raise ValueError("merged tokens (e.g. visionzip's) have no DeepStack features; Qwen3-VL needs an "
+                             "allocator that only keeps tokens")
+        kept = self.gather_kept(encoded.tokens.features, selection)
+        counts, index = selection.count.tolist(), selection.index
         extras: dict[str, list] = {}
         if self.deepstack_key in encoded.extras:
             deep = encoded.extras[self.deepstack_key]  # (G, N, L, D)
@@ -215,6 +204,9 @@ class QwenVLFamily(Family):
     # -- positions ------------------------------------------------------------------------------------
     def image_positions(self, tokens: MultiScaleTokens, index: Tensor,
                         merged_boxes: Tensor | None = None) -> tuple[Tensor, int]:
+        """(3, K + M) (t, h, w) offsets of the kept tokens ``index`` (K,), then of the merged tokens with boxes
+        ``merged_boxes`` (M, 4), from the image's start position, and how far the text after the image advances
+        (as in the unpruned model)."""
         h0, w0 = tokens.level_shapes[0]
         height, width = tokens.image_size
         cell_h, cell_w = height / h0, width / w0
@@ -239,3 +231,28 @@ class QwenVLFamily(Family):
         positions = torch.stack([torch.zeros_like(row), row, col])
         return positions, max(h0, w0)
 
+    def position_ids(self, input_ids: Tensor, attention_mask: Tensor, images: list[list[Any]]) -> Tensor:
+        """(3, B, T) M-RoPE positions: text consecutive, each image's kept tokens at their offsets from the
+        image's start, the text after an image where the unpruned model puts it; padding 0."""
+        batch, length = input_ids.shape
+        positions = torch.zeros(3, batch, length, dtype=torch.long, device=input_ids.device)
+        marker = self.image_token_id
+        for b in range(batch):
+            per_image = iter(images[b])
+            ids = input_ids[b].tolist()
+            k, current = int((attention_mask[b] == 0).sum()), 0
+            while k < length:
+                if ids[k] == marker:
+                    offsets, span = next(per_image)
+                    count = offsets.shape[1]
+                    positions[:, b, k : k + count] = current + offsets.to(positions.device)
+                    current += span
+                    k += count
+                    continue
+                end = k
+                while end < length and ids[end] != marker:
+                    end += 1
+                positions[:, b, k:end] = torch.arange(current, current + end - k, device=positions.device)
+                current += end - k
+                k = end
+        return positions

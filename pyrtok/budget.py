@@ -1,0 +1,168 @@
+"""Budgets: every rule that turns what a user asks for into token counts, in one place.
+
+- :func:`budget_tokens`: a count or a fraction of an image's N tokens -> the count it means (fractions round up);
+- :func:`resolve_budget`: an allocator's budget argument (an int or a (B,) tensor) -> (B,) counts capped at N;
+- :func:`sample_budgets`: a VLM call's budget (an int, a float fraction, a (B,) tensor or None) -> the budget of
+  every image of a batch, each image's own or, with ``share``, its share of its sample's budget;
+- :func:`stage_budgets`: an in-LLM stage's ``keep`` fraction of the image tokens present -> (B,) counts.
+
+The allocators, the VLM adapter, the in-LLM schedules, training and the ablation runner all count through here.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+from torch import Tensor
+
+__all__ = ["budget_tokens", "image_shares", "resolve_budget", "sample_budgets", "stage_budgets"]
+
+# A fraction whose product with N lands within this many tokens above an integer k means k tokens: 0.07 of 100
+# is 7 although 0.07 * 100 is 7.000000000000001 in float64 (and 7.00000003 from a float32 0.07).
+_SLACK = 1e-6
+
+
+def budget_tokens(budget: int | float | Tensor, num_tokens: int) -> int | Tensor:
+    """The token count a budget means for an image of ``num_tokens`` tokens.
+
+    An int is a count (capped at ``num_tokens``); a float in (0, 1] is a fraction, rounded up, at least 1. A
+    product within 1e-6 above an integer counts as that integer, so 0.07 of 100 tokens is 7, not 8, despite
+    floating-point error (in float64 or float32). A floating-point tensor
+    of fractions (any shape) gives a long tensor of counts by the same rule, computed in float64: the
+    ablation harness, the adapters and training all round through here.
+
+    Example:
+        >>> budget_tokens(0.07, 100), budget_tokens(0.11, 261), budget_tokens(500, 261), budget_tokens(1.0, 261)
+        (7, 29, 261, 261)
+        >>> budget_tokens(torch.tensor([0.07, 0.5, 1.0]), 100)
+        tensor([  7,  50, 100])
+    """
+    if isinstance(num_tokens, bool) or not isinstance(num_tokens, numbers.Integral) or num_tokens < 1:
+        raise ValueError(f"num_tokens must be a positive int, got {num_tokens!r}")
+    if isinstance(budget, Tensor):
+        if not budget.is_floating_point():
+            raise TypeError(f"a budget tensor holds fractions and must be floating point, got {budget.dtype}")
+        if bool(((budget <= 0) | (budget > 1) | budget.isnan()).any()):
+            raise ValueError("a budget tensor holds fractions of the tokens, each in (0, 1]")
+        return (budget.double() * num_tokens - _SLACK).ceil().long().clamp(1, int(num_tokens))
+    if isinstance(budget, bool) or not isinstance(budget, (numbers.Integral, float)):
+        raise TypeError(f"budget must be an int token count or a float fraction in (0, 1], got {budget!r}")
+    if isinstance(budget, float):
+        if not 0 < budget <= 1:
+            raise ValueError(f"a float budget is a fraction of the tokens and must be in (0, 1], got {budget}")
+        return min(num_tokens, max(1, math.ceil(budget * num_tokens - _SLACK)))
+    if budget < 1:
+        raise ValueError(f"budget must be a positive token count, got {budget}")
+    return min(int(budget), num_tokens)
+
+
+def resolve_budget(budget: int | Tensor, batch_size: int, num_tokens: int, device: torch.device) -> Tensor:
+    """Validate ``budget`` (an int or a (B,) integer tensor) and return min(budget_b, N) as (B,) long."""
+    if isinstance(budget, bool):
+        raise TypeError(f"budget must be an int or a (B,) integer tensor, got bool {budget!r}")
+    if isinstance(budget, numbers.Integral):
+        budget = int(budget)
+        if budget <= 0:
+            raise ValueError(f"budget must be >= 1, got {budget}")
+        return torch.full((batch_size,), min(budget, num_tokens), dtype=torch.long, device=device)
+    if not isinstance(budget, Tensor):
+        raise TypeError(f"budget must be an int or a (B,) integer tensor, got {type(budget).__name__}")
+    if budget.is_floating_point() or budget.is_complex() or budget.dtype == torch.bool:
+        raise TypeError(f"budget tensor must have an integer dtype, got {budget.dtype}")
+    if budget.dim() == 0:
+        budget = budget.expand(batch_size)
+    if budget.shape != (batch_size,):
+        raise ValueError(f"budget tensor must have shape ({batch_size},) (one per sample), got {tuple(budget.shape)}")
+    if bool((budget <= 0).any()):
+        raise ValueError(f"budget must be >= 1 for every sample, got {budget.tolist()}")
+    return budget.to(device=device, dtype=torch.long).clamp_max(num_tokens)
+
+
+def per_sample(budget: int | Tensor, batch: int) -> list[int]:
+    """An int or a (B,) (or 0-d) integer tensor of token counts -> B ints, validated."""
+    if isinstance(budget, Tensor):
+        if budget.is_floating_point() or budget.is_complex() or budget.dtype == torch.bool:
+            raise TypeError(f"a budget tensor holds token counts and must have an integer dtype, got {budget.dtype}; "
+                            "pass a float (not a tensor) for a fraction of each image's tokens")
+        if budget.dim() == 0:
+            return [int(budget)] * batch
+        if budget.shape != (batch,):
+            raise ValueError(f"budget tensor must have shape ({batch},) (one per sample), got {tuple(budget.shape)}")
+        values = [int(v) for v in budget.tolist()]
+        if any(v < 1 for v in values):
+            raise ValueError(f"budget must be >= 1 for every sample, got {values}")
+        return values
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Integral) or budget < 1:
+        raise ValueError(f"budget must be a positive int, a float fraction in (0, 1] or a (B,) integer tensor, "
+                         f"got {budget!r}")
+    return [int(budget)] * batch
+
+
+def image_shares(budget: int, sizes: list[int], sample: int = 0) -> list[int]:
+    """One sample's ``budget`` split over its images of ``sizes`` tokens, in proportion to their tokens.
+
+    Rounded down, the remainder to the earliest images; an image left with none takes one from the largest
+    share, so the shares add up to the budget, which must be at least the number of images.
+
+    Example:
+        >>> image_shares(10, [100, 100, 50]), image_shares(3, [1000, 1, 1])
+        ([4, 4, 2], [1, 1, 1])
+    """
+    if budget < len(sizes):
+        raise ValueError(f"budget for sample {sample} is {budget} tokens, fewer than its {len(sizes)} images: with "
+                         "share_budget each image keeps at least one token")
+    total = sum(sizes)
+    shares = [budget * n // total for n in sizes]
+    for k in range(budget - sum(shares)):
+        shares[k % len(shares)] += 1
+    for k in [k for k, share in enumerate(shares) if share == 0]:
+        shares[max(range(len(shares)), key=shares.__getitem__)] -= 1
+        shares[k] = 1
+    return shares
+
+
+def sample_budgets(budget: int | float | Tensor | None, owner: list[int], sizes: list[int],
+                   share: bool = False) -> list[int]:
+    """The token budget of each image of a batch.
+
+    Args:
+        budget: None (keep every token), a float fraction in (0, 1] of each image's own tokens, or an int or
+            (B,) integer tensor of tokens per sample (per image; with ``share`` for the sample as a whole).
+        owner: (I,) the sample of each image, images in prompt order.
+        sizes: (I,) the tokens of each image.
+        share: split a sample's budget over its images (:func:`image_shares`) instead of giving each image
+            the whole budget.
+
+    Returns:
+        (I,) counts. Counts above an image's tokens are left as they are (allocators cap them).
+
+    Example:
+        >>> sample_budgets(0.5, [0, 0, 1], [10, 20, 30]), sample_budgets(8, [0, 0, 1], [10, 30, 5], share=True)
+        ([5, 10, 15], [2, 6, 8])
+    """
+    if budget is None:
+        return list(sizes)
+    if isinstance(budget, float):
+        return [int(budget_tokens(budget, n)) for n in sizes]
+    batch = max(owner) + 1 if owner else 0
+    values = per_sample(budget, batch)
+    if not share:
+        return [values[b] for b in owner]
+    out = [0] * len(owner)
+    for b in range(batch):
+        members = [i for i, o in enumerate(owner) if o == b]
+        if len(members) == 1:
+            out[members[0]] = values[b]
+            continue
+        for i, value in zip(members, image_shares(values[b], [sizes[i] for i in members], b), strict=True):
+            out[i] = value
+    return out
+
+
+def stage_budgets(keep: float, image_counts: Tensor) -> Tensor:
+    """(B,) image tokens each sample keeps at an in-LLM stage: ``keep`` of its (B,) ``image_counts``, rounded up
+    by :func:`budget_tokens` (at least 1, 0 for a sample without image tokens)."""
+    out = [budget_tokens(float(keep), int(n)) if int(n) > 0 else 0 for n in image_counts.tolist()]
+    return torch.tensor(out, dtype=torch.long, device=image_counts.device)

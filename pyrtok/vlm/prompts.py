@@ -1,0 +1,74 @@
+"""Prompts: the model's chat template around a question, and prompts expanded to the kept tokens.
+
+Each image marker of a prompt (``<image>``, ``<|image_pad|>``, ...) stands for one image; :func:`expand`
+tokenises a batch of prompts, repeats marker j of prompt b once per placeholder that image takes (its kept
+tokens, merged tokens and layout tokens), and left-pads the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["chat_prompt", "check_prompt", "count_markers", "expand"]
+
+
+def chat_prompt(processor: Any, image_token: str, question: str, images: int = 1) -> str:
+    """A prompt asking ``question`` about ``images`` images (0 for a text-only prompt) in the processor's own
+    chat template; a processor without one gets LLaVA-1.5's ``USER: <image>\\n{question} ASSISTANT:``."""
+    if isinstance(images, bool) or not isinstance(images, int) or images < 0:
+        raise ValueError(f"images must be an int >= 0, got {images!r}")
+    if not isinstance(question, str):
+        raise TypeError(f"question must be a str, got {type(question).__name__}")
+    template = getattr(processor, "chat_template", None)
+    if template:
+        content = [{"type": "image"} for _ in range(images)] + [{"type": "text", "text": question}]
+        return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    return "USER: " + f"{image_token}\n" * images + f"{question} ASSISTANT:"
+
+
+def count_markers(tokenizer: Any, marker: int, prompt: str) -> int:
+    """How many image markers (token id ``marker``) ``prompt`` holds."""
+    return tokenizer(prompt, add_special_tokens=True)["input_ids"].count(marker)
+
+
+def check_prompt(tokenizer: Any, marker: int, marker_text: str, prompt: str, images: int = 1,
+                 argument: str = "prompt") -> None:
+    """Raise a ValueError naming ``argument`` unless ``prompt`` holds the image marker once per image."""
+    if not isinstance(prompt, str):
+        raise TypeError(f"{argument} must be a str, got {type(prompt).__name__}")
+    found = count_markers(tokenizer, marker, prompt)
+    if found != images:
+        raise ValueError(f"{argument} must hold the image marker {marker_text!r} {images} time(s), found {found}: "
+                         f"{prompt!r}")
+
+
+def expand(tokenizer: Any, marker: int, marker_text: str, prompts: Sequence[str], placeholders: list[list[int]],
+           device: torch.device) -> tuple[Tensor, Tensor]:
+    """Tokenise ``prompts``, expanding image marker j of prompt b to ``placeholders[b][j]`` copies; left-pad.
+
+    Returns:
+        input_ids, attention_mask: (B, T).
+    """
+    rows = []
+    for b, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompts[{b}] must be a str, got {type(prompt).__name__}")
+        ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        at = [k for k, token in enumerate(ids) if token == marker]
+        if len(at) != len(placeholders[b]):
+            raise ValueError(f"prompts[{b}] must hold the image marker {marker_text!r} once per image "
+                             f"({len(placeholders[b])}), found {len(at)}: {prompt!r}")
+        row, last = [], 0
+        for k, count in zip(at, placeholders[b], strict=True):
+            row += ids[last:k] + [marker] * count
+            last = k + 1
+        rows.append(row + ids[last:])
+    length = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([[pad] * (length - len(r)) + r for r in rows], device=device)
+    attention_mask = torch.tensor([[0] * (length - len(r)) + [1] * len(r) for r in rows], device=device)
+    return input_ids, attention_mask

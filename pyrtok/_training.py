@@ -3,6 +3,11 @@ restarts, the run itself (accelerator, output folder, resume, progress, logs, at
 
 Both ``pyrtok pretrain`` and ``pyrtok train-vlm`` are seeded, resumable runs driven by one YAML file; this
 module holds what they have in common so that each training script is only its config, its model and its step.
+
+A run's folder keeps the config it was started under (``config.yaml``). The command line refuses to resume a
+run under a config that differs from it, naming the keys, unless ``--allow-config-change`` is given; a run that
+does continue under a changed config (that flag, or the Python API, where passing a new config is explicit)
+says so and keeps the old file as ``config.previous-N.yaml``: nothing is overwritten silently.
 """
 
 from __future__ import annotations
@@ -11,7 +16,9 @@ import argparse
 import json
 import math
 import os
+import shlex
 import shutil
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,9 +28,9 @@ import torch
 import yaml
 
 __all__ = [
-    "RESTART", "Run", "latest_checkpoint", "load_config", "lr_factor", "merge_config", "optimizer_step",
-    "restart_at", "restarts", "run_cli", "save_checkpoint", "set_override", "step_generator", "trim_log",
-    "turns_at", "warmup_cosine",
+    "RESTART", "Run", "checkpoint_step", "config_changes", "latest_checkpoint", "load_config", "lr_factor",
+    "merge_config", "optimizer_step", "restart_at", "restarts", "run_cli", "save_checkpoint", "saved_config_changes",
+    "set_override", "step_generator", "trim_log", "turns_at", "warmup_cosine",
 ]
 
 
@@ -127,6 +134,65 @@ def latest_checkpoint(checkpoints: Path) -> Path | None:
     return target if target.is_dir() else None
 
 
+def checkpoint_step(checkpoints: Path) -> int | None:
+    """The step of the latest checkpoint under ``checkpoints``, or None when there is none."""
+    latest = latest_checkpoint(checkpoints)
+    return None if latest is None else json.loads((latest / "step.json").read_text())["step"]
+
+
+def _flat(config: Mapping[str, Any], path: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, Mapping):  # an empty section adds no key
+            out.update(_flat(value, f"{path}{key}."))
+        else:
+            out[f"{path}{key}"] = value
+    return out
+
+
+_ABSENT = object()
+
+
+def _short(value: Any, width: int = 40) -> str:
+    text = "(absent)" if value is _ABSENT else json.dumps(value, default=str)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def config_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """The entries in which two configs differ, as dotted keys with both values, e.g. ``"train.steps (4 -> 8)"``.
+
+    Values are compared as YAML stores them (tuples as lists); a key only one of them has counts as a change.
+
+    Example:
+        >>> config_changes({"train": {"steps": 4, "lr": 0.1}}, {"train": {"steps": 8, "lr": 0.1}})
+        ['train.steps (4 -> 8)']
+    """
+    a, b = (_flat(yaml.safe_load(yaml.safe_dump(dict(c), sort_keys=False)) or {}) for c in (old, new))
+    keys = list(a) + [k for k in b if k not in a]
+    return [f"{k} ({_short(a.get(k, _ABSENT))} -> {_short(b.get(k, _ABSENT))})" for k in keys
+            if a.get(k, _ABSENT) != b.get(k, _ABSENT)]
+
+
+def saved_config_changes(path: Path, config: Mapping[str, Any]) -> list[str]:
+    """:func:`config_changes` from the config saved at ``path`` (a run's ``config.yaml``) to ``config``; [] when
+    there is no such file, one entry saying so when it holds no readable config."""
+    if not path.is_file():
+        return []
+    try:
+        return config_changes(yaml.safe_load(path.read_text()) or {}, config)
+    except (yaml.YAMLError, TypeError, ValueError):
+        return [f"({path.name} holds no readable config)"]
+
+
+def _set_aside(path: Path) -> Path:
+    """Move ``path`` to the first free ``<stem>.previous-N<suffix>`` beside it; returns where it went."""
+    n = 1
+    while (kept := path.with_name(f"{path.stem}.previous-{n}{path.suffix}")).exists():
+        n += 1
+    os.replace(path, kept)
+    return kept
+
+
 def trim_log(path: Path, step: int) -> None:
     """Drop the JSONL rows of ``path`` logged after ``step``, the step a run (re)starts from, so that a resumed
     run logs each step once. Rewritten atomically; a missing file is left missing."""
@@ -207,15 +273,28 @@ class Run:
         self.accelerator = Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
                                        step_scheduler_with_optimizer=False)
         set_seed(config["seed"])
+        self.config = config
         self.output = Path(config["train"]["output"])
         self.checkpoints = self.output / "checkpoints"
         if self.is_main:
             self.checkpoints.mkdir(parents=True, exist_ok=True)
             for folder in folders:
                 (self.output / folder).mkdir(exist_ok=True)
-            (self.output / "config.yaml").write_text(yaml.safe_dump(dict(config), sort_keys=False))
+            self._write_config()
         self.accelerator.wait_for_everyone()
         self.start = self.end = self.total = 0
+
+    def _write_config(self) -> None:
+        """Write ``config.yaml``; one that differs is first kept as ``config.previous-N.yaml``, and said so."""
+        path = self.output / "config.yaml"
+        changes = saved_config_changes(path, self.config)
+        if changes:
+            kept = _set_aside(path)
+            print(f"{self.output}: the config differs from the run's config.yaml in {'; '.join(changes)}; "
+                  f"the old one is kept as {kept.name}", flush=True)
+        tmp = path.with_suffix(".yaml.tmp")
+        tmp.write_text(yaml.safe_dump(dict(self.config), sort_keys=False))
+        os.replace(tmp, path)
 
     @property
     def is_main(self) -> bool:
@@ -234,11 +313,20 @@ class Run:
         of the schedule it was saved under; the LR of this config's schedule at the resumed step replaces it, so
         a run resumed under a longer schedule or one more warm restart continues on the new one. The JSONL
         ``logs`` under the output folder lose their rows after the resumed step, so each step is logged once.
+        A run that starts over (``resume=False``) in a folder with checkpoints first moves them aside to
+        ``checkpoints.previous-N`` and says so: they would otherwise mix with the new run's.
         """
+        if not resume and self.is_main and any(self.checkpoints.iterdir()):
+            kept = _set_aside(self.checkpoints)
+            self.checkpoints.mkdir()
+            print(f"{self.output}: starting over; the previous checkpoints are kept in {kept.name}", flush=True)
+        self.accelerator.wait_for_everyone()
         latest = latest_checkpoint(self.checkpoints) if resume else None
         if latest is not None:
             self.accelerator.load_state(str(latest))
             self.start = json.loads((latest / "step.json").read_text())["step"]
+            if self.is_main:
+                print(f"resuming from step {self.start} of {self.config['train']['steps']} ({latest})", flush=True)
             if scheduler is not None:
                 groups = scheduler.optimizer.param_groups
                 for group, base, factor in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
@@ -262,6 +350,11 @@ class Run:
         self.end = total if stop_after is None else min(total, self.start + stop_after)
         return tqdm(range(self.start, self.end), initial=self.start, total=total,
                     disable=not progress or not self.is_main, desc=self.output.name)
+
+    def log_due(self, done: int, every: int) -> bool:
+        """Whether to log after ``done`` steps: after the first step (early feedback), every ``every`` steps
+        and after the run's last step. A function of ``done`` alone, so a resumed run logs the same steps."""
+        return done == 1 or done % every == 0 or done == self.total
 
     def log(self, name: str, *rows: Mapping[str, Any]) -> None:
         """Append ``rows`` to the JSONL file ``name`` under the output folder (on the main process only)."""
@@ -304,6 +397,12 @@ def set_override(overrides: dict[str, Any], item: str) -> dict[str, Any]:
     return overrides
 
 
+def _resume_command(prog: str, argv: Sequence[str]) -> str:
+    """The command line that continues a run: ``argv`` without the flags that start over or allow a change."""
+    kept = [a for a in argv if a not in ("--no-resume", "--allow-config-change")]
+    return " ".join([prog, *map(shlex.quote, kept)])
+
+
 def run_cli(
     prog: str,
     description: str,
@@ -311,16 +410,27 @@ def run_cli(
     load: Callable[[str | Path | None, dict[str, Any] | None], dict[str, Any]],
     argv: list[str] | None = None,
 ) -> None:
-    """The common command line: --config (required), --set, --steps, --output, --no-resume, --stop-after."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+    """The common command line: --config (required), --set, --steps, --output, --no-resume,
+    --allow-config-change, --stop-after."""
+    from pyrtok._help import plain
+
+    parser = argparse.ArgumentParser(prog=prog, description=plain(description), allow_abbrev=False)
     parser.add_argument("--config", required=True, help="the run's YAML file")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
-                        help="override one config entry, e.g. --set init.vision_tower=runs/pretrain/x/encoder "
-                             "(VALUE is read as YAML; repeatable)")
-    parser.add_argument("--steps", type=int, help="override train.steps")
-    parser.add_argument("--output", help="override train.output")
-    parser.add_argument("--no-resume", action="store_true", help="start over even if checkpoints exist")
-    parser.add_argument("--stop-after", type=int, help="end this invocation after N steps (resume later)")
+                        help="override one config entry, e.g. --set train.lr=1e-3 (KEY is dotted, VALUE is read "
+                             "as YAML; repeatable)")
+    parser.add_argument("--steps", type=int, help="override train.steps, the run's total number of steps")
+    parser.add_argument("--output", help="override train.output, the run's folder")
+    parser.add_argument("--no-resume", action="store_true",
+                        help="start over even if the output folder holds checkpoints (they are moved aside "
+                             "to checkpoints.previous-N)")
+    parser.add_argument("--allow-config-change", action="store_true",
+                        help="resume even though the config differs from the run's config.yaml (which is kept "
+                             "as config.previous-N.yaml), e.g. to extend a finished run")
+    parser.add_argument("--stop-after", type=int, metavar="N",
+                        help="end this invocation after N steps, with a checkpoint (run the same command again "
+                             "to resume)")
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     overrides: dict[str, Any] = {"train": {}}
     for item in args.sets:
@@ -332,5 +442,20 @@ def run_cli(
         overrides["train"]["steps"] = args.steps
     if args.output is not None:
         overrides["train"]["output"] = args.output
-    output = train(load(args.config, overrides), resume=not args.no_resume, stop_after=args.stop_after)
-    print(f"{prog}: finished, outputs in {output}")
+    config = load(args.config, overrides)
+    output = Path(config["train"]["output"])
+    if not args.no_resume and checkpoint_step(output / "checkpoints") is not None:
+        changes = saved_config_changes(output / "config.yaml", config)
+        if changes and not args.allow_config_change:
+            raise ValueError(f"{output} holds a run started under another config: {'; '.join(changes)}; pass "
+                             f"--allow-config-change to resume under this one (the old config.yaml is kept), or "
+                             f"--no-resume to start over")
+    output = train(config, resume=not args.no_resume, stop_after=args.stop_after)
+    if int(os.environ.get("RANK", "0")) != 0:  # torchrun / accelerate: the main process reports
+        return
+    step, total = checkpoint_step(Path(output) / "checkpoints"), config["train"]["steps"]
+    if step is not None and step < total:
+        print(f"{prog}: stopped at step {step} of {total} (resume with: {_resume_command(prog, argv)}); "
+              f"outputs in {output}")
+    else:
+        print(f"{prog}: finished {total} steps, outputs in {output}")

@@ -1,17 +1,20 @@
-"""The ``pyrtok`` console script: ``pyrtok [--debug] <command> [options]``.
+"""The ``pyrtok`` console script: ``pyrtok [--debug] <command> [options]`` (and ``pyrtok --version``).
 
 Packages add commands through the ``pyrtok.commands`` entry-point group (name -> ``module:function``
 taking ``argv``); the evaluation harness adds ``ablate`` that way, so the library never imports it. A plugin
 command's one-line description in ``pyrtok --help`` is the first line of its module's docstring.
 
 A command that fails on a user error (:data:`USER_ERRORS`: a bad config, a missing file) ends with one line on
-stderr, ``pyrtok <command>: <message>``, and exit status 2. ``--debug``, before or after the command, lets the
-exception through with its traceback; other exceptions (bugs) always keep theirs.
+stderr, ``pyrtok <command>: <message>``, and exit status 2; so does one that needs a package of an extra that
+is not installed (the line names the extra, :mod:`pyrtok._extras`). ``--debug``, before or after the command,
+lets the exception through with its traceback; other exceptions (bugs) always keep theirs. ``pyrtok`` alone
+prints the usage and exits with status 2; a misspelled command gets the closest names.
 """
 
 from __future__ import annotations
 
 import ast
+import difflib
 import importlib.util
 import sys
 from collections.abc import Callable
@@ -19,6 +22,9 @@ from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
 import yaml
+
+from pyrtok._extras import hint_for
+from pyrtok._help import plain
 
 __all__ = ["COMMANDS", "USER_ERRORS", "main", "run_command"]
 
@@ -35,6 +41,7 @@ COMMANDS = {
 # missing files and models; KeyError a missing config key): one line, no traceback
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, OSError, KeyError, yaml.YAMLError)
 DEBUG = "--debug"
+VERSION = "--version"
 
 
 def _plugins() -> dict[str, EntryPoint]:
@@ -50,7 +57,7 @@ def _summary(entry: EntryPoint) -> str:
             doc = ast.get_docstring(ast.parse(f.read())) or ""
     except (ImportError, AttributeError, TypeError, OSError, SyntaxError, ValueError):
         doc = ""
-    line = doc.strip().split("\n")[0].strip().rstrip(".")
+    line = plain(doc.strip().split("\n")[0]).strip().rstrip(".")
     if not line:
         return f"(from {module})"
     first = line.split()[0]
@@ -62,7 +69,18 @@ def _usage(plugins: dict[str, EntryPoint]) -> str:
     lines += [f"  {name:<16} {_summary(ep)}" for name, ep in sorted(plugins.items())]
     return ("usage: pyrtok [--debug] <command> [options]\n\ncommands:\n" + "\n".join(lines) + "\n\n"
             "pyrtok <command> --help lists a command's options; --debug (before or after the command) shows the\n"
-            "traceback of an error instead of its one-line message.")
+            "traceback of an error instead of its one-line message; pyrtok --version prints the version.")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("pyrtok")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        from pyrtok import __version__
+
+        return __version__
 
 
 def _message(error: BaseException) -> str:
@@ -103,6 +121,13 @@ def run_command(name: str, function: Callable[[list[str]], Any], argv: list[str]
     argv, flagged = _split_debug(list(argv))
     try:
         function(argv)
+    except ImportError as error:
+        # a package of an extra that is not installed: one line that names the extra
+        hint = hint_for(error)
+        if hint is None or debug or flagged:
+            raise
+        print(f"pyrtok {name}: {hint}", file=sys.stderr)
+        raise SystemExit(2) from None
     except USER_ERRORS as error:
         if debug or flagged:
             raise
@@ -115,18 +140,29 @@ def main(argv: list[str] | None = None) -> None:
     docstring for errors and ``--debug``)."""
     argv, debug = _split_debug(list(sys.argv[1:] if argv is None else argv))
     plugins = _plugins()
-    if not argv or argv[0] in ("-h", "--help"):
+    if not argv:
+        print(_usage(plugins), file=sys.stderr)
+        raise SystemExit(2)
+    if argv[0] in ("-h", "--help"):
         print(_usage(plugins))
         return
+    if argv[0] == VERSION:
+        print(f"pyrtok {_version()}")
+        return
     name, rest = argv[0], argv[1:]
-    if name in plugins:
-        function = plugins[name].load()
-    elif name in COMMANDS:
-        function = __import__(COMMANDS[name][0], fromlist=["main"]).main
-    else:
+    if name not in plugins and name not in COMMANDS:
+        close = difflib.get_close_matches(name, [*COMMANDS, *plugins], n=3, cutoff=0.6)
+        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
         print(_usage(plugins), file=sys.stderr)
-        raise SystemExit(f"pyrtok: unknown command {name!r}")
-    run_command(name, function, rest, debug)
+        raise SystemExit(f"pyrtok: unknown command {name!r}{hint}")
+
+    def command(args: list[str]) -> Any:
+        # imported here, inside run_command, so that a missing package of an extra reads as one line too
+        if name in plugins:
+            return plugins[name].load()(args)
+        return __import__(COMMANDS[name][0], fromlist=["main"]).main(args)
+
+    run_command(name, command, rest, debug)
 
 
 if __name__ == "__main__":

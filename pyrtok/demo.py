@@ -8,9 +8,10 @@ from pathlib import Path
 
 import torch
 
+from pyrtok._help import description
 from pyrtok.losses import lap_loss
 from pyrtok.pyramid import gaussian_pyramid, laplacian_pyramid, pyr_down, pyr_up, reconstruct_laplacian
-from pyrtok.samples import sample_image
+from pyrtok.samples import SAMPLES, sample_image
 from pyrtok.steerable import reconstruct_steerable, steerable_pyramid
 from pyrtok.viz import band_to_image, pyramid_figure, save_png
 
@@ -56,11 +57,16 @@ def run(image: str = "astronaut", levels: int = 5, orientations: int = 4, out: s
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="pyrtok demo", description=__doc__)
-    parser.add_argument("--image", default="astronaut", help="bundled sample name (pyrtok.samples)")
-    parser.add_argument("--levels", type=int, default=5)
-    parser.add_argument("--orientations", type=int, default=4)
-    parser.add_argument("--out", default="runs/pyramid_demo")
+    parser = argparse.ArgumentParser(prog="pyrtok demo", description=description(__doc__))
+    parser.add_argument("--image", default="astronaut",
+                        help="a bundled photograph, one of: " + ", ".join(SAMPLES) + " (those of "
+                             "scikit-image come with the train extra; default: %(default)s)")
+    parser.add_argument("--levels", type=int, default=5,
+                        help="levels of the Gaussian and Laplacian pyramids (default: %(default)s)")
+    parser.add_argument("--orientations", type=int, default=4,
+                        help="orientation bands of the steerable pyramid (default: %(default)s)")
+    parser.add_argument("--out", default="runs/pyramid_demo",
+                        help="folder for levels.png and summary.json (default: %(default)s)")
     args = parser.parse_args(argv)
     summary = run(args.image, args.levels, args.orientations, args.out)
     for key, value in summary.items():

@@ -30,6 +30,8 @@ def image_tensor(image: Image.Image) -> torch.Tensor:
 def open_image(image: Image.Image | str | Path) -> Image.Image:
     """A PIL image or an image file as an RGB PIL image (the file read and closed).
 
+    A missing file raises ``FileNotFoundError``, one Pillow cannot read ``ValueError``; both name the file.
+
     Example:
         >>> open_image(Image.new("L", (4, 2))).mode
         'RGB'
@@ -37,9 +39,15 @@ def open_image(image: Image.Image | str | Path) -> Image.Image:
     if isinstance(image, (str, Path)):
         path = Path(image)
         if not path.is_file():
-            raise FileNotFoundError(f"image file {str(path)!r} does not exist")
-        with Image.open(path) as opened:
-            return opened.convert("RGB")
+            what = "is not a file" if path.exists() else "does not exist"
+            raise FileNotFoundError(f"image file {str(path)!r} {what}")
+        try:
+            with Image.open(path) as opened:
+                return opened.convert("RGB")
+        except (OSError, ValueError, Image.DecompressionBombError) as error:
+            # Pillow names the file when it cannot identify it, not when it is truncated or too large
+            message = str(error) if str(path) in str(error) else f"image file {str(path)!r}: {error}"
+            raise ValueError(message) from error
     if not isinstance(image, Image.Image):
         raise TypeError(f"image must be a PIL image or a file path, got {type(image).__name__}")
     return image.convert("RGB")

@@ -15,9 +15,13 @@ import numpy as np
 from PIL import Image
 from torch import Tensor
 
+from pyrtok._extras import OPTIONAL, install_command
 from pyrtok.images import image_tensor
 
-__all__ = ["available_samples", "sample_image", "sample_path"]
+__all__ = ["SAMPLES", "available_samples", "missing_sample_packages", "sample_image", "sample_path"]
+
+PHOTOS_EXTRA = "train"
+"""The extra of pyproject.toml that installs every package below."""
 
 # name -> (package, path inside the package)
 _SOURCES: dict[str, tuple[str, str]] = {
@@ -43,7 +47,9 @@ _SOURCES: dict[str, tuple[str, str]] = {
     "aero": ("pywt", "data/aero.npz"),
     "ascent": ("pywt", "data/ascent.npz"),
 }
-_PACKAGES = {"skimage": "scikit-image", "sklearn": "scikit-learn", "pywt": "PyWavelets"}
+
+SAMPLES: tuple[str, ...] = tuple(_SOURCES)
+"""The names of every bundled photograph, installed here or not."""
 
 
 def _package_dir(package: str) -> Path | None:
@@ -53,29 +59,40 @@ def _package_dir(package: str) -> Path | None:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+def _found(name: str) -> Path | None:
+    package, relative = _SOURCES[name]
+    root = _package_dir(package)
+    return root / relative if root is not None and (root / relative).is_file() else None
+
+
 def sample_path(name: str) -> Path:
     """Path of the bundled image ``name``; raises if its package is not installed."""
     if name not in _SOURCES:
         raise ValueError(f"name must be one of {sorted(_SOURCES)}, got {name!r}")
-    package, relative = _SOURCES[name]
-    root = _package_dir(package)
-    path = None if root is None else root / relative
-    if path is None or not path.is_file():
-        extra = _PACKAGES.get(package, package)
-        raise FileNotFoundError(f"sample {name!r} needs the {extra} package (pip install {extra})")
+    path = _found(name)
+    if path is None:
+        installed = ", ".join(available_samples()) or "none"
+        raise FileNotFoundError(f"sample {name!r} needs {OPTIONAL[_SOURCES[name][0]][0]}; "
+                                f"{install_command(PHOTOS_EXTRA)} (samples installed here: {installed})")
     return path
 
 
 def available_samples() -> list[str]:
     """Names of the bundled images whose package is installed here."""
-    names = []
-    for name in _SOURCES:
-        try:
-            sample_path(name)
-        except FileNotFoundError:
-            continue
-        names.append(name)
-    return names
+    return [name for name in _SOURCES if _found(name)]
+
+
+def missing_sample_packages() -> tuple[list[str], str | None]:
+    """The distributions whose photographs are missing here, and the install line that brings them all
+    (None when nothing is missing).
+
+    Example:
+        >>> missing, line = missing_sample_packages()
+        >>> line is None or line.startswith("pip install")
+        True
+    """
+    missing = sorted({OPTIONAL[_SOURCES[name][0]][0] for name in _SOURCES if not _found(name)}, key=str.lower)
+    return missing, install_command(PHOTOS_EXTRA) if missing else None
 
 
 def sample_image(name: str = "astronaut", size: int | tuple[int, int] | None = None) -> Tensor:

@@ -61,9 +61,20 @@ from typing import Any
 
 import torch
 
-__all__ = ["FAMILIES", "save_tiny_vlm"]
+__all__ = ["ARCHITECTURES", "FAMILIES", "save_tiny_vlm"]
 
 FAMILIES: tuple[str, ...] = ("llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_next", "llava_onevision")
+
+ARCHITECTURES: dict[str, str] = {
+    "LlavaForConditionalGeneration": "llava",
+    "Qwen2VLForConditionalGeneration": "qwen2_vl",
+    "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl",
+    "Qwen3VLForConditionalGeneration": "qwen3_vl",
+    "LlavaNextForConditionalGeneration": "llava_next",
+    "LlavaOnevisionForConditionalGeneration": "llava_onevision",
+}
+"""The tiny build (:func:`save_tiny_vlm`'s ``family``) of each architecture pyrtok runs: the family contract test
+builds one model per registered architecture from here, so a new family needs its tiny build listed too."""
 
 _WORDS = """
 . , ? ! : ; ' " ( ) - / 0 1 2 3 4 5 6 7 8 9

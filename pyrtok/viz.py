@@ -6,12 +6,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
 from pyrtok.tokens import MultiScaleTokens, TokenSelection
 
-__all__ = ["LEVEL_COLOURS", "MERGED_COLOUR", "band_to_image", "draw_selection", "pyramid_figure", "save_png", "to_pil"]
+__all__ = ["LEVEL_COLOURS", "MERGED_COLOUR", "band_to_image", "draw_selection", "labelled_grid", "pyramid_figure",
+           "save_png", "to_pil"]
 
 #: Outline colour of each pyramid level (index = level, 0 = finest); levels beyond the list reuse it cyclically.
 LEVEL_COLOURS: tuple[tuple[int, int, int], ...] = (
@@ -69,6 +70,56 @@ def pyramid_figure(rows: Sequence[Sequence[Tensor]], gap: int = 4) -> Image.Imag
         for im in row:
             canvas.paste(to_pil(im).convert("RGB"), (left, top))
             left += im.shape[-1] + gap
+        top += height + gap
+    return canvas
+
+
+def labelled_grid(
+    rows: Sequence[Sequence[Tensor]], row_labels: Sequence[str], column_labels: Sequence[str], gap: int = 4
+) -> Image.Image:
+    """A grid of (C, H, W) images in [0, 1] on white, each row named on its left and each column on top.
+
+    Drawn with Pillow's default font. A column is as wide as its widest image or its label, images centred,
+    so labels never overlap however small the images are.
+
+    Example:
+        >>> grid = labelled_grid([[torch.rand(3, 8, 8)] * 2] * 3, ["original", "masked", "reconstruction"],
+        ...                      ["pixel", "laplacian"])
+        >>> grid.size[0] > 2 * 8 and grid.size[1] > 3 * 8
+        True
+    """
+    if not rows or not all(rows) or len({len(row) for row in rows}) != 1:
+        raise ValueError(f"rows must be a non-empty list of equally long, non-empty lists of images, got lengths "
+                         f"{[len(row) for row in rows]}")
+    if len(row_labels) != len(rows) or len(column_labels) != len(rows[0]):
+        raise ValueError(f"need one label per row and per column ({len(rows)} x {len(rows[0])}), got "
+                         f"{len(row_labels)} row_labels and {len(column_labels)} column_labels")
+    font = ImageFont.load_default()
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+
+    def size(text: str) -> tuple[int, int]:
+        left, top, right, bottom = measure.textbbox((0, 0), text, font=font)
+        return right - left, bottom - top
+
+    label_width = max(size(text)[0] for text in row_labels) + 2 * gap
+    label_height = max(size(text)[1] for text in column_labels) + 2 * gap
+    widths = [max(max(row[j].shape[-1] for row in rows), size(column_labels[j])[0] + gap)
+              for j in range(len(column_labels))]
+    heights = [max(im.shape[-2] for im in row) for row in rows]
+    canvas = Image.new("RGB", (label_width + sum(widths) + gap * (len(widths) - 1),
+                               label_height + sum(heights) + gap * (len(heights) - 1)), "white")
+    draw = ImageDraw.Draw(canvas)
+    left = label_width
+    for text, width in zip(column_labels, widths, strict=True):
+        draw.text((left + (width - size(text)[0]) // 2, gap), text, fill="black", font=font)
+        left += width + gap
+    top = label_height
+    for text, row, height in zip(row_labels, rows, heights, strict=True):
+        draw.text((gap, top + (height - size(text)[1]) // 2), text, fill="black", font=font)
+        left = label_width
+        for im, width in zip(row, widths, strict=True):
+            canvas.paste(to_pil(im).convert("RGB"), (left + (width - im.shape[-1]) // 2, top))
+            left += width + gap
         top += height + gap
     return canvas
 

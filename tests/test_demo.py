@@ -35,6 +35,21 @@ def test_cli_dispatches_and_rejects_unknown_commands(tmp_path, capsys):
         cli_main(["frobnicate"])
 
 
+def test_demo_without_scikit_image_names_the_extra_in_one_line(tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "skimage", None)  # as after the main install, in this test only
+    assert "astronaut" not in available_samples() and "grace_hopper" in available_samples()
+    with pytest.raises(SystemExit) as exit:
+        cli_main(["demo", "--out", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit.value.code == 2 and len(err) == 1
+    assert err[0].startswith("pyrtok demo: sample 'astronaut' needs scikit-image; pip install -e \".[train]\"")
+    assert "grace_hopper" in err[0]  # what can be shown without it
+    cli_main(["demo", "--image", "grace_hopper", "--levels", "3", "--out", str(tmp_path)])
+    assert (tmp_path / "levels.png").is_file()
+
+
 @pytest.mark.parametrize("levels", [1, 2])
 def test_demo_with_few_levels(tmp_path, levels):
     summary = run("camera", levels=levels, out=str(tmp_path))

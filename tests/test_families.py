@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
+from conftest import SMALL_ROPE, Recorder, chat, random_image, recorded
 from einops import rearrange, reduce
-from PIL import Image
-from transformers import AutoModelForImageTextToText, AutoProcessor, LogitsProcessor, LogitsProcessorList
+from transformers import AutoModelForImageTextToText, AutoProcessor, LogitsProcessorList
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from pyrtok.pyramid import gaussian_pyramid
@@ -26,70 +25,18 @@ from pyrtok.vlm import PyramidVLM
 FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 QWEN = FAMILIES[1:]
 SIZES = ((70, 100), (100, 60))  # PIL (width, height): one tall, one wide
-QUESTION = "what colour is the shape?"
-LONG_QUESTION = "how many small red circles are there in the picture on the left?"
-
-
-# With Qwen's rope_theta (1e6, 5e6) and a 16-wide head, the sequential M-RoPE sections give the width axis only
-# frequencies of ~1e-4 rad per position, so a wrong column would move the logits by less than the tolerance. A small
-# theta makes every axis count, so that position errors on any axis fail the tests.
-ROPE = {"qwen2_vl": {"rope_type": "default", "rope_theta": 10.0, "mrope_section": [2, 3, 3]},
-        "qwen2_5_vl": {"rope_type": "default", "rope_theta": 10.0, "mrope_section": [2, 3, 3]},
-        "qwen3_vl": {"rope_type": "default", "rope_theta": 10.0, "mrope_section": [2, 3, 3],
-                     "mrope_interleaved": True}}
 
 
 def build(family: str, folder):
     """Save a tiny ``family`` model (hidden 64: a 16-wide head) and its processor to ``folder``."""
-    overrides = {"text_config": {"rope_parameters": ROPE[family]}} if family in ROPE else {}
+    overrides = {"text_config": {"rope_parameters": SMALL_ROPE[family]}} if family in SMALL_ROPE else {}
     return save_tiny_vlm(family, folder, hidden=64, **overrides)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """family -> (folder, model, processor), each family saved and loaded once per module."""
-    cache: dict[str, tuple] = {}
-
-    def load(family: str):
-        if family not in cache:
-            folder = build(family, tmp_path_factory.mktemp(family))
-            model = AutoModelForImageTextToText.from_pretrained(folder).eval()
-            cache[family] = (folder, model, AutoProcessor.from_pretrained(folder))
-        return cache[family]
-
-    return load
-
-
-def random_image(width: int, height: int, seed: int = 0) -> Image.Image:
-    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
-    return Image.fromarray(pixels)
-
-
-def chat(processor, question: str = QUESTION, images: int = 1) -> str:
-    content = [{"type": "image"} for _ in range(images)] + [{"type": "text", "text": question}]
-    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
 
 
 def merged_tokens(model, processor, image) -> int:
     """Placeholders the processor gives a Qwen-family image: grid cells / merge^2."""
     grid = processor.image_processor(images=[image], return_tensors="pt")["image_grid_thw"][0]
     return int(grid.prod()) // model.config.vision_config.spatial_merge_size**2
-
-
-class Recorder(LogitsProcessor):
-    """Keeps the logits of every decoding step, unchanged: greedy tokens of a random model hide small errors."""
-
-    def __init__(self) -> None:
-        self.scores: list[torch.Tensor] = []
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        self.scores.append(scores.detach().clone())
-        return scores
-
-
-def recorded(recorder: Recorder) -> torch.Tensor:
-    """(B, steps, V) logits of every decoding step."""
-    return torch.stack(recorder.scores, dim=1)
 
 
 def until_eos(tokens: list[int], eos: int | list[int] | None) -> list[int]:
@@ -143,34 +90,12 @@ def fixed_keep(n: int) -> torch.Tensor:
 
 # -- 1. full budget reproduces the unwrapped model through its own processor ----------------------------------
 
-@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
-@pytest.mark.parametrize("family", FAMILIES)
-def test_full_budget_reproduces_the_unwrapped_model(tiny, family, size):
-    _, model, processor = tiny(family)
-    image, prompt = random_image(*size, seed=size[0]), chat(processor)
-    vlm = PyramidVLM(model, processor, allocator="all", levels=1)
-    inputs = processor(images=[image], text=[prompt], return_tensors="pt")
-    with torch.no_grad():
-        reference = model(**inputs).logits
-        ours = vlm([image], [prompt])
-    assert torch.equal(ours.input_ids, inputs["input_ids"])
-    assert ours.logits.shape == reference.shape
-    assert (ours.logits - reference).abs().max().item() <= 1e-5
-    generated = model.generate(**inputs, max_new_tokens=5, do_sample=False, output_logits=True,
-                               return_dict_in_generate=True)
-    recorder = Recorder()
-    out = vlm.generate([image], [prompt], max_new_tokens=5, logits_processor=LogitsProcessorList([recorder]))
-    assert torch.equal(out.sequences, generated.sequences[:, inputs["input_ids"].shape[1]:])
-    assert (recorded(recorder) - torch.stack(generated.logits, dim=1)).abs().max().item() <= 1e-5
-    assert out.counts.tolist() == [int((inputs["input_ids"] == model.config.image_token_id).sum())]
-
-
 # -- 2. pruned finest-level tokens keep their unpruned M-RoPE positions ---------------------------------------
 
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("family", QWEN)
-def test_pruning_equals_the_model_on_the_kept_tokens(tiny, family, size):
-    _, model, processor = tiny(family)
+def test_pruning_equals_the_model_on_the_kept_tokens(tiny_vlm, family, size):
+    _, model, processor = tiny_vlm(family)
     image, prompt = random_image(*size, seed=size[0]), chat(processor)
     keep = fixed_keep(merged_tokens(model, processor, image))
     reference = pruned_reference(model, processor, [image], prompt, [keep])
@@ -199,8 +124,8 @@ def test_pruning_equals_the_model_on_the_kept_tokens(tiny, family, size):
 # -- 3. generation after pruning carries M-RoPE positions through every step ----------------------------------
 
 @pytest.mark.parametrize("family", QWEN)
-def test_pruned_generation_equals_a_no_cache_loop_with_explicit_positions(tiny, family):
-    _, model, processor = tiny(family)
+def test_pruned_generation_equals_a_no_cache_loop_with_explicit_positions(tiny_vlm, family):
+    _, model, processor = tiny_vlm(family)
     image, prompt, steps = random_image(70, 100, seed=3), chat(processor), 5
     keep = fixed_keep(merged_tokens(model, processor, image))
     reference = pruned_reference(model, processor, [image], prompt, [keep])
@@ -245,40 +170,6 @@ def test_pruned_generation_equals_a_no_cache_loop_with_explicit_positions(tiny, 
 
 # -- 4. batched generation with per-sample budgets equals one sample at a time -------------------------------
 
-@pytest.mark.parametrize("family, budgets", [("llava", (5, 30)), ("qwen2_vl", (3, 7)), ("qwen2_5_vl", (3, 7)),
-                                             ("qwen3_vl", (2, 5))])
-def test_batched_per_sample_budgets_equal_one_by_one(tiny, family, budgets):
-    _, model, processor = tiny(family)
-    images = [random_image(70, 100, seed=1), random_image(100, 60, seed=2)]
-    prompts = [chat(processor), chat(processor, LONG_QUESTION)]
-    vlm = PyramidVLM(model, processor, allocator="laplacian", levels=2)
-    if family != "llava":  # the two images give different merged grids (4x2 vs 2x4, or 3x2 vs 2x3)
-        assert vlm.pixels([images[0]])[0].shape != vlm.pixels([images[1]])[0].shape
-    batched_scores = Recorder()
-    batched = vlm.generate(images, prompts, budget=torch.tensor(budgets), max_new_tokens=4,
-                           logits_processor=LogitsProcessorList([batched_scores]))
-    with torch.no_grad():
-        batched_logits = vlm(images, prompts, budget=torch.tensor(budgets))
-    assert batched.counts.tolist() == list(budgets)
-    assert batched.image_counts == [[b] for b in budgets]
-    pad = processor.tokenizer.pad_token_id
-    for b, (image, prompt, budget) in enumerate(zip(images, prompts, budgets, strict=True)):
-        alone_scores = Recorder()
-        alone = vlm.generate([image], [prompt], budget=budget, max_new_tokens=4,
-                             logits_processor=LogitsProcessorList([alone_scores]))
-        assert alone.counts.tolist() == [budget]
-        length = alone.sequences.shape[1]
-        assert (recorded(batched_scores)[b, :length] - recorded(alone_scores)[0]).abs().max().item() <= 1e-5
-        assert batched.sequences[b, :length].tolist() == alone.sequences[0].tolist()
-        assert (batched.sequences[b, length:] == pad).all()
-        with torch.no_grad():
-            single = vlm([image], [prompt], budget=budget)
-        width = single.input_ids.shape[1]
-        assert torch.equal(batched_logits.input_ids[b, -width:], single.input_ids[0])
-        assert (batched_logits.input_ids[b, :-width] == pad).all()
-        assert (batched_logits.logits[b, -width:] - single.logits[0]).abs().max().item() <= 1e-5
-
-
 # -- 5. several images in one prompt -------------------------------------------------------------------------
 
 def shares(budget: int, sizes: list[int]) -> list[int]:
@@ -293,8 +184,8 @@ def shares(budget: int, sizes: list[int]) -> list[int]:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_several_images_in_one_prompt(tiny, family):
-    _, model, processor = tiny(family)
+def test_several_images_in_one_prompt(tiny_vlm, family):
+    _, model, processor = tiny_vlm(family)
     first, second = random_image(70, 100, seed=4), random_image(130, 130, seed=5)
     prompt = chat(processor, images=2)
     inputs = processor(images=[first, second], text=[prompt], return_tensors="pt")
@@ -331,10 +222,10 @@ def test_several_images_in_one_prompt(tiny, family):
 
 
 @pytest.mark.parametrize("family", QWEN)
-def test_several_pruned_images_keep_their_unpruned_positions(tiny, family):
+def test_several_pruned_images_keep_their_unpruned_positions(tiny_vlm, family):
     """Two images of different grids, each pruned: the second image and the text after it sit where the
     unpruned model puts them."""
-    _, model, processor = tiny(family)
+    _, model, processor = tiny_vlm(family)
     images = [random_image(70, 100, seed=4), random_image(130, 130, seed=5)]
     prompt = chat(processor, images=2)
     keeps = [fixed_keep(merged_tokens(model, processor, images[0])),
@@ -372,8 +263,8 @@ def snapshot(model) -> dict:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_wrapping_patches_nothing(tiny, family):
-    folder, _, processor = tiny(family)
+def test_wrapping_patches_nothing(tiny_vlm, family):
+    folder, _, processor = tiny_vlm(family)
     model = AutoModelForImageTextToText.from_pretrained(folder).eval()  # never wrapped before
     image, prompt = random_image(70, 100, seed=6), chat(processor)
     inputs = processor(images=[image], text=[prompt], return_tensors="pt")
@@ -399,8 +290,8 @@ def test_wrapping_patches_nothing(tiny, family):
     ("centre", [(1, 1), (3, 1), (1, 0), (3, 1)]),  # box centres (28, 28) and (28, 84) px
     ("corner", [(0, 0), (2, 0), (1, 0), (3, 1)]),  # the top-left cell of each box
 ])
-def test_coarse_token_positions(tiny, rule, expected):
-    _, model, processor = tiny("qwen2_vl")
+def test_coarse_token_positions(tiny_vlm, rule, expected):
+    _, model, processor = tiny_vlm("qwen2_vl")
     image, prompt = random_image(70, 100, seed=7), chat(processor)
     vlm = PyramidVLM(model, processor, allocator="all", levels=2, coarse_positions=rule)
     encoded = vlm.encode([image])
@@ -428,8 +319,8 @@ def test_coarse_token_positions(tiny, rule, expected):
 # -- 8. image mode: a separate tower pass per level -----------------------------------------------------------
 
 @pytest.mark.parametrize("family, side", [("qwen2_vl", 112), ("qwen3_vl", 128)])
-def test_image_mode_encodes_each_level_separately(tiny, family, side):
-    _, model, processor = tiny(family)
+def test_image_mode_encodes_each_level_separately(tiny_vlm, family, side):
+    _, model, processor = tiny_vlm(family)
     image = random_image(side, side, seed=8)  # a 4x4 merged grid; its half-size Gaussian level is 2x2
     feature = PyramidVLM(model, processor, mode="feature", levels=2)
     per_level = PyramidVLM(model, processor, mode="image", levels=2)
@@ -470,8 +361,8 @@ def test_unsupported_architecture_fails_before_loading_weights(tmp_path):
 
 
 @pytest.mark.parametrize("family", QWEN)
-def test_an_encoding_and_a_selection_passed_back_give_the_same_answer(tiny, family):
-    _, model, processor = tiny(family)
+def test_an_encoding_and_a_selection_passed_back_give_the_same_answer(tiny_vlm, family):
+    _, model, processor = tiny_vlm(family)
     image, prompt = random_image(70, 100, seed=3), chat(processor)
     vlm = PyramidVLM(model, processor, allocator="laplacian", levels=2, budget=5)
     with torch.no_grad():
@@ -503,8 +394,8 @@ def test_a_saved_processor_that_fails_to_load_is_not_replaced_by_the_tokenizer(t
 # -- 10. tensors in [0, 1] ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("family", QWEN)
-def test_tensor_images(tiny, family):
-    _, model, processor = tiny(family)
+def test_tensor_images(tiny_vlm, family):
+    _, model, processor = tiny_vlm(family)
     prompt = chat(processor)
     vlm = PyramidVLM(model, processor, allocator="all", levels=1)
     generator = torch.Generator().manual_seed(9)

@@ -10,8 +10,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import Recorder, chat, random_image
 from PIL import Image, ImageDraw
-from transformers import AutoModelForImageTextToText, AutoProcessor, LogitsProcessor, LogitsProcessorList
+from transformers import AutoModelForImageTextToText, AutoProcessor, LogitsProcessorList
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from pyrtok.testing import save_tiny_vlm
@@ -20,39 +21,6 @@ from pyrtok.vlm import PyramidVLM
 
 FAMILIES = ("llava_next", "llava_onevision")
 SIZES = ((70, 100), (100, 60), (130, 60))  # PIL (width, height): 3x2 tiles, 2x3 tiles, 2x3 tiles unpadded
-QUESTION = "what colour is the shape?"
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    cache: dict[str, tuple] = {}
-
-    def load(family: str):
-        if family not in cache:
-            folder = save_tiny_vlm(family, tmp_path_factory.mktemp(family))
-            cache[family] = (folder, AutoModelForImageTextToText.from_pretrained(folder).eval(),
-                             AutoProcessor.from_pretrained(folder))
-        return cache[family]
-
-    return load
-
-
-def random_image(width: int, height: int, seed: int = 0) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
-
-
-def chat(processor, question: str = QUESTION, images: int = 1) -> str:
-    content = [{"type": "image"} for _ in range(images)] + [{"type": "text", "text": question}]
-    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-
-
-class Recorder(LogitsProcessor):
-    def __init__(self) -> None:
-        self.scores: list[torch.Tensor] = []
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        self.scores.append(scores.detach().clone())
-        return scores
 
 
 def assert_reproduces(model, processor, vlm, images, prompt):
@@ -85,8 +53,8 @@ def packed(model, processor, image) -> torch.Tensor:
 @pytest.mark.parametrize("lazy", [False, True], ids=["eager", "lazy"])
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("family", FAMILIES)
-def test_full_budget_reproduces_the_unwrapped_model(tiny, family, size, lazy):
-    _, model, processor = tiny(family)
+def test_full_budget_reproduces_the_unwrapped_model(tiny_vlm, family, size, lazy):
+    _, model, processor = tiny_vlm(family)
     vlm = PyramidVLM(model, processor, allocator="all", levels=1, lazy_tiles=lazy)
     image = random_image(*size, seed=size[0])
     assert_reproduces(model, processor, vlm, [image], chat(processor))
@@ -101,24 +69,16 @@ def test_full_budget_reproduces_the_unwrapped_model(tiny, family, size, lazy):
         assert tokens.level_shapes[0] == (rows * 4, cols * 4)
 
 
-def test_two_images_in_one_prompt_are_exact(tiny):
-    for family in FAMILIES:
-        _, model, processor = tiny(family)
-        vlm = PyramidVLM(model, processor, allocator="all", levels=1)
-        images = [random_image(70, 100, seed=4), random_image(130, 130, seed=5)]
-        assert_reproduces(model, processor, vlm, images, chat(processor, images=2))
-
-
-def test_feature_layer_lists_and_onevision_shrinking(tiny):
+def test_feature_layer_lists_and_onevision_shrinking(tiny_vlm):
     """vision_feature_layer as a list (concatenated layers) and OneVision's anyres_max_N shrinking."""
-    folder, _, processor = tiny("llava_next")
+    folder, _, processor = tiny_vlm("llava_next")
     model = AutoModelForImageTextToText.from_pretrained(folder, vision_feature_layer=[-2, -1],
                                                         ignore_mismatched_sizes=True).eval()
     assert model.config.vision_feature_layer == [-2, -1]
     vlm = PyramidVLM(model, processor, allocator="all")
     assert_reproduces(model, processor, vlm, [random_image(70, 100, seed=1)], chat(processor))
 
-    folder, _, _ = tiny("llava_onevision")
+    folder, _, _ = tiny_vlm("llava_onevision")
     model = AutoModelForImageTextToText.from_pretrained(folder, vision_aspect_ratio="anyres_max_2").eval()
     processor = AutoProcessor.from_pretrained(folder)
     processor.vision_aspect_ratio = "anyres_max_2"
@@ -144,8 +104,8 @@ def test_feature_layer_lists_and_onevision_shrinking(tiny):
 
 @pytest.mark.parametrize("rule", ["kept_rows", "all_rows", "none"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_newline_rules_against_the_models_own_packing(tiny, family, rule):
-    _, model, processor = tiny(family)
+def test_newline_rules_against_the_models_own_packing(tiny_vlm, family, rule):
+    _, model, processor = tiny_vlm(family)
     image, prompt = random_image(70, 100, seed=7), chat(processor)
     reference_features = packed(model, processor, image)  # 16 base, then 12 rows of 8 tokens + a newline
     vlm = PyramidVLM(model, processor, allocator="all", newlines=rule)
@@ -178,10 +138,10 @@ def test_newline_rules_against_the_models_own_packing(tiny, family, rule):
     assert (ours.logits - reference).abs().max().item() <= 1e-5
 
 
-def test_a_quarter_budget_on_a_wide_image_keeps_base_and_tiles(tiny):
+def test_a_quarter_budget_on_a_wide_image_keeps_base_and_tiles(tiny_vlm):
     """A large smooth disc (coarse detail) beside a small noisy patch (fine detail): one choice over the
     pyramid takes base-view tokens for the first and tile tokens for the second."""
-    _, model, processor = tiny("llava_next")
+    _, model, processor = tiny_vlm("llava_next")
     image = Image.new("RGB", (130, 60), (200, 200, 200))
     ImageDraw.Draw(image).ellipse((5, 5, 55, 55), fill=(220, 30, 30))
     pixels = np.array(image)
@@ -200,30 +160,6 @@ def test_a_quarter_budget_on_a_wide_image_keeps_base_and_tiles(tiny):
 
 # -- batches --------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_batched_per_sample_budgets_equal_one_by_one(tiny, family):
-    _, model, processor = tiny(family)
-    images = [random_image(70, 100, seed=1), random_image(100, 60, seed=2)]
-    prompts = [chat(processor), chat(processor, "how many circles are there?")]
-    vlm = PyramidVLM(model, processor, allocator="laplacian", levels=2)
-    budgets = (9, 30)
-    recorder = Recorder()
-    batched = vlm.generate(images, prompts, budget=torch.tensor(budgets), max_new_tokens=4,
-                           logits_processor=LogitsProcessorList([recorder]))
-    batched_scores = torch.stack(recorder.scores, dim=1)
-    pad = processor.tokenizer.pad_token_id
-    for b, (image, prompt, budget) in enumerate(zip(images, prompts, budgets, strict=True)):
-        alone_recorder = Recorder()
-        alone = vlm.generate([image], [prompt], budget=budget, max_new_tokens=4,
-                             logits_processor=LogitsProcessorList([alone_recorder]))
-        assert alone.counts.tolist() == batched.counts[b : b + 1].tolist()
-        length = alone.sequences.shape[1]
-        assert batched.sequences[b, :length].tolist() == alone.sequences[0].tolist()
-        assert (batched.sequences[b, length:] == pad).all()
-        alone_scores = torch.stack(alone_recorder.scores, dim=1)
-        assert (batched_scores[b, :length] - alone_scores[0]).abs().max().item() <= 1e-5
-
-
 # -- lazy tiles -----------------------------------------------------------------------------------------------
 
 class TileCounter:
@@ -238,8 +174,8 @@ class TileCounter:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_lazy_tiles_match_the_eager_path_and_encode_fewer_tiles(tiny, family):
-    _, model, processor = tiny(family)
+def test_lazy_tiles_match_the_eager_path_and_encode_fewer_tiles(tiny_vlm, family):
+    _, model, processor = tiny_vlm(family)
     image, prompt = random_image(70, 100, seed=12), chat(processor)  # 3x2 tiles
     eager = PyramidVLM(model, processor, allocator="laplacian", levels=1, budget=6)
     lazy = PyramidVLM(model, processor, allocator="laplacian", levels=1, budget=6, lazy_tiles=True)
@@ -276,8 +212,8 @@ def test_lazy_tiles_match_the_eager_path_and_encode_fewer_tiles(tiny, family):
                        lazy_out.sequences)
 
 
-def test_lazy_feature_allocators_choose_from_the_base_view(tiny):
-    _, model, processor = tiny("llava_next")
+def test_lazy_feature_allocators_choose_from_the_base_view(tiny_vlm):
+    _, model, processor = tiny_vlm("llava_next")
     image = random_image(70, 100, seed=13)
     vlm = PyramidVLM(model, processor, allocator="all", levels=1, lazy_tiles=True)
     tokens = vlm.encode([image]).tokens
@@ -289,8 +225,8 @@ def test_lazy_feature_allocators_choose_from_the_base_view(tiny):
 
 # -- errors ---------------------------------------------------------------------------------------------------
 
-def test_unsupported_options_and_strategies_raise(tiny):
-    folder, model, processor = tiny("llava_next")
+def test_unsupported_options_and_strategies_raise(tiny_vlm):
+    folder, model, processor = tiny_vlm("llava_next")
     with pytest.raises(ValueError, match="newlines"):
         PyramidVLM(model, processor, newlines="sometimes")
     with pytest.raises(ValueError, match="mode"):
@@ -306,7 +242,7 @@ def test_unsupported_options_and_strategies_raise(tiny):
     vars(bogus.config)["vision_feature_select_strategy"] = "cls_patch"  # past the config's own validation
     with pytest.raises(ValueError, match="vision_feature_select_strategy must be one of"):
         PyramidVLM(bogus, processor)
-    folder, _, processor = tiny("llava_onevision")
+    folder, _, processor = tiny_vlm("llava_onevision")
     default = AutoModelForImageTextToText.from_pretrained(folder, vision_feature_select_strategy="default").eval()
     with pytest.raises(ValueError, match="has none"):
         PyramidVLM(default, processor)
@@ -340,10 +276,10 @@ def test_the_ablation_runner_runs_the_family(tmp_path, family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_visionzip_merged_tokens_follow_the_rows_and_keep_the_budget(tiny, family):
+def test_visionzip_merged_tokens_follow_the_rows_and_keep_the_budget(tiny_vlm, family):
     """VisionZip on the tile pyramid: kept + merged tokens make the budget exactly; the prompt holds those and
     the newline rule's newlines, the merged tokens (in the language model's space) after the last row."""
-    _, model, processor = tiny(family)
+    _, model, processor = tiny_vlm(family)
     image, prompt, budget = random_image(70, 100, seed=21), chat(processor), 20
     for rule in ("kept_rows", "all_rows", "none"):
         vlm = PyramidVLM(model, processor, allocator="visionzip", budget=budget, levels=2, newlines=rule)

@@ -1,6 +1,7 @@
 """MAE pretraining: model, objectives, data, a tiny end-to-end run with exact resume, and evaluation."""
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +72,24 @@ def test_mae_hides_exactly_the_ratio_and_only_visible_patches_reach_the_encoder(
         mae(torch.rand(1, 3, 16, 16))
 
 
+def test_the_model_owns_its_loss():
+    mae = tiny_mae()
+    images = torch.rand(2, 3, 32, 32)
+    out = mae(images, generator=torch.Generator().manual_seed(0))
+    expected = Objective()(out.pred, out.mask, images, 8)  # the default: MAE's normalised-pixel MSE
+    assert out.loss.dim() == 0 and torch.equal(out.loss, expected["loss"]) and set(out.losses) == {"loss", "pixel"}
+    out.loss.backward()
+    assert mae.decoder_pred.weight.grad is not None
+    assert mae.encoder.embeddings.patch_embedding.weight.grad.abs().sum() > 0
+    lap = MaskedAutoencoder(mae.encoder, decoder_dim=32, decoder_depth=1, decoder_heads=2,
+                            objective=Objective(pixel=0.5, lap=1.0, norm_pix=False))
+    mixed = lap(images, generator=torch.Generator().manual_seed(0))
+    assert set(mixed.losses) == {"loss", "pixel", "lap"}
+    assert torch.allclose(mixed.loss, 0.5 * mixed.losses["pixel"] + mixed.losses["lap"])
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the loss stays in float32 under autocast
+        assert lap(images, generator=torch.Generator().manual_seed(0)).loss.dtype == torch.float32
+
+
 @pytest.mark.parametrize("loss", [dict(pixel=1.0, lap=0.0, norm_pix=True), dict(pixel=1.0, lap=0.0, norm_pix=False),
                                   dict(pixel=0.0, lap=1.0, norm_pix=False), dict(pixel=1.0, lap=0.5),
                                   dict(pixel=0.0, lap=1.0, norm_pix=False, lap_composite=True,
@@ -126,6 +145,10 @@ def test_data_is_deterministic_per_step_and_rank(tmp_path):
     assert len(folder_pool) == 1 and folder_pool.batch(1, 8, 0, 0)[0, 0].mean() > 0.7
     with pytest.raises(FileNotFoundError):
         ImagePool(samples=[], folders=[tmp_path / "missing"])
+    (tmp_path / "broken.png").write_bytes((tmp_path / "red.png").read_bytes()[:60])  # truncated
+    with pytest.raises(ValueError, match=r"image file '.*broken\.png'"):
+        ImagePool(samples=[], folders=[tmp_path])
+    (tmp_path / "broken.png").unlink()
     with pytest.raises(ValueError, match="empty"):
         ImagePool(samples=[])
 
@@ -179,9 +202,11 @@ def test_cli_and_evaluation(tmp_path, capsys):
     config.write_text(yaml.safe_dump({**TINY, "loss": {"pixel": 0.0, "lap": 1.0, "norm_pix": False}}))
     main(["--config", str(config), "--steps", "2", "--output", str(tmp_path / "run"),
           "--set", "train.log_every=2", "--set", "data.crop_scale=[0.5, 1.0]"])
-    assert "finished" in capsys.readouterr().out
+    assert "pyrtok pretrain: finished 2 steps" in capsys.readouterr().out
     written = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert written["train"]["log_every"] == 2 and written["data"]["crop_scale"] == [0.5, 1.0]
+    logged = [json.loads(line)["step"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert logged == [1, 2]  # the first step is logged at once, then every log_every
     for bad in (["train.steps"], ["train..steps=3"], ["train.log_every=1", "train.log_every.x=2"]):
         with pytest.raises(SystemExit):  # malformed: argparse names --set and exits
             main(["--config", str(config), *[a for item in bad for a in ("--set", item)]])
@@ -238,3 +263,114 @@ def test_every_shipped_pretrain_config_loads_and_builds_its_objective(path):
     config = load_config(path)
     assert Path(config["train"]["output"]).name == path.stem
     Objective(**config["loss"])
+
+
+def test_stop_resume_and_a_changed_config_through_the_command_line(tmp_path, capsys):
+    import yaml
+
+    from pyrtok.cli import main as pyrtok
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({**TINY, "train": {**TINY["train"], "log_every": 3,
+                                                        "output": str(tmp_path / "run")}}))
+    run = ["pretrain", "--config", str(config)]
+    pyrtok([*run, "--stop-after", "2"])
+    out = capsys.readouterr().out
+    assert "finished" not in out and "resuming" not in out
+    assert f"pyrtok pretrain: stopped at step 2 of 4 (resume with: pyrtok pretrain --config {config} " \
+           f"--stop-after 2)" in out
+    # a changed config is refused in one line that names the keys, before anything is touched
+    before = (tmp_path / "run" / "config.yaml").read_text()
+    with pytest.raises(SystemExit) as exit:
+        pyrtok([*run, "--set", "train.lr=0.01", "--steps", "6"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit.value.code == 2 and len(err) == 1 and err[0].startswith("pyrtok pretrain: ")
+    assert "train.steps (4 -> 6)" in err[0] and "train.lr (0.0015 -> 0.01)" in err[0]
+    assert "--allow-config-change" in err[0] and "--no-resume" in err[0]
+    assert (tmp_path / "run" / "config.yaml").read_text() == before
+    assert not list((tmp_path / "run").glob("config.previous-*"))
+    # the same config resumes and says so
+    pyrtok([*run, "--stop-after", "1"])
+    out = capsys.readouterr().out
+    assert "resuming from step 2 of 4" in out and "stopped at step 3 of 4" in out
+    # allowed: it says so and keeps the old config beside the new one
+    pyrtok([*run, "--steps", "6", "--allow-config-change"])
+    out = capsys.readouterr().out
+    assert "resuming from step 3 of 6" in out and "train.steps (4 -> 6)" in out and "config.previous-1.yaml" in out
+    assert "pyrtok pretrain: finished 6 steps" in out
+    assert (tmp_path / "run" / "config.previous-1.yaml").read_text() == before
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["train"]["steps"] == 6
+    logged = [json.loads(line)["step"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert logged == [1, 3, 6]  # step 1, every 3rd, the last
+    # --no-resume starts over, and a differing config.yaml is still never overwritten silently
+    pyrtok([*run, "--no-resume", "--stop-after", "1"])
+    out = capsys.readouterr().out
+    assert "resuming" not in out and "config.previous-2.yaml" in out and "checkpoints.previous-1" in out
+    assert (tmp_path / "run/checkpoints.previous-1/step-0000006").is_dir()  # the old run's, kept apart
+    assert (tmp_path / "run/checkpoints/latest").read_text() == "step-0000001"
+    assert "resume with: pyrtok pretrain --config" in out and "--no-resume" not in out.split("resume with:")[1]
+
+
+def test_config_changes_name_every_differing_key():
+    from pyrtok._training import config_changes
+
+    old = {"seed": 0, "train": {"steps": 4, "restart": [{"steps": 2}]}, "data": {"crop_scale": (0.2, 1.0)}}
+    assert config_changes(old, {"seed": 0, "train": {"steps": 4, "restart": [{"steps": 2}]},
+                                "data": {"crop_scale": [0.2, 1.0]}}) == []
+    assert config_changes(old, {"seed": 1, "train": {"steps": 4, "restart": [{"steps": 3}]}, "data": {},
+                                "extra": 1}) == [
+        "seed (0 -> 1)", 'train.restart ([{"steps": 2}] -> [{"steps": 3}])', "data.crop_scale ([0.2, 1.0] -> (absent))",
+        "extra ((absent) -> 1)"]
+
+
+def test_training_without_photographs_says_so_in_one_line(tmp_path, capsys, monkeypatch):
+    for module in ("skimage", "sklearn", "pywt", "matplotlib"):  # as without the train extra, this test only
+        monkeypatch.setitem(sys.modules, module, None)
+    config = tiny_config(tmp_path)
+    config["data"] = {**config["data"], "samples": "all"}
+    config["train"] = {**config["train"], "steps": 1}
+    train(config, progress=False)
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert warnings == ["pyrtok pretrain: warning: matplotlib, PyWavelets, scikit-image, scikit-learn not "
+                        "installed, so training on shapes scenes only; the photographs come with the train "
+                        'extra: pip install -e ".[train]"']
+    monkeypatch.undo()
+    train({**config, "train": {**config["train"], "output": str(tmp_path / "all")}}, progress=False)
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_reconstruction_images_are_labelled(tmp_path):
+    from PIL import Image
+
+    from pyrtok.viz import labelled_grid
+
+    tiles = [[torch.full((3, 8, 8), 0.5)] * 2] * 3
+    grid = labelled_grid(tiles, ["original", "masked", "reconstruction"], ["pixel", "laplacian"])
+    plain = labelled_grid(tiles, ["", "", ""], ["", ""])
+    pixels = np.asarray(grid.convert("L"))
+    assert grid.size[0] > plain.size[0] and grid.size[1] > plain.size[1]
+    top = grid.size[1] - 3 * 8 - 2 * 4  # where the images start
+    assert pixels[: top - 2].min() < 100  # column labels drawn in black above the images
+    assert pixels[top:, :20].min() < 100  # row labels drawn left of them
+    assert np.asarray(plain.convert("L")).min() > 100  # (without labels: only the grey tiles on white)
+    with pytest.raises(ValueError, match="one label per row"):
+        labelled_grid(tiles, ["a"], ["b", "c"])
+    run = train(tiny_config(tmp_path), progress=False)
+    image = Image.open(run / "images" / "step-0000002.png")
+    # 4 preview crops of 32 px, each in pixels and as its finest Laplacian band, plus the labels
+    assert image.size[0] > 8 * 32 + 7 * 4 and image.size[1] > 3 * 32 + 2 * 4
+
+
+def test_pretrain_eval_without_the_held_out_photographs_names_the_extra(tmp_path, capsys, monkeypatch):
+    import yaml
+
+    from pyrtok.cli import main as pyrtok
+
+    monkeypatch.setitem(sys.modules, "skimage", None)  # as after the main install, in this test only
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(load_config(None)))
+    with pytest.raises(SystemExit) as exit:
+        pyrtok(["pretrain-eval", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit.value.code == 2 and len(err) == 1
+    assert err[0].startswith("pyrtok pretrain-eval: sample 'rocket' needs scikit-image; pip install -e \".[train]\"")

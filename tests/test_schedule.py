@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import Recorder, random_image, recorded
 from PIL import Image
-from transformers import AutoModelForImageTextToText, AutoProcessor, LogitsProcessor, LogitsProcessorList
+from transformers import AutoModelForImageTextToText, AutoProcessor, LogitsProcessorList
 
 from pyrtok.testing import save_tiny_vlm
 from pyrtok.vlm import Prepared, PyramidVLM, create_schedule, resolve_schedule, schedule_label
@@ -47,10 +48,6 @@ def tiny(tmp_path_factory):
     return load
 
 
-def random_image(width: int, height: int, seed: int = 0) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
-
-
 def chat(processor, question: str = QUESTION) -> str:
     content = [{"type": "image"}, {"type": "text", "text": question}]
     return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
@@ -59,19 +56,6 @@ def chat(processor, question: str = QUESTION) -> str:
 def image_of(family: str) -> Image.Image:
     # Qwen: 112x112 px is a 4x4 merged grid (16 image tokens); LLaVA: always 64 tokens
     return random_image(112, 112, seed=5) if family != "llava" else random_image(70, 100, seed=5)
-
-
-class Recorder(LogitsProcessor):
-    def __init__(self) -> None:
-        self.scores: list[torch.Tensor] = []
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        self.scores.append(scores.detach().clone())
-        return scores
-
-
-def recorded(recorder: Recorder) -> torch.Tensor:
-    return torch.stack(recorder.scores, dim=1)
 
 
 def kept_image_columns(out, image_token_id: int) -> set[int]:
@@ -291,31 +275,6 @@ def test_generation_after_pruning_equals_a_no_cache_rerun(tiny, family, spec):
 
 
 # -- 4. batched equals one by one, after a vision-side allocator ------------------------------------------------------
-
-@pytest.mark.parametrize("family, budgets", [("llava", (20, 40)), ("qwen2_5_vl", (6, 11))])
-def test_batched_equals_one_by_one(tiny, family, budgets):
-    model, _, processor = tiny(family)
-    images = [random_image(70, 100, seed=1), random_image(112, 112, seed=2)]
-    prompts = [chat(processor), chat(processor, LONG_QUESTION)]
-    schedule = {"name": "pdrop", "layers": [1, 2], "keep": 0.5}
-    vlm = PyramidVLM(model, processor, allocator="laplacian", levels=2, schedule=schedule)
-    scores = Recorder()
-    batched = vlm.generate(images, prompts, budget=torch.tensor(budgets), max_new_tokens=4,
-                           logits_processor=LogitsProcessorList([scores]))
-    half = [int(np.ceil(b / 2)) for b in budgets]
-    assert batched.stage_counts.tolist() == [[b, h, int(np.ceil(h / 2))] for b, h in zip(budgets, half, strict=True)]
-    pad = processor.tokenizer.pad_token_id
-    for b, (image, prompt, budget) in enumerate(zip(images, prompts, budgets, strict=True)):
-        alone_scores = Recorder()
-        alone = vlm.generate([image], [prompt], budget=budget, max_new_tokens=4,
-                             logits_processor=LogitsProcessorList([alone_scores]))
-        assert alone.stage_counts.tolist() == batched.stage_counts[b : b + 1].tolist()
-        assert torch.equal(alone.layer_tokens[0], batched.layer_tokens[b])
-        length = alone.sequences.shape[1]
-        assert (recorded(scores)[b, :length] - recorded(alone_scores)[0]).abs().max().item() <= 1e-5
-        assert batched.sequences[b, :length].tolist() == alone.sequences[0].tolist()
-        assert (batched.sequences[b, length:] == pad).all()
-
 
 # -- 5. Qwen3-VL DeepStack -----------------------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from pyrtok._help import description
 from pyrtok.data.local import write_split
 from pyrtok.data.shapes_pope import write_pope
 from pyrtok.data.shapes_vqa import FAMILIES, SPLITS, samples
@@ -33,15 +34,19 @@ def write_shapes(root: str | Path, split: str, questions: int, seed: int = 0, pr
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="pyrtok make-shapes", description=__doc__)
-    parser.add_argument("--out", default="data/shapes_vqa")
-    parser.add_argument("--splits", nargs="+", default=["validation", "test"], choices=sorted(SPLITS))
+    parser = argparse.ArgumentParser(prog="pyrtok make-shapes", description=description(__doc__))
+    parser.add_argument("--out", default="data/shapes_vqa", help="folder to write into (default: %(default)s)")
+    parser.add_argument("--splits", nargs="+", default=["validation", "test"], choices=sorted(SPLITS),
+                        help="splits to write (default: validation test; --format pope takes one)")
     parser.add_argument("--questions", type=int, default=1000,
-                        help="questions per split (local: 5 per scene; pope: one per scene)")
-    parser.add_argument("--seed", type=int, default=0)
+                        help="questions per split (local: 5 per scene; pope: one per scene; default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="benchmark seed: the same seed, split and index give the same scene "
+                             "(default: %(default)s)")
     parser.add_argument("--format", choices=["local", "pope"], default="local",
                         help="local: every family as JSONL + PNG; pope: one existence question per scene as "
-                             "parquet plus an lmms-eval task (pope_shapes) that includes lmms-eval's pope.yaml")
+                             "parquet plus an lmms-eval task (pope_shapes) that includes lmms-eval's pope.yaml, "
+                             "which needs the lmms extra and lmms-eval (default: %(default)s)")
     args = parser.parse_args(argv)
     if args.format == "pope" and len(args.splits) != 1:
         parser.error(f"--format pope writes one task (pope_shapes) for one split; got --splits {args.splits}")

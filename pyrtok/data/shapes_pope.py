@@ -21,6 +21,7 @@ import io
 import json
 from pathlib import Path
 
+from pyrtok._extras import missing
 from pyrtok.data.conversations import pope_question
 from pyrtok.data.shapes_vqa import SPLITS, samples
 
@@ -56,9 +57,8 @@ def pope_rows(split: str = "test", questions: int = 500, seed: int = 0) -> list[
 def _pope_yaml() -> Path:
     try:
         import lmms_eval
-    except ImportError as error:
-        raise ImportError("write_pope needs lmms-eval installed (its pope task is what the folder runs); "
-                          "see README for the install line") from error
+    except ImportError as error:  # its pope task is what the folder runs
+        raise missing("lmms_eval", "write_pope") from error
     path = Path(lmms_eval.__file__).parent / "tasks" / "pope" / "pope.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"the installed lmms-eval has no pope task at {path}")
@@ -67,7 +67,10 @@ def _pope_yaml() -> Path:
 
 def write_pope(root: str | Path, split: str = "test", questions: int = 500, seed: int = 0) -> Path:
     """Write ``<root>/<split>.parquet`` and the task ``<root>/pope_shapes.yaml``; returns the YAML's path."""
-    import datasets
+    try:
+        import datasets
+    except ImportError as error:
+        raise missing("datasets", "write_pope") from error
 
     included = _pope_yaml()  # before any work: without lmms-eval the folder could not run
     rows = pope_rows(split, questions, seed)

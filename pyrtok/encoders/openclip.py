@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from pyrtok._extras import missing
 from pyrtok.encoders.towers import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, TowerView, cls_attention
 
 __all__ = ["OpenClipTower", "create_openclip", "find_openclip_visual", "is_openclip"]
@@ -149,6 +150,6 @@ def create_openclip(name: str, pretrained: str | None = None, **kwargs: Any) -> 
     try:
         import open_clip
     except ImportError as error:  # pragma: no cover - depends on the environment
-        raise ImportError("create_openclip needs open_clip_torch: pip install 'pyrtok[openclip]'") from error
+        raise missing("open_clip", "create_openclip") from error
     model = open_clip.create_model(name, pretrained=pretrained, **kwargs)
     return model.eval(), open_clip.get_tokenizer(name)

@@ -14,11 +14,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor
 
 from pyrtok._training import step_generator
-from pyrtok.images import image_tensor
+from pyrtok.images import image_tensor, open_image
 from pyrtok.samples import available_samples, sample_image
 
 __all__ = ["HELD_OUT_SAMPLES", "ImagePool", "random_resized_crop", "step_generator"]
@@ -75,7 +74,7 @@ def _scene(seed: int, index: int) -> Tensor:
 
 
 def _load(path: Path) -> Tensor:
-    return image_tensor(Image.open(path))
+    return image_tensor(open_image(path))  # an unreadable file is named in the error
 
 
 class ImagePool:

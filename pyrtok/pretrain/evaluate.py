@@ -22,6 +22,7 @@ import torch.nn.functional as F
 import yaml
 from torch import Tensor
 
+from pyrtok._help import description
 from pyrtok.losses import laplacian_band_errors
 from pyrtok.pretrain.data import HELD_OUT_SAMPLES, ImagePool, step_generator
 from pyrtok.pretrain.objectives import composite, mask_image
@@ -103,10 +104,13 @@ def markdown(rows: list[dict[str, float]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="pyrtok pretrain-eval", description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", help="output folders of pyrtok pretrain runs")
-    parser.add_argument("--images", type=int, default=64, help="number of held-out crops")
-    parser.add_argument("--levels", type=int, default=4)
+    parser = argparse.ArgumentParser(prog="pyrtok pretrain-eval", description=description(__doc__))
+    parser.add_argument("runs", nargs="+", metavar="RUN", help="output folders of pyrtok pretrain runs")
+    parser.add_argument("--images", type=int, default=64,
+                        help="number of held-out crops (the held-out photographs come with the train extra; "
+                             "default: %(default)s)")
+    parser.add_argument("--levels", type=int, default=4,
+                        help="Laplacian levels whose band errors are reported (default: %(default)s)")
     parser.add_argument("--out", help="also write the table (Markdown) and rows (JSON) next to this path")
     args = parser.parse_args(argv)
     sizes = {yaml.safe_load((Path(r) / "config.yaml").read_text())["model"]["image_size"] for r in args.runs}

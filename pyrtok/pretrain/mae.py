@@ -4,31 +4,22 @@ The encoder is an ordinary ``CLIPVisionModel``: after pretraining, its ``state_d
 into the vision tower of a ``LlavaForConditionalGeneration`` with the same vision config. During
 pretraining it sees the [CLS] token and a random subset of the patch tokens (their position embeddings
 included); a light decoder gets the encoded visible tokens back in place, learned mask tokens for the rest,
-fixed 2D sine-cosine positions, and predicts every patch's pixels.
+fixed 2D sine-cosine positions, and predicts every patch's pixels. Like facebookresearch/mae, the model owns
+its loss (an :class:`~pyrtok.pretrain.objectives.Objective`): ``forward`` returns it with the prediction and
+the mask, and a training loop only calls the model and steps.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
-from einops import rearrange
 from torch import Tensor, nn
 
 from pyrtok.encoders.towers import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from pyrtok.pretrain.objectives import Objective, patchify, unpatchify
 
 __all__ = ["MAEOutput", "MaskedAutoencoder", "patchify", "unpatchify"]
-
-
-def patchify(images: Tensor, patch: int) -> Tensor:
-    """(B, C, H, W) -> (B, (H/p)(W/p), p*p*C), patches in raster order, pixels (row, col, channel)."""
-    return rearrange(images, "b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=patch, p2=patch)
-
-
-def unpatchify(patches: Tensor, patch: int, height: int, width: int, channels: int = 3) -> Tensor:
-    """Inverse of :func:`patchify`: (B, P, p*p*C) -> (B, C, H, W)."""
-    return rearrange(patches, "b (h w) (p1 p2 c) -> b c (h p1) (w p2)", h=height // patch, w=width // patch,
-                     p1=patch, p2=patch, c=channels)
 
 
 def sincos_positions(height: int, width: int, dim: int) -> Tensor:
@@ -49,10 +40,19 @@ def sincos_positions(height: int, width: int, dim: int) -> Tensor:
 
 @dataclass
 class MAEOutput:
-    """pred (B, P, p*p*3): predicted pixels of every patch; mask (B, P): True where the patch was hidden."""
+    """What :meth:`MaskedAutoencoder.forward` returns.
 
+    Attributes:
+        loss: () the objective on the hidden patches, what training minimises.
+        pred: (B, P, p*p*3) predicted pixels of every patch (per-patch normalised if the objective's ``norm_pix``).
+        mask: (B, P) bool, True where the patch was hidden.
+        losses: ``loss`` and its parts (``pixel``, ``lap``), () each, for logging.
+    """
+
+    loss: Tensor
     pred: Tensor
     mask: Tensor
+    losses: dict[str, Tensor] = field(default_factory=dict)
 
 
 class MaskedAutoencoder(nn.Module):
@@ -64,6 +64,7 @@ class MaskedAutoencoder(nn.Module):
         mask_ratio: default fraction of patches hidden from the encoder.
         image_mean, image_std: pixel normalisation applied to [0, 1] inputs before the encoder (the VLM
             must use the same; default OpenAI CLIP's).
+        objective: the loss on the hidden patches; default MAE's normalised-pixel MSE (``Objective()``).
     """
 
     def __init__(
@@ -75,6 +76,7 @@ class MaskedAutoencoder(nn.Module):
         mask_ratio: float = 0.75,
         image_mean: tuple[float, float, float] = OPENAI_CLIP_MEAN,
         image_std: tuple[float, float, float] = OPENAI_CLIP_STD,
+        objective: Objective | None = None,
     ) -> None:
         super().__init__()
         if type(encoder).__name__ != "CLIPVisionModel":
@@ -83,6 +85,7 @@ class MaskedAutoencoder(nn.Module):
             raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
         config = encoder.config
         self.encoder = encoder
+        self.objective = objective if objective is not None else Objective()
         self.patch_size = config.patch_size
         self.grid = config.image_size // config.patch_size
         self.mask_ratio = mask_ratio
@@ -112,12 +115,15 @@ class MaskedAutoencoder(nn.Module):
     def forward(
         self, images: Tensor, mask: Tensor | None = None, generator: torch.Generator | None = None
     ) -> MAEOutput:
-        """Reconstruct every patch of (B, 3, H, W) images in [0, 1] from the visible ones.
+        """Reconstruct every patch of (B, 3, H, W) images in [0, 1] from the visible ones, and score it.
 
         Args:
             images: (B, 3, H, W) with H = W = the encoder's image size.
             mask: optional (B, P) bool of hidden patches (same count per sample); random by default.
             generator: random source of the default mask.
+
+        Returns:
+            :class:`MAEOutput`: the loss (the model's objective on the hidden patches), the prediction, the mask.
         """
         batch = images.shape[0]
         size = self.grid * self.patch_size
@@ -141,4 +147,8 @@ class MaskedAutoencoder(nn.Module):
         filled = torch.cat([tokens[:, 1:], self.mask_token.expand(batch, mask.shape[1] - visible_count, -1)], dim=1)
         filled = torch.gather(filled, 1, restore[..., None].expand(-1, -1, filled.shape[-1]))
         decoded = self.decoder(torch.cat([tokens[:, :1], filled], dim=1) + self.decoder_positions)
-        return MAEOutput(self.decoder_pred(self.decoder_norm(decoded))[:, 1:], mask)
+        pred = self.decoder_pred(self.decoder_norm(decoded))[:, 1:]
+        # The loss in float32 whatever the caller's autocast: LapLoss's band-pass differences are small.
+        with torch.autocast(images.device.type, enabled=False):
+            losses = self.objective(pred, mask, images, self.patch_size)
+        return MAEOutput(losses["loss"], pred, mask, losses)

@@ -16,13 +16,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from einops import repeat
+from einops import rearrange, repeat
 from torch import Tensor
 
 from pyrtok.losses import lap_loss
-from pyrtok.pretrain.mae import patchify, unpatchify
 
-__all__ = ["Objective", "predicted_image"]
+__all__ = ["Objective", "composite", "mask_image", "patchify", "predicted_image", "unpatchify"]
+
+
+def patchify(images: Tensor, patch: int) -> Tensor:
+    """(B, C, H, W) -> (B, (H/p)(W/p), p*p*C), patches in raster order, pixels (row, col, channel)."""
+    return rearrange(images, "b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=patch, p2=patch)
+
+
+def unpatchify(patches: Tensor, patch: int, height: int, width: int, channels: int = 3) -> Tensor:
+    """Inverse of :func:`patchify`: (B, P, p*p*C) -> (B, C, H, W)."""
+    return rearrange(patches, "b (h w) (p1 p2 c) -> b c (h p1) (w p2)", h=height // patch, w=width // patch,
+                     p1=patch, p2=patch, c=channels)
 
 
 def _patch_stats(target: Tensor) -> tuple[Tensor, Tensor]:

@@ -7,23 +7,32 @@ draws its own batches, gradients are averaged, and the schedule advances once pe
 ``accelerate launch --multi_gpu --num_processes N -m pyrtok.pretrain.train --config ...``; on CPU
 processes: ``ACCELERATE_USE_CPU=true torchrun --nproc_per_node N -m pyrtok.pretrain.train --config ...``.
 
-Outputs under ``output``: ``log.jsonl`` (one line per logged step), ``checkpoints/step-XXXXXXX`` (written to a
-temporary folder and renamed, with ``checkpoints/latest`` naming the newest), ``images/step-XXXXXXX.png``
-(input | masked | reconstruction rows), and ``encoder/`` (the final CLIP vision tower, ``save_pretrained``).
+Outputs under ``output``: ``config.yaml`` (the run's config; see :mod:`pyrtok._training` for resuming under a
+changed one), ``log.jsonl`` (one line after the first step, every ``log_every`` steps and after the last),
+``checkpoints/step-XXXXXXX`` (written to a temporary folder and renamed, with ``checkpoints/latest`` naming the
+newest), ``images/step-XXXXXXX.png`` (labelled rows original | masked | reconstruction; for each preview crop
+a pixel column and a column of its finest Laplacian band), and ``encoder/`` (the final CLIP vision tower,
+``save_pretrained``).
+
+Without the photographs of the ``train`` extra (:mod:`pyrtok.samples`), ``data.samples: all`` finds none and the
+run says so in one line and trains on the shapes scenes (and ``data.folders``) only.
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from pyrtok import _training
+from pyrtok._help import description
 from pyrtok._training import Run, lr_factor, optimizer_step, step_generator
-from pyrtok.pretrain.data import ImagePool
+from pyrtok.pretrain.data import HELD_OUT_SAMPLES, ImagePool
 from pyrtok.pretrain.mae import MaskedAutoencoder
 from pyrtok.pretrain.objectives import Objective, composite, mask_image
+from pyrtok.samples import available_samples, missing_sample_packages
 
 __all__ = ["build_model", "load_config", "main", "train"]
 
@@ -48,7 +57,8 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
 
 
 def build_model(config: dict[str, Any]) -> MaskedAutoencoder:
-    """A fresh MAE (a HF CLIP vision tower and a light decoder) from ``config['model']``."""
+    """A fresh MAE (a HF CLIP vision tower and a light decoder) from ``config['model']``, its objective from
+    ``config['loss']``."""
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     m = config["model"]
@@ -57,19 +67,44 @@ def build_model(config: dict[str, Any]) -> MaskedAutoencoder:
         num_attention_heads=m["num_heads"], image_size=m["image_size"], patch_size=m["patch_size"],
     ))
     return MaskedAutoencoder(encoder, decoder_dim=m["decoder_dim"], decoder_depth=m["decoder_depth"],
-                             decoder_heads=m["decoder_heads"], mask_ratio=m["mask_ratio"])
+                             decoder_heads=m["decoder_heads"], mask_ratio=m["mask_ratio"],
+                             objective=Objective(**config["loss"]))
 
 
-def _write_png(model: MaskedAutoencoder, images: torch.Tensor, path: Path, objective: Objective, seed: int) -> None:
-    from pyrtok.viz import pyramid_figure, save_png
+ROW_LABELS = ("original", "masked", "reconstruction")
+
+
+def _write_png(model: MaskedAutoencoder, images: torch.Tensor, path: Path, seed: int) -> None:
+    """A labelled grid: rows original | masked | reconstruction (the composite); for each image a column in
+    pixels and one of its finest Laplacian band, where a pyramid loss and the patch seams show."""
+    from pyrtok.pyramid import laplacian_pyramid
+    from pyrtok.viz import band_to_image, labelled_grid, save_png
 
     with torch.no_grad():
         out = model(images, generator=step_generator(seed, 0, 0, stream=2))
         patch = model.patch_size
         weights = mask_image(out.mask, patch, images.shape[-2], images.shape[-1])
         masked = images * (1 - weights) + 0.5 * weights
-        filled = composite(out.pred, out.mask, images, patch, objective.norm_pix)
-    save_png(pyramid_figure([list(images), list(masked), list(filled)]), str(path))
+        filled = composite(out.pred, out.mask, images, patch, model.objective.norm_pix)
+    rows = []
+    for batch in (images, masked, filled):
+        finest = laplacian_pyramid(batch.float().cpu(), 2)[0]
+        rows.append([view for image, band in zip(batch.cpu(), finest, strict=True)
+                     for view in (image, band_to_image(band))])
+    columns = [name for _ in range(images.shape[0]) for name in ("pixel", "laplacian")]
+    save_png(labelled_grid(rows, ROW_LABELS, columns), str(path))
+
+
+def _warn_without_photographs(samples: Any, folders: Any) -> None:
+    """One line when ``samples: all`` finds none or only some of the bundled photographs."""
+    missing, line = missing_sample_packages()
+    if samples != "all" or not missing:
+        return
+    found = len([n for n in available_samples() if n not in HELD_OUT_SAMPLES])
+    own = " and data.folders" if folders else ""
+    what = f"shapes scenes{own} only" if not found else f"{found} photographs, shapes scenes{own}"
+    print(f"pyrtok pretrain: warning: {', '.join(missing)} not installed, so training on {what}; the "
+          f"photographs come with the train extra: {line}", file=sys.stderr, flush=True)
 
 
 def train(
@@ -87,12 +122,13 @@ def train(
     run = Run(config, folders=("images",))
     accelerator = run.accelerator
     model = build_model(config)
-    objective = Objective(**config["loss"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=t["lr"], weight_decay=t["weight_decay"],
                                   betas=(0.9, 0.95))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, t))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, schedule)
     run.resume(resume, schedule, logs=("log.jsonl",))
+    if run.is_main:
+        _warn_without_photographs(d["samples"], d["folders"])
     pool = ImagePool(d["samples"], d["folders"], max_side=d["max_side"], shapes=d["shapes"], seed=config["seed"])
     device, rank = accelerator.device, accelerator.process_index
     preview = pool.batch(4, m["image_size"], config["seed"], step=10**9).to(device)
@@ -102,16 +138,15 @@ def train(
                             scale=tuple(d["crop_scale"]), hflip=d["hflip"]).to(device)
         with accelerator.autocast():
             out = model(images, generator=step_generator(config["seed"], step, rank, stream=1))
-        parts = objective(out.pred, out.mask, images, accelerator.unwrap_model(model).patch_size)
-        optimizer_step(accelerator, model, optimizer, scheduler, parts["loss"], t["grad_clip"])
+        optimizer_step(accelerator, model, optimizer, scheduler, out.loss, t["grad_clip"])
         done = step + 1
-        if done % t["log_every"] == 0 or done == t["steps"]:
-            values = {k: accelerator.gather(v.detach().reshape(1)).mean().item() for k, v in parts.items()}
+        if run.log_due(done, t["log_every"]):
+            values = {k: accelerator.gather(v.detach().reshape(1)).mean().item() for k, v in out.losses.items()}
             bar.set_postfix(loss=f"{values['loss']:.4f}")
             run.log("log.jsonl", {"step": done, "lr": scheduler.get_last_lr()[0], **values})
         if done % t["image_every"] == 0 and run.is_main:
             _write_png(accelerator.unwrap_model(model), preview, run.output / "images" / f"step-{done:07d}.png",
-                       objective, config["seed"])
+                       config["seed"])
         if done % t["checkpoint_every"] == 0 or done == run.end:
             run.checkpoint(done, t["keep_checkpoints"])
     if run.is_main and run.finished:
@@ -121,7 +156,8 @@ def train(
 
 
 def main(argv: list[str] | None = None) -> None:
-    _training.run_cli("pyrtok pretrain", __doc__.split("\n\n")[0], train, load_config, argv)
+    """``pyrtok pretrain`` with ``argv`` (default: the command line)."""
+    _training.run_cli("pyrtok pretrain", description(__doc__), train, load_config, argv)
 
 
 if __name__ == "__main__":

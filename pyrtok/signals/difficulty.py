@@ -174,12 +174,22 @@ def reference_images(count: int = 256, size: int = 224, seed: int = 0) -> Tensor
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="pyrtok fit-difficulty", description="Refit the difficulty reference.")
-    parser.add_argument("--fit-default", action="store_true", help=f"rewrite {REFERENCE_PATH.name}")
-    parser.add_argument("--count", type=int, default=256)
+    parser = argparse.ArgumentParser(
+        prog="pyrtok fit-difficulty",
+        description=f"Refit the difficulty calibration that ships as {REFERENCE_PATH.name} on random crops of the "
+                    f"bundled photographs (all of them: the train extra).")
+    parser.add_argument("--fit-default", action="store_true",
+                        help=f"rewrite the shipped {REFERENCE_PATH.name} (required: the command does nothing else)")
+    parser.add_argument("--count", type=int, default=256,
+                        help="random crops the calibration is fitted on (default: %(default)s)")
     args = parser.parse_args(argv)
     if not args.fit_default:
         parser.error("nothing to do: pass --fit-default")
+    from pyrtok.samples import missing_sample_packages
+
+    missing, line = missing_sample_packages()
+    if missing:  # the shipped reference is fitted on every photograph, so that a refit reproduces it
+        raise ValueError(f"--fit-default needs every bundled photograph; {', '.join(missing)} not installed: {line}")
     raw = torch.cat([raw_difficulty(batch) for batch in reference_images(args.count).split(32)])
     DifficultyCalibrator.fit(raw).save(REFERENCE_PATH)
     print(f"raw difficulty over {args.count} crops: min {raw.min():.4f} median {raw.median():.4f} "

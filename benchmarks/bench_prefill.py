@@ -44,8 +44,9 @@ import torch
 from PIL import Image
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
+from pyrtok.embedded import word_tokenizer
 from pyrtok.testing import save_tiny_vlm
-from pyrtok.vlm import PyramidVLM, resolve_schedule, word_tokenizer
+from pyrtok.vlm import PyramidVLM, resolve_schedule
 from pyrtok.vlm.decode import prefill, scheduled_flops
 from pyrtok.vlm.flops import llm_prefill_flops
 

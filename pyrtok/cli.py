@@ -32,8 +32,8 @@ COMMANDS = {
     "demo": ("pyrtok.demo", "decompose a bundled photograph, reconstruct it, draw the levels"),
     "fit-difficulty": ("pyrtok.signals.difficulty", "refit the shipped difficulty calibration"),
     "make-shapes": ("pyrtok.data.make", "write splits of the procedural shapes VQA benchmark (JSONL + PNG)"),
-    "train-vlm": ("pyrtok.vlm.train", "train a tiny LLaVA on the shapes VQA benchmark with random allocations"),
-    "export-vlm": ("pyrtok.vlm.export", "write a train-vlm checkpoint as a HF model folder"),
+    "train-vlm": ("pyrtok.embedded.train", "train a tiny LLaVA on the shapes VQA benchmark with random allocations"),
+    "export-vlm": ("pyrtok.embedded.export", "write a train-vlm checkpoint as a HF model folder"),
     "pretrain": ("pyrtok.pretrain.train", "MAE pretraining with pixel and/or Laplacian loss (YAML config)"),
     "pretrain-eval": ("pyrtok.pretrain.evaluate", "PSNR, SSIM and per-band errors of pretrained MAEs"),
 }

@@ -210,31 +210,10 @@ _TEMPLATES = {"llava": _VICUNA_TEMPLATE, "llava_next": _VICUNA_TEMPLATE, "llava_
 
 
 def _tokenizer(family: str) -> Any:
-    """A ``PreTrainedTokenizerFast`` with the family's special tokens first, then :data:`_WORDS`, one id each."""
-    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
-    from tokenizers.models import WordLevel
-    from transformers import PreTrainedTokenizerFast
+    """A word-level tokenizer with the family's special tokens and chat template."""
+    from pyrtok.embedded.tokenizer import word_tokenizer
 
-    special = _SPECIAL[family]
-    vocab: dict[str, int] = {}
-    for token in [*special.values(), *_WORDS]:
-        vocab.setdefault(token, len(vocab))
-    core = Tokenizer(WordLevel(vocab, unk_token=special["unk"]))
-    core.normalizer = normalizers.Lowercase()
-    core.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation(), pre_tokenizers.Digits(individual_digits=True),
-    ])
-    if "bos" in special:
-        # Llama prepends <s> to every encoding; Qwen2 tokenizers add nothing.
-        bos = special["bos"]
-        core.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, vocab[bos])])
-    core.add_special_tokens(list(special.values()))
-    named = {f"{key}_token": special[key] for key in ("pad", "unk", "bos", "eos") if key in special}
-    extra = {f"{key}_token": value for key, value in special.items() if key in ("image", "video", "vision_start",
-                                                                                  "vision_end")}
-    return PreTrainedTokenizerFast(tokenizer_object=core, **named, extra_special_tokens=extra, padding_side="left",
-                                   chat_template=_TEMPLATES[family])
+    return word_tokenizer(_WORDS, special=_SPECIAL[family], split_digits=True, chat_template=_TEMPLATES[family])
 
 
 def _id(tokenizer: Any, token: str) -> int:

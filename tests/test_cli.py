@@ -76,10 +76,7 @@ def _parser_of(name, monkeypatch):
 COMMAND_NAMES = [*COMMANDS, "ablate"]
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(name, marks=pytest.mark.xfail(reason="pyrtok/vlm/export.py's description keeps the docstring's "
-                                                      "backticks (use pyrtok._help.description)", strict=False))
-    if name == "export-vlm" else name for name in COMMAND_NAMES])
+@pytest.mark.parametrize("name", COMMAND_NAMES)
 def test_every_option_of_every_command_is_described_in_plain_text(name, monkeypatch):
     import argparse
 

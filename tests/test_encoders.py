@@ -5,8 +5,8 @@ import torch
 from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
 
 from pyrtok import allocators
+from pyrtok.embedded import word_tokenizer
 from pyrtok.encoders import ClipQueryEncoder, MultiScaleEncoder
-from pyrtok.vlm import word_tokenizer
 
 TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=64,
              patch_size=16)

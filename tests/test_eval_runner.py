@@ -20,8 +20,8 @@ from pyrtok.eval.rows import RowWriter, read_rows
 from pyrtok.eval.runner import run
 
 from pyrtok.data.local import write_split
-from pyrtok.vlm.train import build
-from pyrtok.vlm.train import load_config as train_config
+from pyrtok.embedded.train import build
+from pyrtok.embedded.train import load_config as train_config
 
 MODEL = {"image_size": 64, "patch_size": 16, "vision_hidden": 32, "vision_layers": 2, "vision_heads": 2,
          "vision_intermediate": 64, "text_hidden": 32, "text_layers": 1, "text_heads": 2, "text_intermediate": 64,

@@ -242,7 +242,7 @@ def test_viz_outlines_merged_union_boxes():
 
 @pytest.fixture(scope="module")
 def tiny_llava():
-    from pyrtok.vlm import word_tokenizer
+    from pyrtok.embedded import word_tokenizer
 
     torch.manual_seed(0)
     tokenizer = word_tokenizer("user assistant what colour is the square ? :".split())

@@ -18,9 +18,9 @@ from pyrtok.data.conversations import (
     vocabulary,
 )
 from pyrtok.data.shapes_vqa import COLOURS, DIGITS, LETTERS, TARGETS, make_scene, patch_targets, questions_for
+from pyrtok.embedded.tiny import DenseHeads, build
+from pyrtok.embedded.train import evaluate, load_config, num_tokens, train
 from pyrtok.vlm import PyramidVLM
-from pyrtok.vlm.tiny import DenseHeads, build
-from pyrtok.vlm.train import evaluate, load_config, num_tokens, train
 
 MICRO = {
     "model": {"image_size": 64, "patch_size": 16, "vision_hidden": 32, "vision_layers": 2, "vision_heads": 2,
@@ -40,7 +40,7 @@ def micro(tmp_path, name):
 def test_vocabulary_covers_every_answer_and_labels_keep_the_answer():
     words = vocabulary(50)
     assert {"yes", "no", "red", "circle", "7", "k"} <= set(words)
-    from pyrtok.vlm.tokenizer import word_tokenizer
+    from pyrtok.embedded.tokenizer import word_tokenizer
 
     tokenizer = word_tokenizer(words)
     first = {"question": "what colour is the big circle?", "answer": "red"}
@@ -244,8 +244,8 @@ def test_validation_scores_with_the_harness_exact_match_which_keeps_the_old_numb
     from pyrtok.eval.metrics.exact import first_word_match as harness_rule
 
     from pyrtok.data.shapes_vqa import ANSWERS
+    from pyrtok.embedded.tokenizer import word_tokenizer
     from pyrtok.metrics import first_word, first_word_match
-    from pyrtok.vlm.tokenizer import word_tokenizer
 
     assert harness_rule is first_word_match  # one definition
     # train-vlm used to score text.split()[:1] == [answer]; the harness rule also lower-cases and trims
@@ -265,7 +265,7 @@ def test_validation_scores_with_the_harness_exact_match_which_keeps_the_old_numb
 
 def test_training_budgets_round_a_fraction_as_budget_tokens_does():
     from pyrtok.allocators import budget_tokens
-    from pyrtok.vlm.train import _budgets
+    from pyrtok.embedded.train import _budgets
 
     config = load_config()
     n = 261
@@ -339,7 +339,7 @@ def test_frozen_tower_stage_keeps_the_tower_and_skips_the_dense_loss_after_a_coa
 def test_export_writes_a_loadable_model_from_any_checkpoint(tmp_path):
     from safetensors.torch import save_file
 
-    from pyrtok.vlm.export import export_checkpoint
+    from pyrtok.embedded.export import export_checkpoint
 
     config = micro(tmp_path, "run")
     config["train"].update(steps=3, dense_steps=1, checkpoint_every=1, eval_every=100)
@@ -375,8 +375,8 @@ def test_shipped_embedded_configs_load_with_a_valid_schedule(name):
 
 def test_training_mix_is_no_registered_allocator_and_keeps_exact_budgets_whole_levels_and_blobs():
     from pyrtok.allocators import available
+    from pyrtok.embedded.train import MIX, TrainingMix, _check
     from pyrtok.tokens import from_feature_grid
-    from pyrtok.vlm.train import MIX, TrainingMix, _check
 
     fair = load_config(EMBEDDED / "tiny_llava_fair.yaml")
     assert fair["allocation"]["allocators"] == [MIX] and MIX not in available()
@@ -452,8 +452,8 @@ def test_scene_labels_of_a_hand_built_scene_and_the_cls_head_loss():
 def test_cls_focus_measures_attention_mass_on_content_against_its_area():
     from types import SimpleNamespace
 
+    from pyrtok.embedded.tiny import cls_focus
     from pyrtok.tokens import from_feature_grid
-    from pyrtok.vlm.tiny import cls_focus
 
     attention = torch.zeros(2, 4, 4)
     attention[:, 0, 0] = 3.0  # three quarters of the mass on one patch
@@ -470,7 +470,7 @@ def test_cls_focus_measures_attention_mass_on_content_against_its_area():
 
 def test_stock_prompt_words_are_known_and_training_wordings_vary():
     from pyrtok.data.conversations import SHORT_ANSWER, pope_question, reword
-    from pyrtok.vlm.tokenizer import word_tokenizer
+    from pyrtok.embedded.tokenizer import word_tokenizer
 
     tokenizer = word_tokenizer(vocabulary(stock_prompts=True))
     unk = tokenizer.unk_token_id

@@ -4,8 +4,9 @@ import pytest
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
+from pyrtok.embedded import word_tokenizer
 from pyrtok.encoders import MultiScaleEncoder
-from pyrtok.vlm import PyramidVLM, word_tokenizer
+from pyrtok.vlm import PyramidVLM
 
 WORDS = "user assistant what colour is the square circle red green blue ? : . a of shape big small".split()
 PROMPTS = ["USER: <image> what colour is the square? ASSISTANT:", "USER: <image> what shape? ASSISTANT:"]

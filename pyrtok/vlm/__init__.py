@@ -17,8 +17,7 @@ from pyrtok.vlm.schedules import (
     resolve_schedule,
     schedule_label,
 )
-from pyrtok.vlm.tokenizer import word_tokenizer
 
 __all__ = ["FAMILIES", "SCHEDULES", "EncodedBatch", "Prepared", "PyramidVLM", "Schedule", "VLMOutput",
            "available_schedules", "create_schedule", "family_for", "register_schedule", "resolve_schedule",
-           "schedule_label", "supported_architectures", "word_tokenizer"]
+           "schedule_label", "supported_architectures"]

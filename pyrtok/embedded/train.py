@@ -1,7 +1,7 @@
 """``pyrtok train-vlm --config configs/embedded/<name>.yaml``: train a tiny LLaVA on the shapes VQA benchmark.
 
 The model is a HF ``LlavaForConditionalGeneration`` (CLIP vision tower, 2-layer projector, Llama decoder)
-with a word-level tokenizer (:mod:`pyrtok.vlm.tiny`); both are saved with ``save_pretrained`` so that
+with a word-level tokenizer (:mod:`pyrtok.embedded.tiny`); both are saved with ``save_pretrained`` so that
 ``PyramidVLM.from_pretrained`` and plain transformers load the result offline.
 
 Training sees the model exactly as evaluation will: every step encodes a batch of procedural scenes into a
@@ -32,7 +32,7 @@ own ``turns`` (:func:`pyrtok._training.lr_factor`). The steps before a restart a
 config without it, so a finished run can be extended by resuming it under a config with one more restart.
 With ``train.cls_weight`` > 0, stage 1 also trains the tower's [CLS] token (at the feature layer) to predict
 what the scene holds (:func:`pyrtok.data.shapes_vqa.scene_labels`), so that [CLS] attention reads the scene;
-``cls.jsonl`` logs how much of that attention falls on content (:func:`pyrtok.vlm.tiny.cls_focus`) at the end
+``cls.jsonl`` logs how much of that attention falls on content (:func:`pyrtok.embedded.tiny.cls_focus`) at the end
 of stage 1 and at every evaluation. ``train.wording`` gives the probabilities of training wordings of a turn
 (the short-answer suffix of stock lmms-eval tasks, POPE's "in the image" form, unknown words;
 :func:`~pyrtok.data.conversations.reword`), and ``model.stock_prompts`` adds the stock prompts' words to the
@@ -45,7 +45,7 @@ scale of the language model and the projector (LLaVA initialises both from the t
 across the few hundred image tokens, so attention can match image content at any distance.
 
 Batches are a pure function of (seed, step, process): runs resume exactly from the latest checkpoint, and
-the same script runs multi-process (``accelerate launch --multi_gpu --num_processes N -m pyrtok.vlm.train
+the same script runs multi-process (``accelerate launch --multi_gpu --num_processes N -m pyrtok.embedded.train
 --config ...``; on CPU processes ``ACCELERATE_USE_CPU=true torchrun --nproc_per_node N -m ...``). Validation
 scores answers with the harness's first-word exact match (:func:`pyrtok.metrics.first_word_match`), so its
 numbers mean what an ablation table's do. Outputs under ``train.output``: ``log.jsonl``, ``eval.jsonl``
@@ -69,9 +69,9 @@ from pyrtok._training import Run, lr_factor, optimizer_step, restarts, step_gene
 from pyrtok.allocators import Allocator, available, budget_tokens
 from pyrtok.allocators.base import Context
 from pyrtok.data.conversations import PROMPT, WORDING, scene_batch
+from pyrtok.embedded.tiny import Trainee, build, cls_focus
 from pyrtok.metrics import first_word_match
 from pyrtok.tokens import MultiScaleTokens, pyramid_tokens
-from pyrtok.vlm.tiny import Trainee, build, cls_focus
 
 # build: the harness and its tests build the tiny model from a train-vlm config through this module
 __all__ = ["DEFAULTS", "MIX", "TrainingMix", "build", "evaluate", "load_config", "main", "num_tokens", "train"]
@@ -249,7 +249,7 @@ def evaluate(vlm_for: Any, config: dict[str, Any], device: torch.device) -> list
 
 
 def _focus(trainee: Trainee, config: dict[str, Any], device: torch.device) -> dict[str, float]:
-    """:func:`~pyrtok.vlm.tiny.cls_focus` on the first ``train.focus_scenes`` validation scenes, content being
+    """:func:`~pyrtok.embedded.tiny.cls_focus` on the first ``train.focus_scenes`` validation scenes, content being
     the patches the dense targets mark (large objects, the label, the dots)."""
     m = config["model"]
     images, _, targets = scene_batch("validation", 0, config["train"]["focus_scenes"], m["image_size"],
@@ -315,7 +315,7 @@ def train(config: dict[str, Any], resume: bool = True, progress: bool = True, st
             loss = dense + t["cls_weight"] * scene
         optimizer_step(accelerator, model, optimizer, scheduler, loss, t["grad_clip"])
         done = step + 1
-        if done % t["log_every"] == 0 or done == run.end:
+        if run.log_due(done, t["log_every"]) or done == run.end:
             losses = accelerator.gather(torch.stack([dense.detach(), (answer if stage2 else dense).detach(),
                                                      scene.detach()]))
             dense_loss, answer_loss, scene_loss = losses.reshape(-1, 3).mean(0).tolist()

@@ -12,6 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
+from pyrtok._help import description
 from pyrtok._training import latest_checkpoint
 
 __all__ = ["export_checkpoint", "main"]
@@ -26,8 +27,8 @@ def export_checkpoint(run: str | Path, out: str | Path, checkpoint: str | Path |
     """
     from safetensors.torch import load_file
 
-    from pyrtok.vlm.tiny import Trainee, build
-    from pyrtok.vlm.train import load_config
+    from pyrtok.embedded.tiny import Trainee, build
+    from pyrtok.embedded.train import load_config
 
     run = Path(run)
     config = load_config(run / "config.yaml")
@@ -51,7 +52,7 @@ def export_checkpoint(run: str | Path, out: str | Path, checkpoint: str | Path |
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="pyrtok export-vlm", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="pyrtok export-vlm", description=description(__doc__))
     parser.add_argument("--run", required=True, help="a train-vlm output folder")
     parser.add_argument("--out", required=True, help="where to write the model folder")
     parser.add_argument("--checkpoint", help="a checkpoint folder (default: the run's latest)")

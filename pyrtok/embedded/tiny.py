@@ -21,8 +21,8 @@ from torch import Tensor, nn
 from pyrtok.allocators import Allocator
 from pyrtok.data.conversations import answer_labels, conversation, vocabulary
 from pyrtok.data.shapes_vqa import SCENE_LABELS, TARGETS
+from pyrtok.embedded.tokenizer import word_tokenizer
 from pyrtok.vlm.adapter import PyramidVLM
-from pyrtok.vlm.tokenizer import word_tokenizer
 
 __all__ = ["DenseHeads", "Trainee", "build", "cls_focus"]
 

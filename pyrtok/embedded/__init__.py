@@ -1,0 +1,12 @@
+"""The embedded default model and everything that trains it (inference lives in :mod:`pyrtok.vlm`).
+
+- :mod:`pyrtok.embedded.tokenizer`: the word-level tokenizer built offline from a word list (also used by
+  :mod:`pyrtok.testing`'s tiny models of every family);
+- :mod:`pyrtok.embedded.tiny`: the tiny LLaVA's construction, its dense heads, and the two as one module;
+- :mod:`pyrtok.embedded.train`: ``pyrtok train-vlm``, staged training on the shapes VQA benchmark;
+- :mod:`pyrtok.embedded.export`: ``pyrtok export-vlm``, a checkpoint as a HF model folder.
+"""
+
+from pyrtok.embedded.tokenizer import word_tokenizer
+
+__all__ = ["word_tokenizer"]

@@ -2,7 +2,8 @@
 
 One table row per (model, allocator, budget): the headline metric of every task, the average retention
 (each task's metric as a percentage of the same model's full-token metric, averaged over tasks), the mean
-kept tokens, the mean prefill and end-to-end times per sample, and TFLOPs per sample (vision + LLM prefill).
+kept tokens, the mean prefill and end-to-end times per sample, and FLOPs per sample (vision + LLM prefill), each
+printed in the unit its magnitude calls for (:func:`format_flops`: ``875 GFLOPs``, ``1.2 MFLOPs``).
 A row that records a failure instead of an answer (an unreadable image, a failed batch: see
 :func:`pyrtok.eval.rows.failed`) counts as a wrong answer in the headline metric, as it always has; beside it, every
 task also gets its metric over the answered questions only (``<task> answered``), and ``failed`` counts the rows
@@ -26,7 +27,7 @@ from pyrtok.eval.config import COARSE
 from pyrtok.eval.metrics import get_metric
 from pyrtok.eval.rows import failed
 
-__all__ = ["Summary", "summarize", "write_report"]
+__all__ = ["Summary", "flops_unit", "format_flops", "summarize", "write_report"]
 
 Summary = dict[str, Any]
 
@@ -44,6 +45,40 @@ def _mean(rows: Sequence[dict], field: str) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
+def _quantiles(rows: Sequence[dict], field: str, qs: Sequence[float]) -> list[float]:
+    """Quantiles of ``field`` over the rows that ran, as :func:`_mean` picks them; NaNs where none did."""
+    values = [r[field] for r in rows if r.get(field) is not None and not str(r.get("error") or "").startswith("image")]
+    return [float(v) for v in np.quantile(values, qs)] if values else [float("nan")] * len(qs)
+
+
+_FLOP_UNITS = ("FLOPs", "kFLOPs", "MFLOPs", "GFLOPs", "TFLOPs", "PFLOPs", "EFLOPs")
+
+
+def flops_unit(value: float) -> tuple[float, str]:
+    """(scale, unit) for FLOPs of the magnitude of ``value``: the largest unit in which it is at least 1.
+
+    >>> flops_unit(8.75e11)
+    (1000000000.0, 'GFLOPs')
+    """
+    if not np.isfinite(value) or value <= 0:
+        return 1.0, _FLOP_UNITS[0]
+    power = min(max(int(np.floor(np.log10(value) / 3)), 0), len(_FLOP_UNITS) - 1)
+    return 1000.0 ** power, _FLOP_UNITS[power]
+
+
+def format_flops(value: float, digits: int = 3) -> str:
+    """``value`` FLOPs with ``digits`` significant digits in the unit its magnitude calls for; NaN -> ``-``.
+
+    >>> format_flops(8.75e11), format_flops(1.234e6), format_flops(999.96e9)
+    ('875 GFLOPs', '1.23 MFLOPs', '1 TFLOPs')
+    """
+    if value != value:
+        return "-"
+    rounded = float(f"{value:.{digits}g}")  # 999.96e9 rounds to 1e12: its unit is then TFLOPs, not GFLOPs
+    scale, unit = flops_unit(rounded)
+    return f"{rounded / scale:.{digits}g} {unit}"
+
+
 def summarize(rows: Sequence[dict], metrics: dict[str, str]) -> tuple[list[Summary], list[Summary]]:
     """(table, categories) from result rows; ``metrics`` maps each task name to its metric name.
 
@@ -51,8 +86,12 @@ def summarize(rows: Sequence[dict], metrics: dict[str, str]) -> tuple[list[Summa
     ``retention`` (%), ``tokens``, ``effective_tokens`` (image tokens averaged over the decoder layers: below
     ``tokens`` under an in-LLM schedule; NaN where no row recorded it), ``prefill_ms``, ``time_ms``, ``tflops``,
     ``vision_tflops`` (the vision tower's share: lower than the full row's where LLaVA-NeXT's lazy tiles skipped
-    tiles), ``errors`` (rows with an error, empty answers included), ``failed`` (rows without an answer) and
-    ``answered`` = {task: headline value over the rows with an answer} (NaN where every row failed).
+    tiles), ``errors`` (rows with an error, empty answers included), ``failed`` (rows without an answer),
+    ``answered`` = {task: headline value over the rows with an answer} (NaN where every row failed),
+    ``kept`` (the share of the model's visual tokens the rows kept, on average: below ``fraction`` where an
+    allocator keeps fewer tokens than its budget), and
+    ``time_ms_p25``, ``time_ms_median``, ``time_ms_p75``: quartiles of the per-sample time over the cell's rows (each
+    batch is timed once, so these spread over its batches; the plots use them, one timing being too noisy).
     ``categories``: one entry per (model, allocator, budget, task, category) with the headline value.
     """
     rows = [{**r, "allocator": COARSE} if r["allocator"] == "all" and r.get("fraction", 1.0) < 1.0 else r
@@ -76,6 +115,11 @@ def summarize(rows: Sequence[dict], metrics: dict[str, str]) -> tuple[list[Summa
             categories.append({"model": model, "allocator": allocator, "budget": budget, "task": task,
                                "category": category, "value": summary.get(category, summary[metric.main]),
                                "n": len(sub)})
+    # a model with one token count per image runs its full cell at that count (an int budget); the share an
+    # allocator kept is then its tokens over that count, which falls below the cell's fraction where an allocator
+    # keeps fewer tokens than its budget (difficulty). Where each image has its own count, rows carry their own share.
+    counts = {model: budget for (model, allocator, budget) in cells
+              if allocator == "all" and isinstance(budget, int) and not isinstance(budget, bool)}
     table = []
     for (model, _, _), cell in sorted(cells.items(), key=lambda kv: (kv[0][0], -kv[0][2], kv[0][1])):
         group = cell.pop("rows")
@@ -86,6 +130,9 @@ def summarize(rows: Sequence[dict], metrics: dict[str, str]) -> tuple[list[Summa
                     tflops=_mean(group, "tflops"), vision_tflops=_mean(group, "vision_tflops"),
                     errors=sum(1 for r in group if r.get("error")), failed=sum(1 for r in group if failed(r)),
                     fraction=_mean(group, "fraction"))
+        cell["kept"] = cell["tokens"] / counts[model] if model in counts else cell["fraction"]
+        quartiles = _quantiles(group, "time_s", (0.25, 0.5, 0.75))
+        cell.update({f"time_ms_{name}": 1e3 * q for name, q in zip(("p25", "median", "p75"), quartiles, strict=True)})
         table.append(cell)
     return table, categories
 
@@ -99,15 +146,15 @@ def _markdown(table: list[Summary], categories: list[Summary], tasks: list[str])
     failures = sum(row["failed"] for row in table)
     answered = [f"{t} answered" for t in tasks] if failures else []
     head = ["model", "allocator", "tokens", "effective tokens", *tasks, *answered, "retention %", "prefill ms",
-            "time ms", "TFLOPs", "vision TFLOPs", "errors", *(["failed"] if failures else [])]
+            "time ms", "FLOPs", "vision FLOPs", "errors", *(["failed"] if failures else [])]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in table:
         cells = [row["model"], row["allocator"], f"{row['budget']} ({100 * row['fraction']:.0f}%)",
                  _fmt(row["effective_tokens"]),
                  *(_fmt(row["tasks"].get(t, float("nan"))) for t in tasks),
                  *(_fmt(row["answered"].get(t, float("nan"))) for t in (tasks if failures else [])),
-                 _fmt(row["retention"]), _fmt(row["prefill_ms"], 2), _fmt(row["time_ms"], 2), f"{row['tflops']:.3g}",
-                 "-" if row["vision_tflops"] != row["vision_tflops"] else f"{row['vision_tflops']:.3g}",
+                 _fmt(row["retention"]), _fmt(row["prefill_ms"], 2), _fmt(row["time_ms"], 2),
+                 format_flops(1e12 * row["tflops"]), format_flops(1e12 * row["vision_tflops"]),
                  str(row["errors"]), *([str(row["failed"])] if failures else [])]
         lines.append("| " + " | ".join(cells) + " |")
     if failures:
@@ -142,6 +189,119 @@ def _csv(path: Path, records: list[dict], fields: list[str]) -> None:
     os.replace(tmp, path)
 
 
+# Every series gets its own (colour, marker, linestyle): tab10's colours in turn, a marker from a list whose length
+# (9) is coprime to theirs, and the next linestyle after each round of colours, so no two of the first 90 series
+# share a style (nor, in practice, a look: colour alone repeats only every 10 series, and then on another linestyle).
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<")
+_LINESTYLES = ("-", "--", "-.", ":")
+# the full-token line of each model: black, in one of 20 (linestyle, marker) pairs
+_REFERENCE_STYLES = ("--", ":", "-.", "-")
+_REFERENCE_MARKERS = ("*", "p", "h", "8", "d")
+_LEGEND_ROWS = 16  # entries in one legend column of a 4-inch-high figure
+# (file name, what goes on x); the budget plot is on a log axis of the percentage of tokens kept
+_PLOTS = (("accuracy_vs_budget.png", "budget"), ("accuracy_vs_latency.png", "latency"),
+          ("accuracy_vs_flops.png", "flops"))
+
+
+def _styles(keys: Sequence[tuple]) -> dict[tuple, dict[str, Any]]:
+    """A distinct line style for each (model, allocator) key, in the order given."""
+    import matplotlib
+
+    colours = matplotlib.colormaps["tab10"].colors
+    return {key: {"color": colours[i % len(colours)], "marker": _MARKERS[i % len(_MARKERS)],
+                  "linestyle": _LINESTYLES[(i // len(colours)) % len(_LINESTYLES)]} for i, key in enumerate(keys)}
+
+
+def _percent_label(percent: float) -> str:
+    return f"{percent:.0f}" if percent >= 10 else f"{percent:.2g}"
+
+
+def _budget_ticks(table: list[Summary]) -> tuple[list[float], list[str]]:
+    """Tick positions (% of the visual tokens) at the budgets that were run, and their labels: plain numbers, a
+    label left off where it would crowd the next larger one on the log axis (within ~17%)."""
+    by_budget: dict[tuple, list[float]] = defaultdict(list)
+    for row in table:
+        if row["fraction"] == row["fraction"]:
+            by_budget[(row["model"], row["budget"])].append(100 * row["fraction"])
+    positions = sorted({round(100 * b if isinstance(b, float) and b <= 1 else float(np.median(f)), 1)
+                        for (_, b), f in by_budget.items()}, reverse=True)
+    labels, last = [], None
+    for position in positions:  # from the full budget down: 100 is always labelled
+        crowded = last is not None and np.log10(last / position) < 0.07
+        labels.append("" if crowded else _percent_label(position))
+        last = last if crowded else position
+    return positions[::-1], labels[::-1]
+
+
+def _figure(table: list[Summary], tasks: list[str], x: str) -> Any:
+    """One figure, one panel per task, the headline metric against ``x``: ``"budget"`` (the % of the visual tokens
+    the cell kept, on a log axis ticked at the budgets run), ``"latency"`` (the median time per sample over the
+    cell's rows, a bar across their quartiles) or ``"flops"`` (FLOPs per sample, in the unit their magnitude calls
+    for). The legend sits outside the panels, on the right. Each line joins one allocator's budgets in order; each
+    model's full-token result is a black horizontal line through its own point."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
+
+    if x not in ("budget", "latency", "flops"):
+        raise ValueError(f"x must be 'budget', 'latency' or 'flops', got {x!r}")
+    groups = sorted(_group(table, "model", "allocator").items())
+    models = list(dict.fromkeys(model for (model, _), _ in groups))
+    styles = _styles([key for key, _ in groups if key[1] != "all"])
+    scale, unit = flops_unit(max((r["tflops"] * 1e12 for r in table if r["tflops"] == r["tflops"]), default=1.0))
+
+    def xs(rows: list[Summary]) -> np.ndarray:
+        if x == "budget":
+            return np.array([100 * r["kept"] for r in rows])
+        if x == "latency":
+            return np.array([r["time_ms_median"] for r in rows])
+        return np.array([1e12 * r["tflops"] / scale for r in rows])
+
+    columns = -(-len(groups) // _LEGEND_ROWS)  # the legend's columns: it must not run off the figure's height
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.6 * len(tasks) + 2.4 * columns, 4), squeeze=False,
+                             layout="constrained")
+    for ax, task in zip(axes[0], tasks, strict=True):
+        for (model, allocator), group in groups:
+            rows = sorted((r for r in group if task in r["tasks"]), key=lambda r: -r["fraction"])
+            if not rows:
+                continue
+            name = f"{model}: {allocator}" if len(models) > 1 else allocator
+            ys = np.array([r["tasks"][task] for r in rows])
+            if allocator == "all":  # one point per model: the full-token reference
+                i = models.index(model)
+                style = {"color": "black", "linestyle": _REFERENCE_STYLES[i % len(_REFERENCE_STYLES)]}
+                ax.axhline(ys[0], linewidth=1, **style)
+                ax.plot(xs(rows)[:1], ys[:1], marker=_REFERENCE_MARKERS[i % len(_REFERENCE_MARKERS)], markersize=9,
+                        label=f"{model}: all tokens" if len(models) > 1 else "all tokens", **style)
+                continue
+            style = styles[(model, allocator)]
+            if x == "latency":  # the spread of the cell's timings: its quartiles
+                ax.hlines(ys, [r["time_ms_p25"] for r in rows], [r["time_ms_p75"] for r in rows],
+                          color=style["color"], alpha=0.25, linewidth=2, zorder=1)
+            ax.plot(xs(rows), ys, markersize=5, linewidth=1.3, label=name, **style)
+        ax.set_title(task)
+        ax.set_ylabel("headline metric")
+        ax.grid(alpha=0.3)
+        if x == "budget":
+            ax.set_xscale("log")
+            positions, labels = _budget_ticks(table)
+            ax.set_xticks(positions, labels)
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.grid(False, which="minor")
+            ax.set_xlabel("visual tokens kept (% of all, log scale)")
+        elif x == "latency":
+            ax.set_xlabel("time per sample (ms): median, bar = quartiles")
+        else:
+            ax.set_xlabel(f"FLOPs per sample ({unit}): vision + LLM prefill")
+    handles: dict[str, Any] = {}
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, handle)
+    if handles:
+        fig.legend(list(handles.values()), list(handles), loc="outside right center", fontsize=8, frameon=False,
+                   ncols=columns)
+    return fig
+
+
 def _plots(table: list[Summary], tasks: list[str], output: Path) -> list[Path]:
     import matplotlib
 
@@ -149,26 +309,8 @@ def _plots(table: list[Summary], tasks: list[str], output: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     paths = []
-    for name, x_field, x_label in (("accuracy_vs_budget.png", "tokens", "visual tokens kept"),
-                                   ("accuracy_vs_latency.png", "time_ms", "time per sample (ms)")):
-        fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
-        for ax, task in zip(axes[0], tasks, strict=True):
-            for (model, allocator), group in sorted(_group(table, "model", "allocator").items()):
-                points = sorted((r[x_field], r["tasks"][task]) for r in group if task in r["tasks"])
-                if allocator == "all":  # one point per model: the full-token reference
-                    ax.axhline(points[0][1], color="black", linestyle="--", linewidth=1, label=f"{model}: all tokens")
-                    continue
-                xs, ys = zip(*points, strict=True)
-                ax.plot(xs, ys, marker="o", label=f"{model}: {allocator}" if len({r['model'] for r in table}) > 1
-                        else allocator)
-            ax.set_title(task)
-            ax.set_xlabel(x_label)
-            ax.set_ylabel("headline metric")
-            if x_field == "tokens":
-                ax.set_xscale("log")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
-        fig.tight_layout()
+    for name, x in _PLOTS:
+        fig = _figure(table, tasks, x)
         path = output / name
         fig.savefig(path.with_name(path.name + ".tmp.png"), dpi=110)
         os.replace(path.with_name(path.name + ".tmp.png"), path)
@@ -178,7 +320,8 @@ def _plots(table: list[Summary], tasks: list[str], output: Path) -> list[Path]:
 
 
 def write_report(rows: Sequence[dict], metrics: dict[str, str], output: str | Path) -> dict[str, Path]:
-    """Write ``report.md``, ``table.csv``, ``categories.csv`` and the two plots under ``output``."""
+    """Write ``report.md``, ``table.csv``, ``categories.csv`` and the plots (``accuracy_vs_budget.png``,
+    ``accuracy_vs_latency.png``, ``accuracy_vs_flops.png``) under ``output``."""
     output = Path(output)
     if not rows:
         raise ValueError("rows is empty: there is nothing to report")
@@ -196,5 +339,5 @@ def write_report(rows: Sequence[dict], metrics: dict[str, str], output: str | Pa
                                 *(f"{t}_answered" for t in tasks), "retention", "prefill_ms", "time_ms", "tflops",
                                 "vision_tflops", "errors", "failed"])
     _csv(paths["categories"], categories, ["model", "allocator", "budget", "task", "category", "value", "n"])
-    paths["budget_plot"], paths["latency_plot"] = _plots(table, tasks, output)
+    paths["budget_plot"], paths["latency_plot"], paths["flops_plot"] = _plots(table, tasks, output)
     return paths

@@ -453,7 +453,7 @@ def _run_task(config: AblationConfig, model: LoadedModel, task: TaskSpec, record
     size = config.batch_size
     batches = [records[i : i + size] for i in range(0, len(records), size)]
     mine = list(range(state.process_index, len(batches), state.num_processes))
-    bar = tqdm(total=len(mine) * len(cells), desc=f"{model.spec.name}/{task.name}",
+    bar = tqdm(total=len(mine) * len(cells), unit="cell-batch", desc=f"{model.spec.name}/{task.name}, cells x batches",
                disable=not progress or not state.is_local_main_process)
     base = model.base
     for index in mine:

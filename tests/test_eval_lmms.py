@@ -20,7 +20,7 @@ from lmms_eval.api.instance import GenerationResult, Instance, unwrap_generation
 from lmms_eval.models.registry_v2 import ModelRegistryV2
 from pyrtok.eval.lmms_plugin import DEFAULT_TEMPLATE, MANIFEST, MODEL_NAME, PyrtokLMM
 
-from pyrtok.vlm.train import build, load_config
+from pyrtok.embedded.train import build, load_config
 
 # 64 px images, 16 px patches, 2 levels: 16 + 4 = 20 tokens per image.
 MICRO = {"model": {"image_size": 64, "patch_size": 16, "vision_hidden": 32, "vision_layers": 2, "vision_heads": 2,
@@ -199,6 +199,73 @@ def test_loglikelihood_scores_continuations_from_the_kept_tokens(model_dir, tmp_
     assert logprob <= 0 and fresh.kept_tokens == {}
 
 
+def test_fraction_budgets_keep_what_the_adapter_keeps(model_dir, tmp_path):
+    # Images the encoder keeps at their own size: 20, 45 and 5 tokens; 0.11 of each, rounded up, is 3, 5 and 1.
+    from pyrtok.budget import budget_tokens
+    from pyrtok.vlm import PyramidVLM
+
+    docs = [{"image": _image(i, (side, side)), "question": QUESTION} for i, side in enumerate((64, 96, 32))]
+    log = tmp_path / "tokens.jsonl"
+    lm = PyrtokLMM.create_from_arg_string(f"pretrained={model_dir},allocator=pool,levels=2,device=cpu,budget=0.11,"
+                                          f"batch_size=3,tokens_log={log}")
+    lm.task_dict = {TASK: {SPLIT: docs}}
+    lm.vlm.encoder.image_size = 0
+    answers = lm.generate_until(_requests(docs))
+    adapter = PyramidVLM.from_pretrained(model_dir, allocator="pool", levels=2)
+    adapter.encoder.image_size = 0
+    out = adapter.generate([d["image"] for d in docs], [DEFAULT_TEMPLATE.replace("{context}", d["question"])
+                                                         for d in docs], budget=0.11, max_new_tokens=3)
+    expected = [budget_tokens(0.11, n) for n in (20, 45, 5)]
+    assert expected == [3, 5, 1] and out.counts.tolist() == expected
+    assert [lm.kept_tokens[(TASK, SPLIT, i)] for i in range(3)] == expected
+    assert [r.text for r in answers] == out.texts
+    assert lm.budget == 0.11 and {json.loads(line)["budget"] for line in log.read_text().splitlines()} == {0.11}
+    # The same from the Python API, as a float or as the string lmms-eval would pass.
+    for budget in (0.11, "0.11"):
+        again = _model(model_dir, docs, budget=budget, batch_size=3)
+        again.vlm.encoder.image_size = 0
+        again.generate_until(_requests(docs, {"max_new_tokens": 1}))
+        assert [again.kept_tokens[(TASK, SPLIT, i)] for i in range(3)] == expected
+    assert _model(model_dir, docs, budget="7").budget == 7 and _model(model_dir, docs, budget=1.0).budget == 1.0
+
+
+def test_text_only_requests_go_through_the_core_in_the_same_batch(model_dir):
+    # A sample without an image is an images entry None for PyramidVLM: one batch, one generate call, the
+    # core's left padding, and the answer the core gives on the text-only chat prompt.
+    docs = _docs()
+    lm = _model(model_dir, docs, budget=5, batch_size=4)
+    seen, calls = [], []
+    prepare, generate = lm.vlm.prepare, lm.vlm.model.generate
+    lm.vlm.prepare = lambda images, prompts, *args, **kwargs: seen.append(list(images)) or prepare(
+        images, prompts, *args, **kwargs)
+    lm.vlm.model.generate = lambda *args, **kwargs: calls.append(kwargs["input_ids"].shape) or generate(
+        *args, **kwargs)
+    out = lm.generate_until(_requests(docs))
+    assert len(seen) == 1 and len(calls) == 1
+    assert [image is None for image in seen[0]] == [False, False, False, True]
+    alone = lm.vlm.generate([None], [lm.vlm.chat_prompt(QUESTION, images=0)], max_new_tokens=3)
+    assert out[3].text == alone.texts[0] and lm.kept_tokens[(TASK, SPLIT, 3)] == 0
+    assert out[3].token_counts.input_tokens == int(alone.prompt_lengths[0])
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [("budgte=5", ["'budgte'", "did you mean 'budget'?", "valid: pretrained, allocator, budget"]),
+     ("levles=2", ["'levles'", "did you mean 'levels'?"]),
+     ("zzz=1", ["'zzz'", "valid: pretrained"]),
+     ("budget=2.5", ["budget must be an int token count >= 1 or a fraction in (0, 1], got 2.5"]),
+     ("batch_size=0", ["batch_size must be a positive int"]),
+     ("allocator=nearest", ["allocator must be a registered allocator"]),
+     ("levels", ["key=value"])],
+)
+def test_bad_model_args_end_the_run_in_one_line(model_dir, args, words):
+    with pytest.raises(SystemExit) as error:
+        PyrtokLMM.create_from_arg_string(f"pretrained={model_dir},device=cpu,{args}")
+    message = str(error.value.code)
+    assert message.startswith("pyrtok: ") and "\n" not in message
+    assert all(word in message for word in words), message
+
+
 def test_prompt_templates(model_dir):
     docs = _docs()[:1]
     tiny = _model(model_dir, docs, budget=3, prompt_template="USER: {image} {context} ASSISTANT:")
@@ -219,9 +286,11 @@ def test_prompt_templates(model_dir):
      ({"allocator": ""}, "allocator must be a registered allocator"),
      ({"allocator": "missing.yaml"}, "does not exist"),
      ({"allocator": "query"}, "text-query"),
-     ({"budget": 0}, "budget must be a positive int"),
-     ({"budget": 2.5}, "budget must be a positive int"),
-     ({"budget": "many"}, "budget must be a positive int"),
+     ({"budget": 0}, "budget must be an int token count >= 1 or a fraction in \\(0, 1\\]"),
+     ({"budget": 2.5}, "budget must be an int"),
+     ({"budget": "1.5"}, "budget must be an int"),
+     ({"budget": "many"}, "budget must be an int"),
+     ({"budget": True}, "budget must be an int"),
      ({"batch_size": "auto"}, "batch_size must be a positive int"),
      ({"max_new_tokens": 0}, "max_new_tokens must be a positive int"),
      ({"dtype": "float64"}, "dtype must be one of")],
@@ -261,7 +330,7 @@ def test_model_args_batch_size_wins_over_the_cli_one(model_dir):
     assert PyrtokLMM.create_from_arg_string(common).batch_size == 1
     # Same rule for the device, which lmms-eval passes when --device is given.
     assert PyrtokLMM.create_from_arg_string(common, {"device": "meta"}).device == torch.device("cpu")
-    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+    with pytest.raises(SystemExit, match="batch_size must be a positive int"):
         PyrtokLMM.create_from_arg_string(common, {"batch_size": "auto"})
     with pytest.raises(TypeError, match="additional_config must be a mapping"):
         PyrtokLMM.create_from_arg_string(common, ["batch_size", 2])
@@ -287,7 +356,7 @@ def test_the_plugin_and_the_runner_load_the_same_pixels(model_dir):
     docs = [{"image": image, "question": QUESTION}]
     lm = _model(model_dir, docs)
     size = lm.vlm.model.config.vision_config.image_size
-    ((_, images),) = list(lm._with_images(lm._items(_requests(docs), "generate_until")))
+    ((_, images, _),) = list(lm._batches(lm._items(_requests(docs), "generate_until"), "test"))
     ours, theirs = lm.vlm.pixels(images), lm.vlm.pixels([_load_image({"image": image})])
     assert ours[0].shape == (3, size, size)
     assert torch.equal(ours[0], theirs[0])
@@ -445,7 +514,8 @@ def test_cli_runs_the_embedded_model_by_name(tmp_path):
     env = {**os.environ, **OFFLINE,
            "PYTHONPATH": os.pathsep.join(p for p in (str(site), str(root), os.environ.get("PYTHONPATH")) if p)}
     log = tmp_path / "tokens.jsonl"
-    args = (f"pretrained={embedded_model()},allocator=laplacian,budget=29,levels=3,device=cpu,"
+    # budget 0.11: a fraction of each image's 261 tokens, 29 tokens, as `pyrtok ablate` and the adapter count it
+    args = (f"pretrained={embedded_model()},allocator=laplacian,budget=0.11,levels=3,device=cpu,"
             f"prompt_template=USER: <image> {{context}} ASSISTANT:,tokens_log={log}")
     done = subprocess.run(
         [sys.executable, "-m", "lmms_eval", "--model", MODEL_NAME, "--model_args", args, "--tasks", "pyrtok_yesno",
@@ -459,7 +529,26 @@ def test_cli_runs_the_embedded_model_by_name(tmp_path):
     assert results["config"]["model_args"] == args
     rows = [json.loads(line) for line in log.read_text().splitlines()]
     assert sorted(r["doc_id"] for r in rows) == list(range(10)) and {r["tokens"] for r in rows} == {29}
+    assert {r["budget"] for r in rows} == {0.11}
 
+
+
+def test_cli_ends_with_one_line_and_a_failing_status_on_a_misspelled_argument(model_dir, tmp_path):
+    site = _entry_point_dist(tmp_path / "site")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, **OFFLINE,
+           "PYTHONPATH": os.pathsep.join(p for p in (str(site), str(root), os.environ.get("PYTHONPATH")) if p)}
+    done = subprocess.run(
+        [sys.executable, "-m", "lmms_eval", "--model", MODEL_NAME, "--model_args",
+         f"pretrained={model_dir},budgte=5", "--tasks", "pyrtok_yesno", "--include_path", str(_local_task(tmp_path)),
+         "--output_path", str(tmp_path / "out"), "--verbosity", "WARNING"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode != 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "Traceback" not in done.stdout + done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith(
+        "pyrtok: unknown model argument 'budgte' (did you mean 'budget'?); valid: pretrained, "), done.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_lmms_evals_own_pope_task_gets_answers_from_the_embedded_model(tmp_path, monkeypatch):
@@ -499,15 +588,20 @@ def test_the_plugin_runs_a_qwen_family_model(tmp_path):
 
     folder = save_tiny_vlm("qwen2_vl", tmp_path / "qwen")
     docs = [{"image": _image(0, (70, 100)), "question": "what colour is the shape?"},
-            {"image": _image(1, (100, 60)), "question": "what shape is it?"}]
-    lm = _model(folder, docs, allocator="all", levels=1, batch_size=2)
+            {"image": _image(1, (100, 60)), "question": "what shape is it?"},
+            {"image": None, "question": "what shape is it?"}]  # text only: the chat template without vision markers
+    lm = _model(folder, docs, allocator="all", levels=1, batch_size=3)
     assert "<|vision_start|><|image_pad|><|vision_end|>" in lm.prompt_template and "{context}" in lm.prompt_template
     results = lm.generate_until(_requests(docs))
-    assert [lm.kept_tokens[(TASK, SPLIT, i)] for i in range(2)] == [8, 8]  # each image's whole merged grid
+    assert [lm.kept_tokens[(TASK, SPLIT, i)] for i in range(3)] == [8, 8, 0]  # each image's whole merged grid
     model, processor = AutoModelForImageTextToText.from_pretrained(folder).eval(), AutoProcessor.from_pretrained(folder)
     for doc, result in zip(docs, results, strict=True):
-        prompt = lm.prompt_template.replace("{context}", doc["question"])
-        inputs = processor(images=[doc["image"]], text=[prompt], return_tensors="pt")
+        content = [{"type": "text", "text": doc["question"]}]
+        if doc["image"] is not None:
+            content.insert(0, {"type": "image"})
+        prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        assert (doc["image"] is None) == ("<|vision_start|>" not in prompt)
+        inputs = processor(images=None if doc["image"] is None else [doc["image"]], text=[prompt], return_tensors="pt")
         new = model.generate(**inputs, max_new_tokens=3, do_sample=False)[0, inputs["input_ids"].shape[1]:]
         assert result.text == processor.tokenizer.decode(new, skip_special_tokens=True).strip()
     pruned = _model(folder, docs, allocator="pool", levels=2, budget=3, batch_size=2)

@@ -193,7 +193,7 @@ def test_dart_keeps_the_duplication_rule_set(tiny, family):
     assert kept_image_columns(ours, model.config.image_token_id) == expected
 
 
-# -- 3. generation after a pruned prefill --------------------------------------------------------------------------
+# -- 2. generation after a pruned prefill --------------------------------------------------------------------------
 
 def no_cache_reference(model, inputs: Prepared, layer: int, kept: torch.Tensor, steps: int) -> list[torch.Tensor]:
     """Greedy decoding that reruns, at every step, the whole sequence through the model's own layers without a
@@ -251,9 +251,8 @@ def test_generation_after_pruning_equals_a_no_cache_rerun(tiny, family, spec):
     assert out.layer_tokens[0].tolist() == [total] * spec["layer"] + [int(kept.sum())] * (4 - spec["layer"])
 
 
-# -- 4. batched equals one by one, after a vision-side allocator ------------------------------------------------------
 
-# -- 5. Qwen3-VL DeepStack -----------------------------------------------------------------------------------------
+# -- 3. Qwen3-VL DeepStack -----------------------------------------------------------------------------------------
 
 def test_qwen3_deepstack_keep_everything_is_the_plain_run(tmp_path):
     overrides = {"text_config": {"rope_parameters": dict(ROPE, mrope_interleaved=True)}}
@@ -271,7 +270,7 @@ def test_qwen3_deepstack_keep_everything_is_the_plain_run(tmp_path):
     assert pruned.stage_counts.tolist() == [[6, 3]]
 
 
-# -- 6. specs, validation, FLOPs -----------------------------------------------------------------------------------
+# -- 4. specs, validation, FLOPs -----------------------------------------------------------------------------------
 
 def test_specs_resolve_and_bad_input_is_named(tmp_path):
     path = tmp_path / "pdrop.yaml"
@@ -321,7 +320,7 @@ def test_flops_follow_the_per_layer_counts(tiny):
     assert scheduled_flops(model.config, out.layer_tokens).item() < llm_prefill_flops(text, full)
 
 
-# -- 7. the ablation runner: schedules next to allocators --------------------------------------------------------
+# -- 5. the ablation runner: schedules next to allocators --------------------------------------------------------
 
 def _model_and_local_task(tmp_path, questions: int):
     """A tiny LLaVA (4 decoder layers) saved under ``tmp_path/model`` and a local task of ``questions``

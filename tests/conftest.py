@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import LogitsProcessor
+from transformers import LogitsProcessor, LogitsProcessorList
 
 QUESTION = "what colour is the shape?"
 LONG_QUESTION = "how many small red circles are there in the picture on the left?"
@@ -64,6 +64,26 @@ class Recorder(LogitsProcessor):
     def stacked(self) -> torch.Tensor:
         """(B, steps, V) logits of every decoding step."""
         return torch.stack(self.scores, dim=1)
+
+
+def assert_reproduces(model, processor, vlm, images: list, prompt: str, steps: int = 4) -> None:
+    """``vlm`` on one sample (``images``, ``prompt``) is the unwrapped ``model`` through its own ``processor``:
+    the same input ids, logits within 1e-5, the same greedy tokens with the same per-step logits, and image
+    counts equal to the processor's placeholders."""
+    inputs = processor(images=images, text=[prompt], return_tensors="pt")
+    with torch.no_grad():
+        reference = model(**inputs).logits
+        ours = vlm([images], [prompt])
+    assert torch.equal(ours.input_ids, inputs["input_ids"])
+    assert (ours.logits - reference).abs().max().item() <= 1e-5
+    generated = model.generate(**inputs, max_new_tokens=steps, do_sample=False, output_logits=True,
+                               return_dict_in_generate=True)
+    recorder = Recorder()
+    out = vlm.generate([images], [prompt], max_new_tokens=steps, logits_processor=LogitsProcessorList([recorder]))
+    assert torch.equal(out.sequences, generated.sequences[:, inputs["input_ids"].shape[1]:])
+    ours_steps = recorder.stacked()
+    assert (ours_steps - torch.stack(generated.logits, dim=1)[:, : ours_steps.shape[1]]).abs().max().item() <= 1e-5
+    assert out.counts.tolist() == [int((inputs["input_ids"] == model.config.image_token_id).sum())]
 
 
 def recorded(recorder: Recorder) -> torch.Tensor:

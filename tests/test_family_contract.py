@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import Recorder, chat, random_image
+from conftest import Recorder, assert_reproduces, chat, random_image
 from transformers import LogitsProcessorList
 
 from pyrtok.testing import ARCHITECTURES
@@ -37,28 +37,11 @@ def family(request, tiny_vlm):
     return model, processor
 
 
-def reproduces(model, processor, vlm: PyramidVLM, images: list, prompt: str, steps: int = 4) -> None:
-    inputs = processor(images=images, text=[prompt], return_tensors="pt")
-    with torch.no_grad():
-        reference = model(**inputs).logits
-        ours = vlm([images], [prompt])
-    assert torch.equal(ours.input_ids, inputs["input_ids"])
-    assert (ours.logits - reference).abs().max().item() <= 1e-5
-    generated = model.generate(**inputs, max_new_tokens=steps, do_sample=False, output_logits=True,
-                               return_dict_in_generate=True)
-    recorder = Recorder()
-    out = vlm.generate([images], [prompt], max_new_tokens=steps, logits_processor=LogitsProcessorList([recorder]))
-    assert torch.equal(out.sequences, generated.sequences[:, inputs["input_ids"].shape[1]:])
-    ours_steps = recorder.stacked()
-    assert (ours_steps - torch.stack(generated.logits, dim=1)[:, : ours_steps.shape[1]]).abs().max().item() <= 1e-5
-    assert out.counts.tolist() == [int((inputs["input_ids"] == model.config.image_token_id).sum())]
-
-
 def test_full_budget_is_the_model_through_its_own_processor(family):
     model, processor = family
     vlm = PyramidVLM(model, processor, allocator="all")
-    reproduces(model, processor, vlm, [random_image(*ODD, seed=1)], chat(processor))
-    reproduces(model, processor, vlm, [random_image(*ODD, seed=2), random_image(64, 48, seed=3)],
+    assert_reproduces(model, processor, vlm, [random_image(*ODD, seed=1)], chat(processor))
+    assert_reproduces(model, processor, vlm, [random_image(*ODD, seed=2), random_image(64, 48, seed=3)],
                chat(processor, images=2), steps=2)
 
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import Recorder, chat, random_image
+from conftest import assert_reproduces, chat, random_image
 from PIL import Image, ImageDraw
-from transformers import AutoModelForImageTextToText, AutoProcessor, LogitsProcessorList
+from transformers import AutoModelForImageTextToText, AutoProcessor
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from pyrtok.testing import save_tiny_vlm
@@ -21,23 +21,6 @@ from pyrtok.vlm import PyramidVLM
 
 FAMILIES = ("llava_next", "llava_onevision")
 SIZES = ((70, 100), (100, 60), (130, 60))  # PIL (width, height): 3x2 tiles, 2x3 tiles, 2x3 tiles unpadded
-
-
-def assert_reproduces(model, processor, vlm, images, prompt):
-    inputs = processor(images=images, text=[prompt], return_tensors="pt")
-    with torch.no_grad():
-        reference = model(**inputs).logits
-        ours = vlm([images], [prompt])
-    assert torch.equal(ours.input_ids, inputs["input_ids"])
-    assert (ours.logits - reference).abs().max().item() <= 1e-5
-    generated = model.generate(**inputs, max_new_tokens=4, do_sample=False, output_logits=True,
-                               return_dict_in_generate=True)
-    recorder = Recorder()
-    out = vlm.generate([images], [prompt], max_new_tokens=4, logits_processor=LogitsProcessorList([recorder]))
-    assert torch.equal(out.sequences, generated.sequences[:, inputs["input_ids"].shape[1]:])
-    steps = torch.stack(recorder.scores, dim=1)
-    assert (steps - torch.stack(generated.logits, dim=1)[:, : steps.shape[1]]).abs().max().item() <= 1e-5
-    assert out.counts.tolist() == [int((inputs["input_ids"] == model.config.image_token_id).sum())]
 
 
 def packed(model, processor, image) -> torch.Tensor:
@@ -272,7 +255,7 @@ def test_the_ablation_runner_runs_the_family(tmp_path, family):
     assert all(0.2 <= r["fraction"] <= 0.3 for r in rows if r["budget"] == 0.25)
     assert all(0 < r["vision_tflops"] < r["tflops"] for r in rows)
     report = write_report(rows, {"shapes": "exact"}, tmp_path / "report")
-    assert "vision TFLOPs" in report["report"].read_text()
+    assert "| vision FLOPs |" in report["report"].read_text()
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -20,7 +20,6 @@ import inspect
 import json
 import os
 import re
-import statistics
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +40,7 @@ from pyrtok.budget import budget_tokens
 __all__ = ["DEFAULT_TEMPLATE", "MANIFEST", "MODEL_NAME", "PyrtokLMM"]
 
 MODEL_NAME = "pyrtok"
-DEFAULT_TEMPLATE = "USER: <image>\n{context} ASSISTANT:"
+DEFAULT_TEMPLATE = "USER: <image>\n{context} ASSISTANT:"  # chat_prompt for a model without a chat template
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
@@ -83,13 +82,11 @@ class PyrtokLMM(lmms):
     def __init__(self, pretrained: str, allocator: Any = None, budget: int | float | str | None = None,
                  levels: int | str | None = None, mode: str | None = None, config: str | None = None,
                  prompt_template: str | None = None, device: str | None = None, dtype: str = "auto",
-                 batch_size: int | str = 1, max_batch_size: int | None = None, max_new_tokens: int | str = 128,
-                 tokens_log: str | None = None) -> None:
+                 batch_size: int | str = 1, max_new_tokens: int | str = 128, tokens_log: str | None = None) -> None:
         super().__init__()
         from pyrtok.allocators import resolve, spec_label
         from pyrtok.vlm import PyramidVLM
 
-        del max_batch_size  # only for lmms-eval's batch_size=auto, which this model does not offer
         if not isinstance(pretrained, str) or not pretrained:
             raise ValueError(f"pretrained must be a model folder or hub id, got {pretrained!r}")
         if pretrained == "embedded":
@@ -115,11 +112,12 @@ class PyrtokLMM(lmms):
         self.allocator_name = _no_query(self.vlm.allocator).name  # kept apart from the model (clean() drops it)
         self.levels, self.mode = self.vlm.family.levels, self.vlm.family.mode
         self.tokenizer, self.image_token = self.vlm.tokenizer, self.vlm.image_token
-        self.prompt_template = self._check_template(prompt_template or self.vlm.chat_prompt("{context}"))
+        self.prompt_template = self._check_template(
+            self.vlm.chat_prompt("{context}") if prompt_template is None else prompt_template)
         # The template without its placeholder: for questions holding their own, and text-only ones (unless the
         # model's chat template gives a text-only prompt).
         self._bare = re.sub(re.escape(self.image_token) + r"[ \t]*\n?", "", self.prompt_template, count=1)
-        self._text = self._bare if prompt_template else self.vlm.chat_prompt("{context}", images=0)
+        self._text = self._bare if prompt_template is not None else self.vlm.chat_prompt("{context}", images=0)
         # Cache key: a YAML path, a mapping's options and the config file tell configurations apart.
         spec = (self.allocator_name if allocator is None else dict(allocator) if isinstance(allocator, Mapping)
                 else str(allocator) if isinstance(allocator, (str, Path)) else spec_label(allocator))
@@ -156,7 +154,8 @@ class PyrtokLMM(lmms):
                 close = difflib.get_close_matches(name, valid, n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 raise SystemExit(f"pyrtok: unknown model argument {name!r}{hint}; valid: {', '.join(valid)}")
-        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in args}
+        # lmms-eval's max_batch_size only serves its batch_size=auto, which this model does not offer.
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in args and k in valid}
         try:
             return cls(**args, **extra)
         except (ValueError, TypeError, OSError) as error:
@@ -169,12 +168,11 @@ class PyrtokLMM(lmms):
 
     # -- requests -------------------------------------------------------------------------------------
     def _check_template(self, template: str) -> str:
-        """``template`` checked, its image placeholder written as the tokenizer's image token."""
-        if isinstance(template, str):
-            template = template.replace("\\n", "\n").replace("{image}", self.image_token)
-        if not isinstance(template, str) or template.count("{context}") != 1 or template.count(self.image_token) != 1:
-            raise ValueError(f"prompt_template must hold '{{context}}' once and the image placeholder ('{{image}}' "
-                             f"or {self.image_token!r}) once, got {template!r}")
+        """``template`` checked, a typed ``\\n`` as a newline and ``{image}`` as the image token."""
+        if not isinstance(template, str) or template.count("{context}") != 1:
+            raise ValueError(f"prompt_template must hold '{{context}}' once, got {template!r}")
+        template = template.replace("\\n", "\n").replace("{image}", self.image_token)
+        self.vlm.check_prompt(template, 1, "prompt_template")  # the image placeholder once
         return template
 
     def _image(self, item: _Item) -> Image.Image | None:
@@ -272,7 +270,7 @@ class PyrtokLMM(lmms):
     def summary(self, log: bool = False) -> dict[str, float | int]:
         """``{"samples", "mean", "min", "max"}`` of the kept image tokens recorded so far (logged with ``log``)."""
         values = list(self.kept_tokens.values()) or [0]
-        out = {"samples": len(self.kept_tokens), "mean": statistics.fmean(values), "min": min(values),
+        out = {"samples": len(self.kept_tokens), "mean": sum(values) / len(values), "min": min(values),
                "max": max(values)}
         if log:
             logger.info(f"pyrtok: kept image tokens {out}, allocator={self.allocator_name}, budget={self.budget}")
@@ -288,8 +286,10 @@ class PyrtokLMM(lmms):
             raise ValueError(f"gen_kwargs['until'] must be a string or a list of strings, got {until!r}")
         temperature = float(gen_kwargs.get("temperature") or 0.0)
         options = {"max_new_tokens": _positive_int(gen_kwargs.get("max_new_tokens", self.max_new_tokens),
-                                                   "gen_kwargs['max_new_tokens']"),
-                   "num_beams": int(gen_kwargs.get("num_beams") or 1), "do_sample": temperature > 0}
+                                                   "gen_kwargs['max_new_tokens']"), "do_sample": temperature > 0}
+        beams = int(gen_kwargs.get("num_beams") or 1)
+        if beams > 1:  # only asked for when wanted: an in-LLM schedule decodes greedily and refuses the option
+            options["num_beams"] = beams
         if temperature > 0:  # lmms-eval's convention: temperature 0 means greedy
             top_p = gen_kwargs.get("top_p")
             options.update(temperature=temperature, **({} if top_p is None else {"top_p": float(top_p)}))

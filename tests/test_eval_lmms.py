@@ -602,6 +602,7 @@ def test_the_plugin_runs_a_qwen_family_model(tmp_path):
         prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
         assert (doc["image"] is None) == ("<|vision_start|>" not in prompt)
         inputs = processor(images=None if doc["image"] is None else [doc["image"]], text=[prompt], return_tensors="pt")
+        assert result.token_counts.input_tokens == inputs["input_ids"].shape[1]  # the same prompt, image included
         new = model.generate(**inputs, max_new_tokens=3, do_sample=False)[0, inputs["input_ids"].shape[1]:]
         assert result.text == processor.tokenizer.decode(new, skip_special_tokens=True).strip()
     pruned = _model(folder, docs, allocator="pool", levels=2, budget=3, batch_size=2)

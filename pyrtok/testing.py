@@ -40,6 +40,13 @@ real layout. Per family (test images are given as PIL ``width x height``; "grid"
     from vision block 0 added to the first text layer. Resize to multiples of 32: 70x100 -> 64x96 px,
     grid (1, 6, 4), 6 ``<|image_pad|>`` tokens; 100x60 -> 96x64 px, grid (1, 4, 6), 6 tokens. Prompt:
     ChatML without a default system message.
+``internvl``
+    InternVL: InternViT tower (56 px tiles, patch 7, [CLS]), Qwen2 text, pixel shuffle (downsample 0.5) to 4x4
+    = 16 ``<IMG_CONTEXT>`` tokens a tile. ``GotOcr2ImageProcessor`` (the processor passes
+    ``crop_to_patches=True``) picks the tile grid (cols x rows, 1..6 tiles) closest to the image's aspect ratio
+    and adds a thumbnail only when there is more than one tile: 70x100 -> 2x3 tiles + thumbnail, 100x60 -> 3x2
+    tiles + thumbnail, 112 tokens each; 64x64 -> one tile, 16 tokens. The run is wrapped in ``<img>`` ...
+    ``</img>`` by the processor. Prompt: ChatML without a system message, ``<IMG_CONTEXT>\\n`` per image.
 
 Example:
     >>> import tempfile
@@ -63,7 +70,8 @@ import torch
 
 __all__ = ["ARCHITECTURES", "FAMILIES", "save_tiny_vlm"]
 
-FAMILIES: tuple[str, ...] = ("llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_next", "llava_onevision")
+FAMILIES: tuple[str, ...] = ("llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_next", "llava_onevision",
+                             "internvl")
 
 ARCHITECTURES: dict[str, str] = {
     "LlavaForConditionalGeneration": "llava",
@@ -72,6 +80,7 @@ ARCHITECTURES: dict[str, str] = {
     "Qwen3VLForConditionalGeneration": "qwen3_vl",
     "LlavaNextForConditionalGeneration": "llava_next",
     "LlavaOnevisionForConditionalGeneration": "llava_onevision",
+    "InternVLForConditionalGeneration": "internvl",
 }
 """The tiny build (:func:`save_tiny_vlm`'s ``family``) of each architecture pyrtok runs: the family contract test
 builds one model per registered architecture from here, so a new family needs its tiny build listed too."""
@@ -150,8 +159,16 @@ _QWEN_SPECIAL = {"pad": "<|endoftext|>", "unk": "<unk>", "eos": "<|im_end|>", "i
 _ONEVISION_SPECIAL = {"pad": "<|endoftext|>", "unk": "<unk>", "eos": "<|im_end|>", "im_start": "<|im_start|>",
                       "image": "<image>", "video": "<video>"}
 
+_INTERNVL_SPECIAL = {"pad": "<|endoftext|>", "unk": "<unk>", "eos": "<|im_end|>", "im_start": "<|im_start|>",
+                     "image": "<IMG_CONTEXT>", "image_start": "<img>", "image_end": "</img>", "video": "<video>"}
+
 _SPECIAL = {"llava": _LLAVA_SPECIAL, "llava_next": _LLAVA_SPECIAL, "llava_onevision": _ONEVISION_SPECIAL,
-            "qwen2_vl": _QWEN_SPECIAL, "qwen2_5_vl": _QWEN_SPECIAL, "qwen3_vl": _QWEN_SPECIAL}
+            "qwen2_vl": _QWEN_SPECIAL, "qwen2_5_vl": _QWEN_SPECIAL, "qwen3_vl": _QWEN_SPECIAL,
+            "internvl": _INTERNVL_SPECIAL}
+
+# Tokens the family's processor reads from the tokenizer by name (InternVL's: tokenizer.start_image_token, ...).
+_NAMED = {"internvl": {"context_image_token": "<IMG_CONTEXT>", "start_image_token": "<img>",
+                       "end_image_token": "</img>", "video_token": "<video>"}}
 
 # Chat templates put every literal inside {{ }} so that whitespace control ({%- -%}) never eats a newline.
 # LLaVA-1.5 / LLaVA-NeXT (Vicuna): "USER: <image>\n<text> ASSISTANT:"; images of a turn come before its text.
@@ -204,16 +221,43 @@ def _chatml_template(default_system: str | None) -> str:
     )
 
 
+# InternVL (Qwen2 text): ChatML, each image written as "<IMG_CONTEXT>\n" in place; the processor wraps it in
+# <img> ... </img> and repeats it once per token of every tile and the thumbnail.
+_INTERNVL_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' -%}{{ '<IMG_CONTEXT>\\n' }}"
+    "{%- elif part['type'] == 'video' -%}{{ '<video>\\n' }}"
+    "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{ '<|im_end|>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+)
+
 _TEMPLATES = {"llava": _VICUNA_TEMPLATE, "llava_next": _VICUNA_TEMPLATE, "llava_onevision": _ONEVISION_TEMPLATE,
               "qwen2_vl": _chatml_template("You are a helpful assistant."),
-              "qwen2_5_vl": _chatml_template("You are a helpful assistant."), "qwen3_vl": _chatml_template(None)}
+              "qwen2_5_vl": _chatml_template("You are a helpful assistant."), "qwen3_vl": _chatml_template(None),
+              "internvl": _INTERNVL_TEMPLATE}
 
 
 def _tokenizer(family: str) -> Any:
     """A word-level tokenizer with the family's special tokens and chat template."""
     from pyrtok.embedded.tokenizer import word_tokenizer
 
-    return word_tokenizer(_WORDS, special=_SPECIAL[family], split_digits=True, chat_template=_TEMPLATES[family])
+    tokenizer = word_tokenizer(_WORDS, special=_SPECIAL[family], split_digits=True, chat_template=_TEMPLATES[family])
+    if family not in _NAMED:
+        return tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    # the same vocabulary, with the special tokens that the family's processor reads by name
+    named = {f"{key}_token": getattr(tokenizer, f"{key}_token") for key in ("pad", "unk", "bos", "eos")
+             if getattr(tokenizer, f"{key}_token", None) is not None}
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer, **named,
+                                   extra_special_tokens=_NAMED[family], padding_side="left",
+                                   chat_template=_TEMPLATES[family])
 
 
 def _id(tokenizer: Any, token: str) -> int:
@@ -417,7 +461,38 @@ def _qwen3_vl(tokenizer: Any, text_layers: int, hidden: int, overrides: dict[str
     return model, _qwen_processor(config, tokenizer, Qwen3VLProcessor, Qwen3VLVideoProcessor, norm)
 
 
+def _internvl(tokenizer: Any, text_layers: int, hidden: int, overrides: dict[str, Any]) -> tuple[Any, Any]:
+    from transformers import (
+        GotOcr2ImageProcessor,
+        InternVLConfig,
+        InternVLForConditionalGeneration,
+        InternVLProcessor,
+        InternVLVideoProcessor,
+    )
+
+    width = hidden // 2
+    # 56 px tiles of 7 px patches: an 8x8 patch grid, pixel-shuffled (downsample 0.5) to 4x4 = 16 tokens a tile.
+    vision = _merged({"hidden_size": width, "intermediate_size": 2 * width, "num_hidden_layers": 2,
+                      "num_attention_heads": 2, "image_size": 56, "patch_size": 7}, overrides, "vision_config")
+    text = _merged({"model_type": "qwen2", **_qwen_text(tokenizer, text_layers, hidden)}, overrides, "text_config")
+    config = InternVLConfig(vision_config=vision, text_config=text, image_token_id=_id(tokenizer, "<IMG_CONTEXT>"),
+                            downsample_ratio=0.5, vision_feature_layer=-1, vision_feature_select_strategy="default",
+                            **overrides)
+    model = _finish(InternVLForConditionalGeneration, config)
+    side = config.vision_config.image_size[0]
+    patch = config.vision_config.patch_size[0]
+    square = {"height": side, "width": side}
+    # 1..6 tiles: a 70x100 image takes 2x3 tiles (w x h) and a thumbnail; 64x64 a single tile and no thumbnail.
+    image_processor = GotOcr2ImageProcessor(size=square, crop_to_patches=False, min_patches=1, max_patches=6)
+    video_processor = InternVLVideoProcessor(size=square)
+    seq = int((side // patch) ** 2 * config.downsample_ratio**2)
+    processor = InternVLProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                  video_processor=video_processor, image_seq_length=seq,
+                                  chat_template=tokenizer.chat_template)
+    return model, processor
+
+
 _BUILDERS: dict[str, Callable[[Any, int, int, dict[str, Any]], tuple[Any, Any]]] = {
     "llava": _llava, "llava_next": _llava_next, "llava_onevision": _llava_onevision,
-    "qwen2_vl": _qwen2_vl, "qwen2_5_vl": _qwen2_5_vl, "qwen3_vl": _qwen3_vl,
+    "qwen2_vl": _qwen2_vl, "qwen2_5_vl": _qwen2_5_vl, "qwen3_vl": _qwen3_vl, "internvl": _internvl,
 }

@@ -113,7 +113,7 @@ class PyramidVLM(nn.Module):
         schedule: an in-LLM dropping schedule (any spec :func:`pyrtok.vlm.schedules.resolve_schedule` takes),
             applied after the allocator's choice; None runs every decoder layer on every kept token.
         family_options: options of the family (Qwen: ``coarse_positions``; LLaVA-NeXT: ``newlines``,
-            ``lazy_tiles``).
+            ``lazy_tiles``; InternVL: ``lazy_tiles``).
 
     Example (the embedded model; real ones come the same way from a folder or a hub id)::
 
@@ -311,7 +311,7 @@ class PyramidVLM(nn.Module):
         per_sample_images = [[i for i, o in enumerate(encoded.owner) if o == b] for b in range(encoded.num_samples)]
         image_counts = [[int(features[i].shape[0]) for i in images_of] for images_of in per_sample_images]
         input_ids, attention_mask = prompting.expand(self.tokenizer, self.image_token_id, self.image_token, prompts,
-                                                     image_counts, self.device)
+                                                     image_counts, self.device, self.family.image_run)
         position_ids = self.family.position_ids(input_ids, attention_mask,
                                                 [[positions[i] for i in images_of] for images_of in per_sample_images])
         outputs = None

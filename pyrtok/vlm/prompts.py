@@ -1,13 +1,14 @@
 """Prompts: the model's chat template around a question, and prompts expanded to the kept tokens.
 
 Each image marker of a prompt (``<image>``, ``<|image_pad|>``, ...) stands for one image; :func:`expand`
-tokenises a batch of prompts, repeats marker j of prompt b once per placeholder that image takes (its kept
-tokens, merged tokens and layout tokens), and left-pads the batch.
+tokenises a batch of prompts, replaces marker j of prompt b with that image's run (the marker once per
+placeholder the image takes: its kept tokens, merged tokens and layout tokens, with any text its family writes
+around them), and left-pads the batch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -47,8 +48,9 @@ def check_prompt(tokenizer: Any, marker: int, marker_text: str, prompt: str, ima
 
 
 def expand(tokenizer: Any, marker: int, marker_text: str, prompts: Sequence[str], placeholders: list[list[int]],
-           device: torch.device) -> tuple[Tensor, Tensor]:
-    """Tokenise ``prompts``, expanding image marker j of prompt b to ``placeholders[b][j]`` copies; left-pad.
+           device: torch.device, run: Callable[[int], list[int]] | None = None) -> tuple[Tensor, Tensor]:
+    """Tokenise ``prompts``, expanding image marker j of prompt b to ``run(placeholders[b][j])`` (by default
+    ``placeholders[b][j]`` copies of the marker); left-pad.
 
     Returns:
         input_ids, attention_mask: (B, T).
@@ -64,7 +66,7 @@ def expand(tokenizer: Any, marker: int, marker_text: str, prompts: Sequence[str]
                              f"({len(placeholders[b])}), found {len(at)}: {prompt!r}")
         row, last = [], 0
         for k, count in zip(at, placeholders[b], strict=True):
-            row += ids[last:k] + [marker] * count
+            row += ids[last:k] + (run(count) if run is not None else [marker] * count)
             last = k + 1
         rows.append(row + ids[last:])
     length = max(len(r) for r in rows)

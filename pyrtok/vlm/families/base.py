@@ -9,7 +9,7 @@ VLMs, as hooks the core calls unconditionally (the core holds no branch on the f
 - :meth:`Family.after_selection`: deferred vision work once the kept tokens are known (LLaVA-NeXT's lazy
   tiles); callers time it like encoding (``PyramidVLM.complete``);
 - :meth:`Family.kept_features` and :meth:`Family.encoder_outputs`: how kept and merged tokens reach the
-  language model (``mm_encoder_outputs``);
+  language model (``mm_encoder_outputs``), and :meth:`Family.image_run`: the prompt tokens an image takes;
 - :meth:`Family.image_positions` and :meth:`Family.position_ids`: the positions of the prompt (1-D by
   default; M-RoPE in :mod:`pyrtok.vlm.families.qwen`).
 
@@ -99,6 +99,12 @@ class Family:
     def image_processor(self) -> Any | None:
         """The model's own image processor, or None when only a tokenizer was saved with it."""
         return getattr(self.processor, "image_processor", None)
+
+    def image_run(self, count: int) -> list[int]:
+        """The prompt's token ids for one image of ``count`` placeholders (the image marker ``count`` times by
+        default; families whose processor writes text around them, such as InternVL's ``<img>`` ... ``</img>``,
+        add it here)."""
+        return [self.image_token_id] * count
 
     def image_pixels(self, image: Image.Image | Tensor) -> Tensor:
         """(3, H, W) in [0, 1]: one image as the model sees it (a PIL image through the model's processor)."""

@@ -4,7 +4,10 @@
 - :func:`resolve_budget`: an allocator's budget argument (an int or a (B,) tensor) -> (B,) counts capped at N;
 - :func:`sample_budgets`: a VLM call's budget (an int, a float fraction, a (B,) tensor or None) -> the budget of
   every image of a batch, each image's own or, with ``share``, its share of its sample's budget;
-- :func:`stage_budgets`: an in-LLM stage's ``keep`` fraction of the image tokens present -> (B,) counts.
+- :func:`stage_budgets`: an in-LLM stage's ``keep`` fraction of the image tokens present -> (B,) counts;
+- :func:`schedule_counts`: the image tokens an in-LLM schedule keeps after each stage, by pyrtok's per-stage rounding
+  or by PyramidDrop's own (a truncated share of the tokens that entered);
+- :func:`dart_counts`: DART's pivots and the tokens each pivot keeps, by the authors' formula.
 
 The allocators, the VLM adapter, the in-LLM schedules, training and the ablation runner all count through here.
 """
@@ -13,11 +16,13 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["budget_tokens", "image_shares", "resolve_budget", "sample_budgets", "stage_budgets"]
+__all__ = ["ROUNDINGS", "budget_tokens", "dart_counts", "image_shares", "resolve_budget", "sample_budgets",
+           "schedule_counts", "stage_budgets"]
 
 # A fraction whose product with N lands within this many tokens above an integer k means k tokens: 0.07 of 100
 # is 7 although 0.07 * 100 is 7.000000000000001 in float64 (and 7.00000003 from a float32 0.07).
@@ -166,3 +171,69 @@ def stage_budgets(keep: float, image_counts: Tensor) -> Tensor:
     by :func:`budget_tokens` (at least 1, 0 for a sample without image tokens)."""
     out = [budget_tokens(float(keep), int(n)) if int(n) > 0 else 0 for n in image_counts.tolist()]
     return torch.tensor(out, dtype=torch.long, device=image_counts.device)
+
+
+ROUNDINGS = ("cumulative", "per_stage")
+
+
+def schedule_counts(keeps: Sequence[float], entering: int, rounding: str = "cumulative") -> list[int]:
+    """The image tokens a sample keeps after each stage of an in-LLM schedule: ``[n0, c1, ..., cS]``.
+
+    Args:
+        keeps: (S,) per stage, the fraction in (0, 1] of the image tokens present at that stage.
+        entering: ``n0``, the image tokens entering the language model.
+        rounding: ``"cumulative"`` (PyramidDrop's released code, ``modeling_llama_pdrop.py`` lines 1306-1307):
+            ``c_s = int(n0 * r_s)``, a truncated share of the tokens that *entered*, with ``r_s`` the product of
+            ``keeps[:s]`` rounded to 12 decimals (the authors write their ratio lists as decimal literals,
+            ``[0.5, 0.25, 0.125]``; 0.7 * 0.7 is 0.48999999999999994 in floating point, the literal 0.49), so it can
+            reach 0; ``"per_stage"`` (pyrtok's own rule): ``c_s`` = ``keeps[s]`` of ``c_{s-1}``, rounded up by
+            :func:`budget_tokens` (at least 1 while any is present).
+
+    Example:
+        >>> schedule_counts([0.3, 0.3], 196), schedule_counts([0.3, 0.3], 196, "per_stage")
+        ([196, 58, 17], [196, 59, 18])
+        >>> schedule_counts([0.7, 0.7], 100), schedule_counts([0.5] * 3, 576)
+        ([100, 70, 49], [576, 288, 144, 72])
+    """
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+    if isinstance(entering, bool) or not isinstance(entering, numbers.Integral) or entering < 0:
+        raise ValueError(f"entering must be an int >= 0 (image tokens), got {entering!r}")
+    counts, ratio = [int(entering)], 1.0
+    for keep in keeps:
+        if rounding == "per_stage":
+            counts.append(int(budget_tokens(float(keep), counts[-1])) if counts[-1] > 0 else 0)
+        else:
+            ratio *= float(keep)
+            counts.append(min(counts[-1], int(entering * round(ratio, 12))))
+    return counts
+
+
+def dart_counts(entering: int, pivots: int, text_pivots: int, keep: float | None = None,
+                max_num_trunction: int | None = None, text_found: int | None = None) -> tuple[int, int, int]:
+    """DART's counts as its released code computes them: ``(image pivots, tokens per pivot, tokens kept)``.
+
+    Each of the ``pivots + text_pivots`` pivots keeps ``max_num_trunction // (pivots + text_pivots)`` image tokens
+    (the official LLaVA code); with ``keep`` instead (the llmc port's ``reduction_ratio`` is ``1 - keep``)
+    ``ceil((n0 * keep) // (pivots + text_pivots))``. The kept count is the image pivots plus what the pivots keep,
+    which is not the budget: ``max_num_trunction=128`` with 4 + 4 pivots keeps 4 + 8 x 16 = 132 of 576. Where the
+    released code would fail (fewer image tokens than pivots, fewer text tokens than ``text_pivots``, a pivot
+    asking for more tokens than are left) the counts are capped by what there is. ``text_found``: the text pivots
+    found (default ``text_pivots``).
+
+    Example:
+        >>> dart_counts(576, 4, 4, max_num_trunction=128), dart_counts(576, 4, 4, keep=0.222)
+        ((4, 16, 132), (4, 15, 124))
+        >>> dart_counts(20, 4, 4, max_num_trunction=128)  # the first pivots take every token left
+        (4, 16, 20)
+    """
+    if (keep is None) == (max_num_trunction is None):
+        raise ValueError(f"give one of keep and max_num_trunction, got keep={keep!r}, "
+                         f"max_num_trunction={max_num_trunction!r}")
+    if entering <= 0:
+        return 0, 0, 0
+    total = pivots + text_pivots
+    per = int(max_num_trunction // total) if max_num_trunction is not None else math.ceil((entering * keep) // total)
+    image = min(pivots, entering)
+    found = text_pivots if text_found is None else min(text_found, text_pivots)
+    return image, per, image + min(entering - image, per * (image + found))

@@ -112,13 +112,15 @@ def decoder_from(lm: torch.nn.Module, start: int) -> torch.nn.Module:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_pyramid_drop_later_stages_keep_what_eager_attention_ranks_first(tiny, family):
-    """Every stage of a 3-stage PyramidDrop against the plain eager model run on the sequence as that stage
-    finds it: the stage's layer and those after it, on the columns the earlier stages kept, at their original
-    positions; the last prompt token's attention there (heads averaged) ranks the image tokens still present."""
+    """Every stage of a 3-stage PyramidDrop (pyrtok's ``keep_positions`` variant) against the plain eager model
+    run on the sequence as that stage finds it: the stage's layer and those after it, on the columns the earlier
+    stages kept, at their original positions; the last prompt token's attention there (heads averaged) ranks the
+    image tokens still present. (The released rule, which renumbers positions, is tests/test_published.py's.)"""
     model, eager, processor = tiny(family)
     image, prompt = image_of(family), chat(processor)
     layers, keep = [1, 2, 3], 0.5
-    vlm = PyramidVLM(model, processor, schedule={"name": "pdrop", "layers": layers, "keep": keep})
+    vlm = PyramidVLM(model, processor, schedule={"name": "pdrop", "layers": layers, "keep": keep,
+                                                 "rounding": "per_stage", "positions": "keep"})
     inputs = vlm.prepare([image], [prompt])
     ids, positions = inputs.input_ids[0], inputs.position_ids
     image_token = ids == model.config.image_token_id
@@ -177,7 +179,9 @@ def duplication_reference(hidden: torch.Tensor, normed: torch.Tensor, image_colu
 def test_dart_keeps_the_duplication_rule_set(tiny, family):
     model, _, processor = tiny(family)
     image, prompt = image_of(family), chat(processor)
-    spec = {"name": "dart", "layer": 2, "keep": 0.5, "pivots": 2, "text_pivots": 2}
+    # pyrtok's ``exact`` variant (the released rule is tests/test_published.py's)
+    spec = {"name": "dart", "layer": 2, "keep": 0.5, "pivots": 2, "text_pivots": 2, "pivot_space": "hidden",
+            "exact_budget": True}
     vlm = PyramidVLM(model, processor, schedule=spec)
     inputs = vlm.prepare([image], [prompt])
     with torch.no_grad():
@@ -250,6 +254,65 @@ def test_generation_after_pruning_equals_a_no_cache_rerun(tiny, family, spec):
     total = inputs.input_ids.shape[1]
     assert out.layer_tokens[0].tolist() == [total] * spec["layer"] + [int(kept.sum())] * (4 - spec["layer"])
 
+
+
+def renumbered_reference(model, inputs: Prepared, stages: dict[int, torch.Tensor], steps: int) -> list[torch.Tensor]:
+    """Greedy decoding that reruns, at every step, the whole sequence through the model's own layers without a
+    cache, positioned as PyramidDrop's released code positions it: layers before the first stage on every prompt
+    column at the prompt's own positions (new tokens at the last prompt position + 1 per step); from the layer of
+    each stage in ``stages`` (layer -> bool (T,) of the prompt columns it kept) on, the kept columns and every new
+    token at positions 0 .. T'-1, the same on every M-RoPE axis."""
+    lm = language_model(model)
+    ids, positions = inputs.input_ids, inputs.position_ids
+    image = ids == model.config.image_token_id
+    with torch.no_grad():
+        prompt_embeds = model.get_input_embeddings()(ids)
+        prompt_embeds[image] = torch.cat(list(inputs.mm_encoder_outputs["image"].pooler_output))
+    new: list[int] = []
+    logits_per_step = []
+    for _ in range(steps):
+        embeds = torch.cat([prompt_embeds, model.get_input_embeddings()(torch.tensor([new], dtype=torch.long))], 1)
+        step_positions = torch.cat([positions, positions[..., -1:] + torch.arange(1, len(new) + 1)], dim=-1)
+        current = torch.arange(ids.shape[1])  # the prompt columns the current layer runs on
+        with torch.no_grad():
+            hidden = embeds
+            cos, sin = lm.rotary_emb(hidden, step_positions)
+            for index, decoder in enumerate(lm.layers):
+                if index in stages:
+                    chosen = stages[index][current]
+                    hidden = hidden[:, torch.cat([chosen, torch.ones(len(new), dtype=torch.bool)])]
+                    current = current[chosen]
+                    fresh = torch.arange(hidden.shape[1])[None]
+                    cos, sin = lm.rotary_emb(hidden, fresh.expand(3, 1, -1) if positions.dim() == 3 else fresh)
+                hidden = decoder(hidden, attention_mask=None, position_embeddings=(cos, sin))
+            logits = model.get_output_embeddings()(lm.norm(hidden[:, -1]))
+        logits_per_step.append(logits[0])
+        new.append(int(logits.argmax(-1)))
+    return logits_per_step
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generation_after_renumbering_equals_a_no_cache_rerun(tiny, family):
+    """PyramidDrop (released rule) renumbers positions after each drop; decoding goes on from the per-layer
+    cache with the new token at each layer's own next position."""
+    model, _, processor = tiny(family)
+    image, prompt, steps, layers = image_of(family), chat(processor), 5, [1, 3]
+    spec = {"name": "pdrop", "layers": layers, "keep": 0.5}
+    vlm = PyramidVLM(model, processor, schedule=spec)
+    inputs = vlm.prepare([image], [prompt])
+    stages = {}
+    for s, layer in enumerate(layers):  # a prefix of the schedule keeps what the whole one keeps at that stage
+        with torch.no_grad():
+            out = vlm([image], [prompt], schedule=dict(spec, layers=layers[: s + 1]))
+        stages[layer] = torch.zeros(inputs.input_ids.shape[1], dtype=torch.bool)
+        stages[layer][out.columns[0][out.column_mask[0]]] = True
+    assert int(stages[3].sum()) < int(stages[1].sum()) < inputs.input_ids.shape[1]
+    expected = renumbered_reference(model, inputs, stages, steps)
+    recorder = Recorder()
+    out = vlm.generate([image], [prompt], max_new_tokens=steps, eos_token_id=[],
+                       logits_processor=LogitsProcessorList([recorder]))
+    assert out.sequences[0].tolist() == [int(s.argmax()) for s in expected]
+    assert (recorded(recorder)[0] - torch.stack(expected)).abs().max().item() <= 1e-5
 
 
 # -- 3. Qwen3-VL DeepStack -----------------------------------------------------------------------------------------

@@ -5,12 +5,19 @@ one model instance; no class is patched and nothing is hooked. Every layer runs 
 kernel (sdpa; eager and flash get their own mask forms) on an explicit mask: causal over the column order and
 blind to padding. A batch is left-padded; when a stage drops tokens, each sample keeps its own columns (in
 order) and the batch is re-packed, left-padded to its longest sample, with every kept column's hidden state,
-rotary embedding and position carried along, so kept tokens keep their positions (1-D or M-RoPE).
+rotary embedding and position carried along, so kept tokens keep their positions (1-D or M-RoPE), unless the
+stage renumbers (``Stage.renumber``, PyramidDrop's rule): then each sample that lost a token at that stage gets
+positions 0 .. T'-1 over the columns it kept, the same on every M-RoPE axis (as text), and its rotary embedding
+is recomputed. For 1-D positions that start at 0 (LLaVA) renumbering a sample that lost nothing is the identity,
+so this is PyramidDrop's own rule (``modeling_llama_pdrop.py`` line 1446: ``arange(0, cur_len)`` after every
+drop); PyramidDrop released no M-RoPE code, and renumbering the three axes as text is pyrtok's rule for Qwen.
 
 The KV cache is a ``DynamicCache`` whose layer ``l`` holds only the columns layer ``l`` saw; a per-layer mask
-marks its padding. Greedy decoding continues from it; a new token's position is the last prompt token's
-position + 1 on every axis. Qwen3-VL's DeepStack features are added to the image tokens still present after
-each of the first layers, as the model itself does.
+marks its padding. Greedy decoding continues from it; a new token's position at layer ``l`` is the position
+of the last prompt token as layer ``l`` saw it, + 1, on every axis (with renumbering, the number of prompt
+tokens layer ``l`` ran on: PyramidDrop shifts the decoding position down by the tokens each stage dropped,
+``modeling_llama_pdrop.py`` lines 1259-1268). Qwen3-VL's DeepStack features are added to the image tokens
+still present after each of the first layers, as the model itself does.
 """
 
 from __future__ import annotations
@@ -24,13 +31,11 @@ import torch
 from einops import rearrange, repeat
 from torch import Tensor, nn
 
-from pyrtok.budget import stage_budgets
-
 if TYPE_CHECKING:
     from pyrtok.vlm.schedules import Schedule, Stage
 
-__all__ = ["LayerView", "Prefill", "ScheduledGeneration", "attention_to_last", "language_model", "prefill",
-           "scheduled_flops", "scheduled_generate"]
+__all__ = ["LayerView", "Prefill", "ScheduledGeneration", "attention_to_last", "language_model", "layer_keys",
+           "prefill", "scheduled_flops", "scheduled_generate"]
 
 _KERNELS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
 
@@ -46,6 +51,9 @@ class LayerView:
         valid: (B, T) bool, False on padding.
         image: (B, T) bool, True on image tokens still present.
         final_norm: the language model's final norm module.
+        previous_hidden: (B, T, D) the input of the layer before ``layer`` as that layer ran on these columns (None
+            for layer 0): DART reads that layer's keys.
+        previous_layer: that decoder layer module (None for layer 0).
     """
 
     hidden: Tensor
@@ -55,6 +63,28 @@ class LayerView:
     valid: Tensor
     image: Tensor
     final_norm: nn.Module
+    previous_hidden: Tensor | None = None
+    previous_layer: nn.Module | None = None
+
+
+def _project(layer: nn.Module, hidden: Tensor, cos: Tensor, sin: Tensor, which: str) -> Tensor:
+    """(B, H, T, head_dim) rotated queries (``which="q"``) or keys (``"k"``) of ``layer``'s self-attention for its
+    input ``hidden`` (B, T, D): the layer's own input norm, projection, q/k norm where it has one, and the
+    model's ``apply_rotary_pos_emb`` with ``cos``/``sin`` (B, T, head_dim)."""
+    attention = layer.self_attn
+    x = rearrange(getattr(attention, f"{which}_proj")(layer.input_layernorm(hidden)), "b t (h d) -> b t h d",
+                  d=attention.head_dim)
+    if hasattr(attention, f"{which}_norm"):
+        x = getattr(attention, f"{which}_norm")(x)
+    x = rearrange(x, "b t h d -> b h t d")
+    rotate = sys.modules[type(attention).__module__].apply_rotary_pos_emb
+    return rotate(x, x, cos, sin)[0 if which == "q" else 1]
+
+
+def layer_keys(layer: nn.Module, hidden: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """(B, H_kv, T, head_dim) the keys ``layer``'s self-attention computes from its input ``hidden`` (B, T, D),
+    after the rotary embedding (``cos``, ``sin``: (B, T, head_dim)), as they enter its KV cache."""
+    return _project(layer, hidden, cos, sin, "k")
 
 
 def attention_to_last(view: LayerView) -> Tensor:
@@ -63,16 +93,8 @@ def attention_to_last(view: LayerView) -> Tensor:
     where it has them) and rotary embedding, for that one query row. Padding gets 0.
     """
     attention = view.layer.self_attn
-    x = view.layer.input_layernorm(view.hidden)
-    head_dim = attention.head_dim
-    q = rearrange(attention.q_proj(x[:, -1:]), "b t (h d) -> b t h d", d=head_dim)
-    k = rearrange(attention.k_proj(x), "b t (h d) -> b t h d", d=head_dim)
-    if hasattr(attention, "q_norm"):
-        q, k = attention.q_norm(q), attention.k_norm(k)
-    q, k = rearrange(q, "b t h d -> b h t d"), rearrange(k, "b t h d -> b h t d")
-    rotate = sys.modules[type(attention).__module__].apply_rotary_pos_emb
-    q = rotate(q, q, view.cos[:, -1:], view.sin[:, -1:])[0]
-    k = rotate(k, k, view.cos, view.sin)[1]
+    q = _project(view.layer, view.hidden[:, -1:], view.cos[:, -1:], view.sin[:, -1:], "q")
+    k = layer_keys(view.layer, view.hidden, view.cos, view.sin)
     k = repeat(k, "b h t d -> b (h g) t d", g=q.shape[1] // k.shape[1])
     logits = torch.einsum("bhqd,bhkd->bhqk", q, k)[:, :, 0] * attention.scaling
     logits = logits.masked_fill(~view.valid[:, None], float("-inf"))
@@ -92,7 +114,9 @@ class Prefill:
         layer_tokens: (B, L) tokens (text and image) each decoder layer ran on.
         layer_image_tokens: (B, L) image tokens each decoder layer ran on.
         cache: the per-layer KV cache; ``key_valid[l]`` (B, T_l) marks its padding.
-        next_positions: (B,) or (3, B) the position of the first generated token.
+        next_positions: (B,) or (3, B) the position of the first generated token at the last layer.
+        layer_positions: L tensors like ``next_positions``: the position of the first generated token at each
+            decoder layer (they differ only where a stage renumbered positions).
     """
 
     logits: Tensor
@@ -104,6 +128,7 @@ class Prefill:
     cache: Any
     key_valid: list[Tensor]
     next_positions: Tensor
+    layer_positions: list[Tensor] = field(default_factory=list)
 
     @property
     def effective_image_tokens(self) -> Tensor:
@@ -190,6 +215,24 @@ def _take(tensor: Tensor, index: Tensor, dim: int) -> Tensor:
     return tensor.gather(dim, expanded)
 
 
+def _renumbered(positions: Tensor, valid: Tensor, dropped: Tensor) -> Tensor:
+    """Positions 0 .. T'-1 over each row's valid columns (padding 0), on every axis of (3, B, T') M-RoPE
+    positions, for the rows where ``dropped`` (B,) is True; the other rows keep ``positions``."""
+    fresh = (valid.long().cumsum(-1) - 1).clamp_min(0).to(positions.dtype)
+    if positions.dim() == 3:
+        fresh = repeat(fresh, "b t -> a b t", a=positions.shape[0])
+    return torch.where(dropped[:, None], fresh, positions)
+
+
+def _targets(schedule: Schedule, entering: Tensor) -> Tensor:
+    """(B, S + 1) image tokens each sample keeps after each stage, from the schedule's own counting rule."""
+    rows = [schedule.stage_counts(int(n)) for n in entering.tolist()]
+    if any(len(row) != len(schedule.stages) + 1 for row in rows):
+        raise ValueError(f"{schedule.describe()}: stage_counts must give {len(schedule.stages) + 1} counts "
+                         f"(entering, then one per stage), got {rows[0]}")
+    return torch.tensor(rows, dtype=torch.long, device=entering.device)
+
+
 def _check(lm: nn.Module, schedule: Schedule | None, length: int) -> str:
     config = lm.config
     kernel = getattr(config, "_attn_implementation", None) or "sdpa"
@@ -248,28 +291,39 @@ def prefill(
     positions = position_ids
     columns = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
     stages: list[Stage] = [] if schedule is None else list(schedule.stages)
+    targets = _targets(schedule, image.sum(-1)) if stages else None
     pending: dict[int, Tensor] = {}
     stage_counts = [image.sum(-1)]
-    layer_tokens, layer_image, key_valid = [], [], []
+    layer_tokens, layer_image, key_valid, layer_positions = [], [], [], []
+    next_positions = positions[..., -1] + 1
+    previous: tuple[Tensor | None, nn.Module | None] = (None, None)
     cache = DynamicCache()
     for index, layer in enumerate(lm.layers):
         for s, stage in enumerate(stages):
             if stage.observe == index:
-                view = LayerView(hidden, layer, cos, sin, valid, image, lm.norm)
-                chosen = stage.rule(view, stage_budgets(stage.keep, image.sum(-1)))
-                pending[s] = chosen & image
+                view = LayerView(hidden, layer, cos, sin, valid, image, lm.norm, *previous)
+                pending[s] = stage.rule(view, targets[:, s + 1]) & image
         for s, stage in enumerate(stages):
             if stage.layer == index:
                 keep = valid & (~image | pending.pop(s))
+                dropped = keep.sum(-1) < valid.sum(-1)
                 order, valid = _repack(keep)
                 hidden, cos, sin = _take(hidden, order, 1), _take(cos, order, 1), _take(sin, order, 1)
                 positions = _take(positions, order, positions.dim() - 1)
                 image, columns, ordinal = (_take(image, order, 1) & valid, _take(columns, order, 1),
                                            _take(ordinal, order, 1))
+                if stage.renumber and bool(dropped.any()):
+                    positions = _renumbered(positions, valid, dropped)
+                    fresh_cos, fresh_sin = lm.rotary_emb(hidden, positions)
+                    cos = torch.where(dropped[:, None, None], fresh_cos, cos)
+                    sin = torch.where(dropped[:, None, None], fresh_sin, sin)
+                    next_positions = positions[..., -1] + 1
                 stage_counts.append(image.sum(-1))
         layer_tokens.append(valid.sum(-1))
         layer_image.append(image.sum(-1))
+        layer_positions.append(next_positions)
         key_valid.append(valid)
+        previous = (hidden, layer)
         hidden = layer(hidden, attention_mask=_mask(valid, valid.shape[1], kernel, hidden.dtype),
                        position_embeddings=(cos, sin), cache=cache, use_cache=True)
         if deep is not None and index < len(deep) and bool(image.any()):
@@ -278,7 +332,7 @@ def prefill(
     hidden = lm.norm(hidden[:, -1:] if last_only else hidden)
     logits = model.get_output_embeddings()(hidden)
     return Prefill(logits, columns, valid, torch.stack(stage_counts, -1), torch.stack(layer_tokens, -1),
-                   torch.stack(layer_image, -1), cache, key_valid, positions[..., -1] + 1)
+                   torch.stack(layer_image, -1), cache, key_valid, next_positions, layer_positions)
 
 
 @torch.no_grad()
@@ -317,7 +371,8 @@ def scheduled_generate(
     pad = pad_token_id if pad_token_id is not None else (int(stops[0]) if stops.numel() else 0)
     state = prefill(model, input_ids, attention_mask, position_ids, image_token_id, schedule, mm_encoder_outputs,
                     last_only=True)
-    ids, positions, logits = input_ids, state.next_positions, state.logits[:, -1]
+    ids, logits = input_ids, state.logits[:, -1]
+    starts = state.layer_positions or [state.next_positions] * len(lm.layers)
     unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     new, scores = [], []
     for step in range(max_new_tokens):
@@ -333,14 +388,16 @@ def scheduled_generate(
         if step == max_new_tokens - 1 or not bool(unfinished.any()):
             break
         hidden = model.get_input_embeddings()(token[:, None])
-        cos, sin = lm.rotary_emb(hidden, positions[..., None])
+        start = None
         for index, layer in enumerate(lm.layers):
+            if starts[index] is not start:  # a new rotary embedding only where a stage renumbered positions
+                start = starts[index]
+                cos, sin = lm.rotary_emb(hidden, (start + step)[..., None])
             keys = torch.cat([state.key_valid[index], torch.ones_like(token[:, None], dtype=torch.bool)], dim=1)
             state.key_valid[index] = keys
             hidden = layer(hidden, attention_mask=_mask(keys, 1, kernel, hidden.dtype),
                            position_embeddings=(cos, sin), cache=state.cache, use_cache=True)
         logits = model.get_output_embeddings()(lm.norm(hidden))[:, -1]
-        positions = positions + 1
     sequences = torch.stack(new, dim=1)
     return ScheduledGeneration(sequences, state, torch.stack(scores, dim=1) if output_scores else None)
 

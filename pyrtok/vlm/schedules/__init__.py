@@ -4,17 +4,22 @@ One module per method, each registered in :data:`SCHEDULES`; the loop that runs 
 
 - ``fastv`` (FastV): one stage; the last prompt token's attention inside layer ``layer - 1`` (averaged over
   heads) ranks the image tokens; layers ``layer`` and later see the top ``keep``.
-- ``pdrop`` (PyramidDrop): a stage at each of ``layers``; at each, the last instruction token's attention in
-  that layer ranks the image tokens still present, and that layer already runs on the top ``keep``.
-- ``dart`` (DART, duplication): at layer ``layer``, ``pivots`` image tokens with the largest L1 norm of the
-  layer's input (and ``text_pivots`` instruction tokens after the image) are pivots; each pivot in turn keeps
-  the image tokens least similar (cosine, on the final-norm'd hidden states) to it among those not yet kept,
-  so near-duplicates of what is kept go. Image pivots are kept; the total is exactly the stage's budget.
+- ``pdrop`` (PyramidDrop, as its released code runs): a stage at each of ``layers``; at each, the last
+  instruction token's attention in that layer ranks the image tokens still present, and that layer already runs
+  on the top ``int(n0 * keep**s)`` of the ``n0`` that entered; after each drop positions are renumbered
+  0 .. T'-1. Variant ``keep_positions`` (``rounding="per_stage", positions="keep"``): pyrtok's earlier rule.
+- ``dart`` (DART, as its released code runs): before layer ``layer``, the image and text pivots with the
+  largest L1 norm of layer ``layer - 1``'s keys each keep ``max_num_trunction // pivots`` image tokens least
+  similar (cosine, on the final-norm'd input of layer ``layer``) to them; image pivots are kept, so 128 keeps
+  132. Variant ``exact`` (``pivot_space="hidden", exact_budget=True``): pyrtok's earlier rule, pivots by the
+  hidden states' L1 norm and exactly the budget.
 
-Kept tokens keep their positions. Scores that need attention come from the layer's own norm, q/k projections
-(and q/k norms) and rotary embedding for the one query row needed, so every layer itself runs with sdpa or
-flash attention. Schedules are reachable by name (:func:`create_schedule`), from YAML, or from a mapping with
-``name`` (:func:`resolve_schedule`).
+FastV and DART keep positions; PyramidDrop renumbers them (see :mod:`pyrtok.vlm.decode`). Each schedule says
+how many image tokens each stage keeps (:meth:`Schedule.stage_counts`); stage counts, effective tokens and FLOPs
+are always the counts the run actually kept. Scores that need attention or keys come from the layer's own norm,
+q/k projections (and q/k norms) and rotary embedding for the rows needed, so every layer itself runs with sdpa
+or flash attention. Schedules are reachable by name (:func:`create_schedule`), from YAML, or from a mapping with
+``name`` (:func:`resolve_schedule`); a variant is its options (``Schedule.variants``).
 
 Example:
     >>> create_schedule("pdrop", layers=[8, 16, 24], keep=0.5).describe()
@@ -30,12 +35,13 @@ from typing import Any
 
 from pyrtok.vlm.schedules import dart, fastv, pdrop  # noqa: F401  (registration)
 from pyrtok.vlm.schedules.base import SCHEDULES, Schedule, Stage
-from pyrtok.vlm.schedules.dart import DART, duplication_keep
+from pyrtok.vlm.schedules.dart import DART, duplication_keep, pivot_duplication_keep
 from pyrtok.vlm.schedules.fastv import FastV
 from pyrtok.vlm.schedules.pdrop import PyramidDrop
 
 __all__ = ["DART", "SCHEDULES", "FastV", "PyramidDrop", "Schedule", "Stage", "available_schedules", "create_schedule",
-           "duplication_keep", "register_schedule", "resolve_schedule", "schedule_label"]
+           "duplication_keep", "pivot_duplication_keep", "register_schedule", "resolve_schedule", "schedule_label",
+           "schedule_variants"]
 
 
 def register_schedule(name: str) -> Callable[[type[Schedule]], type[Schedule]]:
@@ -48,12 +54,29 @@ def available_schedules() -> list[str]:
     return SCHEDULES.available()
 
 
+def schedule_variants() -> dict[str, tuple[str, dict[str, Any]]]:
+    """Every registered schedule and its named variants: ``"name"`` or ``"name:variant"`` -> (name, options).
+
+    Example:
+        >>> sorted(schedule_variants())
+        ['dart', 'dart:exact', 'fastv', 'pdrop', 'pdrop:keep_positions']
+    """
+    out: dict[str, tuple[str, dict[str, Any]]] = {}
+    for name in SCHEDULES.available():
+        out[name] = (name, {})
+        for variant, options in SCHEDULES.get(name).variants.items():
+            out[f"{name}:{variant}"] = (name, dict(options))
+    return out
+
+
 def create_schedule(name: str, **config: Any) -> Schedule:
     """Build the schedule registered as ``name`` with keyword ``config``.
 
     Example:
         >>> create_schedule("dart", layer=2, keep=0.25, pivots=8).describe()
         'dart(layer=2, keep=0.25, pivots=8, text_pivots=4)'
+        >>> create_schedule("dart", **SCHEDULES.get("dart").variants["exact"]).describe()
+        "dart(layer=2, max_num_trunction=128, pivots=4, text_pivots=4, pivot_space='hidden', exact_budget=True)"
     """
     return SCHEDULES.create(name, **config)
 

@@ -1,51 +1,194 @@
-"""DART (Wen et al., 2025): keep the image tokens least duplicated by a few pivot tokens."""
+"""DART (Wen et al., 2025): keep the image tokens least duplicated by a few pivot tokens.
+
+What the released code does (the official LLaVA code, ZichenWen1/DART: ``get_retained_image_token`` and the
+decoder loop of its ``DART_K_norm`` model; its llmc port, ModelTC/llmc ``llmc/compression/token_reduction/dart.py``),
+and pyrtok with it:
+
+- the drop happens before layer ``K`` (``pruning_loc``, default 2; llmc lines 172-179);
+- pivots: the ``pivot_image_token`` image tokens and the ``pivot_text_token`` tokens after the image (all of the
+  prompt after the image span) with the largest L1 norm of layer ``K - 1``'s keys, after the rotary embedding,
+  all heads concatenated (llmc lines 61-99 and 196-214; the official code reads the same keys from layer
+  ``K - 1``'s outputs);
+- duplication: cosine similarity of the final norm of layer ``K``'s input (``normlayer(hidden_states)``, llmc
+  line 112; ``self.norm(layer_outputs[0])`` officially); each pivot in turn keeps the ``TOKEN_TOPK`` image tokens
+  least similar to it among those not kept yet (llmc lines 222-235), where ``TOKEN_TOPK`` is
+  ``max_num_trunction // (pivots + text pivots)`` (officially always; llmc lines 189-193 take
+  ``n0 * (1 - reduction_ratio)`` when ``max_num_trunction`` is unset, which is ``keep`` here). The pivots are
+  visited in CPython's iteration order of the set of their sequence indices (the official code iterates a copy
+  of that set, llmc the set); text pivots are dropped at the end (llmc line 237), image pivots kept;
+- counts: image pivots + every pivot's ``TOKEN_TOPK``, not the budget: ``max_num_trunction=128`` (the scripts'
+  ``bash scripts/v1_5/eval/textvqa.sh 0.778 128``, llmc ``configs/sparsification/methods/DART/dart.yml``) with
+  4 + 4 pivots keeps 4 + 8 x 16 = 132 of LLaVA-1.5's 576 (:func:`pyrtok.budget.dart_counts`);
+- positions: kept tokens keep theirs (``position_ids = keep_indexs``, llmc line 132, and the rotary embedding
+  gathered at them, lines 142-146).
+
+pyrtok's earlier rule is the variant ``exact``: pivots by the L1 norm of layer ``K``'s input hidden states
+(``pivot_space="hidden"``), visited by decreasing norm, image pivots first, and the budget kept exactly
+(``exact_budget=True``: what the pivots keep is split evenly over them, the first ones taking one more).
+"""
 
 from __future__ import annotations
 
 import numbers
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor
 
-from pyrtok.vlm.decode import LayerView
-from pyrtok.vlm.schedules.base import SCHEDULES, Schedule, Stage, check_keep, check_layer
+from pyrtok.budget import budget_tokens, dart_counts
+from pyrtok.vlm.decode import LayerView, layer_keys
+from pyrtok.vlm.schedules.base import SCHEDULES, Schedule, Stage, check_choice, check_keep, check_layer
 
-__all__ = ["DART", "duplication_keep"]
+__all__ = ["DART", "duplication_keep", "pivot_duplication_keep"]
+
+PIVOT_SPACES = ("keys", "hidden")
+DEFAULT_MAX_NUM_TRUNCTION = 128
+
+
+def _count(value: Any, argument: str, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"{argument} must be an int >= {low}, got {value!r}")
+    return int(value)
+
 
 @SCHEDULES.register("dart")
 class DART(Schedule):
-    """DART (duplication-aware): at layer ``layer``, pivots, then per pivot the image tokens least similar to it.
+    """DART (duplication-aware): before layer ``layer``, pivots, then per pivot the image tokens least similar to it.
 
     Args:
-        layer: the first layer that runs on the kept tokens (its input is observed), >= 1; default 2.
-        keep: fraction of the image tokens kept; default 0.25.
-        pivots: image pivots (largest L1 norm of the layer's input); default 4.
-        text_pivots: instruction-token pivots (tokens after the last image token, largest L1 norm); default 4.
+        layer: ``K``, the first layer that runs on the kept tokens, >= 1; default 2.
+        keep: the share of the image tokens behind each pivot's count (the llmc port's ``1 - reduction_ratio``):
+            every pivot keeps ``ceil((n0 * keep) // (pivots + text_pivots))``. Give this or ``max_num_trunction``.
+        max_num_trunction: the released code's name (sic) for the tokens the pivots keep between them: every
+            pivot keeps ``max_num_trunction // (pivots + text_pivots)``; default 128 when ``keep`` is not given.
+        pivots: image pivots; default 4.
+        text_pivots: pivots among the tokens after the sample's last image token; default 4.
+        pivot_space: ``"keys"`` (default, the released code): pivots by the L1 norm of layer ``layer - 1``'s
+            rotated keys; ``"hidden"``: by the L1 norm of layer ``layer``'s input hidden states.
+        exact_budget: keep exactly ``keep`` of the image tokens (rounded up) or exactly ``max_num_trunction``,
+            pivots visited by decreasing norm (image pivots first) and the tokens split evenly over them, instead
+            of the released code's counts (image pivots + every pivot's share) and pivot order; default False.
+
+    Example:
+        >>> DART().stage_counts(576), DART(keep=0.25).stage_counts(261)
+        ([576, 132], [261, 68])
+        >>> SCHEDULES.create("dart", keep=0.25, **DART.variants["exact"]).stage_counts(261)
+        [261, 66]
     """
 
-    def __init__(self, layer: int = 2, keep: float = 0.25, pivots: int = 4, text_pivots: int = 4) -> None:
+    variants: ClassVar[dict[str, dict[str, Any]]] = {"exact": {"pivot_space": "hidden", "exact_budget": True}}
+
+    def __init__(self, layer: int = 2, keep: float | None = None, max_num_trunction: int | None = None,
+                 pivots: int = 4, text_pivots: int = 4, pivot_space: str = "keys", exact_budget: bool = False
+                 ) -> None:
         self.layer = check_layer(layer, "layer", 1)
-        self.keep = check_keep(keep)
-        if isinstance(pivots, bool) or not isinstance(pivots, numbers.Integral) or pivots < 1:
-            raise ValueError(f"pivots must be a positive int, got {pivots!r}")
-        if isinstance(text_pivots, bool) or not isinstance(text_pivots, numbers.Integral) or text_pivots < 0:
-            raise ValueError(f"text_pivots must be an int >= 0, got {text_pivots!r}")
-        self.pivots, self.text_pivots = int(pivots), int(text_pivots)
+        if keep is not None and max_num_trunction is not None:
+            raise ValueError(f"give one of keep and max_num_trunction, got keep={keep!r} and "
+                             f"max_num_trunction={max_num_trunction!r}")
+        self.keep = None if keep is None else check_keep(keep)
+        self.max_num_trunction = (_count(max_num_trunction, "max_num_trunction", 1) if max_num_trunction is not None
+                                  else DEFAULT_MAX_NUM_TRUNCTION if keep is None else None)
+        self.pivots = _count(pivots, "pivots", 1)
+        self.text_pivots = _count(text_pivots, "text_pivots", 0)
+        self.pivot_space = check_choice(pivot_space, "pivot_space", PIVOT_SPACES)
+        if not isinstance(exact_budget, bool):
+            raise ValueError(f"exact_budget must be True or False, got {exact_budget!r}")
+        self.exact_budget = exact_budget
         self.stages = [Stage(self.layer, self.layer, self.keep, self._rule)]
 
     def describe(self) -> str:
-        return (f"dart(layer={self.layer}, keep={self.keep:g}, pivots={self.pivots}, "
-                f"text_pivots={self.text_pivots})")
+        amount = f"keep={self.keep:g}" if self.keep is not None else f"max_num_trunction={self.max_num_trunction}"
+        text = f"dart(layer={self.layer}, {amount}, pivots={self.pivots}, text_pivots={self.text_pivots}"
+        if self.pivot_space != "keys":
+            text += f", pivot_space={self.pivot_space!r}"
+        if self.exact_budget:
+            text += ", exact_budget=True"
+        return text + ")"
+
+    def stage_counts(self, entering: int) -> list[int]:
+        """``[n0, kept]``; for the released rule, when the prompt has at least ``text_pivots`` tokens after the
+        image (:func:`pyrtok.budget.dart_counts`)."""
+        if entering <= 0:
+            return [entering, 0]
+        if self.exact_budget:
+            kept = (int(budget_tokens(self.keep, entering)) if self.keep is not None
+                    else min(self.max_num_trunction, entering))
+            return [entering, kept]
+        return [entering, dart_counts(entering, self.pivots, self.text_pivots, self.keep,
+                                      self.max_num_trunction)[2]]
 
     def _rule(self, view: LayerView, budgets: Tensor) -> Tensor:
-        return duplication_keep(view.hidden, view.final_norm(view.hidden), view.image & view.valid,
-                                view.valid, budgets, self.pivots, self.text_pivots)
+        if self.pivot_space == "keys":
+            keys = layer_keys(view.previous_layer, view.previous_hidden, view.cos, view.sin)
+            states = rearrange(keys, "b h t d -> b t (h d)")
+        else:
+            states = view.hidden
+        normed = view.final_norm(view.hidden)
+        candidates = view.image & view.valid
+        if self.exact_budget:
+            return duplication_keep(states, normed, candidates, view.valid, budgets, self.pivots, self.text_pivots)
+        return pivot_duplication_keep(states, normed, candidates, view.valid, self.pivots, self.text_pivots,
+                                      self.keep, self.max_num_trunction)
+
+
+def pivot_duplication_keep(states: Tensor, normed: Tensor, image: Tensor, valid: Tensor, pivots: int,
+                           text_pivots: int, keep: float | None = None, max_num_trunction: int | None = None
+                           ) -> Tensor:
+    """DART's duplication rule as its released code runs it: (B, T) bool of the image tokens kept.
+
+    Args:
+        states: (B, T, E) the states whose L1 norm picks the pivots (layer K-1's rotated keys, heads concatenated).
+        normed: (B, T, D) the states compared by cosine similarity (the final norm of layer K's input).
+        image: (B, T) bool, the image tokens (the candidates); valid: (B, T) bool, False on padding.
+        pivots, text_pivots, keep, max_num_trunction: as :class:`DART` (one of the last two).
+
+    Each sample: ``min(pivots, n)`` image pivots and ``min(text_pivots, m)`` pivots among its ``m`` valid tokens
+    after its last image token, by the L1 norm of ``states``; the pivots are visited in CPython's iteration order
+    of (a copy of) the set built from the list of their sequence indices, image pivots then text pivots, each by
+    decreasing norm (index in the sample's unpadded sequence, as the released code sees a batch of one), each
+    keeping the :func:`pyrtok.budget.dart_counts` per-pivot count (capped by what is left)
+    of the image tokens least cosine-similar to it among those not kept yet. Image pivots are kept.
+    """
+    keep_mask = torch.zeros_like(image)
+    strength = torch.linalg.vector_norm(states, ord=1, dim=-1)
+    sequence = valid.long().cumsum(-1) - 1
+    columns = torch.arange(image.shape[1], device=image.device)
+    for b in range(image.shape[0]):
+        candidates = columns[image[b]]
+        count = int(candidates.numel())
+        if not count:
+            continue
+        text = columns[valid[b] & ~image[b] & (columns > int(candidates[-1]))]
+        found = min(text_pivots, int(text.numel()))
+        image_count, per_pivot, _ = dart_counts(count, pivots, text_pivots, keep, max_num_trunction, found)
+        image_pivots = candidates[strength[b, candidates].topk(image_count).indices]
+        text_chosen = text[strength[b, text].topk(found).indices]
+        pivot_columns = torch.cat([image_pivots, text_chosen]).tolist()
+        indices = sequence[b, pivot_columns].tolist()  # image pivots, then text pivots, each by decreasing norm
+        at = dict(zip(indices, pivot_columns, strict=True))
+        keep_mask[b, image_pivots] = True
+        remaining = image[b].clone()
+        remaining[image_pivots] = False
+        # The released code's visiting order: CPython's iteration order of a copy of the set built from that
+        # list. It depends on how the set is built (from a dict it can differ), so it is built the same way.
+        for index in list(set(indices).copy()):
+            left = columns[remaining]
+            take = min(per_pivot, int(left.numel()))
+            if not take:
+                break
+            similarity = F.cosine_similarity(normed[b, at[index]], normed[b, left], dim=-1)
+            picked = left[(-similarity).topk(take).indices]
+            keep_mask[b, picked] = True
+            remaining[picked] = False
+    return keep_mask
 
 
 def duplication_keep(hidden: Tensor, normed: Tensor, image: Tensor, valid: Tensor, budgets: Tensor,
                      pivots: int, text_pivots: int) -> Tensor:
-    """DART's duplication rule: (B, T) bool of the image tokens kept.
+    """pyrtok's exact-budget duplication rule (the ``exact`` variant of :class:`DART`): (B, T) bool of the image
+    tokens kept.
 
     ``hidden`` (B, T, D) ranks pivots by L1 norm: ``min(pivots, budget)`` image tokens, and ``text_pivots``
     valid non-image tokens after the sample's last image token. Each pivot in turn (image pivots by descending

@@ -7,7 +7,7 @@ grid, and its box ``(x0, y0, x1, y1)`` in level-0 pixel coordinates (the encoder
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property
 
@@ -110,6 +110,10 @@ class MultiScaleTokens:
         image_size: (H, W) of the level-0 image.
         cls: optional (B, L, D) [CLS] features, one per level (or per encoder pass).
         attention: optional (B, N) [CLS]-to-token attention, when the encoder exposes it.
+        embeddings: optional (B, N, D_lm) every token as the language model's input embedding (after the VLM's
+            projector), filled by the model families so that allocators that compare tokens in that space (as
+            DivPrune's authors do) need no family knowledge; it may be the ``features`` tensor itself where those
+            already are in the language model's space (Qwen, LLaVA-NeXT). None outside a VLM.
     """
 
     features: Tensor
@@ -121,6 +125,7 @@ class MultiScaleTokens:
     image_size: tuple[int, int]
     cls: Tensor | None = None
     attention: Tensor | None = None
+    embeddings: Tensor | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.features, Tensor) or self.features.dim() != 3:
@@ -144,6 +149,13 @@ class MultiScaleTokens:
         if self.cls is not None and (self.cls.dim() != 3 or self.cls.shape[0] != self.features.shape[0]):
             batch = self.features.shape[0]
             raise ValueError(f"cls must have shape (B, L, D) with B={batch}, got {tuple(self.cls.shape)}")
+        if self.embeddings is not None:
+            if not isinstance(self.embeddings, Tensor):
+                kind = type(self.embeddings).__name__
+                raise TypeError(f"embeddings must be a (B, N, D_lm) tensor or None, got {kind}")
+            if self.embeddings.dim() != 3 or self.embeddings.shape[:2] != self.features.shape[:2]:
+                raise ValueError(f"embeddings must have shape (B, N, D_lm) with (B, N) = "
+                                 f"{tuple(self.features.shape[:2])}, got {tuple(self.embeddings.shape)}")
 
     @property
     def batch_size(self) -> int:
@@ -199,18 +211,32 @@ class MultiScaleTokens:
         return parent
 
     def with_features(self, features: Tensor) -> MultiScaleTokens:
-        """A copy with new (B, N, D') features and the same layout."""
+        """A copy with new (B, N, D') features and the same layout (``embeddings`` kept: the language model's
+        inputs do not change with the space the features are viewed in)."""
         return replace(self, features=features)
 
+    def with_embeddings(self, embeddings: Tensor | None) -> MultiScaleTokens:
+        """A copy with ``embeddings`` (B, N, D_lm), or None: see the attribute."""
+        return replace(self, embeddings=embeddings)
+
+    def _apply(self, names: Sequence[str], fn: Callable[[Tensor], Tensor]) -> MultiScaleTokens:
+        """A copy with ``fn`` applied to the named tensors that are set; embeddings that are the features tensor
+        stay that tensor (one copy, not two)."""
+        shared = self.embeddings is self.features
+        out = {k: fn(getattr(self, k)) for k in names if getattr(self, k) is not None}
+        if shared and "features" in out:
+            out["embeddings"] = out["features"]
+        return replace(self, **out)
+
     def select_images(self, index: Tensor | slice | Sequence[int]) -> MultiScaleTokens:
-        """The tokens of some of the images: ``features[index]`` (and ``cls``/``attention``), same layout."""
-        names = [k for k in ("features", "cls", "attention") if getattr(self, k) is not None]
-        return replace(self, **{k: getattr(self, k)[index] for k in names})
+        """The tokens of some of the images: ``features[index]`` (and ``cls``/``attention``/``embeddings``),
+        same layout."""
+        return self._apply(("features", "cls", "attention", "embeddings"), lambda t: t[index])
 
     def to(self, device: torch.device | str) -> MultiScaleTokens:
         """A copy with every tensor on ``device``."""
-        tensors = ("features", "level", "row", "col", "box", "cls", "attention")
-        return replace(self, **{k: getattr(self, k).to(device) for k in tensors if getattr(self, k) is not None})
+        tensors = ("features", "level", "row", "col", "box", "cls", "attention", "embeddings")
+        return self._apply(tensors, lambda t: t.to(device))
 
 
 @dataclass(frozen=True, eq=False)
@@ -346,6 +372,7 @@ def from_feature_grid(
     image_size: tuple[int, int] | None = None,
     attention: Tensor | None = None,
     cls: Tensor | None = None,
+    embeddings: Tensor | None = None,
 ) -> MultiScaleTokens:
     """Build a token pyramid from one patch grid by repeated 2x2 average pooling.
 
@@ -357,6 +384,9 @@ def from_feature_grid(
         attention: optional (B, h, w) [CLS] attention of the patches; coarse tokens get the mean over
             their cells (a density, so that levels stay comparable).
         cls: optional (B, D) or (B, L, D) [CLS] features.
+        embeddings: optional (B, h, w, D_lm) language-model input embeddings of the patches, pooled into the
+            coarser levels like the features (what a language model that takes pooled tokens as they are sees);
+            ``features`` itself gives tokens whose embeddings are their features (no second copy).
 
     Returns:
         :class:`MultiScaleTokens` with N = sum of the level grid sizes.
@@ -378,19 +408,30 @@ def from_feature_grid(
         image_size = (h * p, w * p)
     if attention is not None and (not isinstance(attention, Tensor) or attention.shape != (batch, h, w)):
         raise ValueError(f"attention must have shape {(batch, h, w)}, got {getattr(attention, 'shape', attention)}")
+    shared = embeddings is features
+    if embeddings is not None and not shared and (not isinstance(embeddings, Tensor) or embeddings.dim() != 4
+                                                  or embeddings.shape[:3] != features.shape[:3]):
+        raise ValueError(f"embeddings must have shape {(batch, h, w)} + (D_lm,), "
+                         f"got {getattr(embeddings, 'shape', embeddings)}")
     grids = [features]
     maps = None if attention is None else [rearrange(attention, "b h w -> b h w 1")]
+    lm = None if embeddings is None or shared else [embeddings]
     for _ in range(levels - 1):
         grids.append(_pool_grid(grids[-1]))
         if maps is not None:
             maps.append(_pool_grid(maps[-1]))
+        if lm is not None:
+            lm.append(_pool_grid(lm[-1]))
     level_shapes = tuple((g.shape[1], g.shape[2]) for g in grids)
     layout = token_layout(level_shapes, tuple(image_size), device=features.device)
     flat = torch.cat([rearrange(g, "b h w d -> b (h w) d") for g in reversed(grids)], dim=1)
     flat_attention = None
     if maps is not None:
         flat_attention = torch.cat([rearrange(m, "b h w 1 -> b (h w)") for m in reversed(maps)], dim=1)
+    flat_embeddings = flat if shared else None
+    if lm is not None:
+        flat_embeddings = torch.cat([rearrange(g, "b h w d -> b (h w) d") for g in reversed(lm)], dim=1)
     if cls is not None and cls.dim() == 2:
         cls = rearrange(cls, "b d -> b 1 d")
     return MultiScaleTokens(flat, **layout, level_shapes=level_shapes, image_size=tuple(image_size),
-                            cls=cls, attention=flat_attention)
+                            cls=cls, attention=flat_attention, embeddings=flat_embeddings)

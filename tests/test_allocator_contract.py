@@ -22,6 +22,8 @@ def problems(draw):
     tokens = from_feature_grid(torch.randn(batch, h, w, dim, generator=g), levels, patch_size=patch,
                                attention=torch.rand(batch, h, w, generator=g))
     n = tokens.num_tokens
+    if draw(st.booleans()):  # a VLM's tokens also carry the language model's input embeddings (divprune's space)
+        tokens = tokens.with_embeddings(torch.randn(batch, n, draw(st.integers(2, 6)), generator=g))
     kind = draw(st.sampled_from(["one", "n-1", "n", "over", "any", "per-sample"]))
     if kind == "per-sample":
         budget = torch.tensor(draw(st.lists(st.integers(1, n + 3), min_size=batch, max_size=batch)))

@@ -71,7 +71,7 @@ def test_feature_layer_lists_and_onevision_shrinking(tiny_vlm):
         assert_reproduces(model, processor, vlm, [image], chat(processor))
     tokens = vlm.encode([image]).tokens
     assert tokens.level_shapes[0] == (6, 4)  # 12x8 shrunk by sqrt(96 / (2 * 16))
-    # lazy, a few shrunk tokens: the tiles under them (and one cell around) give their exact features
+    # lazy, a few shrunk tokens: the tiles they read give their exact features
     eager = PyramidVLM(model, processor, allocator="all")
     keep = torch.zeros(1, tokens.num_tokens, dtype=torch.bool)
     keep[0, [16 + 0, 16 + 2 * 4 + 1, 16 + 23]] = True
@@ -204,6 +204,101 @@ def test_lazy_feature_allocators_choose_from_the_base_view(tiny_vlm):
     # fine cell (r, c) of the 12x8 grid lies under base cell (r // 3, c // 2)
     for r, c in ((0, 0), (5, 3), (11, 7)):
         assert torch.equal(tokens.features[0, 16 + r * 8 + c], base[(r // 3) * 4 + c // 2])
+
+
+# lazy tiles encode exactly the tiles the kept tokens read: image sizes (H, W), two fixed (a 45 x 147 image, both
+# ways: box edges such as 49 px * 12 / 147 land a hair below a tile boundary) and random ones; OneVision configs
+# that shrink (anyres_max_1, anyres_max_3) and one that does not (LLaVA-NeXT)
+READ_SIZES = ((147, 45), (45, 147), *((int(h), int(w)) for h, w in np.random.default_rng(3).integers(16, 200, (14, 2))))
+READ_CONFIGS = (("llava_next", None), ("llava_onevision", "anyres_max_1"), ("llava_onevision", "anyres_max_3"))
+
+
+def shrinking(tiny_vlm, family, ratio):
+    """The tiny model of ``family``, loaded with OneVision's ``vision_aspect_ratio=ratio`` when given."""
+    folder, model, processor = tiny_vlm(family)
+    if ratio is None:
+        return model, processor
+    model = AutoModelForImageTextToText.from_pretrained(folder, vision_aspect_ratio=ratio).eval()
+    processor = AutoProcessor.from_pretrained(folder)
+    processor.vision_aspect_ratio = ratio
+    return model, processor
+
+
+def tile_reads(model, tokens, rows: int, cols: int, levels: int, ratio) -> torch.Tensor:
+    """(N, T) bool: the tiles each token's eager features depend on. Built without pyrtok's tile code: the model's
+    own packing (``pack_image_features``: join, unpad, OneVision's shrink) of indicator features (tile t is 1 in
+    channel t, everything else 0; bilinear weights are >= 0, so a cell depends on tile t exactly when its channel
+    t is > 0), then pooled into the token pyramid as the eager path pools; base-view tokens read no tile."""
+    from pyrtok.tokens import from_feature_grid
+
+    tiles, p = rows * cols, int(model.config.vision_config.image_size // model.config.vision_config.patch_size)
+    indicator = torch.zeros(1 + tiles, p * p, tiles)
+    indicator[1:] = torch.eye(tiles)[:, None, :]
+    sizes = torch.tensor([list(tokens.image_size)])
+    with torch.no_grad():
+        if ratio is None:
+            packed, _ = model.model.pack_image_features([indicator], sizes, "default", image_newline=None)
+        else:
+            packed, _ = model.model.pack_image_features([indicator], sizes, image_newline=None,
+                                                        vision_aspect_ratio=ratio)
+    h0, w0 = tokens.level_shapes[0]
+    assert packed[0].shape[0] == p * p + h0 * w0
+    pyramid = from_feature_grid(packed[0][p * p:].reshape(1, h0, w0, tiles), levels)
+    return torch.cat([torch.zeros(p * p, tiles), pyramid.features[0]]) > 0
+
+
+@pytest.mark.parametrize(("family", "ratio"), READ_CONFIGS, ids=lambda v: str(v))
+def test_lazy_tiles_are_exactly_the_tiles_the_kept_tokens_read(tiny_vlm, family, ratio):
+    model, processor = shrinking(tiny_vlm, family, ratio)
+    rng = np.random.default_rng(4)
+    shrunk = 0
+    for levels in (1, 2):
+        vlm = PyramidVLM(model, processor, allocator="all", levels=levels, lazy_tiles=True)
+        for height, width in READ_SIZES:
+            tokens = vlm.encode([random_image(width, height)]).tokens
+            rows, cols = vlm.family.tile_grid(tokens.image_size)
+            reads = tile_reads(model, tokens, rows, cols, levels, ratio)
+            grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
+            # unpadding cuts one axis of the joined tile grid; only OneVision's shrink cuts both
+            shrunk += tokens.level_shapes[0][0] < rows * grid and tokens.level_shapes[0][1] < cols * grid
+            for k in range(tokens.num_tokens):  # every single-token placement: none extra, none missing
+                need = vlm.family.needed_tiles(tokens, torch.tensor([k]))
+                assert torch.equal(need, reads[k]), ((height, width), levels, k, need.nonzero(), reads[k].nonzero())
+            for _ in range(4):
+                index = torch.tensor(sorted(rng.choice(tokens.num_tokens, int(rng.integers(2, 12)), replace=False)))
+                assert torch.equal(vlm.family.needed_tiles(tokens, index), reads[index].any(0))
+    assert (shrunk > 0) == (ratio is not None)
+
+
+@pytest.mark.parametrize(("family", "ratio"), READ_CONFIGS, ids=lambda v: str(v))
+def test_lazy_tiles_encode_what_is_read_and_give_the_eager_features(tiny_vlm, family, ratio):
+    model, processor = shrinking(tiny_vlm, family, ratio)
+    rng = np.random.default_rng(5)
+    counter = TileCounter(model.model.vision_tower)
+    try:
+        for levels, (height, width) in zip((1, 2, 2), READ_SIZES[:3], strict=True):
+            image = random_image(width, height, seed=height)
+            eager = PyramidVLM(model, processor, allocator="all", levels=levels)
+            lazy = PyramidVLM(model, processor, allocator="all", levels=levels, lazy_tiles=True)
+            encoded = lazy.encode([image])
+            tokens = encoded.groups[0][1].tokens
+            assert tokens.embeddings is tokens.features  # already the language model's inputs
+            reads = tile_reads(model, tokens, *lazy.family.tile_grid(tokens.image_size), levels, ratio)
+            for count in (1, 3, 9):
+                keep = torch.zeros(1, tokens.num_tokens, dtype=torch.bool)
+                keep[0, rng.choice(tokens.num_tokens, count, replace=False)] = True
+                selection = TokenSelection.from_keep_mask(keep)
+                expected = int(reads[keep[0]].any(0).sum())
+                counter.views = 0
+                completed = lazy.complete(encoded, [selection])
+                assert counter.views == expected == int(completed.groups[0][1].extras["encoded_tiles"][0])
+                ours = lazy.prepare(None, [chat(processor)], encoded=completed, selections=[selection])
+                theirs = eager.prepare([image], [chat(processor)], selections=[selection])
+                a = ours.mm_encoder_outputs["image"].pooler_output[0]
+                b = theirs.mm_encoder_outputs["image"].pooler_output[0]
+                assert a.shape == b.shape and (a - b).abs().max().item() <= 1e-6
+    finally:
+        counter.handle.remove()
 
 
 # -- errors ---------------------------------------------------------------------------------------------------

@@ -1,12 +1,16 @@
 """The published vision-side methods (fastervlm, visionzip, divprune): each one's defining property on hand-built
-inputs, checked against plain-Python references, and their merged tokens through every consumer."""
+inputs, checked against plain-Python references, and their merged tokens through every consumer. The published
+in-LLM methods (pdrop, dart): kept sets and counts at every stage against ports of their released code, on a tiny
+LLaVA no other test uses, and their named variants (pyrtok's earlier rules)."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from pyrtok import allocators
@@ -100,6 +104,101 @@ def test_divprune_never_picks_a_duplicate_twice_and_fills_past_the_finest_level(
     assert set(range(4, 20)) <= set(kept(selection, 0))  # the whole finest level, then coarse tokens
     with pytest.raises(ValueError, match="steps must be an int"):
         max_min_order(features.flatten(1, 2), 17)
+
+
+def upstream_divprune(visual_tokens: torch.Tensor, keep: int) -> list[int]:
+    """A port of DivPrune as its authors run it, for one image's (N, D) visual tokens and a count ``keep``.
+
+    vbdi/divprune, LLaVA/llava/model/llava_arch.py (commit 799e2d9): lines 147-150 (``pairwise_cosine_similarity``:
+    rows divided by their norms, one matrix product), 152-171 (``DivPrune``: distance 1 - cos at 155; the first
+    pick is the argmax of each column's second-smallest distance, ``topk(2, dim=0, largest=False).values[1]`` at
+    165; each next pick the argmax of the column minima over the picked rows, 162 and 167), 153 (the count
+    ``int(round(ratio * N))``, given here as ``keep``), 374-379 (run on the image's slice of ``new_input_embeds``,
+    the projector outputs of ``encode_images`` at 141-144; the picks sorted at 379).
+    """
+    unit = visual_tokens / visual_tokens.norm(dim=1, keepdim=True)
+    distance = 1.0 - torch.mm(unit, unit.t())
+    picks = torch.empty(keep, dtype=torch.long)
+    for i in range(keep):
+        if i == 0:
+            scores = torch.topk(distance, 2, dim=0, largest=False).values[1, :]
+        else:
+            scores = torch.min(torch.index_select(distance, 0, picks[:i]), dim=0).values
+        picks[i] = torch.argmax(scores)
+    return picks.sort().values.tolist()
+
+
+@pytest.fixture(scope="module")
+def divprune_llava(tmp_path_factory):
+    """A tiny LLaVA of sizes no other test uses: 72 px, 8 px patches (81 tokens), LM width 96, one LM layer."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from pyrtok.testing import save_tiny_vlm
+
+    folder = save_tiny_vlm("llava", tmp_path_factory.mktemp("divprune_llava"), seed=11, hidden=96, text_layers=1,
+                           vision_config={"image_size": 72, "patch_size": 8})
+    return AutoModelForImageTextToText.from_pretrained(folder).eval(), AutoProcessor.from_pretrained(folder)
+
+
+def test_divprune_is_upstreams_selection_on_the_language_models_input_embeddings(divprune_llava):
+    """20 images x 3 budgets: the default keeps exactly what the upstream port keeps on the model's own image
+    embeddings (HF ``get_image_features``: tower, feature layer, projector); ``space="tower"`` keeps what it keeps
+    on the tower's features (pyrtok's earlier behaviour); the two spaces disagree (the space matters)."""
+    from PIL import Image
+
+    from pyrtok.vlm import PyramidVLM
+
+    model, processor = divprune_llava
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (int(rng.integers(60, 110)), int(rng.integers(60, 110)), 3),
+                                           dtype=np.uint8)) for _ in range(20)]
+    pixel_values = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        embeds = torch.stack(list(model.model.get_image_features(pixel_values=pixel_values,
+                                                                 return_dict=True).pooler_output))
+        hidden = model.model.vision_tower(pixel_values, output_hidden_states=True).hidden_states
+    tower_features = hidden[model.config.vision_feature_layer][:, 1:]  # 'default' strategy drops the [CLS]
+    assert embeds.shape == (20, 81, 96) and tower_features.shape == (20, 81, 48)
+    default = PyramidVLM(model, processor, allocator="divprune")
+    tower = PyramidVLM(model, processor, allocator={"name": "divprune", "space": "tower"})
+    with torch.no_grad():
+        encoded = default.encode(images)
+    (_, group), = encoded.groups
+    assert torch.allclose(group.tokens.embeddings, embeds, atol=1e-5)  # the family filled the LM's inputs
+    shared = []
+    for budget in (8, 20, 40):
+        (ours,), (ours_tower,) = default.select(encoded, budget), tower.select(encoded, budget)
+        for i in range(20):
+            expected = upstream_divprune(embeds[i], budget)
+            assert kept(ours, i) == expected, (i, budget)
+            assert kept(ours_tower, i) == upstream_divprune(tower_features[i], budget), (i, budget)
+            shared.append(len(set(kept(ours_tower, i)) & set(expected)))
+    assert min(shared) < 40  # the tower's space keeps other tokens
+
+
+def test_divprune_reads_the_embeddings_in_their_dtype_and_checks_them():
+    tokens = grid_tokens(batch=2, side=5, dim=6, levels=1, seed=12)
+    g = torch.Generator().manual_seed(13)
+    embeddings = torch.randn(2, tokens.num_tokens, 9, generator=g)
+    with_lm = tokens.with_embeddings(embeddings)
+    for budget in (3, 11):
+        ours = allocators.create("divprune")(with_lm, budget)
+        tower = allocators.create("divprune", space="tower")(with_lm, budget)
+        plain = allocators.create("divprune")(tokens, budget)  # no embeddings: the features
+        for b in range(2):
+            assert kept(ours, b) == upstream_divprune(embeddings[b], budget)
+            assert kept(tower, b) == kept(plain, b) == upstream_divprune(tokens.features[b], budget)
+    # the distances are computed in the embeddings' own dtype, as upstream runs in the model's dtype
+    half = with_lm.with_embeddings(embeddings.bfloat16())
+    selection = allocators.create("divprune")(half, 6)
+    for b in range(2):
+        assert kept(selection, b) == upstream_divprune(embeddings[b].bfloat16(), 6)
+    poisoned = embeddings.clone()
+    poisoned[1, 4, 2] = float("inf")
+    with pytest.raises(ValueError, match=r"'divprune': tokens\.embeddings contains NaN or infinite.*\[1\]"):
+        allocators.create("divprune")(tokens.with_embeddings(poisoned), 4)
+    with pytest.raises(ValueError, match=r"space must be one of \('embeddings', 'tower'\).*'projector'"):
+        allocators.create("divprune", space="projector")
 
 
 # -- fastervlm ------------------------------------------------------------------------------------------------
@@ -303,6 +402,7 @@ def test_qwen_places_merged_tokens_at_the_cell_under_their_box_centre(tmp_path):
     prompt = vlm.chat_prompt("what colour is the shape?")
     tokens = vlm.encode([image]).tokens
     assert tokens.level_shapes == ((4, 2),) and tokens.image_size == (112, 56)  # 28 px cells
+    assert tokens.embeddings is tokens.features  # the merged tokens already are the language model's inputs
     keep = torch.zeros(1, tokens.num_tokens, dtype=torch.bool)
     keep[0, [1, 6]] = True  # cells (0, 1) and (3, 0)
     boxes = torch.tensor([[[0.0, 0.0, 56.0, 28.0], [0.0, 56.0, 28.0, 112.0]]])  # centres (28, 14), (14, 84)
@@ -316,3 +416,238 @@ def test_qwen_places_merged_tokens_at_the_cell_under_their_box_centre(tmp_path):
     offsets = (positions[:, columns] - start).T.tolist()
     assert offsets == [[0, 0, 1], [0, 3, 0], [0, 0, 1], [0, 3, 0]]  # kept cells, then the merged box centres
     assert torch.equal(inputs.mm_encoder_outputs["image"].pooler_output[0][2:], features[0])
+
+
+# -- in-LLM methods: PyramidDrop and DART against ports of their released code ------------------------------------
+#
+# A tiny LLaVA no other test uses: 6 decoder layers, hidden 96, multi-head attention (4 heads, 4 key/value heads,
+# as LLaVA-1.5's Vicuna: the released PyramidDrop code multiplies per-head queries by per-head keys and has no
+# grouped-query path). 64 image tokens per image. pyrtok runs it with sdpa on a left-padded batch of 20 images
+# (two prompts of different lengths); the ports run its eager copy one image at a time, unpadded, as the released
+# code runs LLaVA-1.5 evaluation (batch of one).
+
+PORT_IMAGES = 20
+PORT_QUESTIONS = ("what colour is the shape?", "how many small red circles are there in the picture on the left?")
+
+
+@pytest.fixture(scope="module")
+def port_model(tmp_path_factory):
+    from conftest import chat, random_image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from pyrtok.testing import save_tiny_vlm
+    from pyrtok.vlm import PyramidVLM
+
+    folder = save_tiny_vlm("llava", tmp_path_factory.mktemp("port_llava"), seed=5, text_layers=6, hidden=96,
+                           text_config={"num_key_value_heads": 4})
+    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    eager = AutoModelForImageTextToText.from_pretrained(folder, attn_implementation="eager").eval()
+    processor = AutoProcessor.from_pretrained(folder)
+    images = [random_image(60 + 3 * i, 90 - 2 * i, seed=100 + i) for i in range(PORT_IMAGES)]
+    prompts = [chat(processor, PORT_QUESTIONS[i % 2]) for i in range(PORT_IMAGES)]
+    vlm = PyramidVLM(model, processor)
+    inputs = vlm.prepare(images, prompts)
+    return model, eager, vlm, images, inputs
+
+
+def unpadded(model, inputs, b: int) -> tuple[torch.Tensor, int, int, int]:
+    """Sample ``b`` as the released code sees it: (1, T, D) input embeddings with its image features in place, the
+    image's first index, its image tokens, and the padding columns pyrtok put before it."""
+    ids = inputs.input_ids[b][inputs.attention_mask[b].bool()]
+    pad = int((~inputs.attention_mask[b].bool()).sum())
+    image = ids == model.config.image_token_id
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(ids)
+        embeds[image] = inputs.mm_encoder_outputs["image"].pooler_output[b].to(embeds.dtype)
+    start = int(image.nonzero()[0, 0])
+    return embeds[None], start, int(image.sum()), pad
+
+
+def causal_mask(length: int, dtype: torch.dtype) -> torch.Tensor:
+    """The (1, 1, T, T) additive causal mask the released code builds (``_prepare_4d_causal_attention_mask``)."""
+    upper = torch.ones(length, length, dtype=torch.bool).triu(1)
+    return torch.zeros(length, length, dtype=dtype).masked_fill(upper, torch.finfo(dtype).min)[None, None]
+
+
+def rotated_qk(layer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """(1, H, T, d) queries and keys of ``layer`` for its input ``hidden`` after the rotary embedding, computed as the
+    released code recomputes them (input norm, q/k projections, ``apply_rotary_pos_emb``)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    attention = layer.self_attn
+    x = layer.input_layernorm(hidden)
+    length, d = x.shape[1], attention.head_dim
+    q = attention.q_proj(x).view(1, length, -1, d).transpose(1, 2)
+    k = attention.k_proj(x).view(1, length, -1, d).transpose(1, 2)
+    return apply_rotary_pos_emb(q, k, cos, sin)
+
+
+@torch.no_grad()
+def pdrop_port(eager, embeds: torch.Tensor, image_start: int, n0: int, layer_list: list[int],
+               ratio_list: list[float]) -> tuple[list[set[int]], list[int]]:
+    """Cooperx521/PyramidDrop, llava/model/modeling_llama_pdrop.py, inference path, ported:
+    ``pdrop_forward`` lines 1187-1238 (a stage runs after layer ``rank_layer - 1``), ``pdrop_rank_drop`` lines
+    1306-1307 (counts: ``int(n0 * ratio)`` of the tokens that entered, ``ratio_list`` with 1.0 prepended as
+    ``llava/eval/model_vqa_loader.py`` lines 94-96 do), 1320-1342 (q/k of layer ``rank_layer`` at the current
+    positions), 1390-1401 (the last prompt token's row, causal softmax, mean over heads, image columns), 1405-1410
+    (topk, sorted, sequence rebuilt), 1446 (positions renumbered ``arange(0, cur_len)``).
+
+    Returns the kept image tokens after each stage (as indices of the unpadded prompt) and the counts."""
+    from pyrtok.vlm.decode import language_model
+
+    lm = language_model(eager)
+    ratios = [1.0, *ratio_list]
+    hidden, columns = embeds, torch.arange(embeds.shape[1])
+    positions = torch.arange(embeds.shape[1])[None]
+    kept, counts = [], [n0]
+    for layer_idx, layer in enumerate(lm.layers):
+        cos, sin = lm.rotary_emb(hidden, positions)
+        hidden = layer(hidden, attention_mask=causal_mask(hidden.shape[1], hidden.dtype),
+                       position_embeddings=(cos, sin))
+        rank_layer = layer_idx + 1
+        if rank_layer not in layer_list:
+            continue
+        stage = layer_list.index(rank_layer)
+        image_tokens, keep_length = int(n0 * ratios[stage]), int(n0 * ratios[stage + 1])
+        attention = lm.layers[rank_layer].self_attn
+        q, k = rotated_qk(lm.layers[rank_layer], hidden, *lm.rotary_emb(hidden, positions))
+        last = hidden.shape[1] - 1  # prompt_len + image_tokens - 1
+        scores = q[0][:, last:last + 1] @ k[0].transpose(1, 2) / math.sqrt(attention.head_dim)
+        scores = scores + causal_mask(hidden.shape[1], scores.dtype)[0, :, last:last + 1]
+        weights = scores.softmax(-1, dtype=torch.float32).to(q.dtype)
+        ranked = weights.mean(0)[:, image_start:image_start + image_tokens].mean(0)
+        top = (ranked.topk(keep_length).indices + image_start).sort().values
+        order = torch.cat([torch.arange(image_start), top, torch.arange(image_start + image_tokens, hidden.shape[1])])
+        hidden, columns = hidden[:, order], columns[order]
+        positions = torch.arange(hidden.shape[1])[None]
+        kept.append({int(c) for c in columns[image_start:image_start + keep_length]})
+        counts.append(keep_length)
+    return kept, counts
+
+
+@torch.no_grad()
+def dart_port(eager, embeds: torch.Tensor, image_start: int, image_length: int, K: int, max_num_trunction: int,
+              pivot_image_token: int = 4, pivot_text_token: int = 4) -> set[int]:
+    """DART's released selection, ported from ModelTC/llmc llmc/compression/token_reduction/dart.py (the port of
+    ZichenWen1/DART's official LLaVA code, whose ``get_retained_image_token`` it follows): lines 61-99 and 163-170
+    (keys of layer ``K - 1``, after the rotary embedding, all heads), 101-112 and 172-179 (before layer ``K``: the
+    model's final norm of layer ``K``'s input), 182-241 (``TOKEN_TOPK = max_num_trunction // pivots`` (official:
+    ``int(MAX_NUM_TRUNCTION // (pivot_image_token + pivot_text_token))``), pivots by the keys' L1 norm among the
+    image span and everything after it, each pivot in the set's iteration order (officially a copy of it) taking
+    its ``TOKEN_TOPK`` least cosine-similar tokens not taken yet, text pivots removed at the end).
+
+    Returns the kept image tokens (indices of the unpadded prompt)."""
+    from pyrtok.vlm.decode import language_model
+
+    lm = language_model(eager)
+    hidden = embeds
+    positions = torch.arange(embeds.shape[1])[None]
+    cos, sin = lm.rotary_emb(hidden, positions)
+    for index in range(K):
+        if index == K - 1:
+            key_states = rotated_qk(lm.layers[index], hidden, cos, sin)[1]
+        hidden = lm.layers[index](hidden, attention_mask=causal_mask(hidden.shape[1], hidden.dtype),
+                                  position_embeddings=(cos, sin))
+    last_layer_state = lm.norm(hidden)
+    token_topk = int(max_num_trunction // (pivot_image_token + pivot_text_token))
+    states = key_states.permute(0, 2, 1, 3).reshape(1, hidden.shape[1], -1)
+    image_norm = torch.norm(states[0][image_start:image_start + image_length], p=1, dim=-1)
+    query_norm = torch.norm(states[0][image_start + image_length:], p=1, dim=-1)
+    image_indices = (image_norm.topk(pivot_image_token).indices + image_start).tolist()
+    query_indices = (query_norm.topk(pivot_text_token).indices + image_start + image_length).tolist()
+    indices = set(image_indices + query_indices)
+    pivots = indices.copy()
+    valid = set(range(image_start, image_start + image_length)) - set(image_indices)
+    for item in list(pivots):
+        candidates = list(valid)
+        distance = -F.cosine_similarity(last_layer_state[0][item], last_layer_state[0][candidates], dim=-1)
+        chosen = [candidates[i] for i in distance.topk(token_topk).indices.tolist()]
+        indices.update(chosen)
+        valid.difference_update(chosen)
+    indices.difference_update(query_indices)
+    return indices
+
+
+def kept_by_sample(vlm, inputs, schedule) -> tuple[list[set[int]], torch.Tensor]:
+    """pyrtok's kept image tokens of every sample (indices of its unpadded prompt) and its stage counts: the
+    scheduled prompt pass :meth:`PyramidVLM.__call__` runs, on the prepared batch."""
+    from pyrtok.vlm import resolve_schedule
+    from pyrtok.vlm.decode import prefill
+
+    with torch.no_grad():
+        out = prefill(vlm.model, inputs.input_ids, inputs.attention_mask, inputs.position_ids, vlm.image_token_id,
+                      resolve_schedule(schedule), inputs.mm_encoder_outputs, last_only=True)
+    kept = []
+    for b in range(inputs.input_ids.shape[0]):
+        pad = int((~inputs.attention_mask[b].bool()).sum())
+        columns = out.columns[b][out.valid[b]]
+        kept.append({int(c) - pad for c in columns if int(inputs.input_ids[b, c]) == vlm.image_token_id})
+    return kept, out.stage_counts
+
+
+PDROP_LAYERS = [1, 3, 5]
+PDROP_RATIOS = {0.5: [0.5, 0.25, 0.125], 0.3: [0.3, 0.09, 0.027], 0.7: [0.7, 0.49, 0.343]}  # as the scripts pass them
+
+
+@pytest.mark.parametrize("lam", list(PDROP_RATIOS))
+def test_pdrop_keeps_what_the_released_code_keeps_at_every_stage(port_model, lam):
+    model, eager, vlm, images, inputs = port_model
+    assert inputs.attention_mask.float().mean() < 1  # two prompt lengths: the batch is padded
+    expected = []
+    for b in range(len(images)):
+        embeds, start, n0, _ = unpadded(model, inputs, b)
+        expected.append(pdrop_port(eager, embeds, start, n0, PDROP_LAYERS, PDROP_RATIOS[lam]))
+    for stages in range(1, len(PDROP_LAYERS) + 1):  # stage s of a prefix schedule is stage s of the whole one
+        spec = {"name": "pdrop", "layers": PDROP_LAYERS[:stages], "keep": lam}
+        kept, counts = kept_by_sample(vlm, inputs, spec)
+        for b, (sets, upstream_counts) in enumerate(expected):
+            assert kept[b] == sets[stages - 1], (lam, stages, b)
+            assert counts[b].tolist() == upstream_counts[: stages + 1]
+    assert expected[0][1] == {0.5: [64, 32, 16, 8], 0.3: [64, 19, 5, 1], 0.7: [64, 44, 31, 21]}[lam]
+
+
+DART_BUDGETS = (8, 24, 40)  # max_num_trunction: 4 + 8 x (1, 3, 5) = 12, 28, 44 of 64 image tokens kept
+
+
+@pytest.mark.parametrize("budget", DART_BUDGETS)
+def test_dart_keeps_what_the_released_code_keeps(port_model, budget):
+    model, eager, vlm, images, inputs = port_model
+    kept, counts = kept_by_sample(vlm, inputs, {"name": "dart", "layer": 2, "max_num_trunction": budget})
+    for b in range(len(images)):
+        embeds, start, n0, _ = unpadded(model, inputs, b)
+        expected = dart_port(eager, embeds, start, n0, 2, budget)
+        assert kept[b] == expected, (budget, b)
+        assert counts[b].tolist() == [64, 4 + 8 * (budget // 8)] == [64, len(expected)]
+
+
+def test_the_variants_keep_pyrtoks_earlier_rules(port_model):
+    """``pdrop`` ``keep_positions`` counts by the per-stage rule and keeps positions; ``dart`` ``exact`` keeps the
+    exact budget with the hidden-state pivots of :func:`duplication_keep` (pyrtok's rules before the released ones
+    became the defaults); both differ from the released rules on this model."""
+    from pyrtok.vlm.decode import language_model
+    from pyrtok.vlm.schedules import DART, PyramidDrop, create_schedule, duplication_keep
+
+    model, _, vlm, images, inputs = port_model
+    assert create_schedule("pdrop", layers=[8, 16], keep=0.3).stage_counts(196) == [196, 58, 17]
+    variant = create_schedule("pdrop", layers=[8, 16], keep=0.3, **PyramidDrop.variants["keep_positions"])
+    assert variant.stage_counts(196) == [196, 59, 18]
+    old = {"name": "pdrop", "layers": PDROP_LAYERS, "keep": 0.3, **PyramidDrop.variants["keep_positions"]}
+    old_kept, old_counts = kept_by_sample(vlm, inputs, old)
+    assert old_counts.tolist() == [[64, 20, 6, 2]] * len(images)  # 64 -> ceil(19.2) -> ceil(6.0) -> ceil(1.8)
+    new_kept, _ = kept_by_sample(vlm, inputs, {"name": "pdrop", "layers": PDROP_LAYERS, "keep": 0.3})
+    assert any(not new <= old for new, old in zip(new_kept, old_kept, strict=True))  # positions change the ranking
+
+    exact = {"name": "dart", "layer": 2, "keep": 0.25, "pivots": 4, "text_pivots": 4, **DART.variants["exact"]}
+    exact_kept, exact_counts = kept_by_sample(vlm, inputs, exact)
+    assert exact_counts.tolist() == [[64, 16]] * len(images)
+    with torch.no_grad():
+        states = model(**inputs.model_inputs(), output_hidden_states=True).hidden_states[2]  # input of layer 2
+    valid = inputs.attention_mask.bool()
+    image = (inputs.input_ids == model.config.image_token_id) & valid
+    reference = duplication_keep(states, language_model(model).norm(states), image, valid,
+                                 torch.full((len(images),), 16), 4, 4)
+    for b in range(len(images)):
+        pad = int((~valid[b]).sum())
+        assert exact_kept[b] == {int(c) - pad for c in reference[b].nonzero()[:, 0]}
+    released, _ = kept_by_sample(vlm, inputs, {"name": "dart", "layer": 2, "keep": 0.25})
+    assert any(a != b for a, b in zip(released, exact_kept, strict=True))

@@ -96,3 +96,29 @@ def test_copies_keep_the_layout():
     assert torch.equal(moved.features, tokens.features) and moved.level_shapes == tokens.level_shapes
     with pytest.raises(ValueError, match="features has"):
         tokens.with_features(torch.rand(1, 3, 7))
+
+
+def test_embeddings_follow_the_tokens_through_every_copy():
+    grid, lm = torch.rand(3, 4, 4, 2), torch.rand(3, 4, 4, 5)
+    tokens = from_feature_grid(grid, 2, embeddings=lm)
+    assert tokens.embeddings.shape == (3, 20, 5)
+    level0, level1 = tokens.level_slices
+    assert torch.equal(tokens.embeddings[:, level0], lm.reshape(3, 16, 5))
+    assert torch.allclose(tokens.embeddings[:, level1.start], lm[:, :2, :2].mean((1, 2)))  # pooled like features
+    assert from_feature_grid(grid, 2).embeddings is None
+    own = from_feature_grid(grid, 2, embeddings=grid)  # features that are their own embeddings: one tensor
+    assert own.embeddings is own.features
+    for copy in (own.select_images([0, 2]), own.to("cpu"), own.select_images(slice(1, 2))):
+        assert copy.embeddings is copy.features
+    picked = tokens.select_images(torch.tensor([2, 0]))
+    assert torch.equal(picked.embeddings, tokens.embeddings[[2, 0]])
+    assert torch.equal(tokens.to("cpu").embeddings, tokens.embeddings)
+    wider = tokens.with_features(torch.rand(3, 20, 7))  # another view of the features; the LM's inputs stay
+    assert wider.embeddings is tokens.embeddings
+    assert tokens.with_embeddings(None).embeddings is None
+    with pytest.raises(ValueError, match=r"embeddings must have shape \(B, N, D_lm\) with \(B, N\) = \(3, 20\)"):
+        tokens.with_embeddings(torch.rand(3, 19, 5))
+    with pytest.raises(TypeError, match="embeddings must be a"):
+        tokens.with_embeddings([1.0])
+    with pytest.raises(ValueError, match=r"embeddings must have shape \(3, 4, 4\)"):
+        from_feature_grid(grid, 2, embeddings=torch.rand(3, 4, 5, 5))

@@ -1,11 +1,39 @@
 """DivPrune: keep a maximally diverse subset of the tokens (greedy max-min cosine distance).
 
-DivPrune treats pruning as a max-min diversity problem on the cosine distance 1 - cos(f_i, f_j) of the token
-features. Its greedy solution picks first the token farthest from its nearest neighbour, then repeatedly the
-token whose distance to the kept set (its distance to the nearest kept token) is largest. The first K picks do
-not depend on K, so the pick order is a priority: one greedy pass up to the largest budget of the batch serves
-every sample's budget, and the pass is vectorised over the batch (a loop over the K steps only, never over
-tokens or samples).
+DivPrune treats pruning as a max-min diversity problem on the cosine distance 1 - cos(e_i, e_j) of the tokens.
+Its greedy solution picks first the token farthest from its nearest neighbour, then repeatedly the token whose
+distance to the kept set (its distance to the nearest kept token) is largest. The first K picks do not depend
+on K, so the pick order is a priority: one greedy pass up to the largest budget of the batch serves every
+sample's budget, and the pass is vectorised over the batch (a loop over the K steps only, never over tokens or
+samples).
+
+As the authors run it (vbdi/divprune at 799e2d9, ``LLaVA/llava/model/llava_arch.py``:
+``pairwise_cosine_similarity`` and ``DivPrune`` at lines 147-171, called at lines 365-379 on the first forward):
+
+- the space: the language model's input embeddings of the image tokens (the projector outputs, sliced from
+  ``new_input_embeds`` at line 374), in the model's dtype (float16 in their runs); here ``tokens.embeddings``,
+  which the model families fill, in its own dtype (``space="embeddings"``, the default);
+- the distance: ``1 - cos``, with each row divided by its norm and one matrix product;
+- the first pick: the argmax over tokens of the second-smallest entry of the token's column of the distance
+  matrix (the smallest is its distance to itself), i.e. its distance to its nearest neighbour;
+- each next pick: the argmax of the minimum over the picked rows; ties go to the lower index (``argmax``);
+- the kept indices are sorted (line 379: the image tokens keep their order in the prompt);
+- the count: ``int(round(ratio * N))`` of a ratio (line 153). Here the allocator keeps exactly the count it is
+  given (min(budget, N)); a fraction in an ablation is turned into a count by :mod:`pyrtok.budget`, which rounds
+  up (0.098 of 576 tokens: 57, where upstream keeps 56), so for upstream's count of a ratio pass
+  ``int(round(ratio * N))`` as the budget.
+
+Departures: (1) in a degenerate case only, upstream leaves picked tokens in the argmax at their distance to
+themselves (about 0, float rounding), so when every token left lies within that rounding of a kept one (exact
+duplicates) it can pick a kept token again and keep fewer distinct tokens; here a picked token is never picked
+again (the allocator contract: distinct indices). (2) For LLaVA-1.6 upstream's candidates are the whole packed
+image sequence (lines 369-374: the base view, the unpadded tile grid and its ``image_newline`` tokens); here the
+candidates are ``scales``' tokens (by default the level-0 tile grid; ``scales="all"`` adds the base view), and
+newlines follow the kept rows by the family's rule. LLaVA-1.5 (one grid, ``levels=1``) has neither difference.
+
+``space="tower"`` (a named variant, pyrtok's earlier behaviour): the same greedy rule on ``tokens.features`` in
+float32, which for LLaVA-1.5 are the vision tower's outputs before the projector (for Qwen and LLaVA-NeXT the
+features already are the language model's inputs, so there the two differ only in the dtype of the distances).
 """
 
 from __future__ import annotations
@@ -19,10 +47,13 @@ from pyrtok.allocators.registry import register
 from pyrtok.allocators.scales import candidate_slice, candidates_first, check_scales
 from pyrtok.tokens import MultiScaleTokens
 
-__all__ = ["DivPruneTokens", "max_min_order"]
+__all__ = ["SPACES", "DivPruneTokens", "max_min_order"]
+
+SPACES = ("embeddings", "tower")
+"""Where DivPrune compares tokens: the language model's input embeddings (as published) or ``tokens.features``."""
 
 
-def max_min_order(features: Tensor, steps: int) -> Tensor:
+def max_min_order(features: Tensor, steps: int, dtype: torch.dtype | None = None) -> Tensor:
     """The first ``steps`` picks of greedy max-min diversity on cosine distance, per sample.
 
     Pick 1 is the token farthest from its nearest neighbour; pick t + 1 is the token, not yet picked, farthest
@@ -31,6 +62,8 @@ def max_min_order(features: Tensor, steps: int) -> Tensor:
     Args:
         features: (B, n, D) token features (finite).
         steps: picks to make, 1 <= steps <= n.
+        dtype: the dtype the distances are computed in; default: that of ``features`` (DivPrune's authors
+            compute them in the model's dtype).
 
     Returns:
         (B, steps) long indices into n, in pick order, distinct in each row.
@@ -45,13 +78,16 @@ def max_min_order(features: Tensor, steps: int) -> Tensor:
     batch, n, _ = features.shape
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= n:
         raise ValueError(f"steps must be an int in [1, {n}], got {steps!r}")
-    unit = F.normalize(features.float(), dim=-1)
-    distance = 1.0 - unit @ unit.transpose(1, 2)  # (B, n, n)
+    # x / |x| as upstream divides (F.normalize only clamps the norm, so a zero vector stays zero, not NaN)
+    unit = F.normalize(features.to(dtype or features.dtype), dim=-1)
+    distance = 1.0 - unit @ unit.transpose(1, 2)  # (B, n, n); row = a (picked) token, column = a candidate
     rows = torch.arange(batch, device=features.device)
-    eye = torch.eye(n, dtype=torch.bool, device=features.device)
-    # A lone token has no neighbour: its nearest-neighbour distance is +inf and it is picked first.
-    nearest = distance.masked_fill(eye, float("inf")).amin(dim=2)
-    pick = nearest.argmax(dim=1)
+    if n == 1:  # a lone token has no neighbour: it is the pick
+        pick = torch.zeros(batch, dtype=torch.long, device=features.device)
+    else:
+        # Each column's second-smallest entry: the smallest is the token's distance to itself.
+        nearest = distance.topk(2, dim=1, largest=False).values[:, 1]  # (B, n)
+        pick = nearest.argmax(dim=1)
     picks = [pick]
     to_set = distance[rows, pick]  # (B, n) distance of every token to its nearest picked token
     # Picked tokens sit at -inf (a minimum keeps them there), so duplicates (distance 0 to the set) and zero
@@ -67,12 +103,17 @@ def max_min_order(features: Tensor, steps: int) -> Tensor:
 
 @register("divprune")
 class DivPruneTokens(Allocator):
-    """Greedy max-min diversity on the cosine distance of the token features (DivPrune).
+    """Greedy max-min diversity on the cosine distance of the tokens (DivPrune).
 
     Args:
         scales: ``"finest"`` (default, as published: diversity among the finest level's tokens; coarser ones
             only fill a budget above the finest level's size, coarsest first) or ``"all"`` (every level's tokens
-            are candidates, compared in the one feature space they share).
+            are candidates, compared in the one space they share).
+        space: ``"embeddings"`` (default, as published: ``tokens.embeddings``, the language model's input
+            embeddings, in their own dtype; ``tokens.features`` when the tokens carry none) or ``"tower"``
+            (``tokens.features`` in float32: the vision tower's space for LLaVA-1.5).
+
+    The allocator keeps exactly the count it is given (see the module notes on upstream's rounding of a ratio).
 
     Example:
         >>> from pyrtok.tokens import from_feature_grid
@@ -81,19 +122,38 @@ class DivPruneTokens(Allocator):
         [3, 5]
     """
 
-    def __init__(self, scales: str = "finest", **options) -> None:
+    def __init__(self, scales: str = "finest", space: str = "embeddings", **options) -> None:
         super().__init__(**options)
         self.scales = check_scales(scales)
+        if space not in SPACES:
+            raise ValueError(f"space must be one of {SPACES} (the language model's input embeddings, as published, "
+                             f"or the tokens' features), got {space!r}")
+        self.space = space
 
     def reads(self, ctx: Context) -> tuple[str, ...]:
         return ("features",)
 
+    def _space(self, tokens: MultiScaleTokens) -> tuple[Tensor, torch.dtype]:
+        """The (B, N, D') tensor the distances compare, and the dtype they are computed in."""
+        if self.space == "tower" or tokens.embeddings is None:
+            features = tokens.features
+            return features, torch.float32 if self.space == "tower" else features.dtype
+        embeddings = tokens.embeddings
+        # The base class checks only the inputs it knows (features); the embeddings are checked here.
+        if not bool(torch.isfinite(embeddings.sum(dtype=torch.float32))):
+            bad = ~torch.isfinite(embeddings).flatten(1).all(1)
+            if bool(bad.any()):
+                raise ValueError(f"allocator {self.name!r}: tokens.embeddings contains NaN or infinite values "
+                                 f"(sample(s) {torch.nonzero(bad).flatten().tolist()})")
+        return embeddings, embeddings.dtype
+
     def priority(self, tokens: MultiScaleTokens, budgets: Tensor, ctx: Context) -> Tensor:
         candidates = candidate_slice(tokens, self.scales)
-        features = tokens.features[:, candidates]
+        space, dtype = self._space(tokens)
+        features = space[:, candidates]
         n = features.shape[1]
         steps = min(n, int(budgets.max()))
-        order = max_min_order(features, steps)  # (B, steps)
+        order = max_min_order(features, steps, dtype)  # (B, steps)
         # Picked tokens score by pick order; the rest of the candidates come after them.
         score = torch.full(features.shape[:2], -float(steps), device=tokens.device)
         score.scatter_(1, order, -torch.arange(steps, device=tokens.device, dtype=torch.float32).expand_as(order))

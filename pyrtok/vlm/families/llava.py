@@ -5,9 +5,11 @@ the model, and the [0, 1] pixels it produced are what the tower and every signal
 with only a tokenizer, such as the embedded model) it is resized to the tower's square with PIL's bicubic
 filter; a tensor is resized to that square with antialiased bicubic interpolation. Tokens: the tower's patch
 grid at ``vision_feature_layer`` (feature mode: pooled into coarser levels; image mode: every Gaussian level
-encoded at its own size), mapped by the model's projector after selection. Layout: the prompt's ``<image>``
-becomes K placeholders; positions are 1-D, consecutive over the kept sequence, as LLaVA's own are. Merged tokens
-(VisionZip's contextual tokens) are projected like kept ones and follow them: K + M placeholders.
+encoded at its own size), mapped by the model's projector after selection; ``tokens.embeddings`` holds every
+token through the projector (the language model's input embeddings), for allocators that compare tokens there.
+Layout: the prompt's ``<image>`` becomes K placeholders; positions are 1-D, consecutive over the kept sequence,
+as LLaVA's own are. Merged tokens (VisionZip's contextual tokens) are projected like kept ones and follow them:
+K + M placeholders.
 """
 
 from __future__ import annotations
@@ -64,6 +66,9 @@ class LlavaFamily(Family):
     def encode(self, pixels: Tensor) -> Encoded:
         pixels = self.encoder.prepare(pixels)
         tokens = self.encoder(pixels)
+        # Every token as the language model would take it (``tokens.embeddings``): what allocators that compare
+        # tokens in the language model's space read (DivPrune, as its authors run it on the projector outputs).
+        tokens = tokens.with_embeddings(self.model.model.multi_modal_projector(tokens.features))
         flops = torch.full((pixels.shape[0],), self._vision_flops(tokens), dtype=torch.float64)
         return Encoded(tokens, pixels, flops)
 

@@ -42,19 +42,21 @@ processor tiles a flat list of images.
 Lazy tiles (``lazy_tiles=True``): :meth:`encode` runs the tower on the base views only; every tile token then
 carries the feature of the base-view cell under its box centre, so allocators that score features choose
 from the base view, and pixel-signal allocators (``laplacian``, ``saliency``) choose exactly as they do
-eagerly. :meth:`after_selection` then encodes only the tiles under the kept tile tokens (their boxes, plus one
-grid cell around them where OneVision's shrinking interpolates across cells) and builds the kept tokens'
-features from them, exactly as the eager path does. With every tile kept it is the eager path. The attention
-of a tile token is likewise the base view's under its box centre, so attention allocators also choose from
-the base view; merged tokens are averaged from the features the allocator saw (base-view cells for tile
-tokens), since encoding the tiles under every merged group would encode them all. The tile encoding is the
-family's deferred step (``PyramidVLM.complete``, which callers time like encoding): it returns the group with
-its tile levels built, ``Encoded.flops`` counting the base view and the tiles each image encoded, and their
-number in ``Encoded.extras["encoded_tiles"]`` (G,).
+eagerly. :meth:`after_selection` then encodes exactly the tiles the kept tile tokens read (:meth:`needed_tiles`:
+the tiles under the level-0 cells they pool; under OneVision's shrinking, the tiles of the source cells the
+bilinear downscale gives a weight that is not 0) and builds the kept tokens' features from them, exactly as the
+eager path does (tiles no kept token reads enter the grid as zeros, with weight 0). With every tile kept it is
+the eager path. The attention of a tile token is likewise the base view's under its box centre, so attention
+allocators also choose from the base view; merged tokens are averaged from the features the allocator saw
+(base-view cells for tile tokens), since encoding the tiles under every merged group would encode them all. The
+tile encoding is the family's deferred step (``PyramidVLM.complete``, which callers time like encoding): it
+returns the group with its tile levels built, ``Encoded.flops`` counting the base view and the tiles each image
+encoded, and their number in ``Encoded.extras["encoded_tiles"]`` (G,).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -69,10 +71,25 @@ from pyrtok.images import image_tensor
 from pyrtok.tokens import MultiScaleTokens, TokenSelection, from_feature_grid, token_layout
 from pyrtok.vlm.families.base import Encoded, Family, register_family
 
-__all__ = ["NEWLINES", "LlavaNextFamily"]
+__all__ = ["NEWLINES", "LlavaNextFamily", "bilinear_reads"]
 
 NEWLINES = ("kept_rows", "all_rows", "none")
 STRATEGIES = ("default", "full")
+
+
+@functools.lru_cache(maxsize=256)
+def bilinear_reads(n_in: int, n_out: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """(n_out, n_in) bool: the source cells each output cell of one axis reads (a weight that is not 0) when
+    ``F.interpolate(mode="bilinear", align_corners=False)`` resizes that axis from ``n_in`` to ``n_out`` cells.
+
+    Found by interpolating indicators (source cell a alone set to 1, one channel each) on ``device``, with the
+    weights the kernel computes for ``dtype`` (float32 for float32 and lower precisions, float64 for float64), so
+    the float rounding of the weights is exactly the model's. An axis's weights do not depend on the other axis.
+    """
+    probe_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    probe = torch.eye(n_in, dtype=probe_dtype, device=device)[None, :, :, None]  # (1, n_in, n_in, 1)
+    out = F.interpolate(probe, [n_out, 1], mode="bilinear", align_corners=False)  # (1, n_in, n_out, 1)
+    return out[0, :, :, 0].T != 0
 
 
 @register_family
@@ -282,33 +299,57 @@ class LlavaNextFamily(Family):
         layout = token_layout(shapes, size, cells, device=fine.device)
         features = torch.cat([base, pyramid.features], dim=1)
         row = None if attention is None else torch.cat([attention[0], pyramid.attention], dim=1)
-        return MultiScaleTokens(features, **layout, level_shapes=shapes, image_size=size, attention=row)
+        # the features are already the language model's inputs (after the projector): their own embeddings
+        return MultiScaleTokens(features, **layout, level_shapes=shapes, image_size=size, attention=row,
+                                embeddings=features)
 
     # -- lazy tiles -----------------------------------------------------------------------------------
-    def needed_tiles(self, tokens: MultiScaleTokens, index: Tensor) -> Tensor:
-        """(rows * cols,) bool: the tiles the kept tokens ``index`` (K,) of one image draw on (their boxes;
-        one grid cell more where OneVision's shrinking interpolates across cells)."""
-        size = tokens.image_size
+    def tile_reads(self, size: tuple[int, int], device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+        """Which tiles each level-0 row and column of an image of (H, W) pixels reads: (h0, rows) and (w0, cols)
+        bool, so that level-0 cell (r, c) reads tile (i, j) exactly when both ``[r, i]`` and ``[c, j]`` hold.
+
+        Without shrinking, a level-0 cell is one cell of the unpadded tile grid, in one tile. OneVision's
+        ``anyres_max_N`` shrink (``F.interpolate(mode="bilinear", align_corners=False)``, a downscale by more than
+        1.1) makes output cell i of an axis read the source cells ``floor(s)`` and ``floor(s) + 1`` (where that
+        exists and its weight ``s - floor(s)`` is not 0), with ``s = max((i + 0.5) * in / out - 0.5, 0)``: only
+        cells under the output cell's span, never a margin around it. Those weights are taken from the
+        interpolation itself (see :func:`bilinear_reads`), so the float rounding is the model's own.
+        """
         rows, cols = self.tile_grid(size)
         top, bottom, left, right = self._unpad_box(size, rows, cols)
         unpadded = (bottom - top, right - left)
-        margin = 1.0 if self._shrunk(unpadded) is not None else 0.0
+        target = self._shrunk(unpadded) or unpadded
+        out = []
+        for n_in, n_out, offset, n_tiles in ((unpadded[0], target[0], top, rows), (unpadded[1], target[1], left, cols)):
+            if n_out == n_in:
+                reads = torch.eye(n_in, dtype=torch.bool, device=device)
+            else:
+                reads = bilinear_reads(n_in, n_out, torch.device(device), next(self.model.parameters()).dtype)
+            tile = (torch.arange(n_in, device=device) + offset) // self.grid  # the tile of each source cell
+            in_tile = tile[:, None] == torch.arange(n_tiles, device=device)[None]  # (n_in, n_tiles)
+            out.append((reads.float() @ in_tile.float()) > 0)  # (n_out, n_tiles)
+        return out[0], out[1]
+
+    def needed_tiles(self, tokens: MultiScaleTokens, index: Tensor) -> Tensor:
+        """(rows * cols,) bool: exactly the tiles whose features the kept tokens ``index`` (K,) of one image read
+        (a level-l tile-pyramid token reads the level-0 cells it pools, each of which reads the tiles of
+        :meth:`tile_reads`; base-view tokens read none). Computed from the tokens' integer grid positions, so no
+        pixel-box rounding can pull in a neighbouring tile."""
+        size = tokens.image_size
+        rows, cols = self.tile_grid(size)
         index = index[tokens.level[index] < tokens.num_levels - 1]
-        need = torch.zeros(rows, cols, dtype=torch.bool, device=tokens.device)
         if index.numel() == 0:
-            return need.flatten()
-        box = tokens.box[index].double()
-        scale_y, scale_x = unpadded[0] / size[0], unpadded[1] / size[1]
-        eps = 1e-6
-        y0 = ((box[:, 1] * scale_y - margin).clamp_min(0) + top) // self.grid
-        y1 = ((box[:, 3] * scale_y + margin - eps).clamp(max=unpadded[0] - eps) + top) // self.grid
-        x0 = ((box[:, 0] * scale_x - margin).clamp_min(0) + left) // self.grid
-        x1 = ((box[:, 2] * scale_x + margin - eps).clamp(max=unpadded[1] - eps) + left) // self.grid
-        r, c = torch.arange(rows, device=tokens.device), torch.arange(cols, device=tokens.device)
-        inside_r = (r[None] >= y0[:, None]) & (r[None] <= y1[:, None])  # (K, rows)
-        inside_c = (c[None] >= x0[:, None]) & (c[None] <= x1[:, None])  # (K, cols)
-        need = (inside_r[:, :, None] & inside_c[:, None, :]).any(0)
-        return need.flatten()
+            return torch.zeros(rows * cols, dtype=torch.bool, device=tokens.device)
+        row_reads, col_reads = self.tile_reads(size, tokens.device)
+        h0, w0 = tokens.level_shapes[0]
+        span = 2 ** tokens.level[index]  # level-0 cells a token pools along each axis
+        r0, c0 = tokens.row[index] * span, tokens.col[index] * span
+        i, j = torch.arange(h0, device=tokens.device), torch.arange(w0, device=tokens.device)
+        own_rows = (i[None] >= r0[:, None]) & (i[None] < (r0 + span)[:, None])  # (K, h0)
+        own_cols = (j[None] >= c0[:, None]) & (j[None] < (c0 + span)[:, None])  # (K, w0)
+        tile_rows = (own_rows.float() @ row_reads.float()) > 0  # (K, rows)
+        tile_cols = (own_cols.float() @ col_reads.float()) > 0  # (K, cols)
+        return (tile_rows[:, :, None] & tile_cols[:, None, :]).any(0).flatten()
 
     @property
     def defers(self) -> bool:

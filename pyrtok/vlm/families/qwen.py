@@ -138,7 +138,8 @@ class QwenVLFamily(Family):
                              "use image_pixels() first")
         if self.mode == "feature":
             merged, deep = self._tower(pixels)
-            tokens = from_feature_grid(merged, self.levels, image_size=(height, width))
+            # the merged tokens are the language model's inputs: they are their own embeddings
+            tokens = from_feature_grid(merged, self.levels, image_size=(height, width), embeddings=merged)
             extras = {}
             if deep:
                 pooled = [from_feature_grid(d, self.levels, image_size=(height, width)).features for d in deep]
@@ -161,7 +162,8 @@ class QwenVLFamily(Family):
         level_shapes = tuple((g.shape[1], g.shape[2]) for g in grids)
         layout = token_layout(level_shapes, (height, width), tuple(cells), device=pixels.device)
         features = torch.cat([rearrange(g, "b h w d -> b (h w) d") for g in reversed(grids)], dim=1)
-        tokens = MultiScaleTokens(features, **layout, level_shapes=level_shapes, image_size=(height, width))
+        tokens = MultiScaleTokens(features, **layout, level_shapes=level_shapes, image_size=(height, width),
+                                  embeddings=features)
         extras = {}
         if deeps[0]:
             per_layer = [torch.cat([rearrange(d[k], "b h w d -> b (h w) d") for d in reversed(deeps)], dim=1)

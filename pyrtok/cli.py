@@ -32,7 +32,7 @@ COMMANDS = {
     "demo": ("pyrtok.demo", "decompose a bundled photograph, reconstruct it, draw the levels"),
     "fit-difficulty": ("pyrtok.signals.difficulty", "refit the shipped difficulty calibration"),
     "make-shapes": ("pyrtok.data.make", "write splits of the procedural shapes VQA benchmark (JSONL + PNG)"),
-    "train-vlm": ("pyrtok.embedded.train", "train a tiny LLaVA on the shapes VQA benchmark with random allocations"),
+    "train-vlm": ("pyrtok.embedded.train", "train a tiny VLM (LLaVA or Qwen2.5-VL) on the shapes VQA benchmark"),
     "export-vlm": ("pyrtok.embedded.export", "write a train-vlm checkpoint as a HF model folder"),
     "pretrain": ("pyrtok.pretrain.train", "MAE pretraining with pixel and/or Laplacian loss (YAML config)"),
     "pretrain-eval": ("pyrtok.pretrain.evaluate", "PSNR, SSIM and per-band errors of pretrained MAEs"),

@@ -68,6 +68,9 @@ from typing import Any
 
 import torch
 
+from pyrtok.embedded.tokenizer import QWEN_SPECIAL as _QWEN_SPECIAL
+from pyrtok.embedded.tokenizer import chatml_template as _chatml_template
+
 __all__ = ["ARCHITECTURES", "FAMILIES", "save_tiny_vlm"]
 
 FAMILIES: tuple[str, ...] = ("llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_next", "llava_onevision",
@@ -153,9 +156,6 @@ def save_tiny_vlm(family: str, folder: str | Path, *, seed: int = 0, text_layers
 # -- tokenizers -------------------------------------------------------------------------------------------------
 
 _LLAVA_SPECIAL = {"pad": "<pad>", "unk": "<unk>", "bos": "<s>", "eos": "</s>", "image": "<image>"}
-_QWEN_SPECIAL = {"pad": "<|endoftext|>", "unk": "<unk>", "eos": "<|im_end|>", "im_start": "<|im_start|>",
-                 "vision_start": "<|vision_start|>", "vision_end": "<|vision_end|>", "image": "<|image_pad|>",
-                 "video": "<|video_pad|>"}
 _ONEVISION_SPECIAL = {"pad": "<|endoftext|>", "unk": "<unk>", "eos": "<|im_end|>", "im_start": "<|im_start|>",
                       "image": "<image>", "video": "<video>"}
 
@@ -196,29 +196,6 @@ _ONEVISION_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
 )
-
-
-def _chatml_template(default_system: str | None) -> str:
-    """Qwen's ChatML layout: each image becomes <|vision_start|><|image_pad|><|vision_end|> in place."""
-    system = (
-        "{%- if messages[0]['role'] != 'system' -%}"
-        "{{ '<|im_start|>system\\n" + default_system + "<|im_end|>\\n' }}{%- endif -%}"
-        if default_system else ""
-    )
-    return (
-        system
-        + "{%- for message in messages -%}"
-        "{{ '<|im_start|>' + message['role'] + '\\n' }}"
-        "{%- if message['content'] is string -%}{{ message['content'] }}"
-        "{%- else -%}{%- for part in message['content'] -%}"
-        "{%- if part['type'] == 'image' -%}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
-        "{%- elif part['type'] == 'video' -%}{{ '<|vision_start|><|video_pad|><|vision_end|>' }}"
-        "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
-        "{%- endfor -%}{%- endif -%}"
-        "{{ '<|im_end|>\\n' }}"
-        "{%- endfor -%}"
-        "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
-    )
 
 
 # InternVL (Qwen2 text): ChatML, each image written as "<IMG_CONTEXT>\n" in place; the processor wraps it in

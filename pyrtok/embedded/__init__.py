@@ -2,7 +2,8 @@
 
 - :mod:`pyrtok.embedded.tokenizer`: the word-level tokenizer built offline from a word list (also used by
   :mod:`pyrtok.testing`'s tiny models of every family);
-- :mod:`pyrtok.embedded.tiny`: the tiny LLaVA's construction, its dense heads, and the two as one module;
+- :mod:`pyrtok.embedded.tiny`: the tiny VLMs' construction (LLaVA, Qwen2.5-VL: ``model.architecture``), their
+  dense heads, and the two as one module;
 - :mod:`pyrtok.embedded.train`: ``pyrtok train-vlm``, staged training on the shapes VQA benchmark;
 - :mod:`pyrtok.embedded.export`: ``pyrtok export-vlm``, a checkpoint as a HF model folder.
 """

@@ -2,7 +2,8 @@
 
 Tiny VLMs trained from scratch (tests, the embedded default model) need a tokenizer that saves with
 ``save_pretrained`` and loads with ``AutoTokenizer`` without a download: lower-cased words and
-punctuation, one id each, plus the special tokens a LLaVA prompt uses.
+punctuation, one id each, plus the special tokens a LLaVA or a Qwen2-VL-family prompt uses (and Qwen's ChatML
+chat template).
 """
 
 from __future__ import annotations
@@ -56,3 +57,32 @@ def word_tokenizer(words: Iterable[str], image_token: str = "<image>", special: 
              if key in ("image", "video", "vision_start", "vision_end")}
     return PreTrainedTokenizerFast(tokenizer_object=core, **named, extra_special_tokens=extra, padding_side="left",
                                    chat_template=chat_template)
+
+
+QWEN_SPECIAL = {"pad": "<|endoftext|>", "unk": "<unk>", "eos": "<|im_end|>", "im_start": "<|im_start|>",
+                 "vision_start": "<|vision_start|>", "vision_end": "<|vision_end|>", "image": "<|image_pad|>",
+                 "video": "<|video_pad|>"}
+"""The special tokens of a Qwen2-VL-family prompt, by role; ids follow this order."""
+
+
+def chatml_template(default_system: str | None) -> str:
+    """Qwen's ChatML layout: each image becomes <|vision_start|><|image_pad|><|vision_end|> in place."""
+    system = (
+        "{%- if messages[0]['role'] != 'system' -%}"
+        "{{ '<|im_start|>system\\n" + default_system + "<|im_end|>\\n' }}{%- endif -%}"
+        if default_system else ""
+    )
+    return (
+        system
+        + "{%- for message in messages -%}"
+        "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+        "{%- if message['content'] is string -%}{{ message['content'] }}"
+        "{%- else -%}{%- for part in message['content'] -%}"
+        "{%- if part['type'] == 'image' -%}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+        "{%- elif part['type'] == 'video' -%}{{ '<|vision_start|><|video_pad|><|vision_end|>' }}"
+        "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
+        "{%- endfor -%}{%- endif -%}"
+        "{{ '<|im_end|>\\n' }}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+    )

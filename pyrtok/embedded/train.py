@@ -1,8 +1,12 @@
-"""``pyrtok train-vlm --config configs/embedded/<name>.yaml``: train a tiny LLaVA on the shapes VQA benchmark.
+"""``pyrtok train-vlm --config configs/embedded/<name>.yaml``: train a tiny VLM on the shapes VQA benchmark.
 
-The model is a HF ``LlavaForConditionalGeneration`` (CLIP vision tower, 2-layer projector, Llama decoder)
-with a word-level tokenizer (:mod:`pyrtok.embedded.tiny`); both are saved with ``save_pretrained`` so that
-``PyramidVLM.from_pretrained`` and plain transformers load the result offline.
+The model (``model.architecture``) is a HF ``LlavaForConditionalGeneration`` (CLIP vision tower, 2-layer
+projector, Llama decoder; ``llava``) or ``Qwen2_5_VLForConditionalGeneration`` (native-resolution ViT with window
+attention, the 2x2 patch merger, a Qwen2 decoder with M-RoPE, its own processor and chat template;
+``qwen2_5_vl``), with a word-level tokenizer (:mod:`pyrtok.embedded.tiny`); all are saved with
+``save_pretrained`` so that ``PyramidVLM.from_pretrained`` and plain transformers load the result offline. One
+loop trains both; what differs (the tower, the level-0 grid, the scene feature, the conversation's template)
+is the architecture's (:class:`pyrtok.embedded.tiny.Architecture`).
 
 Training sees the model exactly as evaluation will: every step encodes a batch of procedural scenes into a
 3-level token pyramid, one allocator drawn from ``allocation.allocators`` keeps a random fraction of the
@@ -15,7 +19,8 @@ token sets it was trained on.
 
 Training is staged, because a tiny model trained end to end from scratch answers from the question alone
 (the language prior) long before it learns to look. Stage 1 (``train.dense_steps``) trains only the vision
-tower, with linear heads on its level-0 tokens that predict what each patch shows (the colour and shape of
+tower, with linear heads on its level-0 tokens (LLaVA: the tower's patch states; Qwen: the merged tokens,
+after the merger, at the grid the language model sees) that predict what each patch shows (the colour and shape of
 the large object covering it, the glyph of the small label, the colour of a tiny dot;
 :func:`pyrtok.data.shapes_vqa.patch_targets`) and where it is (its row and column, so that the features
 carry their location once an allocator has dropped tokens). Stage 2 trains the VLM on the answers. Its
@@ -33,11 +38,15 @@ config without it, so a finished run can be extended by resuming it under a conf
 With ``train.cls_weight`` > 0, stage 1 also trains the tower's [CLS] token (at the feature layer) to predict
 what the scene holds (:func:`pyrtok.data.shapes_vqa.scene_labels`), so that [CLS] attention reads the scene;
 ``cls.jsonl`` logs how much of that attention falls on content (:func:`pyrtok.embedded.tiny.cls_focus`) at the end
-of stage 1 and at every evaluation. ``train.wording`` gives the probabilities of training wordings of a turn
+of stage 1 and at every evaluation. Qwen's tower has no [CLS]: its scene head reads the mean of the merged tokens
+(and there is no ``cls.jsonl``). ``train.wording`` gives the probabilities of training wordings of a turn
 (the short-answer suffix of stock lmms-eval tasks, POPE's "in the image" form, unknown words;
 :func:`~pyrtok.data.conversations.reword`), and ``model.stock_prompts`` adds the stock prompts' words to the
-tokenizer; validation always asks the bare benchmark prompt.
-The tower can be frozen for the first ``train.freeze_vision_steps`` steps of stage 2 (or all of them); while it trains,
+tokenizer; validation always asks the bare benchmark prompt (in the model's own chat template for Qwen, as
+the harness does). A LLaVA conversation is ``USER: <image> q1 ASSISTANT: a1 </s> USER: q2 ...``; a Qwen one is
+the model's ChatML (default system message, the image in the first user turn).
+The tower can be frozen for the first ``train.freeze_vision_steps`` steps of stage 2 (or all of them; Qwen's
+merger, its projector, trains with the language model like LLaVA's projector); while it trains,
 the dense (and [CLS]) losses stay on as an auxiliary term (``train.dense_weight``). The vision tower can also start
 from a ``pyrtok pretrain`` encoder (``init.vision_tower``). ``model.text_init_std`` sets the initial weight
 scale of the language model and the projector (LLaVA initialises both from the text config), and
@@ -49,12 +58,14 @@ the same script runs multi-process (``accelerate launch --multi_gpu --num_proces
 --config ...``; on CPU processes ``ACCELERATE_USE_CPU=true torchrun --nproc_per_node N -m ...``). Validation
 scores answers with the harness's first-word exact match (:func:`pyrtok.metrics.first_word_match`), so its
 numbers mean what an ablation table's do. Outputs under ``train.output``: ``log.jsonl``, ``eval.jsonl``
-(accuracy per family and budget), ``checkpoints/``, and ``model/`` (the final model and tokenizer).
+(accuracy per family and budget), ``checkpoints/``, and ``model/`` (the final model and its processor: a
+LLaVA's is its tokenizer).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -69,19 +80,25 @@ from pyrtok._training import Run, lr_factor, optimizer_step, restarts, step_gene
 from pyrtok.allocators import Allocator, available, budget_tokens
 from pyrtok.allocators.base import Context
 from pyrtok.data.conversations import PROMPT, WORDING, scene_batch
-from pyrtok.embedded.tiny import Trainee, build, cls_focus
+from pyrtok.embedded.tiny import Trainee, architecture, build, cls_focus
 from pyrtok.metrics import first_word_match
 from pyrtok.tokens import MultiScaleTokens, pyramid_tokens
 
 # build: the harness and its tests build the tiny model from a train-vlm config through this module
-__all__ = ["DEFAULTS", "MIX", "TrainingMix", "build", "evaluate", "load_config", "main", "num_tokens", "train"]
+__all__ = ["DEFAULTS", "MIX", "TrainingMix", "build", "evaluate", "load_config", "main", "num_tokens", "target_patch",
+           "train"]
 
 MIX = "mix"
 """The name that stands for :class:`TrainingMix` in ``allocation.allocators`` (not a registered allocator)."""
 
 DEFAULTS: dict[str, Any] = {
     "seed": 0,
-    "model": {"image_size": 224, "patch_size": 16, "vision_hidden": 128, "vision_layers": 3, "vision_heads": 4,
+    # image_size: the scenes' side; the rest of the first line is Qwen's only (resolution: the side its processor
+    # resizes every square to; fullatt_blocks: the tower blocks with full attention, the others windowed);
+    # feature_layer is LLaVA's only
+    "model": {"architecture": "llava", "image_size": 224, "resolution": None, "merge_size": 2,
+              "temporal_patch_size": 2, "window_size": 112, "fullatt_blocks": [], "text_kv_heads": None,
+              "patch_size": 16, "vision_hidden": 128, "vision_layers": 3, "vision_heads": 4,
               "vision_intermediate": 512, "text_hidden": 128, "text_layers": 3, "text_heads": 4,
               "text_intermediate": 512, "text_init_std": 0.02, "text_rope_theta": 10000.0, "levels": 3,
               "feature_layer": -2, "stock_prompts": False},
@@ -106,7 +123,8 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
 
 
 def num_tokens(config: dict[str, Any], levels: int | None = None) -> int:
-    """Tokens in the pyramid of one image: the patch grid and its ceil-halved pooled levels.
+    """Tokens in the pyramid of one image: the level-0 grid (LLaVA's patch grid, Qwen's merged grid) and its
+    ceil-halved pooled levels.
 
     ``levels`` counts only the finest that many levels (default: all of ``model.levels``).
     """
@@ -114,8 +132,15 @@ def num_tokens(config: dict[str, Any], levels: int | None = None) -> int:
     levels = m["levels"] if levels is None else levels
     if not 1 <= levels <= m["levels"]:
         raise ValueError(f"levels must be in [1, model.levels={m['levels']}], got {levels}")
-    side = m["image_size"] // m["patch_size"]
+    side = architecture(config).grid(m)
     return pyramid_tokens((side, side), levels)
+
+
+def target_patch(config: dict[str, Any]) -> int:
+    """The side, in scene pixels, of one level-0 token: the patch of the dense targets
+    (:func:`~pyrtok.data.shapes_vqa.patch_targets`)."""
+    m = config["model"]
+    return m["image_size"] // architecture(config).grid(m)
 
 
 class TrainingMix(Allocator):
@@ -213,15 +238,19 @@ def _allocation(config: dict[str, Any], stage_step: int, size: int, generator: t
 
 
 @torch.no_grad()
-def evaluate(vlm_for: Any, config: dict[str, Any], device: torch.device) -> list[dict[str, Any]]:
+def evaluate(vlm_for: Any, config: dict[str, Any], device: torch.device,
+             prompt: Callable[[str], str] | None = None) -> list[dict[str, Any]]:
     """Accuracy per family on the first ``eval_questions`` validation scenes, per allocator and budget.
 
     ``vlm_for(name)`` gives the :class:`~pyrtok.vlm.PyramidVLM` of allocator ``name``; ``train.eval_budgets``
-    are fractions of the tokens (:func:`~pyrtok.allocators.budget_tokens`). An answer is right when its first
-    word is the answer (:func:`~pyrtok.metrics.first_word_match`, the harness's ``exact`` metric).
+    are fractions of the tokens (:func:`~pyrtok.allocators.budget_tokens`). ``prompt(question)`` is the
+    evaluation prompt (default: LLaVA-1.5's :data:`~pyrtok.data.conversations.PROMPT`; a model with a chat
+    template: :meth:`PyramidVLM.chat_prompt`). An answer is right when its first word is the answer
+    (:func:`~pyrtok.metrics.first_word_match`, the harness's ``exact`` metric).
     """
     t, size = config["train"], config["model"]["image_size"]
     n = num_tokens(config)
+    prompt = prompt or (lambda question: PROMPT.format(question=question))
     rows = []
     images, items = scene_batch("validation", 0, t["eval_questions"], size)
     full: dict[str, float] | None = None  # every allocator keeps every token at a full budget: score it once
@@ -236,7 +265,7 @@ def evaluate(vlm_for: Any, config: dict[str, Any], device: torch.device) -> list
             for start in range(0, len(items), 32):
                 chunk = items[start : start + 32]
                 out = vlm.generate(images[start : start + 32].to(device),
-                                   [PROMPT.format(question=i["question"]) for i in chunk],
+                                   [prompt(i["question"]) for i in chunk],
                                    budget=budget, max_new_tokens=2)
                 for item, text in zip(chunk, out.texts, strict=True):
                     correct[item["family"]].append(first_word_match(text, [item["answer"]]))
@@ -253,13 +282,22 @@ def _focus(trainee: Trainee, config: dict[str, Any], device: torch.device) -> di
     the patches the dense targets mark (large objects, the label, the dots)."""
     m = config["model"]
     images, _, targets = scene_batch("validation", 0, config["train"]["focus_scenes"], m["image_size"],
-                                     config["seed"], m["patch_size"])
+                                     config["seed"], target_patch(config))
     covered = (targets["colour"] > 0) | (targets["glyph"] > 0) | (targets["dot"] > 0)
     return cls_focus(trainee.vlm("all"), images.to(device), covered)
 
 
 def _check(config: dict[str, Any]) -> None:
     t, m, a = config["train"], config["model"], config["allocation"]
+    arch = architecture(config)
+    if arch.name == "qwen2_5_vl":
+        factor = m["patch_size"] * m["merge_size"]
+        if not isinstance(m["resolution"], int) or m["resolution"] < factor or m["resolution"] % factor:
+            raise ValueError(f"model.resolution must be a positive multiple of patch_size x merge_size = {factor} "
+                             f"for a Qwen2.5-VL, got {m['resolution']!r}")
+    if m["image_size"] % arch.grid(m):
+        raise ValueError(f"model.image_size {m['image_size']} must be a multiple of the level-0 grid "
+                         f"{arch.grid(m)} (the dense targets' patches)")
     if not 0 <= t["dense_steps"] < t["steps"]:
         raise ValueError(f"train.dense_steps must be in [0, train.steps={t['steps']}), got {t['dense_steps']}")
     restart_steps = sum(p["steps"] for p in restarts(t))
@@ -285,8 +323,9 @@ def train(config: dict[str, Any], resume: bool = True, progress: bool = True, st
     t, m = config["train"], config["model"]
     run = Run(config)
     accelerator = run.accelerator
-    llava, tokenizer = build(config)
-    trainee = Trainee(llava, tokenizer, m["levels"])
+    vlm_model, processor = build(config)
+    trainee = Trainee(vlm_model, processor, config)
+    arch, patch = trainee.arch, target_patch(config)
     optimizer = torch.optim.AdamW(trainee.parameters(), lr=t["lr"], weight_decay=t["weight_decay"])
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, t))
     model, optimizer, scheduler = accelerator.prepare(trainee, optimizer, schedule)
@@ -300,12 +339,13 @@ def train(config: dict[str, Any], resume: bool = True, progress: bool = True, st
         stage2 = step >= t["dense_steps"]
         size = t["batch_size"] if stage2 else t["dense_batch_size"]
         first = (step * world + rank) * max(t["batch_size"], t["dense_batch_size"])
-        images, items, targets = scene_batch("train", first, size, m["image_size"], config["seed"], m["patch_size"],
+        images, items, targets = scene_batch("train", first, size, m["image_size"], config["seed"], patch,
                                              turns=turns_at(step, t), wording=wording)
         images, targets = images.to(device), {name: v.to(device) for name, v in targets.items()}
         if stage2:
             stage_step = step - t["dense_steps"]
-            trainee.llava.model.vision_tower.requires_grad_(stage_step >= t["freeze_vision_steps"])
+            for module in arch.tower(trainee.model):
+                module.requires_grad_(stage_step >= t["freeze_vision_steps"])
             allocator, budgets = _allocation(config, stage_step, size, generator)
             dense, scene, answer, counts = model(images, targets, items, mix if allocator == MIX else allocator,
                                                  budgets, generator)
@@ -327,18 +367,19 @@ def train(config: dict[str, Any], resume: bool = True, progress: bool = True, st
             run.log("log.jsonl", row)
         if stage2 and (done % t["eval_every"] == 0 or done == t["steps"]) and run.is_main:
             trainee.eval()
-            rows = evaluate(trainee.vlm, config, device)
+            rows = evaluate(trainee.vlm, config, device, lambda question: arch.prompt(trainee.vlm("all"), question))
             trainee.train()
             run.log("eval.jsonl", *({"step": done, **row} for row in rows))
-        if t["cls_weight"] and (done == t["dense_steps"] or (stage2 and done % t["eval_every"] == 0)) and run.is_main:
+        focus_due = done == t["dense_steps"] or (stage2 and done % t["eval_every"] == 0)
+        if t["cls_weight"] and arch.has_cls and focus_due and run.is_main:
             trainee.eval()
             run.log("cls.jsonl", {"step": done, **_focus(trainee, config, device)})
             trainee.train()
         if done % t["checkpoint_every"] == 0 or done == run.end:
             run.checkpoint(done, t["keep_checkpoints"])
     if run.is_main and run.finished:
-        trainee.llava.save_pretrained(run.output / "model")
-        tokenizer.save_pretrained(run.output / "model")
+        trainee.model.save_pretrained(run.output / "model")
+        processor.save_pretrained(run.output / "model")
     accelerator.wait_for_everyone()
     return run.output
 

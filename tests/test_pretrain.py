@@ -129,7 +129,7 @@ def test_lap_weights_and_composite_options():
         Objective(pixel=0.0, lap=1.0, lap_levels=4, lap_weights=[1.0, 1.0])
 
 
-def test_data_is_deterministic_per_step_and_rank(tmp_path):
+def test_data_is_deterministic_per_step_and_rank(tmp_path, monkeypatch):
     pool = ImagePool(samples=["astronaut", "chelsea"])
     a = pool.batch(4, 32, seed=0, step=5)
     assert a.shape == (4, 3, 32, 32) and 0 <= a.min() and a.max() <= 1
@@ -146,6 +146,8 @@ def test_data_is_deterministic_per_step_and_rank(tmp_path):
     with pytest.raises(FileNotFoundError):
         ImagePool(samples=[], folders=[tmp_path / "missing"])
     (tmp_path / "broken.png").write_bytes((tmp_path / "red.png").read_bytes()[:60])  # truncated
+    # Pillow's own default: lmms-eval's task module, imported by other tests, sets this flag process-wide
+    monkeypatch.setattr("PIL.ImageFile.LOAD_TRUNCATED_IMAGES", False)
     with pytest.raises(ValueError, match=r"image file '.*broken\.png'"):
         ImagePool(samples=[], folders=[tmp_path])
     (tmp_path / "broken.png").unlink()

@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 from pyrtok._timing import sync
 from pyrtok.allocators import budget_tokens, resolve
 from pyrtok.images import open_image
+from pyrtok.registry import is_yaml_path
 from pyrtok.vlm.schedules import resolve_schedule
 
 __all__ = ["EMPTY_ANSWER", "Cell", "LoadedModel", "load_model", "run"]
@@ -150,19 +151,18 @@ def fingerprint(config: AblationConfig, model: ModelSpec, task: TaskSpec, alloca
     """A short hash of everything that shapes a row besides its key: the model, task and allocator specs
     (an allocator YAML by its content), the seed and the batch size. Rows of another fingerprint are never
     taken as done, so a resumed run with a changed config recomputes instead of mixing results."""
-    spec = config.allocator_specs[allocator]
-    if isinstance(spec, str) and spec.endswith((".yaml", ".yml")) and Path(spec).is_file():
-        spec = Path(spec).read_text()
-    parts = [asdict(model), asdict(task), spec, config.seed, config.batch_size]
+    parts = [asdict(model), asdict(task), _content(config.allocator_specs[allocator]), config.seed,
+             config.batch_size]
     if schedule is not None:
-        schedule_spec = config.schedule_specs[schedule]
-        if isinstance(schedule_spec, str) and schedule_spec.endswith((".yaml", ".yml")) \
-                and Path(schedule_spec).is_file():
-            schedule_spec = Path(schedule_spec).read_text()
         # "twin-seeded": a scheduled cell draws its allocator's randomness as its unscheduled twin does
-        parts += [schedule_spec, "twin-seeded"]
+        parts += [_content(config.schedule_specs[schedule]), "twin-seeded"]
     payload = json.dumps(parts, sort_keys=True, default=str)
     return f"{zlib.crc32(payload.encode()):08x}"
+
+
+def _content(spec: Any) -> Any:
+    """A spec as it shapes rows: a YAML file by its text, anything else as it is."""
+    return Path(spec).read_text() if isinstance(spec, str) and is_yaml_path(spec) and Path(spec).is_file() else spec
 
 
 def _load_image(record: dict[str, Any]) -> Image.Image:

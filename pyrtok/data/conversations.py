@@ -233,26 +233,28 @@ def conversation(item: dict) -> str:
                           for q in item.get("more", []))
 
 
-def answer_labels(input_ids: Tensor, tokenizer: Any) -> Tensor:
+def answer_labels(input_ids: Tensor, tokenizer: Any, opening: tuple[str, str] = ("assistant", ":")) -> Tensor:
     """(B, T) labels of tokenised :func:`conversation` texts that keep every answer and mask the rest (-100).
 
-    An answer is the tokens after each ``assistant :`` up to and including its ``</s>``; padding, prompts
-    and image placeholders are masked, so the loss is on the answers alone.
+    An answer is the tokens after each ``opening`` pair (``assistant :``; ChatML: ``<|im_start|> assistant``)
+    up to and including the tokenizer's eos (``</s>``; ChatML: ``<|im_end|>``); padding, prompts and image
+    placeholders are masked, so the loss is on the answers alone.
 
     Args:
         input_ids: (B, T) token ids (left padding and expanded image placeholders allowed).
-        tokenizer: the word-level tokenizer that knows ``assistant``, ``:`` and ``</s>``.
+        tokenizer: the word-level tokenizer that knows both ``opening`` tokens and its eos.
+        opening: the two tokens that open an answer.
     """
     if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
         raise ValueError(f"input_ids must be a (B, T) tensor, got {getattr(input_ids, 'shape', input_ids)!r}")
-    assistant, colon = tokenizer.convert_tokens_to_ids(["assistant", ":"])
+    first, second = tokenizer.convert_tokens_to_ids(list(opening))
     eos = tokenizer.eos_token_id
     rows = []
     for row in input_ids.tolist():
         labels, answering, previous = [], False, None
         for token in row:
             labels.append(token if answering else -100)
-            answering = token != eos if answering else (previous, token) == (assistant, colon)
+            answering = token != eos if answering else (previous, token) == (first, second)
             previous = token
         rows.append(labels)
     return torch.tensor(rows, dtype=input_ids.dtype, device=input_ids.device)

@@ -281,19 +281,7 @@ def chat_answer_labels(input_ids: Tensor, tokenizer: Any) -> Tensor:
     An answer is the tokens after each ``<|im_start|> assistant`` up to and including its ``<|im_end|>`` (the
     tokenizer's eos); padding, the system and user turns and image placeholders are masked.
     """
-    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be a (B, T) tensor, got {getattr(input_ids, 'shape', input_ids)!r}")
-    start, assistant = tokenizer.convert_tokens_to_ids(["<|im_start|>", "assistant"])
-    eos = tokenizer.eos_token_id
-    rows = []
-    for row in input_ids.tolist():
-        labels, answering, previous = [], False, None
-        for token in row:
-            labels.append(token if answering else -100)
-            answering = token != eos if answering else (previous, token) == (start, assistant)
-            previous = token
-        rows.append(labels)
-    return torch.tensor(rows, dtype=input_ids.dtype, device=input_ids.device)
+    return answer_labels(input_ids, tokenizer, opening=("<|im_start|>", "assistant"))
 
 
 class DenseHeads(nn.Module):

@@ -130,8 +130,8 @@ class Registry(Generic[T]):
             return self.create(options.pop("name"), argument, **options)
         if isinstance(spec, str):
             if spec not in self._classes:
-                raise ValueError(f"{argument} must be a registered {self.kind} {self.available()} or a {self.kind} "
-                                 f"YAML path, got {spec!r}{suggest(spec, self.available())}")
+                raise ValueError(f"{argument} must be a registered {self.kind} {self.available()} or a YAML path, "
+                                 f"got {spec!r}{suggest(spec, self.available())}")
             return self.create(spec, argument)
         article = "an" if self.base.__name__[0] in "AEIOU" else "a"
         raise TypeError(f"{argument} must be {article} {self.base.__name__}, a registered name {self.available()}, "

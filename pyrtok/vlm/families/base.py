@@ -148,6 +148,19 @@ class Family:
         """
         return (attention_mask.cumsum(-1) - 1).clamp_min(0)
 
+    def encode_needed_tiles(self, tokens: MultiScaleTokens, tiles: Tensor,
+                            selection: TokenSelection) -> tuple[Tensor, Tensor]:
+        """Lazy tiles, for families with ``needed_tiles(tokens, index) -> (T,) bool`` and ``_tower(pixels)``:
+        (G, T, P, D) features of the tiles (G, T, 3, s, s) that the kept tokens read (zeros elsewhere), and the
+        (G, T) bool of those tiles."""
+        need = torch.stack([self.needed_tiles(tokens, selection.index[g, : int(selection.count[g])])
+                            for g in range(tiles.shape[0])])
+        features = torch.zeros(*need.shape, self.grid**2, tokens.dim, dtype=tokens.features.dtype,
+                               device=tokens.device)
+        if bool(need.any()):
+            features[need] = self._tower(tiles[need])[0].to(features.dtype)
+        return features, need
+
     @staticmethod
     def gather_kept(features: Tensor, selection: TokenSelection,
                     project: Callable[[Tensor], Tensor] | None = None) -> list[Tensor]:

@@ -302,12 +302,7 @@ class InternVLFamily(Family):
         if not self.lazy_tiles or rows * cols == 1:
             return encoded
         tiles = encoded.extras[self.tiles_key]  # (G, T, 3, s, s)
-        need = torch.stack([self.needed_tiles(tokens, selection.index[g, : int(selection.count[g])])
-                            for g in range(tiles.shape[0])])  # (G, T)
-        features = torch.zeros(*need.shape, self.grid**2, tokens.dim, dtype=tokens.features.dtype,
-                               device=tokens.device)
-        if bool(need.any()):
-            features[need] = self._tower(tiles[need])[0].to(features.dtype)
+        features, need = self.encode_needed_tiles(tokens, tiles, selection)
         thumb = tokens.features[:, : self.grid**2]
         built = self._tokens(self._fine_grid(features, rows, cols), thumb, tokens.image_size)
         count = need.sum(-1)

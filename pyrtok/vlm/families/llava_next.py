@@ -365,12 +365,7 @@ class LlavaNextFamily(Family):
         size = tokens.image_size
         rows, cols = self.tile_grid(size)
         tiles = encoded.extras[self.tiles_key]  # (G, T, 3, s, s)
-        need = torch.stack([self.needed_tiles(tokens, selection.index[g, : int(selection.count[g])])
-                            for g in range(tiles.shape[0])])  # (G, T)
-        features = torch.zeros(*need.shape, self.grid**2, tokens.dim, dtype=tokens.features.dtype,
-                               device=tokens.device)
-        if bool(need.any()):
-            features[need] = self._tower(tiles[need])[0].to(features.dtype)
+        features, need = self.encode_needed_tiles(tokens, tiles, selection)
         base = tokens.features[:, : self.grid**2]
         built = self._tokens(base, self._fine_grid(features, size, rows, cols), size)
         count = need.sum(-1)

@@ -114,6 +114,9 @@ class MultiScaleTokens:
             projector), filled by the model families so that allocators that compare tokens in that space (as
             DivPrune's authors do) need no family knowledge; it may be the ``features`` tensor itself where those
             already are in the language model's space (Qwen, LLaVA-NeXT). None outside a VLM.
+        keys: optional (B, N, D_k) the feature layer's attention keys of every token, heads averaged (coarser
+            levels pooled like the features), for methods that compare tokens there (VisionZip groups its
+            contextual tokens by them); filled by towers that expose them.
     """
 
     features: Tensor
@@ -126,6 +129,7 @@ class MultiScaleTokens:
     cls: Tensor | None = None
     attention: Tensor | None = None
     embeddings: Tensor | None = None
+    keys: Tensor | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.features, Tensor) or self.features.dim() != 3:
@@ -156,6 +160,10 @@ class MultiScaleTokens:
             if self.embeddings.dim() != 3 or self.embeddings.shape[:2] != self.features.shape[:2]:
                 raise ValueError(f"embeddings must have shape (B, N, D_lm) with (B, N) = "
                                  f"{tuple(self.features.shape[:2])}, got {tuple(self.embeddings.shape)}")
+        if self.keys is not None and (not isinstance(self.keys, Tensor) or self.keys.dim() != 3
+                                      or self.keys.shape[:2] != self.features.shape[:2]):
+            raise ValueError(f"keys must have shape (B, N, D_k) with (B, N) = {tuple(self.features.shape[:2])}, "
+                             f"got {getattr(self.keys, 'shape', type(self.keys).__name__)}")
 
     @property
     def batch_size(self) -> int:
@@ -229,13 +237,13 @@ class MultiScaleTokens:
         return replace(self, **out)
 
     def select_images(self, index: Tensor | slice | Sequence[int]) -> MultiScaleTokens:
-        """The tokens of some of the images: ``features[index]`` (and ``cls``/``attention``/``embeddings``),
-        same layout."""
-        return self._apply(("features", "cls", "attention", "embeddings"), lambda t: t[index])
+        """The tokens of some of the images: ``features[index]`` (and ``cls``/``attention``/``embeddings``/
+        ``keys``), same layout."""
+        return self._apply(("features", "cls", "attention", "embeddings", "keys"), lambda t: t[index])
 
     def to(self, device: torch.device | str) -> MultiScaleTokens:
         """A copy with every tensor on ``device``."""
-        tensors = ("features", "level", "row", "col", "box", "cls", "attention", "embeddings")
+        tensors = ("features", "level", "row", "col", "box", "cls", "attention", "embeddings", "keys")
         return self._apply(tensors, lambda t: t.to(device))
 
 
@@ -281,12 +289,15 @@ class TokenSelection:
         count: (B,) number of valid entries per row (kept tokens only).
         merged: optional :class:`MergedTokens` (B, M); they count against the budget (see :attr:`total`), and
             consumers place them after the kept tokens.
+        cls: optional (B,) bool: the image's [CLS] token (``MultiScaleTokens.cls``, level 0's) goes to the
+            language model before the kept tokens (VisionZip, as released); it counts against the budget.
     """
 
     index: Tensor
     mask: Tensor
     count: Tensor
     merged: MergedTokens | None = None
+    cls: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.merged is not None:
@@ -295,6 +306,10 @@ class TokenSelection:
             if self.merged.features.shape[0] != self.index.shape[0]:
                 raise ValueError(f"merged tokens have batch size {self.merged.features.shape[0]}, "
                                  f"the index has {self.index.shape[0]}")
+        if self.cls is not None and (not isinstance(self.cls, Tensor) or self.cls.dtype != torch.bool
+                                     or self.cls.shape != self.index.shape[:1]):
+            raise ValueError(f"cls must be a ({self.index.shape[0]},) bool tensor or None, "
+                             f"got {getattr(self.cls, 'shape', type(self.cls).__name__)}")
 
     @property
     def merged_count(self) -> Tensor:
@@ -302,14 +317,20 @@ class TokenSelection:
         return torch.zeros_like(self.count) if self.merged is None else self.merged.count.to(self.count.dtype)
 
     @property
+    def cls_count(self) -> Tensor:
+        """(B,) 1 where the row's [CLS] token goes to the language model, else 0."""
+        return torch.zeros_like(self.count) if self.cls is None else self.cls.to(self.count.dtype)
+
+    @property
     def total(self) -> Tensor:
-        """(B,) tokens per row that count against the budget: kept + merged."""
-        return self.count + self.merged_count
+        """(B,) tokens per row that count against the budget: [CLS] + kept + merged."""
+        return self.count + self.merged_count + self.cls_count
 
     @classmethod
-    def from_keep_mask(cls, keep: Tensor, merged: MergedTokens | None = None) -> TokenSelection:
+    def from_keep_mask(cls, keep: Tensor, merged: MergedTokens | None = None,
+                       lead: Tensor | None = None) -> TokenSelection:
         """Build a selection from a (B, N) boolean mask of kept tokens (vectorised, order-preserving), with
-        optional ``merged`` tokens."""
+        optional ``merged`` tokens and a (B,) bool ``lead`` ([CLS] first, see :attr:`cls`)."""
         if keep.dim() != 2 or keep.dtype != torch.bool:
             raise ValueError(f"keep must be a (B, N) bool tensor, got {keep.dtype} {tuple(keep.shape)}")
         count = keep.sum(dim=1)
@@ -317,7 +338,7 @@ class TokenSelection:
         # Stable sort of "dropped" flags puts kept tokens first, in ascending index order.
         order = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices[:, :k]
         mask = torch.arange(k, device=keep.device).unsqueeze(0) < count.unsqueeze(1)
-        return cls(torch.where(mask, order, torch.zeros_like(order)), mask, count, merged)
+        return cls(torch.where(mask, order, torch.zeros_like(order)), mask, count, merged, lead)
 
     @property
     def batch_size(self) -> int:
@@ -373,6 +394,7 @@ def from_feature_grid(
     attention: Tensor | None = None,
     cls: Tensor | None = None,
     embeddings: Tensor | None = None,
+    keys: Tensor | None = None,
 ) -> MultiScaleTokens:
     """Build a token pyramid from one patch grid by repeated 2x2 average pooling.
 
@@ -387,6 +409,7 @@ def from_feature_grid(
         embeddings: optional (B, h, w, D_lm) language-model input embeddings of the patches, pooled into the
             coarser levels like the features (what a language model that takes pooled tokens as they are sees);
             ``features`` itself gives tokens whose embeddings are their features (no second copy).
+        keys: optional (B, h, w, D_k) attention keys of the patches (heads averaged), pooled like the features.
 
     Returns:
         :class:`MultiScaleTokens` with N = sum of the level grid sizes.
@@ -413,15 +436,17 @@ def from_feature_grid(
                                                   or embeddings.shape[:3] != features.shape[:3]):
         raise ValueError(f"embeddings must have shape {(batch, h, w)} + (D_lm,), "
                          f"got {getattr(embeddings, 'shape', embeddings)}")
+    if keys is not None and (not isinstance(keys, Tensor) or keys.dim() != 4 or keys.shape[:3] != features.shape[:3]):
+        raise ValueError(f"keys must have shape {(batch, h, w)} + (D_k,), got {getattr(keys, 'shape', keys)}")
     grids = [features]
     maps = None if attention is None else [rearrange(attention, "b h w -> b h w 1")]
     lm = None if embeddings is None or shared else [embeddings]
+    key_grids = None if keys is None else [keys]
     for _ in range(levels - 1):
         grids.append(_pool_grid(grids[-1]))
-        if maps is not None:
-            maps.append(_pool_grid(maps[-1]))
-        if lm is not None:
-            lm.append(_pool_grid(lm[-1]))
+        for pooled in (maps, lm, key_grids):
+            if pooled is not None:
+                pooled.append(_pool_grid(pooled[-1]))
     level_shapes = tuple((g.shape[1], g.shape[2]) for g in grids)
     layout = token_layout(level_shapes, tuple(image_size), device=features.device)
     flat = torch.cat([rearrange(g, "b h w d -> b (h w) d") for g in reversed(grids)], dim=1)
@@ -431,7 +456,10 @@ def from_feature_grid(
     flat_embeddings = flat if shared else None
     if lm is not None:
         flat_embeddings = torch.cat([rearrange(g, "b h w d -> b (h w) d") for g in reversed(lm)], dim=1)
+    flat_keys = None
+    if key_grids is not None:
+        flat_keys = torch.cat([rearrange(g, "b h w d -> b (h w) d") for g in reversed(key_grids)], dim=1)
     if cls is not None and cls.dim() == 2:
         cls = rearrange(cls, "b d -> b 1 d")
     return MultiScaleTokens(flat, **layout, level_shapes=level_shapes, image_size=tuple(image_size),
-                            cls=cls, attention=flat_attention, embeddings=flat_embeddings)
+                            cls=cls, attention=flat_attention, embeddings=flat_embeddings, keys=flat_keys)

@@ -236,7 +236,9 @@ def test_visionzip_split_follows_the_paper():
 @pytest.mark.parametrize("levels", [1, 2])
 def test_visionzip_dominant_tokens_and_merged_means_match_the_reference(levels):
     tokens = grid_tokens(batch=2, side=6, dim=5, levels=levels, seed=6)
-    selection = allocators.create("visionzip", contextual=0.25)(tokens, 12)  # 9 dominant + 3 contextual
+    # no [CLS] or keys on these tokens: 9 dominant patches + 3 contextual grouped by the features
+    selection = allocators.create("visionzip", contextual=0.25, merge="mean")(tokens, 12)
+    assert selection.cls is None
     merged = selection.merged
     for b in range(2):
         dominant, groups, means, unions = visionzip_reference(tokens, b, 12, 3)
@@ -249,7 +251,7 @@ def test_visionzip_dominant_tokens_and_merged_means_match_the_reference(levels):
 
 def test_visionzip_released_merge_rule_adds_the_target_to_the_mean_of_the_others():
     tokens = grid_tokens(batch=1, side=6, dim=5, levels=1, seed=7)
-    selection = allocators.create("visionzip", contextual=0.25, merge="released")(tokens, 12)
+    selection = allocators.create("visionzip", contextual=0.25)(tokens, 12)  # merge="released" is the default
     _, groups, _, _ = visionzip_reference(tokens, 0, 12, 3)
     features = tokens.features[0]
     for slot, (target, members) in enumerate(groups.items()):
@@ -368,20 +370,24 @@ def test_llava_places_projected_merged_tokens_after_the_kept_ones(tiny_llava, sc
     budgets = torch.tensor([8, 5])
     encoded = vlm.encode(images)
     (selection,) = vlm.select(encoded, budgets)
-    assert selection.count.tolist() == [6, 4] and selection.merged_count.tolist() == [2, 1]
+    # the [CLS] token first (as released), then the dominant patches, then the contextual tokens
+    assert selection.cls.tolist() == [True, True]
+    assert selection.count.tolist() == [5, 3] and selection.merged_count.tolist() == [2, 1]
     inputs = vlm.prepare(None, prompts, encoded=encoded, selections=[selection])
     assert inputs.counts.tolist() == [8, 5]
     placeholders = (inputs.input_ids == vlm.image_token_id).sum(1)
     assert placeholders.tolist() == [8, 5]
     per_image = inputs.mm_encoder_outputs["image"].pooler_output
     projector = model.model.multi_modal_projector
+    tokens = encoded.groups[0][1].tokens
     with torch.no_grad():
         for b in range(2):
             k, m = int(selection.count[b]), int(selection.merged_count[b])
-            assert per_image[b].shape[0] == k + m
-            kept_features = encoded.groups[0][1].tokens.features[b, selection.index[b, :k]]
-            assert torch.allclose(per_image[b][:k], projector(kept_features), atol=1e-6)
-            assert torch.allclose(per_image[b][k:], projector(selection.merged.features[b, :m]), atol=1e-6)
+            assert per_image[b].shape[0] == 1 + k + m
+            assert torch.allclose(per_image[b][0], projector(tokens.cls[b, 0]), atol=1e-6)
+            kept_features = tokens.features[b, selection.index[b, :k]]
+            assert torch.allclose(per_image[b][1 : 1 + k], projector(kept_features), atol=1e-6)
+            assert torch.allclose(per_image[b][1 + k :], projector(selection.merged.features[b, :m]), atol=1e-6)
     out = vlm.generate(images, prompts, budget=budgets, max_new_tokens=2)
     assert out.counts.tolist() == [8, 5]  # what the ablation harness records as a row's tokens
 

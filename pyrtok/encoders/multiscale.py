@@ -114,37 +114,44 @@ class MultiScaleEncoder(nn.Module):
         dtype = next(self.module.parameters()).dtype
         return ((images - self.image_mean) / self.image_std).to(dtype)
 
-    def _encode(self, pixels: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """One tower pass -> patch grid (B, h, w, D), attention grid (B, h, w) or None, [CLS] (B, D) or None."""
+    def _encode(self, pixels: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+        """One tower pass -> patch grid (B, h, w, D), attention grid (B, h, w) or None, [CLS] (B, D) or None, and
+        the feature layer's head-averaged keys (B, h, w, D_k) or None."""
         states = self.tower.hidden_states(self.normalise(pixels))
         index = self.tower.layer_index(self.feature_layer)
         state = states[index]
         h, w = pixels.shape[-2] // self.patch_size, pixels.shape[-1] // self.patch_size
         grid = rearrange(self.tower.patch_states(state), "b (h w) d -> b h w d", h=h, w=w)
-        attention = self.tower.attention_row(states, index) if self.attention else None
+        attention = keys = None
+        if self.attention:
+            attention = self.tower.attention_row(states, index)
+            keys = self.tower.mean_keys(states, index)
         if attention is not None:
             attention = rearrange(attention, "b (h w) -> b h w", h=h, w=w)
-        return grid, attention, self.tower.cls_state(state)
+        if keys is not None:
+            keys = rearrange(keys, "b (h w) d -> b h w d", h=h, w=w)
+        return grid, attention, self.tower.cls_state(state), keys
 
     def forward(self, images: Tensor) -> MultiScaleTokens:
         """(B, 3, H, W) images in [0, 1] -> tokens of all levels (features in the tower's dtype)."""
         images = self.prepare(images)
         if self.mode == "feature":
-            grid, attention, cls = self._encode(images)
+            grid, attention, cls, keys = self._encode(images)
             return from_feature_grid(grid, self.levels, image_size=tuple(images.shape[-2:]), attention=attention,
-                                     cls=cls)
+                                     cls=cls, keys=keys)
         return self._encode_levels(images)
 
     def _encode_levels(self, images: Tensor) -> MultiScaleTokens:
         height, width = images.shape[-2:]
-        grids, attentions, classes, cells = [], [], [], []
+        grids, attentions, classes, cells, keys = [], [], [], [], []
         for level, image in enumerate(gaussian_pyramid(images, self.levels)):
             size = (self._round(image.shape[-2]), self._round(image.shape[-1]))
             if tuple(image.shape[-2:]) != size:
                 image = F.interpolate(image, size=size, mode="bilinear", align_corners=False, antialias=True)
-            grid, attention, cls = self._encode(image)
+            grid, attention, cls, level_keys = self._encode(image)
             grids.append(grid)
             classes.append(cls)
+            keys.append(level_keys)
             cells.append((self.patch_size * height / size[0], self.patch_size * width / size[1]))
             if attention is not None:
                 # Per-level attention sums to ~1 over that level; rescale to a density per level-0 patch.
@@ -162,5 +169,8 @@ class MultiScaleEncoder(nn.Module):
         if len(attentions) == len(grids):
             attention = torch.cat([rearrange(a, "b h w -> b (h w)") for a in reversed(attentions)], dim=1)
         cls = torch.stack(classes, 1) if all(c is not None for c in classes) else None
+        flat_keys = None
+        if all(k is not None for k in keys):
+            flat_keys = torch.cat([rearrange(k, "b h w d -> b (h w) d") for k in reversed(keys)], dim=1)
         return MultiScaleTokens(features, **layout, level_shapes=level_shapes, image_size=(height, width),
-                                cls=cls, attention=attention)
+                                cls=cls, attention=attention, keys=flat_keys)

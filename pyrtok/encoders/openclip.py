@@ -24,7 +24,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from pyrtok._extras import missing
-from pyrtok.encoders.towers import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, TowerView, cls_attention
+from pyrtok.encoders.towers import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, TowerView
 
 __all__ = ["OpenClipTower", "create_openclip", "find_openclip_visual", "is_openclip"]
 
@@ -108,15 +108,9 @@ class OpenClipTower(TowerView):
             states.append(block(states[-1]))
         return tuple(states)
 
-    def attention_row(self, states: tuple[Tensor, ...], layer: int) -> Tensor | None:
-        """(B, P) attention of [CLS] to the patches inside block ``layer`` (a hidden-state index >= 1).
-
-        None for index 0 and for blocks whose attention is not a ``torch.nn.MultiheadAttention`` (OpenCLIP's
-        custom blocks with cosine or normalised queries and keys).
-        """
-        index = self.layer_index(layer)
-        if index == 0:
-            return None
+    def projections(self, states: tuple[Tensor, ...], index: int) -> tuple[Tensor, Tensor, int, float] | None:
+        """See :meth:`TowerView.projections`; None for blocks whose attention is not a
+        ``torch.nn.MultiheadAttention`` (OpenCLIP's custom blocks with cosine or normalised queries and keys)."""
         block = self.layers[index - 1]
         attn = block.attn
         if not isinstance(attn, nn.MultiheadAttention) or attn.in_proj_weight is None:
@@ -126,7 +120,7 @@ class OpenClipTower(TowerView):
         bias = attn.in_proj_bias
         query = F.linear(x[:, :1], attn.in_proj_weight[:dim], None if bias is None else bias[:dim])
         keys = F.linear(x, attn.in_proj_weight[dim : 2 * dim], None if bias is None else bias[dim : 2 * dim])
-        return cls_attention(query, keys, attn.num_heads, attn.head_dim**-0.5)
+        return query, keys, attn.num_heads, attn.head_dim**-0.5
 
     def project(self, features: Tensor) -> Tensor:
         """(..., D) tower features -> (..., P) in the joint image-text space: ``ln_post`` then ``proj``.

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from einops import rearrange
+from einops import rearrange, reduce
 from torch import Tensor, nn
 
 __all__ = ["TowerView", "VisionTower", "cls_attention", "find_vision_tower"]
@@ -81,9 +81,26 @@ class TowerView:
         """(B, 3, H, W) normalised pixels, H and W multiples of the patch size -> num_layers + 1 states (B, T, D)."""
         raise NotImplementedError
 
+    def projections(self, states: tuple[Tensor, ...], index: int) -> tuple[Tensor, Tensor, int, float] | None:
+        """Inside layer ``index`` (a hidden-state index >= 1): the first token's query (B, 1, D) and every token's
+        key (B, T, D), projected from the layer's normalised input, with the head count and the score scale; None
+        where the layer's attention cannot be recomputed that way."""
+        raise NotImplementedError
+
     def attention_row(self, states: tuple[Tensor, ...], layer: int) -> Tensor | None:
         """(B, P) attention of [CLS] to the patches inside layer ``layer``, or None where there is none."""
-        raise NotImplementedError
+        index = self.layer_index(layer)
+        projected = None if index == 0 or not self.has_cls else self.projections(states, index)
+        return None if projected is None else cls_attention(*projected)
+
+    def mean_keys(self, states: tuple[Tensor, ...], layer: int) -> Tensor | None:
+        """(B, P, D / heads) the patches' keys inside layer ``layer``, heads averaged; None where there are none."""
+        index = self.layer_index(layer)
+        projected = None if index == 0 else self.projections(states, index)
+        if projected is None:
+            return None
+        _, keys, heads, _ = projected
+        return self.patch_states(reduce(keys, "b t (h d) -> b t d", "mean", h=heads))
 
     def patch_states(self, state: Tensor) -> Tensor:
         """Drop the [CLS] token if the tower has one: (B, T, D) -> (B, P, D)."""
@@ -129,13 +146,13 @@ class VisionTower(TowerView):
         if not self.has_cls:
             # The pooling head reads the normalised last layer, as in the model's own forward.
             return self._probe_attention(self.module.post_layernorm(states[-1]))
-        index = self.layer_index(layer)
-        if index == 0:
-            return None
+        return super().attention_row(states, layer)
+
+    def projections(self, states: tuple[Tensor, ...], index: int) -> tuple[Tensor, Tensor, int, float]:
         block = self.layers[index - 1]
         x = block.layer_norm1(states[index - 1])
         attn = block.self_attn
-        return cls_attention(attn.q_proj(x[:, :1]), attn.k_proj(x), attn.num_heads, attn.scale)
+        return attn.q_proj(x[:, :1]), attn.k_proj(x), attn.num_heads, attn.scale
 
     def _probe_attention(self, last: Tensor) -> Tensor | None:
         head = getattr(self.module, "head", None)

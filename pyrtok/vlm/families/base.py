@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-from einops import repeat
+from einops import rearrange, repeat
 from PIL import Image
 from torch import Tensor, nn
 
@@ -163,21 +163,27 @@ class Family:
 
     @staticmethod
     def gather_kept(features: Tensor, selection: TokenSelection,
-                    project: Callable[[Tensor], Tensor] | None = None) -> list[Tensor]:
-        """(G, N, D) features -> G (K_g + M_g, D') tensors: the kept tokens in canonical order, then the merged
-        ones, both through ``project`` (identity by default) when they live in the space it maps from."""
+                    project: Callable[[Tensor], Tensor] | None = None, cls: Tensor | None = None) -> list[Tensor]:
+        """(G, N, D) features -> G (C_g + K_g + M_g, D') tensors: the [CLS] token where the selection sends it
+        (``cls``: (G, D), the images' [CLS] features in the same space), the kept tokens in canonical order, then
+        the merged ones, all through ``project`` (identity by default)."""
+        if selection.cls is not None and bool(selection.cls.any()) and cls is None:
+            raise ValueError("the selection sends the [CLS] token to the language model, but this family's tokens "
+                             "carry no [CLS] feature to send (VisionZip: use cls: false)")
         index = repeat(selection.index, "g k -> g k d", d=features.shape[-1])
-        kept = torch.gather(features, 1, index)
-        parts = [kept]
+        parts = {"kept": torch.gather(features, 1, index)}
+        counts = {"kept": selection.count.tolist()}
+        if selection.cls is not None:
+            parts["cls"] = rearrange(cls, "g d -> g 1 d").to(features.dtype)
+            counts["cls"] = selection.cls.long().tolist()
         if selection.merged is not None:
-            parts.append(selection.merged.features.to(features.dtype))
+            parts["merged"] = selection.merged.features.to(features.dtype)
+            counts["merged"] = selection.merged.count.tolist()
         if project is not None:
-            parts = [project(part) for part in parts]
-        counts = selection.count.tolist()
-        if selection.merged is None:
-            return [parts[0][g, : counts[g]] for g in range(len(counts))]
-        merged = selection.merged.count.tolist()
-        return [torch.cat([parts[0][g, : counts[g]], parts[1][g, : merged[g]]]) for g in range(len(counts))]
+            parts = {name: project(part) for name, part in parts.items()}
+        order = [name for name in ("cls", "kept", "merged") if name in parts]
+        rows = [[parts[name][g, : counts[name][g]] for name in order] for g in range(selection.batch_size)]
+        return [row[0] if len(row) == 1 else torch.cat(row) for row in rows]
 
     # -- shared helpers -------------------------------------------------------------------------------
     @staticmethod

@@ -8,8 +8,8 @@ grid at ``vision_feature_layer`` (feature mode: pooled into coarser levels; imag
 encoded at its own size), mapped by the model's projector after selection; ``tokens.embeddings`` holds every
 token through the projector (the language model's input embeddings), for allocators that compare tokens there.
 Layout: the prompt's ``<image>`` becomes K placeholders; positions are 1-D, consecutive over the kept sequence,
-as LLaVA's own are. Merged tokens (VisionZip's contextual tokens) are projected like kept ones and follow them:
-K + M placeholders.
+as LLaVA's own are. Merged tokens (VisionZip's contextual tokens) are projected like kept ones and follow them;
+a selection that sends the [CLS] token (VisionZip as released) puts it, projected, first: C + K + M placeholders.
 """
 
 from __future__ import annotations
@@ -82,6 +82,8 @@ class LlavaFamily(Family):
         return sum(vit_flops(vision, h * w, has_cls=has_cls) for h, w in shapes)
 
     def kept_features(self, encoded: Encoded, selection: TokenSelection) -> tuple[list[Tensor], dict[str, list]]:
-        """(K_g + M_g, D_lm) per image: the kept tokens, then the merged ones, both through the projector (merged
-        tokens live in the tower's feature space, like the kept ones)."""
-        return self.gather_kept(encoded.tokens.features, selection, self.model.model.multi_modal_projector), {}
+        """(C_g + K_g + M_g, D_lm) per image: the [CLS] token where the selection sends it (level 0's), the kept
+        tokens, then the merged ones, all through the projector (they all live in the tower's feature space)."""
+        tokens = encoded.tokens
+        cls = None if tokens.cls is None else tokens.cls[:, 0]
+        return self.gather_kept(tokens.features, selection, self.model.model.multi_modal_projector, cls), {}

@@ -117,6 +117,9 @@ class MultiScaleTokens:
         keys: optional (B, N, D_k) the feature layer's attention keys of every token, heads averaged (coarser
             levels pooled like the features), for methods that compare tokens there (VisionZip groups its
             contextual tokens by them); filled by towers that expose them.
+        early_attention: optional (B, N) [CLS]-to-token attention of an early tower layer (a quarter of the
+            depth by default, see :class:`~pyrtok.encoders.MultiScaleEncoder`), like ``attention`` otherwise, for
+            methods that scan it (VScan's local scan).
     """
 
     features: Tensor
@@ -130,6 +133,7 @@ class MultiScaleTokens:
     attention: Tensor | None = None
     embeddings: Tensor | None = None
     keys: Tensor | None = None
+    early_attention: Tensor | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.features, Tensor) or self.features.dim() != 3:
@@ -146,10 +150,10 @@ class MultiScaleTokens:
                 raise ValueError(f"{name} must have shape ({n},), got {tuple(value.shape)}")
         if self.box.shape != (n, 4):
             raise ValueError(f"box must have shape ({n}, 4), got {tuple(self.box.shape)}")
-        if self.attention is not None and self.attention.shape != self.features.shape[:2]:
-            raise ValueError(
-                f"attention must have shape {tuple(self.features.shape[:2])}, got {tuple(self.attention.shape)}"
-            )
+        for name in ("attention", "early_attention"):
+            value = getattr(self, name)
+            if value is not None and value.shape != self.features.shape[:2]:
+                raise ValueError(f"{name} must have shape {tuple(self.features.shape[:2])}, got {tuple(value.shape)}")
         if self.cls is not None and (self.cls.dim() != 3 or self.cls.shape[0] != self.features.shape[0]):
             batch = self.features.shape[0]
             raise ValueError(f"cls must have shape (B, L, D) with B={batch}, got {tuple(self.cls.shape)}")
@@ -237,13 +241,15 @@ class MultiScaleTokens:
         return replace(self, **out)
 
     def select_images(self, index: Tensor | slice | Sequence[int]) -> MultiScaleTokens:
-        """The tokens of some of the images: ``features[index]`` (and ``cls``/``attention``/``embeddings``/
-        ``keys``), same layout."""
-        return self._apply(("features", "cls", "attention", "embeddings", "keys"), lambda t: t[index])
+        """The tokens of some of the images: ``features[index]`` (and every other per-image tensor), same
+        layout."""
+        return self._apply(("features", "cls", "attention", "embeddings", "keys", "early_attention"),
+                           lambda t: t[index])
 
     def to(self, device: torch.device | str) -> MultiScaleTokens:
         """A copy with every tensor on ``device``."""
-        tensors = ("features", "level", "row", "col", "box", "cls", "attention", "embeddings", "keys")
+        tensors = ("features", "level", "row", "col", "box", "cls", "attention", "embeddings", "keys",
+                   "early_attention")
         return self._apply(tensors, lambda t: t.to(device))
 
 
@@ -291,6 +297,9 @@ class TokenSelection:
             consumers place them after the kept tokens.
         cls: optional (B,) bool: the image's [CLS] token (``MultiScaleTokens.cls``, level 0's) goes to the
             language model before the kept tokens (VisionZip, as released); it counts against the budget.
+        kept_embeddings: optional (B, K, D_lm) the kept tokens' language-model inputs, aligned with ``index``,
+            where the allocator rewrote them (VScan averages each kept token with the dropped tokens that joined
+            it, after the projector); None: the family maps the kept tokens' features as usual.
     """
 
     index: Tensor
@@ -298,6 +307,7 @@ class TokenSelection:
     count: Tensor
     merged: MergedTokens | None = None
     cls: Tensor | None = None
+    kept_embeddings: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.merged is not None:
@@ -310,6 +320,11 @@ class TokenSelection:
                                      or self.cls.shape != self.index.shape[:1]):
             raise ValueError(f"cls must be a ({self.index.shape[0]},) bool tensor or None, "
                              f"got {getattr(self.cls, 'shape', type(self.cls).__name__)}")
+        if self.kept_embeddings is not None and (not isinstance(self.kept_embeddings, Tensor)
+                                                 or self.kept_embeddings.dim() != 3
+                                                 or self.kept_embeddings.shape[:2] != self.index.shape):
+            raise ValueError(f"kept_embeddings must be a (B, K, D_lm) tensor with (B, K) = {tuple(self.index.shape)}, "
+                             f"got {getattr(self.kept_embeddings, 'shape', type(self.kept_embeddings).__name__)}")
 
     @property
     def merged_count(self) -> Tensor:
@@ -395,6 +410,7 @@ def from_feature_grid(
     cls: Tensor | None = None,
     embeddings: Tensor | None = None,
     keys: Tensor | None = None,
+    early_attention: Tensor | None = None,
 ) -> MultiScaleTokens:
     """Build a token pyramid from one patch grid by repeated 2x2 average pooling.
 
@@ -410,6 +426,7 @@ def from_feature_grid(
             coarser levels like the features (what a language model that takes pooled tokens as they are sees);
             ``features`` itself gives tokens whose embeddings are their features (no second copy).
         keys: optional (B, h, w, D_k) attention keys of the patches (heads averaged), pooled like the features.
+        early_attention: optional (B, h, w) [CLS] attention of an early tower layer, pooled like ``attention``.
 
     Returns:
         :class:`MultiScaleTokens` with N = sum of the level grid sizes.
@@ -429,8 +446,9 @@ def from_feature_grid(
     if image_size is None:
         p = 1 if patch_size is None else patch_size
         image_size = (h * p, w * p)
-    if attention is not None and (not isinstance(attention, Tensor) or attention.shape != (batch, h, w)):
-        raise ValueError(f"attention must have shape {(batch, h, w)}, got {getattr(attention, 'shape', attention)}")
+    for name, value in (("attention", attention), ("early_attention", early_attention)):
+        if value is not None and (not isinstance(value, Tensor) or value.shape != (batch, h, w)):
+            raise ValueError(f"{name} must have shape {(batch, h, w)}, got {getattr(value, 'shape', value)}")
     shared = embeddings is features
     if embeddings is not None and not shared and (not isinstance(embeddings, Tensor) or embeddings.dim() != 4
                                                   or embeddings.shape[:3] != features.shape[:3]):
@@ -442,9 +460,10 @@ def from_feature_grid(
     maps = None if attention is None else [rearrange(attention, "b h w -> b h w 1")]
     lm = None if embeddings is None or shared else [embeddings]
     key_grids = None if keys is None else [keys]
+    early = None if early_attention is None else [rearrange(early_attention, "b h w -> b h w 1")]
     for _ in range(levels - 1):
         grids.append(_pool_grid(grids[-1]))
-        for pooled in (maps, lm, key_grids):
+        for pooled in (maps, lm, key_grids, early):
             if pooled is not None:
                 pooled.append(_pool_grid(pooled[-1]))
     level_shapes = tuple((g.shape[1], g.shape[2]) for g in grids)
@@ -456,10 +475,14 @@ def from_feature_grid(
     flat_embeddings = flat if shared else None
     if lm is not None:
         flat_embeddings = torch.cat([rearrange(g, "b h w d -> b (h w) d") for g in reversed(lm)], dim=1)
+    flat_early = None
+    if early is not None:
+        flat_early = torch.cat([rearrange(m, "b h w 1 -> b (h w)") for m in reversed(early)], dim=1)
     flat_keys = None
     if key_grids is not None:
         flat_keys = torch.cat([rearrange(g, "b h w d -> b (h w) d") for g in reversed(key_grids)], dim=1)
     if cls is not None and cls.dim() == 2:
         cls = rearrange(cls, "b d -> b 1 d")
     return MultiScaleTokens(flat, **layout, level_shapes=level_shapes, image_size=tuple(image_size),
-                            cls=cls, attention=flat_attention, embeddings=flat_embeddings, keys=flat_keys)
+                            cls=cls, attention=flat_attention, embeddings=flat_embeddings, keys=flat_keys,
+                            early_attention=flat_early)

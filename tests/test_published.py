@@ -490,7 +490,8 @@ def rotated_qk(layer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 
 @torch.no_grad()
 def pdrop_port(eager, embeds: torch.Tensor, image_start: int, n0: int, layer_list: list[int],
-               ratio_list: list[float]) -> tuple[list[set[int]], list[int]]:
+               ratio_list: list[float] | None = None,
+               image_token_list: list[int] | None = None) -> tuple[list[set[int]], list[int]]:
     """Cooperx521/PyramidDrop, llava/model/modeling_llama_pdrop.py, inference path, ported:
     ``pdrop_forward`` lines 1187-1238 (a stage runs after layer ``rank_layer - 1``), ``pdrop_rank_drop`` lines
     1306-1307 (counts: ``int(n0 * ratio)`` of the tokens that entered, ``ratio_list`` with 1.0 prepended as
@@ -498,11 +499,15 @@ def pdrop_port(eager, embeds: torch.Tensor, image_start: int, n0: int, layer_lis
     positions), 1390-1401 (the last prompt token's row, causal softmax, mean over heads, image columns), 1405-1410
     (topk, sorted, sequence rebuilt), 1446 (positions renumbered ``arange(0, cur_len)``).
 
+    VScan's language-model stage is this code path with absolute counts (Tencent/SelfEvolvingAgent,
+    VScan/llava/model/modeling_llama_x.py lines 1231 and 1320-1490; lines 1337-1338: ``image_token_list`` with
+    ``visual_token_num`` prepended, each ``min``-ed with the tokens present): pass ``image_token_list``.
+
     Returns the kept image tokens after each stage (as indices of the unpadded prompt) and the counts."""
     from pyrtok.vlm.decode import language_model
 
     lm = language_model(eager)
-    ratios = [1.0, *ratio_list]
+    ratios = [1.0, *(ratio_list or [])]
     hidden, columns = embeds, torch.arange(embeds.shape[1])
     positions = torch.arange(embeds.shape[1])[None]
     kept, counts = [], [n0]
@@ -514,7 +519,10 @@ def pdrop_port(eager, embeds: torch.Tensor, image_start: int, n0: int, layer_lis
         if rank_layer not in layer_list:
             continue
         stage = layer_list.index(rank_layer)
-        image_tokens, keep_length = int(n0 * ratios[stage]), int(n0 * ratios[stage + 1])
+        if image_token_list is None:
+            image_tokens, keep_length = int(n0 * ratios[stage]), int(n0 * ratios[stage + 1])
+        else:
+            image_tokens, keep_length = (min(image_token_list[stage], n0), min(image_token_list[stage + 1], n0))
         attention = lm.layers[rank_layer].self_attn
         q, k = rotated_qk(lm.layers[rank_layer], hidden, *lm.rotary_emb(hidden, positions))
         last = hidden.shape[1] - 1  # prompt_len + image_tokens - 1
@@ -610,6 +618,18 @@ def test_pdrop_keeps_what_the_released_code_keeps_at_every_stage(port_model, lam
             assert kept[b] == sets[stages - 1], (lam, stages, b)
             assert counts[b].tolist() == upstream_counts[: stages + 1]
     assert expected[0][1] == {0.5: [64, 32, 16, 8], 0.3: [64, 19, 5, 1], 0.7: [64, 44, 31, 21]}[lam]
+
+
+@pytest.mark.parametrize("layer", [2, 3])
+def test_vscan_stage_keeps_what_the_released_code_keeps(port_model, layer):
+    """VScan's language-model stage (a third of the 64 image tokens: 21, positions renumbered) against the port."""
+    model, eager, vlm, images, inputs = port_model
+    kept, counts = kept_by_sample(vlm, inputs, {"name": "vscan", "layer": layer})
+    for b in range(len(images)):
+        embeds, start, n0, _ = unpadded(model, inputs, b)
+        sets, upstream_counts = pdrop_port(eager, embeds, start, n0, [layer], image_token_list=[n0, 21])
+        assert kept[b] == sets[0], (layer, b)
+        assert counts[b].tolist() == upstream_counts == [64, 21]
 
 
 DART_BUDGETS = (8, 24, 40)  # max_num_trunction: 4 + 8 x (1, 3, 5) = 12, 28, 44 of 64 image tokens kept

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from pyrtok import allocators
 from pyrtok.tokens import TokenSelection, from_feature_grid
@@ -179,3 +180,145 @@ def test_a_family_without_cls_features_refuses_a_cls_selection():
     assert row.shape == (5, 3) and torch.equal(row[0], cls[0])
     with pytest.raises(ValueError, match=r"cls must be a \(1,\) bool tensor"):
         TokenSelection.from_keep_mask(torch.ones(1, 4, dtype=torch.bool), lead=torch.tensor([1]))
+
+
+# -- VScan ----------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def vscan_llava(tmp_path_factory):
+    """A tiny LLaVA with VScan's grid: 96 px at 4 px patches (24 x 24 = 576 tokens, as CLIP ViT-L/14 at 336 px), an
+    8-layer tower (early layer 2, a quarter), a 2-layer language model; its eager copy and 20 images."""
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from pyrtok.testing import save_tiny_vlm
+
+    folder = save_tiny_vlm("llava", tmp_path_factory.mktemp("vscan_llava"), seed=29, hidden=48, text_layers=2,
+                           vision_config={"image_size": 96, "patch_size": 4, "num_hidden_layers": 8,
+                                          "num_attention_heads": 2})
+    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    eager = AutoModelForImageTextToText.from_pretrained(folder, attn_implementation="eager").eval()
+    rng = np.random.default_rng(9)
+    images = [Image.fromarray(rng.integers(0, 256, (int(rng.integers(70, 140)), int(rng.integers(70, 140)), 3),
+                                           dtype=np.uint8)) for _ in range(IMAGES)]
+    return model, AutoProcessor.from_pretrained(folder), eager, images
+
+
+def window_cls_selection(image_attentions: torch.Tensor, visual_token_num: int, window_size: int = 6):
+    """VScan/llava/model/llava_arch.py lines 199-252 (``window_cls_selection``), ported."""
+    B, N = image_attentions.shape
+    assert N == 24 * 24
+    H = W = 24
+    attn_map = image_attentions.view(B, H, W)
+    num_windows_h, num_windows_w = H // window_size, W // window_size
+    k = visual_token_num // (num_windows_h * num_windows_w)
+    token_indices = []
+    for b in range(B):
+        indices_b = []
+        for i in range(num_windows_h):
+            for j in range(num_windows_w):
+                window = attn_map[b, i * window_size:(i + 1) * window_size, j * window_size:(j + 1) * window_size]
+                _, topk_indices = torch.topk(window.reshape(-1), k)
+                for idx in topk_indices:
+                    dy, dx = divmod(idx.item(), window_size)
+                    indices_b.append((i * window_size + dy) * W + j * window_size + dx)
+        token_indices.append(indices_b)
+    return torch.tensor(token_indices, dtype=torch.long)
+
+
+def token_merging(image_features: torch.Tensor, index_mask: torch.Tensor, scaling: float = 1) -> torch.Tensor:
+    """VScan/llava/model/llava_arch.py lines 142-197 (``token_merging``), ported."""
+    B, N, D = image_features.shape
+    T = index_mask.sum(dim=1)
+    retained_tokens = torch.stack([image_features[b][index_mask[b]] for b in range(B)], dim=0)
+    non_retained_tokens = torch.stack([image_features[b][~index_mask[b]] for b in range(B)], dim=0)
+    if non_retained_tokens.shape[1] == 0:
+        return image_features
+    cosine_sim = F.cosine_similarity(non_retained_tokens.unsqueeze(2), retained_tokens.unsqueeze(1), dim=3)
+    nearest_token_indices = cosine_sim.argmax(dim=2)
+    merge_count = torch.zeros(B, int(T[0]), dtype=torch.int)
+    merged_features = torch.zeros_like(retained_tokens)
+    merged_features += retained_tokens * scaling
+    merged_features.scatter_add_(1, nearest_token_indices.unsqueeze(-1).expand(-1, -1, D), non_retained_tokens)
+    merge_count.scatter_add_(1, nearest_token_indices, torch.ones_like(nearest_token_indices, dtype=merge_count.dtype))
+    merged_features /= (scaling + merge_count.unsqueeze(2))
+    for b in range(B):
+        image_features[b, index_mask[b]] = merged_features[b]
+    return image_features
+
+
+@torch.no_grad()
+def upstream_vscan(model, eager, pixel_values: torch.Tensor, visual_token_num: int, early: int):
+    """VScan's vision side as released, one image at a time: (the language model's image inputs, kept indices).
+
+    Tencent/SelfEvolvingAgent at a82450e, ``VScan/llava/model/multimodal_encoder/clip_encoder.py`` lines 38-44
+    (every layer's [CLS] row, ``attentions[:, :, :, 0, 1:]``) and ``VScan/llava/model/llava_arch.py`` lines 254-293
+    (``encode_images``: heads averaged; the shallow layer ``image_attentions[5]`` of 24, here the layer inside which
+    hidden state ``early`` is made, ``early - 1``; the deep one ``[-2]``; local ``int(T * 0.5)`` by windows, global
+    the rest with the local picks zeroed; the projector; ``token_merging`` with ``scaling=1``; kept in index order).
+    """
+    outs = eager.model.vision_tower(pixel_values, output_attentions=True, output_hidden_states=True)
+    image_features = outs.hidden_states[-2][:, 1:]
+    image_attentions = torch.stack(outs.attentions, dim=0)[:, :, :, 0, 1:].mean(dim=2)  # (layers, B, 576)
+    B, N = image_features.shape[:2]
+    image_attentions_shallow = image_attentions[early - 1]
+    image_attentions_deep = image_attentions[-2].clone()
+    local_ratio = 1 - 0.5
+    local_indices = window_cls_selection(image_attentions_shallow, int(visual_token_num * local_ratio), 6)
+    for b in range(B):
+        image_attentions_deep[b, local_indices[b]] = 0
+    global_indices = torch.topk(image_attentions_deep, k=visual_token_num - int(visual_token_num * local_ratio),
+                                dim=1)[1]
+    token_indices = torch.cat((local_indices, global_indices), dim=1)
+    index_mask = torch.zeros(B, N, dtype=torch.bool)
+    index_mask.scatter_(1, token_indices, True)
+    image_features = model.model.multi_modal_projector(image_features)
+    image_features = token_merging(image_features, index_mask, scaling=1)
+    return [image_features[b][index_mask[b]] for b in range(B)], [index_mask[b].nonzero().flatten().tolist()
+                                                                    for b in range(B)]
+
+
+def test_vscan_vision_side_is_the_released_code_on_llava(vscan_llava):
+    """20 images x 3 budgets on a 24 x 24 grid: the local and global scans keep the released code's tokens (at 40,
+    16 x 1 local + 20 global = 36: the released count, reported as it is), and each kept token's language-model
+    input is its merged value within 1e-5."""
+    from pyrtok.vlm import PyramidVLM
+
+    model, processor, eager, images = vscan_llava
+    pixel_values = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+    vlm = PyramidVLM(model, processor, allocator="vscan")
+    assert vlm.encoder.early_layer == 2
+    with torch.no_grad():
+        encoded = vlm.encode(images)
+    for budget, count in ((96, 96), (192, 192), (40, 36)):
+        expected, indices = upstream_vscan(model, eager, pixel_values, budget, early=2)
+        (ours,) = vlm.select(encoded, budget)
+        assert ours.count.tolist() == [count] * IMAGES and ours.total.tolist() == [count] * IMAGES
+        features = lm_inputs(vlm, encoded, ours)
+        for i in range(IMAGES):
+            assert kept(ours, i) == indices[i], (i, budget)
+            assert torch.allclose(features[i], expected[i], atol=1e-5), (i, budget)
+    unmerged = PyramidVLM(model, processor, allocator={"name": "vscan", "merge": False})
+    (plain,) = unmerged.select(encoded, 96)
+    (merged,) = vlm.select(encoded, 96)
+    assert torch.equal(plain.index, merged.index) and plain.kept_embeddings is None
+
+
+def test_vscan_windows_and_options():
+    from pyrtok.allocators.vscan import window_ids
+
+    assert torch.bincount(window_ids((24, 24), 4)).tolist() == [36] * 16  # 6 x 6 windows, as released
+    assert torch.bincount(window_ids((10, 10), 4)).tolist() == [4, 6, 4, 6, 6, 9, 6, 9] * 2
+    g = torch.Generator().manual_seed(3)
+    tokens = from_feature_grid(torch.randn(2, 10, 10, 6, generator=g), 2, attention=torch.rand(2, 10, 10, generator=g),
+                               early_attention=torch.rand(2, 10, 10, generator=g))
+    allocator = allocators.create("vscan")
+    selection = allocator(tokens, torch.tensor([64, 20]))
+    # 64: 32 local -> 2 per window (16 windows) + 32 global; 20: 10 local -> 0 per window + 10 global
+    assert selection.count.tolist() == [64, 10]
+    full = allocator(tokens, tokens.num_tokens)  # every token kept, nothing merged
+    assert full.count.tolist() == [tokens.num_tokens] * 2
+    for bad, match in (({"local": 1.5}, "local must be"), ({"windows": 0}, "windows must be"),
+                       ({"merge": "yes"}, "merge must be a bool")):
+        with pytest.raises((ValueError, TypeError), match=match):
+            allocators.create("vscan", **bad)

@@ -3,7 +3,7 @@
     >>> from pyrtok import allocators
     >>> allocators.available()  # doctest: +NORMALIZE_WHITESPACE
     ['all', 'cls_attention', 'difficulty', 'divprune', 'fastervlm', 'foveated', 'laplacian', 'pool', 'query', 'random',
-     'saliency', 'visionzip']
+     'saliency', 'visionzip', 'vscan']
 """
 
 from pyrtok.allocators import (  # noqa: F401
@@ -17,6 +17,7 @@ from pyrtok.allocators import (  # noqa: F401
     query,
     saliency,
     visionzip,
+    vscan,
 )
 from pyrtok.allocators.base import Allocator, Context
 from pyrtok.allocators.registry import ALLOCATORS, available, create, from_config, register, resolve, spec_label

@@ -53,7 +53,10 @@ class MultiScaleEncoder(nn.Module):
             ``None`` keeps the config's; pass 0 to keep the input size (rounded to the patch size).
         image_mean, image_std: pixel normalisation; default the tower's (OpenAI CLIP or SigLIP for HF, the
             ``image_mean`` / ``image_std`` OpenCLIP sets on its towers).
-        attention: capture [CLS] attention (``tokens.attention``).
+        attention: capture [CLS] attention (``tokens.attention``), the feature layer's keys (``tokens.keys``)
+            and the [CLS] attention of an early layer (``tokens.early_attention``).
+        early_layer: the hidden-state index of that early layer; default a quarter of the depth, rounded down
+            (at least 1): 6 of CLIP ViT-L's 24 layers, VScan's shallow layer.
 
     Example:
         >>> from transformers import CLIPVisionConfig, CLIPVisionModel
@@ -74,6 +77,7 @@ class MultiScaleEncoder(nn.Module):
         image_mean: tuple[float, float, float] | None = None,
         image_std: tuple[float, float, float] | None = None,
         attention: bool = True,
+        early_layer: int | None = None,
     ) -> None:
         super().__init__()
         if mode not in MODES:
@@ -82,6 +86,8 @@ class MultiScaleEncoder(nn.Module):
         self.tower = tower_view(tower)
         self.tower.layer_index(feature_layer)  # validates
         self.mode, self.levels, self.feature_layer, self.attention = mode, levels, feature_layer, attention
+        self.early_layer = max(1, self.tower.num_layers // 4) if early_layer is None else early_layer
+        self.tower.layer_index(self.early_layer)  # validates
         self.image_size = self.tower.image_size if image_size is None else int(image_size)
         mean = image_mean or self.tower.image_mean
         std = image_std or self.tower.image_std
@@ -114,49 +120,54 @@ class MultiScaleEncoder(nn.Module):
         dtype = next(self.module.parameters()).dtype
         return ((images - self.image_mean) / self.image_std).to(dtype)
 
-    def _encode(self, pixels: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
-        """One tower pass -> patch grid (B, h, w, D), attention grid (B, h, w) or None, [CLS] (B, D) or None, and
-        the feature layer's head-averaged keys (B, h, w, D_k) or None."""
+    def _encode(self, pixels: Tensor) -> dict[str, Tensor | None]:
+        """One tower pass -> ``grid`` (B, h, w, D), ``attention`` (B, h, w) or None, ``cls`` (B, D) or None, the
+        feature layer's head-averaged ``keys`` (B, h, w, D_k) or None and ``early_attention`` (B, h, w) or None."""
         states = self.tower.hidden_states(self.normalise(pixels))
         index = self.tower.layer_index(self.feature_layer)
         state = states[index]
         h, w = pixels.shape[-2] // self.patch_size, pixels.shape[-1] // self.patch_size
         grid = rearrange(self.tower.patch_states(state), "b (h w) d -> b h w d", h=h, w=w)
-        attention = keys = None
+        out = {"grid": grid, "cls": self.tower.cls_state(state), "attention": None, "keys": None,
+               "early_attention": None}
         if self.attention:
-            attention = self.tower.attention_row(states, index)
-            keys = self.tower.mean_keys(states, index)
-        if attention is not None:
-            attention = rearrange(attention, "b (h w) -> b h w", h=h, w=w)
-        if keys is not None:
-            keys = rearrange(keys, "b (h w) d -> b h w d", h=h, w=w)
-        return grid, attention, self.tower.cls_state(state), keys
+            out["attention"] = self.tower.attention_row(states, index)
+            out["early_attention"] = self.tower.attention_row(states, self.early_layer)
+            out["keys"] = self.tower.mean_keys(states, index)
+        for name in ("attention", "early_attention"):
+            if out[name] is not None:
+                out[name] = rearrange(out[name], "b (h w) -> b h w", h=h, w=w)
+        if out["keys"] is not None:
+            out["keys"] = rearrange(out["keys"], "b (h w) d -> b h w d", h=h, w=w)
+        return out
 
     def forward(self, images: Tensor) -> MultiScaleTokens:
         """(B, 3, H, W) images in [0, 1] -> tokens of all levels (features in the tower's dtype)."""
         images = self.prepare(images)
         if self.mode == "feature":
-            grid, attention, cls, keys = self._encode(images)
-            return from_feature_grid(grid, self.levels, image_size=tuple(images.shape[-2:]), attention=attention,
-                                     cls=cls, keys=keys)
+            out = self._encode(images)
+            return from_feature_grid(out.pop("grid"), self.levels, image_size=tuple(images.shape[-2:]), **out)
         return self._encode_levels(images)
 
     def _encode_levels(self, images: Tensor) -> MultiScaleTokens:
         height, width = images.shape[-2:]
-        grids, attentions, classes, cells, keys = [], [], [], [], []
+        grids, attentions, classes, cells, keys, early = [], [], [], [], [], []
         for level, image in enumerate(gaussian_pyramid(images, self.levels)):
             size = (self._round(image.shape[-2]), self._round(image.shape[-1]))
             if tuple(image.shape[-2:]) != size:
                 image = F.interpolate(image, size=size, mode="bilinear", align_corners=False, antialias=True)
-            grid, attention, cls, level_keys = self._encode(image)
+            out = self._encode(image)
+            grid, attention = out["grid"], out["attention"]
             grids.append(grid)
-            classes.append(cls)
-            keys.append(level_keys)
+            classes.append(out["cls"])
+            keys.append(out["keys"])
             cells.append((self.patch_size * height / size[0], self.patch_size * width / size[1]))
             if attention is not None:
                 # Per-level attention sums to ~1 over that level; rescale to a density per level-0 patch.
                 n_level, n_base = grid.shape[1] * grid.shape[2], grids[0].shape[1] * grids[0].shape[2]
                 attentions.append(attention * (n_level / n_base))
+                if out["early_attention"] is not None:
+                    early.append(out["early_attention"] * (n_level / n_base))
             if level + 1 < self.levels and min(size) <= self.patch_size:
                 raise ValueError(
                     f"levels={self.levels} is too deep for {height}x{width} input with patch {self.patch_size}: "
@@ -169,8 +180,10 @@ class MultiScaleEncoder(nn.Module):
         if len(attentions) == len(grids):
             attention = torch.cat([rearrange(a, "b h w -> b (h w)") for a in reversed(attentions)], dim=1)
         cls = torch.stack(classes, 1) if all(c is not None for c in classes) else None
-        flat_keys = None
+        flat_keys = flat_early = None
         if all(k is not None for k in keys):
             flat_keys = torch.cat([rearrange(k, "b h w d -> b (h w) d") for k in reversed(keys)], dim=1)
+        if len(early) == len(grids):
+            flat_early = torch.cat([rearrange(a, "b h w -> b (h w)") for a in reversed(early)], dim=1)
         return MultiScaleTokens(features, **layout, level_shapes=level_shapes, image_size=(height, width),
-                                cls=cls, attention=attention, keys=flat_keys)
+                                cls=cls, attention=attention, keys=flat_keys, early_attention=flat_early)

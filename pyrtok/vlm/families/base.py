@@ -162,25 +162,35 @@ class Family:
         return features, need
 
     @staticmethod
+    def kept_rows(features: Tensor, selection: TokenSelection,
+                  project: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+        """(G, N, D) features -> (G, K, D') the kept tokens through ``project`` (identity by default), aligned
+        with ``selection.index``; the selection's ``kept_embeddings`` where the allocator rewrote them (they
+        already are the language model's inputs)."""
+        if selection.kept_embeddings is not None:
+            return selection.kept_embeddings
+        kept = torch.gather(features, 1, repeat(selection.index, "g k -> g k d", d=features.shape[-1]))
+        return kept if project is None else project(kept)
+
+    @staticmethod
     def gather_kept(features: Tensor, selection: TokenSelection,
                     project: Callable[[Tensor], Tensor] | None = None, cls: Tensor | None = None) -> list[Tensor]:
         """(G, N, D) features -> G (C_g + K_g + M_g, D') tensors: the [CLS] token where the selection sends it
-        (``cls``: (G, D), the images' [CLS] features in the same space), the kept tokens in canonical order, then
-        the merged ones, all through ``project`` (identity by default)."""
+        (``cls``: (G, D), the images' [CLS] features in the same space), the kept tokens in canonical order
+        (:meth:`kept_rows`), then the merged ones, all through ``project`` (identity by default)."""
         if selection.cls is not None and bool(selection.cls.any()) and cls is None:
             raise ValueError("the selection sends the [CLS] token to the language model, but this family's tokens "
                              "carry no [CLS] feature to send (VisionZip: use cls: false)")
-        index = repeat(selection.index, "g k -> g k d", d=features.shape[-1])
-        parts = {"kept": torch.gather(features, 1, index)}
+        parts = {"kept": Family.kept_rows(features, selection, project)}
         counts = {"kept": selection.count.tolist()}
+        more = {}
         if selection.cls is not None:
-            parts["cls"] = rearrange(cls, "g d -> g 1 d").to(features.dtype)
+            more["cls"] = rearrange(cls, "g d -> g 1 d").to(features.dtype)
             counts["cls"] = selection.cls.long().tolist()
         if selection.merged is not None:
-            parts["merged"] = selection.merged.features.to(features.dtype)
+            more["merged"] = selection.merged.features.to(features.dtype)
             counts["merged"] = selection.merged.count.tolist()
-        if project is not None:
-            parts = {name: project(part) for name, part in parts.items()}
+        parts.update({name: part if project is None else project(part) for name, part in more.items()})
         order = [name for name in ("cls", "kept", "merged") if name in parts]
         rows = [[parts[name][g, : counts[name][g]] for name in order] for g in range(selection.batch_size)]
         return [row[0] if len(row) == 1 else torch.cat(row) for row in rows]

@@ -327,8 +327,8 @@ class InternVLFamily(Family):
         merged ones (already in the language model's space)."""
         tokens = encoded.tokens
         rank = self.prompt_order(tokens)[selection.index].masked_fill(~selection.mask, tokens.num_tokens)  # (G, K)
-        index = torch.gather(selection.index, 1, rank.argsort(dim=1))
-        kept = torch.gather(tokens.features, 1, repeat(index, "g k -> g k d", d=tokens.dim))
+        rows = self.kept_rows(tokens.features, selection)
+        kept = torch.gather(rows, 1, repeat(rank.argsort(dim=1), "g k -> g k d", d=rows.shape[-1]))
         merged = selection.merged
         out = []
         for g, count in enumerate(selection.count.tolist()):

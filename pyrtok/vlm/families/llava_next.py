@@ -377,10 +377,11 @@ class LlavaNextFamily(Family):
         newline = self.model.model.image_newline
         h0 = tokens.level_shapes[0][0]
         merged = getattr(selection, "merged", None)
+        rows = self.kept_rows(tokens.features, selection)
         out = []
         for g in range(tokens.batch_size):
             index = selection.index[g, : int(selection.count[g])]
-            kept = tokens.features[g, index]
+            kept = rows[g, : index.shape[0]]
             fine = tokens.level[index] == 0
             head = kept[~fine]  # base view, then pooled levels: canonical order puts them first
             pieces = [head]

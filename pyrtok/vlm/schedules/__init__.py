@@ -13,8 +13,10 @@ One module per method, each registered in :data:`SCHEDULES`; the loop that runs 
   similar (cosine, on the final-norm'd input of layer ``layer``) to them; image pivots are kept, so 128 keeps
   132. Variant ``exact`` (``pivot_space="hidden", exact_budget=True``): pyrtok's earlier rule, pivots by the
   hidden states' L1 norm and exactly the budget.
+- ``vscan`` (VScan's language-model stage, as released): one PyramidDrop-style stage at a middle layer keeping
+  ``keep`` (a third) of the image tokens, positions renumbered; with the ``vscan`` allocator it is VScan.
 
-FastV and DART keep positions; PyramidDrop renumbers them (see :mod:`pyrtok.vlm.decode`). Each schedule says
+FastV and DART keep positions; PyramidDrop and VScan renumber them (see :mod:`pyrtok.vlm.decode`). Each schedule says
 how many image tokens each stage keeps (:meth:`Schedule.stage_counts`); stage counts, effective tokens and FLOPs
 are always the counts the run actually kept. Scores that need attention or keys come from the layer's own norm,
 q/k projections (and q/k norms) and rotary embedding for the rows needed, so every layer itself runs with sdpa
@@ -33,13 +35,15 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from pyrtok.vlm.schedules import dart, fastv, pdrop  # noqa: F401  (registration)
+from pyrtok.vlm.schedules import dart, fastv, pdrop, vscan  # noqa: F401  (registration)
 from pyrtok.vlm.schedules.base import SCHEDULES, Schedule, Stage
 from pyrtok.vlm.schedules.dart import DART, duplication_keep, pivot_duplication_keep
 from pyrtok.vlm.schedules.fastv import FastV
 from pyrtok.vlm.schedules.pdrop import PyramidDrop
+from pyrtok.vlm.schedules.vscan import VScan
 
-__all__ = ["DART", "SCHEDULES", "FastV", "PyramidDrop", "Schedule", "Stage", "available_schedules", "create_schedule",
+__all__ = ["DART", "SCHEDULES", "FastV", "PyramidDrop", "Schedule", "Stage", "VScan", "available_schedules",
+           "create_schedule",
            "duplication_keep", "pivot_duplication_keep", "register_schedule", "resolve_schedule", "schedule_label",
            "schedule_variants"]
 
@@ -59,7 +63,7 @@ def schedule_variants() -> dict[str, tuple[str, dict[str, Any]]]:
 
     Example:
         >>> sorted(schedule_variants())
-        ['dart', 'dart:exact', 'fastv', 'pdrop', 'pdrop:keep_positions']
+        ['dart', 'dart:exact', 'fastv', 'pdrop', 'pdrop:keep_positions', 'vscan']
     """
     out: dict[str, tuple[str, dict[str, Any]]] = {}
     for name in SCHEDULES.available():

@@ -1,0 +1,200 @@
+"""VScan's vision side: a local scan of an early layer's [CLS] attention in windows, a global scan of the feature
+layer's, and every dropped token merged into its most similar kept token after the projector.
+
+As the authors run it on LLaVA-1.5 (Tencent/SelfEvolvingAgent, folder ``VScan/``,
+``llava/model/llava_arch.py``: ``encode_images``, ``window_cls_selection``, ``token_merging``;
+``llava/model/multimodal_encoder/clip_encoder.py``: every layer's [CLS] row, heads averaged):
+
+- the local scan: the [CLS] attention inside the 6th of the tower's 24 layers (``tokens.early_attention``: a
+  quarter of the depth), on the 24 x 24 grid split into 4 x 4 windows of 6 x 6; each window keeps its top
+  k = int(T / 2) // 16 tokens (T the budget, ``local`` = 1/2 of it);
+- the global scan: the feature layer's [CLS] attention (``tokens.attention``) with the local picks zeroed, top
+  T - int(T / 2);
+- the kept tokens, in index order, go through the projector; each dropped token joins the kept token whose
+  projector output is most cosine-similar to its own (ties to the first), and each kept token becomes the mean
+  of itself and the tokens that joined it (``selection.kept_embeddings``, in the language model's space:
+  ``tokens.embeddings``, the features where the tokens carry none);
+- the language-model stage (layer 16 of 32 keeps a third, with positions renumbered) is the ``vscan`` schedule
+  (:mod:`pyrtok.vlm.schedules.vscan`); the published "64 tokens" are 96 here and 32 from layer 16 on.
+
+The kept count is what the released code keeps: 16 k + T - int(T / 2), which is T when int(T / 2) is a multiple
+of 16 (the published 96, 192, 288) and fewer otherwise; ``selection.count`` reports it.
+
+Porting rules where the released code has no path: grids other than 24 x 24 are split into ``windows`` x
+``windows`` windows at the integer boundaries ``i * h // windows`` (6 x 6 windows at 24); k is capped by the
+smallest window's size; where the tokens carry no early attention the local scan reads the feature layer's; the
+local picks are excluded from the global scan outright (the released code zeroes their attention, which only
+differs where an attention weight is exactly zero). Candidates are the finest level; a budget above it keeps all
+of it and fills from the coarser levels by attention, without merging.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from pyrtok.allocators.base import Allocator, Context
+from pyrtok.allocators.registry import register
+from pyrtok.budget import resolve_budget
+from pyrtok.signals.attention import cls_attention
+from pyrtok.tokens import MultiScaleTokens, TokenSelection
+
+__all__ = ["VScanTokens", "merge_into_kept", "window_ids"]
+
+
+def window_ids(shape: tuple[int, int], windows: int, device: torch.device | str = "cpu") -> Tensor:
+    """(h * w,) the window (row-major over ``windows`` x ``windows``) of every cell of an (h, w) grid, raster order.
+
+    Window boundaries are ``i * h // windows`` (rows) and ``j * w // windows`` (columns).
+
+    Example:
+        >>> window_ids((4, 4), 2).view(4, 4).tolist()
+        [[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]]
+    """
+    h, w = shape
+
+    def bands(side: int) -> Tensor:
+        starts = torch.tensor([i * side // windows for i in range(1, windows)], device=device)
+        return torch.bucketize(torch.arange(side, device=device), starts, right=True)
+
+    return (bands(h)[:, None] * windows + bands(w)[None, :]).flatten()
+
+
+def merge_into_kept(embeddings: Tensor, keep: Tensor, dropped: Tensor) -> Tensor:
+    """Each ``dropped`` token joins its most cosine-similar kept token; a kept token becomes the mean of itself
+    and the tokens that joined it.
+
+    Args:
+        embeddings: (B, N, D) the tokens, in the space they are merged in.
+        keep: (B, N) bool, the kept tokens (at least one per row that has dropped tokens).
+        dropped: (B, N) bool, the tokens to merge (disjoint from ``keep``).
+
+    Returns:
+        (B, N, D) ``embeddings`` with every kept token replaced by its merged value (other rows unchanged).
+    """
+    work = embeddings.float()
+    unit = work / work.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+    similarity = (unit @ unit.transpose(1, 2)).masked_fill(~keep.unsqueeze(1), float("-inf"))  # (B, N, N)
+    nearest = similarity.argmax(dim=2)  # (B, N): for each token, its most similar kept token
+    joins = F.one_hot(nearest, keep.shape[1]).to(work.dtype) * dropped.unsqueeze(2).to(work.dtype)
+    sums = work + joins.transpose(1, 2) @ work
+    counts = 1 + joins.sum(1)
+    merged = sums / counts.unsqueeze(2)
+    return torch.where(keep.unsqueeze(2), merged, work).to(embeddings.dtype)
+
+
+@register("vscan")
+class VScanTokens(Allocator):
+    """VScan's vision side: local windows of early [CLS] attention, global feature-layer [CLS] attention, and
+    dropped tokens merged into the kept ones after the projector.
+
+    Args:
+        local: the share of the budget the local scan spends (default 1/2, as released).
+        windows: windows per side of the local scan (default 4: 16 windows, 6 x 6 at 24 x 24, as released).
+        merge: merge the dropped tokens into the kept ones (default True, as released).
+
+    Example:
+        >>> from pyrtok.tokens import from_feature_grid
+        >>> g = torch.Generator().manual_seed(0)
+        >>> tokens = from_feature_grid(torch.randn(1, 8, 8, 4, generator=g), 1,
+        ...                            attention=torch.rand(1, 8, 8, generator=g))
+        >>> selection = VScanTokens()(tokens, 12)  # local: int(12 / 2) // 16 = 0 per window; global: 6
+        >>> int(selection.count[0]), selection.kept_embeddings.shape
+        (6, torch.Size([1, 6, 4]))
+    """
+
+    needs = ("attention",)
+
+    def __init__(self, local: float = 0.5, windows: int = 4, merge: bool = True, **options) -> None:
+        super().__init__(**options)
+        if self.redundancy:
+            raise ValueError("vscan picks tokens by windows and merges the rest into them; the redundancy pass "
+                             "does not apply (use redundancy: false)")
+        if isinstance(local, bool) or not isinstance(local, (int, float)) or not 0 <= local < 1:
+            raise ValueError(f"local must be the share of the budget for the local scan, in [0, 1), got {local!r}")
+        if isinstance(windows, bool) or not isinstance(windows, int) or windows < 1:
+            raise ValueError(f"windows must be a positive int (windows per side), got {windows!r}")
+        if not isinstance(merge, bool):
+            raise TypeError(f"merge must be a bool, got {merge!r}")
+        self.local, self.windows, self.merge = float(local), windows, merge
+
+    def reads(self, ctx: Context) -> tuple[str, ...]:
+        return ("attention", "features") if self.merge else ("attention",)
+
+    def priority(self, tokens: MultiScaleTokens, budgets: Tensor, ctx: Context) -> Tensor:
+        return cls_attention(tokens)  # used only above the finest level's size
+
+    def effective_budgets(self, tokens: MultiScaleTokens, budgets: Tensor, ctx: Context) -> Tensor:
+        """(B,) tokens kept: 16 k_b + T_b - int(T_b / 2) below the finest level's size (the released count), the
+        budget above it."""
+        per_window, global_count = self.counts(tokens, budgets)
+        n0 = tokens.level_slices[0].stop - tokens.level_slices[0].start
+        return torch.where(budgets >= n0, budgets, per_window * self.windows**2 + global_count)
+
+    def counts(self, tokens: MultiScaleTokens, budgets: Tensor) -> tuple[Tensor, Tensor]:
+        """(B,) local picks per window k_b and (B,) global picks for (B,) budgets below the finest level's size."""
+        windows = window_ids(tokens.level_shapes[0], self.windows, tokens.device)
+        smallest = int(torch.bincount(windows, minlength=self.windows**2).min())
+        local = torch.floor(budgets.double() * self.local).long()
+        per_window = (local // self.windows**2).clamp(max=smallest)
+        return per_window, budgets - local
+
+    def __call__(
+        self,
+        tokens: MultiScaleTokens,
+        budget: int | Tensor,
+        *,
+        image: Tensor | None = None,
+        query: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> TokenSelection:
+        """Select 16 k_b local and T_b - int(T_b / 2) global tokens, merging the rest of the finest level into
+        them (``selection.kept_embeddings``). Arguments as :meth:`Allocator.__call__`."""
+        if not isinstance(tokens, MultiScaleTokens):
+            raise TypeError(f"tokens must be MultiScaleTokens, got {type(tokens).__name__}")
+        budgets = resolve_budget(budget, *tokens.features.shape[:2], tokens.device)
+        finest = tokens.level_slices[0]
+        n0 = finest.stop - finest.start
+        if bool((budgets >= n0).all()):  # nothing of the finest level is dropped: the base class fills by attention
+            return super().__call__(tokens, budgets, image=image, query=query, generator=generator)
+        self._context(tokens, image, query, generator)  # input checks (NaN, missing attention)
+        batch = tokens.batch_size
+        deep = tokens.attention[:, finest].float()
+        early = tokens.early_attention if tokens.early_attention is not None else tokens.attention
+        early = early[:, finest].float()
+        per_window, global_count = self.counts(tokens, budgets)
+        windows = window_ids(tokens.level_shapes[0], self.windows, tokens.device)
+        keep = torch.zeros(batch, n0, dtype=torch.bool, device=tokens.device)
+        rows = torch.arange(batch, device=tokens.device)
+        for w in range(self.windows**2):
+            k = int(per_window.max())
+            if k == 0:
+                break
+            scores = early.masked_fill(windows != w, float("-inf"))
+            top = scores.topk(k, dim=1).indices  # (B, k)
+            take = torch.arange(k, device=tokens.device)[None] < per_window[:, None]
+            keep[rows[:, None].expand_as(top)[take], top[take]] = True
+        scores = deep.masked_fill(keep, float("-inf"))
+        g = int(global_count.max())
+        top = scores.topk(min(g, n0), dim=1).indices
+        take = torch.arange(top.shape[1], device=tokens.device)[None] < global_count[:, None]
+        keep[rows[:, None].expand_as(top)[take], top[take]] = True
+        full = budgets >= n0
+        keep[full] = True
+        mask = torch.zeros(batch, tokens.num_tokens, dtype=torch.bool, device=tokens.device)
+        mask[:, finest] = keep
+        if bool(full.any()):  # a sample whose budget covers the finest level fills from the coarser ones
+            filled = super().__call__(tokens, budgets, image=image, query=query, generator=generator)
+            mask[full] = filled.keep_mask(tokens.num_tokens)[full]
+        selection = TokenSelection.from_keep_mask(mask)
+        if not self.merge:
+            return selection
+        space = tokens.embeddings if tokens.embeddings is not None else tokens.features
+        dropped = torch.zeros_like(mask)
+        dropped[:, finest] = ~keep
+        dropped[full] = False
+        merged = merge_into_kept(space, mask, dropped)
+        index = selection.index.unsqueeze(2).expand(-1, -1, merged.shape[-1])
+        kept = torch.gather(merged, 1, index) * selection.mask.unsqueeze(2).to(merged.dtype)
+        return TokenSelection(selection.index, selection.mask, selection.count, kept_embeddings=kept)

@@ -97,6 +97,10 @@ def token_layout(
     return {"level": torch.cat(levels), "row": torch.cat(rows), "col": torch.cat(cols), "box": torch.cat(boxes)}
 
 
+PER_IMAGE = ("features", "cls", "attention", "embeddings", "keys", "early_attention", "aligned")
+"""The per-image tensors of :class:`MultiScaleTokens` (batch first); the layout tensors are shared."""
+
+
 @dataclass(frozen=True, eq=False)
 class MultiScaleTokens:
     """Tokens of all pyramid levels of one batch.
@@ -120,6 +124,9 @@ class MultiScaleTokens:
         early_attention: optional (B, N) [CLS]-to-token attention of an early tower layer (a quarter of the
             depth by default, see :class:`~pyrtok.encoders.MultiScaleEncoder`), like ``attention`` otherwise, for
             methods that scan it (VScan's local scan).
+        aligned: optional (B, N, D_q) every token in the space of the text queries (CLIP's joint image-text
+            space, or the language model's input embeddings), set where a query encoder is attached
+            (:mod:`pyrtok.vlm.query`); query relevance compares the query with these, else with ``features``.
     """
 
     features: Tensor
@@ -134,6 +141,7 @@ class MultiScaleTokens:
     embeddings: Tensor | None = None
     keys: Tensor | None = None
     early_attention: Tensor | None = None
+    aligned: Tensor | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.features, Tensor) or self.features.dim() != 3:
@@ -164,10 +172,12 @@ class MultiScaleTokens:
             if self.embeddings.dim() != 3 or self.embeddings.shape[:2] != self.features.shape[:2]:
                 raise ValueError(f"embeddings must have shape (B, N, D_lm) with (B, N) = "
                                  f"{tuple(self.features.shape[:2])}, got {tuple(self.embeddings.shape)}")
-        if self.keys is not None and (not isinstance(self.keys, Tensor) or self.keys.dim() != 3
-                                      or self.keys.shape[:2] != self.features.shape[:2]):
-            raise ValueError(f"keys must have shape (B, N, D_k) with (B, N) = {tuple(self.features.shape[:2])}, "
-                             f"got {getattr(self.keys, 'shape', type(self.keys).__name__)}")
+        for name in ("keys", "aligned"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, Tensor) or value.dim() != 3
+                                      or value.shape[:2] != self.features.shape[:2]):
+                raise ValueError(f"{name} must have shape (B, N, D') with (B, N) = {tuple(self.features.shape[:2])}, "
+                                 f"got {getattr(value, 'shape', type(value).__name__)}")
 
     @property
     def batch_size(self) -> int:
@@ -231,6 +241,10 @@ class MultiScaleTokens:
         """A copy with ``embeddings`` (B, N, D_lm), or None: see the attribute."""
         return replace(self, embeddings=embeddings)
 
+    def with_aligned(self, aligned: Tensor | None) -> MultiScaleTokens:
+        """A copy with ``aligned`` (B, N, D_q), or None: see the attribute."""
+        return replace(self, aligned=aligned)
+
     def _apply(self, names: Sequence[str], fn: Callable[[Tensor], Tensor]) -> MultiScaleTokens:
         """A copy with ``fn`` applied to the named tensors that are set; embeddings that are the features tensor
         stay that tensor (one copy, not two)."""
@@ -243,14 +257,11 @@ class MultiScaleTokens:
     def select_images(self, index: Tensor | slice | Sequence[int]) -> MultiScaleTokens:
         """The tokens of some of the images: ``features[index]`` (and every other per-image tensor), same
         layout."""
-        return self._apply(("features", "cls", "attention", "embeddings", "keys", "early_attention"),
-                           lambda t: t[index])
+        return self._apply(PER_IMAGE, lambda t: t[index])
 
     def to(self, device: torch.device | str) -> MultiScaleTokens:
         """A copy with every tensor on ``device``."""
-        tensors = ("features", "level", "row", "col", "box", "cls", "attention", "embeddings", "keys",
-                   "early_attention")
-        return self._apply(tensors, lambda t: t.to(device))
+        return self._apply(("level", "row", "col", "box", *PER_IMAGE), lambda t: t.to(device))
 
 
 @dataclass(frozen=True, eq=False)

@@ -157,6 +157,7 @@ READS = {
     "vscan": (("attention", "features"), ("attention", "features")),
     "divprune": (("features",), ("features",)),
     "query": (None, ("query", "features")),
+    "cdpruner": (None, ("query", "features")),
     "difficulty": (("image",), ("image", "query", "features")),
     "foveated": (("image",), ("query", "features")),
 }

@@ -173,7 +173,7 @@ def test_a_family_without_cls_features_refuses_a_cls_selection():
 
     selection = TokenSelection.from_keep_mask(torch.ones(1, 4, dtype=torch.bool), lead=torch.tensor([True]))
     assert selection.total.tolist() == [5]
-    with pytest.raises(ValueError, match="carry no \\[CLS\\] feature.*cls: false"):
+    with pytest.raises(ValueError, match=r"carry no \[CLS\] feature.*cls: false"):
         Family.gather_kept(torch.randn(1, 4, 3), selection)
     cls = torch.randn(1, 3)
     (row,) = Family.gather_kept(torch.randn(1, 4, 3), selection, cls=cls)
@@ -228,7 +228,7 @@ def window_cls_selection(image_attentions: torch.Tensor, visual_token_num: int, 
 
 def token_merging(image_features: torch.Tensor, index_mask: torch.Tensor, scaling: float = 1) -> torch.Tensor:
     """VScan/llava/model/llava_arch.py lines 142-197 (``token_merging``), ported."""
-    B, N, D = image_features.shape
+    B, _, D = image_features.shape
     T = index_mask.sum(dim=1)
     retained_tokens = torch.stack([image_features[b][index_mask[b]] for b in range(B)], dim=0)
     non_retained_tokens = torch.stack([image_features[b][~index_mask[b]] for b in range(B)], dim=0)
@@ -322,3 +322,128 @@ def test_vscan_windows_and_options():
                        ({"merge": "yes"}, "merge must be a bool")):
         with pytest.raises((ValueError, TypeError), match=match):
             allocators.create("vscan", **bad)
+
+
+# -- CDPruner -------------------------------------------------------------------------------------------------
+
+QUESTIONS = ("what colour is the shape?",
+             "how many small red circles are there in the picture on the left side of the large blue square "
+             "next to the green triangle at the top?")  # 26 words: two segments of a 16-position text tower
+
+
+@pytest.fixture(scope="module")
+def published_clip(published_llava):
+    """A tiny CLIP whose vision tower is the LLaVA's (as LLaVA-1.5's tower is CLIP ViT-L's), with a text tower of
+    16 positions, so that long questions take two segments."""
+    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig
+
+    model, processor, _, _ = published_llava
+    tokenizer = processor.tokenizer
+    text = CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                          vocab_size=len(tokenizer), max_position_embeddings=16, eos_token_id=tokenizer.eos_token_id,
+                          bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = CLIPConfig(text_config=text.to_dict(), vision_config=model.config.vision_config.to_dict(),
+                        projection_dim=24)
+    torch.manual_seed(31)
+    clip = CLIPModel(config).eval()
+    clip.vision_model.load_state_dict(model.model.vision_tower.state_dict())
+    return clip, tokenizer
+
+
+@torch.no_grad()
+def upstream_cdpruner(model, clip, tokenizer, pixel_values: torch.Tensor, question: str, visual_token_num: int):
+    """CDPruner as released, for one image and its question: the kept indices.
+
+    Theia-4869/CDPruner at 9541616: ``llava/model/multimodal_encoder/clip_encoder.py`` ``forward`` (the question
+    tokenized without truncation, zero-padded to a multiple of ``max_position_embeddings`` and split into segments,
+    ``text_embeds`` of each; ``image_embeds``: the feature-layer patches through the tower's ``post_layernorm`` and
+    CLIP's ``visual_projection``) and ``llava/model/llava_arch.py`` lines 141-187 (``encode_images``: cosine
+    similarity of the projector outputs in float32, relevance ``(-cos).mean`` over segments, min-max with 1e-6, the
+    kernel, the fast greedy MAP loop, sorted).
+    """
+    tower = model.model.vision_tower
+    outs = tower(pixel_values, output_hidden_states=True)
+    image_outputs = outs.hidden_states[-2][:, 1:]
+    max_position_embeddings = clip.config.text_config.max_position_embeddings
+    text_inputs = dict(tokenizer(text=question, return_tensors="pt"))
+    text_inputs = {k: v for k, v in text_inputs.items() if k in ("input_ids", "attention_mask")}
+    text_segment = (text_inputs["input_ids"].shape[1] - 1) // max_position_embeddings + 1
+    text_padding = max_position_embeddings * text_segment - text_inputs["input_ids"].shape[1]
+    text_inputs = {k: torch.cat([v, v.new_zeros((v.shape[0], text_padding))], dim=1)
+                   .reshape(-1, max_position_embeddings) for k, v in text_inputs.items()}
+    text_embeds = clip.text_projection(clip.text_model(**text_inputs).pooler_output)
+    image_embeds = clip.visual_projection(tower.post_layernorm(image_outputs).float())
+
+    image_features = model.model.multi_modal_projector(image_outputs)
+    B, N, _ = image_features.shape
+    image_normalized = (image_features / image_features.norm(dim=-1, keepdim=True)).float()
+    similarity = torch.matmul(image_normalized, image_normalized.transpose(1, 2))
+    image_embeds = image_embeds / image_embeds.norm(dim=-1, keepdim=True)
+    text_embeds = text_embeds / text_embeds.norm(dim=-1, keepdim=True)
+    relevance = torch.matmul(image_embeds, text_embeds.t())
+    relevance = (-relevance).mean(dim=-1)
+    relevance = (relevance - relevance.min() + 1e-6) / (relevance.max() - relevance.min())
+    kernel = relevance.unsqueeze(2) * similarity * relevance.unsqueeze(1)
+    cis = torch.zeros((visual_token_num, B, N))
+    di2s = torch.diagonal(kernel, dim1=1, dim2=2).clone()
+    select_idx = torch.empty((visual_token_num, B), dtype=torch.long)
+    for i in range(visual_token_num):
+        j = torch.argmax(di2s, dim=-1)
+        select_idx[i] = j
+        eis = (kernel[torch.arange(B), j] - torch.einsum('tb,tbn->bn', cis[:i, torch.arange(B), j], cis[:i])) \
+            / torch.sqrt(di2s[torch.arange(B), j]).unsqueeze(-1)
+        cis[i, :, :] = eis
+        di2s -= torch.square(eis)
+        di2s[torch.arange(B), j] = -float('inf')
+    return torch.sort(select_idx.t()).values[0].tolist()
+
+
+def test_cdpruner_is_the_released_code_on_llava(published_llava, published_clip):
+    """20 images x 3 budgets, two questions (one of two text segments): the kept sets of the released code, with
+    the CLIP query encoder; the ``plain`` variant (relevance not negated) keeps other tokens."""
+    from pyrtok.encoders.text import ClipQueryEncoder
+    from pyrtok.vlm import PyramidVLM
+
+    model, processor, _, images = published_llava
+    clip, tokenizer = published_clip
+    pixel_values = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+    encoder = ClipQueryEncoder(clip, tokenizer)
+    vlm = PyramidVLM(model, processor, allocator="cdpruner", query_encoder=encoder)
+    plain = PyramidVLM(model, processor, allocator={"name": "cdpruner", "relevance": "plain"}, query_encoder=encoder)
+    questions = [QUESTIONS[i % 2] for i in range(IMAGES)]
+    with torch.no_grad():
+        encoded = vlm.encode(images)
+        query = vlm.encode_query(questions)
+    (_, group), = encoded.groups
+    assert group.tokens.aligned.shape == (IMAGES, 100, 24)
+    differ = 0
+    for budget in (8, 20, 40):
+        (ours,) = vlm.select(encoded, budget, query=query)
+        (theirs_plain,) = plain.select(encoded, budget, query=query)
+        assert ours.count.tolist() == [budget] * IMAGES
+        for i in range(IMAGES):
+            expected = upstream_cdpruner(model, clip, tokenizer, pixel_values[i:i + 1], questions[i], budget)
+            assert kept(ours, i) == expected, (i, budget)
+            differ += kept(theirs_plain, i) != expected
+    assert differ > 0
+
+
+def test_language_query_encoder_is_the_mean_of_unit_input_embeddings(published_llava):
+    from pyrtok.vlm import PyramidVLM
+
+    model, processor, _, images = published_llava
+    vlm = PyramidVLM(model, processor, allocator="cdpruner", query_encoder="language")
+    query = vlm.encode_query(["what colour", ""])
+    table = model.get_input_embeddings().weight
+    ids = processor.tokenizer("what colour", add_special_tokens=False)["input_ids"]
+    assert torch.allclose(query[0], F.normalize(table[ids], dim=-1).mean(0), atol=1e-6)
+    assert torch.equal(query[1], torch.zeros_like(query[1]))
+    encoded = vlm.encode(images[:2])
+    tokens = encoded.groups[0][1].tokens
+    assert tokens.aligned is tokens.embeddings  # the language model's inputs are the query space
+    (selection,) = vlm.select(encoded, 10, query=query)
+    assert selection.count.tolist() == [10, 10]
+    with pytest.raises(ValueError, match="has no query_encoder"):
+        PyramidVLM(model, processor).encode_query(["what"])
+    with pytest.raises(ValueError, match="query_encoder must be None, 'language'"):
+        PyramidVLM(model, processor, query_encoder="bert")

@@ -2,13 +2,14 @@
 
     >>> from pyrtok import allocators
     >>> allocators.available()  # doctest: +NORMALIZE_WHITESPACE
-    ['all', 'cls_attention', 'difficulty', 'divprune', 'fastervlm', 'foveated', 'laplacian', 'pool', 'query', 'random',
-     'saliency', 'visionzip', 'vscan']
+    ['all', 'cdpruner', 'cls_attention', 'difficulty', 'divprune', 'fastervlm', 'foveated', 'laplacian', 'pool',
+     'query', 'random', 'saliency', 'visionzip', 'vscan']
 """
 
 from pyrtok.allocators import (  # noqa: F401
     attention,
     baselines,
+    cdpruner,
     difficulty,
     divprune,
     fastervlm,

@@ -55,15 +55,39 @@ class ClipQueryEncoder(nn.Module):
 
     @torch.no_grad()
     def encode(self, texts: Sequence[str]) -> Tensor:
-        """``texts`` -> (B, P) unit-norm text embeddings."""
+        """``texts`` -> (B, P) text embeddings: unit norm for a text within one context of the text tower.
+
+        A HF CLIP reads each text as CDPruner's authors do (``clip_encoder.py``, ``forward`` with ``texts``): its
+        token ids (no truncation) zero-padded on the right to a multiple of the context (``max_position_embeddings``),
+        each context-long segment embedded; the result is the mean of the segments' unit-norm embeddings (the
+        mean cosine with the segments is the cosine with that mean). OpenCLIP's tokenizer truncates to its context.
+        """
         if isinstance(texts, str) or not texts:
             raise ValueError(f"texts must be a non-empty list of strings, got {texts!r}")
         device = next(self.model.parameters()).device
         if self.openclip:
             return F.normalize(self.model.encode_text(self.tokenizer(list(texts)).to(device)), dim=-1)
-        inputs = self.tokenizer(list(texts), padding=True, return_tensors="pt").to(device)
-        inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
-        return F.normalize(_features(self.model.get_text_features(**inputs)), dim=-1)
+        context = int(self.model.config.text_config.max_position_embeddings)
+        segments, owner = [], []
+        for i, text in enumerate(texts):
+            encoded = self.tokenizer(text=text, return_tensors="pt")
+            encoded = {k: v for k, v in encoded.items() if k in ("input_ids", "attention_mask")}
+            length = encoded["input_ids"].shape[1]
+            count = (length - 1) // context + 1
+            pad = context * count - length
+            segments.append({k: torch.cat([v, v.new_zeros((1, pad))], dim=1).reshape(-1, context)
+                             for k, v in encoded.items()})
+            owner += [i] * count
+        inputs = {k: torch.cat([s[k] for s in segments]).to(device) for k in segments[0]}
+        embeds = F.normalize(_features(self.model.get_text_features(**inputs)), dim=-1)
+        owner_t = torch.tensor(owner, device=device)
+        sums = embeds.new_zeros(len(texts), embeds.shape[-1]).index_add_(0, owner_t, embeds)
+        return sums / torch.bincount(owner_t, minlength=len(texts)).unsqueeze(1).to(embeds.dtype)
+
+    def align(self, tokens: MultiScaleTokens) -> MultiScaleTokens:
+        """The tokens with ``aligned`` = their features in the joint space (:meth:`project`); the query encoder
+        protocol of :mod:`pyrtok.vlm.query`."""
+        return tokens.with_aligned(self.project(tokens.features))
 
     def project(self, features: Tensor) -> Tensor:
         """(..., D) vision-tower features -> (..., P) in the joint space, as the model projects its [CLS]."""

@@ -19,7 +19,7 @@ one module each; this core holds no branch on the family.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,9 @@ from pyrtok.tokens import TokenSelection
 from pyrtok.vlm import prompts as prompting
 from pyrtok.vlm.batch import EncodedBatch, Images, per_sample
 from pyrtok.vlm.families import Family, family_for
+from pyrtok.vlm.families.base import Encoded
 from pyrtok.vlm.hub import HUB_KWARGS, load_model
+from pyrtok.vlm.query import resolve_query_encoder
 from pyrtok.vlm.schedules import Schedule, resolve_schedule
 
 __all__ = ["HUB_KWARGS", "Prepared", "PyramidVLM", "VLMOutput"]
@@ -112,6 +114,10 @@ class PyramidVLM(nn.Module):
             proportion to their tokens (:func:`pyrtok.budget.image_shares`); by default each image gets it.
         schedule: an in-LLM dropping schedule (any spec :func:`pyrtok.vlm.schedules.resolve_schedule` takes),
             applied after the allocator's choice; None runs every decoder layer on every kept token.
+        query_encoder: the space of text queries (:mod:`pyrtok.vlm.query`): ``"language"`` (the model's own input
+            embeddings), ``"clip:<path>"`` or an encoder object; :meth:`encode` aligns the tokens with it and
+            :meth:`encode_query` embeds questions in it. None (default): the allocator gets the queries it is
+            given, compared with the tokens' features.
         family_options: options of the family (Qwen: ``coarse_positions``; LLaVA-NeXT: ``newlines``,
             ``lazy_tiles``; InternVL: ``lazy_tiles``).
 
@@ -134,6 +140,7 @@ class PyramidVLM(nn.Module):
         levels: int = 1,
         share_budget: bool = False,
         schedule: Schedule | str | dict | Path | None = None,
+        query_encoder: Any = None,
         **family_options: Any,
     ) -> None:
         super().__init__()
@@ -148,6 +155,7 @@ class PyramidVLM(nn.Module):
         self.budget = budget
         self.share_budget = bool(share_budget)
         self.schedule = resolve_schedule(schedule)
+        self.query_encoder = resolve_query_encoder(query_encoder, model, self.tokenizer)
 
     @classmethod
     def from_pretrained(
@@ -234,9 +242,28 @@ class PyramidVLM(nn.Module):
         by_shape: dict[tuple[int, ...], list[int]] = {}
         for i, p in enumerate(pixels):
             by_shape.setdefault(tuple(p.shape), []).append(i)
-        groups = [(members, self.family.encode(torch.stack([pixels[i] for i in members])))
+        groups = [(members, self._aligned(self.family.encode(torch.stack([pixels[i] for i in members]))))
                   for members in by_shape.values()]
         return EncodedBatch(owner, groups, len(samples))
+
+    def _aligned(self, encoded: Encoded) -> Encoded:
+        """``encoded`` with its tokens in the query encoder's space (``tokens.aligned``), where one is attached."""
+        if self.query_encoder is None:
+            return encoded
+        return replace(encoded, tokens=self.query_encoder.align(encoded.tokens))
+
+    def encode_query(self, questions: Sequence[str]) -> Tensor:
+        """(B, D_q) the questions in the query encoder's space, for query-reading allocators (``select(query=)``).
+
+        Example (the embedded model)::
+
+            vlm = PyramidVLM.from_pretrained("embedded", allocator="cdpruner", query_encoder="language")
+            vlm.generate(images, prompts, budget=32, query=vlm.encode_query(questions))
+        """
+        if self.query_encoder is None:
+            raise ValueError("this PyramidVLM has no query_encoder: pass query_encoder='language' (the model's own "
+                             "input embeddings) or 'clip:<path>' to embed questions")
+        return self.query_encoder.encode(list(questions)).to(self.device)
 
     def select(
         self,

@@ -36,6 +36,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from pyrtok.budget import budget_tokens
+from pyrtok.vlm.query import bare_question
 
 __all__ = ["DEFAULT_TEMPLATE", "MANIFEST", "MODEL_NAME", "PyrtokLMM"]
 
@@ -54,6 +55,7 @@ class _Item:
     extra: Any
     doc_to_visual: Callable | None
     prompt: str = ""
+    question: str = ""  # the context as a query-reading allocator gets it (pyrtok.vlm.query.bare_question)
 
 
 def _positive_int(value: Any, name: str) -> int:
@@ -82,7 +84,8 @@ class PyrtokLMM(lmms):
     def __init__(self, pretrained: str, allocator: Any = None, budget: int | float | str | None = None,
                  levels: int | str | None = None, mode: str | None = None, config: str | None = None,
                  prompt_template: str | None = None, device: str | None = None, dtype: str = "auto",
-                 batch_size: int | str = 1, max_new_tokens: int | str = 128, tokens_log: str | None = None) -> None:
+                 batch_size: int | str = 1, max_new_tokens: int | str = 128, tokens_log: str | None = None,
+                 query_encoder: str | None = None) -> None:
         super().__init__()
         from pyrtok.allocators import resolve, spec_label
         from pyrtok.vlm import PyramidVLM
@@ -99,17 +102,23 @@ class PyrtokLMM(lmms):
         levels = None if levels is None else _positive_int(levels, "levels")
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-        built = None if allocator is None else _no_query(resolve(allocator, "allocator"))  # before loading
+        built = None if allocator is None else resolve(allocator, "allocator")  # before loading
         self._rank, self._world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if self._world_size > 1 and device == "cuda":  # one replica per process; lmms-eval shards by rank
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         self.device = torch.device(device)
         dtypes = {} if dtype == "auto" else {"dtype": getattr(torch, dtype)}
+        if query_encoder is None and built is not None and "query" in built.needs:
+            query_encoder = "language"  # the question through the model's own input embeddings (pyrtok.vlm.query)
         self.vlm = PyramidVLM.from_pretrained(pretrained, allocator=built, budget=budget, config=config, mode=mode,
-                                              levels=levels, **dtypes).to(self.device).eval()
+                                              levels=levels, query_encoder=query_encoder,
+                                              **dtypes).to(self.device).eval()
         self.budget = self.vlm.budget = None if self.vlm.budget is None else _budget(self.vlm.budget)
-        self.allocator_name = _no_query(self.vlm.allocator).name  # kept apart from the model (clean() drops it)
+        self.allocator_name = self.vlm.allocator.name  # kept apart from the model (clean() drops it)
+        if "query" in self.vlm.allocator.needs and self.vlm.query_encoder is None:
+            raise ValueError(f"allocator {self.allocator_name!r} reads the question: pass query_encoder=language "
+                             "(the model's input embeddings) or query_encoder=clip:<path>")
         self.levels, self.mode = self.vlm.family.levels, self.vlm.family.mode
         self.tokenizer, self.image_token = self.vlm.tokenizer, self.vlm.image_token
         self.prompt_template = self._check_template(
@@ -123,7 +132,7 @@ class PyrtokLMM(lmms):
                 else str(allocator) if isinstance(allocator, (str, Path)) else spec_label(allocator))
         self._identity = {"pretrained": pretrained, "allocator": spec, "config": config, "budget": self.budget,
                           "levels": self.levels, "mode": self.mode, "dtype": dtype,
-                          "prompt_template": self.prompt_template}
+                          "prompt_template": self.prompt_template, "query_encoder": query_encoder}
         self.kept_tokens: dict[tuple[str, str, int], int] = {}
         self._warned: set[str] = set()  # tasks already warned about words the tokenizer does not know
         self.tokens_log = Path(tokens_log) if tokens_log else None
@@ -205,6 +214,7 @@ class PyrtokLMM(lmms):
             else:
                 raise ValueError(f"{kind} request args must be (context, gen_kwargs or continuation, doc_to_visual, "
                                  f"doc_id, task, split), got {len(request.args)} items")
+            item.question = bare_question(context.replace(self.image_token, ""))
             if self._image(item) is None:  # text only: nothing can fill a placeholder
                 item.prompt = self._text.replace("{context}", context.replace(self.image_token, ""))
             else:  # a question holding its own placeholder keeps that one
@@ -302,7 +312,7 @@ class PyrtokLMM(lmms):
                 self._items(requests, "generate_until"), "pyrtok generate",
                 lambda item: json.dumps(item.extra, sort_keys=True, default=str)):
             options, until = self._generation_options(batch[0].extra)
-            out = self.vlm.generate(images, prompts, **options)
+            out = self.vlm.generate(images, prompts, query=self._query(batch), **options)
             self._record(batch, out.counts)
             new = (out.sequences != self.tokenizer.pad_token_id).sum(-1).tolist()
             for item, text, n_in, n_out in zip(batch, out.texts, out.prompt_lengths.tolist(), new, strict=True):
@@ -316,7 +326,7 @@ class PyrtokLMM(lmms):
         """(sum of the continuation's token log-probabilities, whether greedy decoding would produce it)."""
         results: list[Any] = [None] * len(requests)
         for batch, images, prompts in self._batches(self._items(requests, "loglikelihood"), "pyrtok loglikelihood"):
-            out = self.vlm(images, prompts)
+            out = self.vlm(images, prompts, query=self._query(batch))
             self._record(batch, out.counts)
             for row, item in enumerate(batch):  # left-padded rows: every continuation ends at the last position
                 scores = F.log_softmax(out.logits[row, -item.extra - 1 : -1].float(), dim=-1)
@@ -326,16 +336,15 @@ class PyrtokLMM(lmms):
         self.summary(log=True)
         return results
 
+    def _query(self, batch: Sequence[_Item]) -> torch.Tensor | None:
+        """The batch's questions in the query encoder's space, for an allocator that reads them; else None."""
+        if "query" not in self.vlm.allocator.needs:
+            return None
+        return self.vlm.encode_query([item.question for item in batch])
+
     def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:
         raise NotImplementedError("the pyrtok model answers single-turn requests only (generate_until, "
                                   "loglikelihood); multi-round tasks are not supported")
-
-
-def _no_query(allocator: Any) -> Any:
-    if "query" in allocator.needs:
-        raise ValueError(f"allocator {allocator.name!r} needs a text-query embedding, which lmms-eval requests do "
-                         "not carry; choose another")
-    return allocator
 
 
 MANIFEST = ModelManifest(model_id=MODEL_NAME, simple_class_path=f"{__name__}.{PyrtokLMM.__qualname__}")

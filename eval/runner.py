@@ -94,9 +94,12 @@ def load_model(spec: ModelSpec, allocators: dict[str, Any], device: torch.device
     resolved = {name: resolve(allocator, f"allocators[{name}]") for name, allocator in allocators.items()}
     first = PyramidVLM.from_pretrained(spec.resolved_path, mode=spec.mode, levels=spec.levels)
     first.model.to(device)
+    options = dict(spec.options)
+    if "query_encoder" not in options and any("query" in a.needs for a in resolved.values()):
+        options["query_encoder"] = "language"  # questions in the model's own input embeddings (pyrtok.vlm.query)
     try:  # a hub model's options are first checked here (a local folder's when the config loaded)
         vlms = {name: PyramidVLM(first.model, first.processor, allocator=allocator, mode=spec.mode,
-                                 levels=spec.levels, **spec.options)
+                                 levels=spec.levels, **options)
                 for name, allocator in resolved.items()}
     except (TypeError, ValueError) as error:
         if not spec.options:
@@ -148,11 +151,12 @@ def _fingerprint(model: LoadedModel, task: TaskSpec, cell: Cell) -> str:
 
 def fingerprint(config: AblationConfig, model: ModelSpec, task: TaskSpec, allocator: str,
                 schedule: str | None = None) -> str:
-    """A short hash of everything that shapes a row besides its key: the model, task and allocator specs
-    (an allocator YAML by its content), the seed and the batch size. Rows of another fingerprint are never
-    taken as done, so a resumed run with a changed config recomputes instead of mixing results."""
-    parts = [asdict(model), asdict(task), _content(config.allocator_specs[allocator]), config.seed,
-             config.batch_size]
+    """A short hash of everything that shapes a row besides its key: the model and task specs, the allocator
+    with every option it resolves to (defaults included, so a method whose default rule changes between
+    versions is recomputed, however it is named), the seed and the batch size. Rows of another fingerprint are
+    never taken as done, so a resumed run with a changed config recomputes instead of mixing results."""
+    options = resolve(config.allocator_specs[allocator], f"allocators[{allocator}]").config()
+    parts = [asdict(model), asdict(task), options, config.seed, config.batch_size]
     if schedule is not None:
         # "twin-seeded": a scheduled cell draws its allocator's randomness as its unscheduled twin does
         parts += [_content(config.schedule_specs[schedule]), "twin-seeded"]
@@ -222,20 +226,23 @@ def _budgets(model: LoadedModel, cell: Cell, encoded: Any) -> int | torch.Tensor
     return int(cell.budget) if model.num_tokens is not None else cell.budget
 
 
-def _answer(model: LoadedModel, cell: Cell, encoded: Any, prompts: list[str], generator: torch.Generator
+def _answer(model: LoadedModel, cell: Cell, encoded: Any, prompts: list[str], questions: list[str],
+            generator: torch.Generator
             ) -> tuple[list[str], torch.Tensor, float, float, float, list[int], list[list[int]] | None, list[int],
                        float, list[float]]:
     """Texts, image placeholders per sample, allocation / prefill / total LLM seconds, prompt lengths, (with an
     in-LLM schedule) the tokens each decoder layer ran on, the tokens the allocator kept, the seconds of
     vision work deferred until the selection was known (LLaVA-NeXT's lazy tiles) and the vision FLOPs of each
-    sample, for one batch."""
+    sample, for one batch. An allocator that reads the question gets it from the model's query encoder (timed as
+    allocation)."""
     from transformers import StoppingCriteriaList
 
     vlm = model.vlms[cell.spec]
     device = vlm.device
     sync(device)
     start = time.perf_counter()
-    selections = vlm.select(encoded, _budgets(model, cell, encoded), generator=generator)
+    query = vlm.encode_query(questions) if "query" in vlm.allocator.needs else None
+    selections = vlm.select(encoded, _budgets(model, cell, encoded), query=query, generator=generator)
     sync(device)
     allocated = time.perf_counter()
     encoded = vlm.complete(encoded, selections)  # deferred vision work (LLaVA-NeXT's lazy tiles), timed as vision
@@ -530,8 +537,10 @@ def _answer_cell(model: LoadedModel, task: TaskSpec, cell: Cell, records: list[d
     """Rows of one cell on one batch; a failing batch is retried sample by sample to isolate the failure
     (each retry seeded from its sample id, not from the failed batch's generator state)."""
     try:
+        # the bare question, without the task's pre/post prompt (CDPruner strips the short-answer suffix)
+        questions = [str(record["question"]) for record in records]
         texts, counts, allocation, prefill, llm, lengths, layers, kept, deferred, vision_flops = _answer(
-            model, cell, encoded, prompts, generator)
+            model, cell, encoded, prompts, questions, generator)
     except Exception as error:
         if len(records) == 1:
             return _error_rows(model, task, cell, records, f"{type(error).__name__}: {error}")

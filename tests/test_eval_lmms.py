@@ -285,7 +285,7 @@ def test_prompt_templates(model_dir):
     [({"allocator": "nearest"}, "allocator must be a registered allocator"),
      ({"allocator": ""}, "allocator must be a registered allocator"),
      ({"allocator": "missing.yaml"}, "does not exist"),
-     ({"allocator": "query"}, "text-query"),
+     ({"allocator": "query", "query_encoder": "bert"}, "query_encoder must be None, 'language'"),
      ({"budget": 0}, "budget must be an int token count >= 1 or a fraction in \\(0, 1\\]"),
      ({"budget": 2.5}, "budget must be an int"),
      ({"budget": "1.5"}, "budget must be an int"),
@@ -313,10 +313,24 @@ def test_allocator_specs_resolve_like_everywhere_else(model_dir, tmp_path):
     keys = {repr(_model(model_dir, allocator=spec, budget=3)) for spec in
             (str(config), "laplacian", {"name": "laplacian"}, {"name": "laplacian", "power": 2.0})}
     assert len(keys) == 4
-    with pytest.raises(ValueError, match="text-query"):
-        _model(model_dir, allocator={"name": "query"})
     with pytest.raises(TypeError, match="allocator must be an Allocator"):
         _model(model_dir, allocator=3)
+
+
+def test_query_reading_allocators_get_the_bare_question(model_dir):
+    """CDPruner in lmms-eval: each request's context, without LLaVA's short-answer instruction, reaches the allocator
+    through the model's own input embeddings (query_encoder defaults to language for such allocators)."""
+    docs = _docs()
+    lm = _model(model_dir, docs, allocator="cdpruner", budget=4)
+    assert lm.vlm.query_encoder is not None and "query_encoder='language'" in repr(lm)
+    seen = []
+    encode = lm.vlm.encode_query
+    lm.vlm.encode_query = lambda questions: seen.extend(questions) or encode(questions)
+    suffix = "\nAnswer the question using a single word or phrase."
+    out = lm.generate_until([_generate_request(i, d["question"] + suffix) for i, d in enumerate(docs)])
+    assert len(out) == len(docs) and seen == [d["question"] for d in docs]
+    assert lm.kept_tokens[(TASK, SPLIT, 0)] == 4
+    assert len(lm.loglikelihood([_ll_request(0, docs[0]["question"], "red")])) == 1
 
 
 def test_model_args_batch_size_wins_over_the_cli_one(model_dir):

@@ -420,3 +420,21 @@ def test_an_image_the_model_refuses_is_recorded_and_the_batch_goes_on(tmp_path):
     errors = {r["id"]: r["error"] for r in rows if r["error"]}
     assert set(errors) == {"q1"} and all(e.startswith("encode: ValueError") for e in errors.values())
     assert sum(1 for r in rows if r["id"] == "q1") == 2  # one error row per cell
+
+
+def test_fingerprints_follow_the_options_an_allocator_resolves_to(assets, tmp_path, monkeypatch):
+    """A registered name is fingerprinted by every option it resolves to: the same rule spelled as a name, a
+    mapping or a YAML file shares rows, and a method whose default changes between versions is recomputed."""
+    from pyrtok.allocators.visionzip import VisionZipTokens
+    from pyrtok.eval.runner import fingerprint
+
+    yaml_file = tmp_path / "zip.yaml"
+    yaml_file.write_text("# a comment does not change the rule\nname: visionzip\nmerge: released\n")
+    config = load_config(config_for(assets, tmp_path / "out", allocators=[
+        "visionzip", {"name": "visionzip", "cls": True, "label": "zip_map"}, str(yaml_file),
+        {"name": "visionzip", "merge": "mean", "label": "zip_mean"}]))
+    model, task = config.models[0], config.tasks[0]
+    prints = {label: fingerprint(config, model, task, label) for label in config.allocator_specs}
+    assert prints["visionzip"] == prints["zip_map"] == prints["zip"] != prints["zip_mean"]
+    monkeypatch.setattr(VisionZipTokens.__init__, "__defaults__", (10 / 64, True, "keys", "mean", "finest"))
+    assert fingerprint(config, model, task, "visionzip") == prints["zip_mean"] != prints["visionzip"]

@@ -167,21 +167,22 @@ class PyramidVLM(nn.Module):
         mode: str | None = None,
         levels: int | None = None,
         schedule: Any = None,
+        query_encoder: Any = None,
         **model_kwargs: Any,
     ) -> PyramidVLM:
         """Load a supported VLM and its processor from a local folder or a hub id (:func:`pyrtok.vlm.hub.
         load_model`); the family comes from the model's config.
 
         ``config`` (a YAML path or dict) may give ``allocator``, ``budget``, ``mode``, ``levels``, ``schedule``,
-        ``share_budget`` and family options; explicit arguments win over it. The allocator is resolved before
-        the weights load, so a bad spec fails at once. Other keyword arguments go to the model's
+        ``query_encoder``, ``share_budget`` and family options; explicit arguments win over it. The allocator is
+        resolved before the weights load, so a bad spec fails at once. Other keyword arguments go to the model's
         ``from_pretrained`` (e.g. ``dtype``; the hub's, :data:`HUB_KWARGS`, also to its config and processor).
         """
         options: dict[str, Any] = {}
         if config is not None:
             options = yaml.safe_load(Path(config).read_text()) if not isinstance(config, dict) else dict(config)
         for key, value in (("allocator", allocator), ("budget", budget), ("mode", mode), ("levels", levels),
-                           ("schedule", schedule)):
+                           ("schedule", schedule), ("query_encoder", query_encoder)):
             if value is not None:
                 options[key] = value
         options["allocator"] = resolve(options.get("allocator", "all"), "allocator")

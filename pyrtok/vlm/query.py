@@ -22,7 +22,22 @@ from torch import Tensor, nn
 
 from pyrtok.tokens import MultiScaleTokens
 
-__all__ = ["LanguageQueryEncoder", "QueryEncoder", "resolve_query_encoder"]
+__all__ = ["SHORT_ANSWER", "LanguageQueryEncoder", "QueryEncoder", "bare_question", "resolve_query_encoder"]
+
+SHORT_ANSWER = "Answer the question using a single word or phrase."
+"""LLaVA-1.5's short-answer instruction (stock lmms-eval tasks' post_prompt), which CDPruner's scripts strip."""
+
+
+def bare_question(text: str) -> str:
+    """``text`` without LLaVA-1.5's short-answer instruction (and the whitespace before it), as CDPruner's
+    evaluation scripts pass questions to the text tower; other text stays.
+
+    Example:
+        >>> bare_question("What is it?\nAnswer the question using a single word or phrase.")
+        'What is it?'
+    """
+    stripped = text.rstrip()
+    return stripped[: -len(SHORT_ANSWER)].rstrip() if stripped.endswith(SHORT_ANSWER) else text
 
 
 class QueryEncoder(Protocol):

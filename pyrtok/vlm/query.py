@@ -33,7 +33,7 @@ def bare_question(text: str) -> str:
     evaluation scripts pass questions to the text tower; other text stays.
 
     Example:
-        >>> bare_question("What is it?\nAnswer the question using a single word or phrase.")
+        >>> bare_question("What is it? Answer the question using a single word or phrase.")
         'What is it?'
     """
     stripped = text.rstrip()

@@ -74,7 +74,7 @@ from pyrtok.embedded.tokenizer import chatml_template as _chatml_template
 __all__ = ["ARCHITECTURES", "FAMILIES", "save_tiny_vlm"]
 
 FAMILIES: tuple[str, ...] = ("llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_next", "llava_onevision",
-                             "internvl")
+                             "internvl", "gemma3")
 
 ARCHITECTURES: dict[str, str] = {
     "LlavaForConditionalGeneration": "llava",
@@ -84,6 +84,7 @@ ARCHITECTURES: dict[str, str] = {
     "LlavaNextForConditionalGeneration": "llava_next",
     "LlavaOnevisionForConditionalGeneration": "llava_onevision",
     "InternVLForConditionalGeneration": "internvl",
+    "Gemma3ForConditionalGeneration": "gemma3",
 }
 """The tiny build (:func:`save_tiny_vlm`'s ``family``) of each architecture pyrtok runs: the family contract test
 builds one model per registered architecture from here, so a new family needs its tiny build listed too."""
@@ -162,13 +163,19 @@ _ONEVISION_SPECIAL = {"pad": "<|endoftext|>", "unk": "<unk>", "eos": "<|im_end|>
 _INTERNVL_SPECIAL = {"pad": "<|endoftext|>", "unk": "<unk>", "eos": "<|im_end|>", "im_start": "<|im_start|>",
                      "image": "<IMG_CONTEXT>", "image_start": "<img>", "image_end": "</img>", "video": "<video>"}
 
+_GEMMA3_SPECIAL = {"pad": "<pad>", "unk": "<unk>", "bos": "<bos>", "eos": "<eos>", "image": "<image_soft_token>",
+                   "boi": "<start_of_image>", "eoi": "<end_of_image>", "start_turn": "<start_of_turn>",
+                   "end_turn": "<end_of_turn>"}
+
 _SPECIAL = {"llava": _LLAVA_SPECIAL, "llava_next": _LLAVA_SPECIAL, "llava_onevision": _ONEVISION_SPECIAL,
             "qwen2_vl": _QWEN_SPECIAL, "qwen2_5_vl": _QWEN_SPECIAL, "qwen3_vl": _QWEN_SPECIAL,
-            "internvl": _INTERNVL_SPECIAL}
+            "internvl": _INTERNVL_SPECIAL, "gemma3": _GEMMA3_SPECIAL}
 
 # Tokens the family's processor reads from the tokenizer by name (InternVL's: tokenizer.start_image_token, ...).
 _NAMED = {"internvl": {"context_image_token": "<IMG_CONTEXT>", "start_image_token": "<img>",
-                       "end_image_token": "</img>", "video_token": "<video>"}}
+                       "end_image_token": "</img>", "video_token": "<video>"},
+          "gemma3": {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+                     "image_token": "<image_soft_token>"}}
 
 # Chat templates put every literal inside {{ }} so that whitespace control ({%- -%}) never eats a newline.
 # LLaVA-1.5 / LLaVA-NeXT (Vicuna): "USER: <image>\n<text> ASSISTANT:"; images of a turn come before its text.
@@ -214,10 +221,25 @@ _INTERNVL_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
 )
 
+# Gemma 3: "<start_of_turn>user\n<start_of_image><text><end_of_turn>\n<start_of_turn>model\n" (BOS from the
+# tokenizer); the processor expands <start_of_image> to "\n\n<start_of_image>", the soft tokens, "<end_of_image>\n\n".
+_GEMMA3_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else message['role']) + '\n' }}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' -%}{{ '<start_of_image>' }}"
+    "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{ '<end_of_turn>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
+)
+
 _TEMPLATES = {"llava": _VICUNA_TEMPLATE, "llava_next": _VICUNA_TEMPLATE, "llava_onevision": _ONEVISION_TEMPLATE,
               "qwen2_vl": _chatml_template("You are a helpful assistant."),
               "qwen2_5_vl": _chatml_template("You are a helpful assistant."), "qwen3_vl": _chatml_template(None),
-              "internvl": _INTERNVL_TEMPLATE}
+              "internvl": _INTERNVL_TEMPLATE, "gemma3": _GEMMA3_TEMPLATE}
 
 
 def _tokenizer(family: str) -> Any:
@@ -469,7 +491,38 @@ def _internvl(tokenizer: Any, text_layers: int, hidden: int, overrides: dict[str
     return model, processor
 
 
+def _gemma3(tokenizer: Any, text_layers: int, hidden: int, overrides: dict[str, Any]) -> tuple[Any, Any]:
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessor, Gemma3Processor
+
+    width = hidden // 2
+    # 64 px at 8 px patches: an 8x8 SigLIP grid, pooled 2x2 to 4x4 = 16 soft tokens (Gemma 3: 64x64 pooled 4x4).
+    vision = _merged({"model_type": "siglip_vision_model", "hidden_size": width, "intermediate_size": 2 * width,
+                      "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 64, "patch_size": 8,
+                      "vision_use_head": False}, overrides, "vision_config")
+    # local and global layers alternate, with a 12-token window that the test prompts overrun
+    text = _merged({"vocab_size": len(tokenizer), "hidden_size": hidden, "intermediate_size": 2 * hidden,
+                    "num_hidden_layers": text_layers, "num_attention_heads": 4, "num_key_value_heads": 2,
+                    "head_dim": hidden // 4, "query_pre_attn_scalar": hidden // 4, "sliding_window": 12,
+                    "layer_types": ["sliding_attention" if i % 2 == 0 else "full_attention"
+                                    for i in range(text_layers)],
+                    "max_position_embeddings": 1024, "pad_token_id": tokenizer.pad_token_id,
+                    "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id},
+                   overrides, "text_config")
+    config = Gemma3Config(vision_config=vision, text_config=text, mm_tokens_per_image=16,
+                          boi_token_index=_id(tokenizer, "<start_of_image>"),
+                          eoi_token_index=_id(tokenizer, "<end_of_image>"),
+                          image_token_index=_id(tokenizer, "<image_soft_token>"), **overrides)
+    model = _finish(Gemma3ForConditionalGeneration, config)
+    side = config.vision_config.image_size
+    image_processor = Gemma3ImageProcessor(size={"height": side, "width": side}, image_mean=[0.5] * 3,
+                                           image_std=[0.5] * 3)
+    processor = Gemma3Processor(image_processor=image_processor, tokenizer=tokenizer,
+                                image_seq_length=config.mm_tokens_per_image, chat_template=tokenizer.chat_template)
+    return model, processor
+
+
 _BUILDERS: dict[str, Callable[[Any, int, int, dict[str, Any]], tuple[Any, Any]]] = {
     "llava": _llava, "llava_next": _llava_next, "llava_onevision": _llava_onevision,
     "qwen2_vl": _qwen2_vl, "qwen2_5_vl": _qwen2_5_vl, "qwen3_vl": _qwen3_vl, "internvl": _internvl,
+    "gemma3": _gemma3,
 }

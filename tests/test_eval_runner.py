@@ -425,8 +425,9 @@ def test_an_image_the_model_refuses_is_recorded_and_the_batch_goes_on(tmp_path):
 def test_fingerprints_follow_the_options_an_allocator_resolves_to(assets, tmp_path, monkeypatch):
     """A registered name is fingerprinted by every option it resolves to: the same rule spelled as a name, a
     mapping or a YAML file shares rows, and a method whose default changes between versions is recomputed."""
-    from pyrtok.allocators.visionzip import VisionZipTokens
     from pyrtok.eval.runner import fingerprint
+
+    from pyrtok.allocators.visionzip import VisionZipTokens
 
     yaml_file = tmp_path / "zip.yaml"
     yaml_file.write_text("# a comment does not change the rule\nname: visionzip\nmerge: released\n")

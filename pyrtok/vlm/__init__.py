@@ -2,7 +2,7 @@
 
     >>> from pyrtok.vlm import FAMILIES, SCHEDULES
     >>> SCHEDULES.available(), len(FAMILIES.available())
-    (['dart', 'fastv', 'pdrop', 'vscan'], 7)
+    (['dart', 'fastv', 'pdrop', 'vscan'], 8)
 """
 
 from pyrtok.vlm.adapter import Prepared, PyramidVLM, VLMOutput

@@ -19,7 +19,7 @@ one module each; this core holds no branch on the family.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,7 @@ class Prepared:
         image_counts: per sample, the placeholders each of its images took.
         encoded: the batch's encoding after the deferred step (its ``vision_flops()`` count everything).
         selections: the selection of each group of ``encoded``.
+        extra: the family's other model inputs (Gemma 3's ``token_type_ids``).
     """
 
     input_ids: Tensor
@@ -67,11 +68,12 @@ class Prepared:
     image_counts: list[list[int]]
     encoded: EncodedBatch
     selections: list[TokenSelection]
+    extra: dict[str, Tensor] = field(default_factory=dict)
 
     def model_inputs(self) -> dict[str, Any]:
         """The keyword arguments of the model's ``forward`` / ``generate``."""
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask,
-                "position_ids": self.position_ids, "mm_encoder_outputs": self.mm_encoder_outputs}
+                "position_ids": self.position_ids, "mm_encoder_outputs": self.mm_encoder_outputs, **self.extra}
 
 
 @dataclass
@@ -224,7 +226,7 @@ class PyramidVLM(nn.Module):
 
     def check_prompt(self, prompt: str, images: int = 1, argument: str = "prompt") -> None:
         """Raise a ValueError naming ``argument`` unless ``prompt`` holds the image marker once per image."""
-        prompting.check_prompt(self.tokenizer, self.image_token_id, self.image_token, prompt, images, argument)
+        prompting.check_prompt(self.tokenizer, self.family.marker_id, self.image_token, prompt, images, argument)
 
     # -- the pipeline, step by step ---------------------------------------------------------------------
     def pixels(self, images: Images) -> list[Tensor]:
@@ -338,8 +340,9 @@ class PyramidVLM(nn.Module):
                                                            merged)
         per_sample_images = [[i for i, o in enumerate(encoded.owner) if o == b] for b in range(encoded.num_samples)]
         image_counts = [[int(features[i].shape[0]) for i in images_of] for images_of in per_sample_images]
-        input_ids, attention_mask = prompting.expand(self.tokenizer, self.image_token_id, self.image_token, prompts,
-                                                     image_counts, self.device, self.family.image_run)
+        input_ids, attention_mask = prompting.expand(self.tokenizer, self.family.marker_id, self.image_token,
+                                                     prompts, image_counts, self.device, self.family.image_run,
+                                                     self.family.image_text)
         position_ids = self.family.position_ids(input_ids, attention_mask,
                                                 [[positions[i] for i in images_of] for images_of in per_sample_images])
         outputs = None
@@ -347,7 +350,8 @@ class PyramidVLM(nn.Module):
             keys = extras[0].keys()
             outputs = self.family.encoder_outputs(features, {k: [e[k] for e in extras] for k in keys})
         counts = torch.tensor([sum(c) for c in image_counts], device=self.device)
-        return Prepared(input_ids, attention_mask, position_ids, outputs, counts, image_counts, encoded, selections)
+        return Prepared(input_ids, attention_mask, position_ids, outputs, counts, image_counts, encoded, selections,
+                        self.family.model_inputs(input_ids, attention_mask))
 
     # -- user-facing calls ------------------------------------------------------------------------------
     def forward(
@@ -428,7 +432,8 @@ class PyramidVLM(nn.Module):
             raise ValueError("labels are not taken with an in-LLM schedule (dropped columns have no logits); "
                              "pass schedule=None for a loss")
         state = prefill(self.model, inputs.input_ids, inputs.attention_mask, inputs.position_ids,
-                        self.image_token_id, schedule, inputs.mm_encoder_outputs)
+                        self.image_token_id, schedule, inputs.mm_encoder_outputs,
+                        image_blocks=self.family.bidirectional_images)
         out = CausalLMOutputWithPast(logits=state.logits)
         out.input_ids, out.counts = inputs.input_ids, inputs.counts
         out.columns, out.column_mask = state.columns, state.valid
@@ -448,7 +453,8 @@ class PyramidVLM(nn.Module):
                              f"and logits_processor; got also {sorted(options)}")
         taken.setdefault("pad_token_id", self.tokenizer.pad_token_id)
         out = scheduled_generate(self.model, inputs.input_ids, inputs.attention_mask, inputs.position_ids,
-                                 self.image_token_id, schedule, inputs.mm_encoder_outputs, **taken)
+                                 self.image_token_id, schedule, inputs.mm_encoder_outputs,
+                                 image_blocks=self.family.bidirectional_images, **taken)
         texts = self.tokenizer.batch_decode(out.sequences, skip_special_tokens=True)
         return VLMOutput(out.sequences, [t.strip() for t in texts], inputs.counts, inputs.attention_mask.sum(-1),
                          inputs.image_counts, out.prefill.stage_counts, out.prefill.layer_tokens)

@@ -22,6 +22,7 @@ still present after each of the first layers, as the model itself does.
 
 from __future__ import annotations
 
+import inspect
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -168,7 +169,9 @@ def _embeds(model: nn.Module, input_ids: Tensor, image: Tensor,
         if bool(image.any()):
             raise ValueError("input_ids hold image tokens but mm_encoder_outputs has no 'image' entry")
         return embeds, None
-    features = torch.cat(list(output.pooler_output)).to(embeds.device, embeds.dtype)
+    pooled = output.pooler_output  # a tuple of (N_i, D), or one tensor of every image's tokens (... , N, D)
+    features = pooled.reshape(-1, pooled.shape[-1]) if isinstance(pooled, Tensor) else torch.cat(list(pooled))
+    features = features.to(embeds.device, embeds.dtype)
     if features.shape[0] != int(image.sum()):
         raise ValueError(f"mm_encoder_outputs holds {features.shape[0]} image tokens but input_ids has "
                          f"{int(image.sum())} image placeholders")
@@ -179,16 +182,25 @@ def _embeds(model: nn.Module, input_ids: Tensor, image: Tensor,
     return embeds, [torch.cat(list(layer)).to(embeds.device, embeds.dtype) for layer in deep]
 
 
-def _mask(key_valid: Tensor, queries: int, kernel: str, dtype: torch.dtype) -> Tensor:
+def _mask(key_valid: Tensor, queries: int, kernel: str, dtype: torch.dtype, window: int | None = None,
+          blocks: Tensor | None = None) -> Tensor:
     """The attention mask of ``queries`` new columns over (B, T_k) keys (the new ones last): causal over the
-    column order, blind to padded keys; a padded query sees itself so that no row is empty."""
+    column order, or within one image's run of ``blocks`` (B, T_k) (its id, -1 elsewhere: Gemma 3's
+    bidirectional image attention), limited to the last ``window`` columns for sliding-window layers (HF's rule:
+    the window and the union of the two), blind to padded keys; a padded query sees itself so that no row is
+    empty."""
     if kernel.startswith("flash"):
         return key_valid.long()  # flash kernels take the 2-D padding mask and are causal themselves
     keys = key_valid.shape[1]
     key_index = torch.arange(keys, device=key_valid.device)
     query_index = key_index[keys - queries:]
-    causal = key_index[None, :] <= query_index[:, None]
-    allowed = (causal[None] & key_valid[:, None, :]) | (key_index[None, :] == query_index[:, None])[None]
+    allowed = (key_index[None, :] <= query_index[:, None])[None]  # (1 or B, Q, T_k)
+    if blocks is not None:
+        query_blocks = blocks[:, keys - queries:]
+        allowed = allowed | ((query_blocks[:, :, None] == blocks[:, None, :]) & (query_blocks[:, :, None] >= 0))
+    if window is not None:
+        allowed = allowed & (key_index[None, :] > query_index[:, None] - window)[None]
+    allowed = (allowed & key_valid[:, None, :]) | (key_index[None, :] == query_index[:, None])[None]
     allowed = allowed[:, None]
     if kernel == "sdpa":
         return allowed
@@ -233,17 +245,54 @@ def _targets(schedule: Schedule, entering: Tensor) -> Tensor:
     return torch.tensor(rows, dtype=torch.long, device=entering.device)
 
 
-def _check(lm: nn.Module, schedule: Schedule | None, length: int) -> str:
+def _layer_types(lm: nn.Module) -> list[str]:
+    """Each decoder layer's attention type (``config.layer_types``; all ``"full_attention"`` without them)."""
+    types = getattr(lm.config, "layer_types", None)
+    return list(types[: len(lm.layers)]) if types else ["full_attention"] * len(lm.layers)
+
+
+def _windows(lm: nn.Module) -> dict[str, int | None]:
+    """The key window of each layer type: ``sliding_window`` for ``"sliding_attention"`` layers, else None."""
+    return {kind: lm.config.sliding_window if kind == "sliding_attention" else None for kind in _layer_types(lm)}
+
+
+def _rotary(lm: nn.Module, hidden: Tensor, positions: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
+    """(cos, sin) of every layer type at ``positions`` (Gemma 3's local and global layers rotate differently)."""
+    kinds = set(_layer_types(lm))
+    if "layer_type" in inspect.signature(lm.rotary_emb.forward).parameters:
+        return {kind: lm.rotary_emb(hidden, positions, kind) for kind in kinds}
+    pair = lm.rotary_emb(hidden, positions)
+    return dict.fromkeys(kinds, pair)
+
+
+def _image_blocks(image: Tensor) -> Tensor:
+    """(B, T) long: each column's run of consecutive image columns (0, 1, ... per row), -1 for text."""
+    start = image & ~torch.nn.functional.pad(image, (1, 0))[:, :-1]
+    return torch.where(image, start.long().cumsum(-1) - 1, torch.full_like(image, -1, dtype=torch.long))
+
+
+def _logits(model: nn.Module, hidden: Tensor) -> Tensor:
+    """The LM head on final-norm'd ``hidden``, with the model's final logit soft-capping where it has one."""
+    logits = model.get_output_embeddings()(hidden)
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    cap = getattr(config, "final_logit_softcapping", None)
+    return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
+def _check(lm: nn.Module, schedule: Schedule | None, length: int, image_blocks: bool = False) -> str:
     config = lm.config
     kernel = getattr(config, "_attn_implementation", None) or "sdpa"
     if kernel not in _KERNELS:
         raise ValueError(f"in-LLM schedules run with attention kernels {_KERNELS}, the model uses {kernel!r}")
     window = getattr(config, "sliding_window", None)
-    sliding = "sliding_attention" in (getattr(config, "layer_types", None) or []) or (
-        window is not None and getattr(config, "use_sliding_window", True) and config.model_type == "mistral")
-    if sliding and window is not None and length > window:
+    typed = "sliding_attention" in (getattr(config, "layer_types", None) or [])
+    untyped = window is not None and getattr(config, "use_sliding_window", True) and config.model_type == "mistral"
+    if untyped and length > window:
         raise ValueError(f"this model uses sliding-window attention ({window} tokens) and the sequence has {length}; "
                          "in-LLM schedules run full attention only")
+    if kernel.startswith("flash") and ((typed and length > window) or image_blocks):
+        raise ValueError("in-LLM schedules build sliding-window and bidirectional image masks for sdpa or eager "
+                         f"attention; the model uses {kernel!r}")
     if schedule is not None:
         schedule.check_layers(len(lm.layers))
     return kernel
@@ -259,16 +308,19 @@ def prefill(
     schedule: Schedule | None,
     mm_encoder_outputs: dict[str, Any] | None = None,
     last_only: bool = False,
+    image_blocks: bool = False,
 ) -> Prefill:
     """Run the prompt through the language model layer by layer, dropping image tokens by ``schedule``.
 
     Args:
-        model: a HF VLM (or causal LM) whose language model is Llama-, Qwen2-, Mistral- or Qwen-VL-style.
+        model: a HF VLM (or causal LM) whose language model is Llama-, Qwen2-, Mistral-, Qwen-VL- or Gemma-3-style.
         input_ids, attention_mask: (B, T) left-padded prompts with ``image_token_id`` placeholders.
         position_ids: (B, T), or (3, B, T) for M-RoPE.
         schedule: the stages (None: every layer sees every token, the plain model).
         mm_encoder_outputs: the precomputed vision outputs (``{"image": ...}``) of the placeholders.
         last_only: keep only the last column's logits (generation).
+        image_blocks: the tokens of one image attend to each other both ways (Gemma 3, as its token type ids
+            make the model do); otherwise attention is causal.
 
     Returns:
         A :class:`Prefill` (logits, kept columns, per-stage and per-layer counts, the per-layer cache).
@@ -282,12 +334,14 @@ def prefill(
         raise ValueError(f"position_ids must be (B, T) or (3, B, T) for input_ids {tuple(input_ids.shape)}, got "
                          f"{tuple(position_ids.shape)}")
     lm = language_model(model)
-    kernel = _check(lm, schedule, input_ids.shape[1])
+    kernel = _check(lm, schedule, input_ids.shape[1], image_blocks)
+    types, windows = _layer_types(lm), _windows(lm)
     valid = attention_mask.bool()
     image = (input_ids == image_token_id) & valid
     hidden, deep = _embeds(model, input_ids, input_ids == image_token_id, mm_encoder_outputs)
     ordinal = ((input_ids == image_token_id).flatten().cumsum(0) - 1).view_as(input_ids)
-    cos, sin = lm.rotary_emb(hidden, position_ids)
+    rotary = _rotary(lm, hidden, position_ids)
+    masks: dict[str, Tensor] = {}
     positions = position_ids
     columns = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
     stages: list[Stage] = [] if schedule is None else list(schedule.stages)
@@ -301,22 +355,25 @@ def prefill(
     for index, layer in enumerate(lm.layers):
         for s, stage in enumerate(stages):
             if stage.observe == index:
-                view = LayerView(hidden, layer, cos, sin, valid, image, lm.norm, *previous)
+                view = LayerView(hidden, layer, *rotary[types[index]], valid, image, lm.norm, *previous)
                 pending[s] = stage.rule(view, targets[:, s + 1]) & image
         for s, stage in enumerate(stages):
             if stage.layer == index:
                 keep = valid & (~image | pending.pop(s))
                 dropped = keep.sum(-1) < valid.sum(-1)
                 order, valid = _repack(keep)
-                hidden, cos, sin = _take(hidden, order, 1), _take(cos, order, 1), _take(sin, order, 1)
+                hidden = _take(hidden, order, 1)
+                rotary = {kind: (_take(cos, order, 1), _take(sin, order, 1)) for kind, (cos, sin) in rotary.items()}
                 positions = _take(positions, order, positions.dim() - 1)
                 image, columns, ordinal = (_take(image, order, 1) & valid, _take(columns, order, 1),
                                            _take(ordinal, order, 1))
+                masks = {}
                 if stage.renumber and bool(dropped.any()):
                     positions = _renumbered(positions, valid, dropped)
-                    fresh_cos, fresh_sin = lm.rotary_emb(hidden, positions)
-                    cos = torch.where(dropped[:, None, None], fresh_cos, cos)
-                    sin = torch.where(dropped[:, None, None], fresh_sin, sin)
+                    fresh = _rotary(lm, hidden, positions)
+                    rotary = {kind: (torch.where(dropped[:, None, None], fresh[kind][0], cos),
+                                     torch.where(dropped[:, None, None], fresh[kind][1], sin))
+                              for kind, (cos, sin) in rotary.items()}
                     next_positions = positions[..., -1] + 1
                 stage_counts.append(image.sum(-1))
         layer_tokens.append(valid.sum(-1))
@@ -324,13 +381,16 @@ def prefill(
         layer_positions.append(next_positions)
         key_valid.append(valid)
         previous = (hidden, layer)
-        hidden = layer(hidden, attention_mask=_mask(valid, valid.shape[1], kernel, hidden.dtype),
-                       position_embeddings=(cos, sin), cache=cache, use_cache=True)
+        kind = types[index]
+        if kind not in masks:
+            masks[kind] = _mask(valid, valid.shape[1], kernel, hidden.dtype, windows[kind],
+                                _image_blocks(image) if image_blocks else None)
+        hidden = layer(hidden, attention_mask=masks[kind], position_embeddings=rotary[kind], cache=cache,
+                       use_cache=True)
         if deep is not None and index < len(deep) and bool(image.any()):
             hidden = hidden.clone()
             hidden[image] = hidden[image] + deep[index][ordinal[image]]
-    hidden = lm.norm(hidden[:, -1:] if last_only else hidden)
-    logits = model.get_output_embeddings()(hidden)
+    logits = _logits(model, lm.norm(hidden[:, -1:] if last_only else hidden))
     return Prefill(logits, columns, valid, torch.stack(stage_counts, -1), torch.stack(layer_tokens, -1),
                    torch.stack(layer_image, -1), cache, key_valid, next_positions, layer_positions)
 
@@ -349,6 +409,7 @@ def scheduled_generate(
     pad_token_id: int | None = None,
     logits_processor: Sequence[Any] | None = None,
     output_scores: bool = False,
+    image_blocks: bool = False,
 ) -> ScheduledGeneration:
     """Greedy decoding after a scheduled prefill, from the per-layer cache.
 
@@ -362,7 +423,8 @@ def scheduled_generate(
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     lm = language_model(model)
-    kernel = _check(lm, schedule, input_ids.shape[1] + max_new_tokens)
+    kernel = _check(lm, schedule, input_ids.shape[1] + max_new_tokens, image_blocks)
+    types, windows = _layer_types(lm), _windows(lm)
     if eos_token_id is None:
         eos_token_id = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     stops = torch.tensor([] if eos_token_id is None else
@@ -370,7 +432,7 @@ def scheduled_generate(
                          device=input_ids.device, dtype=torch.long)
     pad = pad_token_id if pad_token_id is not None else (int(stops[0]) if stops.numel() else 0)
     state = prefill(model, input_ids, attention_mask, position_ids, image_token_id, schedule, mm_encoder_outputs,
-                    last_only=True)
+                    last_only=True, image_blocks=image_blocks)
     ids, logits = input_ids, state.logits[:, -1]
     starts = state.layer_positions or [state.next_positions] * len(lm.layers)
     unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
@@ -392,12 +454,13 @@ def scheduled_generate(
         for index, layer in enumerate(lm.layers):
             if starts[index] is not start:  # a new rotary embedding only where a stage renumbered positions
                 start = starts[index]
-                cos, sin = lm.rotary_emb(hidden, (start + step)[..., None])
+                rotary = _rotary(lm, hidden, (start + step)[..., None])
             keys = torch.cat([state.key_valid[index], torch.ones_like(token[:, None], dtype=torch.bool)], dim=1)
             state.key_valid[index] = keys
-            hidden = layer(hidden, attention_mask=_mask(keys, 1, kernel, hidden.dtype),
-                           position_embeddings=(cos, sin), cache=state.cache, use_cache=True)
-        logits = model.get_output_embeddings()(lm.norm(hidden))[:, -1]
+            kind = types[index]  # a new token is text: causal, within its layer's window
+            hidden = layer(hidden, attention_mask=_mask(keys, 1, kernel, hidden.dtype, windows[kind]),
+                           position_embeddings=rotary[kind], cache=state.cache, use_cache=True)
+        logits = _logits(model, lm.norm(hidden))[:, -1]
     sequences = torch.stack(new, dim=1)
     return ScheduledGeneration(sequences, state, torch.stack(scores, dim=1) if output_scores else None)
 

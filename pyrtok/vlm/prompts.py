@@ -48,9 +48,11 @@ def check_prompt(tokenizer: Any, marker: int, marker_text: str, prompt: str, ima
 
 
 def expand(tokenizer: Any, marker: int, marker_text: str, prompts: Sequence[str], placeholders: list[list[int]],
-           device: torch.device, run: Callable[[int], list[int]] | None = None) -> tuple[Tensor, Tensor]:
+           device: torch.device, run: Callable[[int], list[int]] | None = None,
+           text: Callable[[int], str | None] | None = None) -> tuple[Tensor, Tensor]:
     """Tokenise ``prompts``, expanding image marker j of prompt b to ``run(placeholders[b][j])`` (by default
-    ``placeholders[b][j]`` copies of the marker); left-pad.
+    ``placeholders[b][j]`` copies of the marker), or, where ``text`` gives one, replacing the marker's text with
+    ``text(placeholders[b][j])`` before tokenising (as processors that expand it as text do); left-pad.
 
     Returns:
         input_ids, attention_mask: (B, T).
@@ -59,6 +61,15 @@ def expand(tokenizer: Any, marker: int, marker_text: str, prompts: Sequence[str]
     for b, prompt in enumerate(prompts):
         if not isinstance(prompt, str):
             raise TypeError(f"prompts[{b}] must be a str, got {type(prompt).__name__}")
+        runs = [None if text is None else text(count) for count in placeholders[b]]
+        if runs and all(r is not None for r in runs):
+            pieces = prompt.split(marker_text)
+            if len(pieces) != len(runs) + 1:
+                raise ValueError(f"prompts[{b}] must hold the image marker {marker_text!r} once per image "
+                                 f"({len(runs)}), found {len(pieces) - 1}: {prompt!r}")
+            expanded = pieces[0] + "".join(r + piece for r, piece in zip(runs, pieces[1:], strict=True))
+            rows.append(tokenizer(expanded, add_special_tokens=True)["input_ids"])
+            continue
         ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
         at = [k for k, token in enumerate(ids) if token == marker]
         if len(at) != len(placeholders[b]):

@@ -70,6 +70,7 @@ class Family:
     name: ClassVar[str] = ""
     architectures: ClassVar[tuple[str, ...]] = ()
     fixed_resolution: ClassVar[bool] = False  # True: every image becomes the same number of tokens
+    bidirectional_images: ClassVar[bool] = False  # True: an image's tokens attend to each other both ways
 
     def __init__(self, model: nn.Module, processor: Any, mode: str = "feature", levels: int = 1,
                  **options: Any) -> None:
@@ -93,7 +94,25 @@ class Family:
 
     @property
     def image_token(self) -> str:
-        return self.tokenizer.convert_ids_to_tokens(self.image_token_id)
+        """The image marker a prompt holds once per image (by default the placeholder itself)."""
+        return self.tokenizer.convert_ids_to_tokens(self.marker_id)
+
+    @property
+    def marker_id(self) -> int:
+        """The token id of the image marker in a prompt (by default the placeholder; Gemma 3's is its
+        ``<start_of_image>``, which the processor expands around the placeholders)."""
+        return self.image_token_id
+
+    def image_text(self, count: int) -> str | None:
+        """The text one image of ``count`` placeholders becomes in the prompt, for families whose processor
+        expands the marker as text (Gemma 3: blank lines around it, which merge with the prompt's own newlines);
+        None (default): the marker is expanded token by token (:meth:`image_run`)."""
+        return None
+
+    def model_inputs(self, input_ids: Tensor, attention_mask: Tensor) -> dict[str, Tensor]:
+        """Inputs the model's forward and generate need besides ids, mask, positions and vision outputs
+        (Gemma 3's ``token_type_ids``); none by default."""
+        return {}
 
     @property
     def image_processor(self) -> Any | None:

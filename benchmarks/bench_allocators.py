@@ -15,7 +15,8 @@ vector, given only to allocators that need one; the budget is ``--budget-fractio
 The reference is one forward pass of ``transformers.CLIPVisionModel`` ViT-B/16 with random weights, built from
 ``CLIPVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
 image_size=R, patch_size=16)`` (eval mode, ``torch.no_grad``) on the same (B, 3, R, R) batch, measured in the
-same run. Everything runs on the CPU in float32 with ``--threads`` threads (default 2). Timings are the median
+same run. Everything runs on ``--device`` in ``--dtype`` (default: the CPU in float32 with ``--threads`` threads,
+default 2; on a GPU, bfloat16; images stay float32, token features and CLIP take the dtype). Timings are the median
 of ``--repeats`` runs after ``--warmup`` runs (CLIP: ``--clip-repeats`` after one warm-up run, since a batch of
 16 at 336 takes seconds per pass). The runs of one (R, B) case are interleaved: every round runs each allocator
 once, and CLIP's runs are spread evenly over the rounds, so that a burst of background load on a shared machine
@@ -24,6 +25,7 @@ The ratio is allocator ms / CLIP ms; rows above the 2 % target are flagged.
 
     python benchmarks/bench_allocators.py [--repeats 20] [--batches 1 16] [--resolutions 224 336]
                                           [--allocators saliency laplacian] [--clip-repeats 3]
+                                          [--device cuda] [--dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -37,17 +39,21 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 import transformers
+from presets import add_device_arguments, device_and_dtype
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from pyrtok import allocators
+from pyrtok._timing import sync
 from pyrtok.samples import available_samples, sample_image
 from pyrtok.tokens import MultiScaleTokens, from_feature_grid
 
 PATCH, DIM, LEVELS, TARGET = 16, 768, 3, 0.02
 
 
-def interleaved_median_ms(calls: dict[str, tuple[Callable[[], object], int, int]]) -> dict[str, float]:
-    """Median ms of each ``name: (fn, repeats, warmup)``, timed in interleaved rounds.
+def interleaved_median_ms(calls: dict[str, tuple[Callable[[], object], int, int]],
+                          device: torch.device | None = None) -> dict[str, float]:
+    """Median ms of each ``name: (fn, repeats, warmup)``, timed in interleaved rounds (with the work queued on
+    ``device`` finished before each clock read).
 
     After every warm-up, round r runs each call once if r is one of its ``repeats`` rounds, spread evenly over
     the ``max(repeats)`` rounds. A burst of background load on a shared machine then spreads over all calls, and
@@ -65,8 +71,12 @@ def interleaved_median_ms(calls: dict[str, tuple[Callable[[], object], int, int]
     for r in range(rounds):
         for name, (fn, _, _) in calls.items():
             if r in chosen[name]:
+                if device is not None:
+                    sync(device)
                 start = time.perf_counter()
                 fn()
+                if device is not None:
+                    sync(device)
                 times[name].append(time.perf_counter() - start)
     return {name: 1000 * statistics.median(values) for name, values in times.items()}
 
@@ -106,7 +116,9 @@ def main() -> None:
                         metavar="NAME", help=f"subset of {allocators.available()} (default: all)")
     parser.add_argument("--budget-fraction", type=float, default=0.25, help="budget as a fraction of the tokens")
     parser.add_argument("--threads", type=int, default=2)
+    add_device_arguments(parser, sizes=False)
     args = parser.parse_args()
+    device, dtype = device_and_dtype(args)
     for resolution in args.resolutions:
         if resolution < 2 * PATCH or resolution % PATCH:
             parser.error(f"--resolutions must be multiples of {PATCH} and >= {2 * PATCH}, got {resolution}")
@@ -115,7 +127,8 @@ def main() -> None:
     if not 0 < args.budget_fraction <= 1:
         parser.error(f"--budget-fraction must be in (0, 1], got {args.budget_fraction}")
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {args.threads} threads, float32 CPU; "
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {args.threads} threads, {dtype} on "
+          f"{device}; "
           f"allocators: median of {args.repeats} after {args.warmup} warm-up runs; "
           f"CLIP ViT-B/16 forward: median of {args.clip_repeats} after 1\n")
     header = f"{'allocator':<15}{'res':>5}{'batch':>6}{'tokens':>8}{'budget':>8}{'ms':>10}{'CLIP ms':>10}{'ratio %':>9}"
@@ -125,18 +138,19 @@ def main() -> None:
     above = 0
     with torch.no_grad():
         for resolution in args.resolutions:
-            model = clip_model(resolution)
+            model = clip_model(resolution).to(device, dtype)
             for batch in args.batches:
-                image = photo_batch(batch, resolution, generator)
-                tokens = vit_tokens(batch, resolution, generator)
-                query = torch.randn(batch, DIM, generator=generator)
+                image = photo_batch(batch, resolution, generator).to(device)
+                tokens = vit_tokens(batch, resolution, generator).to(device)
+                tokens = tokens.with_features(tokens.features.to(dtype))
+                query = torch.randn(batch, DIM, generator=generator).to(device)
                 budget = max(1, round(args.budget_fraction * tokens.num_tokens))
-                calls = {"<clip>": (partial(model, pixel_values=image), args.clip_repeats, 1)}
+                calls = {"<clip>": (partial(model, pixel_values=image.to(dtype)), args.clip_repeats, 1)}
                 for name in args.allocators:
                     allocator = allocators.create(name)
                     inputs = {"image": image, "query": query if "query" in allocator.needs else None}
                     calls[name] = (partial(allocator, tokens, budget, **inputs), args.repeats, args.warmup)
-                medians = interleaved_median_ms(calls)
+                medians = interleaved_median_ms(calls, device)
                 clip = medians.pop("<clip>")
                 for name, ms in medians.items():
                     ratio = 100 * ms / clip

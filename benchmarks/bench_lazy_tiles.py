@@ -22,45 +22,53 @@ Allocators: ``laplacian`` and ``saliency`` read pixels only, so the lazy selecti
 (checked: "same"); ``pool`` scores features, so lazily it chooses from the base view (tile tokens carry the
 base-view feature under them) and its selection may differ.
 
+``--device`` / ``--dtype`` run it elsewhere (on a GPU, bfloat16 by default); ``--size 7b`` takes LLaVA-NeXT-7B's
+shapes (CLIP ViT-L/14 at 336 px and a 32-layer, 4096-wide Llama, :mod:`presets`) with these pinpoints, ``toy``
+the sizes the tests run (56 px tiles).
+
     python benchmarks/bench_lazy_tiles.py [--repeats 3] [--threads 2] [--budgets 1.0 0.5 0.25 0.1]
+        [--size cpu|7b|toy] [--device cuda] [--dtype bfloat16]
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 from einops import rearrange
 from PIL import Image
+from presets import add_device_arguments, device_and_dtype, model_kwargs
 
+from pyrtok._timing import sync
 from pyrtok.samples import available_samples, sample_image
-from pyrtok.testing import save_tiny_vlm
+from pyrtok.testing import build_vlm
 from pyrtok.vlm import PyramidVLM
 
 PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 TOWER = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
          "image_size": 336, "patch_size": 14, "projection_dim": 768}
-SIDE = 672
 
 
-def build(folder: Path) -> tuple[torch.nn.Module, object]:
-    """The NeXT-shaped random model and its processor, saved to ``folder`` and loaded back."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    save_tiny_vlm("llava_next", folder, hidden=256, text_layers=2, vision_config=TOWER, image_grid_pinpoints=PINPOINTS)
-    return AutoModelForImageTextToText.from_pretrained(folder).eval(), AutoProcessor.from_pretrained(folder)
-
-
-def photo() -> Image.Image:
-    """A 672 x 672 RGB photograph (random pixels where no sample is installed)."""
-    if "astronaut" in available_samples():
-        pixels = (sample_image("astronaut", SIDE) * 255).round().to(torch.uint8)
+def build(size: str, device: torch.device, dtype: torch.dtype) -> tuple[torch.nn.Module, object]:
+    """The NeXT-shaped random model and its processor (``cpu``: a ViT-B-sized tower and a small Llama)."""
+    if size == "cpu":
+        options = {"hidden": 256, "text_layers": 2, "vision_config": TOWER, "image_grid_pinpoints": PINPOINTS}
     else:
-        pixels = torch.randint(0, 256, (3, SIDE, SIDE), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+        options = model_kwargs("llava_next", size)
+        if size == "7b":
+            options["image_grid_pinpoints"] = PINPOINTS
+    model, processor = build_vlm("llava_next", device=device, dtype=dtype, **options)
+    return model.to(device), processor
+
+
+def photo(side: int) -> Image.Image:
+    """A ``side`` x ``side`` RGB photograph (random pixels where no sample is installed)."""
+    if "astronaut" in available_samples():
+        pixels = (sample_image("astronaut", side) * 255).round().to(torch.uint8)
+    else:
+        pixels = torch.randint(0, 256, (3, side, side), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     return Image.fromarray(rearrange(pixels, "c h w -> h w c").numpy())
 
 
@@ -80,9 +88,11 @@ def vision_pass(vlm: PyramidVLM, image: Image.Image, budget: float) -> tuple[tor
     return selection.index[0, : int(selection.count[0])], completed.vision_flops()[0]
 
 
-def timed(fn) -> tuple[object, float]:
+def timed(fn, device: torch.device) -> tuple[object, float]:
+    sync(device)
     start = time.perf_counter()
     out = fn()
+    sync(device)
     return out, time.perf_counter() - start
 
 
@@ -93,15 +103,19 @@ def main() -> None:
     parser.add_argument("--budgets", type=float, nargs="+", default=[1.0, 0.5, 0.25, 0.1])
     parser.add_argument("--allocators", nargs="+", default=["laplacian", "saliency", "pool"])
     parser.add_argument("--scenes", nargs="+", default=["photo", "object"], choices=["photo", "object"])
+    add_device_arguments(parser)
     args = parser.parse_args()
+    device, dtype = device_and_dtype(args)
     torch.set_num_threads(args.threads)
-    scenes = {"photo": photo()}
-    scenes["object"] = object_on_plain(scenes["photo"])
-    with tempfile.TemporaryDirectory() as folder, torch.no_grad():
-        model, processor = build(Path(folder))
+    with torch.no_grad():
+        model, processor = build(args.size, device, dtype)
+        side = 2 * int(model.config.vision_config.image_size)  # 2 x 2 tiles
+        scenes = {"photo": photo(side)}
+        scenes["object"] = object_on_plain(scenes["photo"])
         tower = sum(p.numel() for p in model.model.vision_tower.parameters()) / 1e6
-        print(f"LLaVA-NeXT-shaped random model: CLIP tower {tower:.0f}M parameters at 336 px (patch 14), image "
-              f"{SIDE}x{SIDE}, {args.threads} threads, median of {args.repeats} runs after one warm-up")
+        print(f"LLaVA-NeXT-shaped random model ({args.size}): CLIP tower {tower:.0f}M parameters at "
+              f"{side // 2} px, image {side}x{side}, {dtype} on {device}, {args.threads} threads, median of "
+              f"{args.repeats} runs after one warm-up")
         rows = []
         for scene, name in ((scene, name) for scene in args.scenes for name in args.allocators):
             image = scenes[scene]
@@ -113,7 +127,7 @@ def main() -> None:
                 for round_ in range(args.repeats + 1):  # round 0 warms up
                     for label, vlm in (("eager", eager), ("lazy", lazy)):
                         results[label], seconds = timed(
-                            lambda vlm=vlm, budget=budget, image=image: vision_pass(vlm, image, budget))
+                            lambda vlm=vlm, budget=budget, image=image: vision_pass(vlm, image, budget), device)
                         if round_:
                             times[label].append(seconds)
                 (eager_index, eager_flops), (lazy_index, lazy_flops) = results["eager"], results["lazy"]

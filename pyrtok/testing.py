@@ -61,6 +61,7 @@ Example:
 
 from __future__ import annotations
 
+import contextvars
 import copy
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -71,7 +72,7 @@ import torch
 from pyrtok.embedded.tokenizer import QWEN_SPECIAL as _QWEN_SPECIAL
 from pyrtok.embedded.tokenizer import chatml_template as _chatml_template
 
-__all__ = ["ARCHITECTURES", "FAMILIES", "save_tiny_vlm"]
+__all__ = ["ARCHITECTURES", "FAMILIES", "build_vlm", "save_tiny_vlm"]
 
 FAMILIES: tuple[str, ...] = ("llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_next", "llava_onevision",
                              "internvl", "gemma3")
@@ -133,25 +134,46 @@ def save_tiny_vlm(family: str, folder: str | Path, *, seed: int = 0, text_layers
         ValueError: unknown ``family``, or ``text_layers`` / ``hidden`` out of range.
         TypeError: a ``vision_config`` / ``text_config`` override that is not a mapping.
     """
+    model, processor = build_vlm(family, seed=seed, text_layers=text_layers, hidden=hidden, **overrides)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def build_vlm(family: str, *, seed: int = 0, text_layers: int = 2, hidden: int = 64,
+              device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
+              **overrides: Any) -> tuple[Any, Any]:
+    """A random-weight VLM of ``family`` and its processor, in memory (:func:`save_tiny_vlm` saves one).
+
+    Arguments as :func:`save_tiny_vlm`, and ``device`` / ``dtype``: where and in what the weights are made
+    (``"meta"`` builds the shapes without memory, for real sizes on a machine without the room).
+
+    Example:
+        >>> model, processor = build_vlm("llava", device="meta", text_layers=1, hidden=32)
+        >>> next(model.parameters()).device.type
+        'meta'
+    """
     if family not in _BUILDERS:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     if not isinstance(text_layers, int) or isinstance(text_layers, bool) or text_layers < 1:
         raise ValueError(f"text_layers must be an int >= 1, got {text_layers!r}")
     if not isinstance(hidden, int) or isinstance(hidden, bool) or hidden < 16 or hidden % 16:
         raise ValueError(f"hidden must be a positive multiple of 16, got {hidden!r}")
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     tokenizer = _tokenizer(family)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model, processor = _BUILDERS[family](tokenizer, text_layers, hidden, dict(overrides))
+    token = _BUILD.set((torch.device(device) if device is not None else None, dtype))
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model, processor = _BUILDERS[family](tokenizer, text_layers, hidden, dict(overrides))
+    finally:
+        _BUILD.reset(token)
     model.eval()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
+    return model, processor
 
 
 # -- tokenizers -------------------------------------------------------------------------------------------------
@@ -301,10 +323,25 @@ def _clip_vision(hidden: int, image_size: int, patch_size: int) -> dict[str, Any
             "projection_dim": width}
 
 
+_BUILD: contextvars.ContextVar[tuple[torch.device | None, torch.dtype]] = contextvars.ContextVar(
+    "build", default=(None, torch.float32))
+"""Where :func:`build_vlm` makes the weights, and in what dtype."""
+
+
 def _finish(model_class: Any, config: Any) -> Any:
-    """The model in float32 with sdpa attention, weights from the (already seeded) global RNG."""
+    """The model with sdpa attention, weights from the (already seeded) global RNG, made on the device and in the
+    dtype :func:`build_vlm` was given (float32 on the CPU by default)."""
     config._attn_implementation = "sdpa"
-    return model_class(config).to(torch.float32)
+    device, dtype = _BUILD.get()
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        if device is None:
+            return model_class(config).to(dtype)
+        with device:
+            return model_class(config)
+    finally:
+        torch.set_default_dtype(previous)
 
 
 # (height, width) in pixels, multiples of the 32 px tower; tall and wide images pick the two 2x3 layouts.

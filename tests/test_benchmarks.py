@@ -1,0 +1,79 @@
+"""The benchmarks stay runnable: their size presets build the real shapes (on the meta device, no memory), and
+each benchmark runs end to end at its toy size (the tables they print are their results; no timing is asserted)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture
+def benchmarks(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    torch_threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(torch_threads)
+
+
+# Published parameter counts of the models whose shapes the 7b presets take.
+SEVEN_B = {"llava": 7_062_902_784, "llava_next": 7_062_906_880, "qwen2_5_vl": 8_292_166_656}
+
+
+@pytest.mark.parametrize("family", sorted(SEVEN_B))
+def test_the_7b_presets_are_the_real_shapes(benchmarks, family):
+    from presets import model_kwargs
+
+    from pyrtok.testing import build_vlm
+
+    model, _ = build_vlm(family, device="meta", dtype=torch.bfloat16, **model_kwargs(family, "7b"))
+    assert sum(p.numel() for p in model.parameters()) == SEVEN_B[family]
+    assert next(model.parameters()).dtype == torch.bfloat16 and next(model.parameters()).device.type == "meta"
+
+
+def test_device_arguments(benchmarks):
+    import argparse
+
+    from presets import add_device_arguments, device_and_dtype, model_kwargs
+
+    parser = argparse.ArgumentParser()
+    add_device_arguments(parser)
+    args = parser.parse_args(["--device", "cpu"])
+    assert device_and_dtype(args) == (torch.device("cpu"), torch.float32) and args.size == "cpu"
+    assert device_and_dtype(parser.parse_args(["--device", "cpu", "--dtype", "bfloat16"]))[1] == torch.bfloat16
+    with pytest.raises(ValueError, match="size must be one of"):
+        model_kwargs("llava", "13b")
+
+
+def test_bench_prefill_runs_at_toy_size(benchmarks, capsys):
+    import bench_prefill
+
+    bench_prefill.main(["--size", "toy", "--repeats", "1", "--device", "cpu", "--allocators", "laplacian",
+                        "--models", "llava", "llava_next", "qwen2_5_vl"])
+    out = capsys.readouterr().out
+    assert "torch.float32 on cpu, size toy" in out
+    for title in ("llava at size toy (64 image tokens)", "llava_next at size toy (80 image tokens)",
+                  "qwen2_5_vl at size toy (64 image tokens)", "in-LLM dropping"):
+        assert title in out
+    assert out.count("\nlaplacian ") == 3 * 3 + 1  # three budgets per model, and the in-LLM row
+    assert "laplacian+pdrop" in out and "dart L1 25%" in out
+
+
+def test_bench_lazy_tiles_and_allocators_run_at_toy_size(benchmarks, capsys, monkeypatch):
+    import bench_allocators
+    import bench_lazy_tiles
+
+    monkeypatch.setattr("sys.argv", ["bench_lazy_tiles.py", "--size", "toy", "--repeats", "1", "--budgets", "0.25",
+                                     "--allocators", "laplacian", "--scenes", "photo", "--device", "cpu"])
+    bench_lazy_tiles.main()
+    out = capsys.readouterr().out
+    assert "| photo | laplacian | 25% |" in out and "same |" in out
+    monkeypatch.setattr("sys.argv", ["bench_allocators.py", "--resolutions", "64", "--batches", "1", "--repeats",
+                                     "1", "--warmup", "0", "--clip-repeats", "1", "--allocators", "laplacian",
+                                     "cdpruner", "vscan", "--device", "cpu"])
+    bench_allocators.main()
+    out = capsys.readouterr().out
+    assert all(f"\n{name} " in out for name in ("laplacian", "cdpruner", "vscan"))

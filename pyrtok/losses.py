@@ -34,7 +34,9 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from pyrtok import lap_presets
 from pyrtok._checks import check_image, check_level_count, check_levels, max_levels
+from pyrtok.lap_presets import SnippetPyramid, mask_pyramid, snippet_pyramid
 from pyrtok.pyramid import gaussian_pyramid, laplacian_pyramid
 
 __all__ = ["DISTANCES", "LapLoss", "lap_loss", "laplacian_band_errors"]
@@ -102,6 +104,7 @@ def laplacian_band_errors(
     distance: str = "l1",
     mask: Tensor | None = None,
     eps: float = 1e-3,
+    snippet: SnippetPyramid | None = None,
 ) -> Tensor:
     """Per-sample, per-level distance between the Laplacian pyramids of ``pred`` and ``target``.
 
@@ -112,10 +115,12 @@ def laplacian_band_errors(
         distance: ``"l1"``, ``"l2"`` (squared error) or ``"charbonnier"`` (sqrt(d^2 + eps^2) - eps).
         mask: optional per-pixel weights in [0, 1] broadcastable to ``pred``, e.g. (B, 1, H, W).
         eps: Charbonnier smoothing.
+        snippet: build the pyramid as a copied snippet does instead (:mod:`pyrtok.lap_presets`); ``levels`` is
+            then the snippet's.
 
     Returns:
         (B, levels) float tensor: column j is the (mask-weighted) mean distance of band j, the last
-        column the low-pass residual.
+        column the low-pass residual (where the pyramid has one).
 
     Example:
         >>> x = torch.rand(2, 3, 32, 32)
@@ -128,16 +133,20 @@ def laplacian_band_errors(
     if not isinstance(eps, (int, float)) or eps <= 0:
         raise ValueError(f"eps must be a positive number, got {eps!r}")
     height, width = pred.shape[-2:]
-    n_levels = _resolve_levels(levels, height, width)
+    n_levels = snippet.levels if snippet is not None else _resolve_levels(levels, height, width)
     weight_mask = None if mask is None else _check_mask(mask, pred)
 
     work = torch.float64 if pred.dtype == torch.float64 else torch.float32
     diff = (pred.to(work) - target.to(work))
     batch = diff.shape[0]
     # pred may hold NaN on purpose (see the module notes) and the mask is already checked: skip the finite checks.
-    bands = laplacian_pyramid(diff, n_levels, check_finite=False)
-    if weight_mask is not None:
-        mask_levels = gaussian_pyramid(weight_mask, n_levels, check_finite=False)
+    if snippet is not None:
+        bands = snippet_pyramid(diff, snippet)
+        mask_levels = None if weight_mask is None else mask_pyramid(weight_mask.to(work), snippet)
+    else:
+        bands = laplacian_pyramid(diff, n_levels, check_finite=False)
+        if weight_mask is not None:
+            mask_levels = gaussian_pyramid(weight_mask, n_levels, check_finite=False)
 
     errors = []
     for j, band in enumerate(bands):
@@ -173,6 +182,7 @@ def lap_loss(
     reduction: str = "mean",
     *,
     eps: float = 1e-3,
+    snippet: SnippetPyramid | None = None,
 ) -> Tensor:
     """Laplacian-pyramid loss: weighted sum over levels of per-level mean distances.
 
@@ -186,6 +196,7 @@ def lap_loss(
         mask: optional (B, 1, H, W) per-pixel weights in [0, 1] (1 = counted), carried down the pyramid.
         reduction: ``"mean"`` over the batch, ``"sum"``, or ``"none"`` for a (B,) tensor.
         eps: Charbonnier smoothing.
+        snippet: a copied snippet's pyramid (:mod:`pyrtok.lap_presets`; :meth:`LapLoss.from_preset` sets it).
 
     Returns:
         Scalar loss, or (B,) with ``reduction="none"``; float32 for half-precision inputs.
@@ -197,7 +208,7 @@ def lap_loss(
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    errors = laplacian_band_errors(pred, target, levels, distance=distance, mask=mask, eps=eps)
+    errors = laplacian_band_errors(pred, target, levels, distance=distance, mask=mask, eps=eps, snippet=snippet)
     per_sample = errors @ _check_weights(weights, errors.shape[-1], errors)
     if reduction == "mean":
         return per_sample.mean()
@@ -233,11 +244,37 @@ class LapLoss(nn.Module):
             raise ValueError(f"weights must have one entry per level ({levels}), got {len(weights)}")
         self.levels, self.distance, self.reduction, self.eps = levels, distance, reduction, eps
         self.weights = None if weights is None else [float(w) for w in weights]
+        self.preset: str | None = None  # a snippet's name (from_preset), and its pyramid
+        self.snippet: lap_presets.SnippetPyramid | None = None
+
+    @classmethod
+    def from_preset(cls, name: str, *, residual: bool | None = None, any_size: bool = False,
+                    distance: str = "l1") -> LapLoss:
+        """The loss a copied snippet computes (``"rife"``, ``"mtyka"``, ``"glo"``: :mod:`pyrtok.lap_presets`):
+        the same value and gradients; ``residual`` adds (or drops) the low-pass residual, ``any_size`` lets the
+        RIFE pyramid run on sides it cannot (see the module), ``forward``'s ``mask`` weights every level.
+
+        Example:
+            >>> image, shifted = torch.zeros(1, 3, 64, 64), torch.full((1, 3, 64, 64), 0.5)
+            >>> float(LapLoss.from_preset("rife")(image, shifted))  # the snippet is blind to a constant shift
+            0.0
+            >>> float(LapLoss.from_preset("rife", residual=True)(image, shifted))
+            0.5
+        """
+        changes: dict[str, object] = {"any_size": any_size}
+        if residual is not None:
+            changes["residual"] = residual
+        snippet = lap_presets.preset(name, **changes)
+        loss = cls(distance=distance, reduction="sum" if snippet.batch_sum else "mean")
+        loss.preset, loss.snippet = name, snippet
+        return loss
 
     def forward(self, pred: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
         return lap_loss(
-            pred, target, self.levels, self.weights, self.distance, mask, self.reduction, eps=self.eps
+            pred, target, self.levels, self.weights, self.distance, mask, self.reduction, eps=self.eps,
+            snippet=self.snippet,
         )
 
     def extra_repr(self) -> str:
-        return f"levels={self.levels}, weights={self.weights}, distance={self.distance!r}, reduction={self.reduction!r}"
+        text = f"levels={self.levels}, weights={self.weights}, distance={self.distance!r}, reduction={self.reduction!r}"
+        return text if self.preset is None else f"preset={self.preset!r}, {text}"

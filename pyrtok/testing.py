@@ -47,6 +47,12 @@ real layout. Per family (test images are given as PIL ``width x height``; "grid"
     and adds a thumbnail only when there is more than one tile: 70x100 -> 2x3 tiles + thumbnail, 100x60 -> 3x2
     tiles + thumbnail, 112 tokens each; 64x64 -> one tile, 16 tokens. The run is wrapped in ``<img>`` ...
     ``</img>`` by the processor. Prompt: ChatML without a system message, ``<IMG_CONTEXT>\\n`` per image.
+``gemma3``
+    Gemma 3: SigLIP tower (64 px, patch 8, no pooling head) resized to the square, the 8x8 grid average-pooled
+    2x2 to 16 ``<image_soft_token>`` tokens for any image; the processor expands ``<start_of_image>`` to a blank
+    line, the marker, the soft tokens, ``<end_of_image>`` and a blank line, and returns ``token_type_ids``. The
+    language model alternates sliding-window (12 tokens) and global layers. Prompt: Gemma's turns
+    (``<start_of_turn>user\\n<start_of_image>...<end_of_turn>\\n<start_of_turn>model\\n``).
 
 Example:
     >>> import tempfile
@@ -185,6 +191,9 @@ _ONEVISION_SPECIAL = {"pad": "<|endoftext|>", "unk": "<unk>", "eos": "<|im_end|>
 _INTERNVL_SPECIAL = {"pad": "<|endoftext|>", "unk": "<unk>", "eos": "<|im_end|>", "im_start": "<|im_start|>",
                      "image": "<IMG_CONTEXT>", "image_start": "<img>", "image_end": "</img>", "video": "<video>"}
 
+# Words a family's chat template writes beyond the shared vocabulary (Gemma's assistant turn is "model").
+_EXTRA_WORDS = {"gemma3": ["model"]}
+
 _GEMMA3_SPECIAL = {"pad": "<pad>", "unk": "<unk>", "bos": "<bos>", "eos": "<eos>", "image": "<image_soft_token>",
                    "boi": "<start_of_image>", "eoi": "<end_of_image>", "start_turn": "<start_of_turn>",
                    "end_turn": "<end_of_turn>"}
@@ -268,7 +277,8 @@ def _tokenizer(family: str) -> Any:
     """A word-level tokenizer with the family's special tokens and chat template."""
     from pyrtok.embedded.tokenizer import word_tokenizer
 
-    tokenizer = word_tokenizer(_WORDS, special=_SPECIAL[family], split_digits=True, chat_template=_TEMPLATES[family])
+    words = _WORDS + _EXTRA_WORDS.get(family, [])
+    tokenizer = word_tokenizer(words, special=_SPECIAL[family], split_digits=True, chat_template=_TEMPLATES[family])
     if family not in _NAMED:
         return tokenizer
     from transformers import PreTrainedTokenizerFast

@@ -24,6 +24,7 @@ EXPECTED = {
     "qwen2_5_vl": ((8, [1, 8, 4]), (8, [1, 4, 8])),
     "qwen3_vl": ((6, [1, 6, 4]), (6, [1, 4, 6])),
     "internvl": ((112, None), (112, None)),
+    "gemma3": ((16, None), (16, None)),
 }
 
 
@@ -53,7 +54,12 @@ def test_family_saves_loads_runs_and_generates(family, tmp_path):
     assert model.dtype == torch.float32
     assert config._attn_implementation == "sdpa"
     tokenizer = processor.tokenizer
-    assert processor.image_token_id == config.image_token_id == tokenizer.convert_tokens_to_ids(processor.image_token)
+    if family == "gemma3":  # the prompt's marker is <start_of_image>; the placeholders are soft tokens
+        assert processor.image_token == "<start_of_image>" and processor.image_token_id == config.boi_token_index
+        assert tokenizer.convert_tokens_to_ids("<image_soft_token>") == config.image_token_id
+    else:
+        assert processor.image_token_id == config.image_token_id == tokenizer.convert_tokens_to_ids(
+            processor.image_token)
     assert config.text_config.vocab_size == len(tokenizer)
     if family.startswith("qwen"):
         markers = {"vision_start": "<|vision_start|>", "vision_end": "<|vision_end|>", "video": "<|video_pad|>"}
@@ -96,6 +102,8 @@ def test_chat_templates_write_each_family_layout(tmp_path):
                     "<|im_start|>assistant\n",
         "qwen3_vl": "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>What colour is the shape?"
                     "<|im_end|>\n<|im_start|>assistant\n",
+        "gemma3": "<start_of_turn>user\n<start_of_image>What colour is the shape?<end_of_turn>\n"
+                  "<start_of_turn>model\n",
     }
     for family, expected in layouts.items():
         processor = AutoProcessor.from_pretrained(save_tiny_vlm(family, tmp_path / family))

@@ -173,13 +173,21 @@ def config_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
             if a.get(k, _ABSENT) != b.get(k, _ABSENT)]
 
 
-def saved_config_changes(path: Path, config: Mapping[str, Any]) -> list[str]:
+def saved_config_changes(path: Path, config: Mapping[str, Any],
+                         defaults: Mapping[str, Any] | None = None) -> list[str]:
     """:func:`config_changes` from the config saved at ``path`` (a run's ``config.yaml``) to ``config``; [] when
-    there is no such file, one entry saying so when it holds no readable config."""
+    there is no such file, one entry saying so when it holds no readable config. With ``defaults``, a key that a
+    later version added (absent from the saved config) counts as its default, what the run used."""
     if not path.is_file():
         return []
     try:
-        return config_changes(yaml.safe_load(path.read_text()) or {}, config)
+        old = yaml.safe_load(path.read_text()) or {}
+        if defaults is not None:
+            try:
+                old = merge_config(dict(defaults), old)
+            except ValueError:  # a key this version no longer knows: compare as saved
+                pass
+        return config_changes(old, config)
     except (yaml.YAMLError, TypeError, ValueError):
         return [f"({path.name} holds no readable config)"]
 
@@ -445,7 +453,7 @@ def run_cli(
     config = load(args.config, overrides)
     output = Path(config["train"]["output"])
     if not args.no_resume and checkpoint_step(output / "checkpoints") is not None:
-        changes = saved_config_changes(output / "config.yaml", config)
+        changes = saved_config_changes(output / "config.yaml", config, defaults=load(None, None))
         if changes and not args.allow_config_change:
             raise ValueError(f"{output} holds a run started under another config: {'; '.join(changes)}; pass "
                              f"--allow-config-change to resume under this one (the old config.yaml is kept), or "

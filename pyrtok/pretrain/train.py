@@ -11,8 +11,8 @@ Outputs under ``output``: ``config.yaml`` (the run's config; see :mod:`pyrtok._t
 changed one), ``log.jsonl`` (one line after the first step, every ``log_every`` steps and after the last),
 ``checkpoints/step-XXXXXXX`` (written to a temporary folder and renamed, with ``checkpoints/latest`` naming the
 newest), ``images/step-XXXXXXX.png`` (labelled rows original | masked | reconstruction; for each preview crop
-a pixel column and a column of its finest Laplacian band), and ``encoder/`` (the final CLIP vision tower,
-``save_pretrained``).
+a pixel column and a column of its finest Laplacian band), and ``encoder/`` (the final encoder,
+``save_pretrained``: the CLIP vision tower, or with ``model.type: vitmae`` HF's ``ViTMAEModel``).
 
 Without the photographs of the ``train`` extra (:mod:`pyrtok.samples`), ``data.samples: all`` finds none and the
 run says so in one line and trains on the shapes scenes (and ``data.folders``) only.
@@ -32,14 +32,15 @@ from pyrtok._training import Run, lr_factor, optimizer_step, step_generator
 from pyrtok.pretrain.data import HELD_OUT_SAMPLES, ImagePool
 from pyrtok.pretrain.mae import MaskedAutoencoder
 from pyrtok.pretrain.objectives import Objective, composite, mask_image
+from pyrtok.pretrain.vitmae import HFMaskedAutoencoder
 from pyrtok.samples import available_samples, missing_sample_packages
 
 __all__ = ["build_model", "load_config", "main", "train"]
 
 DEFAULTS: dict[str, Any] = {
     "seed": 0,
-    "model": {"image_size": 224, "patch_size": 16, "hidden_size": 128, "num_layers": 3, "num_heads": 4,
-              "intermediate_size": 512, "decoder_dim": 128, "decoder_depth": 2, "decoder_heads": 4,
+    "model": {"type": "clip", "image_size": 224, "patch_size": 16, "hidden_size": 128, "num_layers": 3,
+              "num_heads": 4, "intermediate_size": 512, "decoder_dim": 128, "decoder_depth": 2, "decoder_heads": 4,
               "mask_ratio": 0.75},
     "loss": {"pixel": 1.0, "lap": 0.0, "norm_pix": True, "lap_levels": 4, "lap_distance": "l1", "lap_weights": None,
              "lap_composite": False},
@@ -56,12 +57,29 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     return _training.load_config(DEFAULTS, path, overrides)
 
 
-def build_model(config: dict[str, Any]) -> MaskedAutoencoder:
-    """A fresh MAE (a HF CLIP vision tower and a light decoder) from ``config['model']``, its objective from
-    ``config['loss']``."""
+MODEL_TYPES = ("clip", "vitmae")
+
+
+def build_model(config: dict[str, Any]) -> MaskedAutoencoder | HFMaskedAutoencoder:
+    """A fresh MAE from ``config['model']``, its objective from ``config['loss']``: ``type: clip`` (a HF CLIP
+    vision tower and a light decoder) or ``type: vitmae`` (HF's ``ViTMAEForPreTraining``, its own decoder of
+    ``decoder_depth`` layers ``decoder_dim`` wide)."""
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     m = config["model"]
+    if m["type"] not in MODEL_TYPES:
+        raise ValueError(f"model.type must be one of {MODEL_TYPES}, got {m['type']!r}")
+    if m["type"] == "vitmae":
+        from transformers import ViTMAEConfig, ViTMAEForPreTraining
+
+        mae = ViTMAEForPreTraining(ViTMAEConfig(
+            hidden_size=m["hidden_size"], intermediate_size=m["intermediate_size"], num_hidden_layers=m["num_layers"],
+            num_attention_heads=m["num_heads"], image_size=m["image_size"], patch_size=m["patch_size"],
+            decoder_hidden_size=m["decoder_dim"], decoder_num_hidden_layers=m["decoder_depth"],
+            decoder_num_attention_heads=m["decoder_heads"], decoder_intermediate_size=4 * m["decoder_dim"],
+            mask_ratio=m["mask_ratio"], norm_pix_loss=config["loss"]["norm_pix"],
+        ))
+        return HFMaskedAutoencoder(mae, objective=Objective(**config["loss"]))
     encoder = CLIPVisionModel(CLIPVisionConfig(
         hidden_size=m["hidden_size"], intermediate_size=m["intermediate_size"], num_hidden_layers=m["num_layers"],
         num_attention_heads=m["num_heads"], image_size=m["image_size"], patch_size=m["patch_size"],

@@ -97,17 +97,23 @@ def _kernel(spec: SnippetPyramid, dtype: torch.dtype, device: torch.device) -> T
 
 
 def _blur(x: Tensor, kernel: Tensor, padding: str) -> Tensor:
-    """(N, 1, H, W) -> the same, convolved with the (5, 5) ``kernel`` after 2-pixel ``padding``."""
+    """(N, C, H, W) -> the same, each channel convolved with the (5, 5) ``kernel`` after 2-pixel ``padding``."""
     padded = F.pad(x, (2, 2, 2, 2), mode=padding)
-    return F.conv2d(padded, kernel[None, None])
+    channels = x.shape[1]
+    return F.conv2d(padded, kernel[None, None].expand(channels, 1, 5, 5), groups=channels)
 
 
 def _upsample(x: Tensor, kernel: Tensor, padding: str, size: tuple[int, int]) -> Tensor:
     """RIFE's up-sampling: zeros between samples, blurred with 4x the kernel, cropped to ``size``."""
-    n, _, h, w = x.shape
-    up = x.new_zeros(n, 1, 2 * h, 2 * w)
+    n, c, h, w = x.shape
+    up = x.new_zeros(n, c, 2 * h, 2 * w)
     up[:, :, ::2, ::2] = x
     return _blur(up, 4 * kernel, padding)[:, :, : size[0], : size[1]]
+
+
+def _as_channels(x: Tensor) -> Tensor:
+    """(B, ..., C, H, W) -> (N, C, H, W) (a plane (B, H, W) -> (B, 1, H, W)), the layout the snippets convolve."""
+    return rearrange(x, "... c h w -> (...) c h w") if x.dim() >= 4 else rearrange(x, "... h w -> (...) 1 h w")
 
 
 def _check_size(spec: SnippetPyramid, height: int, width: int) -> None:
@@ -136,7 +142,7 @@ def snippet_pyramid(x: Tensor, spec: SnippetPyramid) -> list[Tensor]:
     height, width = x.shape[-2:]
     _check_size(spec, height, width)
     kernel = _kernel(spec, x.dtype, x.device)
-    current = rearrange(x, "... h w -> (...) 1 h w")
+    current = _as_channels(x)
     levels = []
     for _ in range(spec.bands):
         blurred = _blur(current, kernel, spec.padding)
@@ -157,7 +163,7 @@ def mask_pyramid(mask: Tensor, spec: SnippetPyramid) -> list[Tensor]:
     padded by replication whatever the snippet pads images with (so that a mask of ones stays ones)."""
     lead = mask.shape[:-2]
     kernel = _kernel(spec, mask.dtype, mask.device)
-    current = rearrange(mask, "... h w -> (...) 1 h w")
+    current = _as_channels(mask)
     levels = [current]
     for _ in range(spec.levels - 1):
         blurred = _blur(current, kernel, "replicate")

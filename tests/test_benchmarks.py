@@ -77,3 +77,15 @@ def test_bench_lazy_tiles_and_allocators_run_at_toy_size(benchmarks, capsys, mon
     bench_allocators.main()
     out = capsys.readouterr().out
     assert all(f"\n{name} " in out for name in ("laplacian", "cdpruner", "vscan"))
+
+
+def test_bench_laploss_runs_on_images_and_video(benchmarks, capsys):
+    import bench_laploss
+
+    bench_laploss.main(["--repeats", "1", "--cases", "2x64", "1x2x64", "--device", "cpu"])
+    out = capsys.readouterr().out
+    for case in ("2x64", "1x2x64"):
+        for name in ("rife (preset)", "glo (preset)", "mtyka (preset)", "pyrtok + mask"):
+            assert any(line.startswith(case) and name in line for line in out.splitlines()), (case, name)
+    with pytest.raises(ValueError, match="a case is BxS"):
+        bench_laploss.parse_case("64")

@@ -1,0 +1,125 @@
+"""LapLoss forward + backward against the snippets people copy, at training sizes, in one run.
+
+For each case (a batch of predictions and targets, images or video), every loss is timed forward + backward
+(the gradient w.r.t. the prediction), interleaved round by round so that background load reaches all of them,
+the minimum of ``--repeats`` rounds after one warm-up; on a GPU peak memory too. Rows:
+
+- each snippet (ports in ``tests/snippet_ports.py``: RIFE's ``LapLoss``, mtyka's TensorFlow original ported,
+  the GLO PyTorch port) against ``LapLoss.from_preset`` of it: the same loss, so the ratio is the cost of
+  pyrtok's implementation;
+- pyrtok's own ``LapLoss`` (OpenCV-exact pyramid, 5 levels with the residual) without and with a mask (75% of
+  16 px patches hidden, as MAE), against the fastest snippet: the residual and the mask are what the snippets
+  lack.
+
+Video batches (B, T, C, H, W) go to pyrtok as they are and to the snippets flattened to (B * T, C, H, W), as a
+user of them would. ``--dtype bfloat16`` runs the losses under autocast (inputs in bfloat16; pyrtok computes in
+float32). Ratios < 1: pyrtok is faster.
+
+    python benchmarks/bench_laploss.py [--repeats 5] [--cases 32x224 32x512 4x8x224] [--device cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import torch
+from presets import add_device_arguments, device_and_dtype
+
+from pyrtok._timing import sync
+from pyrtok.losses import LapLoss
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from snippet_ports import PORTS  # the ports live with the tests that check them
+
+DEFAULT_CASES = ["32x224", "32x512", "4x8x224"]
+
+
+def parse_case(text: str) -> tuple[int, ...]:
+    """"32x224" -> (32, 3, 224, 224); "4x8x224" -> (4, 8, 3, 224, 224)."""
+    parts = [int(p) for p in text.split("x")]
+    if len(parts) == 2:
+        return parts[0], 3, parts[1], parts[1]
+    if len(parts) == 3:
+        return parts[0], parts[1], 3, parts[2], parts[2]
+    raise ValueError(f"a case is BxS (images) or BxTxS (video), got {text!r}")
+
+
+def patch_mask(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    """(B, [T,] 1, H, W) float: 75% of 16 px patches hidden (1), as MAE hides them."""
+    *lead, _, height, width = shape
+    grid = torch.rand(*lead, 1, height // 16, width // 16, generator=generator) < 0.75
+    return grid.repeat_interleave(16, -2).repeat_interleave(16, -1).float()
+
+
+def step(loss: Callable[..., torch.Tensor], pred: torch.Tensor, target: torch.Tensor, autocast: bool,
+         *extra: torch.Tensor) -> None:
+    """One forward + backward of ``loss(pred, target, *extra)`` w.r.t. ``pred``."""
+    leaf = pred.detach().requires_grad_(True)
+    context = torch.autocast(pred.device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    with context:
+        value = loss(leaf, target, *extra)
+    value.backward()
+
+
+def timed(calls: dict[str, Callable[[], None]], repeats: int, device: torch.device) -> dict[str, tuple[float, float]]:
+    """name -> (minimum ms over ``repeats`` interleaved rounds after one warm-up, peak GiB on a GPU or nan)."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    peaks: dict[str, float] = dict.fromkeys(calls, float("nan"))
+    for round_ in range(repeats + 1):
+        for name, fn in calls.items():
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            if round_:
+                times[name].append(time.perf_counter() - start)
+            if device.type == "cuda":
+                peaks[name] = torch.cuda.max_memory_allocated(device) / 2**30
+    return {name: (1000 * min(values), peaks[name]) for name, values in times.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cases", nargs="+", default=DEFAULT_CASES, help="BxS images or BxTxS video")
+    add_device_arguments(parser, sizes=False)
+    args = parser.parse_args(argv)
+    device, dtype = device_and_dtype(args)
+    autocast = dtype != torch.float32
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} threads, {device}, "
+          f"{'bfloat16 autocast' if autocast else 'float32'}, forward + backward, minimum of {args.repeats}")
+    print(f"{'case':<16}{'loss':<22}{'ms':>10}{'peak GiB':>10}{'baseline':>22}{'ratio':>8}")
+    generator = torch.Generator().manual_seed(0)
+    for text in args.cases:
+        shape = parse_case(text)
+        pred, target = (torch.rand(shape, generator=generator).to(device) for _ in range(2))
+        mask = patch_mask(shape, generator).to(device)
+        flat = (pred.flatten(0, 1), target.flatten(0, 1)) if pred.dim() == 5 else (pred, target)
+        calls: dict[str, Callable[[], None]] = {}
+        for name, port in PORTS.items():
+            calls[f"{name} (snippet)"] = partial(step, port, *flat, autocast)
+            calls[f"{name} (preset)"] = partial(step, LapLoss.from_preset(name), *flat, autocast)
+        ours = LapLoss(levels=5)
+        calls["pyrtok"] = partial(step, ours, pred, target, autocast)
+        calls["pyrtok + mask"] = partial(step, ours, pred, target, autocast, mask)
+        results = timed(calls, args.repeats, device)
+        fastest = min((name for name in results if name.endswith("(snippet)")), key=lambda n: results[n][0])
+        for name, (ms, peak) in results.items():
+            baseline = fastest if name.startswith("pyrtok") else name.replace("(preset)", "(snippet)")
+            ratio = "" if name == baseline else f"{ms / results[baseline][0]:.2f}"
+            print(f"{text:<16}{name:<22}{ms:>10.1f}{peak:>10.2f}{baseline if ratio else '':>22}{ratio:>8}",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -98,3 +98,30 @@ def test_an_older_run_without_model_type_resumes(tmp_path):
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
     assert saved_config_changes(tmp_path / "config.yaml", config, defaults=load_config()) == []
     assert saved_config_changes(tmp_path / "config.yaml", config) == ['model.type ((absent) -> "clip")']
+
+
+def test_the_encoder_loads_into_a_vit_tower(tmp_path):
+    """The saved ViTMAEModel becomes a plain ViTModel with its weights and no masking; pyrtok's encoder takes it,
+    and its [CLS] attention is the tower's own (the eager attention maps, heads averaged)."""
+    from pyrtok.encoders import MultiScaleEncoder
+    from pyrtok.pretrain.vitmae import vit_encoder
+
+    model = tiny_vitmae(norm_pix=False)
+    model.vit.save_pretrained(tmp_path / "encoder")
+    vit = vit_encoder(tmp_path / "encoder")
+    assert type(vit).__name__ == "ViTModel"
+    source = dict(model.vit.state_dict())
+    assert all(torch.equal(value, source[name]) for name, value in vit.state_dict().items())
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    encoder = MultiScaleEncoder(vit, levels=2, feature_layer=-1)
+    tokens = encoder(images)
+    assert tokens.level_shapes == ((4, 4), (2, 2)) and tokens.keys.shape == (2, 20, 16)
+    vit.config._attn_implementation = "eager"
+    with torch.no_grad():
+        pixels = encoder.normalise(images)
+        out = vit(pixels, output_attentions=True, output_hidden_states=True)
+    expected = out.attentions[-1][:, :, 0, 1:].mean(1)
+    assert torch.allclose(tokens.attention[:, tokens.level_slices[0]], expected, atol=1e-6)
+    assert torch.allclose(tokens.features[:, tokens.level_slices[0]], out.hidden_states[-1][:, 1:], atol=1e-6)
+    with pytest.raises(TypeError, match="must hold a ViTMAEModel"):
+        vit_encoder(torch.nn.Linear(2, 2))

@@ -20,12 +20,15 @@ __all__ = ["TowerView", "VisionTower", "cls_attention", "find_vision_tower"]
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def find_vision_tower(model: nn.Module) -> nn.Module:
-    """The ViT inside ``model``: a CLIP/SigLIP vision model itself, a CLIPModel's, or a LLaVA-family VLM's."""
+    """The ViT inside ``model``: a CLIP/SigLIP vision model or a plain HF ViT itself, a CLIPModel's, or a
+    LLaVA-family VLM's."""
     name = type(model).__name__
-    if name in ("CLIPVisionModel", "CLIPVisionModelWithProjection", "SiglipVisionModel"):
+    if name in ("CLIPVisionModel", "CLIPVisionModelWithProjection", "SiglipVisionModel", "ViTModel"):
         return model
     for path in ("model.vision_tower", "vision_tower", "vision_model"):
         tower = model
@@ -36,8 +39,8 @@ def find_vision_tower(model: nn.Module) -> nn.Module:
         if tower is not None:
             return find_vision_tower(tower) if type(tower).__name__ != type(model).__name__ else tower
     raise TypeError(
-        f"no supported vision tower in {name}: expected a CLIP or SigLIP vision model, a CLIPModel, "
-        f"or a LLaVA-family model with .model.vision_tower"
+        f"no supported vision tower in {name}: expected a CLIP or SigLIP vision model, a HF ViTModel, a "
+        f"CLIPModel, or a LLaVA-family model with .model.vision_tower"
     )
 
 
@@ -112,25 +115,29 @@ class TowerView:
 
 @dataclass
 class VisionTower(TowerView):
-    """Thin adapter over a HF CLIP/SigLIP vision transformer (the wrapped module is not modified)."""
+    """Thin adapter over a HF CLIP/SigLIP vision transformer or a plain HF ViT (the wrapped module is not
+    modified). A ViT (for example an MAE-pretrained encoder, :func:`pyrtok.pretrain.vitmae.vit_encoder`) has a
+    [CLS] token and is normalised with ImageNet's statistics by default, as MAE trains it."""
 
     module: nn.Module
 
     def __post_init__(self) -> None:
         self.module = find_vision_tower(self.module)
         config = self.module.config
-        self.kind = "siglip" if "Siglip" in type(self.module).__name__ else "clip"
+        name = type(self.module).__name__
+        self.kind = "siglip" if "Siglip" in name else "vit" if name == "ViTModel" else "clip"
         self.patch_size = int(config.patch_size)
         self.image_size = int(config.image_size)
         self.hidden_size = int(config.hidden_size)
         self.num_layers = int(config.num_hidden_layers)
-        self.has_cls = self.kind == "clip"
-        mean, std = (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD) if self.kind == "clip" else (SIGLIP_MEAN, SIGLIP_STD)
-        self.image_mean, self.image_std = mean, std
+        self.has_cls = self.kind in ("clip", "vit")
+        stats = {"clip": (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD), "siglip": (SIGLIP_MEAN, SIGLIP_STD),
+                 "vit": (IMAGENET_MEAN, IMAGENET_STD)}
+        self.image_mean, self.image_std = stats[self.kind]
 
     @property
     def layers(self) -> nn.ModuleList:
-        return self.module.encoder.layers
+        return self.module.layers if self.kind == "vit" else self.module.encoder.layers
 
     def hidden_states(self, pixel_values: Tensor) -> tuple[Tensor, ...]:
         """The HF forward with interpolated position embeddings; its hidden states, embeddings first."""
@@ -150,6 +157,10 @@ class VisionTower(TowerView):
 
     def projections(self, states: tuple[Tensor, ...], index: int) -> tuple[Tensor, Tensor, int, float]:
         block = self.layers[index - 1]
+        if self.kind == "vit":
+            x = block.layernorm_before(states[index - 1])
+            attn = block.attention
+            return attn.q_proj(x[:, :1]), attn.k_proj(x), attn.num_attention_heads, attn.scaling
         x = block.layer_norm1(states[index - 1])
         attn = block.self_attn
         return attn.q_proj(x[:, :1]), attn.k_proj(x), attn.num_heads, attn.scale

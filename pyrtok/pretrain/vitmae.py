@@ -11,7 +11,9 @@ pyramid sees one image.
 :class:`HFMaskedAutoencoder` wraps the model for the trainer: [0, 1] images normalised with ``image_mean`` /
 ``image_std`` before the encoder, the random mask drawn through HF's ``noise`` from the step's generator (so a
 resumed run hides the same patches), and the loss pyrtok's :class:`~pyrtok.pretrain.objectives.Objective` on the
-[0, 1] images, as for the CLIP MAE. Its ``encoder`` is the model's ``ViTMAEModel``, saved at the end of a run.
+[0, 1] images, as for the CLIP MAE. Its ``encoder`` is the model's ``ViTMAEModel``, saved at the end of a run;
+:func:`vit_encoder` loads it into a plain HF ``ViTModel`` (no masking), a tower
+:class:`~pyrtok.encoders.MultiScaleEncoder` takes.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from pyrtok.losses import LapLoss, lap_loss
 from pyrtok.pretrain.mae import MAEOutput
 from pyrtok.pretrain.objectives import Objective, mask_image, patchify, unpatchify
 
-__all__ = ["HFMaskedAutoencoder", "vitmae_lap_loss"]
+__all__ = ["HFMaskedAutoencoder", "vit_encoder", "vitmae_lap_loss"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -125,3 +127,32 @@ class HFMaskedAutoencoder(nn.Module):
         with torch.autocast(images.device.type, enabled=False):
             losses = self.objective(out.logits, hidden, images, self.patch_size)
         return MAEOutput(losses["loss"], out.logits, hidden, losses)
+
+
+def vit_encoder(path: str | object) -> nn.Module:
+    """A saved ``ViTMAEModel`` (a run's ``encoder/``, or a ``facebook/vit-mae-*`` id with a network) as a plain HF
+    ``ViTModel`` with the same weights and no random masking, ready for
+    :class:`~pyrtok.encoders.MultiScaleEncoder`.
+
+    Example::
+
+        tower = vit_encoder("runs/pretrain/vitmae_lap/encoder")
+        tokens = MultiScaleEncoder(tower, levels=3)(images)
+    """
+    from transformers import ViTConfig, ViTMAEModel, ViTModel
+
+    mae = path if isinstance(path, nn.Module) else ViTMAEModel.from_pretrained(path)
+    if type(mae).__name__ != "ViTMAEModel":
+        raise TypeError(f"path must hold a ViTMAEModel, got {type(mae).__name__}")
+    source = mae.config
+    config = ViTConfig(hidden_size=source.hidden_size, num_hidden_layers=source.num_hidden_layers,
+                       num_attention_heads=source.num_attention_heads, intermediate_size=source.intermediate_size,
+                       hidden_act=source.hidden_act, layer_norm_eps=source.layer_norm_eps,
+                       image_size=source.image_size, patch_size=source.patch_size, num_channels=source.num_channels,
+                       qkv_bias=source.qkv_bias)
+    vit = ViTModel(config, add_pooling_layer=False)
+    missing, unexpected = vit.load_state_dict(mae.state_dict(), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"the ViTMAEModel's weights do not map onto a ViTModel: missing {missing}, "
+                         f"unexpected {unexpected}")
+    return vit.eval()

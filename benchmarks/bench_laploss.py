@@ -2,7 +2,9 @@
 
 For each case (a batch of predictions and targets, images or video), every loss is timed forward + backward
 (the gradient w.r.t. the prediction), interleaved round by round so that background load reaches all of them,
-the minimum of ``--repeats`` rounds after one warm-up; on a GPU peak memory too. Rows:
+the minimum of ``--repeats`` rounds after one warm-up, and the peak memory of one forward + backward beyond the
+inputs: on a GPU the allocator's peak, on a CPU the growth of the peak resident set of a fresh process that
+runs only that loss (``--memory``; a process per loss, so it takes a while). Rows:
 
 - each snippet (ports in ``tests/snippet_ports.py``: RIFE's ``LapLoss``, mtyka's TensorFlow original ported,
   the GLO PyTorch port) against ``LapLoss.from_preset`` of it: the same loss, so the ratio is the cost of
@@ -15,7 +17,7 @@ Video batches (B, T, C, H, W) go to pyrtok as they are and to the snippets flatt
 user of them would. ``--dtype bfloat16`` runs the losses under autocast (inputs in bfloat16; pyrtok computes in
 float32). Ratios < 1: pyrtok is faster.
 
-    python benchmarks/bench_laploss.py [--repeats 5] [--cases 32x224 32x512 4x8x224] [--device cuda]
+    python benchmarks/bench_laploss.py [--repeats 5] [--cases 32x224 32x512 4x8x224] [--memory] [--device cuda]
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ def step(loss: Callable[..., torch.Tensor], pred: torch.Tensor, target: torch.Te
 
 
 def timed(calls: dict[str, Callable[[], None]], repeats: int, device: torch.device) -> dict[str, tuple[float, float]]:
-    """name -> (minimum ms over ``repeats`` interleaved rounds after one warm-up, peak GiB on a GPU or nan)."""
+    """name -> (minimum ms over ``repeats`` interleaved rounds after one warm-up, peak MiB on a GPU or nan)."""
     times: dict[str, list[float]] = {name: [] for name in calls}
     peaks: dict[str, float] = dict.fromkeys(calls, float("nan"))
     for round_ in range(repeats + 1):
@@ -82,8 +84,47 @@ def timed(calls: dict[str, Callable[[], None]], repeats: int, device: torch.devi
             if round_:
                 times[name].append(time.perf_counter() - start)
             if device.type == "cuda":
-                peaks[name] = torch.cuda.max_memory_allocated(device) / 2**30
+                peaks[name] = torch.cuda.max_memory_allocated(device) / 2**20
     return {name: (1000 * min(values), peaks[name]) for name, values in times.items()}
+
+
+def _cpu_peak_child(name: str, shape: tuple[int, ...], autocast: bool, threads: int, queue: object) -> None:
+    """In a fresh process: the peak resident memory (MiB) one forward + backward of loss ``name`` adds (Linux:
+    the peak is reset through ``/proc/self/clear_refs`` once the inputs exist)."""
+    torch.set_num_threads(threads)
+    generator = torch.Generator().manual_seed(0)
+    pred, target = (torch.rand(shape, generator=generator) for _ in range(2))
+    mask = patch_mask(shape, generator)
+    flat = (pred.flatten(0, 1), target.flatten(0, 1)) if pred.dim() == 5 else (pred, target)
+    losses = {**{f"{n} (snippet)": (port, flat, ()) for n, port in PORTS.items()},
+              **{f"{n} (preset)": (LapLoss.from_preset(n), flat, ()) for n in PORTS},
+              "pyrtok": (LapLoss(levels=5), (pred, target), ()), "pyrtok + mask": (LapLoss(levels=5), (pred, target),
+                                                                                  (mask,))}
+    loss, inputs, extra = losses[name]
+
+    def status(field: str) -> int:  # kB
+        line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(field))
+        return int(line.split()[1])
+
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak resident set (VmHWM) to the current one
+    before = status("VmRSS:")
+    step(loss, *inputs, autocast, *extra)
+    queue.put((status("VmHWM:") - before) / 2**10)  # kB -> MiB
+
+
+def cpu_peaks(names: list[str], shape: tuple[int, ...], autocast: bool, threads: int) -> dict[str, float]:
+    """name -> peak MiB one forward + backward adds on the CPU, each measured in its own process."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    peaks = {}
+    for name in names:
+        queue = context.Queue()
+        process = context.Process(target=_cpu_peak_child, args=(name, shape, autocast, threads, queue))
+        process.start()
+        peaks[name] = queue.get()
+        process.join()
+    return peaks
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -91,6 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cases", nargs="+", default=DEFAULT_CASES, help="BxS images or BxTxS video")
+    parser.add_argument("--memory", action="store_true", help="on a CPU, measure peak memory (a process per loss)")
     add_device_arguments(parser, sizes=False)
     args = parser.parse_args(argv)
     device, dtype = device_and_dtype(args)
@@ -98,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, {device}, "
           f"{'bfloat16 autocast' if autocast else 'float32'}, forward + backward, minimum of {args.repeats}")
-    print(f"{'case':<16}{'loss':<22}{'ms':>10}{'peak GiB':>10}{'baseline':>22}{'ratio':>8}")
+    print(f"{'case':<16}{'loss':<22}{'ms':>10}{'peak MiB':>10}{'baseline':>22}{'ratio':>8}")
     generator = torch.Generator().manual_seed(0)
     for text in args.cases:
         shape = parse_case(text)
@@ -113,11 +155,14 @@ def main(argv: list[str] | None = None) -> None:
         calls["pyrtok"] = partial(step, ours, pred, target, autocast)
         calls["pyrtok + mask"] = partial(step, ours, pred, target, autocast, mask)
         results = timed(calls, args.repeats, device)
+        if args.memory and device.type == "cpu":
+            peaks = cpu_peaks(list(calls), shape, autocast, args.threads)
+            results = {name: (ms, peaks[name]) for name, (ms, _) in results.items()}
         fastest = min((name for name in results if name.endswith("(snippet)")), key=lambda n: results[n][0])
         for name, (ms, peak) in results.items():
             baseline = fastest if name.startswith("pyrtok") else name.replace("(preset)", "(snippet)")
             ratio = "" if name == baseline else f"{ms / results[baseline][0]:.2f}"
-            print(f"{text:<16}{name:<22}{ms:>10.1f}{peak:>10.2f}{baseline if ratio else '':>22}{ratio:>8}",
+            print(f"{text:<16}{name:<22}{ms:>10.1f}{peak:>10.0f}{baseline if ratio else '':>22}{ratio:>8}",
                   flush=True)
 
 

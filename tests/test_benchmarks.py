@@ -89,3 +89,6 @@ def test_bench_laploss_runs_on_images_and_video(benchmarks, capsys):
             assert any(line.startswith(case) and name in line for line in out.splitlines()), (case, name)
     with pytest.raises(ValueError, match="a case is BxS"):
         bench_laploss.parse_case("64")
+    # peak memory on the CPU: one fresh process per loss, a number for each
+    peaks = bench_laploss.cpu_peaks(["pyrtok + mask", "glo (snippet)"], (2, 3, 64, 64), False, 1)
+    assert set(peaks) == {"pyrtok + mask", "glo (snippet)"} and all(v >= 0 for v in peaks.values())

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
-__all__ = ["PRESETS", "SnippetPyramid", "snippet_pyramid"]
+__all__ = ["PRESETS", "SnippetPyramid", "mask_pyramid", "preset", "snippet_pyramid"]
 
 STRUCTURES = ("burt_adelson", "blur_difference")
 PADDINGS = ("reflect", "replicate", "constant")

@@ -34,9 +34,8 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from pyrtok import lap_presets
 from pyrtok._checks import check_image, check_level_count, check_levels, max_levels
-from pyrtok.lap_presets import SnippetPyramid, mask_pyramid, snippet_pyramid
+from pyrtok.lap_presets import SnippetPyramid, mask_pyramid, preset, snippet_pyramid
 from pyrtok.pyramid import gaussian_pyramid, laplacian_pyramid
 
 __all__ = ["DISTANCES", "LapLoss", "lap_loss", "laplacian_band_errors"]
@@ -245,7 +244,7 @@ class LapLoss(nn.Module):
         self.levels, self.distance, self.reduction, self.eps = levels, distance, reduction, eps
         self.weights = None if weights is None else [float(w) for w in weights]
         self.preset: str | None = None  # a snippet's name (from_preset), and its pyramid
-        self.snippet: lap_presets.SnippetPyramid | None = None
+        self.snippet: SnippetPyramid | None = None
 
     @classmethod
     def from_preset(cls, name: str, *, residual: bool | None = None, any_size: bool = False,
@@ -264,7 +263,7 @@ class LapLoss(nn.Module):
         changes: dict[str, object] = {"any_size": any_size}
         if residual is not None:
             changes["residual"] = residual
-        snippet = lap_presets.preset(name, **changes)
+        snippet = preset(name, **changes)
         loss = cls(distance=distance, reduction="sum" if snippet.batch_sum else "mean")
         loss.preset, loss.snippet = name, snippet
         return loss

@@ -167,10 +167,8 @@ class VScanTokens(Allocator):
         windows = window_ids(tokens.level_shapes[0], self.windows, tokens.device)
         keep = torch.zeros(batch, n0, dtype=torch.bool, device=tokens.device)
         rows = torch.arange(batch, device=tokens.device)
-        for w in range(self.windows**2):
-            k = int(per_window.max())
-            if k == 0:
-                break
+        k = int(per_window.max())
+        for w in range(self.windows**2 if k else 0):
             scores = early.masked_fill(windows != w, float("-inf"))
             top = scores.topk(k, dim=1).indices  # (B, k)
             take = torch.arange(k, device=tokens.device)[None] < per_window[:, None]

@@ -22,6 +22,7 @@ still present after each of the first layers, as the model itself does.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import sys
 from collections.abc import Sequence
@@ -256,10 +257,16 @@ def _windows(lm: nn.Module) -> dict[str, int | None]:
     return {kind: lm.config.sliding_window if kind == "sliding_attention" else None for kind in _layer_types(lm)}
 
 
+@functools.cache
+def _typed_rotary(rotary_class: type) -> bool:
+    """Whether a rotary embedding class takes the layer type (Gemma 3's local and global layers differ)."""
+    return "layer_type" in inspect.signature(rotary_class.forward).parameters
+
+
 def _rotary(lm: nn.Module, hidden: Tensor, positions: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
     """(cos, sin) of every layer type at ``positions`` (Gemma 3's local and global layers rotate differently)."""
     kinds = set(_layer_types(lm))
-    if "layer_type" in inspect.signature(lm.rotary_emb.forward).parameters:
+    if _typed_rotary(type(lm.rotary_emb)):
         return {kind: lm.rotary_emb(hidden, positions, kind) for kind in kinds}
     pair = lm.rotary_emb(hidden, positions)
     return dict.fromkeys(kinds, pair)

@@ -30,7 +30,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from pyrtok.registry import Registry
-from pyrtok.tokens import MultiScaleTokens, TokenSelection
+from pyrtok.tokens import MultiScaleTokens, TokenSelection, token_layout
 
 __all__ = ["FAMILIES", "Encoded", "Family", "family_for", "register_family", "supported_architectures"]
 
@@ -179,6 +179,26 @@ class Family:
         if bool(need.any()):
             features[need] = self._tower(tiles[need])[0].to(features.dtype)
         return features, need
+
+    @staticmethod
+    def with_top_view(pyramid: MultiScaleTokens, top: Tensor, grid: int,
+                      top_attention: Tensor | None = None) -> MultiScaleTokens:
+        """``pyramid`` (levels pooled from a level-0 grid, in the language model's space) with one more level on
+        top: a whole-image view (G, grid * grid, D) (LLaVA-NeXT's base view, InternVL's thumbnail), its cells in
+        level-0 pixels; the view's attention (G, grid * grid) joins the pyramid's where both have one."""
+        height, width = pyramid.image_size
+        h0, w0 = pyramid.level_shapes[0]
+        shapes = (*pyramid.level_shapes, (grid, grid))
+        cells = tuple((height / h0 * 2**lvl, width / w0 * 2**lvl) for lvl in range(pyramid.num_levels))
+        cells = (*cells, (height / grid, width / grid))
+        layout = token_layout(shapes, pyramid.image_size, cells, device=top.device)
+        features = torch.cat([top, pyramid.features], dim=1)
+        row = None
+        if top_attention is not None and pyramid.attention is not None:
+            row = torch.cat([top_attention, pyramid.attention], dim=1)
+        # the features are the language model's inputs (after the projector): their own embeddings
+        return MultiScaleTokens(features, **layout, level_shapes=shapes, image_size=pyramid.image_size,
+                                attention=row, embeddings=features)
 
     @staticmethod
     def kept_rows(features: Tensor, selection: TokenSelection,

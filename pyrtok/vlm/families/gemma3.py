@@ -75,10 +75,6 @@ class Gemma3Family(Family):
         eoi = tokenizer.convert_ids_to_tokens(int(self.model.config.eoi_token_index))
         return f"\n\n{self.image_token}{soft * count}{eoi}\n\n"
 
-    def image_run(self, count: int) -> list[int]:
-        config = self.model.config
-        return [int(config.boi_token_index), *[self.image_token_id] * count, int(config.eoi_token_index)]
-
     def model_inputs(self, input_ids: Tensor, attention_mask: Tensor) -> dict[str, Tensor]:
         return {"token_type_ids": (input_ids == self.image_token_id).long()}
 

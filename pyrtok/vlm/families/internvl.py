@@ -57,7 +57,7 @@ from torch import Tensor, nn
 
 from pyrtok._checks import check_level_count
 from pyrtok.images import image_tensor
-from pyrtok.tokens import MultiScaleTokens, TokenSelection, from_feature_grid, token_layout
+from pyrtok.tokens import MultiScaleTokens, TokenSelection, from_feature_grid
 from pyrtok.vlm.families.base import Encoded, Family, register_family
 
 __all__ = ["InternVLFamily"]
@@ -253,20 +253,7 @@ class InternVLFamily(Family):
         ``fine_row`` (G, h0, w0) and ``thumb_row`` (G, q * q): their attention densities."""
         # the features are the language model's inputs (after the projector): their own embeddings
         pyramid = from_feature_grid(fine, self.levels, image_size=size, attention=fine_row, embeddings=fine)
-        if thumb is None:
-            return pyramid
-        height, width = size
-        h0, w0 = pyramid.level_shapes[0]
-        shapes = (*pyramid.level_shapes, (self.grid, self.grid))
-        cells = tuple((height / h0 * 2**lvl, width / w0 * 2**lvl) for lvl in range(self.levels))
-        cells = (*cells, (height / self.grid, width / self.grid))
-        layout = token_layout(shapes, size, cells, device=fine.device)
-        features = torch.cat([thumb, pyramid.features], dim=1)
-        row = None
-        if fine_row is not None and thumb_row is not None:
-            row = torch.cat([thumb_row, pyramid.attention], dim=1)
-        return MultiScaleTokens(features, **layout, level_shapes=shapes, image_size=size, attention=row,
-                                embeddings=features)
+        return pyramid if thumb is None else self.with_top_view(pyramid, thumb, self.grid, thumb_row)
 
     # -- lazy tiles -----------------------------------------------------------------------------------
     def needed_tiles(self, tokens: MultiScaleTokens, index: Tensor) -> Tensor:

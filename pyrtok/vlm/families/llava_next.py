@@ -68,7 +68,7 @@ from torch import Tensor, nn
 
 from pyrtok._checks import check_level_count
 from pyrtok.images import image_tensor
-from pyrtok.tokens import MultiScaleTokens, TokenSelection, from_feature_grid, token_layout
+from pyrtok.tokens import MultiScaleTokens, TokenSelection, from_feature_grid
 from pyrtok.vlm.families.base import Encoded, Family, register_family
 
 __all__ = ["NEWLINES", "LlavaNextFamily", "bilinear_reads"]
@@ -291,17 +291,7 @@ class LlavaNextFamily(Family):
         ``attention``: the base view's (G, p * p) and the level-0 grid's (G, h0, w0) attention densities."""
         pyramid = from_feature_grid(fine, self.levels, image_size=size,
                                     attention=None if attention is None else attention[1])
-        height, width = size
-        h0, w0 = pyramid.level_shapes[0]
-        shapes = (*pyramid.level_shapes, (self.grid, self.grid))
-        cells = tuple((height / h0 * 2**lvl, width / w0 * 2**lvl) for lvl in range(self.levels))
-        cells = (*cells, (height / self.grid, width / self.grid))
-        layout = token_layout(shapes, size, cells, device=fine.device)
-        features = torch.cat([base, pyramid.features], dim=1)
-        row = None if attention is None else torch.cat([attention[0], pyramid.attention], dim=1)
-        # the features are already the language model's inputs (after the projector): their own embeddings
-        return MultiScaleTokens(features, **layout, level_shapes=shapes, image_size=size, attention=row,
-                                embeddings=features)
+        return self.with_top_view(pyramid, base, self.grid, None if attention is None else attention[0])
 
     # -- lazy tiles -----------------------------------------------------------------------------------
     def tile_reads(self, size: tuple[int, int], device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:

@@ -210,30 +210,41 @@ def schedule_counts(keeps: Sequence[float], entering: int, rounding: str = "cumu
 
 
 def dart_counts(entering: int, pivots: int, text_pivots: int, keep: float | None = None,
-                max_num_trunction: int | None = None, text_found: int | None = None) -> tuple[int, int, int]:
+                max_num_trunction: int | None = None, text_found: int | None = None,
+                reduction_ratio: float | None = None) -> tuple[int, int, int]:
     """DART's counts as its released code computes them: ``(image pivots, tokens per pivot, tokens kept)``.
 
-    Each of the ``pivots + text_pivots`` pivots keeps ``max_num_trunction // (pivots + text_pivots)`` image tokens
-    (the official LLaVA code); with ``keep`` instead (the llmc port's ``reduction_ratio`` is ``1 - keep``)
-    ``ceil((n0 * keep) // (pivots + text_pivots))``. The kept count is the image pivots plus what the pivots keep,
-    which is not the budget: ``max_num_trunction=128`` with 4 + 4 pivots keeps 4 + 8 x 16 = 132 of 576. Where the
-    released code would fail (fewer image tokens than pivots, fewer text tokens than ``text_pivots``, a pivot
-    asking for more tokens than are left) the counts are capped by what there is. ``text_found``: the text pivots
-    found (default ``text_pivots``).
+    Give one of three amounts. ``max_num_trunction`` (the official LLaVA code): each of the ``pivots +
+    text_pivots`` pivots keeps ``max_num_trunction // (pivots + text_pivots)`` image tokens. ``reduction_ratio``
+    (the official Qwen2-VL and Qwen2.5-VL code, and the llmc port): ``int(n0 * (1 - reduction_ratio) / (pivots +
+    text_pivots))``. ``keep``: ``ceil((n0 * keep) // (pivots + text_pivots))``, the same count up to float rounding
+    of ``1 - reduction_ratio``. The kept count is the image pivots plus what the pivots keep, which is not the
+    budget: ``max_num_trunction=128`` with 4 + 4 pivots keeps 4 + 8 x 16 = 132 of 576. Where the released code
+    would fail (fewer image tokens than pivots, fewer text tokens than ``text_pivots``, a pivot asking for more
+    tokens than are left) the counts are capped by what there is. ``text_found``: the text pivots found (default
+    ``text_pivots``).
 
     Example:
         >>> dart_counts(576, 4, 4, max_num_trunction=128), dart_counts(576, 4, 4, keep=0.222)
         ((4, 16, 132), (4, 15, 124))
+        >>> dart_counts(576, 4, 4, reduction_ratio=0.778)  # the Qwen ports' default
+        (4, 15, 124)
         >>> dart_counts(20, 4, 4, max_num_trunction=128)  # the first pivots take every token left
         (4, 16, 20)
     """
-    if (keep is None) == (max_num_trunction is None):
-        raise ValueError(f"give one of keep and max_num_trunction, got keep={keep!r}, "
-                         f"max_num_trunction={max_num_trunction!r}")
+    given = {name: value for name, value in (("keep", keep), ("max_num_trunction", max_num_trunction),
+                                             ("reduction_ratio", reduction_ratio)) if value is not None}
+    if len(given) != 1:
+        raise ValueError(f"give one of keep, max_num_trunction and reduction_ratio, got {given or 'none'}")
     if entering <= 0:
         return 0, 0, 0
     total = pivots + text_pivots
-    per = int(max_num_trunction // total) if max_num_trunction is not None else math.ceil((entering * keep) // total)
+    if max_num_trunction is not None:
+        per = int(max_num_trunction // total)
+    elif reduction_ratio is not None:
+        per = int(entering * (1 - reduction_ratio) / total)
+    else:
+        per = math.ceil((entering * keep) // total)
     image = min(pivots, entering)
     found = text_pivots if text_found is None else min(text_found, text_pivots)
     return image, per, image + min(entering - image, per * (image + found))

@@ -6,6 +6,7 @@ LLaVA no other test uses, and their named variants (pyrtok's earlier rules)."""
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -677,3 +678,110 @@ def test_the_variants_keep_pyrtoks_earlier_rules(port_model):
         assert exact_kept[b] == {int(c) - pad for c in reference[b].nonzero()[:, 0]}
     released, _ = kept_by_sample(vlm, inputs, {"name": "dart", "layer": 2, "keep": 0.25})
     assert any(a != b for a, b in zip(released, exact_kept, strict=True))
+
+
+# -- DART's own Qwen ports ------------------------------------------------------------------------------------------
+#
+# Tiny Qwen2-VL and Qwen2.5-VL models no other test uses: 4 decoder layers, hidden 80 (4 heads of 20, GQA with 1
+# key/value head, as Qwen's own), images of odd sizes. The reference runs the model's own pieces one prompt at a
+# time, unpadded, as the released lmms-eval models do (batch of one): the processor, ``get_image_features``,
+# ``get_rope_index``, the decoder layers with an additive causal mask.
+
+QWEN_DART_IMAGES = 8
+
+
+@torch.no_grad()
+def dart_qwen_port(model, processor, image, prompt: str, K: int, reduction_ratio: float,
+                   pivot_image_token: int = 4, pivot_text_token: int = 4) -> tuple[set[int], int]:
+    """The official Qwen ports' selection (ZichenWen1/DART, Qwen2_5-VL/Qwen2_5VL_DART/modeling_qwen2_5_vl_self.py
+    lines 1458-1486 and 1553-1597; the Qwen2-VL file's lines 338-346 and 404-440 are the same rule), ported:
+    the image span is the first image placeholder up to ``<|vision_end|>`` (its lmms-eval model's lines 332-338);
+    before layer ``K``: layer ``K - 1``'s output keys (after the rotary embedding, key/value heads concatenated)
+    rank ``pivot_image_token`` image pivots and ``pivot_text_token`` pivots among the tokens after the span by L1
+    norm; ``TOKEN_TOPK = int(n0 * (1 - reduction_ratio) / pivots)``; each pivot in the iteration order of the
+    set itself (no copy) takes its ``TOKEN_TOPK`` least cosine-similar tokens, on the final norm of layer ``K``'s
+    input, among those not taken; text pivots removed at the end.
+
+    Returns the kept image tokens (indices of the prompt) and the image tokens the prompt holds."""
+    from pyrtok.vlm.decode import language_model
+
+    inputs = processor(images=[image], text=[prompt], return_tensors="pt")
+    ids = inputs["input_ids"]
+    positions, _ = model.model.get_rope_index(ids, mm_token_type_ids=inputs["mm_token_type_ids"],
+                                              image_grid_thw=inputs["image_grid_thw"],
+                                              attention_mask=inputs["attention_mask"])
+    features = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"],
+                                              return_dict=True).pooler_output
+    embeds = model.get_input_embeddings()(ids)
+    image = ids[0] == model.config.image_token_id
+    embeds[0, image] = torch.cat(features).to(embeds.dtype)
+    start = ids[0].tolist().index(model.config.image_token_id)
+    length = ids[0].tolist().index(model.config.vision_end_token_id) - start
+
+    lm = language_model(model)
+    hidden = embeds
+    cos, sin = lm.rotary_emb(hidden, positions)
+    rotate = sys.modules[type(lm.layers[0].self_attn).__module__].apply_rotary_pos_emb
+    for index in range(K):
+        if index == K - 1:
+            layer = lm.layers[index]
+            attention = layer.self_attn
+            x = layer.input_layernorm(hidden)
+            q = attention.q_proj(x).view(1, x.shape[1], -1, attention.head_dim).transpose(1, 2)
+            k = attention.k_proj(x).view(1, x.shape[1], -1, attention.head_dim).transpose(1, 2)
+            key_states = rotate(q, k, cos, sin)[1]
+        hidden = lm.layers[index](hidden, attention_mask=causal_mask(hidden.shape[1], hidden.dtype),
+                                  position_embeddings=(cos, sin))
+    last_layer_state = lm.norm(hidden)
+    token_topk = int(length * (1 - reduction_ratio) / (pivot_image_token + pivot_text_token))
+    states = key_states.permute(0, 2, 1, 3).reshape(1, hidden.shape[1], -1)
+    image_norm = torch.norm(states[0][start:start + length], p=1, dim=-1)
+    query_norm = torch.norm(states[0][start + length:], p=1, dim=-1)
+    image_indices = (image_norm.topk(pivot_image_token).indices + start).tolist()
+    query_indices = (query_norm.topk(pivot_text_token).indices + start + length).tolist()
+    indices = set(image_indices + query_indices)
+    valid = set(range(start, start + length)) - set(image_indices)
+    candidates = list(valid)
+    for item in list(indices):
+        distance = -F.cosine_similarity(last_layer_state[0][item], last_layer_state[0][candidates], dim=-1)
+        chosen = [candidates[i] for i in distance.topk(token_topk).indices.tolist()]
+        indices.update(chosen)
+        valid.difference_update(chosen)
+        candidates = list(valid)
+    indices.difference_update(query_indices)
+    return indices, length
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_dart_on_qwen_keeps_what_the_authors_qwen_port_keeps(tmp_path, family):
+    from conftest import chat, random_image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from pyrtok.testing import save_tiny_vlm
+    from pyrtok.vlm import PyramidVLM
+    from pyrtok.vlm.schedules import DART
+
+    folder = save_tiny_vlm(family, tmp_path / family, seed=11, text_layers=4, hidden=80,
+                           text_config={"num_attention_heads": 4, "num_key_value_heads": 1})
+    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    processor = AutoProcessor.from_pretrained(folder)
+    images = [random_image(90 + 13 * i, 150 - 11 * i, seed=200 + i) for i in range(QWEN_DART_IMAGES)]
+    prompts = [chat(processor, PORT_QUESTIONS[i % 2]) for i in range(QWEN_DART_IMAGES)]
+    vlm = PyramidVLM(model, processor, levels=1)
+    inputs = vlm.prepare(images, prompts)
+    assert inputs.attention_mask.float().mean() < 1  # prompts and images of different lengths: padded
+    # 4 + 2 pivots: the set's own order and its copy's differ (a copy of 5-7 entries is rehashed smaller)
+    assert any(list(set(s)) != list(set(s).copy()) for s in ([1, 9, 40, 33, 60, 71], [5, 80, 81, 120, 7, 3]))
+    for ratio, text_pivots in ((0.778, 4), (0.5, 4), (0.5, 2)):
+        spec = {"name": "dart", "layer": 2, **DART.variants["qwen"], "reduction_ratio": ratio,
+                "text_pivots": text_pivots}
+        kept, counts = kept_by_sample(vlm, inputs, spec)
+        for b in range(QWEN_DART_IMAGES):
+            expected, n0 = dart_qwen_port(model, processor, images[b], prompts[b], 2, ratio,
+                                          pivot_text_token=text_pivots)
+            assert kept[b] == expected, (family, ratio, text_pivots, b)
+            per = int(n0 * (1 - ratio) / (4 + text_pivots))
+            assert counts[b].tolist() == [n0, len(expected)] == [n0, 4 + (4 + text_pivots) * per]
+    copied, _ = kept_by_sample(vlm, inputs, {**spec, "pivot_order": "copy"})
+    assert copied != kept  # with 6 pivots the LLaVA code's order keeps other tokens on some image
+

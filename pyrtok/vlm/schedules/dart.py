@@ -22,6 +22,15 @@ and pyrtok with it:
 - positions: kept tokens keep theirs (``position_ids = keep_indexs``, llmc line 132, and the rotary embedding
   gathered at them, lines 142-146).
 
+The authors' own ports to Qwen2-VL and Qwen2.5-VL (ZichenWen1/DART, ``Qwen2-VL/Qwen2VL_DART/modeling_qwen2_vl_self.py``
+and ``Qwen2_5-VL/Qwen2_5VL_DART/modeling_qwen2_5_vl_self.py``, ``get_retained_image_token`` and the decoder loop;
+their lmms-eval models set the defaults) run the same rule with two differences, the variant ``qwen``: the count
+comes from ``reduction_ratio`` (``int(n0 * (1 - reduction_ratio) / pivots)``, default 0.778, ``pruned_layer``
+2), and the pivots are visited in the iteration order of the set itself (``pivot_order="set"``), not of a copy.
+The two orders agree for 1-4 and 8 pivots and differ for 5-7 (the copy's table is rebuilt smaller). Kept
+tokens keep their M-RoPE positions there too (``position_ids[:, :, keep_indexs]``). With one image per prompt
+the image span is the image's tokens and the text pivots come from everything after it, as here.
+
 pyrtok's earlier rule is the variant ``exact``: pivots by the L1 norm of layer ``K``'s input hidden states
 (``pivot_space="hidden"``), visited by decreasing norm, image pivots first, and the budget kept exactly
 (``exact_budget=True``: what the pivots keep is split evenly over them, the first ones taking one more).
@@ -44,6 +53,7 @@ from pyrtok.vlm.schedules.base import SCHEDULES, Schedule, Stage, check_choice, 
 __all__ = ["DART", "duplication_keep", "pivot_duplication_keep"]
 
 PIVOT_SPACES = ("keys", "hidden")
+PIVOT_ORDERS = ("copy", "set")
 DEFAULT_MAX_NUM_TRUNCTION = 128
 
 
@@ -53,16 +63,26 @@ def _count(value: Any, argument: str, low: int) -> int:
     return int(value)
 
 
+def _ratio(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= float(value) < 1:
+        raise ValueError(f"reduction_ratio must be a fraction in [0, 1) of the image tokens dropped, got {value!r}")
+    return float(value)
+
+
 @SCHEDULES.register("dart")
 class DART(Schedule):
     """DART (duplication-aware): before layer ``layer``, pivots, then per pivot the image tokens least similar to it.
 
     Args:
         layer: ``K``, the first layer that runs on the kept tokens, >= 1; default 2.
-        keep: the share of the image tokens behind each pivot's count (the llmc port's ``1 - reduction_ratio``):
-            every pivot keeps ``ceil((n0 * keep) // (pivots + text_pivots))``. Give this or ``max_num_trunction``.
-        max_num_trunction: the released code's name (sic) for the tokens the pivots keep between them: every
-            pivot keeps ``max_num_trunction // (pivots + text_pivots)``; default 128 when ``keep`` is not given.
+        keep: the share of the image tokens behind each pivot's count: every pivot keeps
+            ``ceil((n0 * keep) // (pivots + text_pivots))``. Give at most one of ``keep``, ``max_num_trunction``
+            and ``reduction_ratio``.
+        max_num_trunction: the official LLaVA code's name (sic) for the tokens the pivots keep between them: every
+            pivot keeps ``max_num_trunction // (pivots + text_pivots)``; default 128 when neither of the others
+            is given.
+        reduction_ratio: the official Qwen code's (and llmc's) amount: every pivot keeps
+            ``int(n0 * (1 - reduction_ratio) / (pivots + text_pivots))``.
         pivots: image pivots; default 4.
         text_pivots: pivots among the tokens after the sample's last image token; default 4.
         pivot_space: ``"keys"`` (default, the released code): pivots by the L1 norm of layer ``layer - 1``'s
@@ -70,6 +90,8 @@ class DART(Schedule):
         exact_budget: keep exactly ``keep`` of the image tokens (rounded up) or exactly ``max_num_trunction``,
             pivots visited by decreasing norm (image pivots first) and the tokens split evenly over them, instead
             of the released code's counts (image pivots + every pivot's share) and pivot order; default False.
+        pivot_order: ``"copy"`` (default, the official LLaVA code): the pivots in the iteration order of a copy
+            of their index set; ``"set"`` (the official Qwen code): of the set itself.
 
     Example:
         >>> DART().stage_counts(576), DART(keep=0.25).stage_counts(261)
@@ -78,18 +100,24 @@ class DART(Schedule):
         [261, 66]
     """
 
-    variants: ClassVar[dict[str, dict[str, Any]]] = {"exact": {"pivot_space": "hidden", "exact_budget": True}}
+    variants: ClassVar[dict[str, dict[str, Any]]] = {
+        "exact": {"pivot_space": "hidden", "exact_budget": True},
+        "qwen": {"reduction_ratio": 0.778, "pivot_order": "set"},
+    }
 
     def __init__(self, layer: int = 2, keep: float | None = None, max_num_trunction: int | None = None,
-                 pivots: int = 4, text_pivots: int = 4, pivot_space: str = "keys", exact_budget: bool = False
-                 ) -> None:
+                 pivots: int = 4, text_pivots: int = 4, pivot_space: str = "keys", exact_budget: bool = False,
+                 reduction_ratio: float | None = None, pivot_order: str = "copy") -> None:
         self.layer = check_layer(layer, "layer", 1)
-        if keep is not None and max_num_trunction is not None:
-            raise ValueError(f"give one of keep and max_num_trunction, got keep={keep!r} and "
-                             f"max_num_trunction={max_num_trunction!r}")
+        given = {name: value for name, value in (("keep", keep), ("max_num_trunction", max_num_trunction),
+                                                 ("reduction_ratio", reduction_ratio)) if value is not None}
+        if len(given) > 1:
+            raise ValueError(f"give one of keep, max_num_trunction and reduction_ratio, got {given}")
         self.keep = None if keep is None else check_keep(keep)
+        self.reduction_ratio = None if reduction_ratio is None else _ratio(reduction_ratio)
         self.max_num_trunction = (_count(max_num_trunction, "max_num_trunction", 1) if max_num_trunction is not None
-                                  else DEFAULT_MAX_NUM_TRUNCTION if keep is None else None)
+                                  else DEFAULT_MAX_NUM_TRUNCTION if not given else None)
+        self.pivot_order = check_choice(pivot_order, "pivot_order", PIVOT_ORDERS)
         self.pivots = _count(pivots, "pivots", 1)
         self.text_pivots = _count(text_pivots, "text_pivots", 0)
         self.pivot_space = check_choice(pivot_space, "pivot_space", PIVOT_SPACES)
@@ -99,13 +127,21 @@ class DART(Schedule):
         self.stages = [Stage(self.layer, self.layer, self.keep, self._rule)]
 
     def describe(self) -> str:
-        amount = f"keep={self.keep:g}" if self.keep is not None else f"max_num_trunction={self.max_num_trunction}"
+        amount = (f"keep={self.keep:g}" if self.keep is not None
+                  else f"reduction_ratio={self.reduction_ratio:g}" if self.reduction_ratio is not None
+                  else f"max_num_trunction={self.max_num_trunction}")
         text = f"dart(layer={self.layer}, {amount}, pivots={self.pivots}, text_pivots={self.text_pivots}"
         if self.pivot_space != "keys":
             text += f", pivot_space={self.pivot_space!r}"
         if self.exact_budget:
             text += ", exact_budget=True"
+        if self.pivot_order != "copy":
+            text += f", pivot_order={self.pivot_order!r}"
         return text + ")"
+
+    def _amount(self) -> dict[str, Any]:
+        return {"keep": self.keep, "max_num_trunction": self.max_num_trunction,
+                "reduction_ratio": self.reduction_ratio}
 
     def stage_counts(self, entering: int) -> list[int]:
         """``[n0, kept]``; for the released rule, when the prompt has at least ``text_pivots`` tokens after the
@@ -113,11 +149,11 @@ class DART(Schedule):
         if entering <= 0:
             return [entering, 0]
         if self.exact_budget:
-            kept = (int(budget_tokens(self.keep, entering)) if self.keep is not None
+            share = self.keep if self.reduction_ratio is None else 1 - self.reduction_ratio
+            kept = (int(budget_tokens(share, entering)) if share is not None
                     else min(self.max_num_trunction, entering))
             return [entering, kept]
-        return [entering, dart_counts(entering, self.pivots, self.text_pivots, self.keep,
-                                      self.max_num_trunction)[2]]
+        return [entering, dart_counts(entering, self.pivots, self.text_pivots, **self._amount())[2]]
 
     def _rule(self, view: LayerView, budgets: Tensor) -> Tensor:
         if self.pivot_space == "keys":
@@ -130,23 +166,25 @@ class DART(Schedule):
         if self.exact_budget:
             return duplication_keep(states, normed, candidates, view.valid, budgets, self.pivots, self.text_pivots)
         return pivot_duplication_keep(states, normed, candidates, view.valid, self.pivots, self.text_pivots,
-                                      self.keep, self.max_num_trunction)
+                                      **self._amount(), pivot_order=self.pivot_order)
 
 
 def pivot_duplication_keep(states: Tensor, normed: Tensor, image: Tensor, valid: Tensor, pivots: int,
-                           text_pivots: int, keep: float | None = None, max_num_trunction: int | None = None
-                           ) -> Tensor:
+                           text_pivots: int, keep: float | None = None, max_num_trunction: int | None = None,
+                           reduction_ratio: float | None = None, pivot_order: str = "copy") -> Tensor:
     """DART's duplication rule as its released code runs it: (B, T) bool of the image tokens kept.
 
     Args:
         states: (B, T, E) the states whose L1 norm picks the pivots (layer K-1's rotated keys, heads concatenated).
         normed: (B, T, D) the states compared by cosine similarity (the final norm of layer K's input).
         image: (B, T) bool, the image tokens (the candidates); valid: (B, T) bool, False on padding.
-        pivots, text_pivots, keep, max_num_trunction: as :class:`DART` (one of the last two).
+        pivots, text_pivots, keep, max_num_trunction, reduction_ratio, pivot_order: as :class:`DART` (one of
+            ``keep``, ``max_num_trunction`` and ``reduction_ratio``).
 
     Each sample: ``min(pivots, n)`` image pivots and ``min(text_pivots, m)`` pivots among its ``m`` valid tokens
     after its last image token, by the L1 norm of ``states``; the pivots are visited in CPython's iteration order
-    of (a copy of) the set built from the list of their sequence indices, image pivots then text pivots, each by
+    of the set built from the list of their sequence indices (``pivot_order="set"``) or of a copy of that set
+    (``"copy"``), the list holding image pivots then text pivots, each by
     decreasing norm (index in the sample's unpadded sequence, as the released code sees a batch of one), each
     keeping the :func:`pyrtok.budget.dart_counts` per-pivot count (capped by what is left)
     of the image tokens least cosine-similar to it among those not kept yet. Image pivots are kept.
@@ -162,7 +200,8 @@ def pivot_duplication_keep(states: Tensor, normed: Tensor, image: Tensor, valid:
             continue
         text = columns[valid[b] & ~image[b] & (columns > int(candidates[-1]))]
         found = min(text_pivots, int(text.numel()))
-        image_count, per_pivot, _ = dart_counts(count, pivots, text_pivots, keep, max_num_trunction, found)
+        image_count, per_pivot, _ = dart_counts(count, pivots, text_pivots, keep, max_num_trunction, found,
+                                                reduction_ratio)
         image_pivots = candidates[strength[b, candidates].topk(image_count).indices]
         text_chosen = text[strength[b, text].topk(found).indices]
         pivot_columns = torch.cat([image_pivots, text_chosen]).tolist()
@@ -171,9 +210,11 @@ def pivot_duplication_keep(states: Tensor, normed: Tensor, image: Tensor, valid:
         keep_mask[b, image_pivots] = True
         remaining = image[b].clone()
         remaining[image_pivots] = False
-        # The released code's visiting order: CPython's iteration order of a copy of the set built from that
-        # list. It depends on how the set is built (from a dict it can differ), so it is built the same way.
-        for index in list(set(indices).copy()):
+        # The released code's visiting order: CPython's iteration order of the set built from that list (the
+        # Qwen code) or of a copy of it (the LLaVA code). It depends on how the set is built (a copy of 5-7
+        # entries is rehashed into a smaller table; from a dict it can differ too), so it is built the same way.
+        built = set(indices)
+        for index in list(built.copy() if pivot_order == "copy" else built):
             left = columns[remaining]
             take = min(per_pivot, int(left.numel()))
             if not take:

@@ -113,7 +113,8 @@ class MultiScaleTokens:
         level_shapes: (h_l, w_l) per level, level 0 first.
         image_size: (H, W) of the level-0 image.
         cls: optional (B, L, D) [CLS] features, one per level (or per encoder pass).
-        attention: optional (B, N) [CLS]-to-token attention, when the encoder exposes it.
+        attention: optional (B, N) [CLS]-to-token attention, when the encoder exposes it; on towers without
+            [CLS] (Qwen-VL) the attention each token receives (:mod:`pyrtok.vlm.families.qwen`).
         embeddings: optional (B, N, D_lm) every token as the language model's input embedding (after the VLM's
             projector), filled by the model families so that allocators that compare tokens in that space (as
             DivPrune's authors do) need no family knowledge; it may be the ``features`` tensor itself where those

@@ -691,20 +691,10 @@ QWEN_DART_IMAGES = 8
 
 
 @torch.no_grad()
-def dart_qwen_port(model, processor, image, prompt: str, K: int, reduction_ratio: float,
-                   pivot_image_token: int = 4, pivot_text_token: int = 4) -> tuple[set[int], int]:
-    """The official Qwen ports' selection (ZichenWen1/DART, Qwen2_5-VL/Qwen2_5VL_DART/modeling_qwen2_5_vl_self.py
-    lines 1458-1486 and 1553-1597; the Qwen2-VL file's lines 338-346 and 404-440 are the same rule), ported:
-    the image span is the first image placeholder up to ``<|vision_end|>`` (its lmms-eval model's lines 332-338);
-    before layer ``K``: layer ``K - 1``'s output keys (after the rotary embedding, key/value heads concatenated)
-    rank ``pivot_image_token`` image pivots and ``pivot_text_token`` pivots among the tokens after the span by L1
-    norm; ``TOKEN_TOPK = int(n0 * (1 - reduction_ratio) / pivots)``; each pivot in the iteration order of the
-    set itself (no copy) takes its ``TOKEN_TOPK`` least cosine-similar tokens, on the final norm of layer ``K``'s
-    input, among those not taken; text pivots removed at the end.
-
-    Returns the kept image tokens (indices of the prompt) and the image tokens the prompt holds."""
-    from pyrtok.vlm.decode import language_model
-
+def qwen_prompt(model, processor, image, prompt: str) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """One prompt through the model's own pieces (processor, ``get_image_features``, ``get_rope_index``): (1, T, D)
+    input embeddings with the image features in place, (3, 1, T) M-RoPE positions, and the image span: its first
+    placeholder and the placeholders up to ``<|vision_end|>`` (DART's lmms-eval model, lines 332-338)."""
     inputs = processor(images=[image], text=[prompt], return_tensors="pt")
     ids = inputs["input_ids"]
     positions, _ = model.model.get_rope_index(ids, mm_token_type_ids=inputs["mm_token_type_ids"],
@@ -717,19 +707,42 @@ def dart_qwen_port(model, processor, image, prompt: str, K: int, reduction_ratio
     embeds[0, image] = torch.cat(features).to(embeds.dtype)
     start = ids[0].tolist().index(model.config.image_token_id)
     length = ids[0].tolist().index(model.config.vision_end_token_id) - start
+    return embeds, positions, start, length
 
+
+def qwen_qk(layer, hidden: torch.Tensor, cos: torch.Tensor | None = None, sin: torch.Tensor | None = None):
+    """(1, H, T, d) queries and (1, H_kv, T, d) keys of a Qwen decoder ``layer`` for its input ``hidden``: input
+    norm, q/k projections, and the rotary embedding where ``cos``/``sin`` are given."""
+    attention = layer.self_attn
+    x = layer.input_layernorm(hidden)
+    q = attention.q_proj(x).view(1, x.shape[1], -1, attention.head_dim).transpose(1, 2)
+    k = attention.k_proj(x).view(1, x.shape[1], -1, attention.head_dim).transpose(1, 2)
+    if cos is None:
+        return q, k
+    return sys.modules[type(attention).__module__].apply_rotary_pos_emb(q, k, cos, sin)
+
+
+@torch.no_grad()
+def dart_qwen_port(model, processor, image, prompt: str, K: int, reduction_ratio: float,
+                   pivot_image_token: int = 4, pivot_text_token: int = 4) -> tuple[set[int], int]:
+    """The official Qwen ports' selection (ZichenWen1/DART, Qwen2_5-VL/Qwen2_5VL_DART/modeling_qwen2_5_vl_self.py
+    lines 1458-1486 and 1553-1597; the Qwen2-VL file's lines 338-346 and 404-440 are the same rule), ported:
+    before layer ``K``: layer ``K - 1``'s output keys (after the rotary embedding, key/value heads concatenated)
+    rank ``pivot_image_token`` image pivots and ``pivot_text_token`` pivots among the tokens after the image span
+    by L1 norm; ``TOKEN_TOPK = int(n0 * (1 - reduction_ratio) / pivots)``; each pivot in the iteration order of
+    the set itself (no copy) takes its ``TOKEN_TOPK`` least cosine-similar tokens, on the final norm of layer
+    ``K``'s input, among those not taken; text pivots removed at the end.
+
+    Returns the kept image tokens (indices of the prompt) and the image tokens the prompt holds."""
+    from pyrtok.vlm.decode import language_model
+
+    embeds, positions, start, length = qwen_prompt(model, processor, image, prompt)
     lm = language_model(model)
     hidden = embeds
     cos, sin = lm.rotary_emb(hidden, positions)
-    rotate = sys.modules[type(lm.layers[0].self_attn).__module__].apply_rotary_pos_emb
     for index in range(K):
         if index == K - 1:
-            layer = lm.layers[index]
-            attention = layer.self_attn
-            x = layer.input_layernorm(hidden)
-            q = attention.q_proj(x).view(1, x.shape[1], -1, attention.head_dim).transpose(1, 2)
-            k = attention.k_proj(x).view(1, x.shape[1], -1, attention.head_dim).transpose(1, 2)
-            key_states = rotate(q, k, cos, sin)[1]
+            key_states = qwen_qk(lm.layers[index], hidden, cos, sin)[1]
         hidden = lm.layers[index](hidden, attention_mask=causal_mask(hidden.shape[1], hidden.dtype),
                                   position_embeddings=(cos, sin))
     last_layer_state = lm.norm(hidden)
@@ -785,3 +798,72 @@ def test_dart_on_qwen_keeps_what_the_authors_qwen_port_keeps(tmp_path, family):
     copied, _ = kept_by_sample(vlm, inputs, {**spec, "pivot_order": "copy"})
     assert copied != kept  # with 6 pivots the LLaVA code's order keeps other tokens on some image
 
+
+
+@torch.no_grad()
+def vscan_qwen_stage_port(model, processor, image, prompt: str, rank_layer: int, ratio: float) -> tuple[set[int], int]:
+    """VScan's language-model stage on Qwen2.5-VL as released (Tencent/SelfEvolvingAgent, VScan/qwen/model/
+    qwen2_5_vl_custom.py: ``Qwen2_5_VLModel_X.forward`` lines 626-652, after layer ``rank_layer - 1``;
+    ``layer_prune`` lines 691-784: layer ``rank_layer``'s input norm and q/k projections with the rotary embedding
+    left out, key/value heads repeated, the last token's row, fp32 softmax over every column, the mean over
+    heads of the image columns, the top ``int(ratio * n)``, sorted, positions kept), ported.
+
+    Returns the kept image tokens (indices of the prompt), the image tokens the prompt holds, and the last
+    token's logits (V,) after the remaining layers run on the kept sequence at its kept positions."""
+    from pyrtok.vlm.decode import language_model
+
+    embeds, positions, start, length = qwen_prompt(model, processor, image, prompt)
+    lm = language_model(model)
+    hidden = embeds
+    cos, sin = lm.rotary_emb(hidden, positions)
+    for index in range(rank_layer):
+        hidden = lm.layers[index](hidden, attention_mask=causal_mask(hidden.shape[1], hidden.dtype),
+                                  position_embeddings=(cos, sin))
+    attention = lm.layers[rank_layer].self_attn
+    q, k = qwen_qk(lm.layers[rank_layer], hidden)
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    last = hidden.shape[1] - 1
+    weights = (q[0][:, last:last + 1] @ k[0].transpose(1, 2) / math.sqrt(attention.head_dim)).softmax(
+        dim=-1, dtype=torch.float32).to(q.dtype)
+    ranked = weights.mean(0)[:, start:start + length].mean(0)
+    top = (ranked.topk(int(ratio * length)).indices + start).sort().values
+    order = torch.cat([torch.arange(start), top, torch.arange(start + length, hidden.shape[1])])
+    hidden, positions = hidden[:, order], positions[:, :, order]
+    cos, sin = lm.rotary_emb(hidden, positions)
+    for layer in lm.layers[rank_layer:]:
+        hidden = layer(hidden, attention_mask=causal_mask(hidden.shape[1], hidden.dtype),
+                       position_embeddings=(cos, sin))
+    logits = model.lm_head(lm.norm(hidden))[0, -1]
+    return set(top.tolist()), length, logits
+
+
+def test_vscan_stage_on_qwen_keeps_what_the_authors_qwen_code_keeps(tmp_path):
+    """The ``qwen`` variant of the ``vscan`` schedule (no rotary in the scores, positions kept, ``int`` counts) on a
+    tiny Qwen2.5-VL, two layers and two shares, against the port; the LLaVA rule keeps other tokens there."""
+    from conftest import chat, random_image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from pyrtok.testing import save_tiny_vlm
+    from pyrtok.vlm import PyramidVLM
+    from pyrtok.vlm.schedules import VScan
+
+    folder = save_tiny_vlm("qwen2_5_vl", tmp_path / "vscan_stage", seed=17, text_layers=4, hidden=80,
+                           text_config={"num_attention_heads": 4, "num_key_value_heads": 2})
+    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    processor = AutoProcessor.from_pretrained(folder)
+    images = [random_image(120 + 17 * i, 170 - 9 * i, seed=300 + i) for i in range(QWEN_DART_IMAGES)]
+    prompts = [chat(processor, PORT_QUESTIONS[i % 2]) for i in range(QWEN_DART_IMAGES)]
+    vlm = PyramidVLM(model, processor, levels=1)
+    inputs = vlm.prepare(images, prompts)
+    for layer, ratio in ((2, 0.333), (3, 0.5)):
+        spec = {"name": "vscan", "layer": layer, **VScan.variants["qwen"], "keep": ratio}
+        kept, counts = kept_by_sample(vlm, inputs, spec)
+        with torch.no_grad():
+            logits = vlm(images, prompts, schedule=spec).logits[:, -1]
+        for b in range(QWEN_DART_IMAGES):
+            expected, n0, last = vscan_qwen_stage_port(model, processor, images[b], prompts[b], layer, ratio)
+            assert kept[b] == expected, (layer, ratio, b)
+            assert counts[b].tolist() == [n0, int(ratio * n0)]
+            assert (logits[b] - last).abs().max() <= 1e-4, (layer, ratio, b)  # kept tokens at their positions
+    llava_rule, _ = kept_by_sample(vlm, inputs, {"name": "vscan", "layer": 3, "keep": 0.5})
+    assert llava_rule != kept

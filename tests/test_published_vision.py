@@ -8,6 +8,8 @@ of 20 images. Kept sets must be identical and the language model's image inputs 
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -305,23 +307,194 @@ def test_vscan_vision_side_is_the_released_code_on_llava(vscan_llava):
 
 
 def test_vscan_windows_and_options():
-    from pyrtok.allocators.vscan import window_ids
+    from pyrtok.allocators.vscan import capped_window_scan, window_ids
+
+    # the capped scan: 10 x 10 tokens in windows of 4 -> 2 x 2 windows (rows and columns 8-9 join the last ones);
+    # keep 8 -> at most 2 per window, in decreasing score
+    scores = torch.arange(100.0).flip(0)[None]  # raster order, the first token highest
+    keep = capped_window_scan(scores, (10, 10), torch.tensor([8]), window=4).view(10, 10)
+    assert keep.sum() == 8 and [int(keep[r // 4 * 4:(r // 4 + 1) * 4 + (2 if r // 4 else 0),
+                                            c // 4 * 4:(c // 4 + 1) * 4 + (2 if c // 4 else 0)].sum())
+                                for r, c in ((0, 0), (0, 4), (4, 0), (4, 4))] == [2, 2, 2, 2]
+    assert keep[0, :2].all() and keep[0, 4:6].all() and keep[4, :2].all() and keep[4, 4:6].all()
 
     assert torch.bincount(window_ids((24, 24), 4)).tolist() == [36] * 16  # 6 x 6 windows, as released
     assert torch.bincount(window_ids((10, 10), 4)).tolist() == [4, 6, 4, 6, 6, 9, 6, 9] * 2
     g = torch.Generator().manual_seed(3)
     tokens = from_feature_grid(torch.randn(2, 10, 10, 6, generator=g), 2, attention=torch.rand(2, 10, 10, generator=g),
                                early_attention=torch.rand(2, 10, 10, generator=g))
-    allocator = allocators.create("vscan")
+    allocator = allocators.create("vscan", scan="windows")
     selection = allocator(tokens, torch.tensor([64, 20]))
     # 64: 32 local -> 2 per window (16 windows) + 32 global; 20: 10 local -> 0 per window + 10 global
     assert selection.count.tolist() == [64, 10]
     full = allocator(tokens, tokens.num_tokens)  # every token kept, nothing merged
     assert full.count.tolist() == [tokens.num_tokens] * 2
+    # without [CLS] the default is the Qwen code's capped scan: the budget exactly, half of it local
+    capped = allocators.create("vscan")(tokens, torch.tensor([64, 20]))
+    assert capped.count.tolist() == [64, 20]
+    assert allocators.create("vscan").scan_for(tokens) == "capped"
     for bad, match in (({"local": 1.5}, "local must be"), ({"windows": 0}, "windows must be"),
-                       ({"merge": "yes"}, "merge must be a bool")):
+                       ({"merge": "yes"}, "merge must be a bool"), ({"scan": "grid"}, "scan must be one of"),
+                       ({"window_size": 0}, "window_size must be")):
         with pytest.raises((ValueError, TypeError), match=match):
             allocators.create("vscan", **bad)
+
+
+
+# VScan's own Qwen2.5-VL code: a tiny Qwen2.5-VL no other test uses (a 4-block tower, blocks 1 and 3 full
+# attention, windows of 112 px = 4 x 4 merged tokens as Qwen's own; pixels up to 16 x 16 merged tokens) and 8
+# images of odd sizes (9-14 merged tokens a side, so windows leave remainders).
+
+QWEN_IMAGES = 8
+
+
+@pytest.fixture(scope="module")
+def vscan_qwen(tmp_path_factory):
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from pyrtok.testing import save_tiny_vlm
+
+    folder = save_tiny_vlm("qwen2_5_vl", tmp_path_factory.mktemp("vscan_qwen"), seed=31, hidden=64, text_layers=2,
+                           vision_config={"depth": 4, "fullatt_block_indexes": [1, 3], "window_size": 112})
+    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    processor = AutoProcessor.from_pretrained(folder)
+    processor.image_processor.size = {"shortest_edge": 16 * 28**2, "longest_edge": 256 * 28**2}
+    rng = np.random.default_rng(13)
+    images = [Image.fromarray(rng.integers(0, 256, (int(rng.integers(250, 400)), int(rng.integers(250, 400)), 3),
+                                           dtype=np.uint8)) for _ in range(QWEN_IMAGES)]
+    return model, processor, images
+
+
+def qwen_window_selection(attn_weights: torch.Tensor, num_keep_tokens: int, image_grid_thw: torch.Tensor,
+                          window_size: int = 4) -> torch.Tensor:
+    """VScan/qwen/model/qwen2_5_vl_utils.py ``window_selection``, ported (a greedy pass in decreasing score, each
+    window of ``window_size`` x ``window_size`` merged tokens capped at ceil(keep / windows); the remainder rows
+    and columns go to the last window)."""
+    token_h, token_w = int(image_grid_thw[0, 1]) // 2, int(image_grid_thw[0, 2]) // 2
+    assert token_h * token_w == attn_weights.shape[0]
+    num_windows_h, num_windows_w = token_h // window_size, token_w // window_size
+    limit = math.ceil(num_keep_tokens / (num_windows_h * num_windows_w))
+    counter = torch.zeros(token_h, token_w, dtype=torch.int)
+    keep, total = [], 0
+    for index in torch.argsort(attn_weights, dim=0, descending=True, stable=True).tolist():
+        x, y = (index // token_w) // window_size, (index % token_w) // window_size
+        x, y = min(x, num_windows_h - 1), min(y, num_windows_w - 1)
+        if counter[x, y] < limit:
+            counter[x, y] += 1
+            keep.append(index)
+            total += 1
+        if total >= num_keep_tokens:
+            break
+    assert total == num_keep_tokens
+    return torch.tensor(keep, dtype=torch.long)
+
+
+def qwen_token_merging(image_embeds: torch.Tensor, keep_indices: torch.Tensor, scaling: float = 1) -> torch.Tensor:
+    """VScan/qwen/model/qwen2_5_vl_utils.py ``token_merging``, ported: (T, D) the kept tokens, each the mean of
+    itself and the dropped tokens most cosine-similar to it."""
+    N, D = image_embeds.shape
+    mask = torch.zeros(N, dtype=torch.bool)
+    mask[keep_indices] = True
+    retained, others = image_embeds[mask], image_embeds[~mask]
+    nearest = F.cosine_similarity(others.unsqueeze(1), retained.unsqueeze(0), dim=2).argmax(dim=1)
+    merged = retained * scaling
+    merged = merged.scatter_add(0, nearest.unsqueeze(-1).expand(-1, D), others)
+    count = torch.zeros(len(retained), dtype=torch.int).scatter_add(0, nearest, torch.ones_like(nearest, dtype=torch.int))
+    return merged / (scaling + count.unsqueeze(1))
+
+
+@torch.no_grad()
+def upstream_vscan_qwen(model, processor, image, ratio: float):
+    """VScan's vision side on Qwen2.5-VL as released, one image (Tencent/SelfEvolvingAgent, VScan/qwen/model/
+    qwen2_5_vl_custom.py: ``Qwen2_5_VisionTransformerPretrainedModel_X.forward`` lines 295-392, the block loop with
+    the attention maps of the first full-attention block (local) and the last block (global) from the SDPA
+    attention's ``output_attentions`` path, lines 466-515: rotated q/k of ``norm1`` of the block input, the
+    segment mask, fp32 softmax; heads summed, query rows averaged, 2 x 2 units averaged, raster order;
+    ``Qwen2_5_VLForConditionalGeneration_X.forward`` lines 143-166: ``int(ratio * n)`` kept, half by
+    ``window_selection`` on the local scores, the rest by the global scores with the local picks zeroed, sorted,
+    ``token_merging`` of the merger outputs with ``scaling=1``), written on transformers' own vision pieces.
+
+    Returns the language model's image inputs (K, D) and the kept indices (raster order of the merged grid)."""
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as qwen
+    from transformers.vision_utils import get_vision_attention_seqlens, get_vision_position_ids, get_vision_window_index
+
+    visual = model.model.visual
+    inputs = processor.image_processor(images=[image], return_tensors="pt")
+    pixel_values, grid = inputs["pixel_values"], inputs["image_grid_thw"]
+    position_ids = get_vision_position_ids(grid, visual.spatial_merge_size)
+    cu_seqlens, _ = get_vision_attention_seqlens(grid, visual.config)
+    window_index, cu_window_seqlens = get_vision_window_index(grid, spatial_merge_size=visual.spatial_merge_size,
+                                                              window_size=visual.window_size,
+                                                              patch_size=visual.patch_size)
+    hidden = visual.patch_embed(pixel_values)
+    seq_len = hidden.shape[0]
+    hidden = visual.permute_input_for_window_attn(hidden, window_index, seq_len=seq_len)
+    cos, sin = (visual.permute_input_for_window_attn(f, window_index, seq_len=seq_len)
+                for f in visual.rotary_pos_emb(hidden, position_ids))
+    local_layer, global_layer = visual.fullatt_block_indexes[0], len(visual.blocks) - 1
+    maps = {}
+    for layer_num, blk in enumerate(visual.blocks):
+        cu = cu_seqlens if layer_num in visual.fullatt_block_indexes else cu_window_seqlens
+        if layer_num in (local_layer, global_layer):
+            attention = blk.attn
+            q, k, _ = attention.qkv(blk.norm1(hidden)).reshape(seq_len, 3, attention.num_heads, -1).permute(
+                1, 0, 2, 3).unbind(0)
+            q, k = qwen.apply_rotary_pos_emb_vision(q, k, cos, sin)
+            q, k = q.transpose(0, 1), k.transpose(0, 1)
+            mask = torch.full([1, seq_len, seq_len], torch.finfo(q.dtype).min)
+            for i in range(1, len(cu)):
+                mask[..., cu[i - 1]:cu[i], cu[i - 1]:cu[i]] = 0
+            weights = torch.matmul(q, k.transpose(1, 2)) / math.sqrt(q.size(-1)) + mask
+            maps[layer_num] = weights.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
+        hidden = blk(hidden, cu_seqlens=cu, position_embeddings=(cos, sin))
+    reverse = torch.argsort(window_index)
+    scores = []
+    for layer in (local_layer, global_layer):
+        per_unit = maps[layer].sum(dim=0).mean(dim=0).view(-1, visual.spatial_merge_unit).mean(dim=1)
+        scores.append(per_unit[reverse])
+    image_embeds = visual.merger(hidden)[reverse]
+    local_scores, global_scores = scores
+    n = image_embeds.shape[0]
+    num_keep = int(ratio * n)
+    keep_local = qwen_window_selection(local_scores, num_keep // 2, grid, window_size=4)
+    global_scores = global_scores.clone()
+    global_scores[keep_local] = 0
+    keep_global = torch.topk(global_scores, num_keep - num_keep // 2).indices
+    keep = torch.sort(torch.cat((keep_local, keep_global)))[0]
+    return qwen_token_merging(image_embeds, keep, scaling=1), keep.tolist(), image_embeds
+
+
+def test_vscan_vision_side_is_the_authors_qwen_code(vscan_qwen):
+    """8 images x 3 ratios: the capped window scan and the global scan keep the released Qwen code's tokens (the
+    budget, ``int(ratio * n)``, exactly), and each kept token's language-model input is its merged value within
+    1e-5; ``scan="auto"`` picks the Qwen code on a tower without [CLS]."""
+    from pyrtok.vlm import PyramidVLM
+
+    model, processor, images = vscan_qwen
+    vlm = PyramidVLM(model, processor, allocator="vscan", levels=1)
+    with torch.no_grad():
+        encoded = vlm.encode(images)
+    tokens_of = {i: (group.tokens, j) for members, group in encoded.groups for j, i in enumerate(members)}
+    sizes = [int(tokens_of[i][0].num_tokens) for i in range(QWEN_IMAGES)]
+    assert len(encoded.groups) > 1 and min(sizes) >= 81  # odd grids of several sizes
+    prompts = [vlm.chat_prompt("what is it?")] * QWEN_IMAGES
+    for ratio in (0.167, 0.333, 0.5):
+        budgets = [int(ratio * n) for n in sizes]
+        selections = vlm.select(encoded, torch.tensor(budgets))
+        with torch.no_grad():
+            inputs = vlm.prepare(None, prompts, encoded=encoded, selections=selections)
+        features = list(inputs.mm_encoder_outputs["image"].pooler_output)
+        chosen = {i: (selection, j) for (members, _), selection in zip(encoded.groups, selections, strict=True)
+                  for j, i in enumerate(members)}
+        for i, image in enumerate(images):
+            expected, indices, tower = upstream_vscan_qwen(model, processor, image, ratio)
+            tokens, row = tokens_of[i]
+            assert torch.allclose(tokens.features[row], tower, atol=1e-5)  # the port runs the model's own tower
+            selection, j = chosen[i]
+            assert int(selection.count[j]) == budgets[i] == len(indices)
+            assert kept(selection, j) == indices, (i, ratio)
+            assert torch.allclose(features[i], expected, atol=1e-5), (i, ratio)
 
 
 # -- CDPruner -------------------------------------------------------------------------------------------------

@@ -37,7 +37,9 @@ def test_keeping_everything_is_the_plain_run(family, spec):
     model, processor = family
     name, options = SPECS[spec]
     image, prompt = random_image(200, 260, seed=1), chat(processor)
-    schedule = create_schedule(name, keep=1.0, **options)
+    # keep everything: keep 1.0, or a reduction ratio of 0 where the variant counts by one (DART's Qwen code)
+    everything = {"reduction_ratio": 0.0} if "reduction_ratio" in options else {"keep": 1.0}
+    schedule = create_schedule(name, **{**options, **everything})
     assert schedule.stage_counts(12) == [12] * (len(schedule.stages) + 1)
     plain = PyramidVLM(model, processor, allocator="laplacian", budget=12)
     scheduled = PyramidVLM(model, processor, allocator="laplacian", budget=12, schedule=schedule)

@@ -20,6 +20,18 @@ As the authors run it on LLaVA-1.5 (Tencent/SelfEvolvingAgent, folder ``VScan/``
 The kept count is what the released code keeps: 16 k + T - int(T / 2), which is T when int(T / 2) is a multiple
 of 16 (the published 96, 192, 288) and fewer otherwise; ``selection.count`` reports it.
 
+On towers without [CLS] (Qwen-VL) the authors' own Qwen2.5-VL code (``VScan/qwen/model/qwen2_5_vl_custom.py``,
+``Qwen2_5_VLForConditionalGeneration_X.forward``; ``qwen2_5_vl_utils.py``: ``window_selection``,
+``token_merging``) runs, the ``capped`` scan (``scan="auto"`` picks it where the tokens carry no [CLS]):
+
+- the scores are the attention each merged token receives in the tower's first full-attention block (local) and
+  its last block (global), the ``early_attention`` and ``attention`` the Qwen family fills;
+- the local scan keeps int(T / 2) tokens: all merged tokens in decreasing local score, each taken while its
+  window of ``window_size`` x ``window_size`` tokens (4 x 4; the rows and columns past the last whole window
+  belong to the last window) holds fewer than ceil(int(T / 2) / windows) picks;
+- the global scan keeps T - int(T / 2) by the global score among the rest; merging as above. The count is the
+  budget T (``int(0.167 * N)`` in the authors' Qwen script).
+
 Porting rules where the released code has no path: grids other than 24 x 24 are split into ``windows`` x
 ``windows`` windows at the integer boundaries ``i * h // windows`` (6 x 6 windows at 24); k is capped by the
 smallest window's size; where the tokens carry no early attention the local scan reads the feature layer's; the
@@ -40,7 +52,9 @@ from pyrtok.budget import resolve_budget
 from pyrtok.signals.attention import cls_attention
 from pyrtok.tokens import MultiScaleTokens, TokenSelection
 
-__all__ = ["VScanTokens", "merge_into_kept", "window_ids"]
+__all__ = ["SCANS", "VScanTokens", "capped_window_scan", "merge_into_kept", "window_ids"]
+
+SCANS = ("auto", "windows", "capped")
 
 
 def window_ids(shape: tuple[int, int], windows: int, device: torch.device | str = "cpu") -> Tensor:
@@ -59,6 +73,34 @@ def window_ids(shape: tuple[int, int], windows: int, device: torch.device | str 
         return torch.bucketize(torch.arange(side, device=device), starts, right=True)
 
     return (bands(h)[:, None] * windows + bands(w)[None, :]).flatten()
+
+
+def capped_window_scan(scores: Tensor, shape: tuple[int, int], counts: Tensor, window: int = 4) -> Tensor:
+    """VScan's Qwen local scan: (B, h * w) bool of the ``counts[b]`` tokens taken in decreasing ``scores``
+    (B, h * w, raster order), each while its window holds fewer than ``ceil(counts[b] / windows)`` picks.
+
+    Windows are ``window`` x ``window`` tokens; the ``h % window`` rows and ``w % window`` columns past the last
+    whole window belong to the last one (at least one window per side). Equal scores: the earlier token first.
+
+    Example:
+        >>> scores = torch.arange(16.0).flip(0)[None]  # the top-left token scores highest
+        >>> capped_window_scan(scores, (4, 4), torch.tensor([4]), window=2).view(4, 4).int().tolist()
+        [[1, 0, 1, 0], [0, 0, 0, 0], [1, 0, 1, 0], [0, 0, 0, 0]]
+    """
+    h, w = shape
+    rows_of_windows, cols_of_windows = max(h // window, 1), max(w // window, 1)
+    cells = torch.arange(h * w, device=scores.device)
+    row = (cells // w // window).clamp(max=rows_of_windows - 1)
+    col = (cells % w // window).clamp(max=cols_of_windows - 1)
+    windows = row * cols_of_windows + col  # (h * w,)
+    caps = torch.ceil(counts.double() / (rows_of_windows * cols_of_windows)).long()  # (B,)
+    order = scores.float().argsort(dim=1, descending=True, stable=True)  # (B, N)
+    in_order = F.one_hot(windows[order], rows_of_windows * cols_of_windows)  # (B, N, W)
+    rank = (in_order.cumsum(1) * in_order).sum(-1) - 1  # rank of each token within its window, in score order
+    allowed = rank < caps[:, None]
+    taken = allowed & (allowed.long().cumsum(1) <= counts[:, None])
+    keep = torch.zeros_like(taken)
+    return keep.scatter(1, order, taken)
 
 
 def merge_into_kept(embeddings: Tensor, keep: Tensor, dropped: Tensor) -> Tensor:
@@ -93,20 +135,27 @@ class VScanTokens(Allocator):
         local: the share of the budget the local scan spends (default 1/2, as released).
         windows: windows per side of the local scan (default 4: 16 windows, 6 x 6 at 24 x 24, as released).
         merge: merge the dropped tokens into the kept ones (default True, as released).
+        scan: ``"windows"`` (the LLaVA code: each of ``windows`` x ``windows`` windows keeps its top k),
+            ``"capped"`` (the Qwen code: a capped greedy scan over windows of ``window_size`` tokens, the budget
+            kept exactly) or ``"auto"`` (default: ``capped`` where the tokens carry no [CLS], else ``windows``).
+        window_size: the side, in tokens, of the ``capped`` scan's windows (default 4, as released).
 
     Example:
         >>> from pyrtok.tokens import from_feature_grid
         >>> g = torch.Generator().manual_seed(0)
         >>> tokens = from_feature_grid(torch.randn(1, 8, 8, 4, generator=g), 1,
         ...                            attention=torch.rand(1, 8, 8, generator=g))
-        >>> selection = VScanTokens()(tokens, 12)  # local: int(12 / 2) // 16 = 0 per window; global: 6
-        >>> int(selection.count[0]), selection.kept_embeddings.shape
+        >>> selection = VScanTokens(scan="windows")(tokens, 12)  # local: int(12 / 2) // 16 = 0 per window
+        >>> int(selection.count[0]), selection.kept_embeddings.shape  # global: 6
         (6, torch.Size([1, 6, 4]))
+        >>> int(VScanTokens()(tokens, 12).count[0])  # no [CLS]: the Qwen code's scan keeps the budget
+        12
     """
 
     needs = ("attention",)
 
-    def __init__(self, local: float = 0.5, windows: int = 4, merge: bool = True, **options) -> None:
+    def __init__(self, local: float = 0.5, windows: int = 4, merge: bool = True, scan: str = "auto",
+                 window_size: int = 4, **options) -> None:
         super().__init__(**options)
         if self.redundancy:
             raise ValueError("vscan picks tokens by windows and merges the rest into them; the redundancy pass "
@@ -117,7 +166,18 @@ class VScanTokens(Allocator):
             raise ValueError(f"windows must be a positive int (windows per side), got {windows!r}")
         if not isinstance(merge, bool):
             raise TypeError(f"merge must be a bool, got {merge!r}")
+        if scan not in SCANS:
+            raise ValueError(f"scan must be one of {SCANS}, got {scan!r}")
+        if isinstance(window_size, bool) or not isinstance(window_size, int) or window_size < 1:
+            raise ValueError(f"window_size must be a positive int (tokens per window side), got {window_size!r}")
         self.local, self.windows, self.merge = float(local), windows, merge
+        self.scan, self.window_size = scan, window_size
+
+    def scan_for(self, tokens: MultiScaleTokens) -> str:
+        """The local scan these tokens get: ``capped`` (the Qwen code) or ``windows`` (the LLaVA code)."""
+        if self.scan != "auto":
+            return self.scan
+        return "windows" if tokens.cls is not None else "capped"
 
     def reads(self, ctx: Context) -> tuple[str, ...]:
         return ("attention", "features") if self.merge else ("attention",)
@@ -128,8 +188,10 @@ class VScanTokens(Allocator):
     def effective_budgets(self, tokens: MultiScaleTokens, budgets: Tensor, ctx: Context) -> Tensor:
         """(B,) tokens kept: 16 k_b + T_b - int(T_b / 2) below the finest level's size (the released count), the
         budget above it."""
-        per_window, global_count = self.counts(tokens, budgets)
         n0 = tokens.level_slices[0].stop - tokens.level_slices[0].start
+        if self.scan_for(tokens) == "capped":
+            return budgets
+        per_window, global_count = self.counts(tokens, budgets)
         return torch.where(budgets >= n0, budgets, per_window * self.windows**2 + global_count)
 
     def counts(self, tokens: MultiScaleTokens, budgets: Tensor) -> tuple[Tensor, Tensor]:
@@ -163,11 +225,17 @@ class VScanTokens(Allocator):
         deep = tokens.attention[:, finest].float()
         early = tokens.early_attention if tokens.early_attention is not None else tokens.attention
         early = early[:, finest].float()
-        per_window, global_count = self.counts(tokens, budgets)
-        windows = window_ids(tokens.level_shapes[0], self.windows, tokens.device)
-        keep = torch.zeros(batch, n0, dtype=torch.bool, device=tokens.device)
         rows = torch.arange(batch, device=tokens.device)
-        k = int(per_window.max())
+        if self.scan_for(tokens) == "capped":
+            local = torch.floor(budgets.clamp(max=n0).double() * self.local).long()
+            keep = capped_window_scan(early, tokens.level_shapes[0], local, self.window_size)
+            global_count = budgets - local
+            k = 0
+        else:
+            per_window, global_count = self.counts(tokens, budgets)
+            windows = window_ids(tokens.level_shapes[0], self.windows, tokens.device)
+            keep = torch.zeros(batch, n0, dtype=torch.bool, device=tokens.device)
+            k = int(per_window.max())
         for w in range(self.windows**2 if k else 0):
             scores = early.masked_fill(windows != w, float("-inf"))
             top = scores.topk(k, dim=1).indices  # (B, k)

@@ -19,6 +19,12 @@ box, by ``coarse_positions``:
 - ``"centre"`` (default): the cell under the centre of its box;
 - ``"corner"``: the top-left cell of its box.
 
+Attention (no [CLS] in these towers): ``tokens.attention`` is the attention each merged token receives in the
+tower's last block and ``tokens.early_attention`` in its first full-attention block (a quarter of the depth where
+the tower has no window attention), heads summed, averaged over the queries and over the 2 x 2 patches of the
+merge unit: the scores of VScan's own Qwen2.5-VL code (:mod:`pyrtok.vlm.families.qwen_attention`). Allocators
+that read [CLS] attention elsewhere read these here.
+
 Merged tokens (VisionZip's contextual tokens, made from several dropped tokens) follow the kept tokens in the
 prompt and take the position of the finest-grid cell under the centre of their union box.
 """
@@ -37,6 +43,7 @@ from pyrtok._checks import check_level_count
 from pyrtok.pyramid import gaussian_pyramid
 from pyrtok.tokens import MultiScaleTokens, TokenSelection, from_feature_grid, token_layout
 from pyrtok.vlm.families.base import Encoded, Family, register_family, unnormalise
+from pyrtok.vlm.families.qwen_attention import tower_with_attention
 
 __all__ = ["COARSE_POSITIONS", "QwenVLFamily"]
 
@@ -119,17 +126,23 @@ class QwenVLFamily(Family):
         return flat, grid
 
     # -- tokens ---------------------------------------------------------------------------------------
-    def _tower(self, pixels: Tensor) -> tuple[Tensor, list[Tensor]]:
-        """(G, 3, H, W) -> merged grid (G, h, w, D) and DeepStack grids (each (G, h, w, D)), through the model's
-        own ``get_image_features``."""
+    def _tower(self, pixels: Tensor) -> tuple[Tensor, list[Tensor], dict[str, Tensor]]:
+        """(G, 3, H, W) -> merged grid (G, h, w, D), DeepStack grids (each (G, h, w, D)) and the attention each
+        merged token receives in two tower blocks (``{"attention": the last block's, "early_attention": the
+        first full-attention block's}``, each (G, h, w); :mod:`pyrtok.vlm.families.qwen_attention`), through the
+        model's own ``get_image_features``."""
         flat, grid = self._patches(pixels)
         dtype = next(self.model.parameters()).dtype
-        out = self.model.model.get_image_features(pixel_values=flat.to(dtype), image_grid_thw=grid, return_dict=True)
+        out, local, late = tower_with_attention(
+            self.model.model.visual, lambda: self.model.model.get_image_features(
+                pixel_values=flat.to(dtype), image_grid_thw=grid, return_dict=True), grid, self.merge)
         h, w = pixels.shape[-2] // self.factor, pixels.shape[-1] // self.factor
         merged = rearrange(torch.stack(list(out.pooler_output)), "g (h w) d -> g h w d", h=h, w=w)
         deep = [rearrange(torch.stack(list(layer)), "g (h w) d -> g h w d", h=h, w=w)
                 for layer in (getattr(out, "deepstack_features", None) or [])]
-        return merged, deep
+        received = {name: rearrange(torch.stack(scores), "g (h w) -> g h w", h=h, w=w)
+                    for name, scores in (("attention", late), ("early_attention", local))}
+        return merged, deep, received
 
     def encode(self, pixels: Tensor) -> Encoded:
         height, width = pixels.shape[-2:]
@@ -137,9 +150,10 @@ class QwenVLFamily(Family):
             raise ValueError(f"pixels must have sides that are multiples of {self.factor}, got {height}x{width}; "
                              "use image_pixels() first")
         if self.mode == "feature":
-            merged, deep = self._tower(pixels)
+            merged, deep, received = self._tower(pixels)
             # the merged tokens are the language model's inputs: they are their own embeddings
-            tokens = from_feature_grid(merged, self.levels, image_size=(height, width), embeddings=merged)
+            tokens = from_feature_grid(merged, self.levels, image_size=(height, width), embeddings=merged,
+                                       **received)
             extras = {}
             if deep:
                 pooled = [from_feature_grid(d, self.levels, image_size=(height, width)).features for d in deep]
@@ -149,21 +163,28 @@ class QwenVLFamily(Family):
 
     def _encode_levels(self, pixels: Tensor) -> Encoded:
         height, width = pixels.shape[-2:]
-        grids, deeps, cells = [], [], []
+        grids, deeps, cells, received = [], [], [], []
         for level, image in enumerate(gaussian_pyramid(pixels, self.levels)):
             size = (max(self.factor, round(image.shape[-2] / self.factor) * self.factor),
                     max(self.factor, round(image.shape[-1] / self.factor) * self.factor))
             if tuple(image.shape[-2:]) != size:
                 image = F.interpolate(image, size=size, mode="bilinear", align_corners=False, antialias=True)
-            merged, deep = self._tower(image.clamp(0, 1) if level else image)
+            merged, deep, scores = self._tower(image.clamp(0, 1) if level else image)
             grids.append(merged)
+            received.append(scores)
             deeps.append(deep)
             cells.append((self.factor * height / size[0], self.factor * width / size[1]))
         level_shapes = tuple((g.shape[1], g.shape[2]) for g in grids)
         layout = token_layout(level_shapes, (height, width), tuple(cells), device=pixels.device)
         features = torch.cat([rearrange(g, "b h w d -> b (h w) d") for g in reversed(grids)], dim=1)
+        # each pass averages its own tokens' attention: scaled by its token count, levels compare
+        base = level_shapes[0][0] * level_shapes[0][1]
+        attention = {name: torch.cat([rearrange(r[name] * (h * w / base), "b h w -> b (h w)")
+                                      for r, (h, w) in zip(reversed(received), reversed(level_shapes), strict=True)],
+                                     dim=1)
+                     for name in ("attention", "early_attention")}
         tokens = MultiScaleTokens(features, **layout, level_shapes=level_shapes, image_size=(height, width),
-                                  embeddings=features)
+                                  embeddings=features, **attention)
         extras = {}
         if deeps[0]:
             per_layer = [torch.cat([rearrange(d[k], "b h w d -> b (h w) d") for d in reversed(deeps)], dim=1)

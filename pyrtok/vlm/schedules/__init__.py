@@ -63,7 +63,7 @@ def schedule_variants() -> dict[str, tuple[str, dict[str, Any]]]:
 
     Example:
         >>> sorted(schedule_variants())
-        ['dart', 'dart:exact', 'dart:qwen', 'fastv', 'pdrop', 'pdrop:keep_positions', 'vscan']
+        ['dart', 'dart:exact', 'dart:qwen', 'fastv', 'pdrop', 'pdrop:keep_positions', 'vscan', 'vscan:qwen']
     """
     out: dict[str, tuple[str, dict[str, Any]]] = {}
     for name in SCHEDULES.available():

@@ -540,6 +540,20 @@ def pdrop_port(eager, embeds: torch.Tensor, image_start: int, n0: int, layer_lis
     return kept, counts
 
 
+def dart_states(lm, embeds: torch.Tensor, positions: torch.Tensor, K: int, qk) -> tuple[torch.Tensor, torch.Tensor]:
+    """What DART's released code reads before layer ``K`` (one unpadded prompt, as its decoder loop runs): the
+    rotated keys of layer ``K - 1`` (``qk(layer, hidden, cos, sin)[1]``, (1, H_kv, T, d)) and the final norm of
+    layer ``K``'s input (1, T, D)."""
+    hidden = embeds
+    cos, sin = lm.rotary_emb(hidden, positions)
+    for index in range(K):
+        if index == K - 1:
+            key_states = qk(lm.layers[index], hidden, cos, sin)[1]
+        hidden = lm.layers[index](hidden, attention_mask=causal_mask(hidden.shape[1], hidden.dtype),
+                                  position_embeddings=(cos, sin))
+    return key_states, lm.norm(hidden)
+
+
 @torch.no_grad()
 def dart_port(eager, embeds: torch.Tensor, image_start: int, image_length: int, K: int, max_num_trunction: int,
               pivot_image_token: int = 4, pivot_text_token: int = 4) -> set[int]:
@@ -555,17 +569,9 @@ def dart_port(eager, embeds: torch.Tensor, image_start: int, image_length: int, 
     from pyrtok.vlm.decode import language_model
 
     lm = language_model(eager)
-    hidden = embeds
-    positions = torch.arange(embeds.shape[1])[None]
-    cos, sin = lm.rotary_emb(hidden, positions)
-    for index in range(K):
-        if index == K - 1:
-            key_states = rotated_qk(lm.layers[index], hidden, cos, sin)[1]
-        hidden = lm.layers[index](hidden, attention_mask=causal_mask(hidden.shape[1], hidden.dtype),
-                                  position_embeddings=(cos, sin))
-    last_layer_state = lm.norm(hidden)
+    key_states, last_layer_state = dart_states(lm, embeds, torch.arange(embeds.shape[1])[None], K, rotated_qk)
     token_topk = int(max_num_trunction // (pivot_image_token + pivot_text_token))
-    states = key_states.permute(0, 2, 1, 3).reshape(1, hidden.shape[1], -1)
+    states = key_states.permute(0, 2, 1, 3).reshape(1, embeds.shape[1], -1)
     image_norm = torch.norm(states[0][image_start:image_start + image_length], p=1, dim=-1)
     query_norm = torch.norm(states[0][image_start + image_length:], p=1, dim=-1)
     image_indices = (image_norm.topk(pivot_image_token).indices + image_start).tolist()
@@ -737,17 +743,9 @@ def dart_qwen_port(model, processor, image, prompt: str, K: int, reduction_ratio
     from pyrtok.vlm.decode import language_model
 
     embeds, positions, start, length = qwen_prompt(model, processor, image, prompt)
-    lm = language_model(model)
-    hidden = embeds
-    cos, sin = lm.rotary_emb(hidden, positions)
-    for index in range(K):
-        if index == K - 1:
-            key_states = qwen_qk(lm.layers[index], hidden, cos, sin)[1]
-        hidden = lm.layers[index](hidden, attention_mask=causal_mask(hidden.shape[1], hidden.dtype),
-                                  position_embeddings=(cos, sin))
-    last_layer_state = lm.norm(hidden)
+    key_states, last_layer_state = dart_states(language_model(model), embeds, positions, K, qwen_qk)
     token_topk = int(length * (1 - reduction_ratio) / (pivot_image_token + pivot_text_token))
-    states = key_states.permute(0, 2, 1, 3).reshape(1, hidden.shape[1], -1)
+    states = key_states.permute(0, 2, 1, 3).reshape(1, embeds.shape[1], -1)
     image_norm = torch.norm(states[0][start:start + length], p=1, dim=-1)
     query_norm = torch.norm(states[0][start + length:], p=1, dim=-1)
     image_indices = (image_norm.topk(pivot_image_token).indices + start).tolist()
@@ -765,23 +763,32 @@ def dart_qwen_port(model, processor, image, prompt: str, K: int, reduction_ratio
     return indices, length
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
-def test_dart_on_qwen_keeps_what_the_authors_qwen_port_keeps(tmp_path, family):
+def qwen_port_model(folder, family: str, seed: int, kv_heads: int, sizes: tuple[int, int, int, int]):
+    """A tiny ``family`` model (4 layers, hidden 80: 4 heads of 20, ``kv_heads`` key/value heads), its processor, a
+    :class:`PyramidVLM` of it at one level, and the prepared batch of :data:`QWEN_DART_IMAGES` images of sizes
+    ``(w0 + dw * i, h0 - dh * i)`` (``sizes = (w0, dw, h0, dh)``) with the two port questions."""
     from conftest import chat, random_image
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from pyrtok.testing import save_tiny_vlm
     from pyrtok.vlm import PyramidVLM
-    from pyrtok.vlm.schedules import DART
 
-    folder = save_tiny_vlm(family, tmp_path / family, seed=11, text_layers=4, hidden=80,
-                           text_config={"num_attention_heads": 4, "num_key_value_heads": 1})
+    folder = save_tiny_vlm(family, folder / family, seed=seed, text_layers=4, hidden=80,
+                           text_config={"num_attention_heads": 4, "num_key_value_heads": kv_heads})
     model = AutoModelForImageTextToText.from_pretrained(folder).eval()
     processor = AutoProcessor.from_pretrained(folder)
-    images = [random_image(90 + 13 * i, 150 - 11 * i, seed=200 + i) for i in range(QWEN_DART_IMAGES)]
+    w0, dw, h0, dh = sizes
+    images = [random_image(w0 + dw * i, h0 - dh * i, seed=100 * seed + i) for i in range(QWEN_DART_IMAGES)]
     prompts = [chat(processor, PORT_QUESTIONS[i % 2]) for i in range(QWEN_DART_IMAGES)]
     vlm = PyramidVLM(model, processor, levels=1)
-    inputs = vlm.prepare(images, prompts)
+    return model, processor, vlm, images, prompts, vlm.prepare(images, prompts)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_dart_on_qwen_keeps_what_the_authors_qwen_port_keeps(tmp_path, family):
+    from pyrtok.vlm.schedules import DART
+
+    model, processor, vlm, images, prompts, inputs = qwen_port_model(tmp_path, family, 11, 1, (90, 13, 150, 11))
     assert inputs.attention_mask.float().mean() < 1  # prompts and images of different lengths: padded
     # 4 + 2 pivots: the set's own order and its copy's differ (a copy of 5-7 entries is rehashed smaller)
     assert any(list(set(s)) != list(set(s).copy()) for s in ([1, 9, 40, 33, 60, 71], [5, 80, 81, 120, 7, 3]))
@@ -840,21 +847,10 @@ def vscan_qwen_stage_port(model, processor, image, prompt: str, rank_layer: int,
 def test_vscan_stage_on_qwen_keeps_what_the_authors_qwen_code_keeps(tmp_path):
     """The ``qwen`` variant of the ``vscan`` schedule (no rotary in the scores, positions kept, ``int`` counts) on a
     tiny Qwen2.5-VL, two layers and two shares, against the port; the LLaVA rule keeps other tokens there."""
-    from conftest import chat, random_image
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    from pyrtok.testing import save_tiny_vlm
-    from pyrtok.vlm import PyramidVLM
     from pyrtok.vlm.schedules import VScan
 
-    folder = save_tiny_vlm("qwen2_5_vl", tmp_path / "vscan_stage", seed=17, text_layers=4, hidden=80,
-                           text_config={"num_attention_heads": 4, "num_key_value_heads": 2})
-    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
-    processor = AutoProcessor.from_pretrained(folder)
-    images = [random_image(120 + 17 * i, 170 - 9 * i, seed=300 + i) for i in range(QWEN_DART_IMAGES)]
-    prompts = [chat(processor, PORT_QUESTIONS[i % 2]) for i in range(QWEN_DART_IMAGES)]
-    vlm = PyramidVLM(model, processor, levels=1)
-    inputs = vlm.prepare(images, prompts)
+    model, processor, vlm, images, prompts, inputs = qwen_port_model(tmp_path, "qwen2_5_vl", 17, 2,
+                                                                     (120, 17, 170, 9))
     for layer, ratio in ((2, 0.333), (3, 0.5)):
         spec = {"name": "vscan", "layer": layer, **VScan.variants["qwen"], "keep": ratio}
         kept, counts = kept_by_sample(vlm, inputs, spec)

@@ -400,7 +400,8 @@ def qwen_token_merging(image_embeds: torch.Tensor, keep_indices: torch.Tensor, s
     nearest = F.cosine_similarity(others.unsqueeze(1), retained.unsqueeze(0), dim=2).argmax(dim=1)
     merged = retained * scaling
     merged = merged.scatter_add(0, nearest.unsqueeze(-1).expand(-1, D), others)
-    count = torch.zeros(len(retained), dtype=torch.int).scatter_add(0, nearest, torch.ones_like(nearest, dtype=torch.int))
+    count = torch.zeros(len(retained), dtype=torch.int)
+    count = count.scatter_add(0, nearest, torch.ones_like(nearest, dtype=torch.int))
     return merged / (scaling + count.unsqueeze(1))
 
 

@@ -17,6 +17,7 @@ rows at a time, so memory stays at ``chunk x patches`` per head.
 
 from __future__ import annotations
 
+import itertools
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -56,7 +57,7 @@ def received_attention(block: nn.Module, hidden: Tensor, cu_seqlens: Tensor,
     scale = q.shape[-1] ** -0.5
     out = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
     bounds = cu_seqlens.tolist()
-    for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
+    for start, stop in itertools.pairwise(bounds):
         keys = k[:, start:stop]
         for row in range(start, stop, QUERY_CHUNK):
             logits = q[:, row:min(row + QUERY_CHUNK, stop)] @ keys.transpose(1, 2) * scale

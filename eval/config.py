@@ -8,7 +8,7 @@
     batch_size: 32
     models:
       - name: tiny-llava
-        path: embedded                 # a local folder, a hub id, or "embedded" (the shipped model)
+        path: embedded                 # a local folder, a hub id, or a shipped model: "embedded" (= "embedded-llava"), "embedded-qwen"
         prompt: "USER: <image> {question} ASSISTANT:"
         levels: 3                      # pyramid levels; mode: feature (pooled) or image (per level)
         max_new_tokens: 3
@@ -50,6 +50,8 @@ from typing import Any
 
 import yaml
 
+from pyrtok.embedded.models import embedded_model, resolve_model
+
 __all__ = ["COARSE", "AblationConfig", "ModelSpec", "TaskSpec", "check_model_options", "embedded_model", "load_config"]
 
 SOURCES = ("shapes", "local", "hf")
@@ -61,16 +63,6 @@ COARSE = "coarse"
 # PyramidVLM arguments that an ablation sets elsewhere (allocators, budgets, schedules, a model's mode/levels)
 RESERVED_OPTIONS = frozenset({"allocator", "budget", "mode", "levels", "schedule", "encoder", "config"})
 KEYS = ("name", "output", "seed", "batch_size", "models", "allocators", "budgets", "tasks", "schedules")
-
-
-def embedded_model() -> Path:
-    """The folder of the shipped tiny LLaVA (``pyrtok/assets/tiny_llava``)."""
-    import pyrtok
-
-    path = Path(pyrtok.__file__).parent / "assets" / "tiny_llava"
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"the embedded model is missing from {path}; train it with `pyrtok train-vlm`")
-    return path
 
 
 @dataclass
@@ -85,7 +77,7 @@ class ModelSpec:
 
     @property
     def resolved_path(self) -> str:
-        return str(embedded_model()) if self.path == "embedded" else self.path
+        return str(resolve_model(self.path))
 
     def __post_init__(self) -> None:
         if self.prompt is not None and (not isinstance(self.prompt, str) or "{question}" not in self.prompt):

@@ -91,11 +91,11 @@ class PyrtokLMM(lmms):
         from pyrtok.vlm import PyramidVLM
 
         if not isinstance(pretrained, str) or not pretrained:
-            raise ValueError(f"pretrained must be a model folder or hub id, got {pretrained!r}")
-        if pretrained == "embedded":
-            from pyrtok.eval.config import embedded_model
+            raise ValueError(f"pretrained must be a model folder, a hub id or a shipped model's name (embedded, "
+                             f"embedded-llava, embedded-qwen), got {pretrained!r}")
+        from pyrtok.embedded.models import resolve_model
 
-            pretrained = str(embedded_model())
+        pretrained = str(resolve_model(pretrained))
         budget = None if budget is None else _budget(budget)
         self.batch_size = _positive_int(batch_size, "batch_size")
         self.max_new_tokens = _positive_int(max_new_tokens, "max_new_tokens")

@@ -183,3 +183,24 @@ def test_encoder_modes_and_attention_capture(tiny):
         MultiScaleEncoder(model, feature_layer=9)
     with pytest.raises(ValueError, match="mode"):
         MultiScaleEncoder(model, mode="tiles")
+
+
+def test_shipped_models_load_by_name():
+    """``embedded`` / ``embedded-llava`` name the shipped LLaVA wherever a model path is taken; unknown names and
+    missing folders get errors that say what exists and how to make it."""
+    from pyrtok.embedded.models import EMBEDDED_MODELS, embedded_model, resolve_model
+    from pyrtok.eval.config import ModelSpec
+
+    folder = embedded_model()
+    assert resolve_model("embedded") == resolve_model("embedded-llava") == str(folder)
+    assert resolve_model("some/hub-id") == "some/hub-id"
+    assert ModelSpec("m", "embedded").resolved_path == str(folder)
+    vlm = PyramidVLM.from_pretrained("embedded-llava", levels=3)
+    assert type(vlm.model).__name__ == "LlavaForConditionalGeneration"
+    with pytest.raises(ValueError, match=r"embedded model must be one of \['embedded', 'embedded-llava'"):
+        embedded_model("embedded-gpt")
+    for name, (asset, config) in EMBEDDED_MODELS.items():
+        path = folder.parent / asset
+        if not (path / "config.json").is_file():  # a model not shipped in this install says how to make it
+            with pytest.raises(FileNotFoundError, match=f"pyrtok train-vlm --config {config}"):
+                embedded_model(name)

@@ -31,7 +31,8 @@ def _looks_local(path_or_id: str | Path) -> bool:
 
 
 def load_model(path_or_id: str | Path, **model_kwargs: Any) -> tuple[nn.Module, Any]:
-    """The model (in eval mode) and its processor from a folder or a hub id; ``model_kwargs`` go to the model's
+    """The model (in eval mode) and its processor from a folder, a hub id or a shipped model's name
+    (:data:`~pyrtok.embedded.models.EMBEDDED_MODELS`); ``model_kwargs`` go to the model's
     ``from_pretrained`` (e.g. ``dtype``), the hub's among them to the config and processor too.
 
     Raises:
@@ -40,6 +41,9 @@ def load_model(path_or_id: str | Path, **model_kwargs: Any) -> tuple[nn.Module, 
     """
     import transformers
 
+    from pyrtok.embedded.models import resolve_model
+
+    path_or_id = resolve_model(path_or_id)
     if _looks_local(path_or_id) and not Path(path_or_id).expanduser().is_dir():
         raise FileNotFoundError(f"no model folder {str(path_or_id)!r} (a local path; a hub id looks like "
                                 "'owner/name')")

@@ -188,8 +188,9 @@ def test_encoder_modes_and_attention_capture(tiny):
 def test_shipped_models_load_by_name():
     """``embedded`` / ``embedded-llava`` name the shipped LLaVA wherever a model path is taken; unknown names and
     missing folders get errors that say what exists and how to make it."""
-    from pyrtok.embedded.models import EMBEDDED_MODELS, embedded_model, resolve_model
     from pyrtok.eval.config import ModelSpec
+
+    from pyrtok.embedded.models import EMBEDDED_MODELS, embedded_model, resolve_model
 
     folder = embedded_model()
     assert resolve_model("embedded") == resolve_model("embedded-llava") == str(folder)

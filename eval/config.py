@@ -8,7 +8,7 @@
     batch_size: 32
     models:
       - name: tiny-llava
-        path: embedded                 # a folder, a hub id, or a shipped model: embedded (= embedded-llava), embedded-qwen
+        path: embedded                 # a folder, a hub id, or a shipped model: embedded, embedded-qwen
         prompt: "USER: <image> {question} ASSISTANT:"
         levels: 3                      # pyramid levels; mode: feature (pooled) or image (per level)
         max_new_tokens: 3

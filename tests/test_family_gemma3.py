@@ -177,3 +177,93 @@ def test_the_runner_and_the_plugin_run_the_family(tmp_path):
     new = model.generate(**inputs, max_new_tokens=3, do_sample=False)[0, inputs["input_ids"].shape[1]:]
     assert result.text == processor.tokenizer.decode(new, skip_special_tokens=True).strip()
     assert lm.kept_tokens[("t", "test", 0)] == 16
+
+
+# -- pan-and-scan crops ----------------------------------------------------------------------------------------
+
+WIDE, TALL, THREE, SQUARE = (600, 300), (280, 700), (900, 280), (300, 290)  # 2, 2, 3 and no crops
+
+
+def test_pan_and_scan_at_full_budget_is_the_processors_crops(gemma):
+    """With ``pan_and_scan=True`` every view the processor makes (the original, then 2-3 crops) reaches the model
+    as the processor lays it out, two images per prompt, landscape and portrait: the same ids and logits."""
+    model, processor = gemma
+    vlm = PyramidVLM(model, processor, allocator="all", pan_and_scan=True)
+    for sizes in ((WIDE, TALL), (THREE, SQUARE)):
+        images = [random_image(*size, seed=sum(size)) for size in sizes]
+        prompt = chat(processor, images=2)
+        expected = processor(text=[prompt], images=images, do_pan_and_scan=True, return_tensors="pt")
+        assert expected["pixel_values"].shape[0] == {(WIDE, TALL): 6, (THREE, SQUARE): 5}[sizes]
+        inputs = vlm.prepare([images], [prompt])
+        assert inputs.input_ids[0].tolist() == expected["input_ids"][0].tolist()
+        with torch.no_grad():
+            reference = model(**expected).logits
+            ours = model(**inputs.model_inputs()).logits
+        assert (ours - reference).abs().max().item() <= 1e-5
+    tokens = vlm.encode([random_image(*WIDE, seed=1)]).tokens
+    assert tokens.level_shapes == ((4, 8), (4, 4)) and tokens.image_size == (64, 128)  # crops canvas, original
+
+
+@pytest.mark.parametrize("kept", [[0, 3, 16, 17, 30], None], ids=["two-crops-empty", "random-20"])
+def test_pan_and_scan_prunes_across_views_under_one_budget(gemma, kept):
+    """A pruned image keeps its tokens from every view under one budget; the prompt has one run per view (the
+    original, each crop) holding that view's kept tokens, empty runs included, each its own bidirectional
+    block: the model's own forward on that prompt with those soft tokens (from ``get_image_features`` on the
+    processor's crops) gives the same logits."""
+    model, processor = gemma
+    image = random_image(*THREE, seed=9)
+    budget = 20 if kept is None else len(kept)
+    vlm = PyramidVLM(model, processor, allocator="random", budget=budget, pan_and_scan=True)
+    encoded = vlm.encode([image])
+    if kept is None:
+        (selection,) = vlm.select(encoded, budget, generator=torch.Generator().manual_seed(7))
+    else:
+        mask = torch.zeros(1, encoded.tokens.num_tokens, dtype=torch.bool)
+        mask[0, kept] = True
+        selection = TokenSelection.from_keep_mask(mask)
+    with torch.no_grad():
+        ours = vlm([image], [chat(processor)], selections=[selection], encoded=encoded).logits
+    # the reference: canonical index -> (view, soft token) from the layout alone: the original's 4 x 4 grid
+    # first, then the 4 x 12 canvas of three crops, raster order
+    pixel_values = processor(text=[chat(processor)], images=[image], do_pan_and_scan=True,
+                             return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        soft = model.model.get_image_features(pixel_values=pixel_values, return_dict=True).pooler_output  # (4, 16, D)
+    picks: list[list[int]] = [[], [], [], []]
+    for k in selection.index[0, : int(selection.count[0])].tolist():
+        if k < 16:
+            picks[0].append(k)
+        else:
+            row, col = divmod(k - 16, 12)
+            picks[1 + col // 4].append(row * 4 + col % 4)
+    assert sum(map(len, picks)) == budget
+    assert [len(p) for p in picks] == [2, 3, 0, 0] if kept else all(picks)
+    features = torch.cat([soft[v][sorted(p)] for v, p in enumerate(picks)])
+    tokenizer = processor.tokenizer
+    run = [f"\n\n{tokenizer.boi_token}{tokenizer.image_token * len(p)}{tokenizer.eoi_token}\n\n" for p in picks]
+    text = (f"Here is the original image {run[0]} and here are some crops to help you see better "
+            + " ".join(run[1:]))
+    ids = tokenizer(chat(processor).replace(tokenizer.boi_token, text), return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        reference = model(input_ids=ids, token_type_ids=(ids == model.config.image_token_index).long(),
+                          mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=features)}).logits
+    assert ours.shape == reference.shape and (ours - reference).abs().max().item() <= 1e-5
+
+
+def test_pan_and_scan_levels_stay_inside_a_crop_and_options_are_checked(gemma):
+    model, processor = gemma
+    vlm = PyramidVLM(model, processor, allocator="laplacian", budget=12, levels=3, pan_and_scan=True)
+    tokens = vlm.encode([random_image(*WIDE, seed=2)]).tokens
+    assert tokens.level_shapes == ((4, 8), (2, 4), (1, 2), (4, 4))  # each pooled cell inside one crop
+    out = vlm.generate([random_image(*TALL, seed=3)], [chat(processor)], max_new_tokens=2)
+    assert out.counts.tolist() == [12]
+    # the scheduled loop builds one bidirectional block per view's run, as the model does
+    scheduled = PyramidVLM(model, processor, allocator="laplacian", budget=12, levels=3, pan_and_scan=True,
+                           schedule={"name": "fastv", "layer": 2, "keep": 1.0})
+    images, prompts = [random_image(*WIDE, seed=4)], [chat(processor)]
+    with torch.no_grad():
+        assert (scheduled(images, prompts).logits - vlm(images, prompts).logits).abs().max().item() <= 1e-5
+    with pytest.raises(ValueError, match="at most 3 levels, got 4"):
+        PyramidVLM(model, processor, levels=4, pan_and_scan=True)
+    with pytest.raises(ValueError, match="pan_and_scan must be True or False"):
+        PyramidVLM(model, processor, pan_and_scan="yes")

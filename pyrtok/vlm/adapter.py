@@ -121,7 +121,7 @@ class PyramidVLM(nn.Module):
             :meth:`encode_query` embeds questions in it. None (default): the allocator gets the queries it is
             given, compared with the tokens' features.
         family_options: options of the family (Qwen: ``coarse_positions``; LLaVA-NeXT: ``newlines``,
-            ``lazy_tiles``; InternVL: ``lazy_tiles``).
+            ``lazy_tiles``; InternVL: ``lazy_tiles``; Gemma 3: ``pan_and_scan``).
 
     Example (the embedded model; real ones come the same way from a folder or a hub id)::
 
@@ -331,18 +331,21 @@ class PyramidVLM(nn.Module):
         features: list[Tensor | None] = [None] * len(encoded.owner)
         extras: list[dict[str, Any]] = [{} for _ in encoded.owner]
         positions: list[Any] = [None] * len(encoded.owner)
+        views: list[list[int] | None] = [None] * len(encoded.owner)
         for (members, group), chosen in zip(encoded.groups, selections, strict=True):
             kept, more = self.family.kept_features(group, chosen)
             for g, i in enumerate(members):
                 features[i], extras[i] = kept[g], {k: v[g] for k, v in more.items()}
                 merged = None if chosen.merged is None else chosen.merged.boxes[g, : int(chosen.merged.count[g])]
-                positions[i] = self.family.image_positions(group.tokens, chosen.index[g, : int(chosen.count[g])],
-                                                           merged)
+                index = chosen.index[g, : int(chosen.count[g])]
+                positions[i] = self.family.image_positions(group.tokens, index, merged)
+                views[i] = self.family.image_views(group.tokens, index, 0 if merged is None else len(merged))
         per_sample_images = [[i for i, o in enumerate(encoded.owner) if o == b] for b in range(encoded.num_samples)]
         image_counts = [[int(features[i].shape[0]) for i in images_of] for images_of in per_sample_images]
         input_ids, attention_mask = prompting.expand(self.tokenizer, self.family.marker_id, self.image_token,
                                                      prompts, image_counts, self.device, self.family.image_run,
-                                                     self.family.image_text)
+                                                     self.family.image_text,
+                                                     [[views[i] for i in images_of] for images_of in per_sample_images])
         position_ids = self.family.position_ids(input_ids, attention_mask,
                                                 [[positions[i] for i in images_of] for images_of in per_sample_images])
         outputs = None

@@ -49,10 +49,12 @@ def check_prompt(tokenizer: Any, marker: int, marker_text: str, prompt: str, ima
 
 def expand(tokenizer: Any, marker: int, marker_text: str, prompts: Sequence[str], placeholders: list[list[int]],
            device: torch.device, run: Callable[[int], list[int]] | None = None,
-           text: Callable[[int], str | None] | None = None) -> tuple[Tensor, Tensor]:
+           text: Callable[[int, Any], str | None] | None = None,
+           views: list[list[Any]] | None = None) -> tuple[Tensor, Tensor]:
     """Tokenise ``prompts``, expanding image marker j of prompt b to ``run(placeholders[b][j])`` (by default
     ``placeholders[b][j]`` copies of the marker), or, where ``text`` gives one, replacing the marker's text with
-    ``text(placeholders[b][j])`` before tokenising (as processors that expand it as text do); left-pad.
+    ``text(placeholders[b][j], views[b][j])`` before tokenising (as processors that expand it as text do;
+    ``views``: per image, how its placeholders split over the views it is shown as, or None); left-pad.
 
     Returns:
         input_ids, attention_mask: (B, T).
@@ -61,7 +63,9 @@ def expand(tokenizer: Any, marker: int, marker_text: str, prompts: Sequence[str]
     for b, prompt in enumerate(prompts):
         if not isinstance(prompt, str):
             raise TypeError(f"prompts[{b}] must be a str, got {type(prompt).__name__}")
-        runs = [None if text is None else text(count) for count in placeholders[b]]
+        split = views[b] if views is not None else [None] * len(placeholders[b])
+        runs = [None if text is None else text(count, parts)
+                for count, parts in zip(placeholders[b], split, strict=True)]
         if runs and all(r is not None for r in runs):
             pieces = prompt.split(marker_text)
             if len(pieces) != len(runs) + 1:

@@ -103,10 +103,17 @@ class Family:
         ``<start_of_image>``, which the processor expands around the placeholders)."""
         return self.image_token_id
 
-    def image_text(self, count: int) -> str | None:
+    def image_text(self, count: int, views: list[int] | None = None) -> str | None:
         """The text one image of ``count`` placeholders becomes in the prompt, for families whose processor
         expands the marker as text (Gemma 3: blank lines around it, which merge with the prompt's own newlines);
-        None (default): the marker is expanded token by token (:meth:`image_run`)."""
+        ``views``: :meth:`image_views` of the image. None (default): the marker is expanded token by token
+        (:meth:`image_run`)."""
+        return None
+
+    def image_views(self, tokens: MultiScaleTokens, index: Tensor, merged: int = 0) -> list[int] | None:
+        """How one image's placeholders split over the views the prompt shows it as (Gemma 3's pan-and-scan: the
+        original, then each crop, each its own run), for kept tokens ``index`` (K,) and ``merged`` merged
+        tokens; None (default) where an image is one run."""
         return None
 
     def model_inputs(self, input_ids: Tensor, attention_mask: Tensor) -> dict[str, Tensor]:

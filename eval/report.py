@@ -137,6 +137,41 @@ def summarize(rows: Sequence[dict], metrics: dict[str, str]) -> tuple[list[Summa
     return table, categories
 
 
+def model_agreement(table: Sequence[Summary]) -> list[dict[str, Any]]:
+    """How far each pair of models agrees on the order of the allocators: one entry per (model pair, budget
+    fraction below 1, task) with ``n`` (the allocators both ran at that fraction), Spearman's ``rho`` and Kendall's
+    ``tau`` (tau-b) of their headline values (NaN with fewer than 3 allocators or a constant column).
+
+    Allocators are matched by name and fraction (rounded to 3 decimals), so an in-LLM schedule's rows (named
+    ``allocator + schedule``) pair up across models too.
+    """
+    from itertools import combinations
+
+    from scipy.stats import kendalltau, spearmanr
+
+    values: dict[tuple[str, float, str], dict[str, float]] = {}
+    for row in table:
+        fraction = round(float(row["fraction"]), 3)
+        if fraction >= 1.0:
+            continue
+        for task, value in row["tasks"].items():
+            values.setdefault((row["model"], fraction, task), {})[row["allocator"]] = value
+    models = sorted({model for model, _, _ in values})
+    out = []
+    for a, b in combinations(models, 2):
+        for fraction, task in sorted({(f, t) for m, f, t in values if m == a} & {(f, t) for m, f, t in values
+                                                                                  if m == b}):
+            left, right = values[(a, fraction, task)], values[(b, fraction, task)]
+            names = sorted(set(left) & set(right))
+            x, y = [left[n] for n in names], [right[n] for n in names]
+            usable = len(names) >= 3 and len(set(x)) > 1 and len(set(y)) > 1
+            rho = float(spearmanr(x, y).statistic) if usable else float("nan")
+            tau = float(kendalltau(x, y).statistic) if usable else float("nan")
+            out.append({"models": (a, b), "fraction": fraction, "task": task, "n": len(names), "rho": rho,
+                        "tau": tau})
+    return out
+
+
 def _fmt(value: float, digits: int = 1) -> str:
     return "-" if value != value else f"{value:.{digits}f}"  # NaN -> "-"
 
@@ -161,7 +196,17 @@ def _markdown(table: list[Summary], categories: list[Summary], tasks: list[str])
         lines += ["", f"{failures} rows got no answer (`failed`: an unreadable image, a failed batch; each row's "
                   "`error` in `rows/` names the file or the cause). The task columns count them as wrong answers, the "
                   "`answered` columns leave them out. Once the cause is fixed, rerun with `--resume --retry-errors`."]
-    out = ["# Token-budget ablation", "", *lines, "", "## Per category", ""]
+    out = ["# Token-budget ablation", "", *lines, ""]
+    agreement = model_agreement(table)
+    if agreement:
+        out += ["## Do the models agree on the order?", "",
+                "Rank correlation of the allocators' scores between two models at one budget (Spearman's rho, "
+                "Kendall's tau; 1: the same order, 0: unrelated, -1: reversed).", "",
+                "| models | budget | task | allocators | Spearman rho | Kendall tau |", "|---|---|---|---|---|---|"]
+        out += [f"| {a} / {b} | {100 * e['fraction']:.0f}% | {e['task']} | {e['n']} | {_fmt(e['rho'], 2)} | "
+                f"{_fmt(e['tau'], 2)} |" for e in agreement for a, b in [e["models"]]]
+        out.append("")
+    out += ["## Per category", ""]
     for (model, task), group in _group(categories, "model", "task").items():
         names = sorted({c["category"] for c in group})
         out += [f"### {model} / {task}", "", "| allocator | tokens | " + " | ".join(names) + " |",
@@ -320,8 +365,9 @@ def _plots(table: list[Summary], tasks: list[str], output: Path) -> list[Path]:
 
 
 def write_report(rows: Sequence[dict], metrics: dict[str, str], output: str | Path) -> dict[str, Path]:
-    """Write ``report.md``, ``table.csv``, ``categories.csv`` and the plots (``accuracy_vs_budget.png``,
-    ``accuracy_vs_latency.png``, ``accuracy_vs_flops.png``) under ``output``."""
+    """Write ``report.md``, ``table.csv``, ``categories.csv``, with several models ``agreement.csv``
+    (:func:`model_agreement`), and the plots (``accuracy_vs_budget.png``, ``accuracy_vs_latency.png``,
+    ``accuracy_vs_flops.png``) under ``output``."""
     output = Path(output)
     if not rows:
         raise ValueError("rows is empty: there is nothing to report")
@@ -339,5 +385,10 @@ def write_report(rows: Sequence[dict], metrics: dict[str, str], output: str | Pa
                                 *(f"{t}_answered" for t in tasks), "retention", "prefill_ms", "time_ms", "tflops",
                                 "vision_tflops", "errors", "failed"])
     _csv(paths["categories"], categories, ["model", "allocator", "budget", "task", "category", "value", "n"])
+    agreement = model_agreement(table)
+    if agreement:
+        paths["agreement"] = output / "agreement.csv"
+        _csv(paths["agreement"], [{**e, "model_a": e["models"][0], "model_b": e["models"][1]} for e in agreement],
+             ["model_a", "model_b", "fraction", "task", "n", "rho", "tau"])
     paths["budget_plot"], paths["latency_plot"], paths["flops_plot"] = _plots(table, tasks, output)
     return paths

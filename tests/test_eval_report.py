@@ -176,3 +176,33 @@ def test_budget_plot_places_an_allocator_at_the_share_it_kept():
     assert kept["laplacian"] == pytest.approx([100 * b / FULL for b in budgets])
     assert kept["difficulty"] == pytest.approx([100 * (b // 2) / FULL for b in budgets])
     plt.close(fig)
+
+
+def test_two_models_get_their_agreement_on_the_order(tmp_path):
+    """Two models whose allocators score in the same order (rho = tau = 1), then in the reverse order (-1), at one
+    budget; the report prints it and writes agreement.csv; one model alone gets no such section."""
+    from pyrtok.eval.report import model_agreement
+
+    def rows(order):
+        out = []
+        for model, ranks in (("a", order[0]), ("b", order[1])):
+            full = {"model": model, "allocator": "all", "budget": FULL, "task": "shapes", "id": "0",
+                    "category": "x", "prediction": "p", "answers": ["p"], "score": 1.0, "tokens": FULL,
+                    "fraction": 1.0, "time_s": 0.1, "prefill_s": 0.01, "tflops": 1e-3, "error": None}
+            out.append(full)
+            for allocator, rank in zip(["random", "pool", "laplacian", "divprune"], ranks, strict=True):
+                for i in range(4):  # rank r: r of 4 answers right
+                    out.append({**full, "allocator": allocator, "budget": 29, "tokens": 29, "fraction": 0.11,
+                                "id": str(i), "score": float(i < rank)})
+        return out
+
+    same = model_agreement(summarize(rows(([1, 2, 3, 4], [1, 2, 3, 4])), {"shapes": "exact"})[0])
+    assert [(e["models"], e["fraction"], e["n"], round(e["rho"], 6), round(e["tau"], 6)) for e in same] == \
+        [(("a", "b"), 0.11, 4, 1.0, 1.0)]
+    (reverse,) = model_agreement(summarize(rows(([1, 2, 3, 4], [4, 3, 2, 1])), {"shapes": "exact"})[0])
+    assert round(reverse["rho"], 6) == round(reverse["tau"], 6) == -1.0
+    paths = write_report(rows(([1, 2, 3, 4], [4, 3, 2, 1])), {"shapes": "exact"}, tmp_path / "two")
+    assert "Do the models agree on the order?" in paths["report"].read_text()
+    assert paths["agreement"].read_text().splitlines()[1].startswith("a,b,0.11,shapes,4,-1.0,-1.0")
+    one = write_report(rows_for(), {"shapes": "exact"}, tmp_path / "one")
+    assert "agreement" not in one and "agree on the order" not in one["report"].read_text()

@@ -169,12 +169,13 @@ def test_qwen_export_loads_with_pyramidvlm_and_transformers_and_equals_the_unwra
     assert type(PyramidVLM.from_pretrained(straight / "model", levels=2).processor).__name__ == "Qwen2_5_VLProcessor"
 
 
-def test_shipped_qwen_config_is_a_deeper_qwen_with_the_llava_token_pyramid_and_recipe():
+def test_shipped_qwen_config_is_a_deeper_qwen_at_native_resolution_with_the_llava_recipe():
     config = load_config(EMBEDDED / "tiny_qwen.yaml")
     fair = load_config(EMBEDDED / "tiny_llava_fair.yaml")
     m = config["model"]
     assert m["architecture"] == "qwen2_5_vl" and m["text_layers"] >= 8
-    assert num_tokens(config) == num_tokens(fair) == 196 + 49 + 16 and target_patch(config) == 16
+    # native resolution: a 224 px scene is 16 x 16 patches, 8 x 8 merged tokens of 28 px (the LLaVA's 16 px: 261)
+    assert num_tokens(config) == 64 + 16 + 4 and num_tokens(fair) == 196 + 49 + 16 and target_patch(config) == 28
     # the recipe is the fair model's: the policy-neutral mix, stock prompt words and wordings, the [CLS]-role head
     for section, key in (("allocation", "allocators"), ("allocation", "mix"), ("allocation", "min_fraction"),
                          ("allocation", "full_probability"), ("train", "wording"), ("train", "batch_size"),
@@ -186,7 +187,7 @@ def test_shipped_qwen_config_is_a_deeper_qwen_with_the_llava_token_pyramid_and_r
     model, processor = build(config)
     size = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
     assert size <= 15e6
-    scene = make_scene(0, "test", 0).image  # 224 px -> 392 px: 28 x 28 patches, 14 x 14 merged tokens
+    scene = make_scene(0, "test", 0).image  # 224 px as it is: 16 x 16 patches, 8 x 8 merged tokens
     inputs = processor(images=[scene], text=[PyramidVLM(model, processor).chat_prompt("what?")], return_tensors="pt")
-    assert inputs["image_grid_thw"].tolist() == [[1, 28, 28]]
-    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 196
+    assert inputs["image_grid_thw"].tolist() == [[1, 16, 16]]
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 64

@@ -128,6 +128,9 @@ class MultiScaleTokens:
         aligned: optional (B, N, D_q) every token in the space of the text queries (CLIP's joint image-text
             space, or the language model's input embeddings), set where a query encoder is attached
             (:mod:`pyrtok.vlm.query`); query relevance compares the query with these, else with ``features``.
+        received: True where ``attention`` and ``early_attention`` are the attention each token receives (towers
+            without [CLS]: Qwen-VL), False where they are [CLS]'s; methods whose authors scan the two differently
+            (VScan) read it.
     """
 
     features: Tensor
@@ -143,6 +146,7 @@ class MultiScaleTokens:
     keys: Tensor | None = None
     early_attention: Tensor | None = None
     aligned: Tensor | None = None
+    received: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.features, Tensor) or self.features.dim() != 3:
@@ -423,6 +427,7 @@ def from_feature_grid(
     embeddings: Tensor | None = None,
     keys: Tensor | None = None,
     early_attention: Tensor | None = None,
+    received: bool = False,
 ) -> MultiScaleTokens:
     """Build a token pyramid from one patch grid by repeated 2x2 average pooling.
 
@@ -439,6 +444,7 @@ def from_feature_grid(
             ``features`` itself gives tokens whose embeddings are their features (no second copy).
         keys: optional (B, h, w, D_k) attention keys of the patches (heads averaged), pooled like the features.
         early_attention: optional (B, h, w) [CLS] attention of an early tower layer, pooled like ``attention``.
+        received: whether the two attentions are the attention each patch receives (see the attribute).
 
     Returns:
         :class:`MultiScaleTokens` with N = sum of the level grid sizes.
@@ -497,4 +503,4 @@ def from_feature_grid(
         cls = rearrange(cls, "b d -> b 1 d")
     return MultiScaleTokens(flat, **layout, level_shapes=level_shapes, image_size=tuple(image_size),
                             cls=cls, attention=flat_attention, embeddings=flat_embeddings, keys=flat_keys,
-                            early_attention=flat_early)
+                            early_attention=flat_early, received=received)

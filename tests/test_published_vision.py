@@ -323,16 +323,18 @@ def test_vscan_windows_and_options():
     g = torch.Generator().manual_seed(3)
     tokens = from_feature_grid(torch.randn(2, 10, 10, 6, generator=g), 2, attention=torch.rand(2, 10, 10, generator=g),
                                early_attention=torch.rand(2, 10, 10, generator=g))
-    allocator = allocators.create("vscan", scan="windows")
+    allocator = allocators.create("vscan")
     selection = allocator(tokens, torch.tensor([64, 20]))
     # 64: 32 local -> 2 per window (16 windows) + 32 global; 20: 10 local -> 0 per window + 10 global
     assert selection.count.tolist() == [64, 10]
     full = allocator(tokens, tokens.num_tokens)  # every token kept, nothing merged
     assert full.count.tolist() == [tokens.num_tokens] * 2
-    # without [CLS] the default is the Qwen code's capped scan: the budget exactly, half of it local
-    capped = allocators.create("vscan")(tokens, torch.tensor([64, 20]))
-    assert capped.count.tolist() == [64, 20]
-    assert allocators.create("vscan").scan_for(tokens) == "capped"
+    # on received attention (Qwen towers) the default is the Qwen code's capped scan: the budget exactly
+    received = from_feature_grid(torch.randn(2, 10, 10, 6, generator=g), 2, received=True,
+                                 attention=torch.rand(2, 10, 10, generator=g))
+    assert allocators.create("vscan").scan_for(received) == "capped"
+    assert allocators.create("vscan").scan_for(tokens) == "windows"
+    assert allocators.create("vscan")(received, torch.tensor([64, 20])).count.tolist() == [64, 20]
     for bad, match in (({"local": 1.5}, "local must be"), ({"windows": 0}, "windows must be"),
                        ({"merge": "yes"}, "merge must be a bool"), ({"scan": "grid"}, "scan must be one of"),
                        ({"window_size": 0}, "window_size must be")):

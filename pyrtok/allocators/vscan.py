@@ -22,7 +22,8 @@ of 16 (the published 96, 192, 288) and fewer otherwise; ``selection.count`` repo
 
 On towers without [CLS] (Qwen-VL) the authors' own Qwen2.5-VL code (``VScan/qwen/model/qwen2_5_vl_custom.py``,
 ``Qwen2_5_VLForConditionalGeneration_X.forward``; ``qwen2_5_vl_utils.py``: ``window_selection``,
-``token_merging``) runs, the ``capped`` scan (``scan="auto"`` picks it where the tokens carry no [CLS]):
+``token_merging``) runs, the ``capped`` scan (``scan="auto"`` picks it where the tokens' attention is the
+attention they receive, ``tokens.received``):
 
 - the scores are the attention each merged token receives in the tower's first full-attention block (local) and
   its last block (global), the ``early_attention`` and ``attention`` the Qwen family fills;
@@ -137,7 +138,8 @@ class VScanTokens(Allocator):
         merge: merge the dropped tokens into the kept ones (default True, as released).
         scan: ``"windows"`` (the LLaVA code: each of ``windows`` x ``windows`` windows keeps its top k),
             ``"capped"`` (the Qwen code: a capped greedy scan over windows of ``window_size`` tokens, the budget
-            kept exactly) or ``"auto"`` (default: ``capped`` where the tokens carry no [CLS], else ``windows``).
+            kept exactly) or ``"auto"`` (default: ``capped`` where the tokens' attention is the attention they
+            receive, ``tokens.received``, as on Qwen towers; else ``windows``).
         window_size: the side, in tokens, of the ``capped`` scan's windows (default 4, as released).
 
     Example:
@@ -145,10 +147,10 @@ class VScanTokens(Allocator):
         >>> g = torch.Generator().manual_seed(0)
         >>> tokens = from_feature_grid(torch.randn(1, 8, 8, 4, generator=g), 1,
         ...                            attention=torch.rand(1, 8, 8, generator=g))
-        >>> selection = VScanTokens(scan="windows")(tokens, 12)  # local: int(12 / 2) // 16 = 0 per window
+        >>> selection = VScanTokens()(tokens, 12)  # local: int(12 / 2) // 16 = 0 per window
         >>> int(selection.count[0]), selection.kept_embeddings.shape  # global: 6
         (6, torch.Size([1, 6, 4]))
-        >>> int(VScanTokens()(tokens, 12).count[0])  # no [CLS]: the Qwen code's scan keeps the budget
+        >>> int(VScanTokens(scan="capped")(tokens, 12).count[0])  # the Qwen code's scan keeps the budget
         12
     """
 
@@ -177,7 +179,7 @@ class VScanTokens(Allocator):
         """The local scan these tokens get: ``capped`` (the Qwen code) or ``windows`` (the LLaVA code)."""
         if self.scan != "auto":
             return self.scan
-        return "windows" if tokens.cls is not None else "capped"
+        return "capped" if tokens.received else "windows"
 
     def reads(self, ctx: Context) -> tuple[str, ...]:
         return ("attention", "features") if self.merge else ("attention",)

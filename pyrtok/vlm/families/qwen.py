@@ -153,7 +153,7 @@ class QwenVLFamily(Family):
             merged, deep, received = self._tower(pixels)
             # the merged tokens are the language model's inputs: they are their own embeddings
             tokens = from_feature_grid(merged, self.levels, image_size=(height, width), embeddings=merged,
-                                       **received)
+                                       received=True, **received)
             extras = {}
             if deep:
                 pooled = [from_feature_grid(d, self.levels, image_size=(height, width)).features for d in deep]
@@ -184,7 +184,7 @@ class QwenVLFamily(Family):
                                      dim=1)
                      for name in ("attention", "early_attention")}
         tokens = MultiScaleTokens(features, **layout, level_shapes=level_shapes, image_size=(height, width),
-                                  embeddings=features, **attention)
+                                  embeddings=features, received=True, **attention)
         extras = {}
         if deeps[0]:
             per_layer = [torch.cat([rearrange(d[k], "b h w d -> b (h w) d") for d in reversed(deeps)], dim=1)

@@ -32,9 +32,8 @@ block. An image below the threshold is one view, as without pan-and-scan.
 
 from __future__ import annotations
 
-from typing import Any
-
 import numbers
+from typing import Any
 
 import torch
 import torch.nn.functional as F

@@ -103,6 +103,7 @@ def summarize(rows: Sequence[dict], metrics: dict[str, str]) -> tuple[list[Summa
         metric = get_metric(metrics[task])
         value = metric.summarize(group)[metric.main]
         cell = cells.setdefault((model, allocator, budget), {"model": model, "allocator": allocator, "budget": budget,
+                                                             "requested": group[0].get("requested"),
                                                              "tasks": {}, "answered": {}, "rows": []})
         cell["tasks"][task] = value
         answered = [r for r in group if not failed(r)]
@@ -138,12 +139,14 @@ def summarize(rows: Sequence[dict], metrics: dict[str, str]) -> tuple[list[Summa
 
 
 def model_agreement(table: Sequence[Summary]) -> list[dict[str, Any]]:
-    """How far each pair of models agrees on the order of the allocators: one entry per (model pair, budget
-    fraction below 1, task) with ``n`` (the allocators both ran at that fraction), Spearman's ``rho`` and Kendall's
-    ``tau`` (tau-b) of their headline values (NaN with fewer than 3 allocators or a constant column).
+    """How far each pair of models agrees on the order of the allocators: one entry per (model pair, budget below
+    full, task) with ``n`` (the allocators both ran at that budget), Spearman's ``rho`` and Kendall's ``tau``
+    (tau-b) of their headline values (NaN with fewer than 3 allocators or a constant column).
 
-    Allocators are matched by name and fraction (rounded to 3 decimals), so an in-LLM schedule's rows (named
-    ``allocator + schedule``) pair up across models too.
+    Cells line up on the config's budget entry they stand for (``requested``: 0.11 is 29 of the LLaVA's 261
+    tokens and 10 of another model's 84), or, in rows of runs that did not record it, on the fraction kept
+    (rounded to 3 decimals); allocators match by name, so an in-LLM schedule's rows (``allocator+schedule``)
+    pair up across models too. ``fraction`` in each entry is the budget entry.
     """
     from itertools import combinations
 
@@ -151,8 +154,9 @@ def model_agreement(table: Sequence[Summary]) -> list[dict[str, Any]]:
 
     values: dict[tuple[str, float, str], dict[str, float]] = {}
     for row in table:
-        fraction = round(float(row["fraction"]), 3)
-        if fraction >= 1.0:
+        requested = row.get("requested")
+        fraction = round(float(requested if requested is not None else row["fraction"]), 3)
+        if fraction >= 1.0 or row["allocator"] == "all":
             continue
         for task, value in row["tasks"].items():
             values.setdefault((row["model"], fraction, task), {})[row["allocator"]] = value
@@ -176,7 +180,8 @@ def _fmt(value: float, digits: int = 1) -> str:
     return "-" if value != value else f"{value:.{digits}f}"  # NaN -> "-"
 
 
-def _markdown(table: list[Summary], categories: list[Summary], tasks: list[str]) -> str:
+def _markdown(table: list[Summary], categories: list[Summary], tasks: list[str],
+              agreement: list[dict[str, Any]] | None = None) -> str:
     # only a run with failed rows gets the answered-only columns: elsewhere they would repeat the headline
     failures = sum(row["failed"] for row in table)
     answered = [f"{t} answered" for t in tasks] if failures else []
@@ -197,7 +202,6 @@ def _markdown(table: list[Summary], categories: list[Summary], tasks: list[str])
                   "`error` in `rows/` names the file or the cause). The task columns count them as wrong answers, the "
                   "`answered` columns leave them out. Once the cause is fixed, rerun with `--resume --retry-errors`."]
     out = ["# Token-budget ablation", "", *lines, ""]
-    agreement = model_agreement(table)
     if agreement:
         out += ["## Do the models agree on the order?", "",
                 "Rank correlation of the allocators' scores between two models at one budget (Spearman's rho, "
@@ -375,7 +379,8 @@ def write_report(rows: Sequence[dict], metrics: dict[str, str], output: str | Pa
     table, categories = summarize(rows, metrics)
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     paths = {"report": output / "report.md", "table": output / "table.csv", "categories": output / "categories.csv"}
-    _atomic_write(paths["report"], _markdown(table, categories, tasks))
+    agreement = model_agreement(table)
+    _atomic_write(paths["report"], _markdown(table, categories, tasks, agreement))
     flat = [{**{k: v for k, v in r.items() if k not in ("tasks", "answered")}, **r["tasks"],
              **{f"{t}_answered": v for t, v in r["answered"].items()}} for r in table]
     for r in flat:  # rows of runs that did not record it: "-", as in report.md
@@ -385,7 +390,6 @@ def write_report(rows: Sequence[dict], metrics: dict[str, str], output: str | Pa
                                 *(f"{t}_answered" for t in tasks), "retention", "prefill_ms", "time_ms", "tflops",
                                 "vision_tflops", "errors", "failed"])
     _csv(paths["categories"], categories, ["model", "allocator", "budget", "task", "category", "value", "n"])
-    agreement = model_agreement(table)
     if agreement:
         paths["agreement"] = output / "agreement.csv"
         _csv(paths["agreement"], [{**e, "model_a": e["models"][0], "model_b": e["models"][1]} for e in agreement],

@@ -62,6 +62,8 @@ class Cell:
     fraction: float
     spec: str
     schedule: str | None = None  # a key of the config's ``schedule_specs``: in-LLM dropping after the allocator
+    # the config's budget entry the cell stands for (tables of several models line up on it); not part of the key
+    requested: int | float | None = field(default=None, compare=False)
 
     @property
     def selection_key(self) -> str:
@@ -106,9 +108,10 @@ def load_model(spec: ModelSpec, allocators: dict[str, Any], device: torch.device
             raise
         raise type(error)(f"models[{spec.name}].options = {spec.options!r}: {error}") from None
     n = None
-    if first.family.fixed_resolution:  # every image is resized to the tower's square: one token count
+    probe = next(iter(vlms.values()))  # with the spec's options (Gemma 3's pan-and-scan varies the count)
+    if probe.family.fixed_resolution:  # every image is resized to the tower's square: one token count
         with torch.no_grad():
-            n = first.encode(torch.zeros(1, 3, 32, 32, device=device)).tokens.num_tokens
+            n = probe.encode(torch.zeros(1, 3, 32, 32, device=device)).tokens.num_tokens
     loaded = LoadedModel(spec, vlms, n)
     first.check_prompt(_prompt(loaded, "what is shown?"), argument=f"models[{spec.name}].prompt")
     return loaded
@@ -119,28 +122,29 @@ def _cells(config: AblationConfig, n: int | None) -> list[Cell]:
     labels the ``all`` allocator's cells below full ``coarse``. With ``n`` None (each image has its own count),
     a cell's budget is the config's value, turned into each image's count when it runs."""
     if n is None:
-        cells = {Cell("all", 1.0, 1.0, "all")}
+        cells = {Cell("all", 1.0, 1.0, "all", requested=1.0)}
         for name in config.allocators:
             for budget in config.budgets:
                 if budget == 1.0 and isinstance(budget, float):
                     continue
                 fraction = float(budget) if isinstance(budget, float) else 0.0
-                cells.add(Cell(COARSE if name == "all" else name, budget, fraction, name))
+                cells.add(Cell(COARSE if name == "all" else name, budget, fraction, name, requested=budget))
         return _with_schedules(config, sorted(cells, key=lambda c: (-c.fraction, -c.budget, c.allocator)))
-    cells = {Cell("all", n, 1.0, "all")}
+    cells = {Cell("all", n, 1.0, "all", requested=1.0)}
     for name in config.allocators:
         for budget in config.budgets:
             count = budget_tokens(budget, n)
             if count == n:
-                cells.add(Cell("all", n, 1.0, "all"))
+                cells.add(Cell("all", n, 1.0, "all", requested=1.0))
             else:
-                cells.add(Cell(COARSE if name == "all" else name, count, round(count / n, 4), name))
+                cells.add(Cell(COARSE if name == "all" else name, count, round(count / n, 4), name,
+                               requested=budget))
     return _with_schedules(config, sorted(cells, key=lambda c: (-c.budget, c.allocator)))
 
 
 def _with_schedules(config: AblationConfig, cells: list[Cell]) -> list[Cell]:
     """``cells``, then each of them again under every in-LLM schedule, labelled ``<allocator>+<schedule>``."""
-    return cells + [Cell(f"{c.allocator}+{label}", c.budget, c.fraction, c.spec, label)
+    return cells + [Cell(f"{c.allocator}+{label}", c.budget, c.fraction, c.spec, label, c.requested)
                     for label in config.schedule_specs for c in cells]
 
 
@@ -310,7 +314,7 @@ def _rows_for_batch(model: LoadedModel, task: TaskSpec, cell: Cell, records: lis
 def _base_row(model: LoadedModel, task: TaskSpec, cell: Cell, record: dict) -> dict[str, Any]:
     extra = {k: v for k, v in record.items() if k != "image" and _jsonable(v)}
     return {**extra, "model": model.spec.name, "allocator": cell.allocator, "budget": cell.budget,
-            "task": task.name, "id": str(record["id"]), "fraction": cell.fraction,
+            "task": task.name, "id": str(record["id"]), "fraction": cell.fraction, "requested": cell.requested,
             "fingerprint": _fingerprint(model, task, cell)}
 
 

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["ROUNDINGS", "budget_tokens", "dart_counts", "image_shares", "resolve_budget", "sample_budgets",
+__all__ = ["ROUNDINGS", "budget_tokens", "dart_amounts", "dart_counts", "image_shares", "resolve_budget", "sample_budgets",
            "schedule_counts", "stage_budgets"]
 
 # A fraction whose product with N lands within this many tokens above an integer k means k tokens: 0.07 of 100
@@ -209,6 +209,20 @@ def schedule_counts(keeps: Sequence[float], entering: int, rounding: str = "cumu
     return counts
 
 
+def dart_amounts(keep: float | None = None, max_num_trunction: int | None = None,
+                 reduction_ratio: float | None = None) -> dict[str, float | int]:
+    """The DART amounts given (at most one of ``keep``, ``max_num_trunction`` and ``reduction_ratio``), by name.
+
+    Raises:
+        ValueError: more than one given.
+    """
+    given = {name: value for name, value in (("keep", keep), ("max_num_trunction", max_num_trunction),
+                                             ("reduction_ratio", reduction_ratio)) if value is not None}
+    if len(given) > 1:
+        raise ValueError(f"give one of keep, max_num_trunction and reduction_ratio, got {given}")
+    return given
+
+
 def dart_counts(entering: int, pivots: int, text_pivots: int, keep: float | None = None,
                 max_num_trunction: int | None = None, text_found: int | None = None,
                 reduction_ratio: float | None = None) -> tuple[int, int, int]:
@@ -232,10 +246,8 @@ def dart_counts(entering: int, pivots: int, text_pivots: int, keep: float | None
         >>> dart_counts(20, 4, 4, max_num_trunction=128)  # the first pivots take every token left
         (4, 16, 20)
     """
-    given = {name: value for name, value in (("keep", keep), ("max_num_trunction", max_num_trunction),
-                                             ("reduction_ratio", reduction_ratio)) if value is not None}
-    if len(given) != 1:
-        raise ValueError(f"give one of keep, max_num_trunction and reduction_ratio, got {given or 'none'}")
+    if not dart_amounts(keep, max_num_trunction, reduction_ratio):
+        raise ValueError("give one of keep, max_num_trunction and reduction_ratio, got none")
     if entering <= 0:
         return 0, 0, 0
     total = pivots + text_pivots

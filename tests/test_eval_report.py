@@ -191,9 +191,10 @@ def test_two_models_get_their_agreement_on_the_order(tmp_path):
                     "fraction": 1.0, "time_s": 0.1, "prefill_s": 0.01, "tflops": 1e-3, "error": None}
             out.append(full)
             for allocator, rank in zip(["random", "pool", "laplacian", "divprune"], ranks, strict=True):
-                for i in range(4):  # rank r: r of 4 answers right
-                    out.append({**full, "allocator": allocator, "budget": 29, "tokens": 29, "fraction": 0.11,
-                                "id": str(i), "score": float(i < rank)})
+                for i in range(4):  # rank r: r of 4 answers right; one budget entry, other shares of tokens
+                    count, fraction = (29, 0.1111) if model == "a" else (10, 0.119 - 0.01 * (allocator == "pool"))
+                    out.append({**full, "allocator": allocator, "budget": count, "tokens": count,
+                                "fraction": fraction, "requested": 0.11, "id": str(i), "score": float(i < rank)})
         return out
 
     same = model_agreement(summarize(rows(([1, 2, 3, 4], [1, 2, 3, 4])), {"shapes": "exact"})[0])

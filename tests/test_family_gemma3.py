@@ -152,14 +152,22 @@ def test_the_runner_and_the_plugin_run_the_family(tmp_path):
     folder = save_tiny_vlm("gemma3", tmp_path / "gemma3")
     config = load_config({
         "name": "gemma3", "output": str(tmp_path / "out"), "batch_size": 2,
-        "models": [{"name": "gemma3", "path": str(folder), "levels": 2, "max_new_tokens": 2}],
+        "models": [{"name": "gemma3", "path": str(folder), "levels": 2, "max_new_tokens": 2},
+                   {"name": "gemma3-pas", "path": str(folder), "levels": 2, "max_new_tokens": 2,
+                    "options": {"pan_and_scan": True}}],
         "allocators": ["laplacian", "cdpruner"], "budgets": [1.0, 0.25],
         "tasks": [{"name": "shapes", "source": "shapes", "split": "test", "questions": 1000, "limit": 3,
                    "metric": "exact", "root": str(tmp_path / "data")}],
     })
     _, rows = run(config, progress=False)
-    assert len(rows) == 3 * 3 and not any(r["error"] for r in rows)
-    assert all(r["tokens"] == 5 for r in rows if r["budget"] == 0.25)  # a quarter of 16 + 4 tokens
+    assert len(rows) == 2 * 3 * 3 and not any(r["error"] for r in rows)
+    plain = [r for r in rows if r["model"] == "gemma3"]
+    quarter = [r["tokens"] for r in plain if r["budget"] == 5]  # a quarter of 16 + 4 tokens: one count
+    assert quarter and set(quarter) == {5}
+    # with pan-and-scan the token count depends on the image: budgets stay fractions, each image's own share
+    crops = [r for r in rows if r["model"] == "gemma3-pas"]
+    assert {r["budget"] for r in crops} == {1.0, 0.25}
+    assert {r["tokens"] for r in crops if r["budget"] == 0.25} == {5}  # square scenes: no crops, 20 tokens
     assert all(0 < r["vision_tflops"] < r["tflops"] for r in rows)
 
     model, processor = AutoModelForImageTextToText.from_pretrained(folder).eval(), AutoProcessor.from_pretrained(folder)

@@ -735,7 +735,7 @@ def dart_qwen_port(model, processor, image, prompt: str, K: int, reduction_ratio
     lines 1458-1486 and 1553-1597; the Qwen2-VL file's lines 338-346 and 404-440 are the same rule), ported:
     before layer ``K``: layer ``K - 1``'s output keys (after the rotary embedding, key/value heads concatenated)
     rank ``pivot_image_token`` image pivots and ``pivot_text_token`` pivots among the tokens after the image span
-    by L1 norm; ``TOKEN_TOPK = int(n0 * (1 - reduction_ratio) / pivots)``; each pivot in the iteration order of
+    by L1 norm; ``TOKEN_TOPK = int(n0 * (1 - reduction_ratio) / (image + text pivots))``; each pivot in the order of
     the set itself (no copy) takes its ``TOKEN_TOPK`` least cosine-similar tokens, on the final norm of layer
     ``K``'s input, among those not taken; text pivots removed at the end.
 

@@ -335,6 +335,11 @@ def test_vscan_windows_and_options():
     assert allocators.create("vscan").scan_for(received) == "capped"
     assert allocators.create("vscan").scan_for(tokens) == "windows"
     assert allocators.create("vscan")(received, torch.tensor([64, 20])).count.tolist() == [64, 20]
+    # where the windows' caps leave part of the local share untaken, the global scan takes it: still the budget
+    odd = from_feature_grid(torch.randn(1, 11, 11, 6, generator=g), 1, received=True,
+                            attention=torch.rand(1, 11, 11, generator=g))
+    for local, budget in ((0.95, 120), (0.9, 110)):
+        assert allocators.create("vscan", local=local)(odd, budget).count.tolist() == [budget]
     for bad, match in (({"local": 1.5}, "local must be"), ({"windows": 0}, "windows must be"),
                        ({"merge": "yes"}, "merge must be a bool"), ({"scan": "grid"}, "scan must be one of"),
                        ({"window_size": 0}, "window_size must be")):

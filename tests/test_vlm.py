@@ -202,6 +202,8 @@ def test_shipped_models_load_by_name():
         embedded_model("embedded-gpt")
     for name, (asset, config) in EMBEDDED_MODELS.items():
         path = folder.parent / asset
-        if not (path / "config.json").is_file():  # a model not shipped in this install says how to make it
+        if (path / "config.json").is_file():
+            assert embedded_model(name) == path
+        else:  # a model not shipped in this install says how to make it
             with pytest.raises(FileNotFoundError, match=f"pyrtok train-vlm --config {config}"):
                 embedded_model(name)

@@ -188,8 +188,8 @@ class VScanTokens(Allocator):
         return cls_attention(tokens)  # used only above the finest level's size
 
     def effective_budgets(self, tokens: MultiScaleTokens, budgets: Tensor, ctx: Context) -> Tensor:
-        """(B,) tokens kept: 16 k_b + T_b - int(T_b / 2) below the finest level's size (the released count), the
-        budget above it."""
+        """(B,) tokens kept: with the LLaVA code's window scan 16 k_b + T_b - int(T_b / 2) below the finest
+        level's size (the released count), the budget above it; with the Qwen code's capped scan the budget."""
         n0 = tokens.level_slices[0].stop - tokens.level_slices[0].start
         if self.scan_for(tokens) == "capped":
             return budgets
@@ -213,8 +213,9 @@ class VScanTokens(Allocator):
         query: Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> TokenSelection:
-        """Select 16 k_b local and T_b - int(T_b / 2) global tokens, merging the rest of the finest level into
-        them (``selection.kept_embeddings``). Arguments as :meth:`Allocator.__call__`."""
+        """Select the local and global tokens (window scan: 16 k_b and T_b - int(T_b / 2); capped scan:
+        int(T_b / 2) and the rest of T_b), merging the rest of the finest level into them
+        (``selection.kept_embeddings``). Arguments as :meth:`Allocator.__call__`."""
         if not isinstance(tokens, MultiScaleTokens):
             raise TypeError(f"tokens must be MultiScaleTokens, got {type(tokens).__name__}")
         budgets = resolve_budget(budget, *tokens.features.shape[:2], tokens.device)
@@ -231,7 +232,7 @@ class VScanTokens(Allocator):
         if self.scan_for(tokens) == "capped":
             local = torch.floor(budgets.clamp(max=n0).double() * self.local).long()
             keep = capped_window_scan(early, tokens.level_shapes[0], local, self.window_size)
-            global_count = budgets - local
+            global_count = budgets - keep.sum(1)  # what the windows' caps left untaken goes to the global scan
             k = 0
         else:
             per_window, global_count = self.counts(tokens, budgets)

@@ -64,7 +64,7 @@ def expand(tokenizer: Any, marker: int, marker_text: str, prompts: Sequence[str]
         if not isinstance(prompt, str):
             raise TypeError(f"prompts[{b}] must be a str, got {type(prompt).__name__}")
         split = views[b] if views is not None else [None] * len(placeholders[b])
-        runs = [None if text is None else text(count, parts)
+        runs = [None if text is None else text(count) if parts is None else text(count, parts)
                 for count, parts in zip(placeholders[b], split, strict=True)]
         if runs and all(r is not None for r in runs):
             pieces = prompt.split(marker_text)

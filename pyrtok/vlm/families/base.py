@@ -69,7 +69,7 @@ class Family:
 
     name: ClassVar[str] = ""
     architectures: ClassVar[tuple[str, ...]] = ()
-    fixed_resolution: ClassVar[bool] = False  # True: every image becomes the same number of tokens
+    fixed_resolution: bool = False  # True: every image becomes the same number of tokens (a property may decide)
     bidirectional_images: ClassVar[bool] = False  # True: an image's tokens attend to each other both ways
 
     def __init__(self, model: nn.Module, processor: Any, mode: str = "feature", levels: int = 1,

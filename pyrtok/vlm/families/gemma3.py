@@ -61,7 +61,6 @@ class Gemma3Family(Family):
 
     name = "gemma3"
     architectures = ("Gemma3ForConditionalGeneration",)
-    fixed_resolution = True
     bidirectional_images = True
 
     def __init__(self, model: nn.Module, processor: Any, mode: str = "feature", levels: int = 1,
@@ -90,6 +89,11 @@ class Gemma3Family(Family):
         mean, std = processor_stats if processor_stats[0] is not None else ([0.5] * 3, [0.5] * 3)
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+
+    @property
+    def fixed_resolution(self) -> bool:  # type: ignore[override]
+        """One token count per image, except with pan-and-scan (the crops an image gets vary with its shape)."""
+        return not self.pan_and_scan
 
     # -- prompt layout --------------------------------------------------------------------------------
     @property
@@ -127,8 +131,13 @@ class Gemma3Family(Family):
         pil = self._pil(image)
         if pil is None:
             tensor = self._check_tensor(image).unsqueeze(0)
-            views = [tensor] + (self.image_processor.pan_and_scan_batched(tensor, **self._pan_and_scan_options())
-                                if self.pan_and_scan else [])
+            crops = []
+            if self.pan_and_scan:
+                if not hasattr(self.image_processor, "pan_and_scan_batched"):
+                    raise ValueError("pan_and_scan on a tensor image needs the processor's torchvision backend "
+                                     "(Gemma3ImageProcessor); pass a PIL image, which the processor crops itself")
+                crops = self.image_processor.pan_and_scan_batched(tensor, **self._pan_and_scan_options())
+            views = [tensor, *crops]
             resized = [F.interpolate(view, size=(self.side, self.side), mode="bicubic", align_corners=False,
                                      antialias=True).clamp(0, 1)[0] for view in views]
             wide = tensor.shape[-1] >= tensor.shape[-2]
@@ -149,6 +158,9 @@ class Gemma3Family(Family):
             options[name] = value if value is not None else defaults.get(name)
             if not isinstance(options[name], numbers.Real):
                 raise ValueError(f"pan_and_scan needs the processor's {name}; it has none")
+        if options["pan_and_scan_max_num_crops"] < 2:
+            raise ValueError("pan_and_scan needs the processor's pan_and_scan_max_num_crops >= 2 (a lone crop is "
+                             f"the original again), got {options['pan_and_scan_max_num_crops']}")
         return options
 
     def encode(self, pixels: Tensor) -> Encoded:

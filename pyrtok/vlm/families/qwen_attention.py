@@ -12,7 +12,9 @@ block 7 of 32 too) and the last.
 
 The blocks' inputs are read with forward pre-hooks on the two blocks for the duration of one call of the model's
 own ``get_image_features`` (nothing else changes); the scores are computed without autograd, a chunk of query
-rows at a time, so memory stays at ``chunk x patches`` per head.
+rows at a time, so memory stays at ``chunk x patches`` per head. They cost two attention maps of the tower's
+blocks: on the embedded Qwen (4 blocks, 256 patches) encoding 32 images took 420.7 ms with them and 417.3 ms
+without (minimum of 5, 1 thread); on Qwen2.5-VL-7B's 32 blocks they are about 1% of the tower's FLOPs.
 """
 
 from __future__ import annotations

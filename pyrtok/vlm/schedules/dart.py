@@ -25,7 +25,8 @@ and pyrtok with it:
 The authors' own ports to Qwen2-VL and Qwen2.5-VL (ZichenWen1/DART, ``Qwen2-VL/Qwen2VL_DART/modeling_qwen2_vl_self.py``
 and ``Qwen2_5-VL/Qwen2_5VL_DART/modeling_qwen2_5_vl_self.py``, ``get_retained_image_token`` and the decoder loop;
 their lmms-eval models set the defaults) run the same rule with two differences, the variant ``qwen``: the count
-comes from ``reduction_ratio`` (``int(n0 * (1 - reduction_ratio) / pivots)``, default 0.778, ``pruned_layer``
+comes from ``reduction_ratio`` (``int(n0 * (1 - reduction_ratio) / (pivots + text_pivots))``, default 0.778,
+``pruned_layer``
 2), and the pivots are visited in the iteration order of the set itself (``pivot_order="set"``), not of a copy.
 The two orders agree for 1-4 and 8 pivots and differ for 5-7 (the copy's table is rebuilt smaller). Kept
 tokens keep their M-RoPE positions there too (``position_ids[:, :, keep_indexs]``). With one image per prompt
@@ -46,7 +47,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
-from pyrtok.budget import budget_tokens, dart_counts
+from pyrtok.budget import budget_tokens, dart_amounts, dart_counts
 from pyrtok.vlm.decode import LayerView, layer_keys
 from pyrtok.vlm.schedules.base import SCHEDULES, Schedule, Stage, check_choice, check_keep, check_layer
 
@@ -109,10 +110,7 @@ class DART(Schedule):
                  pivots: int = 4, text_pivots: int = 4, pivot_space: str = "keys", exact_budget: bool = False,
                  reduction_ratio: float | None = None, pivot_order: str = "copy") -> None:
         self.layer = check_layer(layer, "layer", 1)
-        given = {name: value for name, value in (("keep", keep), ("max_num_trunction", max_num_trunction),
-                                                 ("reduction_ratio", reduction_ratio)) if value is not None}
-        if len(given) > 1:
-            raise ValueError(f"give one of keep, max_num_trunction and reduction_ratio, got {given}")
+        given = dart_amounts(keep, max_num_trunction, reduction_ratio)
         self.keep = None if keep is None else check_keep(keep)
         self.reduction_ratio = None if reduction_ratio is None else _ratio(reduction_ratio)
         self.max_num_trunction = (_count(max_num_trunction, "max_num_trunction", 1) if max_num_trunction is not None

@@ -21,8 +21,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["ROUNDINGS", "budget_tokens", "dart_amounts", "dart_counts", "image_shares", "resolve_budget", "sample_budgets",
-           "schedule_counts", "stage_budgets"]
+__all__ = ["ROUNDINGS", "budget_tokens", "dart_amounts", "dart_counts", "image_shares", "resolve_budget",
+           "sample_budgets", "schedule_counts", "stage_budgets"]
 
 # A fraction whose product with N lands within this many tokens above an integer k means k tokens: 0.07 of 100
 # is 7 although 0.07 * 100 is 7.000000000000001 in float64 (and 7.00000003 from a float32 0.07).

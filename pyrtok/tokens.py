@@ -24,6 +24,7 @@ __all__ = [
     "TokenSelection",
     "from_feature_grid",
     "gather",
+    "level_densities",
     "pyramid_shapes",
     "pyramid_tokens",
     "selection_boxes",
@@ -408,6 +409,20 @@ def selection_boxes(tokens: MultiScaleTokens, selection: TokenSelection) -> Tens
     """(B, K, 4) level-0 pixel boxes of the kept tokens; padded entries are zeros."""
     boxes = tokens.box[selection.index]
     return boxes * rearrange(selection.mask, "b k -> b k 1").to(boxes.dtype)
+
+
+def level_densities(maps: Sequence[Tensor]) -> Tensor:
+    """Per-level attention maps of separate encoder passes, finest first (each (B, h_l, w_l), summing to about the
+    same total over its level) -> (B, N) in canonical order (coarsest level first), each scaled by its level's
+    token count over level 0's, so that every token carries a density per level-0 token and levels compare.
+
+    Example:
+        >>> level_densities([torch.full((1, 2, 2), 0.25), torch.ones(1, 1, 1)]).tolist()
+        [[0.25, 0.25, 0.25, 0.25, 0.25]]
+    """
+    base = maps[0].shape[-2] * maps[0].shape[-1]
+    return torch.cat([rearrange(m * (m.shape[-2] * m.shape[-1] / base), "b h w -> b (h w)") for m in reversed(maps)],
+                     dim=1)
 
 
 def _pool_grid(grid: Tensor) -> Tensor:

@@ -25,7 +25,7 @@ from pyrtok._checks import check_image, check_level_count
 from pyrtok.encoders.openclip import OpenClipTower, is_openclip
 from pyrtok.encoders.towers import TowerView, VisionTower
 from pyrtok.pyramid import gaussian_pyramid
-from pyrtok.tokens import MultiScaleTokens, from_feature_grid, token_layout
+from pyrtok.tokens import MultiScaleTokens, from_feature_grid, level_densities, token_layout
 
 __all__ = ["MODES", "MultiScaleEncoder", "tower_view"]
 
@@ -163,11 +163,9 @@ class MultiScaleEncoder(nn.Module):
             keys.append(out["keys"])
             cells.append((self.patch_size * height / size[0], self.patch_size * width / size[1]))
             if attention is not None:
-                # Per-level attention sums to ~1 over that level; rescale to a density per level-0 patch.
-                n_level, n_base = grid.shape[1] * grid.shape[2], grids[0].shape[1] * grids[0].shape[2]
-                attentions.append(attention * (n_level / n_base))
+                attentions.append(attention)
                 if out["early_attention"] is not None:
-                    early.append(out["early_attention"] * (n_level / n_base))
+                    early.append(out["early_attention"])
             if level + 1 < self.levels and min(size) <= self.patch_size:
                 raise ValueError(
                     f"levels={self.levels} is too deep for {height}x{width} input with patch {self.patch_size}: "
@@ -176,14 +174,13 @@ class MultiScaleEncoder(nn.Module):
         level_shapes = tuple((g.shape[1], g.shape[2]) for g in grids)
         layout = token_layout(level_shapes, (height, width), tuple(cells), device=images.device)
         features = torch.cat([rearrange(g, "b h w d -> b (h w) d") for g in reversed(grids)], dim=1)
-        attention = None
-        if len(attentions) == len(grids):
-            attention = torch.cat([rearrange(a, "b h w -> b (h w)") for a in reversed(attentions)], dim=1)
+        # per-level attention sums to ~1 over that level: rescaled to a density per level-0 patch
+        attention = level_densities(attentions) if len(attentions) == len(grids) else None
         cls = torch.stack(classes, 1) if all(c is not None for c in classes) else None
         flat_keys = flat_early = None
         if all(k is not None for k in keys):
             flat_keys = torch.cat([rearrange(k, "b h w d -> b (h w) d") for k in reversed(keys)], dim=1)
         if len(early) == len(grids):
-            flat_early = torch.cat([rearrange(a, "b h w -> b (h w)") for a in reversed(early)], dim=1)
+            flat_early = level_densities(early)
         return MultiScaleTokens(features, **layout, level_shapes=level_shapes, image_size=(height, width),
                                 cls=cls, attention=attention, keys=flat_keys, early_attention=flat_early)

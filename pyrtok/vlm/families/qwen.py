@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from pyrtok._checks import check_level_count
 from pyrtok.pyramid import gaussian_pyramid
-from pyrtok.tokens import MultiScaleTokens, TokenSelection, from_feature_grid, token_layout
+from pyrtok.tokens import MultiScaleTokens, TokenSelection, from_feature_grid, level_densities, token_layout
 from pyrtok.vlm.families.base import Encoded, Family, register_family, unnormalise
 from pyrtok.vlm.families.qwen_attention import tower_with_attention
 
@@ -177,12 +177,7 @@ class QwenVLFamily(Family):
         level_shapes = tuple((g.shape[1], g.shape[2]) for g in grids)
         layout = token_layout(level_shapes, (height, width), tuple(cells), device=pixels.device)
         features = torch.cat([rearrange(g, "b h w d -> b (h w) d") for g in reversed(grids)], dim=1)
-        # each pass averages its own tokens' attention: scaled by its token count, levels compare
-        base = level_shapes[0][0] * level_shapes[0][1]
-        attention = {name: torch.cat([rearrange(r[name] * (h * w / base), "b h w -> b (h w)")
-                                      for r, (h, w) in zip(reversed(received), reversed(level_shapes), strict=True)],
-                                     dim=1)
-                     for name in ("attention", "early_attention")}
+        attention = {name: level_densities([r[name] for r in received]) for name in ("attention", "early_attention")}
         tokens = MultiScaleTokens(features, **layout, level_shapes=level_shapes, image_size=(height, width),
                                   embeddings=features, received=True, **attention)
         extras = {}

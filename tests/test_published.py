@@ -540,10 +540,12 @@ def pdrop_port(eager, embeds: torch.Tensor, image_start: int, n0: int, layer_lis
     return kept, counts
 
 
-def dart_states(lm, embeds: torch.Tensor, positions: torch.Tensor, K: int, qk) -> tuple[torch.Tensor, torch.Tensor]:
+def dart_pivots(lm, embeds: torch.Tensor, positions: torch.Tensor, K: int, qk, start: int, length: int,
+                pivot_image_token: int, pivot_text_token: int) -> tuple[list[int], list[int], torch.Tensor]:
     """What DART's released code reads before layer ``K`` (one unpadded prompt, as its decoder loop runs): the
-    rotated keys of layer ``K - 1`` (``qk(layer, hidden, cos, sin)[1]``, (1, H_kv, T, d)) and the final norm of
-    layer ``K``'s input (1, T, D)."""
+    image pivots and the text pivots among the tokens after the image span ``[start, start + length)``, by the L1
+    norm of layer ``K - 1``'s rotated keys (``qk(layer, hidden, cos, sin)[1]``, heads concatenated), as sequence
+    indices; and the final norm of layer ``K``'s input (1, T, D)."""
     hidden = embeds
     cos, sin = lm.rotary_emb(hidden, positions)
     for index in range(K):
@@ -551,7 +553,12 @@ def dart_states(lm, embeds: torch.Tensor, positions: torch.Tensor, K: int, qk) -
             key_states = qk(lm.layers[index], hidden, cos, sin)[1]
         hidden = lm.layers[index](hidden, attention_mask=causal_mask(hidden.shape[1], hidden.dtype),
                                   position_embeddings=(cos, sin))
-    return key_states, lm.norm(hidden)
+    states = key_states.permute(0, 2, 1, 3).reshape(1, embeds.shape[1], -1)
+    image_norm = torch.norm(states[0][start:start + length], p=1, dim=-1)
+    query_norm = torch.norm(states[0][start + length:], p=1, dim=-1)
+    image_indices = (image_norm.topk(pivot_image_token).indices + start).tolist()
+    query_indices = (query_norm.topk(pivot_text_token).indices + start + length).tolist()
+    return image_indices, query_indices, lm.norm(hidden)
 
 
 @torch.no_grad()
@@ -568,14 +575,10 @@ def dart_port(eager, embeds: torch.Tensor, image_start: int, image_length: int, 
     Returns the kept image tokens (indices of the unpadded prompt)."""
     from pyrtok.vlm.decode import language_model
 
-    lm = language_model(eager)
-    key_states, last_layer_state = dart_states(lm, embeds, torch.arange(embeds.shape[1])[None], K, rotated_qk)
+    image_indices, query_indices, last_layer_state = dart_pivots(
+        language_model(eager), embeds, torch.arange(embeds.shape[1])[None], K, rotated_qk, image_start, image_length,
+        pivot_image_token, pivot_text_token)
     token_topk = int(max_num_trunction // (pivot_image_token + pivot_text_token))
-    states = key_states.permute(0, 2, 1, 3).reshape(1, embeds.shape[1], -1)
-    image_norm = torch.norm(states[0][image_start:image_start + image_length], p=1, dim=-1)
-    query_norm = torch.norm(states[0][image_start + image_length:], p=1, dim=-1)
-    image_indices = (image_norm.topk(pivot_image_token).indices + image_start).tolist()
-    query_indices = (query_norm.topk(pivot_text_token).indices + image_start + image_length).tolist()
     indices = set(image_indices + query_indices)
     pivots = indices.copy()
     valid = set(range(image_start, image_start + image_length)) - set(image_indices)
@@ -743,13 +746,9 @@ def dart_qwen_port(model, processor, image, prompt: str, K: int, reduction_ratio
     from pyrtok.vlm.decode import language_model
 
     embeds, positions, start, length = qwen_prompt(model, processor, image, prompt)
-    key_states, last_layer_state = dart_states(language_model(model), embeds, positions, K, qwen_qk)
+    image_indices, query_indices, last_layer_state = dart_pivots(
+        language_model(model), embeds, positions, K, qwen_qk, start, length, pivot_image_token, pivot_text_token)
     token_topk = int(length * (1 - reduction_ratio) / (pivot_image_token + pivot_text_token))
-    states = key_states.permute(0, 2, 1, 3).reshape(1, embeds.shape[1], -1)
-    image_norm = torch.norm(states[0][start:start + length], p=1, dim=-1)
-    query_norm = torch.norm(states[0][start + length:], p=1, dim=-1)
-    image_indices = (image_norm.topk(pivot_image_token).indices + start).tolist()
-    query_indices = (query_norm.topk(pivot_text_token).indices + start + length).tolist()
     indices = set(image_indices + query_indices)
     valid = set(range(start, start + length)) - set(image_indices)
     candidates = list(valid)

@@ -204,6 +204,25 @@ class VScanTokens(Allocator):
         per_window = (local // self.windows**2).clamp(max=smallest)
         return per_window, budgets - local
 
+    def _local_scan(self, early: Tensor, tokens: MultiScaleTokens, budgets: Tensor) -> tuple[Tensor, Tensor]:
+        """The local scan on the finest level's (B, n0) ``early`` scores: (B, n0) bool picks and (B,) the global
+        scan's count (the capped scan: the rest of the budget; the window scan: T - int(T / 2), as released)."""
+        shape = tokens.level_shapes[0]
+        if self.scan_for(tokens) == "capped":
+            local = torch.floor(budgets.clamp(max=early.shape[1]).double() * self.local).long()
+            keep = capped_window_scan(early, shape, local, self.window_size)
+            return keep, budgets - keep.sum(1)  # what the windows' caps left untaken goes to the global scan
+        per_window, global_count = self.counts(tokens, budgets)
+        windows = window_ids(shape, self.windows, early.device)
+        keep = torch.zeros_like(early, dtype=torch.bool)
+        rows = torch.arange(early.shape[0], device=early.device)
+        k = int(per_window.max())
+        for w in range(self.windows**2 if k else 0):
+            top = early.masked_fill(windows != w, float("-inf")).topk(k, dim=1).indices  # (B, k)
+            take = torch.arange(k, device=early.device)[None] < per_window[:, None]
+            keep[rows[:, None].expand_as(top)[take], top[take]] = True
+        return keep, global_count
+
     def __call__(
         self,
         tokens: MultiScaleTokens,
@@ -229,21 +248,7 @@ class VScanTokens(Allocator):
         early = tokens.early_attention if tokens.early_attention is not None else tokens.attention
         early = early[:, finest].float()
         rows = torch.arange(batch, device=tokens.device)
-        if self.scan_for(tokens) == "capped":
-            local = torch.floor(budgets.clamp(max=n0).double() * self.local).long()
-            keep = capped_window_scan(early, tokens.level_shapes[0], local, self.window_size)
-            global_count = budgets - keep.sum(1)  # what the windows' caps left untaken goes to the global scan
-            k = 0
-        else:
-            per_window, global_count = self.counts(tokens, budgets)
-            windows = window_ids(tokens.level_shapes[0], self.windows, tokens.device)
-            keep = torch.zeros(batch, n0, dtype=torch.bool, device=tokens.device)
-            k = int(per_window.max())
-        for w in range(self.windows**2 if k else 0):
-            scores = early.masked_fill(windows != w, float("-inf"))
-            top = scores.topk(k, dim=1).indices  # (B, k)
-            take = torch.arange(k, device=tokens.device)[None] < per_window[:, None]
-            keep[rows[:, None].expand_as(top)[take], top[take]] = True
+        keep, global_count = self._local_scan(early, tokens, budgets)
         scores = deep.masked_fill(keep, float("-inf"))
         g = int(global_count.max())
         top = scores.topk(min(g, n0), dim=1).indices

@@ -81,7 +81,7 @@ class Gemma3Family(Family):
             raise ValueError(f"mm_tokens_per_image {config.mm_tokens_per_image} must be a square whose side divides "
                              f"the {self.patches}-patch grid")
         pyramid_shapes((self.grid, self.grid), levels)  # validates the depth
-        if pan_and_scan and self.grid % 2 ** (levels - 1):
+        if pan_and_scan and levels > _depth(self.grid):
             raise ValueError(f"with pan_and_scan, pooled levels must not straddle two crops: the {self.grid} x "
                              f"{self.grid} soft-token grid allows at most {_depth(self.grid)} levels, got {levels}")
         processor_stats = getattr(self.image_processor, "image_mean", None), getattr(self.image_processor,
@@ -200,19 +200,24 @@ class Gemma3Family(Family):
 
     def _encoded(self, levels: list[Tensor], top: Tensor | None, canvas: Tensor, views: int) -> Encoded:
         """Tokens of ``levels`` (finest first) and, with pan-and-scan, the original view ``top`` (G, D_v, g, g)
-        as the top level, projected by the model's norm and projection; boxes in ``canvas`` pixels."""
-        projector = self.model.model.multi_modal_projector
-        grids = levels + ([top] if top is not None else [])
-        shapes = tuple((grid.shape[-2], grid.shape[-1]) for grid in grids)
-        flat = torch.cat([rearrange(grid, "g d h w -> g (h w) d") for grid in reversed(grids)], dim=1)
-        features = torch.matmul(projector.mm_soft_emb_norm(flat), projector.mm_input_projection_weight)
-        features = features.to(levels[0].dtype)
+        as the top level (:meth:`Family.with_top_view`), each through the model's norm and projection; boxes in
+        ``canvas`` pixels."""
+        shapes = tuple((grid.shape[-2], grid.shape[-1]) for grid in levels)
+        flat = torch.cat([rearrange(grid, "g d h w -> g (h w) d") for grid in reversed(levels)], dim=1)
+        features = self._project(flat)
         size = tuple(canvas.shape[-2:])
-        cells = tuple((size[0] / shape[0], size[1] / shape[1]) for shape in shapes)
-        layout = token_layout(shapes, size, cells, device=canvas.device)
+        layout = token_layout(shapes, size, tuple((size[0] / h, size[1] / w) for h, w in shapes),
+                              device=canvas.device)
         tokens = MultiScaleTokens(features, **layout, level_shapes=shapes, image_size=size, embeddings=features)
+        if top is not None:
+            tokens = self.with_top_view(tokens, self._project(rearrange(top, "g d h w -> g (h w) d")), self.grid)
         flops = torch.full((canvas.shape[0],), views * self._vision_flops(), dtype=torch.float64)
         return Encoded(tokens, canvas, flops)
+
+    def _project(self, flat: Tensor) -> Tensor:
+        """(G, N, D_v) pooled tower features -> (G, N, D_lm): the projector's norm and projection."""
+        projector = self.model.model.multi_modal_projector
+        return torch.matmul(projector.mm_soft_emb_norm(flat), projector.mm_input_projection_weight).to(flat.dtype)
 
     def _crops(self, tokens: MultiScaleTokens) -> int | None:
         """The crops these tokens were encoded from (None: one view, no pan-and-scan)."""

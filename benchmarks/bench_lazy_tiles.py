@@ -119,7 +119,7 @@ def main() -> None:
         rows = []
         for scene, name in ((scene, name) for scene in args.scenes for name in args.allocators):
             image = scenes[scene]
-            eager = PyramidVLM(model, processor, allocator=name)
+            eager = PyramidVLM(model, processor, allocator=name, views="joint")  # lazy tiles choose jointly
             lazy = PyramidVLM(model, processor, allocator=name, lazy_tiles=True)
             for budget in args.budgets:
                 times: dict[str, list[float]] = {"eager": [], "lazy": []}

@@ -355,12 +355,14 @@ def test_the_ablation_runner_runs_the_family(tmp_path, family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_visionzip_merged_tokens_follow_the_rows_and_keep_the_budget(tiny_vlm, family):
-    """VisionZip on the tile pyramid: kept + merged tokens make the budget exactly; the prompt holds those and
-    the newline rule's newlines, the merged tokens (in the language model's space) after the last row."""
+    """VisionZip on the tile pyramid (``views="joint"``; its authors' own view-by-view rule is checked in
+    ``test_published_vision.py``): kept + merged tokens make the budget exactly; the prompt holds those and the
+    newline rule's newlines, the merged tokens (in the language model's space) after the last row."""
     _, model, processor = tiny_vlm(family)
     image, prompt, budget = random_image(70, 100, seed=21), chat(processor), 20
     for rule in ("kept_rows", "all_rows", "none"):
-        vlm = PyramidVLM(model, processor, allocator="visionzip", budget=budget, levels=2, newlines=rule)
+        vlm = PyramidVLM(model, processor, allocator="visionzip", budget=budget, levels=2, newlines=rule,
+                         views="joint")
         encoded = vlm.encode([image])
         (selection,) = vlm.select(encoded)
         tokens = encoded.groups[0][1].tokens

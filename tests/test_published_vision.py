@@ -251,7 +251,16 @@ def token_merging(image_features: torch.Tensor, index_mask: torch.Tensor, scalin
 
 @torch.no_grad()
 def upstream_vscan(model, eager, pixel_values: torch.Tensor, visual_token_num: int, early: int):
-    """VScan's vision side as released, one image at a time: (the language model's image inputs, kept indices).
+    """VScan's vision side as released: (the language model's image inputs, kept indices) of each image."""
+    image_features, index_mask = vscan_encode_images(model, eager, pixel_values, visual_token_num, early)
+    return ([image_features[b][index_mask[b]] for b in range(len(index_mask))],
+            [index_mask[b].nonzero().flatten().tolist() for b in range(len(index_mask))])
+
+
+@torch.no_grad()
+def vscan_encode_images(model, eager, pixel_values: torch.Tensor, visual_token_num: int, early: int):
+    """VScan's ``encode_images`` as released: (B, N, D_lm) every patch through the projector, kept ones merged,
+    and the (B, N) mask of the kept ones.
 
     Tencent/SelfEvolvingAgent at a82450e, ``VScan/llava/model/multimodal_encoder/clip_encoder.py`` lines 38-44
     (every layer's [CLS] row, ``attentions[:, :, :, 0, 1:]``) and ``VScan/llava/model/llava_arch.py`` lines 254-293
@@ -275,9 +284,7 @@ def upstream_vscan(model, eager, pixel_values: torch.Tensor, visual_token_num: i
     index_mask = torch.zeros(B, N, dtype=torch.bool)
     index_mask.scatter_(1, token_indices, True)
     image_features = model.model.multi_modal_projector(image_features)
-    image_features = token_merging(image_features, index_mask, scaling=1)
-    return [image_features[b][index_mask[b]] for b in range(B)], [index_mask[b].nonzero().flatten().tolist()
-                                                                    for b in range(B)]
+    return token_merging(image_features, index_mask, scaling=1), index_mask
 
 
 def test_vscan_vision_side_is_the_released_code_on_llava(vscan_llava):
@@ -346,6 +353,215 @@ def test_vscan_windows_and_options():
         with pytest.raises((ValueError, TypeError), match=match):
             allocators.create("vscan", **bad)
 
+
+
+# -- LLaVA-NeXT: VisionZip's and VScan's own any-resolution code ------------------------------------------------
+# A tiny LLaVA-NeXT no other test uses: views of 96 px at 4 px patches (24 x 24 = 576 patches a view, as CLIP
+# ViT-L/14 at 336 px, so VScan's 6 x 6 windows and VisionZip's hard-coded 576 / 24 hold), a 4-layer tower (early
+# layer 1), pinpoints up to 2 x 2 and 1 x 3 tiles, and 20 images of odd sizes. pyrtok runs the eager copy too: over
+# 100 views and 3 budgets, the sdpa kernel's rounding (1e-7 in the keys) flips one near-tie of VisionZip's
+# contextual assignment, which is float noise, not a rule.
+
+NEXT_PINPOINTS = [[96, 96], [96, 192], [192, 96], [192, 192], [96, 288], [288, 96]]
+
+
+@pytest.fixture(scope="module")
+def published_next(tmp_path_factory):
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from pyrtok.testing import save_tiny_vlm
+
+    folder = save_tiny_vlm("llava_next", tmp_path_factory.mktemp("published_next"), seed=31, hidden=48,
+                           text_layers=2, image_grid_pinpoints=NEXT_PINPOINTS,
+                           vision_config={"image_size": 96, "patch_size": 4, "num_hidden_layers": 4,
+                                          "num_attention_heads": 2})
+    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    eager = AutoModelForImageTextToText.from_pretrained(folder, attn_implementation="eager").eval()
+    rng = np.random.default_rng(13)
+    images = [Image.fromarray(rng.integers(0, 256, (int(rng.integers(40, 300)), int(rng.integers(40, 300)), 3),
+                                           dtype=np.uint8)) for _ in range(IMAGES)]
+    return model, AutoProcessor.from_pretrained(folder), eager, images
+
+
+def next_views(model, processor, image):
+    """The processor's views of one image, (V, 3, s, s) (the base view first), and the tile grid (rows, cols), as
+    ``get_anyres_image_grid_shape`` gives it (HF's pinpoints and image sizes are (height, width), LLaVA's
+    (width, height): the same grid)."""
+    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+
+    out = processor.image_processor(images=[image], return_tensors="pt")
+    rows, cols = get_anyres_image_grid_shape(out["image_sizes"][0].tolist(), model.config.image_grid_pinpoints,
+                                             model.config.vision_config.image_size)
+    return out["pixel_values"][0], (rows, cols)
+
+
+def restore_image_features_sorted(model, image_feature, cur_keep_idx, width, height, grid=24):
+    """visionzip/llava_arch.py lines 42-80 (``restore_image_features_sorted``), ported: the tiles' dominant
+    patches in raster order of the joined tile grid (no unpadding, no newlines), then every tile's [CLS], then
+    every tile's contextual tokens."""
+    num_img, total_patches, feature_dim = image_feature.shape
+    num_keep = cur_keep_idx.shape[1]
+    num_extra = total_patches - num_keep
+    cur_keep_idx_sorted, _ = cur_keep_idx.sort(dim=1)
+    cur_keep_idx_sorted_restore = cur_keep_idx_sorted[:, 1:] - 1
+    restored_features = torch.zeros((num_img, grid * grid, feature_dim), dtype=image_feature.dtype)
+    mask = torch.zeros(num_img, grid * grid, dtype=torch.bool)
+    mask.scatter_(1, cur_keep_idx_sorted_restore, True)
+    kept_features = image_feature[:, 1:num_keep, :]
+    restored_features[mask] = kept_features.reshape(-1, feature_dim)
+    assert width * height == restored_features.shape[0]
+    restored_features = restored_features.view(height, width, grid, grid, feature_dim)
+    restored_features = restored_features.permute(0, 2, 1, 3, 4).contiguous()
+    restored_features = restored_features.view(height * grid, width * grid, feature_dim)
+    mask = mask.view(height, width, grid, grid).permute(0, 2, 1, 3).contiguous().view(height * grid, width * grid)
+    image_feature_select = restored_features[mask]
+    raw_img_feature_merge = image_feature[:, -num_extra:, ].reshape(-1, feature_dim)
+    cls_img_feature_merge = image_feature[:, 0, ]
+    return torch.cat([image_feature_select, cls_img_feature_merge, raw_img_feature_merge])
+
+
+@torch.no_grad()
+def upstream_visionzip_next(model, eager, processor, image, dominant: int, contextual: int):
+    """VisionZip's LLaVA-NeXT path as released, one image: (its language-model image inputs, each view's kept
+    patch indices). ``visionzip/llava_arch.py`` lines 91-129 (every view through ``CLIPVisionTower_VisionZip``
+    and the projector; the base view's [CLS] + dominant + contextual first, then ``restore_image_features_sorted``
+    of the tiles)."""
+    pixel_values, (rows, cols) = next_views(model, processor, image)
+    features, keep_idx = upstream_visionzip(eager.model.vision_tower, pixel_values, dominant, contextual)
+    image_feature = model.model.multi_modal_projector(features)
+    base_image_feature, tiles = image_feature[0], image_feature[1:]
+    restored = restore_image_features_sorted(model, tiles, keep_idx[1:], cols, rows)
+    kept_per_view = [sorted((row[1:] - 1).tolist()) for row in keep_idx]
+    return torch.cat((base_image_feature, restored), dim=0), kept_per_view
+
+
+def unpad_image(tensor, original_size):
+    """VScan/llava/model/llava_arch.py lines 102-130 (``unpad_image``, LLaVA's: ``int()`` of the scaled side),
+    ported; ``original_size`` is (width, height)."""
+    original_width, original_height = original_size
+    current_height, current_width = tensor.shape[1:]
+    if original_width / original_height > current_width / current_height:
+        new_height = int(original_height * (current_width / original_width))
+        padding = (current_height - new_height) // 2
+        return tensor[:, padding:current_height - padding, :]
+    new_width = int(original_width * (current_height / original_height))
+    padding = (current_width - new_width) // 2
+    return tensor[:, :, padding:current_width - padding]
+
+
+@torch.no_grad()
+def upstream_vscan_next(model, eager, processor, image, visual_token_num: int, early: int):
+    """VScan's LLaVA-NeXT path as released, one image: (its language-model image inputs, each view's kept
+    indices). ``VScan/llava/model/llava_arch.py`` lines 295-361 (``prepare_inputs_labels_for_multimodal``,
+    ``spatial_unpad``: ``encode_images`` on every view with the same count; the base view's kept tokens, then
+    the tiles joined, unpadded, a newline column (always kept) appended, the kept tokens in raster order)."""
+    pixel_values, (rows, cols) = next_views(model, processor, image)
+    image_feature, index_mask = vscan_encode_images(model, eager, pixel_values, visual_token_num, early)
+    kept_per_view = [row.nonzero().flatten().tolist() for row in index_mask]
+    base_image_feature, base_index_mask = image_feature[0], index_mask[0]
+    height = width = 24
+    image_feature = image_feature[1:].view(rows, cols, height, width, -1)
+    index_mask = index_mask[1:].view(rows, cols, height, width)
+    image_feature = image_feature.permute(4, 0, 2, 1, 3).contiguous().flatten(1, 2).flatten(2, 3)
+    index_mask = index_mask.permute(0, 2, 1, 3).contiguous().unsqueeze(0).flatten(1, 2).flatten(2, 3)
+    size = (image.width, image.height)
+    image_feature = unpad_image(image_feature, size)
+    index_mask = unpad_image(index_mask, size)
+    newline = model.model.image_newline
+    image_feature = torch.cat((image_feature, newline[:, None, None].expand(*image_feature.shape[:-1], 1)), dim=-1)
+    index_mask = torch.cat((index_mask, torch.ones(*index_mask.shape[:-1], 1, dtype=torch.bool)), dim=-1)
+    image_feature = image_feature.flatten(1, 2).transpose(0, 1)[index_mask.flatten(1, 2).squeeze(0)]
+    return torch.cat((base_image_feature[base_index_mask], image_feature), dim=0), kept_per_view
+
+
+def view_budgets(processor, images, per_view: int) -> torch.Tensor:
+    """(B,) image budgets that give every view ``per_view`` tokens."""
+    views = [processor.image_processor(images=[image], return_tensors="pt")["pixel_values"].shape[1]
+             for image in images]
+    return torch.tensor(views) * per_view
+
+
+def test_visionzip_is_the_released_code_on_llava_next(published_next):
+    """20 images x 3 budgets: every view keeps [CLS] + dominant + contextual as the released code does, and the
+    language model gets them in the released order (the base view, the tiles' patches in the joined grid, the
+    tiles' [CLS], their contextual tokens), within 1e-5; ``views="joint"`` is pyrtok's one choice over the
+    pyramid."""
+    from pyrtok.vlm import PyramidVLM
+    from pyrtok.vlm.families.views import ViewSelection
+
+    model, processor, eager, images = published_next
+    vlm = PyramidVLM(eager, processor, allocator="visionzip")
+    with torch.no_grad():
+        encoded = vlm.encode(images)
+    for per_view in (16, 64, 144):
+        contextual = round_half_up(per_view * 10 / 64)
+        selections = vlm.select(encoded, view_budgets(processor, images, per_view))
+        inputs = vlm.prepare(None, [vlm.chat_prompt("what is it?")] * len(images), encoded=encoded,
+                             selections=selections)
+        for b, image in enumerate(images):
+            (k, i), = [(k, g.index(b)) for k, (g, _) in enumerate(encoded.groups) if b in g]
+            chosen = selections[k]
+            assert isinstance(chosen, ViewSelection) and chosen.rule == "stacked"
+            expected, kept_views = upstream_visionzip_next(model, eager, processor, image, per_view - contextual,
+                                                           contextual)
+            views = chosen.views
+            for v, indices in enumerate(kept_views):
+                assert kept(views, i * chosen.num_views + v) == indices, (b, per_view, v)
+            ours = inputs.mm_encoder_outputs["image"].pooler_output[b]
+            assert ours.shape == expected.shape and int(chosen.total[i]) == expected.shape[0]
+            assert torch.allclose(ours, expected, atol=1e-5), (b, per_view)
+    joint = PyramidVLM(model, processor, allocator="visionzip", views="joint")
+    assert not any(isinstance(s, ViewSelection) for s in joint.select(joint.encode(images[:2]), 64))
+
+
+def test_vscan_is_the_released_code_on_llava_next(published_next):
+    """20 images x 3 budgets: every view scans and merges as the released code does (the same count each), the
+    tiles' kept tokens in the padding are dropped as the model unpads, a newline ends every row; the language
+    model's image inputs within 1e-5."""
+    from pyrtok.vlm import PyramidVLM
+
+    model, processor, eager, images = published_next
+    vlm = PyramidVLM(eager, processor, allocator="vscan")
+    with torch.no_grad():
+        encoded = vlm.encode(images)
+    dropped = 0
+    for per_view in (32, 96, 192):
+        selections = vlm.select(encoded, view_budgets(processor, images, per_view))
+        inputs = vlm.prepare(None, [vlm.chat_prompt("what is it?")] * len(images), encoded=encoded,
+                             selections=selections)
+        for b, image in enumerate(images):
+            (k, i), = [(k, g.index(b)) for k, (g, _) in enumerate(encoded.groups) if b in g]
+            chosen = selections[k]
+            assert chosen.rule == "each"
+            expected, kept_views = upstream_vscan_next(model, eager, processor, image, per_view, early=1)
+            for v, indices in enumerate(kept_views):
+                assert kept(chosen.views, i * chosen.num_views + v) == indices, (b, per_view, v)
+            ours = inputs.mm_encoder_outputs["image"].pooler_output[b]
+            assert ours.shape == expected.shape, (b, per_view)
+            assert torch.allclose(ours, expected, atol=1e-5), (b, per_view)
+            dropped += int(chosen.views.count[i * chosen.num_views: (i + 1) * chosen.num_views].sum()
+                           - chosen.count[i])
+    assert dropped > 0  # some kept tokens fell in the padding and were dropped, as the released code drops them
+
+
+def test_view_rules_and_their_errors(published_next):
+    from pyrtok.vlm import PyramidVLM
+
+    model, processor, _, images = published_next
+    assert PyramidVLM(model, processor, allocator="divprune").family.view_rule(allocators.create("divprune")) == \
+        "joint"
+    lazy = PyramidVLM(model, processor, allocator="visionzip", lazy_tiles=True)
+    assert lazy.family.view_rule(lazy.allocator) == "joint"  # lazy tiles choose from the base view
+    with pytest.raises(ValueError, match="views must be one of"):
+        PyramidVLM(model, processor, views="tiles")
+    with pytest.raises(ValueError, match="does not go with lazy_tiles=True"):
+        PyramidVLM(model, processor, views="each", lazy_tiles=True)
+    # any allocator runs view by view on request: DivPrune on every view, the model's layout
+    each = PyramidVLM(model, processor, allocator="divprune", views="each")
+    encoded = each.encode(images[:1])
+    (chosen,) = each.select(encoded, view_budgets(processor, images[:1], 20))
+    assert chosen.views.count.tolist() == [20] * chosen.num_views
 
 
 # VScan's own Qwen2.5-VL code: a tiny Qwen2.5-VL no other test uses (a 4-block tower, blocks 1 and 3 full

@@ -148,6 +148,7 @@ class VisionZipTokens(Allocator):
     """
 
     needs = ("attention",)
+    views = "stacked"  # the released LLaVA-NeXT code: every view on its own, tiles' patches, [CLS]s, merged
 
     def __init__(self, contextual: float = 10 / 64, cls: bool = True, similarity: str = "keys",
                  merge: str = "released", scales: str = "finest", **options) -> None:

@@ -155,6 +155,7 @@ class VScanTokens(Allocator):
     """
 
     needs = ("attention",)
+    views = "each"  # the released LLaVA-NeXT code: every view on its own, unpadded, a newline per row
 
     def __init__(self, local: float = 0.5, windows: int = 4, merge: bool = True, scan: str = "auto",
                  window_size: int = 4, **options) -> None:

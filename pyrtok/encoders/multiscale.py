@@ -55,8 +55,8 @@ class MultiScaleEncoder(nn.Module):
             ``image_mean`` / ``image_std`` OpenCLIP sets on its towers).
         attention: capture [CLS] attention (``tokens.attention``), the feature layer's keys (``tokens.keys``)
             and the [CLS] attention of an early layer (``tokens.early_attention``).
-        early_layer: the hidden-state index of that early layer; default a quarter of the depth, rounded down
-            (at least 1): 6 of CLIP ViT-L's 24 layers, VScan's shallow layer.
+        early_layer: the hidden-state index of that early layer; default the tower's
+            (:attr:`~pyrtok.encoders.towers.TowerView.early_layer`, a quarter of the depth).
 
     Example:
         >>> from transformers import CLIPVisionConfig, CLIPVisionModel
@@ -86,7 +86,7 @@ class MultiScaleEncoder(nn.Module):
         self.tower = tower_view(tower)
         self.tower.layer_index(feature_layer)  # validates
         self.mode, self.levels, self.feature_layer, self.attention = mode, levels, feature_layer, attention
-        self.early_layer = max(1, self.tower.num_layers // 4) if early_layer is None else early_layer
+        self.early_layer = self.tower.early_layer if early_layer is None else early_layer
         self.tower.layer_index(self.early_layer)  # validates
         self.image_size = self.tower.image_size if image_size is None else int(image_size)
         mean = image_mean or self.tower.image_mean

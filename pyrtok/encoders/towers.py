@@ -73,6 +73,12 @@ class TowerView:
     image_mean: tuple[float, float, float]
     image_std: tuple[float, float, float]
 
+    @property
+    def early_layer(self) -> int:
+        """The hidden-state index of the tower's early layer: a quarter of the depth, rounded down (at least 1);
+        6 of CLIP ViT-L's 24 layers, VScan's shallow layer."""
+        return max(1, self.num_layers // 4)
+
     def layer_index(self, layer: int) -> int:
         """Normalise a hidden-state index (negative counts from the end; 0 = embeddings) to [0, num_layers]."""
         count = self.num_layers + 1

@@ -121,7 +121,7 @@ class PyramidVLM(nn.Module):
             :meth:`encode_query` embeds questions in it. None (default): the allocator gets the queries it is
             given, compared with the tokens' features.
         family_options: options of the family (Qwen: ``coarse_positions``; LLaVA-NeXT: ``newlines``,
-            ``lazy_tiles``; InternVL: ``lazy_tiles``; Gemma 3: ``pan_and_scan``).
+            ``lazy_tiles``, ``views``; InternVL: ``lazy_tiles``; Gemma 3: ``pan_and_scan``).
 
     Example (the embedded model; real ones come the same way from a folder or a hub id)::
 
@@ -287,8 +287,7 @@ class PyramidVLM(nn.Module):
         for members, group in encoded.groups:
             rows = None if query is None else query.to(self.device)[torch.tensor([encoded.owner[i] for i in members])]
             chosen = torch.tensor([budgets[i] for i in members], dtype=torch.long, device=self.device)
-            selections.append(self.allocator(group.tokens, chosen, image=group.pixels, query=rows,
-                                             generator=generator))
+            selections.append(self.family.select(self.allocator, group, chosen, rows, generator))
         return selections
 
     def complete(self, encoded: EncodedBatch, selections: Sequence[TokenSelection]) -> EncodedBatch:

@@ -6,6 +6,7 @@ VLMs, as hooks the core calls unconditionally (the core holds no branch on the f
 - :meth:`Family.image_pixels`: an image as the model sees it (through the model's own image processor);
 - :meth:`Family.encode`: those pixels -> :class:`Encoded` (multi-scale tokens in the language model's input
   space, or the space its projector maps from, and the vision FLOPs each image cost);
+- :meth:`Family.select`: the allocator's choice for a group (the allocator on its tokens, or view by view);
 - :meth:`Family.after_selection`: deferred vision work once the kept tokens are known (LLaVA-NeXT's lazy
   tiles); callers time it like encoding (``PyramidVLM.complete``);
 - :meth:`Family.kept_features` and :meth:`Family.encoder_outputs`: how kept and merged tokens reach the
@@ -139,6 +140,12 @@ class Family:
     def encode(self, pixels: Tensor) -> Encoded:
         """(G, 3, H, W) pixels in [0, 1] from :meth:`image_pixels` (one size) -> :class:`Encoded`."""
         raise NotImplementedError
+
+    def select(self, allocator: Any, encoded: Encoded, budgets: Tensor, query: Tensor | None = None,
+               generator: torch.Generator | None = None) -> TokenSelection:
+        """The allocator's choice for one group under (G,) ``budgets``: by default the allocator on the group's
+        tokens and pixels (LLaVA-NeXT may run it view by view, :mod:`pyrtok.vlm.families.views`)."""
+        return allocator(encoded.tokens, budgets, image=encoded.pixels, query=query, generator=generator)
 
     @property
     def defers(self) -> bool:

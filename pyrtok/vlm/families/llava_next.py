@@ -39,6 +39,13 @@ so they go in as they are, after the image's last row (and its newline); they co
 take one placeholder each. Several images in one prompt are each tiled, as the
 processor tiles a flat list of images.
 
+View by view (``views``, :mod:`pyrtok.vlm.families.views`): the allocator may instead run on every view (the
+base view and each full tile, padding included) as its own LLaVA-1.5 image, as VisionZip's and VScan's authors run
+their LLaVA-NeXT code; :meth:`encode` then also keeps each view's patches in the tower's space and through the
+projector, its [CLS] feature, its [CLS] attention at the feature layer and at the tower's early layer, and the
+feature layer's keys (``Encoded.extras["view_*"]``, (G, V, ...)), and the kept tokens go to the language model
+by the rule's layout.
+
 Lazy tiles (``lazy_tiles=True``): :meth:`encode` runs the tower on the base views only; every tile token then
 carries the feature of the base-view cell under its box centre, so allocators that score features choose
 from the base view, and pixel-signal allocators (``laplacian``, ``saliency``) choose exactly as they do
@@ -69,7 +76,8 @@ from torch import Tensor, nn
 from pyrtok._checks import check_level_count
 from pyrtok.images import image_tensor
 from pyrtok.tokens import MultiScaleTokens, TokenSelection, from_feature_grid
-from pyrtok.vlm.families.base import Encoded, Family, register_family
+from pyrtok.vlm.families.base import Encoded, Family, register_family, unnormalise
+from pyrtok.vlm.families.views import VIEWS, ViewSelection, view_budgets, view_tokens
 
 __all__ = ["NEWLINES", "LlavaNextFamily", "bilinear_reads"]
 
@@ -102,15 +110,20 @@ class LlavaNextFamily(Family):
         levels: levels built from the unpadded tile grid (1: the grid alone); the base view comes on top.
         newlines: the newline rule under a budget (see the module notes).
         lazy_tiles: encode only the tiles that hold kept tokens (see the module notes).
+        views: ``"auto"`` (default), ``"joint"``, ``"each"`` or ``"stacked"``: whether the allocator chooses
+            over the whole pyramid or view by view (:mod:`pyrtok.vlm.families.views`). ``"auto"`` follows the
+            allocator's authors on LLaVA-NeXT (VisionZip and VScan run each view on its own) and is ``"joint"``
+            for every other allocator, for OneVision (its authors' code is LLaVA-NeXT's) and with lazy tiles (a
+            view-by-view choice reads every tile).
     """
 
     name = "llava_next"
     architectures = ("LlavaNextForConditionalGeneration", "LlavaOnevisionForConditionalGeneration")
-    tiles_key = "tiles"
+    views_key = "views"
     count_key = "encoded_tiles"
 
     def __init__(self, model: nn.Module, processor: Any, mode: str = "feature", levels: int = 1,
-                 newlines: str = "kept_rows", lazy_tiles: bool = False) -> None:
+                 newlines: str = "kept_rows", lazy_tiles: bool = False, views: str = "auto") -> None:
         super().__init__(model, processor, mode, levels)
         if mode != "feature":
             raise ValueError(f"mode must be 'feature' for LLaVA-NeXT/OneVision (the tiles are the finer scale), "
@@ -123,7 +136,12 @@ class LlavaNextFamily(Family):
         if self.image_processor is None:
             raise ValueError("LLaVA-NeXT/OneVision models need their image processor: pass the AutoProcessor "
                              "saved with the model (or load with PyramidVLM.from_pretrained)")
-        self.newlines, self.lazy_tiles = newlines, lazy_tiles
+        if views not in VIEWS:
+            raise ValueError(f"views must be one of {VIEWS}, got {views!r}")
+        if lazy_tiles and views in ("each", "stacked"):
+            raise ValueError(f"views={views!r} chooses in every tile, so every tile is encoded: it does not go with "
+                             "lazy_tiles=True")
+        self.newlines, self.lazy_tiles, self.views = newlines, lazy_tiles, views
         config = model.config
         vision = config.vision_config
         self.tile = int(vision.image_size)
@@ -177,25 +195,44 @@ class LlavaNextFamily(Family):
         """(n, 3, s, s) normalised tiles -> (n, p * p, D_lm) projected patch features, as the model computes
         them (its feature layer or layers, its select strategy, its projector), and with ``attention`` the
         (n, p * p) attention row of each view (see :meth:`_attention`)."""
-        inner = self.model.model
-        out = inner.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
-        if isinstance(self.feature_layer, int):
-            hidden = out.hidden_states[self.feature_layer]
-        else:
-            hidden = torch.cat([out.hidden_states[k] for k in self.feature_layer], dim=-1)
-        if self.strategy == "default":
-            hidden = hidden[:, 1:]
-        row = self._attention(out.hidden_states) if attention else None
-        return inner.multi_modal_projector(hidden), row
+        hidden, states = self._hidden(pixel_values)
+        row = self._attention(states) if attention else None
+        return self.model.model.multi_modal_projector(self._patches(hidden)), row
 
-    def _attention(self, states: tuple[Tensor, ...]) -> Tensor | None:
-        """(n, p * p) attention of each view's [CLS] to its patches at the feature layer (the last listed one
-        for a list), or of SigLIP's pooling probe over the last layer; None for a tower with neither."""
+    def _hidden(self, pixel_values: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """(n, 3, s, s) normalised views -> the (n, T, D) tower output the model reads (its feature layer, or its
+        layers concatenated; [CLS] included where the tower has one) and every hidden state."""
+        out = self.model.model.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
+        if isinstance(self.feature_layer, int):
+            return out.hidden_states[self.feature_layer], out.hidden_states
+        return torch.cat([out.hidden_states[k] for k in self.feature_layer], dim=-1), out.hidden_states
+
+    def _patches(self, hidden: Tensor) -> Tensor:
+        """The patch tokens of a tower output, by the model's select strategy."""
+        return hidden[:, 1:] if self.strategy == "default" else hidden
+
+    def _view_signals(self, hidden: Tensor, states: tuple[Tensor, ...], projected: Tensor, row: Tensor | None,
+                      images: int) -> dict[str, Tensor]:
+        """What a view-by-view choice reads of the (G * V) views, as ``Encoded.extras`` (G, V, ...): the patches
+        in the tower's space and through the projector, the [CLS] features, the [CLS] attention at the feature
+        layer (``row``) and at the tower's early layer, and the feature layer's keys (heads averaged)."""
+        layer = self.feature_layer if isinstance(self.feature_layer, int) else self.feature_layer[-1]
+        signals = {"view_features": self._patches(hidden), "view_embeddings": projected, "view_attention": row,
+                   "view_cls": hidden[:, 0] if self.has_cls else None,
+                   "view_early_attention": self._attention(states, self._view.early_layer),
+                   "view_keys": self._view.mean_keys(states, int(layer))}
+        return {k: rearrange(v, "(g v) ... -> g v ...", g=images) for k, v in signals.items() if v is not None}
+
+    def _attention(self, states: tuple[Tensor, ...], layer: int | None = None) -> Tensor | None:
+        """(n, p * p) attention of each view's [CLS] to its patches at hidden state ``layer`` (default the feature
+        layer, the last listed one for a list), or of SigLIP's pooling probe over the last layer; None for a
+        tower with neither."""
         from pyrtok.encoders.towers import VisionTower
 
         if self._view is None:
             self._view = VisionTower(self.model.model.vision_tower)
-        layer = self.feature_layer if isinstance(self.feature_layer, int) else self.feature_layer[-1]
+        if layer is None:
+            layer = self.feature_layer if isinstance(self.feature_layer, int) else self.feature_layer[-1]
         row = self._view.attention_row(states, int(layer))
         return None if row is None else row.float()
 
@@ -250,8 +287,12 @@ class LlavaNextFamily(Family):
                 base_row = base_row * self.grid**2 / (h0 * w0)
                 attention = (base_row, self._provisional(base_row[..., None], size, rows, cols)[..., 0])
         else:
-            features, row = self._tower(rearrange(values, "g t c h w -> (g t) c h w"), attention=True)
-            features = rearrange(features, "(g t) n d -> g t n d", g=g)
+            hidden, states = self._hidden(rearrange(values, "g t c h w -> (g t) c h w"))
+            flat = self.model.model.multi_modal_projector(self._patches(hidden))
+            row = self._attention(states)
+            if self._by_view:
+                signals = self._view_signals(hidden, states, flat, row, g)
+            features = rearrange(flat, "(g t) n d -> g t n d", g=g)
             base, fine = features[:, 0], self._fine_grid(features[:, 1:], size, rows, cols)
             encoded = torch.full((g,), count, dtype=torch.long, device=pixels.device)
             if row is not None:
@@ -261,7 +302,9 @@ class LlavaNextFamily(Family):
                 attention = (row[:, 0, :, 0] * self.grid**2 / (h0 * w0),
                              self._fine_grid(row[:, 1:] / count, size, rows, cols)[..., 0])
         tokens = self._tokens(base, fine, size, attention)
-        extras = {self.tiles_key: values[:, 1:], self.count_key: encoded}
+        extras = {self.views_key: values, self.count_key: encoded}
+        if self._by_view:
+            extras.update(signals)
         return Encoded(tokens, pixels, self._flops(encoded), extras)
 
     def _flops(self, tiles: Tensor) -> Tensor:
@@ -354,15 +397,121 @@ class LlavaNextFamily(Family):
         tokens = encoded.tokens
         size = tokens.image_size
         rows, cols = self.tile_grid(size)
-        tiles = encoded.extras[self.tiles_key]  # (G, T, 3, s, s)
+        tiles = encoded.extras[self.views_key][:, 1:]  # (G, T, 3, s, s)
         features, need = self.encode_needed_tiles(tokens, tiles, selection)
         base = tokens.features[:, : self.grid**2]
         built = self._tokens(base, self._fine_grid(features, size, rows, cols), size)
         count = need.sum(-1)
         return Encoded(built, encoded.pixels, self._flops(count), {**encoded.extras, self.count_key: count})
 
+    # -- view by view ---------------------------------------------------------------------------------
+    def view_rule(self, allocator: Any) -> str:
+        """``"joint"``, ``"each"`` or ``"stacked"``: how ``allocator`` chooses here (the ``views`` option, or
+        under ``"auto"`` the rule its authors use on LLaVA-NeXT, see the class notes)."""
+        if self.views != "auto":
+            return self.views
+        if self.lazy_tiles or self.max_tiles is not None:
+            return "joint"
+        return getattr(allocator, "views", "joint")
+
+    @property
+    def _by_view(self) -> bool:
+        """Whether some allocator may choose view by view here (so :meth:`encode` keeps what views need)."""
+        return not self.lazy_tiles and self.views != "joint" and not (self.views == "auto" and self.max_tiles)
+
+    def select(self, allocator: Any, encoded: Encoded, budgets: Tensor, query: Tensor | None = None,
+               generator: torch.Generator | None = None) -> TokenSelection:
+        """The allocator's choice for one group: over the whole pyramid, or (:meth:`view_rule`) on every view as
+        its own image, each view with ``budgets // V`` tokens (:class:`~pyrtok.vlm.families.views.ViewSelection`)."""
+        rule = self.view_rule(allocator)
+        if rule == "joint":
+            return super().select(allocator, encoded, budgets, query, generator)
+        extras = encoded.extras
+        values = extras[self.views_key]  # (G, V, 3, s, s)
+        num_views, patches = values.shape[1], self.grid**2
+        size = encoded.tokens.image_size
+        top, bottom, left, right = self._unpad_box(size, *self.tile_grid(size))
+        if rule == "each" and self._shrunk((bottom - top, right - left)) is not None:
+            raise ValueError("views='each' lays the tiles out as LLaVA-NeXT does, without OneVision's anyres_max "
+                             "shrink, which this image's tile grid needs: use views='joint' or 'stacked'")
+        tokens = view_tokens(extras["view_features"], self.tile, cls=extras.get("view_cls"),
+                             attention=extras.get("view_attention"),
+                             early_attention=extras.get("view_early_attention"), keys=extras.get("view_keys"),
+                             embeddings=extras["view_embeddings"])
+        stats = self.image_processor
+        pixels = unnormalise(rearrange(values, "g v c h w -> (g v) c h w"), stats.image_mean, stats.image_std)
+        rows = None if query is None else torch.repeat_interleave(query, num_views, dim=0)
+        chosen = allocator(tokens, view_budgets(budgets, num_views), image=pixels, query=rows, generator=generator)
+        reaches = self._reaches(size, rule).to(budgets.device)
+        return ViewSelection.from_views(chosen, num_views, patches, reaches.expand(values.shape[0], -1), rule)
+
+    def _joined_cells(self, rows: int, cols: int) -> tuple[Tensor, Tensor]:
+        """(T * P,) row and column of each tile patch (tiles in raster order, patches in raster order within a
+        tile) in the joined (rows * p, cols * p) tile grid."""
+        y, x = torch.meshgrid(torch.arange(rows * self.grid), torch.arange(cols * self.grid), indexing="ij")
+        per_tile = "(tr i) (tc j) -> (tr tc i j)"
+        return (rearrange(y, per_tile, i=self.grid, j=self.grid), rearrange(x, per_tile, i=self.grid, j=self.grid))
+
+    def _reaches(self, size: tuple[int, int], rule: str) -> Tensor:
+        """(V * P,) bool: the view patches a rule's layout sends on (``"each"`` drops the tiles' padding)."""
+        rows, cols = self.tile_grid(size)
+        reach = torch.ones((1 + rows * cols) * self.grid**2, dtype=torch.bool)
+        if rule == "each":
+            y, x = self._joined_cells(rows, cols)
+            top, bottom, left, right = self._unpad_box(size, rows, cols)
+            reach[self.grid**2:] = (y >= top) & (y < bottom) & (x >= left) & (x < right)
+        return reach
+
+    def _view_inputs(self, encoded: Encoded, selection: ViewSelection) -> list[Tensor]:
+        """(P_g, D_lm) per image of a view-by-view selection, laid out by its rule (see
+        :mod:`pyrtok.vlm.families.views`)."""
+        extras, views, num_views = encoded.extras, selection.views, selection.num_views
+        projector = self.model.model.multi_modal_projector
+        kept = self.kept_rows(rearrange(extras["view_features"], "g v p d -> (g v) p d"), views, projector)
+        cls = merged = None
+        if views.cls is not None and bool(views.cls.any()):
+            cls = projector(rearrange(extras["view_cls"], "g v d -> (g v) d"))
+        if views.merged is not None:
+            merged = projector(views.merged.features)
+        rows, cols = self.tile_grid(encoded.tokens.image_size)
+        y, x = (c.to(kept.device) for c in self._joined_cells(rows, cols))
+        top, bottom, left, right = self._unpad_box(encoded.tokens.image_size, rows, cols)
+        newline = self.model.model.image_newline[None].to(kept)
+        empty = kept.new_zeros(0, kept.shape[-1])
+
+        def extra(r: int) -> tuple[Tensor, Tensor]:  # a view's [CLS] (0 or 1 rows) and merged tokens
+            lead = cls[r: r + 1] if cls is not None and bool(views.cls[r]) else empty
+            tail = merged[r, : int(views.merged.count[r])] if merged is not None else empty
+            return lead, tail
+
+        out = []
+        for g in range(selection.batch_size):
+            base = g * num_views
+            lead, tail = extra(base)
+            pieces = [lead, kept[base, : int(views.count[base])], tail]
+            tile_rows = range(base + 1, base + num_views)
+            cells = torch.cat([(r - base - 1) * self.grid**2 + views.index[r, : int(views.count[r])]
+                               for r in tile_rows])
+            features = torch.cat([kept[r, : int(views.count[r])] for r in tile_rows])
+            ys, xs = y[cells], x[cells]
+            order = torch.argsort(ys * cols * self.grid + xs, stable=True)
+            features, ys, xs = features[order], ys[order], xs[order]
+            if selection.rule == "stacked":
+                pieces.append(features)
+            else:
+                inside = (ys >= top) & (ys < bottom) & (xs >= left) & (xs < right)
+                features, ys = features[inside], ys[inside]
+                per_row = torch.bincount(ys - top, minlength=bottom - top).tolist()
+                for part in features.split(per_row):
+                    pieces += [part, newline]
+            pieces += [extra(r)[0] for r in tile_rows] + [extra(r)[1] for r in tile_rows]
+            out.append(torch.cat(pieces))
+        return out
+
     # -- language-model inputs ------------------------------------------------------------------------
     def kept_features(self, encoded: Encoded, selection: TokenSelection) -> tuple[list[Tensor], dict[str, list]]:
+        if isinstance(selection, ViewSelection):
+            return self._view_inputs(encoded, selection), {}
         tokens = encoded.tokens
         newline = self.model.model.image_newline
         h0 = tokens.level_shapes[0][0]

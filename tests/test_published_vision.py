@@ -475,6 +475,29 @@ def upstream_vscan_next(model, eager, processor, image, visual_token_num: int, e
     return torch.cat((base_image_feature[base_index_mask], image_feature), dim=0), kept_per_view
 
 
+@torch.no_grad()
+def upstream_fastervlm_next(model, eager, processor, image, visual_token_num: int):
+    """FasterVLM's LLaVA-NeXT path as released, one image: (its language-model image inputs, each view's kept
+    indices). Theia-4869/FasterVLM at f5d5f12, ``llava/model/multimodal_encoder/clip_encoder.py`` lines 36-47
+    (the feature layer's patches and its attention's [CLS] row), ``llava/model/llava_arch.py`` lines 141-158
+    (``encode_images``: heads averaged, top-k per view, the projector) and 160-223
+    (``prepare_inputs_labels_for_multimodal`` with ``mm_patch_merge_type = 'spatial'`` forced on line 177: the
+    base view's kept tokens, then the tiles joined in raster order, padding kept, no newlines)."""
+    pixel_values, (rows, cols) = next_views(model, processor, image)
+    outs = eager.model.vision_tower(pixel_values, output_attentions=True, output_hidden_states=True)
+    image_features = outs.hidden_states[-2][:, 1:]
+    image_attentions = outs.attentions[-2][:, :, 0, 1:].mean(dim=1)
+    token_indices = torch.topk(image_attentions, k=visual_token_num, dim=1)[1]
+    index_masks = torch.zeros(image_features.shape[:2], dtype=torch.bool).scatter_(1, token_indices, True)
+    image_features = model.model.multi_modal_projector(image_features)
+    kept_per_view = [row.nonzero().flatten().tolist() for row in index_masks]
+    base_image_feature = image_features[0][index_masks[0]]
+    image_feature = image_features[1:].view(rows, cols, 24, 24, -1).permute(0, 2, 1, 3, 4).contiguous()
+    index_mask = index_masks[1:].view(rows, cols, 24, 24).permute(0, 2, 1, 3).contiguous()
+    image_feature = image_feature.flatten(0, 3)[index_mask.flatten(0, 3)]
+    return torch.cat((base_image_feature, image_feature), dim=0), kept_per_view
+
+
 def view_budgets(processor, images, per_view: int) -> torch.Tensor:
     """(B,) image budgets that give every view ``per_view`` tokens."""
     views = [processor.image_processor(images=[image], return_tensors="pt")["pixel_values"].shape[1]
@@ -543,6 +566,30 @@ def test_vscan_is_the_released_code_on_llava_next(published_next):
             dropped += int(chosen.views.count[i * chosen.num_views: (i + 1) * chosen.num_views].sum()
                            - chosen.count[i])
     assert dropped > 0  # some kept tokens fell in the padding and were dropped, as the released code drops them
+
+
+def test_fastervlm_is_the_released_code_on_llava_next(published_next):
+    """20 images x 3 budgets: every view keeps its own top-K [CLS] attention, and the language model gets the base
+    view's, then the tiles' in raster order of the joined grid (FasterVLM's forced ``spatial`` layout)."""
+    from pyrtok.vlm import PyramidVLM
+
+    model, processor, eager, images = published_next
+    vlm = PyramidVLM(eager, processor, allocator="fastervlm")
+    with torch.no_grad():
+        encoded = vlm.encode(images)
+    for per_view in (32, 64, 144):
+        selections = vlm.select(encoded, view_budgets(processor, images, per_view))
+        inputs = vlm.prepare(None, [vlm.chat_prompt("what is it?")] * len(images), encoded=encoded,
+                             selections=selections)
+        for b, image in enumerate(images):
+            (k, i), = [(k, g.index(b)) for k, (g, _) in enumerate(encoded.groups) if b in g]
+            chosen = selections[k]
+            assert chosen.rule == "stacked" and chosen.views.merged is None and chosen.views.cls is None
+            expected, kept_views = upstream_fastervlm_next(model, eager, processor, image, per_view)
+            for v, indices in enumerate(kept_views):
+                assert kept(chosen.views, i * chosen.num_views + v) == indices, (b, per_view, v)
+            ours = inputs.mm_encoder_outputs["image"].pooler_output[b]
+            assert ours.shape == expected.shape and torch.allclose(ours, expected, atol=1e-5), (b, per_view)
 
 
 def test_view_rules_and_their_errors(published_next):

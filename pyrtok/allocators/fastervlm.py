@@ -38,6 +38,7 @@ class FasterVLMTokens(Allocator):
     """
 
     needs = ("attention",)
+    views = "stacked"  # the released LLaVA-NeXT code: every view on its own, tiles joined without unpadding
 
     def __init__(self, scales: str = "finest", **options) -> None:
         super().__init__(**options)

@@ -39,12 +39,12 @@ so they go in as they are, after the image's last row (and its newline); they co
 take one placeholder each. Several images in one prompt are each tiled, as the
 processor tiles a flat list of images.
 
-View by view (``views``, :mod:`pyrtok.vlm.families.views`): the allocator may instead run on every view (the
-base view and each full tile, padding included) as its own LLaVA-1.5 image, as VisionZip's and VScan's authors run
-their LLaVA-NeXT code; :meth:`encode` then also keeps each view's patches in the tower's space and through the
-projector, its [CLS] feature, its [CLS] attention at the feature layer and at the tower's early layer, and the
-feature layer's keys (``Encoded.extras["view_*"]``, (G, V, ...)), and the kept tokens go to the language model
-by the rule's layout.
+View by view (``views``, :mod:`pyrtok.vlm.families.views`): the allocator may instead run on every view (the base
+view and each full tile, padding included) as its own LLaVA-1.5 image, as FasterVLM's, VisionZip's and VScan's
+authors run their LLaVA-NeXT code; :meth:`encode` then also keeps each view's patches in the tower's space and
+through the projector, its [CLS] feature, its [CLS] attention at the feature layer and at the tower's early layer,
+and the feature layer's keys (``Encoded.extras["view_*"]``, (G, V, ...)), and the kept tokens go to the language
+model by the rule's layout.
 
 Lazy tiles (``lazy_tiles=True``): :meth:`encode` runs the tower on the base views only; every tile token then
 carries the feature of the base-view cell under its box centre, so allocators that score features choose
@@ -112,9 +112,9 @@ class LlavaNextFamily(Family):
         lazy_tiles: encode only the tiles that hold kept tokens (see the module notes).
         views: ``"auto"`` (default), ``"joint"``, ``"each"`` or ``"stacked"``: whether the allocator chooses
             over the whole pyramid or view by view (:mod:`pyrtok.vlm.families.views`). ``"auto"`` follows the
-            allocator's authors on LLaVA-NeXT (VisionZip and VScan run each view on its own) and is ``"joint"``
-            for every other allocator, for OneVision (its authors' code is LLaVA-NeXT's) and with lazy tiles (a
-            view-by-view choice reads every tile).
+            allocator's authors on LLaVA-NeXT (FasterVLM, VisionZip and VScan run each view on its own) and is
+            ``"joint"`` for every other allocator, for OneVision (its authors' code is LLaVA-NeXT's) and with lazy
+            tiles (a view-by-view choice reads every tile).
     """
 
     name = "llava_next"

@@ -1,8 +1,8 @@
 """Any-resolution images view by view: each view (the base view, each full tile) allocated as its own image.
 
-LLaVA-NeXT shows an image as views: a base view of the whole image and tiles of a padded canvas, each a square
-the tower encodes on its own. pyrtok's default chooses across the views under one budget (``"joint"``), but the
-authors of VisionZip and VScan run their released LLaVA-NeXT code view by view: every view is a LLaVA-1.5 image
+LLaVA-NeXT shows an image as views: a base view of the whole image and tiles of a padded canvas, each a square the
+tower encodes on its own. pyrtok's default chooses across the views under one budget (``"joint"``), but the authors
+of FasterVLM, VisionZip and VScan run their released LLaVA-NeXT code view by view: every view is a LLaVA-1.5 image
 that keeps its own share of the budget, over the tile's full patch grid (padding included), and the views' kept
 tokens are then laid out by the method's own rule. The rules (``views`` of the LLaVA-NeXT family):
 
@@ -12,7 +12,8 @@ tokens are then laid out by the method's own rule. The rules (``views`` of the L
   newline after every row (VScan's ``prepare_inputs_labels_for_multimodal``);
 - ``"stacked"``: every view keeps the same share; the base view's tokens, then the tiles' kept patches in raster
   order of the joined tile grid (padding kept, no newlines), then the tiles' [CLS] tokens, then their merged
-  tokens (VisionZip's ``restore_image_features_sorted``);
+  tokens (VisionZip's ``restore_image_features_sorted``; without [CLS] or merged tokens, FasterVLM's forced
+  ``spatial`` layout);
 - ``"auto"``: the rule the allocator's authors use (:attr:`pyrtok.allocators.Allocator.views`).
 
 Within a view, [CLS], kept and merged tokens come as on LLaVA-1.5 ([CLS] first, merged last). The image's budget

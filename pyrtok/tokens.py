@@ -132,6 +132,9 @@ class MultiScaleTokens:
         received: True where ``attention`` and ``early_attention`` are the attention each token receives (towers
             without [CLS]: Qwen-VL), False where they are [CLS]'s; methods whose authors scan the two differently
             (VScan) read it.
+        views: the rows come in runs of ``views`` rows that are the views of one image (LLaVA-NeXT's base view
+            and tiles, allocated view by view: :mod:`pyrtok.vlm.families.views`); 1 where every row is an image.
+            Methods whose authors normalise a score over an image's views read it (CDPruner's relevance).
     """
 
     features: Tensor
@@ -148,8 +151,13 @@ class MultiScaleTokens:
     early_attention: Tensor | None = None
     aligned: Tensor | None = None
     received: bool = False
+    views: int = 1
 
     def __post_init__(self) -> None:
+        if isinstance(self.views, bool) or not isinstance(self.views, int) or self.views < 1 \
+                or self.features.shape[0] % self.views:
+            raise ValueError(f"views must be a positive int that divides the batch ({self.features.shape[0]}), "
+                             f"got {self.views!r}")
         if not isinstance(self.features, Tensor) or self.features.dim() != 3:
             shape = tuple(self.features.shape) if isinstance(self.features, Tensor) else type(self.features).__name__
             raise ValueError(f"features must be a (B, N, D) tensor, got {shape}")
@@ -262,8 +270,8 @@ class MultiScaleTokens:
 
     def select_images(self, index: Tensor | slice | Sequence[int]) -> MultiScaleTokens:
         """The tokens of some of the images: ``features[index]`` (and every other per-image tensor), same
-        layout."""
-        return self._apply(PER_IMAGE, lambda t: t[index])
+        layout (rows taken one by one are images of their own: ``views`` is 1)."""
+        return replace(self._apply(PER_IMAGE, lambda t: t[index]), views=1)
 
     def to(self, device: torch.device | str) -> MultiScaleTokens:
         """A copy with every tensor on ``device``."""

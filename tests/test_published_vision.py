@@ -796,14 +796,15 @@ def published_clip(published_llava):
 
 @torch.no_grad()
 def upstream_cdpruner(model, clip, tokenizer, pixel_values: torch.Tensor, question: str, visual_token_num: int):
-    """CDPruner as released, for one image and its question: the kept indices.
+    """CDPruner as released, for the views of one image (a batch of 1 on LLaVA-1.5) and its question: the kept
+    indices of each view.
 
     Theia-4869/CDPruner at 9541616: ``llava/model/multimodal_encoder/clip_encoder.py`` ``forward`` (the question
     tokenized without truncation, zero-padded to a multiple of ``max_position_embeddings`` and split into segments,
     ``text_embeds`` of each; ``image_embeds``: the feature-layer patches through the tower's ``post_layernorm`` and
     CLIP's ``visual_projection``) and ``llava/model/llava_arch.py`` lines 141-187 (``encode_images``: cosine
     similarity of the projector outputs in float32, relevance ``(-cos).mean`` over segments, min-max with 1e-6, the
-    kernel, the fast greedy MAP loop, sorted).
+    kernel, the fast greedy MAP loop, sorted). The min-max scaling spans the whole batch, every view of the image.
     """
     tower = model.model.vision_tower
     outs = tower(pixel_values, output_hidden_states=True)
@@ -839,7 +840,7 @@ def upstream_cdpruner(model, clip, tokenizer, pixel_values: torch.Tensor, questi
         cis[i, :, :] = eis
         di2s -= torch.square(eis)
         di2s[torch.arange(B), j] = -float('inf')
-    return torch.sort(select_idx.t()).values[0].tolist()
+    return [row.tolist() for row in torch.sort(select_idx.t()).values]
 
 
 def test_cdpruner_is_the_released_code_on_llava(published_llava, published_clip):
@@ -866,7 +867,7 @@ def test_cdpruner_is_the_released_code_on_llava(published_llava, published_clip)
         (theirs_plain,) = plain.select(encoded, budget, query=query)
         assert ours.count.tolist() == [budget] * IMAGES
         for i in range(IMAGES):
-            expected = upstream_cdpruner(model, clip, tokenizer, pixel_values[i:i + 1], questions[i], budget)
+            (expected,) = upstream_cdpruner(model, clip, tokenizer, pixel_values[i:i + 1], questions[i], budget)
             assert kept(ours, i) == expected, (i, budget)
             differ += kept(theirs_plain, i) != expected
     assert differ > 0
@@ -891,3 +892,60 @@ def test_language_query_encoder_is_the_mean_of_unit_input_embeddings(published_l
         PyramidVLM(model, processor).encode_query(["what"])
     with pytest.raises(ValueError, match="query_encoder must be None, 'language'"):
         PyramidVLM(model, processor, query_encoder="bert")
+
+
+@pytest.fixture(scope="module")
+def published_next_clip(published_next):
+    """A tiny CLIP whose vision tower is the LLaVA-NeXT's, with a text tower of 16 positions."""
+    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig
+
+    model, processor, _, _ = published_next
+    tokenizer = processor.tokenizer
+    text = CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                          vocab_size=len(tokenizer), max_position_embeddings=16, eos_token_id=tokenizer.eos_token_id,
+                          bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = CLIPConfig(text_config=text.to_dict(), vision_config=model.config.vision_config.to_dict(),
+                        projection_dim=24)
+    torch.manual_seed(37)
+    clip = CLIPModel(config).eval()
+    clip.vision_model.load_state_dict(model.model.vision_tower.state_dict())
+    return clip, tokenizer
+
+
+def test_cdpruner_is_the_released_code_on_llava_next(published_next, published_next_clip):
+    """20 images x 3 counts per view, two questions: every view keeps its own DPP's tokens, the relevance scaled
+    over all of the image's views as the released code scales its batch, laid out as its forced ``spatial``
+    layout (the base view, then the tiles joined in raster order, padding kept, no newlines)."""
+    from pyrtok.encoders.text import ClipQueryEncoder
+    from pyrtok.vlm import PyramidVLM
+
+    model, processor, _, images = published_next  # CDPruner reads no attention: the model's own kernel
+    clip, tokenizer = published_next_clip
+    vlm = PyramidVLM(model, processor, allocator="cdpruner", query_encoder=ClipQueryEncoder(clip, tokenizer))
+    questions = [QUESTIONS[i % 2] for i in range(IMAGES)]
+    with torch.no_grad():
+        encoded = vlm.encode(images)
+        query = vlm.encode_query(questions)
+    for per_view in (8, 16, 32):  # well below the kernel's rank (48, the language model's width)
+        selections = vlm.select(encoded, view_budgets(processor, images, per_view), query=query)
+        inputs = vlm.prepare(None, [vlm.chat_prompt("what is it?")] * len(images), encoded=encoded,
+                             selections=selections)
+        for b, image in enumerate(images):
+            (k, i), = [(k, g.index(b)) for k, (g, _) in enumerate(encoded.groups) if b in g]
+            chosen = selections[k]
+            assert chosen.rule == "stacked"
+            pixel_values, (rows, cols) = next_views(model, processor, image)
+            expected = upstream_cdpruner(model, clip, tokenizer, pixel_values, questions[b], per_view)
+            for v, indices in enumerate(expected):
+                assert kept(chosen.views, i * chosen.num_views + v) == indices, (b, per_view, v)
+            with torch.no_grad():  # the forced 'spatial' layout of the kept projector outputs
+                features = model.model.multi_modal_projector(
+                    model.model.vision_tower(pixel_values, output_hidden_states=True).hidden_states[-2][:, 1:])
+            mask = torch.zeros(features.shape[:2], dtype=torch.bool)
+            for v, indices in enumerate(expected):
+                mask[v, indices] = True
+            tiles = features[1:].view(rows, cols, 24, 24, -1).permute(0, 2, 1, 3, 4).flatten(0, 3)
+            tile_mask = mask[1:].view(rows, cols, 24, 24).permute(0, 2, 1, 3).flatten(0, 3)
+            layout = torch.cat((features[0][mask[0]], tiles[tile_mask]))
+            ours = inputs.mm_encoder_outputs["image"].pooler_output[b]
+            assert ours.shape == layout.shape and torch.allclose(ours, layout, atol=1e-5), (b, per_view)

@@ -9,7 +9,7 @@ As the authors run it on LLaVA-1.5 (Theia-4869/CDPruner, ``llava/model/llava_arc
   question with the short-answer suffix removed (each 77-token segment embedded, unit norm; the mean of the
   per-segment cosines is the cosine with their mean, which is the ``query`` here: see
   :meth:`pyrtok.encoders.text.ClipQueryEncoder.encode`); negated, then min-max normalised over the image
-  (``(r - min + 1e-6) / (max - min)``);
+  (``(r - min + 1e-6) / (max - min)``; over all its views where LLaVA-NeXT runs it view by view, as released);
 - the kernel ``r_i S_ij r_j`` and the fast greedy MAP inference of the DPP: each step picks the token with the
   largest remaining marginal gain (``argmax``, ties to the lower index) and updates the Cholesky rows; exactly the
   budget; the kept tokens in index order.
@@ -28,7 +28,7 @@ Named variant: ``relevance="plain"`` (not negated): the relevance as the paper's
 from __future__ import annotations
 
 import torch
-from einops import rearrange
+from einops import rearrange, repeat
 from torch import Tensor
 
 from pyrtok.allocators.base import Allocator, Context
@@ -44,7 +44,7 @@ RELEVANCE = ("negated", "plain")
 
 
 def conditional_kernel(similarity_space: Tensor, relevance_space: Tensor, query: Tensor,
-                       relevance: str = "negated") -> Tensor:
+                       relevance: str = "negated", views: int = 1) -> Tensor:
     """CDPruner's (B, n, n) kernel ``r_i S_ij r_j`` in float32.
 
     Args:
@@ -52,6 +52,8 @@ def conditional_kernel(similarity_space: Tensor, relevance_space: Tensor, query:
         relevance_space: (B, n, D_q) tokens compared with the query.
         query: (B, D_q) the question's text embedding (not normalised again: see the module notes).
         relevance: ``"negated"`` (as released) or ``"plain"``.
+        views: rows in runs of ``views`` views of one image share the min-max scaling (the released LLaVA-NeXT
+            code scales over all the views it encodes together, an image's base view and tiles).
     """
     unit = similarity_space / similarity_space.norm(dim=-1, keepdim=True)
     unit = unit.float()
@@ -59,7 +61,9 @@ def conditional_kernel(similarity_space: Tensor, relevance_space: Tensor, query:
     image = relevance_space / relevance_space.norm(dim=-1, keepdim=True)
     cosine = (image.float() @ rearrange(query.float(), "b d -> b d 1"))[..., 0]  # (B, n)
     score = -cosine if relevance == "negated" else cosine
-    low, high = score.amin(dim=1, keepdim=True), score.amax(dim=1, keepdim=True)
+    runs = rearrange(score, "(g v) n -> g (v n)", v=views)
+    low = repeat(runs.amin(dim=1), "g -> (g v) 1", v=views)
+    high = repeat(runs.amax(dim=1), "g -> (g v) 1", v=views)
     score = (score - low + 1e-6) / (high - low)
     return score.unsqueeze(2) * similarity * score.unsqueeze(1)
 
@@ -107,6 +111,8 @@ class CDPrunerTokens(Allocator):
 
     needs = ("query",)
 
+    views = "stacked"  # the released LLaVA-NeXT code: every view its own DPP, tiles joined without unpadding
+
     def __init__(self, relevance: str = "negated", scales: str = "finest", **options) -> None:
         super().__init__(**options)
         if relevance not in RELEVANCE:
@@ -125,7 +131,8 @@ class CDPrunerTokens(Allocator):
         if query.shape != (tokens.batch_size, space.shape[-1]):
             raise ValueError(f"query must have shape ({tokens.batch_size}, {space.shape[-1]}) to match the tokens' "
                              f"query space, got {tuple(query.shape)}")
-        kernel = conditional_kernel(similarity[:, candidates], space[:, candidates], query, self.relevance)
+        kernel = conditional_kernel(similarity[:, candidates], space[:, candidates], query, self.relevance,
+                                    tokens.views)
         n = kernel.shape[1]
         steps = min(n, int(budgets.max()))
         order = dpp_greedy_order(kernel, steps)

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from pyrtok.allocators import Allocator, resolve
 from pyrtok.budget import sample_budgets
-from pyrtok.tokens import TokenSelection
+from pyrtok.tokens import MultiScaleTokens, TokenSelection
 from pyrtok.vlm import prompts as prompting
 from pyrtok.vlm.batch import EncodedBatch, Images, per_sample
 from pyrtok.vlm.families import Family, family_for
@@ -253,7 +253,12 @@ class PyramidVLM(nn.Module):
         """``encoded`` with its tokens in the query encoder's space (``tokens.aligned``), where one is attached."""
         if self.query_encoder is None:
             return encoded
-        return replace(encoded, tokens=self.query_encoder.align(encoded.tokens))
+        aligned = self._align(self.family.query_space(encoded)).aligned
+        return replace(encoded, tokens=encoded.tokens.with_aligned(aligned))
+
+    def _align(self, tokens: MultiScaleTokens) -> MultiScaleTokens:
+        """``tokens`` in the query encoder's space, where one is attached."""
+        return tokens if self.query_encoder is None else self.query_encoder.align(tokens)
 
     def encode_query(self, questions: Sequence[str]) -> Tensor:
         """(B, D_q) the questions in the query encoder's space, for query-reading allocators (``select(query=)``).
@@ -287,7 +292,7 @@ class PyramidVLM(nn.Module):
         for members, group in encoded.groups:
             rows = None if query is None else query.to(self.device)[torch.tensor([encoded.owner[i] for i in members])]
             chosen = torch.tensor([budgets[i] for i in members], dtype=torch.long, device=self.device)
-            selections.append(self.family.select(self.allocator, group, chosen, rows, generator))
+            selections.append(self.family.select(self.allocator, group, chosen, rows, generator, self._align))
         return selections
 
     def complete(self, encoded: EncodedBatch, selections: Sequence[TokenSelection]) -> EncodedBatch:

@@ -141,10 +141,18 @@ class Family:
         """(G, 3, H, W) pixels in [0, 1] from :meth:`image_pixels` (one size) -> :class:`Encoded`."""
         raise NotImplementedError
 
+    def query_space(self, encoded: Encoded) -> MultiScaleTokens:
+        """The group's tokens as a query encoder aligns them: the tower's features for a CLIP text tower, the
+        language model's inputs (``embeddings``) for the language model's own; by default the tokens themselves
+        (LLaVA-NeXT's are in the language model's space, so it builds their tower-space twin)."""
+        return encoded.tokens
+
     def select(self, allocator: Any, encoded: Encoded, budgets: Tensor, query: Tensor | None = None,
-               generator: torch.Generator | None = None) -> TokenSelection:
+               generator: torch.Generator | None = None,
+               align: Callable[[MultiScaleTokens], MultiScaleTokens] | None = None) -> TokenSelection:
         """The allocator's choice for one group under (G,) ``budgets``: by default the allocator on the group's
-        tokens and pixels (LLaVA-NeXT may run it view by view, :mod:`pyrtok.vlm.families.views`)."""
+        tokens and pixels (LLaVA-NeXT may run it view by view, :mod:`pyrtok.vlm.families.views`, putting the
+        views' tokens in the query space with ``align``, as ``PyramidVLM.encode`` puts the group's)."""
         return allocator(encoded.tokens, budgets, image=encoded.pixels, query=query, generator=generator)
 
     @property

@@ -40,11 +40,11 @@ take one placeholder each. Several images in one prompt are each tiled, as the
 processor tiles a flat list of images.
 
 View by view (``views``, :mod:`pyrtok.vlm.families.views`): the allocator may instead run on every view (the base
-view and each full tile, padding included) as its own LLaVA-1.5 image, as FasterVLM's, VisionZip's and VScan's
-authors run their LLaVA-NeXT code; :meth:`encode` then also keeps each view's patches in the tower's space and
-through the projector, its [CLS] feature, its [CLS] attention at the feature layer and at the tower's early layer,
-and the feature layer's keys (``Encoded.extras["view_*"]``, (G, V, ...)), and the kept tokens go to the language
-model by the rule's layout.
+view and each full tile, padding included) as its own LLaVA-1.5 image, as FasterVLM's, VisionZip's, VScan's and
+CDPruner's authors run their LLaVA-NeXT code; :meth:`encode` then also keeps each view's patches in the tower's
+space and through the projector, its [CLS] feature, its [CLS] attention at the feature layer and at the tower's
+early layer, and the feature layer's keys (``Encoded.extras["view_*"]``, (G, V, ...)), and the kept tokens go to
+the language model by the rule's layout.
 
 Lazy tiles (``lazy_tiles=True``): :meth:`encode` runs the tower on the base views only; every tile token then
 carries the feature of the base-view cell under its box centre, so allocators that score features choose
@@ -65,6 +65,8 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -112,9 +114,9 @@ class LlavaNextFamily(Family):
         lazy_tiles: encode only the tiles that hold kept tokens (see the module notes).
         views: ``"auto"`` (default), ``"joint"``, ``"each"`` or ``"stacked"``: whether the allocator chooses
             over the whole pyramid or view by view (:mod:`pyrtok.vlm.families.views`). ``"auto"`` follows the
-            allocator's authors on LLaVA-NeXT (FasterVLM, VisionZip and VScan run each view on its own) and is
-            ``"joint"`` for every other allocator, for OneVision (its authors' code is LLaVA-NeXT's) and with lazy
-            tiles (a view-by-view choice reads every tile).
+            allocator's authors on LLaVA-NeXT (FasterVLM, VisionZip, VScan and CDPruner run each view on its own)
+            and is ``"joint"`` for every other allocator, for OneVision (its authors' code is LLaVA-NeXT's) and
+            with lazy tiles (a view-by-view choice reads every tile).
     """
 
     name = "llava_next"
@@ -414,18 +416,30 @@ class LlavaNextFamily(Family):
             return "joint"
         return getattr(allocator, "views", "joint")
 
+    def query_space(self, encoded: Encoded) -> MultiScaleTokens:
+        """The pyramid built from the tower's features (as the model's tokens are from the projector's), with the
+        language model's inputs as ``embeddings``, where :meth:`encode` kept the views' tower features; else the
+        tokens themselves (lazy tiles, or ``views="joint"``: a CLIP text tower cannot read them)."""
+        if "view_features" not in encoded.extras:
+            return encoded.tokens
+        views = encoded.extras["view_features"]
+        size = encoded.tokens.image_size
+        tower = self._tokens(views[:, 0], self._fine_grid(views[:, 1:], size, *self.tile_grid(size)), size)
+        return replace(tower, embeddings=encoded.tokens.features)
+
     @property
     def _by_view(self) -> bool:
         """Whether some allocator may choose view by view here (so :meth:`encode` keeps what views need)."""
         return not self.lazy_tiles and self.views != "joint" and not (self.views == "auto" and self.max_tiles)
 
     def select(self, allocator: Any, encoded: Encoded, budgets: Tensor, query: Tensor | None = None,
-               generator: torch.Generator | None = None) -> TokenSelection:
+               generator: torch.Generator | None = None,
+               align: Callable[[MultiScaleTokens], MultiScaleTokens] | None = None) -> TokenSelection:
         """The allocator's choice for one group: over the whole pyramid, or (:meth:`view_rule`) on every view as
         its own image, each view with ``budgets // V`` tokens (:class:`~pyrtok.vlm.families.views.ViewSelection`)."""
         rule = self.view_rule(allocator)
         if rule == "joint":
-            return super().select(allocator, encoded, budgets, query, generator)
+            return super().select(allocator, encoded, budgets, query, generator, align)
         extras = encoded.extras
         values = extras[self.views_key]  # (G, V, 3, s, s)
         num_views, patches = values.shape[1], self.grid**2
@@ -438,6 +452,8 @@ class LlavaNextFamily(Family):
                              attention=extras.get("view_attention"),
                              early_attention=extras.get("view_early_attention"), keys=extras.get("view_keys"),
                              embeddings=extras["view_embeddings"])
+        if align is not None:
+            tokens = align(tokens)
         stats = self.image_processor
         pixels = unnormalise(rearrange(values, "g v c h w -> (g v) c h w"), stats.image_mean, stats.image_std)
         rows = None if query is None else torch.repeat_interleave(query, num_views, dim=0)

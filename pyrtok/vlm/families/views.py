@@ -2,9 +2,9 @@
 
 LLaVA-NeXT shows an image as views: a base view of the whole image and tiles of a padded canvas, each a square the
 tower encodes on its own. pyrtok's default chooses across the views under one budget (``"joint"``), but the authors
-of FasterVLM, VisionZip and VScan run their released LLaVA-NeXT code view by view: every view is a LLaVA-1.5 image
-that keeps its own share of the budget, over the tile's full patch grid (padding included), and the views' kept
-tokens are then laid out by the method's own rule. The rules (``views`` of the LLaVA-NeXT family):
+of FasterVLM, VisionZip, VScan and CDPruner run their released LLaVA-NeXT code view by view: every view is a
+LLaVA-1.5 image that keeps its own share of the budget, over the tile's full patch grid (padding included), and the
+views' kept tokens are then laid out by the method's own rule. The rules (``views`` of the LLaVA-NeXT family):
 
 - ``"joint"``: one budget over the whole pyramid (the family's own layout);
 - ``"each"``: every view keeps the same share; the base view's tokens first, then the tiles' kept tokens in the
@@ -12,8 +12,8 @@ tokens are then laid out by the method's own rule. The rules (``views`` of the L
   newline after every row (VScan's ``prepare_inputs_labels_for_multimodal``);
 - ``"stacked"``: every view keeps the same share; the base view's tokens, then the tiles' kept patches in raster
   order of the joined tile grid (padding kept, no newlines), then the tiles' [CLS] tokens, then their merged
-  tokens (VisionZip's ``restore_image_features_sorted``; without [CLS] or merged tokens, FasterVLM's forced
-  ``spatial`` layout);
+  tokens (VisionZip's ``restore_image_features_sorted``; without [CLS] or merged tokens, FasterVLM's and CDPruner's
+  forced ``spatial`` layout);
 - ``"auto"``: the rule the allocator's authors use (:attr:`pyrtok.allocators.Allocator.views`).
 
 Within a view, [CLS], kept and merged tokens come as on LLaVA-1.5 ([CLS] first, merged last). The image's budget
@@ -22,7 +22,7 @@ is split evenly over its V views (``budget // V`` each, as the authors give ever
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from einops import rearrange
@@ -89,7 +89,7 @@ def view_tokens(features: Tensor, side: int, *, cls: Tensor | None = None, atten
             averaged; embeddings: (G, V, P, D_lm) the patches through the projector.
 
     Returns:
-        (G * V, P, D) tokens, row ``g * V + v`` for view v of image g.
+        (G * V, P, D) tokens, row ``g * V + v`` for view v of image g (``tokens.views`` = V).
     """
     grid = round(features.shape[2] ** 0.5)
     if grid * grid != features.shape[2]:
@@ -105,7 +105,7 @@ def view_tokens(features: Tensor, side: int, *, cls: Tensor | None = None, atten
                                keys=flat(keys, "g v (h w) d -> (g v) h w d"))
     if embeddings is not None:
         tokens = tokens.with_embeddings(rearrange(embeddings, "g v p d -> (g v) p d"))
-    return tokens
+    return replace(tokens, views=features.shape[1])
 
 
 def view_budgets(budgets: Tensor, num_views: int) -> Tensor:

@@ -592,12 +592,72 @@ def test_fastervlm_is_the_released_code_on_llava_next(published_next):
             assert ours.shape == expected.shape and torch.allclose(ours, expected, atol=1e-5), (b, per_view)
 
 
+def divprune(visual_feature_vectors, image_feature_length, threshold_ratio):
+    """vbdi/divprune, ``LLaVA/llava/model/llava_arch.py`` lines 147-171 (``pairwise_cosine_similarity``,
+    ``DivPrune``), ported: ``int(round(ratio * length))`` picks, the first the token farthest from its nearest
+    neighbour, then the token farthest from the kept set."""
+    threshold_terms = int(round(threshold_ratio * image_feature_length))  # noqa: RUF046 (as released)
+    norm_matrix = visual_feature_vectors / visual_feature_vectors.norm(dim=1, keepdim=True)
+    cosine_matrix = 1.0 - torch.mm(norm_matrix, norm_matrix.t())
+    s = torch.empty(threshold_terms, dtype=torch.long)
+    for i in range(threshold_terms):
+        m2 = cosine_matrix if i == 0 else torch.index_select(cosine_matrix, 0, s[:i])
+        scores = torch.topk(m2, 2, dim=0, largest=False).values[1, :] if i == 0 else torch.min(m2, dim=0).values
+        s[i] = torch.argmax(scores)
+    return s
+
+
+@torch.no_grad()
+def upstream_divprune_next(model, processor, image, ratio: float):
+    """DivPrune's LLaVA-1.6 path as released, one image: (its language-model image inputs, kept positions).
+    ``LLaVA/llava/model/llava_arch.py`` lines 181-230 (the model's own image sequence: the base view, then the
+    unpadded tile rows each ended by ``image_newline``) and 352-385 (``LAYER_INDEX=0``: DivPrune over that whole
+    sequence, newlines included, the kept positions sorted). The sequence is the HF model's own
+    (``get_image_features``, which packs it the same way)."""
+    out = processor.image_processor(images=[image], return_tensors="pt")
+    (sequence,) = model.model.get_image_features(pixel_values=out["pixel_values"],
+                                                 image_sizes=out["image_sizes"]).pooler_output
+    kept = divprune(sequence, sequence.shape[0], ratio).sort().values
+    return sequence[kept], kept.tolist(), sequence.shape[0]
+
+
+def test_divprune_is_the_released_code_on_llava_next(published_next):
+    """20 images x 3 ratios: DivPrune over the model's image sequence with its newline tokens as candidates, the
+    count ``round(ratio * length)``, kept in sequence order; the language model's inputs within 1e-5."""
+    from pyrtok.vlm import PyramidVLM
+
+    model, processor, _, images = published_next
+    vlm = PyramidVLM(model, processor, allocator="divprune")
+    with torch.no_grad():
+        encoded = vlm.encode(images)
+    newlines = 0
+    for ratio in (0.02, 0.05, 0.1):
+        expected = [upstream_divprune_next(model, processor, image, ratio) for image in images]
+        budgets = torch.tensor([round(ratio * length) for _, _, length in expected])
+        selections = vlm.select(encoded, budgets)
+        inputs = vlm.prepare(None, [vlm.chat_prompt("what is it?")] * len(images), encoded=encoded,
+                             selections=selections)
+        for b, (features, positions, _) in enumerate(expected):
+            (k, i), = [(k, g.index(b)) for k, (g, _) in enumerate(encoded.groups) if b in g]
+            assert selections[k].rule == "sequence" and kept(selections[k], i) == positions, (b, ratio)
+            ours = inputs.mm_encoder_outputs["image"].pooler_output[b]
+            assert ours.shape == features.shape and torch.allclose(ours, features, atol=1e-5), (b, ratio)
+            newlines += int((features == model.model.image_newline).all(-1).sum())
+    assert newlines > 0  # some images keep a newline token, as the released code may
+
+
 def test_view_rules_and_their_errors(published_next):
     from pyrtok.vlm import PyramidVLM
 
     model, processor, _, images = published_next
-    assert PyramidVLM(model, processor, allocator="divprune").family.view_rule(allocators.create("divprune")) == \
-        "joint"
+    family = PyramidVLM(model, processor).family
+    assert [family.view_rule(allocators.create(name)) for name in ("laplacian", "divprune", "vscan", "visionzip")] \
+        == ["joint", "sequence", "each", "stacked"]
+    pooled = PyramidVLM(model, processor, allocator="divprune", levels=2)
+    assert pooled.family.view_rule(pooled.allocator) == "joint"  # the model's sequence has no pooled levels
+    with pytest.raises(ValueError, match="has no pooled levels: use levels=1"):
+        forced = PyramidVLM(model, processor, allocator="divprune", levels=2, views="sequence")
+        forced.select(forced.encode(images[:1]), 20)
     lazy = PyramidVLM(model, processor, allocator="visionzip", lazy_tiles=True)
     assert lazy.family.view_rule(lazy.allocator) == "joint"  # lazy tiles choose from the base view
     with pytest.raises(ValueError, match="views must be one of"):

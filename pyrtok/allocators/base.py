@@ -89,7 +89,8 @@ class Allocator:
     views: ClassVar[str] = "joint"
     """How the authors run the method on an any-resolution image's views (LLaVA-NeXT), what the family's
     ``views="auto"`` follows: ``"joint"`` (one choice over every view; pyrtok's rule where authors published no
-    such code), ``"each"`` or ``"stacked"`` (each view on its own; see :mod:`pyrtok.vlm.families.views`)."""
+    such code), ``"each"`` or ``"stacked"`` (each view on its own), or ``"sequence"`` (one choice over the model's
+    own image sequence, newline tokens included); see :mod:`pyrtok.vlm.families.views`."""
 
     def __init__(self, *, redundancy: bool = False, redundancy_quantile: float = 0.5) -> None:
         if not isinstance(redundancy, bool):

@@ -122,6 +122,8 @@ class DivPruneTokens(Allocator):
         [3, 5]
     """
 
+    views = "sequence"  # the released LLaVA-1.6 code: one choice over the model's image sequence, newlines included
+
     def __init__(self, scales: str = "finest", space: str = "embeddings", **options) -> None:
         super().__init__(**options)
         self.scales = check_scales(scales)

@@ -112,11 +112,12 @@ class LlavaNextFamily(Family):
         levels: levels built from the unpadded tile grid (1: the grid alone); the base view comes on top.
         newlines: the newline rule under a budget (see the module notes).
         lazy_tiles: encode only the tiles that hold kept tokens (see the module notes).
-        views: ``"auto"`` (default), ``"joint"``, ``"each"`` or ``"stacked"``: whether the allocator chooses
-            over the whole pyramid or view by view (:mod:`pyrtok.vlm.families.views`). ``"auto"`` follows the
-            allocator's authors on LLaVA-NeXT (FasterVLM, VisionZip, VScan and CDPruner run each view on its own)
-            and is ``"joint"`` for every other allocator, for OneVision (its authors' code is LLaVA-NeXT's) and
-            with lazy tiles (a view-by-view choice reads every tile).
+        views: ``"auto"`` (default), ``"joint"``, ``"each"``, ``"stacked"`` or ``"sequence"``: whether the
+            allocator chooses over the whole pyramid, view by view, or over the model's own image sequence
+            (:mod:`pyrtok.vlm.families.views`). ``"auto"`` follows the allocator's authors on LLaVA-NeXT
+            (FasterVLM, VisionZip, VScan and CDPruner run each view on its own, DivPrune the sequence) and is
+            ``"joint"`` for every other allocator, for OneVision (its authors' code is LLaVA-NeXT's), with lazy
+            tiles (a view-by-view choice reads every tile) and, for the sequence, with pooled levels.
     """
 
     name = "llava_next"
@@ -412,9 +413,10 @@ class LlavaNextFamily(Family):
         under ``"auto"`` the rule its authors use on LLaVA-NeXT, see the class notes)."""
         if self.views != "auto":
             return self.views
-        if self.lazy_tiles or self.max_tiles is not None:
+        rule = getattr(allocator, "views", "joint")
+        if self.lazy_tiles or self.max_tiles is not None or (rule == "sequence" and self.levels > 1):
             return "joint"
-        return getattr(allocator, "views", "joint")
+        return rule
 
     def query_space(self, encoded: Encoded) -> MultiScaleTokens:
         """The pyramid built from the tower's features (as the model's tokens are from the projector's), with the
@@ -440,6 +442,10 @@ class LlavaNextFamily(Family):
         rule = self.view_rule(allocator)
         if rule == "joint":
             return super().select(allocator, encoded, budgets, query, generator, align)
+        if rule == "sequence":
+            tokens = self._sequence_tokens(encoded)
+            chosen = allocator(tokens, budgets, image=encoded.pixels, query=query, generator=generator)
+            return ViewSelection(chosen.index, chosen.mask, chosen.count, views=chosen, num_views=1, rule=rule)
         extras = encoded.extras
         values = extras[self.views_key]  # (G, V, 3, s, s)
         num_views, patches = values.shape[1], self.grid**2
@@ -461,6 +467,22 @@ class LlavaNextFamily(Family):
         reaches = self._reaches(size, rule).to(budgets.device)
         return ViewSelection.from_views(chosen, num_views, patches, reaches.expand(values.shape[0], -1), rule)
 
+    def _sequence_tokens(self, encoded: Encoded) -> MultiScaleTokens:
+        """(G, L, D_lm): the image as the model's sequence holds it (the base view, then each row of the unpadded
+        grid ended by the newline token), as one level of one row, so that canonical order is the sequence's and
+        every token is a candidate of the finest level (the boxes split the image into L columns: they are not
+        where the tokens look)."""
+        tokens = encoded.tokens
+        if tokens.num_levels != 2:
+            raise ValueError(f"views='sequence' is the model's own sequence, which has no pooled levels: use levels=1, "
+                             f"got {tokens.num_levels - 1} tile levels")
+        h0, top = tokens.level_shapes[0][0], self.grid**2
+        fine = rearrange(tokens.features[:, top:], "g (h w) d -> g h w d", h=h0)
+        newline = self.model.model.image_newline.to(fine).expand(fine.shape[0], h0, 1, -1)
+        rows = rearrange(torch.cat([fine, newline], dim=2), "g h w d -> g (h w) d")
+        sequence = torch.cat([tokens.features[:, :top], rows], dim=1)
+        return from_feature_grid(sequence[:, None], 1, image_size=tokens.image_size, embeddings=sequence[:, None])
+
     def _joined_cells(self, rows: int, cols: int) -> tuple[Tensor, Tensor]:
         """(T * P,) row and column of each tile patch (tiles in raster order, patches in raster order within a
         tile) in the joined (rows * p, cols * p) tile grid."""
@@ -481,6 +503,8 @@ class LlavaNextFamily(Family):
     def _view_inputs(self, encoded: Encoded, selection: ViewSelection) -> list[Tensor]:
         """(P_g, D_lm) per image of a view-by-view selection, laid out by its rule (see
         :mod:`pyrtok.vlm.families.views`)."""
+        if selection.rule == "sequence":
+            return self.gather_kept(self._sequence_tokens(encoded).features, selection.views)
         extras, views, num_views = encoded.extras, selection.views, selection.num_views
         projector = self.model.model.multi_modal_projector
         kept = self.kept_rows(rearrange(extras["view_features"], "g v p d -> (g v) p d"), views, projector)

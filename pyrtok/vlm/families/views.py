@@ -14,6 +14,9 @@ views' kept tokens are then laid out by the method's own rule. The rules (``view
   order of the joined tile grid (padding kept, no newlines), then the tiles' [CLS] tokens, then their merged
   tokens (VisionZip's ``restore_image_features_sorted``; without [CLS] or merged tokens, FasterVLM's and CDPruner's
   forced ``spatial`` layout);
+- ``"sequence"``: one choice over the image's tokens as the model's own sequence holds them (the base view, then
+  every row of the unpadded tile grid ended by its newline token), newlines among the candidates, kept in that
+  order (DivPrune's LLaVA-1.6 code, which prunes the language model's input sequence);
 - ``"auto"``: the rule the allocator's authors use (:attr:`pyrtok.allocators.Allocator.views`).
 
 Within a view, [CLS], kept and merged tokens come as on LLaVA-1.5 ([CLS] first, merged last). The image's budget
@@ -32,7 +35,7 @@ from pyrtok.tokens import MultiScaleTokens, TokenSelection, from_feature_grid
 
 __all__ = ["VIEWS", "ViewSelection", "view_tokens"]
 
-VIEWS = ("auto", "joint", "each", "stacked")
+VIEWS = ("auto", "joint", "each", "stacked", "sequence")
 
 
 @dataclass(frozen=True, eq=False)
@@ -42,14 +45,15 @@ class ViewSelection(TokenSelection):
     The :class:`TokenSelection` fields describe the image's kept patches that reach the language model, view-major
     (index ``v * P + j`` is patch j of view v; patches a layout drops, such as those in LLaVA-NeXT's padding under
     ``"each"``, are left out); ``merged`` and ``cls`` stay None, and :attr:`merged_count` and :attr:`cls_count` add
-    up the views'.
+    up the views'. Under ``"sequence"`` there is one view, the model's image sequence, and the index is into it
+    (kept newline tokens included).
 
     Attributes:
         views: the allocator's selection over the (G * V) views, row ``g * V + v`` for view v of image g (view 0
             the base view, then the tiles in raster order of the tile grid); its indices are into the view's P
             patches.
         num_views: V.
-        rule: the layout rule (``"each"`` or ``"stacked"``, see the module notes).
+        rule: the layout rule (``"each"``, ``"stacked"`` or ``"sequence"``, see the module notes).
     """
 
     views: TokenSelection | None = None

@@ -159,7 +159,10 @@ def fingerprint(config: AblationConfig, model: ModelSpec, task: TaskSpec, alloca
     with every option it resolves to (defaults included, so a method whose default rule changes between
     versions is recomputed, however it is named), the seed and the batch size. Rows of another fingerprint are
     never taken as done, so a resumed run with a changed config recomputes instead of mixing results."""
-    options = resolve(config.allocator_specs[allocator], f"allocators[{allocator}]").config()
+    method = resolve(config.allocator_specs[allocator], f"allocators[{allocator}]")
+    options = method.config()
+    if getattr(method, "views", "joint") != "joint":  # how it runs on LLaVA-NeXT's views, a class-level rule
+        options = {**options, "views": method.views}
     parts = [asdict(model), asdict(task), options, config.seed, config.batch_size]
     if schedule is not None:
         # "twin-seeded": a scheduled cell draws its allocator's randomness as its unscheduled twin does

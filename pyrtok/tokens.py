@@ -154,13 +154,13 @@ class MultiScaleTokens:
     views: int = 1
 
     def __post_init__(self) -> None:
+        if not isinstance(self.features, Tensor) or self.features.dim() != 3:
+            shape = tuple(self.features.shape) if isinstance(self.features, Tensor) else type(self.features).__name__
+            raise ValueError(f"features must be a (B, N, D) tensor, got {shape}")
         if isinstance(self.views, bool) or not isinstance(self.views, int) or self.views < 1 \
                 or self.features.shape[0] % self.views:
             raise ValueError(f"views must be a positive int that divides the batch ({self.features.shape[0]}), "
                              f"got {self.views!r}")
-        if not isinstance(self.features, Tensor) or self.features.dim() != 3:
-            shape = tuple(self.features.shape) if isinstance(self.features, Tensor) else type(self.features).__name__
-            raise ValueError(f"features must be a (B, N, D) tensor, got {shape}")
         n = sum(h * w for h, w in self.level_shapes)
         if self.features.shape[1] != n:
             raise ValueError(
@@ -396,6 +396,14 @@ class TokenSelection:
         return keep.scatter_(1, target, True)[:, :num_tokens]
 
 
+def check_indexes_tokens(selection: TokenSelection) -> None:
+    """Raise a TypeError for a selection whose index is not into the tokens it came with: LLaVA-NeXT's
+    view-by-view selections (:class:`~pyrtok.vlm.families.views.ViewSelection`) index the image's views."""
+    if getattr(selection, "views", None) is not None:
+        raise TypeError("this selection was made view by view (a ViewSelection): its index is into the image's views, "
+                        "not into these tokens; read selection.views with the views' tokens, or use views='joint'")
+
+
 def gather(tokens: MultiScaleTokens, selection: TokenSelection) -> tuple[Tensor, Tensor]:
     """Features of the kept tokens.
 
@@ -406,6 +414,7 @@ def gather(tokens: MultiScaleTokens, selection: TokenSelection) -> tuple[Tensor,
     Returns:
         ``(features, mask)``: (B, K, D) kept features (zeros at padded entries) and the (B, K) mask.
     """
+    check_indexes_tokens(selection)
     if selection.batch_size != tokens.batch_size:
         raise ValueError(f"selection has batch size {selection.batch_size}, tokens have {tokens.batch_size}")
     index = rearrange(selection.index, "b k -> b k 1").expand(-1, -1, tokens.dim)
@@ -415,6 +424,7 @@ def gather(tokens: MultiScaleTokens, selection: TokenSelection) -> tuple[Tensor,
 
 def selection_boxes(tokens: MultiScaleTokens, selection: TokenSelection) -> Tensor:
     """(B, K, 4) level-0 pixel boxes of the kept tokens; padded entries are zeros."""
+    check_indexes_tokens(selection)
     boxes = tokens.box[selection.index]
     return boxes * rearrange(selection.mask, "b k -> b k 1").to(boxes.dtype)
 

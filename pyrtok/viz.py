@@ -9,7 +9,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
-from pyrtok.tokens import MultiScaleTokens, TokenSelection
+from pyrtok.tokens import MultiScaleTokens, TokenSelection, check_indexes_tokens
 
 __all__ = ["LEVEL_COLOURS", "MERGED_COLOUR", "band_to_image", "draw_selection", "labelled_grid", "pyramid_figure",
            "save_png", "to_pil"]
@@ -165,6 +165,7 @@ def draw_selection(
         raise TypeError(f"tokens must be MultiScaleTokens, got {type(tokens).__name__}")
     if not isinstance(selection, TokenSelection):
         raise TypeError(f"selection must be a TokenSelection, got {type(selection).__name__}")
+    check_indexes_tokens(selection)
     if selection.batch_size != tokens.batch_size:
         raise ValueError(
             f"selection has batch size {selection.batch_size} but tokens have {tokens.batch_size}"

@@ -16,29 +16,35 @@ import torch
 import torch.nn.functional as F
 
 from pyrtok import allocators
-from pyrtok.tokens import TokenSelection, from_feature_grid
+from pyrtok.tokens import TokenSelection, from_feature_grid, gather
 
 IMAGES = 20
+
+
+def tiny_published(family: str, folder, seed: int, sides: tuple[int, int], image_seed: int, **model_options):
+    """A tiny random-weight VLM saved with its processor, an eager-attention copy of it (for attention maps), and
+    20 random images with sides in ``sides``: (model, processor, eager, images)."""
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from pyrtok.testing import save_tiny_vlm
+
+    folder = save_tiny_vlm(family, folder, seed=seed, **model_options)
+    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    eager = AutoModelForImageTextToText.from_pretrained(folder, attn_implementation="eager").eval()
+    rng = np.random.default_rng(image_seed)
+    images = [Image.fromarray(rng.integers(0, 256, (int(rng.integers(*sides)), int(rng.integers(*sides)), 3),
+                                           dtype=np.uint8)) for _ in range(IMAGES)]
+    return model, AutoProcessor.from_pretrained(folder), eager, images
 
 
 @pytest.fixture(scope="module")
 def published_llava(tmp_path_factory):
     """A tiny LLaVA: 80 px at 8 px patches (100 tokens), a 6-layer tower with 4 heads (feature layer -2), a 4-layer
     language model 64 wide; its processor; an eager-attention copy of it; and 20 images of odd sizes."""
-    from PIL import Image
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    from pyrtok.testing import save_tiny_vlm
-
-    folder = save_tiny_vlm("llava", tmp_path_factory.mktemp("published_llava"), seed=23, hidden=64, text_layers=4,
-                           vision_config={"image_size": 80, "patch_size": 8, "num_hidden_layers": 6,
-                                          "num_attention_heads": 4})
-    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
-    eager = AutoModelForImageTextToText.from_pretrained(folder, attn_implementation="eager").eval()
-    rng = np.random.default_rng(5)
-    images = [Image.fromarray(rng.integers(0, 256, (int(rng.integers(50, 130)), int(rng.integers(50, 130)), 3),
-                                           dtype=np.uint8)) for _ in range(IMAGES)]
-    return model, AutoProcessor.from_pretrained(folder), eager, images
+    return tiny_published("llava", tmp_path_factory.mktemp("published_llava"), 23, (50, 130), 5, hidden=64,
+                          text_layers=4, vision_config={"image_size": 80, "patch_size": 8, "num_hidden_layers": 6,
+                                                        "num_attention_heads": 4})
 
 
 def kept(selection: TokenSelection, b: int) -> list[int]:
@@ -190,20 +196,9 @@ def test_a_family_without_cls_features_refuses_a_cls_selection():
 def vscan_llava(tmp_path_factory):
     """A tiny LLaVA with VScan's grid: 96 px at 4 px patches (24 x 24 = 576 tokens, as CLIP ViT-L/14 at 336 px), an
     8-layer tower (early layer 2, a quarter), a 2-layer language model; its eager copy and 20 images."""
-    from PIL import Image
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    from pyrtok.testing import save_tiny_vlm
-
-    folder = save_tiny_vlm("llava", tmp_path_factory.mktemp("vscan_llava"), seed=29, hidden=48, text_layers=2,
-                           vision_config={"image_size": 96, "patch_size": 4, "num_hidden_layers": 8,
-                                          "num_attention_heads": 2})
-    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
-    eager = AutoModelForImageTextToText.from_pretrained(folder, attn_implementation="eager").eval()
-    rng = np.random.default_rng(9)
-    images = [Image.fromarray(rng.integers(0, 256, (int(rng.integers(70, 140)), int(rng.integers(70, 140)), 3),
-                                           dtype=np.uint8)) for _ in range(IMAGES)]
-    return model, AutoProcessor.from_pretrained(folder), eager, images
+    return tiny_published("llava", tmp_path_factory.mktemp("vscan_llava"), 29, (70, 140), 9, hidden=48,
+                          text_layers=2, vision_config={"image_size": 96, "patch_size": 4, "num_hidden_layers": 8,
+                                                        "num_attention_heads": 2})
 
 
 def window_cls_selection(image_attentions: torch.Tensor, visual_token_num: int, window_size: int = 6):
@@ -367,21 +362,10 @@ NEXT_PINPOINTS = [[96, 96], [96, 192], [192, 96], [192, 192], [96, 288], [288, 9
 
 @pytest.fixture(scope="module")
 def published_next(tmp_path_factory):
-    from PIL import Image
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    from pyrtok.testing import save_tiny_vlm
-
-    folder = save_tiny_vlm("llava_next", tmp_path_factory.mktemp("published_next"), seed=31, hidden=48,
-                           text_layers=2, image_grid_pinpoints=NEXT_PINPOINTS,
-                           vision_config={"image_size": 96, "patch_size": 4, "num_hidden_layers": 4,
-                                          "num_attention_heads": 2})
-    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
-    eager = AutoModelForImageTextToText.from_pretrained(folder, attn_implementation="eager").eval()
-    rng = np.random.default_rng(13)
-    images = [Image.fromarray(rng.integers(0, 256, (int(rng.integers(40, 300)), int(rng.integers(40, 300)), 3),
-                                           dtype=np.uint8)) for _ in range(IMAGES)]
-    return model, AutoProcessor.from_pretrained(folder), eager, images
+    return tiny_published("llava_next", tmp_path_factory.mktemp("published_next"), 31, (40, 300), 13, hidden=48,
+                          text_layers=2, image_grid_pinpoints=NEXT_PINPOINTS,
+                          vision_config={"image_size": 96, "patch_size": 4, "num_hidden_layers": 4,
+                                         "num_attention_heads": 2})
 
 
 def next_views(model, processor, image):
@@ -505,6 +489,17 @@ def view_budgets(processor, images, per_view: int) -> torch.Tensor:
     return torch.tensor(views) * per_view
 
 
+def view_runs(vlm, encoded, budgets, query=None):
+    """Select and prepare a LLaVA-NeXT batch under (B,) ``budgets``; per image: (its index b, the group's
+    selection, the image's row in it, the language model's image inputs pyrtok builds)."""
+    selections = vlm.select(encoded, budgets, query=query)
+    inputs = vlm.prepare(None, [vlm.chat_prompt("what is it?")] * encoded.num_samples, encoded=encoded,
+                         selections=selections)
+    for b in range(encoded.num_samples):
+        (k, i), = [(k, g.index(b)) for k, (g, _) in enumerate(encoded.groups) if b in g]
+        yield b, selections[k], i, inputs.mm_encoder_outputs["image"].pooler_output[b]
+
+
 def test_visionzip_is_the_released_code_on_llava_next(published_next):
     """20 images x 3 budgets: every view keeps [CLS] + dominant + contextual as the released code does, and the
     language model gets them in the released order (the base view, the tiles' patches in the joined grid, the
@@ -519,19 +514,14 @@ def test_visionzip_is_the_released_code_on_llava_next(published_next):
         encoded = vlm.encode(images)
     for per_view in (16, 64, 144):
         contextual = round_half_up(per_view * 10 / 64)
-        selections = vlm.select(encoded, view_budgets(processor, images, per_view))
-        inputs = vlm.prepare(None, [vlm.chat_prompt("what is it?")] * len(images), encoded=encoded,
-                             selections=selections)
-        for b, image in enumerate(images):
-            (k, i), = [(k, g.index(b)) for k, (g, _) in enumerate(encoded.groups) if b in g]
-            chosen = selections[k]
+        for b, chosen, i, ours in view_runs(vlm, encoded, view_budgets(processor, images, per_view)):
+            image = images[b]
             assert isinstance(chosen, ViewSelection) and chosen.rule == "stacked"
             expected, kept_views = upstream_visionzip_next(model, eager, processor, image, per_view - contextual,
                                                            contextual)
             views = chosen.views
             for v, indices in enumerate(kept_views):
                 assert kept(views, i * chosen.num_views + v) == indices, (b, per_view, v)
-            ours = inputs.mm_encoder_outputs["image"].pooler_output[b]
             assert ours.shape == expected.shape and int(chosen.total[i]) == expected.shape[0]
             assert torch.allclose(ours, expected, atol=1e-5), (b, per_view)
     joint = PyramidVLM(model, processor, allocator="visionzip", views="joint")
@@ -550,17 +540,12 @@ def test_vscan_is_the_released_code_on_llava_next(published_next):
         encoded = vlm.encode(images)
     dropped = 0
     for per_view in (32, 96, 192):
-        selections = vlm.select(encoded, view_budgets(processor, images, per_view))
-        inputs = vlm.prepare(None, [vlm.chat_prompt("what is it?")] * len(images), encoded=encoded,
-                             selections=selections)
-        for b, image in enumerate(images):
-            (k, i), = [(k, g.index(b)) for k, (g, _) in enumerate(encoded.groups) if b in g]
-            chosen = selections[k]
+        for b, chosen, i, ours in view_runs(vlm, encoded, view_budgets(processor, images, per_view)):
+            image = images[b]
             assert chosen.rule == "each"
             expected, kept_views = upstream_vscan_next(model, eager, processor, image, per_view, early=1)
             for v, indices in enumerate(kept_views):
                 assert kept(chosen.views, i * chosen.num_views + v) == indices, (b, per_view, v)
-            ours = inputs.mm_encoder_outputs["image"].pooler_output[b]
             assert ours.shape == expected.shape, (b, per_view)
             assert torch.allclose(ours, expected, atol=1e-5), (b, per_view)
             dropped += int(chosen.views.count[i * chosen.num_views: (i + 1) * chosen.num_views].sum()
@@ -578,17 +563,12 @@ def test_fastervlm_is_the_released_code_on_llava_next(published_next):
     with torch.no_grad():
         encoded = vlm.encode(images)
     for per_view in (32, 64, 144):
-        selections = vlm.select(encoded, view_budgets(processor, images, per_view))
-        inputs = vlm.prepare(None, [vlm.chat_prompt("what is it?")] * len(images), encoded=encoded,
-                             selections=selections)
-        for b, image in enumerate(images):
-            (k, i), = [(k, g.index(b)) for k, (g, _) in enumerate(encoded.groups) if b in g]
-            chosen = selections[k]
+        for b, chosen, i, ours in view_runs(vlm, encoded, view_budgets(processor, images, per_view)):
+            image = images[b]
             assert chosen.rule == "stacked" and chosen.views.merged is None and chosen.views.cls is None
             expected, kept_views = upstream_fastervlm_next(model, eager, processor, image, per_view)
             for v, indices in enumerate(kept_views):
                 assert kept(chosen.views, i * chosen.num_views + v) == indices, (b, per_view, v)
-            ours = inputs.mm_encoder_outputs["image"].pooler_output[b]
             assert ours.shape == expected.shape and torch.allclose(ours, expected, atol=1e-5), (b, per_view)
 
 
@@ -634,13 +614,9 @@ def test_divprune_is_the_released_code_on_llava_next(published_next):
     for ratio in (0.02, 0.05, 0.1):
         expected = [upstream_divprune_next(model, processor, image, ratio) for image in images]
         budgets = torch.tensor([round(ratio * length) for _, _, length in expected])
-        selections = vlm.select(encoded, budgets)
-        inputs = vlm.prepare(None, [vlm.chat_prompt("what is it?")] * len(images), encoded=encoded,
-                             selections=selections)
-        for b, (features, positions, _) in enumerate(expected):
-            (k, i), = [(k, g.index(b)) for k, (g, _) in enumerate(encoded.groups) if b in g]
-            assert selections[k].rule == "sequence" and kept(selections[k], i) == positions, (b, ratio)
-            ours = inputs.mm_encoder_outputs["image"].pooler_output[b]
+        for b, chosen, i, ours in view_runs(vlm, encoded, budgets):
+            features, positions, _ = expected[b]
+            assert chosen.rule == "sequence" and kept(chosen, i) == positions, (b, ratio)
             assert ours.shape == features.shape and torch.allclose(ours, features, atol=1e-5), (b, ratio)
             newlines += int((features == model.model.image_newline).all(-1).sum())
     assert newlines > 0  # some images keep a newline token, as the released code may
@@ -664,11 +640,32 @@ def test_view_rules_and_their_errors(published_next):
         PyramidVLM(model, processor, views="tiles")
     with pytest.raises(ValueError, match="does not go with lazy_tiles=True"):
         PyramidVLM(model, processor, views="each", lazy_tiles=True)
+    assert family.view_rule(allocators.create("cls_attention")) == "joint"  # pyrtok's own: every level
+    pooled = PyramidVLM(model, processor, allocator="visionzip", levels=2)
+    assert pooled.family.view_rule(pooled.allocator) == "joint"
+    with pytest.raises(ValueError, match="does not go with lazy_tiles=True"):
+        PyramidVLM(model, processor, views="sequence", lazy_tiles=True)
     # any allocator runs view by view on request: DivPrune on every view, the model's layout
     each = PyramidVLM(model, processor, allocator="divprune", views="each")
     encoded = each.encode(images[:1])
     (chosen,) = each.select(encoded, view_budgets(processor, images[:1], 20))
     assert chosen.views.count.tolist() == [20] * chosen.num_views
+    with pytest.raises(ValueError, match="budgets must be at least"):
+        each.select(encoded, chosen.num_views - 1)
+    (everything,) = PyramidVLM(model, processor, allocator="visionzip").select(encoded)  # budget None: all
+    assert everything.views.count.tolist() == [576] * chosen.num_views and everything.views.merged is None
+    with pytest.raises(TypeError, match="made view by view"):
+        gather(encoded.groups[0][1].tokens, chosen)
+    # two images of one size in one group: each image's choice is the one it gets alone
+    stacked = PyramidVLM(model, processor, allocator="visionzip")
+    twin = images[0].transpose(0)  # a mirror image: the same size, other pixels
+    both = stacked.encode([images[0], twin])
+    assert len(both.groups) == 1
+    for b, chosen, i, ours in view_runs(stacked, both, view_budgets(processor, [images[0], twin], 32)):
+        alone = stacked.encode([[images[0], twin][b]])
+        (_, single, _, expected), = view_runs(stacked, alone, view_budgets(processor, [images[0]], 32))
+        assert torch.equal(chosen.views.index[i * chosen.num_views: (i + 1) * chosen.num_views], single.views.index)
+        assert torch.allclose(ours, expected, atol=1e-6)
 
 
 # VScan's own Qwen2.5-VL code: a tiny Qwen2.5-VL no other test uses (a 4-block tower, blocks 1 and 3 full
@@ -835,23 +832,26 @@ QUESTIONS = ("what colour is the shape?",
              "next to the green triangle at the top?")  # 26 words: two segments of a 16-position text tower
 
 
-@pytest.fixture(scope="module")
-def published_clip(published_llava):
-    """A tiny CLIP whose vision tower is the LLaVA's (as LLaVA-1.5's tower is CLIP ViT-L's), with a text tower of
-    16 positions, so that long questions take two segments."""
+def clip_on_tower(model, tokenizer, seed: int):
+    """A tiny CLIP whose vision tower is ``model``'s (as LLaVA's tower is CLIP ViT-L's), with a text tower of 16
+    positions, so that long questions take two segments."""
     from transformers import CLIPConfig, CLIPModel, CLIPTextConfig
 
-    model, processor, _, _ = published_llava
-    tokenizer = processor.tokenizer
     text = CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                           vocab_size=len(tokenizer), max_position_embeddings=16, eos_token_id=tokenizer.eos_token_id,
                           bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id)
     config = CLIPConfig(text_config=text.to_dict(), vision_config=model.config.vision_config.to_dict(),
                         projection_dim=24)
-    torch.manual_seed(31)
+    torch.manual_seed(seed)
     clip = CLIPModel(config).eval()
     clip.vision_model.load_state_dict(model.model.vision_tower.state_dict())
     return clip, tokenizer
+
+
+@pytest.fixture(scope="module")
+def published_clip(published_llava):
+    model, processor, _, _ = published_llava
+    return clip_on_tower(model, processor.tokenizer, seed=31)
 
 
 @torch.no_grad()
@@ -956,20 +956,8 @@ def test_language_query_encoder_is_the_mean_of_unit_input_embeddings(published_l
 
 @pytest.fixture(scope="module")
 def published_next_clip(published_next):
-    """A tiny CLIP whose vision tower is the LLaVA-NeXT's, with a text tower of 16 positions."""
-    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig
-
     model, processor, _, _ = published_next
-    tokenizer = processor.tokenizer
-    text = CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                          vocab_size=len(tokenizer), max_position_embeddings=16, eos_token_id=tokenizer.eos_token_id,
-                          bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id)
-    config = CLIPConfig(text_config=text.to_dict(), vision_config=model.config.vision_config.to_dict(),
-                        projection_dim=24)
-    torch.manual_seed(37)
-    clip = CLIPModel(config).eval()
-    clip.vision_model.load_state_dict(model.model.vision_tower.state_dict())
-    return clip, tokenizer
+    return clip_on_tower(model, processor.tokenizer, seed=37)
 
 
 def test_cdpruner_is_the_released_code_on_llava_next(published_next, published_next_clip):
@@ -987,12 +975,8 @@ def test_cdpruner_is_the_released_code_on_llava_next(published_next, published_n
         encoded = vlm.encode(images)
         query = vlm.encode_query(questions)
     for per_view in (8, 16, 32):  # well below the kernel's rank (48, the language model's width)
-        selections = vlm.select(encoded, view_budgets(processor, images, per_view), query=query)
-        inputs = vlm.prepare(None, [vlm.chat_prompt("what is it?")] * len(images), encoded=encoded,
-                             selections=selections)
-        for b, image in enumerate(images):
-            (k, i), = [(k, g.index(b)) for k, (g, _) in enumerate(encoded.groups) if b in g]
-            chosen = selections[k]
+        for b, chosen, i, ours in view_runs(vlm, encoded, view_budgets(processor, images, per_view), query):
+            image = images[b]
             assert chosen.rule == "stacked"
             pixel_values, (rows, cols) = next_views(model, processor, image)
             expected = upstream_cdpruner(model, clip, tokenizer, pixel_values, questions[b], per_view)
@@ -1007,5 +991,4 @@ def test_cdpruner_is_the_released_code_on_llava_next(published_next, published_n
             tiles = features[1:].view(rows, cols, 24, 24, -1).permute(0, 2, 1, 3, 4).flatten(0, 3)
             tile_mask = mask[1:].view(rows, cols, 24, 24).permute(0, 2, 1, 3).flatten(0, 3)
             layout = torch.cat((features[0][mask[0]], tiles[tile_mask]))
-            ours = inputs.mm_encoder_outputs["image"].pooler_output[b]
             assert ours.shape == layout.shape and torch.allclose(ours, layout, atol=1e-5), (b, per_view)

@@ -20,5 +20,7 @@ class ClsAttentionTokens(FasterVLMTokens):
         scales: ``"all"`` by default; ``"finest"`` makes it ``fastervlm``.
     """
 
+    views = "joint"  # pyrtok's own: one choice over every view and level
+
     def __init__(self, scales: str = "all", **options) -> None:
         super().__init__(scales=scales, **options)

@@ -141,7 +141,7 @@ class LlavaNextFamily(Family):
                              "saved with the model (or load with PyramidVLM.from_pretrained)")
         if views not in VIEWS:
             raise ValueError(f"views must be one of {VIEWS}, got {views!r}")
-        if lazy_tiles and views in ("each", "stacked"):
+        if lazy_tiles and views in ("each", "stacked", "sequence"):
             raise ValueError(f"views={views!r} chooses in every tile, so every tile is encoded: it does not go with "
                              "lazy_tiles=True")
         self.newlines, self.lazy_tiles, self.views = newlines, lazy_tiles, views
@@ -409,14 +409,16 @@ class LlavaNextFamily(Family):
 
     # -- view by view ---------------------------------------------------------------------------------
     def view_rule(self, allocator: Any) -> str:
-        """``"joint"``, ``"each"`` or ``"stacked"``: how ``allocator`` chooses here (the ``views`` option, or
-        under ``"auto"`` the rule its authors use on LLaVA-NeXT, see the class notes)."""
+        """``"joint"``, ``"each"``, ``"stacked"`` or ``"sequence"``: how ``allocator`` chooses here (the ``views``
+        option, or under ``"auto"`` the rule its authors use on LLaVA-NeXT, see the class notes; joint where the
+        pyramid has pooled levels or the allocator reads every level, which the authors' rules have no place
+        for)."""
         if self.views != "auto":
             return self.views
-        rule = getattr(allocator, "views", "joint")
-        if self.lazy_tiles or self.max_tiles is not None or (rule == "sequence" and self.levels > 1):
+        every_level = getattr(allocator, "scales", "finest") != "finest"
+        if self.lazy_tiles or self.max_tiles is not None or self.levels > 1 or every_level:
             return "joint"
-        return rule
+        return getattr(allocator, "views", "joint")
 
     def query_space(self, encoded: Encoded) -> MultiScaleTokens:
         """The pyramid built from the tower's features (as the model's tokens are from the projector's), with the
@@ -432,18 +434,23 @@ class LlavaNextFamily(Family):
     @property
     def _by_view(self) -> bool:
         """Whether some allocator may choose view by view here (so :meth:`encode` keeps what views need)."""
-        return not self.lazy_tiles and self.views != "joint" and not (self.views == "auto" and self.max_tiles)
+        return not self.lazy_tiles and self.views in ("auto", "each", "stacked") and \
+            not (self.views == "auto" and (self.max_tiles or self.levels > 1))
 
     def select(self, allocator: Any, encoded: Encoded, budgets: Tensor, query: Tensor | None = None,
                generator: torch.Generator | None = None,
                align: Callable[[MultiScaleTokens], MultiScaleTokens] | None = None) -> TokenSelection:
         """The allocator's choice for one group: over the whole pyramid, or (:meth:`view_rule`) on every view as
-        its own image, each view with ``budgets // V`` tokens (:class:`~pyrtok.vlm.families.views.ViewSelection`)."""
+        its own image, each view with ``budgets // V`` tokens, or over the model's image sequence with ``budgets``
+        (:class:`~pyrtok.vlm.families.views.ViewSelection`). A budget of every token (the pyramid's N, what
+        ``budget=None`` gives) keeps every view's or sequence token."""
         rule = self.view_rule(allocator)
         if rule == "joint":
             return super().select(allocator, encoded, budgets, query, generator, align)
+        everything = budgets >= encoded.tokens.num_tokens
         if rule == "sequence":
             tokens = self._sequence_tokens(encoded)
+            budgets = torch.where(everything, tokens.num_tokens, budgets)
             chosen = allocator(tokens, budgets, image=encoded.pixels, query=query, generator=generator)
             return ViewSelection(chosen.index, chosen.mask, chosen.count, views=chosen, num_views=1, rule=rule)
         extras = encoded.extras
@@ -462,6 +469,10 @@ class LlavaNextFamily(Family):
             tokens = align(tokens)
         stats = self.image_processor
         pixels = unnormalise(rearrange(values, "g v c h w -> (g v) c h w"), stats.image_mean, stats.image_std)
+        if bool((budgets < num_views).any()):
+            raise ValueError(f"views={rule!r} gives each of an image's {num_views} views budget // {num_views} "
+                             f"tokens: budgets must be at least {num_views}, got {budgets.tolist()}")
+        budgets = torch.where(everything, num_views * patches, budgets)
         rows = None if query is None else torch.repeat_interleave(query, num_views, dim=0)
         chosen = allocator(tokens, view_budgets(budgets, num_views), image=pixels, query=rows, generator=generator)
         reaches = self._reaches(size, rule).to(budgets.device)

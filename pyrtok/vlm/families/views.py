@@ -33,7 +33,7 @@ from torch import Tensor
 
 from pyrtok.tokens import MultiScaleTokens, TokenSelection, from_feature_grid
 
-__all__ = ["VIEWS", "ViewSelection", "view_tokens"]
+__all__ = ["VIEWS", "ViewSelection", "view_budgets", "view_tokens"]
 
 VIEWS = ("auto", "joint", "each", "stacked", "sequence")
 

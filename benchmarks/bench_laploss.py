@@ -11,7 +11,10 @@ runs only that loss (``--memory``; a process per loss, so it takes a while). Row
   pyrtok's implementation;
 - pyrtok's own ``LapLoss`` (OpenCV-exact pyramid, 5 levels with the residual) without and with a mask (75% of
   16 px patches hidden, as MAE), against the fastest snippet: the residual and the mask are what the snippets
-  lack.
+  lack;
+- ``pyrtok (elementwise)``: pyrtok's ``LapLoss`` inside ``pyramid.batch_invariant()``, the pyramid's elementwise
+  path (what every batch took before the depthwise-convolution path), against ``pyrtok``: its ratio is the
+  speed-up of that path.
 
 Video batches (B, T, C, H, W) go to pyrtok as they are and to the snippets flattened to (B * T, C, H, W), as a
 user of them would. ``--dtype bfloat16`` runs the losses under autocast (inputs in bfloat16; pyrtok computes in
@@ -35,6 +38,7 @@ from presets import add_device_arguments, device_and_dtype
 
 from pyrtok._timing import sync
 from pyrtok.losses import LapLoss
+from pyrtok.pyramid import batch_invariant
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from snippet_ports import PORTS  # the ports live with the tests that check them
@@ -69,6 +73,13 @@ def step(loss: Callable[..., torch.Tensor], pred: torch.Tensor, target: torch.Te
     value.backward()
 
 
+def elementwise_step(loss: Callable[..., torch.Tensor], pred: torch.Tensor, target: torch.Tensor,
+                     autocast: bool) -> None:
+    """:func:`step` with the pyramid on its elementwise path (``batch_invariant``)."""
+    with batch_invariant():
+        step(loss, pred, target, autocast)
+
+
 def timed(calls: dict[str, Callable[[], None]], repeats: int, device: torch.device) -> dict[str, tuple[float, float]]:
     """name -> (minimum ms over ``repeats`` interleaved rounds after one warm-up, peak MiB on a GPU or nan)."""
     times: dict[str, list[float]] = {name: [] for name in calls}
@@ -99,8 +110,10 @@ def _cpu_peak_child(name: str, shape: tuple[int, ...], autocast: bool, threads: 
     losses = {**{f"{n} (snippet)": (port, flat, ()) for n, port in PORTS.items()},
               **{f"{n} (preset)": (LapLoss.from_preset(n), flat, ()) for n in PORTS},
               "pyrtok": (LapLoss(levels=5), (pred, target), ()), "pyrtok + mask": (LapLoss(levels=5), (pred, target),
-                                                                                  (mask,))}
+                                                                                  (mask,)),
+              "pyrtok (elementwise)": (LapLoss(levels=5), (pred, target), ())}
     loss, inputs, extra = losses[name]
+    path = batch_invariant() if name == "pyrtok (elementwise)" else contextlib.nullcontext()
 
     def status(field: str) -> int:  # kB
         line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(field))
@@ -108,7 +121,8 @@ def _cpu_peak_child(name: str, shape: tuple[int, ...], autocast: bool, threads: 
 
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak resident set (VmHWM) to the current one
     before = status("VmRSS:")
-    step(loss, *inputs, autocast, *extra)
+    with path:
+        step(loss, *inputs, autocast, *extra)
     queue.put((status("VmHWM:") - before) / 2**10)  # kB -> MiB
 
 
@@ -154,6 +168,7 @@ def main(argv: list[str] | None = None) -> None:
         ours = LapLoss(levels=5)
         calls["pyrtok"] = partial(step, ours, pred, target, autocast)
         calls["pyrtok + mask"] = partial(step, ours, pred, target, autocast, mask)
+        calls["pyrtok (elementwise)"] = partial(elementwise_step, ours, pred, target, autocast)
         results = timed(calls, args.repeats, device)
         if args.memory and device.type == "cpu":
             peaks = cpu_peaks(list(calls), shape, autocast, args.threads)
@@ -161,6 +176,7 @@ def main(argv: list[str] | None = None) -> None:
         fastest = min((name for name in results if name.endswith("(snippet)")), key=lambda n: results[n][0])
         for name, (ms, peak) in results.items():
             baseline = fastest if name.startswith("pyrtok") else name.replace("(preset)", "(snippet)")
+            baseline = "pyrtok" if name == "pyrtok (elementwise)" else baseline
             ratio = "" if name == baseline else f"{ms / results[baseline][0]:.2f}"
             print(f"{text:<16}{name:<22}{ms:>10.1f}{peak:>10.0f}{baseline if ratio else '':>22}{ratio:>8}",
                   flush=True)

@@ -1,28 +1,33 @@
-"""Laplacian pyramid speed: pyrtok vs kornia vs OpenCV on the same inputs, in one run.
+"""Laplacian pyramid speed: pyrtok against OpenCV, kornia and its own elementwise path, in one run.
 
-Each case builds a ``levels``-level Laplacian pyramid (the bands and the residual) of one float32 batch on
-the CPU with 2 threads. Baselines:
+Each case builds a ``levels``-level Laplacian pyramid (the bands and the residual) of one batch of B x 3 images.
+Every method runs once per round, the rounds interleaved so that background load reaches all of them alike,
+and a method's time is its minimum over ``--repeats`` rounds after one warm-up round (robust on a shared
+machine). Methods:
 
-- kornia: ``kornia.geometry.transform.build_laplacian_pyramid`` (its own operator; pads to powers of 2).
-- OpenCV: ``cv2.pyrDown`` / ``cv2.pyrUp(dstsize=...)`` and a subtraction, looped over the images of the
-  batch in HWC layout (the layout OpenCV wants; the conversion is not timed).
+- pyrtok: ``laplacian_pyramid`` as users call it (12 or more images: depthwise convolutions);
+- pyrtok fwd+bwd: the same, then the gradient of the sum of all levels with respect to the input;
+- elementwise: ``laplacian_pyramid`` inside ``batch_invariant()``, the polyphase taps as elementwise ops (the
+  engine before the fused path, still what one image or float64 takes), forward and forward + backward;
+- OpenCV: ``cv2.pyrDown`` / ``cv2.pyrUp(dstsize=...)`` and a subtraction, looped over the images in HWC
+  float32 (the layout OpenCV wants; the conversion is not timed); always on the CPU;
+- kornia: ``kornia.geometry.transform.build_laplacian_pyramid`` (its own operator, padded to powers of 2),
+  ``--kornia`` rounds (it is 20-40x slower on a CPU);
+- compiled (``--compile``): ``torch.compile(laplacian_pyramid)``, compilation excluded.
 
-pyrtok is timed forward, forward + backward (gradient of the sum of all levels w.r.t. the input), and,
-with ``--compile``, as a ``torch.compile``'d function (compilation excluded, reported separately).
-Timings are the median of ``--repeats`` runs after ``--warmup`` runs. Ratios are pyrtok over each baseline
-(< 1 means pyrtok is faster), except "kornia/pyrtok", which reads as a speed-up. ``--device`` / ``--dtype`` run
-pyrtok and kornia elsewhere (on a GPU: kornia on CUDA, bfloat16 by default); OpenCV always runs on the CPU, on
-float32 copies of the same images.
+Ratios: pyrtok / OpenCV (< 1: pyrtok is faster), elementwise / pyrtok forward and forward + backward (the
+speed-up of the fused path), kornia / pyrtok (a speed-up). ``--dtype bfloat16`` gives pyrtok and kornia
+bfloat16 images (pyrtok computes in float32); ``--device cuda`` runs them on a GPU, OpenCV on float32 CPU copies.
 
-    python benchmarks/bench_pyramid.py [--repeats 20] [--compile] [--device cuda] [--dtype bfloat16]
+    python benchmarks/bench_pyramid.py [--repeats 11] [--cases 1x224 16x336 ...] [--dtype bfloat16] [--compile]
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 
 import cv2
 import numpy as np
@@ -31,88 +36,113 @@ from kornia.geometry.transform import build_laplacian_pyramid
 from presets import add_device_arguments, device_and_dtype
 
 from pyrtok._timing import sync
-from pyrtok.pyramid import laplacian_pyramid
+from pyrtok.pyramid import batch_invariant, laplacian_pyramid
 
-CASES = [((16, 3, 336, 336), 4), ((1, 3, 1024, 1024), 5), ((1, 3, 224, 224), 4)]
-
-
-def median_ms(fn: Callable[[], object], repeats: int, warmup: int, device: torch.device | None = None) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device is not None:
-            sync(device)
-        start = time.perf_counter()
-        fn()
-        if device is not None:
-            sync(device)
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+DEFAULT_CASES = ["1x224", "16x224", "1x336", "16x336", "1x512", "16x512", "1x1024", "4x1024"]
+LEVELS = 4
 
 
-def opencv_laplacian(images: list[np.ndarray], levels: int) -> list[list[np.ndarray]]:
-    out = []
+def parse_case(text: str) -> tuple[int, int]:
+    """"16x336" -> (16, 336): a batch of 16 RGB images of 336 x 336."""
+    parts = text.split("x")
+    if len(parts) != 2 or not all(p.isdigit() for p in parts):
+        raise ValueError(f"a case is BxS (batch x side in pixels), got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
+def opencv_laplacian(images: list[np.ndarray], levels: int) -> None:
     for image in images:
-        bands, current = [], image
+        current = image
         for _ in range(levels - 1):
             down = cv2.pyrDown(current)
-            bands.append(current - cv2.pyrUp(down, dstsize=(current.shape[1], current.shape[0])))
+            _ = current - cv2.pyrUp(down, dstsize=(current.shape[1], current.shape[0]))
             current = down
-        bands.append(current)
-        out.append(bands)
-    return out
 
 
-def forward_backward(x: torch.Tensor, levels: int) -> None:
+def forward(x: torch.Tensor) -> None:
+    laplacian_pyramid(x, LEVELS, check_finite=False)
+
+
+def forward_backward(x: torch.Tensor) -> None:
     leaf = x.detach().requires_grad_(True)
-    sum(level.sum() for level in laplacian_pyramid(leaf, levels, check_finite=False)).backward()
+    sum(level.float().sum() for level in laplacian_pyramid(leaf, LEVELS, check_finite=False)).backward()
 
 
-def bench_case(x: torch.Tensor, levels: int, args: argparse.Namespace) -> str:
-    """One table row: every method on the same batch ``x``."""
-    images = [np.ascontiguousarray(im) for im in x.float().permute(0, 2, 3, 1).cpu().numpy()]
-    device = x.device
-    ours = median_ms(lambda: laplacian_pyramid(x, levels), args.repeats, args.warmup, device)
-    backward = median_ms(lambda: forward_backward(x, levels), max(3, args.repeats // 2), args.warmup, device)
-    kornia = median_ms(lambda: build_laplacian_pyramid(x, levels), max(3, args.repeats // 4), 1, device)
-    opencv = median_ms(lambda: opencv_laplacian(images, levels), args.repeats, args.warmup)
-    name = "x".join(map(str, x.shape)) + f" L={levels}"
-    row = f"{name:<22}{ours:9.2f}{backward:9.2f}{kornia:9.2f}{opencv:9.2f}"
-    compiled = None
-    if args.compile:
-        torch._dynamo.reset()  # each case compiles afresh instead of piling up recompilations of one function
-        fn = torch.compile(lambda t: laplacian_pyramid(t, levels, check_finite=False), dynamic=False)
+def elementwise(fn: Callable[[torch.Tensor], None], x: torch.Tensor) -> None:
+    with batch_invariant():
         fn(x)
-        compiled = median_ms(lambda: fn(x), args.repeats, args.warmup, device)
-        row += f"{compiled:10.2f}"
-    row += f"{kornia / ours:15.1f}{ours / opencv:15.2f}"
-    if compiled is not None:
-        row += f"{compiled / opencv:17.2f}"
+
+
+def timed(calls: dict[str, tuple[Callable[[], object], int]], repeats: int, device: torch.device) -> dict[str, float]:
+    """name -> minimum ms over the rounds it ran in; ``calls[name] = (fn, every)`` runs fn every ``every`` rounds."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for round_ in range(repeats + 1):
+        for name, (fn, every) in calls.items():
+            if round_ % every:
+                continue
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            if round_:
+                times[name].append(time.perf_counter() - start)
+    return {name: 1000 * min(values) for name, values in times.items()}
+
+
+def bench_case(
+    x: torch.Tensor, images: list[np.ndarray], args: argparse.Namespace, device: torch.device
+) -> list[float]:
+    """One table row (see the module): every method on the batch ``x`` (``images``: its HWC float32 copies)."""
+    every = max(1, args.repeats // max(args.kornia, 1))
+    calls: dict[str, tuple[Callable[[], object], int]] = {
+        "pyrtok": (partial(forward, x), 1),
+        "fwd+bwd": (partial(forward_backward, x), 1),
+        "elem": (partial(elementwise, forward, x), 1),
+        "elem f+b": (partial(elementwise, forward_backward, x), 1),
+        "opencv": (partial(opencv_laplacian, images, LEVELS), 1),
+    }
+    if args.kornia:
+        calls["kornia"] = (partial(build_laplacian_pyramid, x, LEVELS), every)
+    if args.compile:
+        torch._dynamo.reset()  # each case compiles afresh
+        compiled = torch.compile(partial(laplacian_pyramid, levels=LEVELS, check_finite=False), dynamic=False)
+        compiled(x)
+        calls["compiled"] = (partial(compiled, x), 1)
+    ms = timed(calls, args.repeats, device)
+    kornia = ms.get("kornia", float("nan"))
+    row = [ms["pyrtok"], ms["fwd+bwd"], ms["elem"], ms["elem f+b"], ms["opencv"], kornia,
+           ms["pyrtok"] / ms["opencv"], ms["elem"] / ms["pyrtok"], ms["elem f+b"] / ms["fwd+bwd"],
+           kornia / ms["pyrtok"]]
+    if args.compile:
+        row += [ms["compiled"], ms["compiled"] / ms["opencv"]]
     return row
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=11)
+    parser.add_argument("--kornia", type=int, default=2, help="kornia rounds (0: leave it out)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile(laplacian_pyramid)")
+    parser.add_argument("--cases", nargs="+", default=DEFAULT_CASES, help="BxS: B RGB images of S x S px")
     add_device_arguments(parser, sizes=False)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     device, dtype = device_and_dtype(args)
     torch.set_num_threads(args.threads)
     cv2.setNumThreads(args.threads)
-    print(f"torch {torch.__version__}, OpenCV {cv2.__version__}, {args.threads} threads, pyrtok and kornia in "
-          f"{dtype} on {device}, OpenCV float32 CPU, median of {args.repeats} after {args.warmup} warm-up runs\n")
-    header = f"{'case':<22}{'pyrtok':>9}{'fwd+bwd':>9}{'kornia':>9}{'opencv':>9}"
-    header += f"{'compiled':>10}" if args.compile else ""
-    header += f"{'kornia/pyrtok':>15}{'pyrtok/opencv':>15}"
-    header += f"{'compiled/opencv':>17}" if args.compile else ""
-    print(header + "   (times in ms)")
+    print(f"torch {torch.__version__}, OpenCV {cv2.__version__}, {args.threads} threads, pyrtok in {dtype} on "
+          f"{device}, OpenCV float32 CPU, {LEVELS} levels, minimum of {args.repeats} interleaved rounds\n")
+    columns = ["pyrtok", "fwd+bwd", "elem", "elem f+b", "opencv", "kornia", "pyr/opencv", "elem/pyr",
+               "elem/pyr f+b", "kornia/pyr"] + (["compiled", "comp/opencv"] if args.compile else [])
+    print(f"{'case':<10}" + "".join(f"{c:>13}" for c in columns) + "   (times in ms)")
     generator = torch.Generator().manual_seed(0)
-    for shape, levels in CASES:
-        print(bench_case(torch.rand(shape, generator=generator).to(device, dtype), levels, args), flush=True)
+    for text in args.cases:
+        batch, side = parse_case(text)
+        cpu = torch.rand(batch, 3, side, side, generator=generator)
+        x = cpu.to(device, dtype)
+        row = bench_case(x, [np.ascontiguousarray(im) for im in cpu.permute(0, 2, 3, 1).numpy()], args, device)
+        print(f"{text:<10}" + "".join(f"{v:13.2f}" for v in row), flush=True)
+
 
 if __name__ == "__main__":
     main()

@@ -79,6 +79,17 @@ def test_bench_lazy_tiles_and_allocators_run_at_toy_size(benchmarks, capsys, mon
     assert all(f"\n{name} " in out for name in ("laplacian", "cdpruner", "vscan"))
 
 
+def test_bench_pyramid_prints_every_ratio(benchmarks, capsys):
+    import bench_pyramid
+
+    bench_pyramid.main(["--repeats", "1", "--kornia", "1", "--cases", "1x32", "12x40", "--device", "cpu"])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith(("1x32", "12x40"))]
+    assert [row[0] for row in rows] == ["1x32", "12x40"]
+    assert all(len(row) == 11 and all(float(v) > 0 for v in row[1:]) for row in rows)
+    with pytest.raises(ValueError, match="BxS"):
+        bench_pyramid.parse_case("336")
+
+
 def test_bench_laploss_runs_on_images_and_video(benchmarks, capsys):
     import bench_laploss
 

@@ -34,6 +34,7 @@ COMMANDS = {
     "make-shapes": ("pyrtok.data.make", "write splits of the procedural shapes VQA benchmark (JSONL + PNG)"),
     "train-vlm": ("pyrtok.embedded.train", "train a tiny VLM (LLaVA or Qwen2.5-VL) on the shapes VQA benchmark"),
     "export-vlm": ("pyrtok.embedded.export", "write a train-vlm checkpoint as a HF model folder"),
+    "match-flops": ("pyrtok.vlm.schedules.matched", "the keep of in-LLM schedules at vision-side budgets' FLOPs"),
     "pretrain": ("pyrtok.pretrain.train", "MAE pretraining with pixel and/or Laplacian loss (YAML config)"),
     "pretrain-eval": ("pyrtok.pretrain.evaluate", "PSNR, SSIM and per-band errors of pretrained MAEs"),
 }

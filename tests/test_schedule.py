@@ -26,6 +26,7 @@ from pyrtok.testing import save_tiny_vlm
 from pyrtok.vlm import Prepared, PyramidVLM, create_schedule, resolve_schedule, schedule_label
 from pyrtok.vlm.decode import language_model, scheduled_flops
 from pyrtok.vlm.flops import llm_prefill_flops
+from pyrtok.vlm.schedules import matched_keep, schedule_prefill_flops
 
 FAMILIES = ("llava", "qwen2_5_vl")
 QUESTION = "what colour is the shape?"
@@ -382,6 +383,56 @@ def test_flops_follow_the_per_layer_counts(tiny):
         expected + 2 * text.hidden_size * text.vocab_size)
     assert scheduled_flops(model.config, out.layer_tokens).item() < llm_prefill_flops(text, full)
 
+
+
+@pytest.mark.parametrize(("name", "options"), [("fastv", {"layer": 1}), ("pdrop", {"layers": [1, 2, 3]}),
+                                               ("dart", {"layer": 1}), ("vscan", {"layer": 2})])
+def test_a_matched_schedule_costs_at_most_the_vision_budget_and_runs_its_counts(tiny, name, options):
+    """matched_keep's schedule, run through the model, keeps the per-layer counts it promised; its measured
+    prefill FLOPs are at most those of 40 vision-side tokens, and the next keep that keeps more costs more."""
+    model, _, processor = tiny("llava")
+    prompt, image = chat(processor), image_of("llava")
+    text_tokens = len(processor(images=[image], text=[prompt])["input_ids"][0]) - 64
+    match = matched_keep(model.config, name, options, image_tokens=64, text_tokens=text_tokens, budget=40)
+    assert match is not None and match.ratio <= 1
+    vlm = PyramidVLM(model, processor, schedule=match.schedule)
+    with torch.no_grad():
+        out = vlm([image], [prompt])
+    assert out.layer_tokens.tolist() == [[text_tokens + n for n in match.layer_tokens]]
+    assert scheduled_flops(model.config, out.layer_tokens).item() == pytest.approx(match.flops)
+    assert match.flops <= llm_prefill_flops(model.config.text_config, text_tokens + 40)
+    # the first larger keep that changes what the schedule keeps costs more than the budget
+    counts = match.schedule.stage_counts(64)
+    richer = next(schedule for c in range(round(match.keep * 64) + 1, 65)
+                  if (schedule := create_schedule(name, **options, keep=c / 64)).stage_counts(64) != counts)
+    assert schedule_prefill_flops(model.config, richer, 64, text_tokens) > match.budget_flops
+    # below some budget the layers before the first drop already cost more than the whole vision-side prefill
+    assert matched_keep(model.config, name, options, image_tokens=64, text_tokens=text_tokens, budget=1) is None
+
+
+def test_matched_keep_names_bad_input(tiny):
+    model, _, _ = tiny("llava")
+    with pytest.raises(ValueError, match="keep"):
+        matched_keep(model.config, "fastv", {"layer": 1, "keep": 0.5}, image_tokens=64, text_tokens=10, budget=8)
+    with pytest.raises(ValueError, match="budget"):
+        matched_keep(model.config, "fastv", {"layer": 1}, image_tokens=64, text_tokens=10, budget=65)
+
+
+def test_match_flops_prints_each_schedule_at_each_budget(tiny, tmp_path, capsys):
+    from pyrtok.cli import main
+
+    model, _, _ = tiny("llava")
+    model.config.save_pretrained(tmp_path)
+    main(["match-flops", "--model", str(tmp_path), "--image-tokens", "64", "--text-tokens", "11",
+          "--budgets", "0.6", "2", "--schedule", "{name: fastv, layer: 1}"])
+    rows = capsys.readouterr().out.splitlines()[1:]
+    expected = matched_keep(model.config, "fastv", {"layer": 1}, image_tokens=64, text_tokens=11, budget=39)
+    assert f"  39   {expected.keep:.4f}" in rows[0] and rows[0].endswith(str(expected.layer_tokens))
+    assert "none" in rows[1]
+    with pytest.raises(SystemExit):
+        main(["match-flops", "--model", str(tmp_path), "--image-tokens", "64", "--text-tokens", "11",
+              "--budgets", "2.5", "--schedule", "{name: fastv, layer: 1}"])
+    assert "--budgets must be fractions" in capsys.readouterr().err
 
 # -- 5. the ablation runner: schedules next to allocators --------------------------------------------------------
 

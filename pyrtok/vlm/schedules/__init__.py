@@ -39,13 +39,14 @@ from pyrtok.vlm.schedules import dart, fastv, pdrop, vscan  # noqa: F401  (regis
 from pyrtok.vlm.schedules.base import SCHEDULES, Schedule, Stage
 from pyrtok.vlm.schedules.dart import DART, duplication_keep, pivot_duplication_keep
 from pyrtok.vlm.schedules.fastv import FastV
+from pyrtok.vlm.schedules.matched import MatchedSchedule, layer_tokens, matched_keep, schedule_prefill_flops
 from pyrtok.vlm.schedules.pdrop import PyramidDrop
 from pyrtok.vlm.schedules.vscan import VScan
 
-__all__ = ["DART", "SCHEDULES", "FastV", "PyramidDrop", "Schedule", "Stage", "VScan", "available_schedules",
-           "create_schedule",
-           "duplication_keep", "pivot_duplication_keep", "register_schedule", "resolve_schedule", "schedule_label",
-           "schedule_variants"]
+__all__ = ["DART", "SCHEDULES", "FastV", "MatchedSchedule", "PyramidDrop", "Schedule", "Stage", "VScan",
+           "available_schedules", "create_schedule", "duplication_keep", "layer_tokens", "matched_keep",
+           "pivot_duplication_keep", "register_schedule", "resolve_schedule", "schedule_label",
+           "schedule_prefill_flops", "schedule_variants"]
 
 
 def register_schedule(name: str) -> Callable[[type[Schedule]], type[Schedule]]:

@@ -102,6 +102,13 @@ def bilinear_reads(n_in: int, n_out: int, device: torch.device, dtype: torch.dty
     return out[0, :, :, 0].T != 0
 
 
+def _in_box(y: Tensor, x: Tensor, box: tuple[int, int, int, int]) -> Tensor:
+    """Bool mask of the joined tile-grid cells (y, x) inside ``box``, (top, bottom, left, right) as
+    :meth:`LlavaNextFamily._unpad_box` gives it."""
+    top, bottom, left, right = box
+    return (y >= top) & (y < bottom) & (x >= left) & (x < right)
+
+
 @register_family
 class LlavaNextFamily(Family):
     """LLaVA-NeXT and LLaVA-OneVision models.
@@ -507,8 +514,7 @@ class LlavaNextFamily(Family):
         reach = torch.ones((1 + rows * cols) * self.grid**2, dtype=torch.bool)
         if rule == "each":
             y, x = self._joined_cells(rows, cols)
-            top, bottom, left, right = self._unpad_box(size, rows, cols)
-            reach[self.grid**2:] = (y >= top) & (y < bottom) & (x >= left) & (x < right)
+            reach[self.grid**2:] = _in_box(y, x, self._unpad_box(size, rows, cols))
         return reach
 
     def _view_inputs(self, encoded: Encoded, selection: ViewSelection) -> list[Tensor]:
@@ -526,7 +532,8 @@ class LlavaNextFamily(Family):
             merged = projector(views.merged.features)
         rows, cols = self.tile_grid(encoded.tokens.image_size)
         y, x = (c.to(kept.device) for c in self._joined_cells(rows, cols))
-        top, bottom, left, right = self._unpad_box(encoded.tokens.image_size, rows, cols)
+        box = self._unpad_box(encoded.tokens.image_size, rows, cols)
+        top, bottom = box[:2]
         newline = self.model.model.image_newline[None].to(kept)
         empty = kept.new_zeros(0, kept.shape[-1])
 
@@ -550,7 +557,7 @@ class LlavaNextFamily(Family):
             if selection.rule == "stacked":
                 pieces.append(features)
             else:
-                inside = (ys >= top) & (ys < bottom) & (xs >= left) & (xs < right)
+                inside = _in_box(ys, xs, box)
                 features, ys = features[inside], ys[inside]
                 per_row = torch.bincount(ys - top, minlength=bottom - top).tolist()
                 for part in features.split(per_row):

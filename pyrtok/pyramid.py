@@ -32,6 +32,7 @@ import contextlib
 import contextvars
 import functools
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -130,6 +131,38 @@ def _depthwise(kernel: Tensor, channels: int) -> Tensor:
     return kernel.expand(channels, 1, *kernel.shape)
 
 
+def _fold_columns(g: Tensor, left: int, right: int) -> Tensor:
+    """(..., r, left + w + right) -> (..., r, w): the adjoint of reflect-101 padding along the last axis."""
+    w = g.shape[-1] - left - right
+    out = g[..., left : left + w].clone()
+    if left:
+        out[..., 1 : left + 1] += g[..., :left].flip(-1)
+    if right:
+        out[..., w - 1 - right : w - 1] += g[..., left + w :].flip(-1)
+    return out
+
+
+class _ReflectPad(torch.autograd.Function):
+    """``F.pad(x, pads, mode="reflect")`` of (N, H, W) with a backward that copies the gradient once and adds the
+    thin border strips back (torch's own backward zero-fills and scatters the whole tensor)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, pads: tuple[int, int, int, int]) -> Tensor:
+        ctx.pads = pads
+        return F.pad(x, pads, mode="reflect")
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        left, right, top, bottom = ctx.pads
+        h = grad.shape[-2] - top - bottom
+        out = _fold_columns(grad[..., top : top + h, :], left, right)
+        if top:
+            out[..., 1 : top + 1, :] += _fold_columns(grad[..., :top, :], left, right).flip(-2)
+        if bottom:
+            out[..., h - 1 - bottom : h - 1, :] += _fold_columns(grad[..., top + h :, :], left, right).flip(-2)
+        return out, None
+
+
 def _down(x: Tensor) -> Tensor:
     """(N, H, W) -> (N, ceil(H/2), ceil(W/2)), the OpenCV pyrDown operator."""
     h, w = x.shape[-2:]
@@ -137,7 +170,8 @@ def _down(x: Tensor) -> Tensor:
     # Left pad 2, right pad so that the last output centre 2m - 2 has its two right neighbours.
     ph, pw = 2 * mh - h + 1, 2 * mw - w + 1
     if h > 2 and w > 2:
-        padded = F.pad(x, (2, pw, 2, ph), mode="reflect")
+        pads = (2, pw, 2, ph)
+        padded = _ReflectPad.apply(x, pads) if _fused(x) else F.pad(x, pads, mode="reflect")
     else:
         padded = x.index_select(-2, _reflect101_index(h, 2, ph, x.device))
         padded = padded.index_select(-1, _reflect101_index(w, 2, pw, x.device))

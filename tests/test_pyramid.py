@@ -204,3 +204,16 @@ def test_non_finite_check_can_be_skipped():
     x = torch.rand(6, 6)
     x[0, 0] = float("inf")
     assert not torch.isfinite(pyr_down(x, check_finite=False)).all()
+
+
+@pytest.mark.parametrize(("size", "pads"), [((5, 7), (2, 2, 2, 1)), ((3, 3), (2, 1, 2, 2)), ((9, 4), (2, 2, 2, 2))])
+def test_the_fused_paths_reflect_padding_has_torchs_gradients_to_second_order(size, pads):
+    from pyrtok.pyramid import _ReflectPad
+
+    x = torch.rand(2, *size, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: _ReflectPad.apply(t, pads), (x,))
+    assert torch.autograd.gradgradcheck(lambda t: _ReflectPad.apply(t, pads), (x,))
+    grad = torch.rand(torch.nn.functional.pad(x, pads, mode="reflect").shape, dtype=torch.float64)
+    ours = torch.autograd.grad(_ReflectPad.apply(x, pads), x, grad)[0]
+    reference = torch.autograd.grad(torch.nn.functional.pad(x, pads, mode="reflect"), x, grad)[0]
+    assert torch.allclose(ours, reference, atol=1e-12)

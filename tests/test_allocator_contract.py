@@ -156,6 +156,7 @@ READS = {
     "visionzip": (("attention", "features"), ("attention", "features")),
     "vscan": (("attention", "features"), ("attention", "features")),
     "divprune": (("features",), ("features",)),
+    "energy_diversity": (("image", "features"), ("image", "features")),
     "query": (None, ("query", "features")),
     "cdpruner": (None, ("query", "features")),
     "difficulty": (("image",), ("image", "query", "features")),

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -228,3 +229,57 @@ def test_numpy_integer_budgets_are_accepted(tokens):
     import numpy as np
 
     assert allocators.create("pool")(tokens, np.int64(5)).count.tolist() == [5]
+
+
+def _weighted_greedy(space: np.ndarray, weight: np.ndarray, steps: int) -> list[int]:
+    """The energy-weighted max-min rule written out in numpy for one image: distances 1 - cos, the first pick
+    the largest weight x distance to the nearest neighbour, then the largest weight x distance to the kept set."""
+    unit = space / np.linalg.norm(space, axis=1, keepdims=True)
+    distance = 1.0 - unit @ unit.T
+    n = len(space)
+    nearest = np.array([min(distance[i, j] for j in range(n) if j != i) for i in range(n)])
+    picks = [int(np.argmax(nearest * weight))]
+    while len(picks) < steps:
+        to_set = np.array([min(distance[p, i] for p in picks) for i in range(n)])
+        score = np.where(np.isin(np.arange(n), picks), -np.inf, to_set * weight)
+        picks.append(int(np.argmax(score)))
+    return picks
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1.0, 2.0])
+def test_energy_diversity_is_the_weighted_max_min_rule_and_merges_what_it_drops(alpha):
+    generator = torch.Generator().manual_seed(3)
+    tokens = from_feature_grid(torch.randn(2, 8, 8, 12, generator=generator, dtype=torch.float64).float(), 3,
+                               image_size=(64, 64))
+    image = torch.rand(2, 3, 64, 64, generator=generator)
+    energy = allocators.Context(image, None, None).band_energy(tokens).numpy()
+    features = tokens.features.double().numpy()
+    selection = allocators.create("energy_diversity", alpha=alpha)(tokens, 9, image=image)
+    for b in range(2):
+        weight = np.empty(tokens.num_tokens)
+        for level in tokens.level_slices:
+            weight[level] = np.maximum(energy[b, level] / energy[b, level].max(), 1e-6)
+        picks = _weighted_greedy(features[b], weight**alpha, 9)
+        kept = selection.index[b, : int(selection.count[b])].tolist()
+        assert kept == sorted(picks)
+        # each dropped token joins its most similar kept token; a kept token is the mean of itself and them
+        unit = features[b] / np.linalg.norm(features[b], axis=1, keepdims=True)
+        nearest_kept = np.array(kept)[np.argmax(unit @ unit[kept].T, axis=1)]
+        for row, token in enumerate(kept):
+            members = [token] + [i for i in range(tokens.num_tokens) if i not in kept and nearest_kept[i] == token]
+            expected = features[b][members].mean(0)
+            assert np.allclose(selection.kept_embeddings[b, row].numpy(), expected, atol=1e-5)
+
+
+def test_energy_diversity_without_weight_or_merge_is_divprune_over_every_level(tokens):
+    image = torch.rand(tokens.features.shape[0], 3, *tokens.image_size)
+    for budget in (1, 7, 20):
+        ours = allocators.create("energy_diversity", alpha=0.0, merge=False)(tokens, budget, image=image)
+        divprune = allocators.create("divprune", scales="all")(tokens, budget)
+        assert torch.equal(ours.index, divprune.index) and ours.kept_embeddings is None
+    with pytest.raises(ValueError, match="alpha"):
+        allocators.create("energy_diversity", alpha=-1)
+    with pytest.raises(TypeError, match="merge"):
+        allocators.create("energy_diversity", merge="yes")
+    with pytest.raises(ValueError, match="needs image"):
+        allocators.create("energy_diversity")(tokens, 4)

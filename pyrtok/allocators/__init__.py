@@ -2,8 +2,8 @@
 
     >>> from pyrtok import allocators
     >>> allocators.available()  # doctest: +NORMALIZE_WHITESPACE
-    ['all', 'cdpruner', 'cls_attention', 'difficulty', 'divprune', 'fastervlm', 'foveated', 'laplacian', 'pool',
-     'query', 'random', 'saliency', 'visionzip', 'vscan']
+    ['all', 'cdpruner', 'cls_attention', 'difficulty', 'divprune', 'energy_diversity', 'fastervlm', 'foveated',
+     'laplacian', 'pool', 'query', 'random', 'saliency', 'visionzip', 'vscan']
 """
 
 from pyrtok.allocators import (  # noqa: F401
@@ -12,6 +12,7 @@ from pyrtok.allocators import (  # noqa: F401
     cdpruner,
     difficulty,
     divprune,
+    energy_diversity,
     fastervlm,
     foveated,
     laplacian,

@@ -53,17 +53,21 @@ SPACES = ("embeddings", "tower")
 """Where DivPrune compares tokens: the language model's input embeddings (as published) or ``tokens.features``."""
 
 
-def max_min_order(features: Tensor, steps: int, dtype: torch.dtype | None = None) -> Tensor:
+def max_min_order(features: Tensor, steps: int, dtype: torch.dtype | None = None,
+                  weight: Tensor | None = None) -> Tensor:
     """The first ``steps`` picks of greedy max-min diversity on cosine distance, per sample.
 
     Pick 1 is the token farthest from its nearest neighbour; pick t + 1 is the token, not yet picked, farthest
-    from the picked set (the largest distance to its nearest picked token). Ties go to the lower index.
+    from the picked set (the largest distance to its nearest picked token). Ties go to the lower index. With
+    ``weight``, every distance is multiplied by the candidate's weight before the argmax (all ones: the same
+    picks).
 
     Args:
         features: (B, n, D) token features (finite).
         steps: picks to make, 1 <= steps <= n.
         dtype: the dtype the distances are computed in; default: that of ``features`` (DivPrune's authors
             compute them in the model's dtype).
+        weight: optional (B, n) positive weights of the candidates.
 
     Returns:
         (B, steps) long indices into n, in pick order, distinct in each row.
@@ -78,6 +82,9 @@ def max_min_order(features: Tensor, steps: int, dtype: torch.dtype | None = None
     batch, n, _ = features.shape
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= n:
         raise ValueError(f"steps must be an int in [1, {n}], got {steps!r}")
+    if weight is not None and (weight.shape != features.shape[:2] or not bool((weight > 0).all())):
+        raise ValueError(f"weight must be a ({batch}, {n}) tensor of positive weights, got "
+                         f"{tuple(weight.shape)}")
     # x / |x| as upstream divides (F.normalize only clamps the norm, so a zero vector stays zero, not NaN)
     unit = F.normalize(features.to(dtype or features.dtype), dim=-1)
     distance = 1.0 - unit @ unit.transpose(1, 2)  # (B, n, n); row = a (picked) token, column = a candidate
@@ -87,14 +94,14 @@ def max_min_order(features: Tensor, steps: int, dtype: torch.dtype | None = None
     else:
         # Each column's second-smallest entry: the smallest is the token's distance to itself.
         nearest = distance.topk(2, dim=1, largest=False).values[:, 1]  # (B, n)
-        pick = nearest.argmax(dim=1)
+        pick = (nearest if weight is None else nearest * weight).argmax(dim=1)
     picks = [pick]
     to_set = distance[rows, pick]  # (B, n) distance of every token to its nearest picked token
-    # Picked tokens sit at -inf (a minimum keeps them there), so duplicates (distance 0 to the set) and zero
-    # features can never be picked twice.
+    # Picked tokens sit at -inf (a minimum keeps them there, and so does a positive weight), so duplicates
+    # (distance 0 to the set) and zero features can never be picked twice.
     to_set[rows, pick] = float("-inf")
     for _ in range(steps - 1):
-        pick = to_set.argmax(dim=1)
+        pick = (to_set if weight is None else to_set * weight).argmax(dim=1)
         picks.append(pick)
         to_set = torch.minimum(to_set, distance[rows, pick])
         to_set[rows, pick] = float("-inf")

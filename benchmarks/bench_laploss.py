@@ -28,15 +28,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
 import torch
-from presets import add_device_arguments, device_and_dtype
+from presets import add_device_arguments, device_and_dtype, interleaved
 
-from pyrtok._timing import sync
 from pyrtok.losses import LapLoss
 from pyrtok.pyramid import batch_invariant
 
@@ -78,25 +76,6 @@ def elementwise_step(loss: Callable[..., torch.Tensor], pred: torch.Tensor, targ
     """:func:`step` with the pyramid on its elementwise path (``batch_invariant``)."""
     with batch_invariant():
         step(loss, pred, target, autocast)
-
-
-def timed(calls: dict[str, Callable[[], None]], repeats: int, device: torch.device) -> dict[str, tuple[float, float]]:
-    """name -> (minimum ms over ``repeats`` interleaved rounds after one warm-up, peak MiB on a GPU or nan)."""
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    peaks: dict[str, float] = dict.fromkeys(calls, float("nan"))
-    for round_ in range(repeats + 1):
-        for name, fn in calls.items():
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            sync(device)
-            start = time.perf_counter()
-            fn()
-            sync(device)
-            if round_:
-                times[name].append(time.perf_counter() - start)
-            if device.type == "cuda":
-                peaks[name] = torch.cuda.max_memory_allocated(device) / 2**20
-    return {name: (1000 * min(values), peaks[name]) for name, values in times.items()}
 
 
 def _cpu_peak_child(name: str, shape: tuple[int, ...], autocast: bool, threads: int, queue: object) -> None:
@@ -169,7 +148,8 @@ def main(argv: list[str] | None = None) -> None:
         calls["pyrtok"] = partial(step, ours, pred, target, autocast)
         calls["pyrtok + mask"] = partial(step, ours, pred, target, autocast, mask)
         calls["pyrtok (elementwise)"] = partial(elementwise_step, ours, pred, target, autocast)
-        results = timed(calls, args.repeats, device)
+        ms, peaks_ = interleaved(calls, args.repeats, device)
+        results = {name: (ms[name], peaks_[name]) for name in calls}
         if args.memory and device.type == "cpu":
             peaks = cpu_peaks(list(calls), shape, autocast, args.threads)
             results = {name: (ms, peaks[name]) for name, (ms, _) in results.items()}

@@ -25,7 +25,6 @@ bfloat16 images (pyrtok computes in float32); ``--device cuda`` runs them on a G
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Callable
 from functools import partial
 
@@ -33,9 +32,8 @@ import cv2
 import numpy as np
 import torch
 from kornia.geometry.transform import build_laplacian_pyramid
-from presets import add_device_arguments, device_and_dtype
+from presets import add_device_arguments, device_and_dtype, interleaved
 
-from pyrtok._timing import sync
 from pyrtok.pyramid import batch_invariant, laplacian_pyramid
 
 DEFAULT_CASES = ["1x224", "16x224", "1x336", "16x336", "1x512", "16x512", "1x1024", "4x1024"]
@@ -73,42 +71,26 @@ def elementwise(fn: Callable[[torch.Tensor], None], x: torch.Tensor) -> None:
         fn(x)
 
 
-def timed(calls: dict[str, tuple[Callable[[], object], int]], repeats: int, device: torch.device) -> dict[str, float]:
-    """name -> minimum ms over the rounds it ran in; ``calls[name] = (fn, every)`` runs fn every ``every`` rounds."""
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for round_ in range(repeats + 1):
-        for name, (fn, every) in calls.items():
-            if round_ % every:
-                continue
-            sync(device)
-            start = time.perf_counter()
-            fn()
-            sync(device)
-            if round_:
-                times[name].append(time.perf_counter() - start)
-    return {name: 1000 * min(values) for name, values in times.items()}
-
-
 def bench_case(
     x: torch.Tensor, images: list[np.ndarray], args: argparse.Namespace, device: torch.device
 ) -> list[float]:
     """One table row (see the module): every method on the batch ``x`` (``images``: its HWC float32 copies)."""
     every = max(1, args.repeats // max(args.kornia, 1))
-    calls: dict[str, tuple[Callable[[], object], int]] = {
-        "pyrtok": (partial(forward, x), 1),
-        "fwd+bwd": (partial(forward_backward, x), 1),
-        "elem": (partial(elementwise, forward, x), 1),
-        "elem f+b": (partial(elementwise, forward_backward, x), 1),
-        "opencv": (partial(opencv_laplacian, images, LEVELS), 1),
+    calls: dict[str, Callable[[], object]] = {
+        "pyrtok": partial(forward, x),
+        "fwd+bwd": partial(forward_backward, x),
+        "elem": partial(elementwise, forward, x),
+        "elem f+b": partial(elementwise, forward_backward, x),
+        "opencv": partial(opencv_laplacian, images, LEVELS),
     }
     if args.kornia:
-        calls["kornia"] = (partial(build_laplacian_pyramid, x, LEVELS), every)
+        calls["kornia"] = partial(build_laplacian_pyramid, x, LEVELS)
     if args.compile:
         torch._dynamo.reset()  # each case compiles afresh
         compiled = torch.compile(partial(laplacian_pyramid, levels=LEVELS, check_finite=False), dynamic=False)
         compiled(x)
-        calls["compiled"] = (partial(compiled, x), 1)
-    ms = timed(calls, args.repeats, device)
+        calls["compiled"] = partial(compiled, x)
+    ms, _ = interleaved(calls, args.repeats, device, every={"kornia": every})
     kornia = ms.get("kornia", float("nan"))
     row = [ms["pyrtok"], ms["fwd+bwd"], ms["elem"], ms["elem f+b"], ms["opencv"], kornia,
            ms["pyrtok"] / ms["opencv"], ms["elem"] / ms["pyrtok"], ms["elem f+b"] / ms["fwd+bwd"],

@@ -12,11 +12,12 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-__all__ = ["IMAGE_SIZES", "PRESETS", "SIZES", "add_device_arguments", "device_and_dtype", "model_kwargs"]
+__all__ = ["IMAGE_SIZES", "PRESETS", "SIZES", "add_device_arguments", "device_and_dtype", "interleaved", "model_kwargs"]
 
 SIZES = ("toy", "cpu", "7b")
 
@@ -94,3 +95,34 @@ def device_and_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtyp
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     default = "bfloat16" if device.type == "cuda" else "float32"
     return device, getattr(torch, args.dtype or default)
+
+
+def interleaved(calls: dict[str, Callable[[], object]], repeats: int, device: torch.device,
+                every: dict[str, int] | None = None) -> tuple[dict[str, float], dict[str, float]]:
+    """Time every call once per round, the rounds interleaved so that background load reaches all of them alike.
+
+    Returns name -> the minimum ms over the rounds it ran in (after one warm-up round), and name -> the peak
+    MiB the device's allocator reached during its last run (a GPU; NaN elsewhere). ``every[name] = k`` runs
+    that call only every k-th round (slow baselines).
+    """
+    import time
+
+    from pyrtok._timing import sync
+
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    peaks: dict[str, float] = dict.fromkeys(calls, float("nan"))
+    for round_ in range(repeats + 1):
+        for name, fn in calls.items():
+            if round_ % (every or {}).get(name, 1):
+                continue
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            if round_:
+                times[name].append(time.perf_counter() - start)
+            if device.type == "cuda":
+                peaks[name] = torch.cuda.max_memory_allocated(device) / 2**20
+    return {name: 1000 * min(values) for name, values in times.items()}, peaks

@@ -148,8 +148,8 @@ def main(argv: list[str] | None = None) -> None:
         calls["pyrtok"] = partial(step, ours, pred, target, autocast)
         calls["pyrtok + mask"] = partial(step, ours, pred, target, autocast, mask)
         calls["pyrtok (elementwise)"] = partial(elementwise_step, ours, pred, target, autocast)
-        ms, peaks_ = interleaved(calls, args.repeats, device)
-        results = {name: (ms[name], peaks_[name]) for name in calls}
+        times, peaks_ = interleaved(calls, args.repeats, device)
+        results = {name: (times[name], peaks_[name]) for name in calls}
         if args.memory and device.type == "cpu":
             peaks = cpu_peaks(list(calls), shape, autocast, args.threads)
             results = {name: (ms, peaks[name]) for name, (ms, _) in results.items()}

@@ -103,17 +103,19 @@ def interleaved(calls: dict[str, Callable[[], object]], repeats: int, device: to
 
     Returns name -> the minimum ms over the rounds it ran in (after one warm-up round), and name -> the peak
     MiB the device's allocator reached during its last run (a GPU; NaN elsewhere). ``every[name] = k`` runs
-    that call only every k-th round (slow baselines).
+    that call only in timed rounds 1, 1 + k, 1 + 2k, ... (slow baselines; always at least once).
     """
     import time
 
     from pyrtok._timing import sync
 
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
     times: dict[str, list[float]] = {name: [] for name in calls}
     peaks: dict[str, float] = dict.fromkeys(calls, float("nan"))
     for round_ in range(repeats + 1):
         for name, fn in calls.items():
-            if round_ % (every or {}).get(name, 1):
+            if round_ and (round_ - 1) % max(1, (every or {}).get(name, 1)):
                 continue
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)

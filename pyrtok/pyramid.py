@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -83,11 +82,12 @@ def _taps_down(p: Tensor, dim: int, m: int) -> Tensor:
     return out.add_(tap(2), alpha=6)
 
 
-# At 12 or more images the stack is filtered by one depthwise convolution per operator, one image per channel
-# (oneDNN on a CPU, cuDNN on a GPU): a single fused pass instead of a dozen elementwise ones. The kernels
-# vectorise over channels in blocks of 16, so a smaller stack stays on the elementwise taps (measured in
+# On a CPU, at 12 or more images the stack is filtered by one depthwise convolution per operator (oneDNN), one
+# image per channel: a single fused pass instead of a dozen elementwise ones. The kernels vectorise over
+# channels in blocks of 16, so a smaller stack stays on the elementwise taps (measured in
 # benchmarks/bench_pyramid.py: at 224 px the crossover is between 8 and 12 images). float64 stays there too,
-# where the convolutions have no fast kernel.
+# where the convolutions have no fast kernel, and so do GPUs: cuDNN may run these convolutions in TF32, far
+# from OpenCV's float32 numbers, and that path has not been measured on one.
 _FUSED_MIN_IMAGES = 12
 
 
@@ -99,8 +99,9 @@ def batch_invariant() -> Iterator[None]:
     """Run every pyramid operator on the elementwise path, whatever the batch size.
 
     By default a stack of 12 or more images is filtered by depthwise convolutions, which agree with the
-    elementwise path to float32 rounding (about 1e-7) but not bit for bit. Inside this context an image's
-    levels are the same bits alone or in any batch (slower for large batches).
+    elementwise path to float32 rounding (a few 1e-7) but not bit for bit. Inside this context an image's
+    levels are the same bits alone or in any batch (slower for large batches). The setting is a context
+    variable: it holds in this thread and in the tasks it starts, not in threads started inside the block.
 
     Example:
         >>> x = torch.rand(16, 3, 32, 32)
@@ -116,10 +117,10 @@ def batch_invariant() -> Iterator[None]:
 
 def _fused(x: Tensor) -> bool:
     """Whether the (N, H, W) stack ``x`` takes the depthwise-convolution path."""
-    return x.shape[0] >= _FUSED_MIN_IMAGES and x.dtype == torch.float32 and not _BATCH_INVARIANT.get()
+    return (x.shape[0] >= _FUSED_MIN_IMAGES and x.dtype == torch.float32 and x.device.type == "cpu"
+            and not _BATCH_INVARIANT.get())
 
 
-@functools.cache
 def _binomial_2d(dtype: torch.dtype, device: torch.device) -> Tensor:
     """(5, 5) outer product of [1, 4, 6, 4, 1] with itself (integers, exact in any float dtype)."""
     taps = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0], dtype=dtype, device=device)
@@ -144,12 +145,18 @@ def _fold_columns(g: Tensor, left: int, right: int) -> Tensor:
 
 class _ReflectPad(torch.autograd.Function):
     """``F.pad(x, pads, mode="reflect")`` of (N, H, W) with a backward that copies the gradient once and adds the
-    thin border strips back (torch's own backward zero-fills and scatters the whole tensor)."""
+    thin border strips back (torch's own backward zero-fills and scatters the whole tensor). Forward-mode AD and
+    ``torch.func`` transforms work through ``jvp`` and the generated vmap rule."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, pads: tuple[int, int, int, int]) -> Tensor:
-        ctx.pads = pads
+    def forward(x: Tensor, pads: tuple[int, int, int, int]) -> Tensor:
         return F.pad(x, pads, mode="reflect")
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Tensor, tuple[int, int, int, int]], output: Tensor) -> None:
+        ctx.pads = inputs[1]
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
@@ -161,6 +168,10 @@ class _ReflectPad(torch.autograd.Function):
         if bottom:
             out[..., h - 1 - bottom : h - 1, :] += _fold_columns(grad[..., top + h :, :], left, right).flip(-2)
         return out, None
+
+    @staticmethod
+    def jvp(ctx: Any, tangent: Tensor, _: None) -> Tensor:
+        return F.pad(tangent, ctx.pads, mode="reflect")
 
 
 def _down(x: Tensor) -> Tensor:

@@ -10,7 +10,7 @@ from pyrtok._checks import max_levels
 from pyrtok.tokens import MultiScaleTokens, from_feature_grid
 
 FIXED_BUDGET = [name for name in allocators.available() if name not in ("difficulty", "vscan")]
-NO_REDUNDANCY = ("vscan",)  # picks by windows and merges the rest: the redundancy pass does not apply
+NO_REDUNDANCY = ("vscan", "energy_diversity")  # pick, then merge the rest: the redundancy pass does not apply
 
 
 @st.composite

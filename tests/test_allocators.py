@@ -1,5 +1,6 @@
 """What each policy does, beyond the shared contract."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -277,6 +278,17 @@ def test_energy_diversity_without_weight_or_merge_is_divprune_over_every_level(t
         ours = allocators.create("energy_diversity", alpha=0.0, merge=False)(tokens, budget, image=image)
         divprune = allocators.create("divprune", scales="all")(tokens, budget)
         assert torch.equal(ours.index, divprune.index) and ours.kept_embeddings is None
+    # with embeddings in another dtype the distances are computed in that dtype, as DivPrune computes them
+    half = replace(tokens, embeddings=torch.randn(*tokens.features.shape[:2], 5).to(torch.bfloat16))
+    for budget in (3, 11):
+        ours = allocators.create("energy_diversity", alpha=0.0, merge=False)(half, budget, image=image)
+        assert torch.equal(ours.index, allocators.create("divprune", scales="all")(half, budget).index)
+    assert allocators.create("energy_diversity", alpha=40.0)(half, 5, image=image).count.tolist() == [5]
+    broken = replace(half, embeddings=half.embeddings.clone().index_fill_(1, torch.tensor([3]), float("nan")))
+    with pytest.raises(ValueError, match=r"tokens\.embeddings contains NaN"):
+        allocators.create("energy_diversity")(broken, 4, image=image)
+    with pytest.raises(ValueError, match="redundancy"):
+        allocators.create("energy_diversity", redundancy=True)
     with pytest.raises(ValueError, match="alpha"):
         allocators.create("energy_diversity", alpha=-1)
     with pytest.raises(TypeError, match="merge"):

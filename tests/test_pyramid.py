@@ -217,3 +217,27 @@ def test_the_fused_paths_reflect_padding_has_torchs_gradients_to_second_order(si
     ours = torch.autograd.grad(_ReflectPad.apply(x, pads), x, grad)[0]
     reference = torch.autograd.grad(torch.nn.functional.pad(x, pads, mode="reflect"), x, grad)[0]
     assert torch.allclose(ours, reference, atol=1e-12)
+
+
+def test_the_fused_path_works_under_forward_ad_torch_func_and_after_inference_mode(rng):
+    import torch.autograd.forward_ad as fwad
+    from torch.func import grad, vmap
+
+    x = torch.rand(12, 9, 10, generator=rng)
+    assert _fused(x)
+    with torch.inference_mode():  # nothing it builds may leak into later autograd calls
+        laplacian_pyramid(x, 3)
+
+    def total(t: torch.Tensor) -> torch.Tensor:
+        return sum(level.sum() for level in laplacian_pyramid(t, 3, check_finite=False))
+
+    leaf = x.clone().requires_grad_(True)
+    total(leaf).backward()
+    assert torch.allclose(grad(total)(x), leaf.grad, atol=1e-6)
+    tangent = torch.rand(x.shape, generator=rng)
+    with fwad.dual_level():
+        out = pyr_down(fwad.make_dual(x, tangent), check_finite=False)
+        assert torch.allclose(fwad.unpack_dual(out).tangent, pyr_down(tangent), atol=1e-6)  # linear: J t = f(t)
+    stacked = torch.stack([x, tangent])
+    batched = vmap(lambda t: pyr_down(t, check_finite=False))(stacked)
+    assert torch.allclose(batched, torch.stack([pyr_down(x), pyr_down(tangent)]), atol=1e-6)

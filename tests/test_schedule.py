@@ -416,6 +416,8 @@ def test_matched_keep_names_bad_input(tiny):
         matched_keep(model.config, "fastv", {"layer": 1, "keep": 0.5}, image_tokens=64, text_tokens=10, budget=8)
     with pytest.raises(ValueError, match="budget"):
         matched_keep(model.config, "fastv", {"layer": 1}, image_tokens=64, text_tokens=10, budget=65)
+    with pytest.raises(ValueError, match="drops at layer 8"):  # the tiny model has 4 decoder layers
+        matched_keep(model.config, "pdrop", {"layers": [8, 16, 24]}, image_tokens=64, text_tokens=10, budget=8)
 
 
 def test_match_flops_prints_each_schedule_at_each_budget(tiny, tmp_path, capsys):
@@ -427,7 +429,7 @@ def test_match_flops_prints_each_schedule_at_each_budget(tiny, tmp_path, capsys)
           "--budgets", "0.6", "2", "--schedule", "{name: fastv, layer: 1}"])
     rows = capsys.readouterr().out.splitlines()[1:]
     expected = matched_keep(model.config, "fastv", {"layer": 1}, image_tokens=64, text_tokens=11, budget=39)
-    assert f"  39   {expected.keep:.4f}" in rows[0] and rows[0].endswith(str(expected.layer_tokens))
+    assert " 39 " in rows[0] and repr(expected.keep) in rows[0] and rows[0].endswith(str(expected.layer_tokens))
     assert "none" in rows[1]
     with pytest.raises(SystemExit):
         main(["match-flops", "--model", str(tmp_path), "--image-tokens", "64", "--text-tokens", "11",

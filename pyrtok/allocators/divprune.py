@@ -47,7 +47,7 @@ from pyrtok.allocators.registry import register
 from pyrtok.allocators.scales import candidate_slice, candidates_first, check_scales
 from pyrtok.tokens import MultiScaleTokens
 
-__all__ = ["SPACES", "DivPruneTokens", "max_min_order"]
+__all__ = ["SPACES", "DivPruneTokens", "embedding_space", "max_min_order"]
 
 SPACES = ("embeddings", "tower")
 """Where DivPrune compares tokens: the language model's input embeddings (as published) or ``tokens.features``."""
@@ -108,6 +108,20 @@ def max_min_order(features: Tensor, steps: int, dtype: torch.dtype | None = None
     return torch.stack(picks, dim=1)
 
 
+def embedding_space(tokens: MultiScaleTokens, allocator: str) -> Tensor:
+    """(B, N, D') the language model's input embeddings of the tokens (``tokens.embeddings``, checked finite: the
+    base class checks only the inputs it knows), or the features where the tokens carry none."""
+    embeddings = tokens.embeddings
+    if embeddings is None:
+        return tokens.features
+    if not bool(torch.isfinite(embeddings.sum(dtype=torch.float32))):
+        bad = ~torch.isfinite(embeddings).flatten(1).all(1)
+        if bool(bad.any()):
+            raise ValueError(f"allocator {allocator!r}: tokens.embeddings contains NaN or infinite values "
+                             f"(sample(s) {torch.nonzero(bad).flatten().tolist()})")
+    return embeddings
+
+
 @register("divprune")
 class DivPruneTokens(Allocator):
     """Greedy max-min diversity on the cosine distance of the tokens (DivPrune).
@@ -147,14 +161,9 @@ class DivPruneTokens(Allocator):
         if self.space == "tower" or tokens.embeddings is None:
             features = tokens.features
             return features, torch.float32 if self.space == "tower" else features.dtype
-        embeddings = tokens.embeddings
-        # The base class checks only the inputs it knows (features); the embeddings are checked here.
-        if not bool(torch.isfinite(embeddings.sum(dtype=torch.float32))):
-            bad = ~torch.isfinite(embeddings).flatten(1).all(1)
-            if bool(bad.any()):
-                raise ValueError(f"allocator {self.name!r}: tokens.embeddings contains NaN or infinite values "
-                                 f"(sample(s) {torch.nonzero(bad).flatten().tolist()})")
+        embeddings = embedding_space(tokens, self.name)
         return embeddings, embeddings.dtype
+
 
     def priority(self, tokens: MultiScaleTokens, budgets: Tensor, ctx: Context) -> Tensor:
         candidates = candidate_slice(tokens, self.scales)

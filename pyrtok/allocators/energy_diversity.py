@@ -10,7 +10,8 @@ kept times how much detail its level's Laplacian band holds there:
 - greedy (:func:`~pyrtok.allocators.divprune.max_min_order` with ``weight``): first the token with the largest
   weight x cosine distance to its nearest neighbour, then repeatedly the token with the largest weight x
   distance to the kept set, in the language model's input embeddings (``tokens.embeddings``, else the
-  features). ``alpha=0`` is DivPrune over every level (``divprune`` with ``scales="all"``) pick for pick.
+  features), in their own dtype. ``alpha=0`` is DivPrune over every level (``divprune`` with ``scales="all"``)
+  pick for pick.
 - merge (``merge=True``, default): every dropped token joins its most cosine-similar kept token, and a kept
   token becomes the mean of itself and what joined it (VScan's merge, here over every level), so the budget's
   tokens carry what the others held.
@@ -33,7 +34,7 @@ import torch
 from torch import Tensor
 
 from pyrtok.allocators.base import Allocator, Context
-from pyrtok.allocators.divprune import max_min_order
+from pyrtok.allocators.divprune import embedding_space, max_min_order
 from pyrtok.allocators.registry import register
 from pyrtok.allocators.vscan import merge_into_kept
 from pyrtok.tokens import MultiScaleTokens, TokenSelection
@@ -66,6 +67,9 @@ class EnergyDiversityTokens(Allocator):
 
     def __init__(self, alpha: float = 1.0, merge: bool = True, **options) -> None:
         super().__init__(**options)
+        if self.redundancy:
+            raise ValueError("energy_diversity picks by diversity and merges what it drops: the redundancy pass does "
+                             "not apply (redundancy must be False)")
         if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0.0 <= float(alpha):
             raise ValueError(f"alpha must be a number >= 0 (the exponent of the energy weight), got {alpha!r}")
         if not isinstance(merge, bool):
@@ -75,16 +79,17 @@ class EnergyDiversityTokens(Allocator):
     def reads(self, ctx: Context) -> tuple[str, ...]:
         return ("image", "features")
 
-    @staticmethod
-    def _space(tokens: MultiScaleTokens) -> Tensor:
-        return tokens.embeddings if tokens.embeddings is not None else tokens.features
+    def _space(self, tokens: MultiScaleTokens) -> Tensor:
+        return embedding_space(tokens, self.name)
 
     def priority(self, tokens: MultiScaleTokens, budgets: Tensor, ctx: Context) -> Tensor:
         weight = level_normalised_energy(tokens, ctx.band_energy(tokens).float()).pow(self.alpha)
+        weight = weight.clamp_min(torch.finfo(weight.dtype).tiny)  # a large alpha must not round a weight to 0
         space = self._space(tokens)
         n = space.shape[1]
         steps = min(n, int(budgets.max()))
-        order = max_min_order(space, steps, torch.float32, weight=weight)  # (B, steps)
+        # distances in the embeddings' own dtype, as DivPrune computes them
+        order = max_min_order(space, steps, weight=weight)  # (B, steps)
         score = torch.full((space.shape[0], n), -float(steps), device=tokens.device)
         return score.scatter_(1, order, -torch.arange(steps, device=tokens.device, dtype=torch.float32)
                               .expand_as(order))

@@ -80,7 +80,13 @@ def matched_keep(config: Any, name: str, options: dict[str, Any], image_tokens: 
 
     Every keep ``c / image_tokens`` (c = 1 .. image_tokens) is tried; of those costing at most the budget's
     FLOPs, the most expensive wins (ties: the smaller keep), so a matched schedule never gets more compute
-    than the vision-side method it is compared with.
+    than the vision-side method it is compared with. The counts are the schedule's own rounding of that keep
+    (:meth:`Schedule.stage_counts`), so pass ``keep`` on exactly as returned: a rounded copy may keep one
+    token more or less.
+
+    Raises:
+        ValueError: ``options`` set ``keep``, ``budget`` is outside [0, image_tokens], or a stage sits deeper
+        than the language model's layers.
 
     Args:
         config: the VLM's (or its language model's) config.
@@ -94,13 +100,14 @@ def matched_keep(config: Any, name: str, options: dict[str, Any], image_tokens: 
     if not 0 <= budget <= image_tokens:
         raise ValueError(f"budget must be between 0 and image_tokens ({image_tokens}) tokens, got {budget!r}")
     target = schedule_prefill_flops(config, None, budget, text_tokens)
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    SCHEDULES.create(name, **options, keep=1.0).check_layers(text.num_hidden_layers)
     best: MatchedSchedule | None = None
     for count in range(1, image_tokens + 1):
         keep = count / image_tokens
         schedule = SCHEDULES.create(name, **options, keep=keep)
         flops = schedule_prefill_flops(config, schedule, image_tokens, text_tokens)
         if flops <= target and (best is None or flops > best.flops):
-            text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
             best = MatchedSchedule(schedule, keep, budget, layer_tokens(schedule, text.num_hidden_layers,
                                                                         image_tokens), flops, target)
     return best
@@ -132,14 +139,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", required=True, help="a model folder, hub id or embedded name (its config only)")
     parser.add_argument("--image-tokens", type=int, required=True, help="image tokens entering the language model")
     parser.add_argument("--text-tokens", type=int, required=True, help="text tokens of the prompt")
-    parser.add_argument("--budgets", nargs="+", required=True, help="fractions of the image tokens or token counts")
+    parser.add_argument("--budgets", nargs="+", required=True,
+                        help="fractions of the image tokens in (0, 1] (1: all of them) or token counts above 1")
     parser.add_argument("--schedule", action="append", required=True,
                         help="a schedule mapping without keep, YAML, e.g. '{name: fastv, layer: 1}' (repeatable)")
     args = parser.parse_args(argv)
     if args.image_tokens < 1 or args.text_tokens < 0:
         raise ValueError("--image-tokens must be >= 1 and --text-tokens >= 0")
     config = AutoConfig.from_pretrained(resolve_model(args.model))
-    print(f"{'schedule':<36}{'budget':>8}{'keep':>9}{'FLOPs / budget':>16}   image tokens per layer")
+    header = f"{'schedule':<36}{'budget':>8}{'keep (pass on as printed)':>28}{'FLOPs / budget':>16}"
+    print(header + "   image tokens per layer")
     for spec in args.schedule:
         options = yaml.safe_load(spec)
         if not isinstance(options, dict) or "name" not in options:
@@ -150,6 +159,6 @@ def main(argv: list[str] | None = None) -> None:
             match = matched_keep(config, name, options, args.image_tokens, args.text_tokens, budget)
             label = f"{name} {options}"
             if match is None:
-                print(f"{label:<36}{budget:>8}{'-':>9}{'-':>16}   none: the layers before the first drop cost more")
+                print(f"{label:<36}{budget:>8}{'-':>28}{'-':>16}   none: the layers before the first drop cost more")
             else:
-                print(f"{label:<36}{budget:>8}{match.keep:>9.4f}{match.ratio:>16.3f}   {match.layer_tokens}")
+                print(f"{label:<36}{budget:>8}{match.keep!r:>28}{match.ratio:>16.3f}   {match.layer_tokens}")

@@ -5,7 +5,7 @@ Every method runs once per round, the rounds interleaved so that background load
 and a method's time is its minimum over ``--repeats`` rounds after one warm-up round (robust on a shared
 machine). Methods:
 
-- pyrtok: ``laplacian_pyramid`` as users call it (12 or more images: depthwise convolutions);
+- pyrtok: ``laplacian_pyramid`` as users call it (on a CPU, 12 or more images: depthwise convolutions);
 - pyrtok fwd+bwd: the same, then the gradient of the sum of all levels with respect to the input;
 - elementwise: ``laplacian_pyramid`` inside ``batch_invariant()``, the polyphase taps as elementwise ops (the
   engine before the fused path, still what one image or float64 takes), forward and forward + backward;

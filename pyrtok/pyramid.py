@@ -13,8 +13,8 @@ gives ``even[i] = (s[i-1] + 6 s[i] + s[i+1]) / 8`` and ``odd[i] = (s[i] + s[i+1]
 reflection on the doubled grid means ``s[-1] = s[1]`` and ``s[n] = s[n-1]``. Normalisation constants are
 folded into one multiply at the end, which the Laplacian fuses into its subtraction.
 
-Speed: a stack of 12 or more images (leading dimensions flattened) runs each operator as one depthwise
-convolution, an image per channel; smaller stacks and float64 run the polyphase taps as elementwise ops.
+Speed: on a CPU, a stack of 12 or more images (leading dimensions flattened) runs each operator as one depthwise
+convolution, an image per channel; smaller stacks, float64 and GPUs run the polyphase taps as elementwise ops.
 The two agree to float32 rounding; ``batch_invariant()`` keeps every call on the elementwise path.
 
 Tensors are (..., H, W): any leading dimensions ((H, W), (B, C, H, W), video (B, T, C, H, W)).
@@ -98,7 +98,7 @@ _BATCH_INVARIANT: contextvars.ContextVar[bool] = contextvars.ContextVar("pyrtok_
 def batch_invariant() -> Iterator[None]:
     """Run every pyramid operator on the elementwise path, whatever the batch size.
 
-    By default a stack of 12 or more images is filtered by depthwise convolutions, which agree with the
+    By default, on a CPU, a stack of 12 or more images is filtered by depthwise convolutions, which agree with the
     elementwise path to float32 rounding (a few 1e-7) but not bit for bit. Inside this context an image's
     levels are the same bits alone or in any batch (slower for large batches). The setting is a context
     variable: it holds in this thread and in the tasks it starts, not in threads started inside the block.

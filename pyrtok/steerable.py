@@ -51,12 +51,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from pyrtok._cache import tensor_cache
 from pyrtok._checks import check_image, check_level_count
 
 __all__ = [
@@ -149,7 +149,8 @@ def _raised_cosine(log_rad: Tensor, start: float) -> tuple[Tensor, Tensor]:
 
 
 def _angular_windows(angle: Tensor, orientations: int, angular: str) -> Tensor:
-    """(K, h, w) complex angular windows, phase included, with sum_b |A_b|^2 = 1."""
+    """(K, h, w) real angular windows with sum_b A_b^2 = 1; the steerable profile's phase is
+    :func:`_phase_order`'s."""
     centres = torch.arange(orientations, device=angle.device, dtype=angle.dtype) * (math.pi / orientations)
     delta = angle.unsqueeze(0) - centres.view(-1, 1, 1)
     if angular == "steerable":
@@ -157,16 +158,33 @@ def _angular_windows(angle: Tensor, orientations: int, angular: str) -> Tensor:
         alpha = math.sqrt(
             2 ** (2 * order) * math.factorial(order) ** 2 / (orientations * math.factorial(2 * order))
         )
-        # Odd orders are antisymmetric in frequency; the (-i)^order phase keeps the bands real.
-        return alpha * torch.cos(delta).pow(order) * ((-1j) ** order)
+        return alpha * torch.cos(delta).pow(order)
     if orientations == 1:
-        return torch.ones_like(delta).to(torch.complex64 if angle.dtype == torch.float32 else torch.complex128)
+        return torch.ones_like(delta)
     half = math.pi / (2 * orientations)
     # Distance to the sector centre on the half circle (the window is pi-periodic, hence real bands).
     distance = (torch.remainder(delta + math.pi / 2, math.pi) - math.pi / 2).abs()
     u = ((distance - half) / half).clamp(-1.0, 1.0)
-    window = torch.where(u >= 1.0, torch.zeros_like(u), torch.cos((math.pi / 4) * (1.0 + u)))
-    return window.to(torch.complex64 if angle.dtype == torch.float32 else torch.complex128)
+    return torch.where(u >= 1.0, torch.zeros_like(u), torch.cos((math.pi / 4) * (1.0 + u)))
+
+
+def _phase_order(orientations: int, angular: str) -> int:
+    """n such that the complex windows are the real ones times (-i)^n: the steerable profile of order K - 1 is
+    antisymmetric in frequency for odd orders, and that phase keeps its bands real; the sharp one is pi-periodic."""
+    return orientations - 1 if angular == "steerable" else 0
+
+
+def _real_of_turned(y: Tensor, order: int, scale: float) -> Tensor:
+    """scale * real((-i)^order * y) of a complex tensor, in one real multiply."""
+    part = y.imag if order % 2 else y.real
+    return part * (-scale if order % 4 >= 2 else scale)
+
+
+def _times_real(spectrum: Tensor, window: Tensor) -> Tensor:
+    """(..., 1 or K, H, W) complex x (K, H, W, 2) real (one window, stored twice along the last axis)
+    -> (..., K, H, W) complex: both parts multiplied by the window in one real multiply of equal inner shapes,
+    which vectorises where a complex-by-real product or a broadcast over the last axis does not."""
+    return torch.view_as_complex(torch.view_as_real(spectrum) * window)
 
 
 @dataclass(frozen=True)
@@ -174,18 +192,18 @@ class _Filters:
     hi0: Tensor  # (H, W)
     lo0: Tensor  # (H, W)
     crops: list[tuple[Tensor, Tensor]]  # index of grid s+1 inside grid s, per axis
-    himasks: list[Tensor]  # (H_s, W_s)
     lomasks: list[Tensor]  # (H_s, W_s)
-    angular: list[Tensor]  # (K, H_s, W_s) complex
+    oriented: list[Tensor]  # (K, H_s, W_s, 2) real: the radial band-pass times each angular window, twice
+    phase: int  # the complex windows are ``oriented`` times (-i)^phase
 
 
-@lru_cache(maxsize=32)
+@tensor_cache(maxsize=32)
 def _filters(
     height: int, width: int, levels: int, orientations: int, angular: str, device: torch.device, dtype: torch.dtype
 ) -> _Filters:
     hs, ws = _grid_sizes(height, levels), _grid_sizes(width, levels)
     ky, kx = _int_freqs(height, device), _int_freqs(width, device)
-    crops, himasks, lomasks, windows = [], [], [], []
+    crops, lomasks, oriented = [], [], []
     hi0 = lo0 = None
     for s in range(levels + 1):
         # Frequencies in units of the original Nyquist, per axis; grid s keeps the integer frequencies.
@@ -199,14 +217,14 @@ def _filters(
         if s == levels:
             break
         high, low = _raised_cosine(log_rad + s, -2.0)
-        himasks.append(high)
         lomasks.append(low)
-        windows.append(_angular_windows(angle, orientations, angular))
+        window = high * _angular_windows(angle, orientations, angular)
+        oriented.append(torch.stack([window, window], dim=-1))
         index_y = _int_freqs(hs[s + 1], device).remainder(hs[s])
         index_x = _int_freqs(ws[s + 1], device).remainder(ws[s])
         crops.append((index_y, index_x))
         ky, kx = ky[index_y], kx[index_x]
-    return _Filters(hi0, lo0, crops, himasks, lomasks, windows)
+    return _Filters(hi0, lo0, crops, lomasks, oriented, _phase_order(orientations, angular))
 
 
 def _fft(x: Tensor) -> Tensor:
@@ -285,8 +303,8 @@ def steerable_pyramid(
     low = spectrum * filters.lo0
     bands = []
     for s in range(levels):
-        oriented = low.unsqueeze(-3) * (filters.himasks[s] * filters.angular[s])
-        bands.append((_ifft_real(oriented) * factors[s]).to(x.dtype))
+        oriented = torch.fft.ifft2(_times_real(low.unsqueeze(-3), filters.oriented[s]), norm="forward")
+        bands.append(_real_of_turned(oriented, filters.phase, factors[s]).to(x.dtype))
         low = _crop(low * filters.lomasks[s], filters.crops[s])
     lowpass = (_ifft_real(low) * factors[levels]).to(x.dtype)
     return SteerableBands(highpass.to(x.dtype), bands, lowpass, angular, scaling)
@@ -327,8 +345,9 @@ def reconstruct_steerable(coeffs: SteerableBands) -> Tensor:
     low = _fft(coeffs.lowpass.to(dtype)) / factors[levels]
     for s in reversed(range(levels)):
         low = _uncrop(low, filters.crops[s], (hs[s], ws[s])) * filters.lomasks[s]
-        oriented = _fft(coeffs.bands[s].to(dtype)) * (filters.himasks[s] * filters.angular[s].conj() / factors[s])
-        low = low + oriented.sum(dim=-3)
+        oriented = _times_real(_fft(coeffs.bands[s].to(dtype)), filters.oriented[s]).sum(dim=-3)
+        # the adjoint of the phase (-i)^n is i^n, exact for integer n
+        low = low + oriented * ((1j) ** filters.phase / factors[s])
     spectrum = low * filters.lo0 + _fft(coeffs.highpass.to(dtype)) * filters.hi0
     return _ifft_real(spectrum).to(coeffs.highpass.dtype)
 

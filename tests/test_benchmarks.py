@@ -90,6 +90,18 @@ def test_bench_pyramid_prints_every_ratio(benchmarks, capsys):
         bench_pyramid.parse_case("336")
 
 
+def test_bench_steerable_times_all_three_and_compares_their_coefficients(benchmarks, capsys):
+    import bench_steerable
+
+    bench_steerable.main(["--repeats", "1", "--levels", "2", "--cases", "1x32", "2x48", "--device", "cpu"])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith(("1x32", "2x48"))]
+    assert [row[0] for row in rows] == ["1x32", "2x48"]
+    assert all(len(row) == 10 and all(float(v) > 0 for v in row[1:]) for row in rows)
+    assert all(float(row[-1]) < 1e-4 for row in rows)  # pyrtok's coefficients are pyrtools'
+    with pytest.raises(ValueError, match="BxS"):
+        bench_steerable.parse_case("256")
+
+
 def test_bench_laploss_runs_on_images_and_video(benchmarks, capsys):
     import bench_laploss
 

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pyrtok._cache import tensor_cache
 from pyrtok.tokens import MultiScaleTokens
 
 
-@lru_cache(maxsize=64)
+@tensor_cache(maxsize=64)
 def _neighbour_table(level_shapes: tuple[tuple[int, int], ...]) -> Tensor:
     """(N, 4) indices of the up/down/left/right neighbours in the same level; -1 where there is none."""
     tables, start = [], 0

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
+from pyrtok._cache import tensor_cache
 from pyrtok._checks import check_image, max_levels
 from pyrtok.pyramid import gaussian_pyramid
 from pyrtok.signals._pool import box_mean, check_batch_image, normalise_map
@@ -22,7 +22,7 @@ CENTRES, DELTAS = (1, 2), (2, 3)
 """Default centre levels and centre-surround level gaps of :func:`center_surround`."""
 
 
-@lru_cache(maxsize=16)
+@tensor_cache(maxsize=16)
 def _gaussian_kernel(sigma: float, dtype: torch.dtype, device: torch.device) -> Tensor:
     """(2r + 1,) normalised Gaussian taps, r = ceil(3 sigma); built once per sigma, dtype and device."""
     radius = max(1, math.ceil(3 * sigma))

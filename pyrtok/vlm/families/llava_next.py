@@ -63,7 +63,6 @@ encoded, and their number in ``Encoded.extras["encoded_tiles"]`` (G,).
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
 from dataclasses import replace
@@ -75,6 +74,7 @@ from einops import rearrange
 from PIL import Image
 from torch import Tensor, nn
 
+from pyrtok._cache import tensor_cache
 from pyrtok._checks import check_level_count
 from pyrtok.images import image_tensor
 from pyrtok.tokens import MultiScaleTokens, TokenSelection, from_feature_grid
@@ -87,7 +87,7 @@ NEWLINES = ("kept_rows", "all_rows", "none")
 STRATEGIES = ("default", "full")
 
 
-@functools.lru_cache(maxsize=256)
+@tensor_cache(maxsize=256)
 def bilinear_reads(n_in: int, n_out: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     """(n_out, n_in) bool: the source cells each output cell of one axis reads (a weight that is not 0) when
     ``F.interpolate(mode="bilinear", align_corners=False)`` resizes that axis from ``n_in`` to ``n_out`` cells.

@@ -185,3 +185,21 @@ def test_the_loss_builds_on_the_public_pyramid_only():
 
     borrowed = {name for name, value in vars(losses).items() if getattr(value, "__module__", None) == pyramid.__name__}
     assert borrowed and not any(name.startswith("_") for name in borrowed)
+
+
+@pytest.mark.parametrize("distance", ["l1", "l2", "charbonnier"])
+def test_unmasked_errors_and_gradients_equal_the_distance_map_then_its_mean(distance):
+    """L1 and L2 run as a norm and a dot product; they give the mean of the distance map and its gradient."""
+    from pyrtok.losses import _distance
+
+    g = torch.Generator().manual_seed(3)
+    pred = torch.rand(3, 2, 33, 40, generator=g, dtype=torch.float64).requires_grad_(True)
+    target = torch.rand(3, 2, 33, 40, generator=g, dtype=torch.float64)
+    ours = laplacian_band_errors(pred, target, 4, distance=distance)
+    reference = torch.stack([_distance(band, distance, 1e-3).flatten(1).mean(-1)
+                             for band in laplacian_pyramid(pred - target, 4)], dim=-1)
+    assert torch.allclose(ours, reference, rtol=1e-12, atol=1e-15)
+    weights = torch.rand(4, generator=g, dtype=torch.float64)
+    grad_ours, = torch.autograd.grad((ours * weights).sum(), pred)
+    grad_reference, = torch.autograd.grad((reference * weights).sum(), pred)
+    assert torch.allclose(grad_ours, grad_reference, rtol=1e-10, atol=1e-15)

@@ -20,7 +20,8 @@ T = TypeVar("T")
 
 
 def tensor_cache(maxsize: int) -> Callable[[Callable[..., T]], Callable[..., T]]:
-    """``functools.lru_cache(maxsize)`` whose misses run with inference mode off (arguments must be hashable).
+    """``functools.lru_cache(maxsize)`` whose misses run with inference mode off (arguments must be hashable;
+    as with ``lru_cache``, a call by keyword and the same call by position are separate entries).
 
     Example:
         >>> @tensor_cache(maxsize=4)
@@ -35,9 +36,9 @@ def tensor_cache(maxsize: int) -> Callable[[Callable[..., T]], Callable[..., T]]
     def decorate(build: Callable[..., T]) -> Callable[..., T]:
         @functools.lru_cache(maxsize=maxsize)
         @functools.wraps(build)
-        def cached(*args: object) -> T:
+        def cached(*args: object, **kwargs: object) -> T:
             with torch.inference_mode(False):
-                return build(*args)
+                return build(*args, **kwargs)
 
         return cached
 

@@ -55,9 +55,10 @@ def _distance(diff: Tensor, distance: str, eps: float) -> Tensor:
 
 
 def _mean_distance(flat: Tensor, distance: str, eps: float) -> Tensor:
-    """(B, N) -> (B,): the mean distance of each row. L1 and L2 run as reductions (a norm, a dot product) that
-    write no (B, N) temporary forward and whose backward broadcasts the incoming gradient: one full-size pass
-    fewer each way than the distance's map followed by ``mean``."""
+    """(B, N) float32 or float64 rows (the caller casts lower precisions) -> (B,): the mean distance of each row.
+
+    L1 runs as a norm, which writes no (B, N) temporary forward; L1 and L2 (a dot product) take the gradient
+    straight from the (B,) one, where ``mean`` backward first writes a full-size copy of it."""
     n = flat.shape[-1]
     if distance == "l1":
         return torch.linalg.vector_norm(flat, ord=1, dim=-1) / n

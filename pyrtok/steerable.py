@@ -175,7 +175,7 @@ def _phase_order(orientations: int, angular: str) -> int:
 
 
 def _real_of_turned(y: Tensor, order: int, scale: float) -> Tensor:
-    """scale * real((-i)^order * y) of a complex tensor, in one real multiply."""
+    """(...) complex -> (...) real: scale * real((-i)^order * y), in one real multiply."""
     part = y.imag if order % 2 else y.real
     return part * (-scale if order % 4 >= 2 else scale)
 
@@ -184,7 +184,7 @@ def _times_real(spectrum: Tensor, window: Tensor) -> Tensor:
     """(..., 1 or K, H, W) complex x (K, H, W, 2) real (one window, stored twice along the last axis)
     -> (..., K, H, W) complex: both parts multiplied by the window in one real multiply of equal inner shapes,
     which vectorises where a complex-by-real product or a broadcast over the last axis does not."""
-    return torch.view_as_complex(torch.view_as_real(spectrum) * window)
+    return torch.view_as_complex(torch.view_as_real(spectrum.resolve_conj()) * window)
 
 
 @dataclass(frozen=True)

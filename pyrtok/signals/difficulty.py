@@ -22,13 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from functools import lru_cache
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pyrtok._cache import tensor_cache
 from pyrtok._checks import check_image
 from pyrtok.signals.laplacian import band_energy_maps
 from pyrtok.signals.query import query_relevance
@@ -124,7 +124,7 @@ class DifficultyCalibrator:
         return cls(torch.tensor(json.loads(Path(path).read_text())["quantiles"]))
 
 
-@lru_cache(maxsize=1)
+@tensor_cache(maxsize=1)
 def _default_calibrator() -> DifficultyCalibrator:
     return DifficultyCalibrator.load(REFERENCE_PATH)
 

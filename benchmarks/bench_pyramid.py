@@ -32,20 +32,12 @@ import cv2
 import numpy as np
 import torch
 from kornia.geometry.transform import build_laplacian_pyramid
-from presets import add_device_arguments, device_and_dtype, interleaved
+from presets import add_device_arguments, device_and_dtype, interleaved, parse_case
 
 from pyrtok.pyramid import batch_invariant, laplacian_pyramid
 
 DEFAULT_CASES = ["1x224", "16x224", "1x336", "16x336", "1x512", "16x512", "1x1024", "4x1024"]
 LEVELS = 4
-
-
-def parse_case(text: str) -> tuple[int, int]:
-    """"16x336" -> (16, 336): a batch of 16 RGB images of 336 x 336."""
-    parts = text.split("x")
-    if len(parts) != 2 or not all(p.isdigit() for p in parts):
-        raise ValueError(f"a case is BxS (batch x side in pixels), got {text!r}")
-    return int(parts[0]), int(parts[1])
 
 
 def opencv_laplacian(images: list[np.ndarray], levels: int) -> None:

@@ -29,19 +29,11 @@ from functools import partial
 
 import numpy as np
 import torch
-from presets import add_device_arguments, device_and_dtype, interleaved
+from presets import add_device_arguments, device_and_dtype, interleaved, parse_case
 
 from pyrtok.steerable import steerable_pyramid
 
 DEFAULT_CASES = ["1x128", "1x256", "16x256", "1x512", "4x512"]
-
-
-def parse_case(text: str) -> tuple[int, int]:
-    """"16x256" -> (16, 256): a batch of 16 RGB images of 256 x 256."""
-    parts = text.split("x")
-    if len(parts) != 2 or not all(p.isdigit() for p in parts):
-        raise ValueError(f"a case is BxS (batch x side in pixels), got {text!r}")
-    return int(parts[0]), int(parts[1])
 
 
 def pyrtok_forward(x: torch.Tensor, levels: int, orientations: int) -> None:

@@ -79,6 +79,14 @@ def model_kwargs(family: str, size: str) -> dict[str, Any]:
     return copy.deepcopy(PRESETS[family][size])
 
 
+def parse_case(text: str) -> tuple[int, int]:
+    """"16x336" -> (16, 336): a batch of 16 RGB images of 336 x 336 (the image benchmarks' ``--cases``)."""
+    parts = text.split("x")
+    if len(parts) != 2 or not all(p.isdigit() for p in parts):
+        raise ValueError(f"a case is BxS (batch x side in pixels), got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
 def add_device_arguments(parser: argparse.ArgumentParser, sizes: bool = True) -> None:
     """``--device`` (default: cuda when there is one), ``--dtype`` (default: bfloat16 on a GPU, float32 on a
     CPU) and, with ``sizes``, ``--size`` (one of :data:`SIZES`, default ``cpu``)."""

@@ -565,9 +565,11 @@ def test_cli_ends_with_one_line_and_a_failing_status_on_a_misspelled_argument(mo
     assert not (tmp_path / "out").exists()
 
 
-def test_lmms_evals_own_pope_task_gets_answers_from_the_embedded_model(tmp_path, monkeypatch):
+@pytest.mark.parametrize("pretrained", ["embedded", "embedded-qwen"])
+def test_lmms_evals_own_pope_task_gets_answers_from_each_embedded_model(tmp_path, monkeypatch, pretrained):
     # lmms-eval's pope.yaml (its prompt with the short-answer suffix, its parsing and metrics) on a local shapes
-    # POPE set, through the plugin with its default prompt: the embedded model answers yes or no, and mostly right.
+    # POPE set, through the plugin with its default prompt (the Qwen's: its chat template): each shipped model,
+    # by the name the plugin takes, answers yes or no, and mostly right.
     for key, value in OFFLINE.items():
         monkeypatch.setenv(key, value)
     from lmms_eval.evaluator import simple_evaluate
@@ -577,7 +579,7 @@ def test_lmms_evals_own_pope_task_gets_answers_from_the_embedded_model(tmp_path,
 
     write_pope(tmp_path / "pope", "test", 100)
     manager = TaskManager("WARNING", include_path=str(tmp_path / "pope"), include_defaults=False)
-    lm = PyrtokLMM(pretrained="embedded", levels=3, device="cpu", batch_size=50)
+    lm = PyrtokLMM(pretrained=pretrained, levels=3, device="cpu", batch_size=50)
     results = simple_evaluate(model=lm, tasks=[TASK_NAME], task_manager=manager, bootstrap_iters=0,
                               log_samples=True, verbosity="WARNING")
     samples = results["samples"][TASK_NAME]

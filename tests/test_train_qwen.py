@@ -191,3 +191,28 @@ def test_shipped_qwen_config_is_a_deeper_qwen_at_native_resolution_with_the_llav
     inputs = processor(images=[scene], text=[PyramidVLM(model, processor).chat_prompt("what?")], return_tensors="pt")
     assert inputs["image_grid_thw"].tolist() == [[1, 16, 16]]
     assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 64
+
+
+def test_the_shipped_qwen_is_exact_at_full_budget_and_answers_the_shapes_benchmark():
+    """``embedded-qwen``: the exported tiny Qwen2.5-VL loads by name as HF's own class with its processor; at full
+    budget pyrtok gives what the unwrapped model gives through its processor, and it answers most test questions."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from pyrtok.embedded.models import embedded_model
+
+    folder = embedded_model("embedded-qwen")
+    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    processor = AutoProcessor.from_pretrained(folder)
+    assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    assert model.config.text_config.num_hidden_layers >= 8
+    size = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+    assert size <= 15e6
+    vlm = PyramidVLM(model, processor)
+    scene = make_scene(0, "test", 3).image
+    assert_reproduces(model, processor, vlm, [scene], vlm.chat_prompt("how many shapes are there?"))
+    pyramid = PyramidVLM.from_pretrained("embedded-qwen", levels=3)
+    images, items = scene_batch("test", 0, 40, 224)
+    answers = pyramid.generate(images, [pyramid.chat_prompt(i["question"]) for i in items], max_new_tokens=2)
+    assert answers.counts.tolist() == [84] * 40
+    right = sum(t.strip().split(" ")[0] == i["answer"] for t, i in zip(answers.texts, items))
+    assert right >= 28, (right, list(zip(answers.texts, [i["answer"] for i in items])))

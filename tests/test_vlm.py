@@ -185,9 +185,9 @@ def test_encoder_modes_and_attention_capture(tiny):
         MultiScaleEncoder(model, mode="tiles")
 
 
-def test_shipped_models_load_by_name():
-    """``embedded`` / ``embedded-llava`` name the shipped LLaVA wherever a model path is taken; unknown names and
-    missing folders get errors that say what exists and how to make it."""
+def test_shipped_models_load_by_name(monkeypatch):
+    """``embedded`` / ``embedded-llava`` name the shipped LLaVA and ``embedded-qwen`` the shipped Qwen2.5-VL wherever
+    a model path is taken; unknown names and missing folders get errors that say what exists and how to make it."""
     from pyrtok.eval.config import ModelSpec
 
     from pyrtok.embedded.models import EMBEDDED_MODELS, embedded_model, resolve_model
@@ -198,12 +198,14 @@ def test_shipped_models_load_by_name():
     assert ModelSpec("m", "embedded").resolved_path == str(folder)
     vlm = PyramidVLM.from_pretrained("embedded-llava", levels=3)
     assert type(vlm.model).__name__ == "LlavaForConditionalGeneration"
+    assert resolve_model("embedded-qwen") == str(folder.parent / "tiny_qwen")
+    assert type(PyramidVLM.from_pretrained("embedded-qwen", levels=3).model).__name__ == \
+        "Qwen2_5_VLForConditionalGeneration"
     with pytest.raises(ValueError, match=r"embedded model must be one of \['embedded', 'embedded-llava'"):
         embedded_model("embedded-gpt")
-    for name, (asset, config) in EMBEDDED_MODELS.items():
-        path = folder.parent / asset
-        if (path / "config.json").is_file():
-            assert embedded_model(name) == path
-        else:  # a model not shipped in this install says how to make it
-            with pytest.raises(FileNotFoundError, match=f"pyrtok train-vlm --config {config}"):
-                embedded_model(name)
+    for name, (asset, _) in EMBEDDED_MODELS.items():
+        assert embedded_model(name) == folder.parent / asset
+    # a model missing from an install says how to make it
+    monkeypatch.setitem(EMBEDDED_MODELS, "embedded-gone", ("no_such_model", "configs/embedded/gone.yaml"))
+    with pytest.raises(FileNotFoundError, match="pyrtok train-vlm --config configs/embedded/gone.yaml"):
+        embedded_model("embedded-gone")

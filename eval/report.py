@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 from pyrtok.eval.config import COARSE
 from pyrtok.eval.metrics import get_metric
+from pyrtok.eval.paired import leaders
 from pyrtok.eval.rows import failed
 
 __all__ = ["Summary", "flops_unit", "format_flops", "summarize", "write_report"]
@@ -181,7 +182,7 @@ def _fmt(value: float, digits: int = 1) -> str:
 
 
 def _markdown(table: list[Summary], categories: list[Summary], tasks: list[str],
-              agreement: list[dict[str, Any]] | None = None) -> str:
+              agreement: list[dict[str, Any]] | None = None, leads: list[dict[str, Any]] | None = None) -> str:
     # only a run with failed rows gets the answered-only columns: elsewhere they would repeat the headline
     failures = sum(row["failed"] for row in table)
     answered = [f"{t} answered" for t in tasks] if failures else []
@@ -209,6 +210,17 @@ def _markdown(table: list[Summary], categories: list[Summary], tasks: list[str],
                 "| models | budget | task | allocators | Spearman rho | Kendall tau |", "|---|---|---|---|---|---|"]
         out += [f"| {a} / {b} | {100 * e['fraction']:.0f}% | {e['task']} | {e['n']} | {_fmt(e['rho'], 2)} | "
                 f"{_fmt(e['tau'], 2)} |" for e in agreement for a, b in [e["models"]]]
+        out.append("")
+    if leads:
+        out += ["## Who leads, and by how much", "",
+                "Per budget, the most accurate allocator and its lead over the runner-up: the mean paired difference "
+                "over the same questions, in points, with its standard error (`pyrtok.eval.paired`). The last "
+                "column lists the allocators it does not lead by two standard errors.", "",
+                "| model | task | tokens | leader | accuracy | runner-up | lead (SE) | within 2 SE |",
+                "|---|---|---|---|---|---|---|---|"]
+        out += [f"| {e['model']} | {e['task']} | {e['budget']} | {e['leader']} | {_fmt(e['value'])} | "
+                f"{e['runner_up'] or '-'} | {_fmt(e['lead'])} ({_fmt(e['se'])}) | {', '.join(e['ties']) or '-'} |"
+                for e in leads]
         out.append("")
     out += ["## Per category", ""]
     for (model, task), group in _group(categories, "model", "task").items():
@@ -369,7 +381,8 @@ def _plots(table: list[Summary], tasks: list[str], output: Path) -> list[Path]:
 
 
 def write_report(rows: Sequence[dict], metrics: dict[str, str], output: str | Path) -> dict[str, Path]:
-    """Write ``report.md``, ``table.csv``, ``categories.csv``, with several models ``agreement.csv``
+    """Write ``report.md`` (with who leads at each budget: :func:`pyrtok.eval.paired.leaders`), ``table.csv``,
+    ``categories.csv``, with several models ``agreement.csv``
     (:func:`model_agreement`), and the plots (``accuracy_vs_budget.png``, ``accuracy_vs_latency.png``,
     ``accuracy_vs_flops.png``) under ``output``."""
     output = Path(output)
@@ -380,7 +393,7 @@ def write_report(rows: Sequence[dict], metrics: dict[str, str], output: str | Pa
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     paths = {"report": output / "report.md", "table": output / "table.csv", "categories": output / "categories.csv"}
     agreement = model_agreement(table)
-    _atomic_write(paths["report"], _markdown(table, categories, tasks, agreement))
+    _atomic_write(paths["report"], _markdown(table, categories, tasks, agreement, leaders(rows, metrics)))
     flat = [{**{k: v for k, v in r.items() if k not in ("tasks", "answered")}, **r["tasks"],
              **{f"{t}_answered": v for t, v in r["answered"].items()}} for r in table]
     for r in flat:  # rows of runs that did not record it: "-", as in report.md

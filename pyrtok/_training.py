@@ -28,9 +28,9 @@ import torch
 import yaml
 
 __all__ = [
-    "RESTART", "Run", "checkpoint_step", "config_changes", "latest_checkpoint", "load_config", "lr_factor",
-    "merge_config", "optimizer_step", "restart_at", "restarts", "run_cli", "save_checkpoint", "saved_config_changes",
-    "set_override", "step_generator", "trim_log", "turns_at", "warmup_cosine",
+    "RESTART", "Interrupted", "Run", "Steps", "checkpoint_step", "config_changes", "latest_checkpoint", "load_config",
+    "lr_factor", "merge_config", "optimizer_step", "restart_at", "restarts", "run_cli", "save_checkpoint",
+    "saved_config_changes", "set_override", "step_generator", "trim_log", "turns_at", "warmup_cosine",
 ]
 
 
@@ -247,6 +247,72 @@ def optimizer_step(accelerator: Any, model: Any, optimizer: Any, scheduler: Any,
     optimizer.zero_grad(set_to_none=True)
 
 
+class Interrupted(KeyboardInterrupt):
+    """A run that an interrupt ended at a step boundary, after saving a checkpoint there.
+
+    A ``KeyboardInterrupt``, so code that lets Ctrl-C through lets this through too; ``step`` is the step the
+    checkpoint holds and ``total`` the run's last step. ``pyrtok train-vlm`` and ``pyrtok pretrain`` end on it
+    with one line that says how to resume, and exit status 130.
+    """
+
+    def __init__(self, step: int, total: int, checkpoint: Path) -> None:
+        super().__init__(f"interrupted after step {step} of {total}; the checkpoint is {checkpoint}")
+        self.step, self.total, self.checkpoint = step, total, checkpoint
+
+
+class Steps:
+    """The steps of one invocation of a :class:`Run` (from :meth:`Run.steps`): iterate it as a range.
+
+    While it is iterated, the first SIGINT (Ctrl-C) or SIGTERM lets the step in progress finish; then a
+    checkpoint of the steps done is saved (unless that step's own was just saved) and :class:`Interrupted` is
+    raised. A second signal stops at once, with a plain ``KeyboardInterrupt``. The handlers are this
+    iteration's: they are installed when it starts (in the main thread only) and the previous ones come back
+    when it ends, however it ends.
+    """
+
+    SIGNALS = ("SIGINT", "SIGTERM")
+
+    def __init__(self, run: Run, bar: Any) -> None:
+        self.run, self.bar = run, bar
+        self.caught: str | None = None  # the name of the signal that asked to stop
+
+    def set_postfix(self, **values: Any) -> None:
+        """Show ``values`` beside the progress bar."""
+        self.bar.set_postfix(**values)
+
+    def _handle(self, number: int, frame: Any) -> None:
+        import signal
+
+        if self.caught is not None:
+            raise KeyboardInterrupt(f"{signal.Signals(number).name} again: stopping without a checkpoint")
+        self.caught = signal.Signals(number).name
+        if self.run.is_main:
+            print(f"\n{self.run.output}: {self.caught}: finishing this step and saving a checkpoint (send it again "
+                  f"to stop at once)", file=sys.stderr, flush=True)
+
+    def __iter__(self) -> Any:
+        import signal
+        import threading
+
+        previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                number = getattr(signal, name)
+                previous[number] = signal.signal(number, self._handle)
+        try:
+            for step in self.bar:
+                yield step
+                if self.run.stop_requested(self.caught is not None):
+                    done = step + 1
+                    if checkpoint_step(self.run.checkpoints) != done:
+                        self.run.checkpoint(done, self.run.config["train"].get("keep_checkpoints", 2))
+                    self.bar.close()
+                    raise Interrupted(done, self.run.total, self.run.checkpoints / f"step-{done:07d}")
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
+
+
 class Run:
     """The plumbing of one seeded, resumable training run; the training script brings its model and its step.
 
@@ -344,10 +410,12 @@ class Run:
                 trim_log(self.output / name, self.start)
         return self.start
 
-    def steps(self, total: int, stop_after: int | None = None, progress: bool = True) -> Any:
-        """A tqdm bar over the steps of this invocation: :attr:`start` up to ``total``, or ``stop_after`` steps.
+    def steps(self, total: int, stop_after: int | None = None, progress: bool = True) -> Steps:
+        """The steps of this invocation: :attr:`start` up to ``total``, or ``stop_after`` steps (a :class:`Steps`,
+        iterated like a range, with a tqdm bar on the main process when ``progress`` is set).
 
-        Sets :attr:`end` and :attr:`total`. The bar shows on the main process when ``progress`` is set.
+        Sets :attr:`end` and :attr:`total`. An interrupt (Ctrl-C, SIGTERM) while iterating ends the invocation at
+        the next step boundary with a checkpoint (see :class:`Steps`).
         """
         if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, int)
                                        or stop_after < 1):
@@ -356,8 +424,17 @@ class Run:
 
         self.total = total
         self.end = total if stop_after is None else min(total, self.start + stop_after)
-        return tqdm(range(self.start, self.end), initial=self.start, total=total,
-                    disable=not progress or not self.is_main, desc=self.output.name)
+        bar = tqdm(range(self.start, self.end), initial=self.start, total=total,
+                   disable=not progress or not self.is_main, desc=self.output.name)
+        return Steps(self, bar)
+
+    def stop_requested(self, local: bool) -> bool:
+        """Whether any process asks to stop (``local``: this one does); a collective call with several
+        processes, so that every process stops after the same step."""
+        if self.accelerator.num_processes == 1:
+            return local
+        flag = torch.tensor([float(local)], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
 
     def log_due(self, done: int, every: int) -> bool:
         """Whether to log after ``done`` steps: after the first step (early feedback), every ``every`` steps
@@ -458,7 +535,13 @@ def run_cli(
             raise ValueError(f"{output} holds a run started under another config: {'; '.join(changes)}; pass "
                              f"--allow-config-change to resume under this one (the old config.yaml is kept), or "
                              f"--no-resume to start over")
-    output = train(config, resume=not args.no_resume, stop_after=args.stop_after)
+    try:
+        output = train(config, resume=not args.no_resume, stop_after=args.stop_after)
+    except Interrupted as interrupted:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"{prog}: interrupted; stopped at step {interrupted.step} of {interrupted.total} with a "
+                  f"checkpoint (resume with: {_resume_command(prog, argv)})", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun / accelerate: the main process reports
         return
     step, total = checkpoint_step(Path(output) / "checkpoints"), config["train"]["steps"]

@@ -214,5 +214,5 @@ def test_the_shipped_qwen_is_exact_at_full_budget_and_answers_the_shapes_benchma
     images, items = scene_batch("test", 0, 40, 224)
     answers = pyramid.generate(images, [pyramid.chat_prompt(i["question"]) for i in items], max_new_tokens=2)
     assert answers.counts.tolist() == [84] * 40
-    right = sum(t.strip().split(" ")[0] == i["answer"] for t, i in zip(answers.texts, items))
-    assert right >= 28, (right, list(zip(answers.texts, [i["answer"] for i in items])))
+    right = sum(t.strip().split(" ")[0] == i["answer"] for t, i in zip(answers.texts, items, strict=True))
+    assert right >= 28, (right, list(zip(answers.texts, [i["answer"] for i in items], strict=True)))

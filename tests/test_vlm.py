@@ -207,5 +207,5 @@ def test_shipped_models_load_by_name(monkeypatch):
         assert embedded_model(name) == folder.parent / asset
     # a model missing from an install says how to make it
     monkeypatch.setitem(EMBEDDED_MODELS, "embedded-gone", ("no_such_model", "configs/embedded/gone.yaml"))
-    with pytest.raises(FileNotFoundError, match="pyrtok train-vlm --config configs/embedded/gone.yaml"):
+    with pytest.raises(FileNotFoundError, match=r"pyrtok train-vlm --config configs/embedded/gone\.yaml"):
         embedded_model("embedded-gone")

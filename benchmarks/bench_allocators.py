@@ -39,7 +39,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 import transformers
-from presets import add_device_arguments, device_and_dtype
+from presets import add_device_arguments, device_and_dtype, run_script
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from pyrtok import allocators
@@ -166,4 +166,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

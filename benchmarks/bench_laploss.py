@@ -33,7 +33,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from presets import add_device_arguments, device_and_dtype, interleaved
+from presets import add_device_arguments, device_and_dtype, interleaved, run_script
 
 from pyrtok.losses import LapLoss
 from pyrtok.pyramid import batch_invariant
@@ -163,4 +163,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -39,7 +39,7 @@ import time
 import torch
 from einops import rearrange
 from PIL import Image
-from presets import add_device_arguments, device_and_dtype, model_kwargs
+from presets import add_device_arguments, device_and_dtype, model_kwargs, run_script
 
 from pyrtok._timing import sync
 from pyrtok.samples import available_samples, sample_image
@@ -147,4 +147,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

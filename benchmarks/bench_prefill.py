@@ -46,7 +46,7 @@ import time
 
 import torch
 from PIL import Image
-from presets import IMAGE_SIZES, add_device_arguments, device_and_dtype, model_kwargs
+from presets import IMAGE_SIZES, add_device_arguments, device_and_dtype, model_kwargs, run_script
 
 from pyrtok._timing import sync
 from pyrtok.testing import build_vlm
@@ -230,4 +230,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -28,11 +28,9 @@ import argparse
 from collections.abc import Callable
 from functools import partial
 
-import cv2
 import numpy as np
 import torch
-from kornia.geometry.transform import build_laplacian_pyramid
-from presets import add_device_arguments, device_and_dtype, interleaved, parse_case
+from presets import add_device_arguments, device_and_dtype, interleaved, parse_case, run_script
 
 from pyrtok.pyramid import batch_invariant, laplacian_pyramid
 
@@ -41,6 +39,8 @@ LEVELS = 4
 
 
 def opencv_laplacian(images: list[np.ndarray], levels: int) -> None:
+    import cv2
+
     for image in images:
         current = image
         for _ in range(levels - 1):
@@ -76,6 +76,8 @@ def bench_case(
         "opencv": partial(opencv_laplacian, images, LEVELS),
     }
     if args.kornia:
+        from kornia.geometry.transform import build_laplacian_pyramid
+
         calls["kornia"] = partial(build_laplacian_pyramid, x, LEVELS)
     if args.compile:
         torch._dynamo.reset()  # each case compiles afresh
@@ -93,6 +95,8 @@ def bench_case(
 
 
 def main(argv: list[str] | None = None) -> None:
+    import cv2  # the dev extra, as kornia: a missing one ends in one line (presets.run_script)
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--kornia", type=int, default=2, help="kornia rounds (0: leave it out)")
@@ -119,4 +123,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

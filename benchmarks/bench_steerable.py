@@ -29,7 +29,7 @@ from functools import partial
 
 import numpy as np
 import torch
-from presets import add_device_arguments, device_and_dtype, interleaved, parse_case
+from presets import add_device_arguments, device_and_dtype, interleaved, parse_case, run_script
 
 from pyrtok.steerable import steerable_pyramid
 
@@ -124,4 +124,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -12,12 +12,17 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["IMAGE_SIZES", "PRESETS", "SIZES", "add_device_arguments", "device_and_dtype", "interleaved", "model_kwargs"]
+from pyrtok._extras import hint_for
+
+__all__ = ["IMAGE_SIZES", "PRESETS", "SIZES", "add_device_arguments", "device_and_dtype", "interleaved", "model_kwargs",
+           "run_script"]
 
 SIZES = ("toy", "cpu", "7b")
 
@@ -136,3 +141,16 @@ def interleaved(calls: dict[str, Callable[[], object]], repeats: int, device: to
             if device.type == "cuda":
                 peaks[name] = torch.cuda.max_memory_allocated(device) / 2**20
     return {name: 1000 * min(values) for name, values in times.items()}, peaks
+
+
+def run_script(main: Callable[[], None]) -> None:
+    """Run a benchmark's ``main``; a missing optional package (OpenCV, kornia, pyrtools, plenoptic: the ``dev``
+    extra) ends in one line on stderr that names the extra to install, with exit status 2, not a traceback."""
+    try:
+        main()
+    except ImportError as error:
+        hint = hint_for(error)
+        if hint is None:
+            raise
+        print(f"{Path(sys.argv[0]).name}: {hint}", file=sys.stderr)
+        raise SystemExit(2) from None

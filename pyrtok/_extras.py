@@ -44,6 +44,8 @@ OPTIONAL: dict[str, tuple[str, str]] = {
     "pytablewriter": ("pytablewriter", "lmms"),
     "cv2": ("opencv-python-headless", "dev"),
     "kornia": ("kornia", "dev"),
+    "pyrtools": ("pyrtools", "dev"),
+    "plenoptic": ("plenoptic", "dev"),
 }
 
 

@@ -115,3 +115,30 @@ def test_bench_laploss_runs_on_images_and_video(benchmarks, capsys):
     # peak memory on the CPU: one fresh process per loss, a number for each
     peaks = bench_laploss.cpu_peaks(["pyrtok + mask", "glo (snippet)"], (2, 3, 64, 64), False, 1)
     assert set(peaks) == {"pyrtok + mask", "glo (snippet)"} and all(v >= 0 for v in peaks.values())
+
+
+@pytest.mark.parametrize("script, module, distribution", [("bench_pyramid", "cv2", "opencv-python-headless"),
+                                                          ("bench_pyramid", "kornia", "kornia"),
+                                                          ("bench_steerable", "plenoptic", "plenoptic")])
+def test_a_missing_dev_package_ends_a_benchmark_in_one_line(benchmarks, monkeypatch, capsys, script, module,
+                                                            distribution):
+    import importlib
+    import sys
+
+    from presets import run_script
+
+    bench = importlib.import_module(script)  # imports without the package: it is needed only when timing
+    for name in [m for m in sys.modules if m.split(".")[0] == module] or [module]:  # as after the main install
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setattr(sys, "argv", [f"benchmarks/{script}.py"])
+    with pytest.raises(SystemExit) as exit:
+        run_script(lambda: bench.main(["--repeats", "1", "--cases", "1x32", "--device", "cpu"]))
+    assert exit.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f'{script}.py: needs {distribution}; pip install -e ".[dev]"']
+
+    def bug():
+        import pyrtok.no_such_module  # noqa: F401  (a bug, not a missing extra)
+
+    with pytest.raises(ModuleNotFoundError):  # keeps its traceback
+        run_script(bug)

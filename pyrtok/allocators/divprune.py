@@ -88,23 +88,25 @@ def max_min_order(features: Tensor, steps: int, dtype: torch.dtype | None = None
     # x / |x| as upstream divides (F.normalize only clamps the norm, so a zero vector stays zero, not NaN)
     unit = F.normalize(features.to(dtype or features.dtype), dim=-1)
     distance = 1.0 - unit @ unit.transpose(1, 2)  # (B, n, n); row = a (picked) token, column = a candidate
+    if weight is not None:
+        # each candidate's column times its weight, once: a positive factor commutes with the minima and the
+        # top-k below, so every step's weighted argmax is the same as weighting that step's distances
+        distance = distance * weight.unsqueeze(1)  # promoted as the weighted products were
     rows = torch.arange(batch, device=features.device)
     if n == 1:  # a lone token has no neighbour: it is the pick
         pick = torch.zeros(batch, dtype=torch.long, device=features.device)
     else:
         # Each column's second-smallest entry: the smallest is the token's distance to itself.
-        nearest = distance.topk(2, dim=1, largest=False).values[:, 1]  # (B, n)
-        pick = (nearest if weight is None else nearest * weight).argmax(dim=1)
+        pick = distance.topk(2, dim=1, largest=False).values[:, 1].argmax(dim=1)
+    # A token's distance to itself becomes -inf, so that a picked token sits at -inf in the distances to the set
+    # (a minimum keeps it there): duplicates (distance 0 to the set) and zero features are never picked twice.
+    distance.diagonal(dim1=1, dim2=2).fill_(float("-inf"))
     picks = [pick]
     to_set = distance[rows, pick]  # (B, n) distance of every token to its nearest picked token
-    # Picked tokens sit at -inf (a minimum keeps them there, and so does a positive weight), so duplicates
-    # (distance 0 to the set) and zero features can never be picked twice.
-    to_set[rows, pick] = float("-inf")
     for _ in range(steps - 1):
-        pick = (to_set if weight is None else to_set * weight).argmax(dim=1)
+        pick = to_set.argmax(dim=1)
         picks.append(pick)
         to_set = torch.minimum(to_set, distance[rows, pick])
-        to_set[rows, pick] = float("-inf")
     return torch.stack(picks, dim=1)
 
 

@@ -115,16 +115,26 @@ def merge_into_kept(embeddings: Tensor, keep: Tensor, dropped: Tensor) -> Tensor
 
     Returns:
         (B, N, D) ``embeddings`` with every kept token replaced by its merged value (other rows unchanged).
+
+    Similarities are taken to the kept tokens only, (B, N, K): K / N of the work of a full (B, N, N) matrix.
     """
     work = embeddings.float()
+    batch, n, d = work.shape
     unit = work / work.norm(dim=-1, keepdim=True).clamp_min(1e-8)
-    similarity = (unit @ unit.transpose(1, 2)).masked_fill(~keep.unsqueeze(1), float("-inf"))  # (B, N, N)
-    nearest = similarity.argmax(dim=2)  # (B, N): for each token, its most similar kept token
-    joins = F.one_hot(nearest, keep.shape[1]).to(work.dtype) * dropped.unsqueeze(2).to(work.dtype)
-    sums = work + joins.transpose(1, 2) @ work
-    counts = 1 + joins.sum(1)
-    merged = sums / counts.unsqueeze(2)
-    return torch.where(keep.unsqueeze(2), merged, work).to(embeddings.dtype)
+    # the kept tokens of each row first, in token order (a stable sort), padded to the longest row's count
+    count = max(1, int(keep.sum(1).max()))
+    kept = torch.sort(keep.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :count]  # (B, K)
+    to_kept = unit.gather(1, kept.unsqueeze(2).expand(-1, -1, d))  # (B, K, D)
+    similarity = (unit @ to_kept.transpose(1, 2)).masked_fill(~keep.gather(1, kept).unsqueeze(1), float("-inf"))
+    nearest = kept.gather(1, similarity.argmax(dim=2))  # (B, N): each token's most similar kept token (the first)
+    # every dropped token is added into the row of its kept token; a kept token is then divided by 1 + what
+    # joined it, and every other row by 1, which leaves it as it was
+    target = (nearest + n * torch.arange(batch, device=work.device).unsqueeze(1)).flatten()
+    joins = dropped.to(work.dtype).flatten()  # (B N,)
+    flat = work.reshape(batch * n, d)
+    sums = flat.index_add(0, target, flat * joins.unsqueeze(1))
+    counts = torch.ones_like(joins).index_add_(0, target, joins)
+    return (sums / counts.unsqueeze(1)).reshape(batch, n, d).to(embeddings.dtype)
 
 
 @register("vscan")

@@ -105,6 +105,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cases", nargs="+", default=DEFAULT_CASES, help="BxS: B RGB images of S x S px")
     add_device_arguments(parser, sizes=False)
     args = parser.parse_args(argv)
+    if args.kornia:
+        import kornia  # noqa: F401  (checked before any timing, as OpenCV is)
     device, dtype = device_and_dtype(args)
     torch.set_num_threads(args.threads)
     cv2.setNumThreads(args.threads)

@@ -97,6 +97,9 @@ def bench_case(x: torch.Tensor, images: list[np.ndarray], args: argparse.Namespa
 
 
 def main(argv: list[str] | None = None) -> None:
+    import plenoptic  # noqa: F401  (both from the dev extra: a missing one ends in one line before any timing)
+    import pyrtools  # noqa: F401
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--threads", type=int, default=2)

@@ -7,8 +7,10 @@ tells a lead from noise with far fewer questions than two independent standard e
 headline is the mean per-question score (accuracy-like: ``exact``, ``gqa``, ``vqav2``, ...) are compared; POPE's
 F1 and MME's sums are not means of a score per question.
 
-:func:`leaders` gives, per (model, task, budget below full), the most accurate allocator, its lead over the
-runner-up and the allocators it does not lead by two standard errors; ``report.md`` prints them.
+:func:`leaders` gives, per (model, task, budget below full, in-LLM schedule), the most accurate allocator, its
+lead over the runner-up and the allocators it does not lead by two standard errors; ``report.md`` prints them.
+Rows under an in-LLM schedule (``<allocator>+<schedule>``) are compared only with rows under the same schedule:
+two schedules at one vision-side budget spend different FLOPs.
 """
 
 from __future__ import annotations
@@ -47,10 +49,11 @@ def leaders(rows: Sequence[dict], metrics: dict[str, str]) -> list[dict[str, Any
 
     ``rows`` are an ablation's latest rows: full-token ``all`` rows are left out (``all`` below full is
     ``coarse``), and so are tasks whose metric is not a mean per-question score; ``metrics`` maps task names to
-    metric names. Each entry: ``model``, ``task``,
-    ``budget``, ``leader`` and its ``value``, ``runner_up`` with the paired ``lead`` over it and that lead's
-    ``se`` (points; NaN where one allocator ran), and ``ties``: the other allocators whose paired difference to
-    the leader is under two standard errors, best first.
+    metric names. A cell is a (model, task, budget, schedule) with at least two allocators. Each entry:
+    ``model``, ``task``, ``budget``, ``schedule`` (None on the vision side), ``leader`` and its ``value``,
+    ``runner_up`` with the paired ``lead`` over it and that lead's ``se`` (points), and ``ties``: the other
+    allocators whose paired difference to the leader is not above two standard errors (an allocator that
+    answers exactly as the leader ties), best first.
     """
     cells: dict[tuple, dict[str, list[dict]]] = {}
     for row in rows:
@@ -61,19 +64,24 @@ def leaders(rows: Sequence[dict], metrics: dict[str, str]) -> list[dict[str, Any
             allocator = COARSE  # the coarsest tokens first, as the table names it
         if get_metric(metrics[row["task"]]).summarize is not mean_accuracy:
             continue
-        cells.setdefault((row["model"], row["task"], row["budget"]), {}).setdefault(allocator, []).append(row)
+        schedule = allocator.partition("+")[2] or None
+        key = (row["model"], row["task"], row["budget"], schedule)
+        cells.setdefault(key, {}).setdefault(allocator, []).append(row)
     out = []
-    for (model, task, budget), by_allocator in sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][1], -kv[0][2])):
+    for (model, task, budget, schedule), by_allocator in sorted(
+            cells.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][3] or "", -kv[0][2])):
+        if len(by_allocator) < 2:
+            continue  # nothing to compare with
         ranked = sorted(by_allocator, key=lambda name: (-mean_accuracy(by_allocator[name])["accuracy"], name))
         leader = ranked[0]
-        entry = {"model": model, "task": task, "budget": budget, "leader": leader,
-                 "value": mean_accuracy(by_allocator[leader])["accuracy"], "runner_up": None,
+        entry = {"model": model, "task": task, "budget": budget, "schedule": schedule, "leader": leader,
+                 "value": mean_accuracy(by_allocator[leader])["accuracy"], "runner_up": ranked[1],
                  "lead": float("nan"), "se": float("nan"), "ties": []}
         for name in ranked[1:]:
             paired = paired_difference(by_allocator[leader], by_allocator[name])
-            if entry["runner_up"] is None:
-                entry.update(runner_up=name, lead=paired["difference"], se=paired["se"])
-            if not paired["difference"] >= 2 * paired["se"]:  # a NaN standard error ties too
+            if name == entry["runner_up"]:
+                entry.update(lead=paired["difference"], se=paired["se"])
+            if not paired["difference"] > 2 * paired["se"]:  # equal answers (SE 0) and a NaN SE tie too
                 entry["ties"].append(name)
         out.append(entry)
     return out

@@ -214,9 +214,10 @@ def _markdown(table: list[Summary], categories: list[Summary], tasks: list[str],
     if leads:
         out += ["## Who leads, and by how much", "",
                 "Per budget, the most accurate allocator and its lead over the runner-up: the mean paired difference "
-                "over the same questions, in points, with its standard error (`pyrtok.eval.paired`). The last "
-                "column lists the allocators it does not lead by two standard errors.", "",
-                "| model | task | tokens | leader | accuracy | runner-up | lead (SE) | within 2 SE |",
+                "over the same questions, in points, with its standard error (`pyrtok.eval.paired`; rows under an "
+                "in-LLM schedule are compared with the same schedule's only). The last column lists the allocators "
+                "it does not lead by more than two standard errors.", "",
+                "| model | task | budget | leader | accuracy | runner-up | lead (SE) | within 2 SE |",
                 "|---|---|---|---|---|---|---|---|"]
         out += [f"| {e['model']} | {e['task']} | {e['budget']} | {e['leader']} | {_fmt(e['value'])} | "
                 f"{e['runner_up'] or '-'} | {_fmt(e['lead'])} ({_fmt(e['se'])}) | {', '.join(e['ties']) or '-'} |"

@@ -18,8 +18,11 @@ import math
 import os
 import shlex
 import shutil
+import signal
 import sys
-from collections.abc import Callable, Mapping, Sequence
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -265,39 +268,41 @@ class Steps:
 
     While it is iterated, the first SIGINT (Ctrl-C) or SIGTERM lets the step in progress finish; then a
     checkpoint of the steps done is saved (unless that step's own was just saved) and :class:`Interrupted` is
-    raised. A second signal stops at once, with a plain ``KeyboardInterrupt``. The handlers are this
-    iteration's: they are installed when it starts (in the main thread only) and the previous ones come back
-    when it ends, however it ends.
+    raised. A signal more than :attr:`REPEAT_S` seconds after the first stops at once, with a plain
+    ``KeyboardInterrupt``; one sooner is taken as the same request (a scheduler may signal a process both
+    directly and through its launcher). With several processes, every step ends by asking whether any process
+    was signalled, so that all stop after the same step (torchrun's agent kills its workers 30 s after it is
+    signalled: a step and a checkpoint must fit in that). The handlers are this iteration's: they are installed
+    when it starts (in the main thread only) and the previous ones come back when it ends, however it ends.
     """
 
-    SIGNALS = ("SIGINT", "SIGTERM")
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    REPEAT_S = 1.0
 
     def __init__(self, run: Run, bar: Any) -> None:
         self.run, self.bar = run, bar
         self.caught: str | None = None  # the name of the signal that asked to stop
+        self._caught_at = 0.0
 
     def set_postfix(self, **values: Any) -> None:
         """Show ``values`` beside the progress bar."""
         self.bar.set_postfix(**values)
 
     def _handle(self, number: int, frame: Any) -> None:
-        import signal
-
+        name = signal.Signals(number).name
         if self.caught is not None:
-            raise KeyboardInterrupt(f"{signal.Signals(number).name} again: stopping without a checkpoint")
-        self.caught = signal.Signals(number).name
+            if time.monotonic() - self._caught_at <= self.REPEAT_S:
+                return  # the same request, delivered twice
+            raise KeyboardInterrupt(f"{name} again: stopping without a checkpoint")
+        self.caught, self._caught_at = name, time.monotonic()
         if self.run.is_main:
-            print(f"\n{self.run.output}: {self.caught}: finishing this step and saving a checkpoint (send it again "
-                  f"to stop at once)", file=sys.stderr, flush=True)
+            print(f"\n{self.run.output}: {name}: finishing this step and saving a checkpoint (send it again to "
+                  f"stop at once)", file=sys.stderr, flush=True)
 
-    def __iter__(self) -> Any:
-        import signal
-        import threading
-
+    def __iter__(self) -> Iterator[int]:
         previous = {}
         if threading.current_thread() is threading.main_thread():
-            for name in self.SIGNALS:
-                number = getattr(signal, name)
+            for number in self.SIGNALS:
                 previous[number] = signal.signal(number, self._handle)
         try:
             for step in self.bar:

@@ -295,3 +295,42 @@ def test_energy_diversity_without_weight_or_merge_is_divprune_over_every_level(t
         allocators.create("energy_diversity", merge="yes")
     with pytest.raises(ValueError, match="needs image"):
         allocators.create("energy_diversity")(tokens, 4)
+
+
+def reference_merge(embeddings, keep, dropped):
+    """merge_into_kept written out token by token: each dropped token joins its most cosine-similar kept token
+    (the first of equals), and a kept token becomes the mean of itself and what joined it."""
+    out = embeddings.clone()
+    for b in range(embeddings.shape[0]):
+        kept = [j for j in range(embeddings.shape[1]) if keep[b, j]]
+        groups = {j: [embeddings[b, j]] for j in kept}
+        unit = embeddings[b] / embeddings[b].norm(dim=-1, keepdim=True).clamp_min(1e-8)
+        for i in range(embeddings.shape[1]):
+            if dropped[b, i] and kept:
+                similarity = [float(unit[i] @ unit[j]) for j in kept]
+                groups[kept[similarity.index(max(similarity))]].append(embeddings[b, i])
+        for j, members in groups.items():
+            out[b, j] = torch.stack(members).mean(0)
+    return out
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**16), n=st.integers(1, 24), tied=st.booleans())
+def test_merge_into_kept_is_the_mean_of_each_kept_token_and_what_joins_it(seed, n, tied):
+    from pyrtok.allocators.vscan import merge_into_kept
+
+    g = torch.Generator().manual_seed(seed)
+    embeddings = torch.randn(4, n, 5, generator=g, dtype=torch.float64)
+    if tied:  # axis vectors of random length, some zero: duplicates and similarities exactly equal (0 or 1)
+        axis = torch.nn.functional.one_hot(torch.randint(0, 5, (4, n), generator=g), 5)
+        embeddings = (axis * torch.randint(0, 4, (4, n, 1), generator=g)).double()
+    keep = torch.rand(4, n, generator=g) < 0.3
+    keep[1] = False  # a row with nothing kept stays as it is
+    keep[2, 0] = True  # and the others keep different counts
+    dropped = ~keep & (torch.rand(4, n, generator=g) < 0.8)
+    dropped[3] = ~keep[3]
+    merged = merge_into_kept(embeddings, keep, dropped)
+    torch.testing.assert_close(merged, reference_merge(embeddings, keep, dropped))
+    assert torch.equal(merged[~keep], embeddings[~keep])  # only kept tokens change
+    empty = torch.zeros(0, n, 5)
+    assert merge_into_kept(empty, keep[:0], dropped[:0]).shape == (0, n, 5)

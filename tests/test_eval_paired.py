@@ -48,12 +48,21 @@ def test_leaders_name_the_best_its_paired_lead_and_the_allocators_it_does_not_cl
     assert entry["ties"] == ["close"]  # `far` and `coarse` (all below full) are behind by far more
 
 
-def test_one_allocator_leads_alone_and_the_report_says_who_leads(tmp_path):
-    rows = [*scored("all", [1, 0, 1], budget=261, fraction=1.0), *scored("random", [1, 0, 0]),
-            *scored("random", [0, 0, 1], budget=13, fraction=0.05)]
+def test_an_allocator_that_answers_as_the_leader_ties_and_schedules_compare_among_themselves(tmp_path):
+    twin = [1, 1, 0, 1, 0, 1]
+    rows = [*scored("all", [1] * 6, budget=261, fraction=1.0), *scored("leader", twin), *scored("twin", twin),
+            *scored("worse", [0, 0, 0, 1, 0, 1]),
+            # two in-LLM schedules at the full vision budget: each is its own cell, so neither is ranked against
+            # the other (they spend different FLOPs); one allocator alone in a cell has nothing to lead
+            *scored("all+fastv@33%", twin, budget=261, fraction=1.0),
+            *scored("all+dart@22%", [0] * 6, budget=261, fraction=1.0),
+            *scored("leader+vscan-llm", [1] * 6), *scored("twin+vscan-llm", [1, 0, 1, 1, 1, 1])]
     out = leaders(rows, {"shapes": "exact"})
-    assert [(e["budget"], e["leader"], e["runner_up"]) for e in out] == [(29, "random", None), (13, "random", None)]
-    assert math.isnan(out[0]["lead"]) and out[0]["ties"] == []
+    assert [(e["schedule"], e["leader"], e["runner_up"]) for e in out] == [
+        (None, "leader", "twin"), ("vscan-llm", "leader+vscan-llm", "twin+vscan-llm")]
+    assert (out[0]["lead"], out[0]["se"]) == (0.0, 0.0)
+    assert out[0]["ties"] == ["twin", "worse"]  # equal answers tie; `worse` (-33 points, SE 21) is within 2 SE
     report = write_report(rows, {"shapes": "exact"}, tmp_path)["report"].read_text()
     section = report.split("## Who leads, and by how much")[1].split("## Per category")[0]
-    assert "| tiny | shapes | 29 | random | 33.3 | - | - (-) | - |" in section
+    assert "| tiny | shapes | 29 | leader | 66.7 | twin | 0.0 (0.0) | twin, worse |" in section
+    assert "fastv" not in section and "dart" not in section

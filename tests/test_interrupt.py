@@ -40,16 +40,39 @@ def test_a_signal_ends_the_steps_at_the_next_boundary_with_a_checkpoint(tmp_path
     assert bare_run(tmp_path / "run").start == 4  # the rerun starts after the last step done
 
 
-def test_a_second_signal_stops_at_once_without_a_checkpoint(tmp_path):
+def test_a_later_second_signal_stops_at_once_and_a_repeat_at_once_is_the_same_request(tmp_path, capsys):
+    before = signal.getsignal(signal.SIGINT)
     run = bare_run(tmp_path / "run")
-    with pytest.raises(KeyboardInterrupt) as info:
-        for step in run.steps(10, progress=False):
+    steps = run.steps(10, progress=False)
+    steps.REPEAT_S = 0.0  # any second signal counts as a second request
+    with pytest.raises(KeyboardInterrupt, match="SIGINT again: stopping without a checkpoint") as info:
+        for step in steps:
             if step == 2:
                 os.kill(os.getpid(), signal.SIGINT)
                 os.kill(os.getpid(), signal.SIGINT)
     assert not isinstance(info.value, Interrupted)
     assert not (tmp_path / "run/checkpoints/latest").exists()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before
+    assert "SIGINT: finishing this step and saving a checkpoint" in capsys.readouterr().err
+    # a signal sent to a process both directly and through its launcher arrives twice at once: one request
+    with pytest.raises(Interrupted) as info:
+        for step in run.steps(10, progress=False):
+            if step == 5:
+                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), signal.SIGTERM)
+    assert info.value.step == 6 and (tmp_path / "run/checkpoints/latest").read_text() == "step-0000006"
+
+
+def test_a_step_that_saved_its_own_checkpoint_is_not_saved_twice(tmp_path):
+    run = bare_run(tmp_path / "run")
+    with pytest.raises(Interrupted) as info:
+        for step in run.steps(10, progress=False):
+            if step == 3:
+                os.kill(os.getpid(), signal.SIGINT)
+                run.checkpoint(4, 2)  # the step's own checkpoint, as a training loop saves every k steps
+                (tmp_path / "run/checkpoints/step-0000004/mark").write_text("the step's own")
+    assert info.value.step == 4
+    assert (tmp_path / "run/checkpoints/step-0000004/mark").read_text() == "the step's own"
 
 
 def interrupt_at(monkeypatch, call):

@@ -116,25 +116,28 @@ def merge_into_kept(embeddings: Tensor, keep: Tensor, dropped: Tensor) -> Tensor
     Returns:
         (B, N, D) ``embeddings`` with every kept token replaced by its merged value (other rows unchanged).
 
-    Similarities are taken to the kept tokens only, (B, N, K): K / N of the work of a full (B, N, N) matrix.
+    Similarities are taken to the kept tokens only, (B, N, K): K / N of the work of a full (B, N, N) matrix; the
+    sums are a matrix product, so they come out the same on every run and device.
     """
     work = embeddings.float()
     batch, n, d = work.shape
+    if batch == 0 or n == 0:
+        return embeddings
     unit = work / work.norm(dim=-1, keepdim=True).clamp_min(1e-8)
     # the kept tokens of each row first, in token order (a stable sort), padded to the longest row's count
     count = max(1, int(keep.sum(1).max()))
     kept = torch.sort(keep.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :count]  # (B, K)
+    valid = keep.gather(1, kept)  # (B, K): False on the padding
     to_kept = unit.gather(1, kept.unsqueeze(2).expand(-1, -1, d))  # (B, K, D)
-    similarity = (unit @ to_kept.transpose(1, 2)).masked_fill(~keep.gather(1, kept).unsqueeze(1), float("-inf"))
-    nearest = kept.gather(1, similarity.argmax(dim=2))  # (B, N): each token's most similar kept token (the first)
-    # every dropped token is added into the row of its kept token; a kept token is then divided by 1 + what
-    # joined it, and every other row by 1, which leaves it as it was
-    target = (nearest + n * torch.arange(batch, device=work.device).unsqueeze(1)).flatten()
-    joins = dropped.to(work.dtype).flatten()  # (B N,)
-    flat = work.reshape(batch * n, d)
-    sums = flat.index_add(0, target, flat * joins.unsqueeze(1))
-    counts = torch.ones_like(joins).index_add_(0, target, joins)
-    return (sums / counts.unsqueeze(1)).reshape(batch, n, d).to(embeddings.dtype)
+    similarity = (unit @ to_kept.transpose(1, 2)).masked_fill(~valid.unsqueeze(1), float("-inf"))  # (B, N, K)
+    slot = similarity.argmax(dim=2)  # (B, N): each token's most similar kept token, the first of equals
+    # a row without a kept token has nowhere to merge: its dropped tokens stay as they are
+    joins = (dropped & keep.any(dim=1, keepdim=True)).to(work.dtype)  # (B, N)
+    members = F.one_hot(slot, count).to(work.dtype) * joins.unsqueeze(2)  # (B, N, K): who joins which kept token
+    sums = work.gather(1, kept.unsqueeze(2).expand(-1, -1, d)) + members.transpose(1, 2) @ work  # (B, K, D)
+    merged = sums / (1 + members.sum(1)).unsqueeze(2)
+    out = work.scatter(1, kept.unsqueeze(2).expand(-1, -1, d), merged)  # padding slots: not kept, restored below
+    return torch.where(keep.unsqueeze(2), out.to(embeddings.dtype), embeddings)
 
 
 @register("vscan")

@@ -216,3 +216,28 @@ def test_the_shipped_qwen_is_exact_at_full_budget_and_answers_the_shapes_benchma
     assert answers.counts.tolist() == [84] * 40
     right = sum(t.strip().split(" ")[0] == i["answer"] for t, i in zip(answers.texts, items, strict=True))
     assert right >= 28, (right, list(zip(answers.texts, [i["answer"] for i in items], strict=True)))
+
+
+def test_the_shipped_qwens_merged_tokens_carry_their_own_position():
+    """Its model card says the tower's output tells where each merged token sits, though the tower has no absolute
+    position embedding: a linear probe fitted on 64 validation scenes reads the row and the column of the 8 x 8
+    grid from the merged tokens of 32 other scenes (chance: 1 in 8)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from pyrtok.embedded.models import embedded_model
+
+    folder = embedded_model("embedded-qwen")
+    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    processor = AutoProcessor.from_pretrained(folder)
+    inputs = processor.image_processor(images=[make_scene(0, "validation", i).image for i in range(96)],
+                                       return_tensors="pt")
+    with torch.no_grad():
+        merged = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output
+    tokens = torch.stack(list(merged)).double()  # (96 scenes, 64 merged tokens in row-major order, 96)
+    assert tokens.shape == (96, 64, 96)
+    design = torch.cat([tokens, torch.ones(96, 64, 1, dtype=torch.double)], dim=2)
+    for name, cell in (("row", torch.arange(64) // 8), ("column", torch.arange(64) % 8)):
+        target = torch.nn.functional.one_hot(cell, 8).double().expand(64, -1, -1)
+        weights = torch.linalg.lstsq(design[:64].reshape(-1, 97), target.reshape(-1, 8)).solution
+        accuracy = ((design[64:] @ weights).argmax(-1) == cell).double().mean().item()
+        assert accuracy >= 0.85, (name, accuracy)

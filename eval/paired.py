@@ -19,8 +19,8 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from pyrtok.eval.config import COARSE
 from pyrtok.eval.metrics import get_metric, mean_accuracy
+from pyrtok.eval.rows import reported_allocator
 
 __all__ = ["leaders", "paired_difference"]
 
@@ -57,11 +57,9 @@ def leaders(rows: Sequence[dict], metrics: dict[str, str]) -> list[dict[str, Any
     """
     cells: dict[tuple, dict[str, list[dict]]] = {}
     for row in rows:
-        allocator = row["allocator"]
+        allocator = reported_allocator(row)
         if allocator == "all":
-            if row.get("fraction", 1.0) >= 1.0:
-                continue
-            allocator = COARSE  # the coarsest tokens first, as the table names it
+            continue  # the full-token reference
         if get_metric(metrics[row["task"]]).summarize is not mean_accuracy:
             continue
         schedule = allocator.partition("+")[2] or None

@@ -23,10 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pyrtok.eval.config import COARSE
 from pyrtok.eval.metrics import get_metric
 from pyrtok.eval.paired import leaders
-from pyrtok.eval.rows import failed
+from pyrtok.eval.rows import failed, reported_allocator
 
 __all__ = ["Summary", "flops_unit", "format_flops", "summarize", "write_report"]
 
@@ -95,8 +94,7 @@ def summarize(rows: Sequence[dict], metrics: dict[str, str]) -> tuple[list[Summa
     batch is timed once, so these spread over its batches; the plots use them, one timing being too noisy).
     ``categories``: one entry per (model, allocator, budget, task, category) with the headline value.
     """
-    rows = [{**r, "allocator": COARSE} if r["allocator"] == "all" and r.get("fraction", 1.0) < 1.0 else r
-            for r in rows]  # older runs labelled these "all"
+    rows = [{**r, "allocator": reported_allocator(r)} for r in rows]
     full: dict[tuple, float] = {}
     cells: dict[tuple, dict[str, Any]] = {}
     categories = []

@@ -16,7 +16,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["EMPTY_ANSWER", "KEY_FIELDS", "RowWriter", "failed", "read_rows", "row_key"]
+from pyrtok.eval.config import COARSE
+
+__all__ = ["EMPTY_ANSWER", "KEY_FIELDS", "RowWriter", "failed", "read_rows", "reported_allocator", "row_key"]
 
 KEY_FIELDS = ("model", "allocator", "budget", "task", "id", "fingerprint")
 # the error of a row whose answer is empty: the model's own result (a wrong answer), which a rerun repeats
@@ -27,6 +29,12 @@ def failed(row: dict[str, Any]) -> bool:
     """Whether ``row`` records a failure instead of an answer (an unreadable image, a failed batch, a record the
     metric could not score): what ``--resume --retry-errors`` recomputes. An empty answer is an answer."""
     return bool(row.get("error")) and row["error"] != EMPTY_ANSWER
+
+
+def reported_allocator(row: dict[str, Any]) -> str:
+    """The allocator label reports give ``row``: ``coarse`` for the ``all`` allocator below the full budget (the
+    coarsest tokens first; older runs wrote such rows as ``all``), the row's own label otherwise."""
+    return COARSE if row["allocator"] == "all" and row.get("fraction", 1.0) < 1.0 else row["allocator"]
 
 
 def row_key(row: dict[str, Any]) -> tuple:

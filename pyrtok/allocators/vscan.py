@@ -128,15 +128,16 @@ def merge_into_kept(embeddings: Tensor, keep: Tensor, dropped: Tensor) -> Tensor
     count = max(1, int(keep.sum(1).max()))
     kept = torch.sort(keep.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :count]  # (B, K)
     valid = keep.gather(1, kept)  # (B, K): False on the padding
-    to_kept = unit.gather(1, kept.unsqueeze(2).expand(-1, -1, d))  # (B, K, D)
+    at_kept = kept.unsqueeze(2).expand(-1, -1, d)  # (B, K, D) index of the kept rows
+    to_kept = unit.gather(1, at_kept)
     similarity = (unit @ to_kept.transpose(1, 2)).masked_fill(~valid.unsqueeze(1), float("-inf"))  # (B, N, K)
     slot = similarity.argmax(dim=2)  # (B, N): each token's most similar kept token, the first of equals
     # a row without a kept token has nowhere to merge: its dropped tokens stay as they are
     joins = (dropped & keep.any(dim=1, keepdim=True)).to(work.dtype)  # (B, N)
     members = F.one_hot(slot, count).to(work.dtype) * joins.unsqueeze(2)  # (B, N, K): who joins which kept token
-    sums = work.gather(1, kept.unsqueeze(2).expand(-1, -1, d)) + members.transpose(1, 2) @ work  # (B, K, D)
+    sums = work.gather(1, at_kept) + members.transpose(1, 2) @ work  # (B, K, D)
     merged = sums / (1 + members.sum(1)).unsqueeze(2)
-    out = work.scatter(1, kept.unsqueeze(2).expand(-1, -1, d), merged)  # padding slots: not kept, restored below
+    out = work.scatter(1, at_kept, merged)  # padding slots: not kept, restored below
     return torch.where(keep.unsqueeze(2), out.to(embeddings.dtype), embeddings)
 
 

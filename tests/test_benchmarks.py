@@ -144,3 +144,15 @@ def test_a_missing_dev_package_ends_a_benchmark_in_one_line(benchmarks, monkeypa
 
     with pytest.raises(ModuleNotFoundError):  # keeps its traceback
         run_script(bug)
+
+
+@pytest.mark.parametrize("script", ["bench_pyramid", "bench_steerable"])
+def test_a_malformed_case_is_one_line_naming_the_option(benchmarks, capsys, script):
+    import importlib
+
+    with pytest.raises(SystemExit) as exit:
+        importlib.import_module(script).main(["--cases", "1x32", "1x3x3"])
+    assert exit.value.code == 2
+    out, err = capsys.readouterr()
+    assert not out and err.strip().splitlines()[-1].endswith(
+        "error: --cases: a case is BxS (batch x side in pixels), got '1x3x3'")

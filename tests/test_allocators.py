@@ -297,6 +297,30 @@ def test_energy_diversity_without_weight_or_merge_is_divprune_over_every_level(t
         allocators.create("energy_diversity")(tokens, 4)
 
 
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**16), n=st.integers(1, 40), weighted=st.booleans())
+def test_max_min_order_gives_the_same_picks_on_every_path(seed, n, weighted):
+    """The greedy loop runs in NumPy on a CPU in float32 / float64 and in torch elsewhere (here: bfloat16
+    distances): on the same distance values both make the same picks; a similarity passed in gives the picks of
+    the one computed inside (the rule itself is checked against a NumPy reference above)."""
+    from pyrtok.allocators.divprune import _greedy, cosine_similarity, max_min_order
+
+    g = torch.Generator().manual_seed(seed)
+    features = torch.randn(3, n, 6, generator=g)
+    weight = torch.rand(3, n, generator=g) + 0.1 if weighted else None
+    steps = max(1, n // 2)
+    order = max_min_order(features, steps, weight=weight)
+    assert all(len(set(row)) == steps for row in order.tolist())
+    assert torch.equal(max_min_order(features, steps, weight=weight, similarity=cosine_similarity(features)), order)
+    # the torch loop (bfloat16 distances) against the NumPy loop on the same values in float32
+    distance = (1.0 - cosine_similarity(features)).to(torch.bfloat16)
+    distance.diagonal(dim1=1, dim2=2).fill_(float("-inf"))
+    first = torch.randint(0, n, (3,), generator=g)
+    assert torch.equal(_greedy(distance, first, steps), _greedy(distance.float(), first, steps))
+    with pytest.raises(ValueError, match="similarity must be"):
+        max_min_order(features, steps, similarity=torch.zeros(3, n, n + 1))
+
+
 def reference_merge(embeddings, keep, dropped):
     """merge_into_kept written out token by token: each dropped token joins its most cosine-similar kept token
     (the first of equals), and a kept token becomes the mean of itself and what joined it."""
@@ -317,7 +341,8 @@ def reference_merge(embeddings, keep, dropped):
 @settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 2**16), n=st.integers(1, 24), tied=st.booleans())
 def test_merge_into_kept_is_the_mean_of_each_kept_token_and_what_joins_it(seed, n, tied):
-    from pyrtok.allocators.vscan import merge_into_kept
+    from pyrtok.allocators.divprune import cosine_similarity
+    from pyrtok.allocators.vscan import merge_into_kept, merged_kept
 
     g = torch.Generator().manual_seed(seed)
     embeddings = torch.randn(4, n, 5, generator=g, dtype=torch.float64)
@@ -334,3 +359,20 @@ def test_merge_into_kept_is_the_mean_of_each_kept_token_and_what_joins_it(seed, 
     assert torch.equal(merged[~keep], embeddings[~keep])  # only kept tokens change
     empty = torch.zeros(0, n, 5)
     assert merge_into_kept(empty, keep[:0], dropped[:0]).shape == (0, n, 5)
+    # merged_kept: the kept rows alone, in token order, zeros past a row's count
+    rows = merged_kept(embeddings, keep, dropped)
+    assert rows.shape == (4, int(keep.sum(1).max()), 5)
+    for b in range(4):
+        count = int(keep[b].sum())
+        assert torch.equal(rows[b, :count], merged[b][keep[b]]) and not rows[b, count:].any()
+    # with the cosine similarities a caller already has (float32), the same merge
+    single = embeddings.float()
+    similarity = cosine_similarity(single)
+    shared = merge_into_kept(single, keep, dropped, similarity=similarity)
+    torch.testing.assert_close(shared, reference_merge(single, keep, dropped))
+    expected = torch.zeros(rows.shape)
+    for b in range(4):
+        expected[b, : int(keep[b].sum())] = shared[b][keep[b]]
+    assert torch.equal(merged_kept(single, keep, dropped, similarity=similarity), expected)
+    with pytest.raises(ValueError, match="similarity must be"):
+        merge_into_kept(single, keep, dropped, similarity=similarity.double())

@@ -38,6 +38,7 @@ features already are the language model's inputs, so there the two differ only i
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -47,14 +48,22 @@ from pyrtok.allocators.registry import register
 from pyrtok.allocators.scales import candidate_slice, candidates_first, check_scales
 from pyrtok.tokens import MultiScaleTokens
 
-__all__ = ["SPACES", "DivPruneTokens", "embedding_space", "max_min_order"]
+__all__ = ["SPACES", "DivPruneTokens", "cosine_similarity", "embedding_space", "max_min_order"]
 
 SPACES = ("embeddings", "tower")
 """Where DivPrune compares tokens: the language model's input embeddings (as published) or ``tokens.features``."""
 
 
+def cosine_similarity(features: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """(B, n, n) cosine similarity of every pair of tokens of ``features`` (B, n, D), in ``dtype`` (default: the
+    features' own): each row divided by its norm (``x / |x|`` as DivPrune divides; a zero row stays zero), then
+    one matrix product."""
+    unit = F.normalize(features.to(dtype or features.dtype), dim=-1)
+    return unit @ unit.transpose(1, 2)
+
+
 def max_min_order(features: Tensor, steps: int, dtype: torch.dtype | None = None,
-                  weight: Tensor | None = None) -> Tensor:
+                  weight: Tensor | None = None, *, similarity: Tensor | None = None) -> Tensor:
     """The first ``steps`` picks of greedy max-min diversity on cosine distance, per sample.
 
     Pick 1 is the token farthest from its nearest neighbour; pick t + 1 is the token, not yet picked, farthest
@@ -68,6 +77,8 @@ def max_min_order(features: Tensor, steps: int, dtype: torch.dtype | None = None
         dtype: the dtype the distances are computed in; default: that of ``features`` (DivPrune's authors
             compute them in the model's dtype).
         weight: optional (B, n) positive weights of the candidates.
+        similarity: optional ``cosine_similarity(features, dtype)``, when the caller has it already (it is not
+            modified).
 
     Returns:
         (B, steps) long indices into n, in pick order, distinct in each row.
@@ -85,14 +96,17 @@ def max_min_order(features: Tensor, steps: int, dtype: torch.dtype | None = None
     if weight is not None and (weight.shape != features.shape[:2] or not bool((weight > 0).all())):
         raise ValueError(f"weight must be a ({batch}, {n}) tensor of positive weights, got "
                          f"{tuple(weight.shape)}")
-    # x / |x| as upstream divides (F.normalize only clamps the norm, so a zero vector stays zero, not NaN)
-    unit = F.normalize(features.to(dtype or features.dtype), dim=-1)
-    distance = 1.0 - unit @ unit.transpose(1, 2)  # (B, n, n); row = a (picked) token, column = a candidate
+    if similarity is None:
+        similarity = cosine_similarity(features, dtype)
+    elif similarity.shape != (batch, n, n):
+        raise ValueError(f"similarity must be ({batch}, {n}, {n}), got {tuple(similarity.shape)}")
+    distance = 1.0 - similarity  # (B, n, n); row = a (picked) token, column = a candidate
     if weight is not None:
         # each candidate's column times its weight, once: a positive factor commutes with the minima and the
         # top-k below, so every step's weighted argmax is the same as weighting that step's distances
-        distance = distance * weight.unsqueeze(1)  # promoted as the weighted products were
-    rows = torch.arange(batch, device=features.device)
+        column = weight.unsqueeze(1)
+        same = torch.promote_types(distance.dtype, weight.dtype) == distance.dtype
+        distance = distance.mul_(column) if same else distance * column  # promoted as the weighted products were
     if n == 1:  # a lone token has no neighbour: it is the pick
         pick = torch.zeros(batch, dtype=torch.long, device=features.device)
     else:
@@ -101,8 +115,28 @@ def max_min_order(features: Tensor, steps: int, dtype: torch.dtype | None = None
     # A token's distance to itself becomes -inf, so that a picked token sits at -inf in the distances to the set
     # (a minimum keeps it there): duplicates (distance 0 to the set) and zero features are never picked twice.
     distance.diagonal(dim1=1, dim2=2).fill_(float("-inf"))
-    picks = [pick]
-    to_set = distance[rows, pick]  # (B, n) distance of every token to its nearest picked token
+    return _greedy(distance, pick, steps)
+
+
+def _greedy(distance: Tensor, first: Tensor, steps: int) -> Tensor:
+    """(B, steps) picks of the max-min loop on a (B, n, n) ``distance`` whose diagonal is -inf, from the (B,)
+    ``first`` picks. On a CPU in float32 / float64 the loop runs in NumPy on the same memory: a step is then
+    a few microseconds instead of three torch dispatches, with the same picks (both argmaxes take the first of
+    equal maxima)."""
+    batch = distance.shape[0]
+    if distance.device.type == "cpu" and distance.dtype in (torch.float32, torch.float64):
+        rows = distance.detach().numpy()
+        picks = np.empty((batch, steps), dtype=np.int64)
+        picks[:, 0] = first.numpy()
+        for b in range(batch):
+            to_set = rows[b, picks[b, 0]].copy()  # (n,) distance of every token to its nearest picked token
+            for step in range(1, steps):
+                pick = picks[b, step] = to_set.argmax()
+                np.minimum(to_set, rows[b, pick], out=to_set)
+        return torch.from_numpy(picks)
+    rows = torch.arange(batch, device=distance.device)
+    picks = [first]
+    to_set = distance[rows, first]
     for _ in range(steps - 1):
         pick = to_set.argmax(dim=1)
         picks.append(pick)

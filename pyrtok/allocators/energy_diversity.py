@@ -14,7 +14,8 @@ kept times how much detail its level's Laplacian band holds there:
   pick for pick.
 - merge (``merge=True``, default): every dropped token joins its most cosine-similar kept token, and a kept
   token becomes the mean of itself and what joined it (VScan's merge, here over every level), so the budget's
-  tokens carry what the others held.
+  tokens carry what the others held. In a float32 space the merge reads the kept tokens' columns of the cosine
+  matrix the picks were made on (one matrix product per call, not two); other dtypes merge in float32.
 
 How it was chosen: on the tiny LLaVA's validation split (1,000 questions; no test question was looked at), out
 of level-split, rank-normalised, globally normalised, tower-space and position-aware forms; ``alpha`` 1
@@ -34,9 +35,10 @@ import torch
 from torch import Tensor
 
 from pyrtok.allocators.base import Allocator, Context
-from pyrtok.allocators.divprune import embedding_space, max_min_order
+from pyrtok.allocators.divprune import cosine_similarity, embedding_space, max_min_order
 from pyrtok.allocators.registry import register
-from pyrtok.allocators.vscan import merge_into_kept
+from pyrtok.allocators.vscan import merged_kept
+from pyrtok.budget import resolve_budget
 from pyrtok.tokens import MultiScaleTokens, TokenSelection
 
 __all__ = ["EnergyDiversityTokens", "level_normalised_energy"]
@@ -82,25 +84,36 @@ class EnergyDiversityTokens(Allocator):
     def _space(self, tokens: MultiScaleTokens) -> Tensor:
         return embedding_space(tokens, self.name)
 
-    def priority(self, tokens: MultiScaleTokens, budgets: Tensor, ctx: Context) -> Tensor:
+    def _order(self, tokens: MultiScaleTokens, budgets: Tensor, ctx: Context) -> tuple[Tensor, Tensor | None]:
+        """(B, steps) the greedy picks up to the largest budget, and the (B, N, N) cosine similarity they were
+        made on when it is float32 (the merge reads its kept columns; other dtypes merge in float32 on their own)."""
         weight = level_normalised_energy(tokens, ctx.band_energy(tokens).float()).pow(self.alpha)
         weight = weight.clamp_min(torch.finfo(weight.dtype).tiny)  # a large alpha must not round a weight to 0
         space = self._space(tokens)
-        n = space.shape[1]
-        steps = min(n, int(budgets.max()))
+        steps = min(space.shape[1], int(budgets.max()))
         # distances in the embeddings' own dtype, as DivPrune computes them
-        order = max_min_order(space, steps, weight=weight)  # (B, steps)
-        score = torch.full((space.shape[0], n), -float(steps), device=tokens.device)
+        similarity = cosine_similarity(space)
+        order = max_min_order(space, steps, weight=weight, similarity=similarity)
+        return order, similarity if similarity.dtype == torch.float32 else None
+
+    def priority(self, tokens: MultiScaleTokens, budgets: Tensor, ctx: Context) -> Tensor:
+        order, _ = self._order(tokens, budgets, ctx)
+        steps = order.shape[1]
+        score = torch.full(tokens.features.shape[:2], -float(steps), device=tokens.device)
         return score.scatter_(1, order, -torch.arange(steps, device=tokens.device, dtype=torch.float32)
                               .expand_as(order))
 
     def __call__(self, tokens: MultiScaleTokens, budget: int | Tensor, *, image: Tensor | None = None,
                  query: Tensor | None = None, generator: torch.Generator | None = None) -> TokenSelection:
-        selection = super().__call__(tokens, budget, image=image, query=query, generator=generator)
         if not self.merge:
-            return selection
-        keep = selection.keep_mask(tokens.num_tokens)
-        merged = merge_into_kept(self._space(tokens), keep, ~keep)
-        index = selection.index.unsqueeze(2).expand(-1, -1, merged.shape[-1])
-        kept = torch.gather(merged, 1, index) * selection.mask.unsqueeze(2).to(merged.dtype)
+            return super().__call__(tokens, budget, image=image, query=query, generator=generator)
+        ctx = self._context(tokens, image, query, generator)
+        budgets = self.effective_budgets(tokens, resolve_budget(budget, *tokens.features.shape[:2], tokens.device),
+                                         ctx)
+        # the first budget_b picks of sample b: what the top-k of :meth:`priority` keeps
+        order, similarity = self._order(tokens, budgets, ctx)
+        taken = torch.arange(order.shape[1], device=tokens.device) < budgets.unsqueeze(1)
+        keep = torch.zeros(tokens.features.shape[:2], dtype=torch.bool, device=tokens.device).scatter_(1, order, taken)
+        selection = TokenSelection.from_keep_mask(keep)
+        kept = merged_kept(self._space(tokens), keep, ~keep, similarity=similarity)
         return TokenSelection(selection.index, selection.mask, selection.count, kept_embeddings=kept)

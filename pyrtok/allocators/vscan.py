@@ -53,7 +53,7 @@ from pyrtok.budget import resolve_budget
 from pyrtok.signals.attention import cls_attention
 from pyrtok.tokens import MultiScaleTokens, TokenSelection
 
-__all__ = ["SCANS", "VScanTokens", "capped_window_scan", "merge_into_kept", "window_ids"]
+__all__ = ["SCANS", "VScanTokens", "capped_window_scan", "merge_into_kept", "merged_kept", "window_ids"]
 
 SCANS = ("auto", "windows", "capped")
 
@@ -104,7 +104,35 @@ def capped_window_scan(scores: Tensor, shape: tuple[int, int], counts: Tensor, w
     return keep.scatter(1, order, taken)
 
 
-def merge_into_kept(embeddings: Tensor, keep: Tensor, dropped: Tensor) -> Tensor:
+def _merge(embeddings: Tensor, keep: Tensor, dropped: Tensor,
+           similarity: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """The merge of :func:`merge_into_kept`: (B, K, D) float32 merged kept tokens, (B, K) their indices in token
+    order and (B, K) whether each slot holds a kept token (K = max(1, the most any row keeps))."""
+    work = embeddings.float()
+    batch, n, d = work.shape
+    # the kept tokens of each row first, in token order (a stable sort), padded to the longest row's count
+    count = max(1, int(keep.sum(1).max()))
+    kept = torch.sort(keep.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :count]  # (B, K)
+    valid = keep.gather(1, kept)  # (B, K): False on the padding
+    at_kept = kept.unsqueeze(2).expand(-1, -1, d)  # (B, K, D) index of the kept rows
+    if similarity is None:
+        unit = work / work.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+        to_kept = unit @ unit.gather(1, at_kept).transpose(1, 2)  # (B, N, K)
+    elif similarity.shape != (batch, n, n) or similarity.dtype != torch.float32:
+        raise ValueError(f"similarity must be a ({batch}, {n}, {n}) float32 tensor, got "
+                         f"{tuple(similarity.shape)} {similarity.dtype}")
+    else:
+        to_kept = similarity.gather(2, kept.unsqueeze(1).expand(-1, n, -1))  # (B, N, K)
+    slot = to_kept.masked_fill_(~valid.unsqueeze(1), float("-inf")).argmax(dim=2)  # (B, N): the first of equals
+    # a row without a kept token has nowhere to merge: its dropped tokens stay as they are
+    joins = (dropped & keep.any(dim=1, keepdim=True)).to(work.dtype)  # (B, N)
+    members = F.one_hot(slot, count).to(work.dtype) * joins.unsqueeze(2)  # (B, N, K): who joins which kept token
+    sums = work.gather(1, at_kept) + members.transpose(1, 2) @ work  # (B, K, D)
+    return sums / (1 + members.sum(1)).unsqueeze(2), kept, valid
+
+
+def merge_into_kept(embeddings: Tensor, keep: Tensor, dropped: Tensor, *,
+                    similarity: Tensor | None = None) -> Tensor:
     """Each ``dropped`` token joins its most cosine-similar kept token; a kept token becomes the mean of itself
     and the tokens that joined it.
 
@@ -112,33 +140,34 @@ def merge_into_kept(embeddings: Tensor, keep: Tensor, dropped: Tensor) -> Tensor
         embeddings: (B, N, D) the tokens, in the space they are merged in.
         keep: (B, N) bool, the kept tokens (at least one per row that has dropped tokens).
         dropped: (B, N) bool, the tokens to merge (disjoint from ``keep``).
+        similarity: optional (B, N, N) float32 cosine similarities of ``embeddings``, when the caller has them
+            already (:func:`~pyrtok.allocators.divprune.cosine_similarity`); the kept tokens' columns are read
+            from it instead of being computed again.
 
     Returns:
         (B, N, D) ``embeddings`` with every kept token replaced by its merged value (other rows unchanged).
 
     Similarities are taken to the kept tokens only, (B, N, K): K / N of the work of a full (B, N, N) matrix; the
-    sums are a matrix product, so they come out the same on every run and device.
+    sums are a matrix product, so they come out the same on every run and device. :func:`merged_kept` gives the
+    kept rows alone.
     """
-    work = embeddings.float()
-    batch, n, d = work.shape
-    if batch == 0 or n == 0:
+    if embeddings.shape[0] == 0 or embeddings.shape[1] == 0:
         return embeddings
-    unit = work / work.norm(dim=-1, keepdim=True).clamp_min(1e-8)
-    # the kept tokens of each row first, in token order (a stable sort), padded to the longest row's count
-    count = max(1, int(keep.sum(1).max()))
-    kept = torch.sort(keep.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :count]  # (B, K)
-    valid = keep.gather(1, kept)  # (B, K): False on the padding
-    at_kept = kept.unsqueeze(2).expand(-1, -1, d)  # (B, K, D) index of the kept rows
-    to_kept = unit.gather(1, at_kept)
-    similarity = (unit @ to_kept.transpose(1, 2)).masked_fill(~valid.unsqueeze(1), float("-inf"))  # (B, N, K)
-    slot = similarity.argmax(dim=2)  # (B, N): each token's most similar kept token, the first of equals
-    # a row without a kept token has nowhere to merge: its dropped tokens stay as they are
-    joins = (dropped & keep.any(dim=1, keepdim=True)).to(work.dtype)  # (B, N)
-    members = F.one_hot(slot, count).to(work.dtype) * joins.unsqueeze(2)  # (B, N, K): who joins which kept token
-    sums = work.gather(1, at_kept) + members.transpose(1, 2) @ work  # (B, K, D)
-    merged = sums / (1 + members.sum(1)).unsqueeze(2)
-    out = work.scatter(1, at_kept, merged)  # padding slots: not kept, restored below
+    merged, kept, _ = _merge(embeddings, keep, dropped, similarity)
+    out = embeddings.float().scatter(1, kept.unsqueeze(2).expand_as(merged), merged)  # padding: restored below
     return torch.where(keep.unsqueeze(2), out.to(embeddings.dtype), embeddings)
+
+
+def merged_kept(embeddings: Tensor, keep: Tensor, dropped: Tensor, *, similarity: Tensor | None = None) -> Tensor:
+    """The kept rows of :func:`merge_into_kept` alone: (B, K, D) in ``embeddings``' dtype, each row's kept tokens
+    in token order (the order of :meth:`~pyrtok.tokens.TokenSelection.from_keep_mask`), K the most any row
+    keeps, zeros past a row's count."""
+    batch, n, d = embeddings.shape
+    k = int(keep.sum(1).max()) if batch and n else 0
+    if k == 0:
+        return embeddings.new_zeros(batch, 0, d)
+    merged, _, valid = _merge(embeddings, keep, dropped, similarity)
+    return merged[:, :k].to(embeddings.dtype) * valid[:, :k].unsqueeze(2).to(embeddings.dtype)
 
 
 @register("vscan")
@@ -283,7 +312,5 @@ class VScanTokens(Allocator):
         dropped = torch.zeros_like(mask)
         dropped[:, finest] = ~keep
         dropped[full] = False
-        merged = merge_into_kept(space, mask, dropped)
-        index = selection.index.unsqueeze(2).expand(-1, -1, merged.shape[-1])
-        kept = torch.gather(merged, 1, index) * selection.mask.unsqueeze(2).to(merged.dtype)
+        kept = merged_kept(space, mask, dropped)
         return TokenSelection(selection.index, selection.mask, selection.count, kept_embeddings=kept)

@@ -33,7 +33,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from presets import add_device_arguments, device_and_dtype, interleaved, run_script
+from presets import add_device_arguments, device_and_dtype, interleaved, parse_cases, run_script
 
 from pyrtok.losses import LapLoss
 from pyrtok.pyramid import batch_invariant
@@ -46,12 +46,13 @@ DEFAULT_CASES = ["32x224", "32x512", "4x8x224"]
 
 def parse_case(text: str) -> tuple[int, ...]:
     """"32x224" -> (32, 3, 224, 224); "4x8x224" -> (4, 8, 3, 224, 224)."""
-    parts = [int(p) for p in text.split("x")]
-    if len(parts) == 2:
-        return parts[0], 3, parts[1], parts[1]
-    if len(parts) == 3:
-        return parts[0], parts[1], 3, parts[2], parts[2]
-    raise ValueError(f"a case is BxS (images) or BxTxS (video), got {text!r}")
+    parts = text.split("x")
+    if len(parts) not in (2, 3) or not all(p.isdigit() for p in parts):
+        raise ValueError(f"a case is BxS (images) or BxTxS (video), got {text!r}")
+    *lead, side = (int(p) for p in parts)
+    if side < 64 or side % 32:
+        raise ValueError(f"the snippets' 5-band ports need a side that is a multiple of 32, at least 64, got {text!r}")
+    return *lead, 3, side, side
 
 
 def patch_mask(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
@@ -124,10 +125,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--cases", nargs="+", default=DEFAULT_CASES, help="BxS images or BxTxS video")
+    parser.add_argument("--cases", nargs="+", default=DEFAULT_CASES,
+                        help="BxS images or BxTxS video; S a multiple of 32, at least 64 (the snippets need it)")
     parser.add_argument("--memory", action="store_true", help="on a CPU, measure peak memory (a process per loss)")
     add_device_arguments(parser, sizes=False)
     args = parser.parse_args(argv)
+    cases = parse_cases(parser, args.cases, parse_case)
     device, dtype = device_and_dtype(args)
     autocast = dtype != torch.float32
     torch.set_num_threads(args.threads)
@@ -135,8 +138,7 @@ def main(argv: list[str] | None = None) -> None:
           f"{'bfloat16 autocast' if autocast else 'float32'}, forward + backward, minimum of {args.repeats}")
     print(f"{'case':<16}{'loss':<22}{'ms':>10}{'peak MiB':>10}{'baseline':>22}{'ratio':>8}")
     generator = torch.Generator().manual_seed(0)
-    for text in args.cases:
-        shape = parse_case(text)
+    for text, shape in cases:
         pred, target = (torch.rand(shape, generator=generator).to(device) for _ in range(2))
         mask = patch_mask(shape, generator).to(device)
         flat = (pred.flatten(0, 1), target.flatten(0, 1)) if pred.dim() == 5 else (pred, target)

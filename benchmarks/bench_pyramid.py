@@ -30,7 +30,7 @@ from functools import partial
 
 import numpy as np
 import torch
-from presets import add_device_arguments, device_and_dtype, interleaved, parse_case, run_script
+from presets import add_device_arguments, device_and_dtype, interleaved, parse_cases, run_script
 
 from pyrtok.pyramid import batch_invariant, laplacian_pyramid
 
@@ -105,10 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cases", nargs="+", default=DEFAULT_CASES, help="BxS: B RGB images of S x S px")
     add_device_arguments(parser, sizes=False)
     args = parser.parse_args(argv)
-    try:
-        cases = [(text, *parse_case(text)) for text in args.cases]  # every case checked before any timing
-    except ValueError as error:
-        parser.error(f"--cases: {error}")
+    cases = parse_cases(parser, args.cases)
     if args.kornia:
         import kornia  # noqa: F401  (checked before any timing, as OpenCV is)
     device, dtype = device_and_dtype(args)
@@ -120,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
                "elem/pyr f+b", "kornia/pyr"] + (["compiled", "comp/opencv"] if args.compile else [])
     print(f"{'case':<10}" + "".join(f"{c:>13}" for c in columns) + "   (times in ms)")
     generator = torch.Generator().manual_seed(0)
-    for text, batch, side in cases:
+    for text, (batch, side) in cases:
         cpu = torch.rand(batch, 3, side, side, generator=generator)
         x = cpu.to(device, dtype)
         row = bench_case(x, [np.ascontiguousarray(im) for im in cpu.permute(0, 2, 3, 1).numpy()], args, device)

@@ -29,7 +29,7 @@ from functools import partial
 
 import numpy as np
 import torch
-from presets import add_device_arguments, device_and_dtype, interleaved, parse_case, run_script
+from presets import add_device_arguments, device_and_dtype, interleaved, parse_cases, run_script
 
 from pyrtok.steerable import steerable_pyramid
 
@@ -108,10 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cases", nargs="+", default=DEFAULT_CASES, help="BxS: B RGB images of S x S px")
     add_device_arguments(parser, sizes=False)
     args = parser.parse_args(argv)
-    try:
-        cases = [(text, *parse_case(text)) for text in args.cases]  # every case checked before any timing
-    except ValueError as error:
-        parser.error(f"--cases: {error}")
+    cases = parse_cases(parser, args.cases)
     device, dtype = device_and_dtype(args)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", module="plenoptic")
@@ -122,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
                "pyrtools/pyr", "max |diff|"]
     print(f"{'case':<10}" + "".join(f"{c:>14}" for c in columns) + "   (times in ms)")
     generator = torch.Generator().manual_seed(0)
-    for text, batch, side in cases:
+    for text, (batch, side) in cases:
         cpu = torch.rand(batch, 3, side, side, generator=generator, dtype=torch.float64)
         planes = [np.ascontiguousarray(plane) for plane in cpu.reshape(-1, side, side).numpy()]
         row = bench_case(cpu.to(device, dtype), planes, args, device)

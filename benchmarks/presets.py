@@ -92,6 +92,16 @@ def parse_case(text: str) -> tuple[int, int]:
     return int(parts[0]), int(parts[1])
 
 
+def parse_cases(parser: argparse.ArgumentParser, texts: list[str],
+                parse: Callable[[str], tuple[int, ...]] = parse_case) -> list[tuple[str, tuple[int, ...]]]:
+    """Every ``--cases`` entry with what ``parse`` reads from it, all checked before any timing: a malformed
+    entry ends the script with one argparse line naming ``--cases``."""
+    try:
+        return [(text, parse(text)) for text in texts]
+    except ValueError as error:
+        parser.error(f"--cases: {error}")
+
+
 def add_device_arguments(parser: argparse.ArgumentParser, sizes: bool = True) -> None:
     """``--device`` (default: cuda when there is one), ``--dtype`` (default: bfloat16 on a GPU, float32 on a
     CPU) and, with ``sizes``, ``--size`` (one of :data:`SIZES`, default ``cpu``)."""

@@ -81,17 +81,19 @@ def test_bench_lazy_tiles_and_allocators_run_at_toy_size(benchmarks, capsys, mon
 
 def test_bench_pyramid_prints_every_ratio(benchmarks, capsys):
     import bench_pyramid
+    import presets
 
     bench_pyramid.main(["--repeats", "1", "--kornia", "1", "--cases", "1x32", "12x40", "--device", "cpu"])
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith(("1x32", "12x40"))]
     assert [row[0] for row in rows] == ["1x32", "12x40"]
     assert all(len(row) == 11 and all(float(v) > 0 for v in row[1:]) for row in rows)
     with pytest.raises(ValueError, match="BxS"):
-        bench_pyramid.parse_case("336")
+        presets.parse_case("336")
 
 
 def test_bench_steerable_times_all_three_and_compares_their_coefficients(benchmarks, capsys):
     import bench_steerable
+    import presets
 
     bench_steerable.main(["--repeats", "1", "--levels", "2", "--cases", "1x32", "2x48", "--device", "cpu"])
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith(("1x32", "2x48"))]
@@ -99,7 +101,7 @@ def test_bench_steerable_times_all_three_and_compares_their_coefficients(benchma
     assert all(len(row) == 10 and all(float(v) > 0 for v in row[1:]) for row in rows)
     assert all(float(row[-1]) < 1e-4 for row in rows)  # pyrtok's coefficients are pyrtools'
     with pytest.raises(ValueError, match="BxS"):
-        bench_steerable.parse_case("256")
+        presets.parse_case("256")
 
 
 def test_bench_laploss_runs_on_images_and_video(benchmarks, capsys):
@@ -156,3 +158,18 @@ def test_a_malformed_case_is_one_line_naming_the_option(benchmarks, capsys, scri
     out, err = capsys.readouterr()
     assert not out and err.strip().splitlines()[-1].endswith(
         "error: --cases: a case is BxS (batch x side in pixels), got '1x3x3'")
+
+
+def test_a_malformed_laploss_case_is_one_line_naming_the_option(benchmarks, capsys):
+    import bench_laploss
+
+    assert bench_laploss.parse_case("32x224") == (32, 3, 224, 224)
+    assert bench_laploss.parse_case("4x8x224") == (4, 8, 3, 224, 224)
+    with pytest.raises(ValueError, match="multiple of 32, at least 64"):
+        bench_laploss.parse_case("2x48")
+    with pytest.raises(SystemExit) as exit:
+        bench_laploss.main(["--cases", "32x224", "4xax224"])
+    assert exit.value.code == 2
+    out, err = capsys.readouterr()
+    assert not out and err.strip().splitlines()[-1].endswith(
+        "error: --cases: a case is BxS (images) or BxTxS (video), got '4xax224'")

@@ -81,23 +81,22 @@ class EnergyDiversityTokens(Allocator):
     def reads(self, ctx: Context) -> tuple[str, ...]:
         return ("image", "features")
 
-    def _space(self, tokens: MultiScaleTokens) -> Tensor:
-        return embedding_space(tokens, self.name)
-
-    def _order(self, tokens: MultiScaleTokens, budgets: Tensor, ctx: Context) -> tuple[Tensor, Tensor | None]:
-        """(B, steps) the greedy picks up to the largest budget, and the (B, N, N) cosine similarity they were
-        made on when it is float32 (the merge reads its kept columns; other dtypes merge in float32 on their own)."""
+    def _order(self, tokens: MultiScaleTokens, budgets: Tensor,
+               ctx: Context) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(B, steps) the greedy picks up to the largest budget, the (B, N, D') space they were made in, and the
+        (B, N, N) cosine similarity they were made on when it is float32 (the merge reads its kept columns; other
+        dtypes merge in float32 on their own)."""
         weight = level_normalised_energy(tokens, ctx.band_energy(tokens).float()).pow(self.alpha)
         weight = weight.clamp_min(torch.finfo(weight.dtype).tiny)  # a large alpha must not round a weight to 0
-        space = self._space(tokens)
+        space = embedding_space(tokens, self.name)
         steps = min(space.shape[1], int(budgets.max()))
         # distances in the embeddings' own dtype, as DivPrune computes them
         similarity = cosine_similarity(space)
         order = max_min_order(space, steps, weight=weight, similarity=similarity)
-        return order, similarity if similarity.dtype == torch.float32 else None
+        return order, space, similarity if similarity.dtype == torch.float32 else None
 
     def priority(self, tokens: MultiScaleTokens, budgets: Tensor, ctx: Context) -> Tensor:
-        order, _ = self._order(tokens, budgets, ctx)
+        order, _, _ = self._order(tokens, budgets, ctx)
         steps = order.shape[1]
         score = torch.full(tokens.features.shape[:2], -float(steps), device=tokens.device)
         return score.scatter_(1, order, -torch.arange(steps, device=tokens.device, dtype=torch.float32)
@@ -111,9 +110,9 @@ class EnergyDiversityTokens(Allocator):
         budgets = self.effective_budgets(tokens, resolve_budget(budget, *tokens.features.shape[:2], tokens.device),
                                          ctx)
         # the first budget_b picks of sample b: what the top-k of :meth:`priority` keeps
-        order, similarity = self._order(tokens, budgets, ctx)
+        order, space, similarity = self._order(tokens, budgets, ctx)
         taken = torch.arange(order.shape[1], device=tokens.device) < budgets.unsqueeze(1)
         keep = torch.zeros(tokens.features.shape[:2], dtype=torch.bool, device=tokens.device).scatter_(1, order, taken)
         selection = TokenSelection.from_keep_mask(keep)
-        kept = merged_kept(self._space(tokens), keep, ~keep, similarity=similarity)
+        kept = merged_kept(space, keep, ~keep, similarity=similarity)
         return TokenSelection(selection.index, selection.mask, selection.count, kept_embeddings=kept)

@@ -12,9 +12,9 @@ runs only that loss (``--memory``; a process per loss, so it takes a while). Row
 - pyrtok's own ``LapLoss`` (OpenCV-exact pyramid, 5 levels with the residual) without and with a mask (75% of
   16 px patches hidden, as MAE), against the fastest snippet: the residual and the mask are what the snippets
   lack;
-- ``pyrtok (elementwise)``: pyrtok's ``LapLoss`` inside ``pyramid.batch_invariant()``, the pyramid's elementwise
-  path (what every batch took before the depthwise-convolution path), against ``pyrtok``: its ratio is the
-  speed-up of that path.
+- ``pyrtok (elementwise)``: pyrtok's ``LapLoss`` inside ``pyramid.elementwise()``, the pyramid on torch's
+  elementwise ops (the portable path: GPUs and builds without the native kernels), against ``pyrtok``: its
+  ratio is the speed-up of the native kernels.
 
 Video batches (B, T, C, H, W) go to pyrtok as they are and to the snippets flattened to (B * T, C, H, W), as a
 user of them would. ``--dtype bfloat16`` runs the losses under autocast (inputs in bfloat16; pyrtok computes in
@@ -36,7 +36,7 @@ import torch
 from presets import add_device_arguments, device_and_dtype, interleaved, parse_cases, run_script
 
 from pyrtok.losses import LapLoss
-from pyrtok.pyramid import batch_invariant
+from pyrtok.pyramid import elementwise
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from snippet_ports import PORTS  # the ports live with the tests that check them
@@ -74,8 +74,8 @@ def step(loss: Callable[..., torch.Tensor], pred: torch.Tensor, target: torch.Te
 
 def elementwise_step(loss: Callable[..., torch.Tensor], pred: torch.Tensor, target: torch.Tensor,
                      autocast: bool) -> None:
-    """:func:`step` with the pyramid on its elementwise path (``batch_invariant``)."""
-    with batch_invariant():
+    """:func:`step` with the pyramid on its elementwise path (``pyramid.elementwise``)."""
+    with elementwise():
         step(loss, pred, target, autocast)
 
 
@@ -93,7 +93,7 @@ def _cpu_peak_child(name: str, shape: tuple[int, ...], autocast: bool, threads: 
                                                                                   (mask,)),
               "pyrtok (elementwise)": (LapLoss(levels=5), (pred, target), ())}
     loss, inputs, extra = losses[name]
-    path = batch_invariant() if name == "pyrtok (elementwise)" else contextlib.nullcontext()
+    path = elementwise() if name == "pyrtok (elementwise)" else contextlib.nullcontext()
 
     def status(field: str) -> int:  # kB
         line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(field))

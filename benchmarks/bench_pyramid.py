@@ -5,10 +5,10 @@ Every method runs once per round, the rounds interleaved so that background load
 and a method's time is its minimum over ``--repeats`` rounds after one warm-up round (robust on a shared
 machine). Methods:
 
-- pyrtok: ``laplacian_pyramid`` as users call it (on a CPU, 12 or more images: depthwise convolutions);
+- pyrtok: ``laplacian_pyramid`` as users call it (on a CPU: the native kernels);
 - pyrtok fwd+bwd: the same, then the gradient of the sum of all levels with respect to the input;
-- elementwise: ``laplacian_pyramid`` inside ``batch_invariant()``, the polyphase taps as elementwise ops (the
-  engine before the fused path, still what one image or float64 takes), forward and forward + backward;
+- elementwise: ``laplacian_pyramid`` inside ``pyramid.elementwise()``, the polyphase taps as torch's elementwise
+  ops (the portable path: GPUs and builds without the native kernels), forward and forward + backward;
 - OpenCV: ``cv2.pyrDown`` / ``cv2.pyrUp(dstsize=...)`` and a subtraction, looped over the images in HWC
   float32 (the layout OpenCV wants; the conversion is not timed); always on the CPU;
 - kornia: ``kornia.geometry.transform.build_laplacian_pyramid`` (its own operator, padded to powers of 2),
@@ -16,7 +16,7 @@ machine). Methods:
 - compiled (``--compile``): ``torch.compile(laplacian_pyramid)``, compilation excluded.
 
 Ratios: pyrtok / OpenCV (< 1: pyrtok is faster), elementwise / pyrtok forward and forward + backward (the
-speed-up of the fused path), kornia / pyrtok (a speed-up). ``--dtype bfloat16`` gives pyrtok and kornia
+speed-up of the native kernels), kornia / pyrtok (a speed-up). ``--dtype bfloat16`` gives pyrtok and kornia
 bfloat16 images (pyrtok computes in float32); ``--device cuda`` runs them on a GPU, OpenCV on float32 CPU copies.
 
     python benchmarks/bench_pyramid.py [--repeats 11] [--cases 1x224 16x336 ...] [--dtype bfloat16] [--compile]
@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from presets import add_device_arguments, device_and_dtype, interleaved, parse_cases, run_script
 
-from pyrtok.pyramid import batch_invariant, laplacian_pyramid
+from pyrtok.pyramid import elementwise, laplacian_pyramid
 
 DEFAULT_CASES = ["1x224", "16x224", "1x336", "16x336", "1x512", "16x512", "1x1024", "4x1024"]
 LEVELS = 4
@@ -58,8 +58,8 @@ def forward_backward(x: torch.Tensor) -> None:
     sum(level.float().sum() for level in laplacian_pyramid(leaf, LEVELS, check_finite=False)).backward()
 
 
-def elementwise(fn: Callable[[torch.Tensor], None], x: torch.Tensor) -> None:
-    with batch_invariant():
+def portable(fn: Callable[[torch.Tensor], None], x: torch.Tensor) -> None:
+    with elementwise():
         fn(x)
 
 
@@ -71,8 +71,8 @@ def bench_case(
     calls: dict[str, Callable[[], object]] = {
         "pyrtok": partial(forward, x),
         "fwd+bwd": partial(forward_backward, x),
-        "elem": partial(elementwise, forward, x),
-        "elem f+b": partial(elementwise, forward_backward, x),
+        "elem": partial(portable, forward, x),
+        "elem f+b": partial(portable, forward_backward, x),
         "opencv": partial(opencv_laplacian, images, LEVELS),
     }
     if args.kornia:

@@ -13,9 +13,11 @@ gives ``even[i] = (s[i-1] + 6 s[i] + s[i+1]) / 8`` and ``odd[i] = (s[i] + s[i+1]
 reflection on the doubled grid means ``s[-1] = s[1]`` and ``s[n] = s[n-1]``. Normalisation constants are
 folded into one multiply at the end, which the Laplacian fuses into its subtraction.
 
-Speed: on a CPU, a stack of 12 or more images (leading dimensions flattened) runs each operator as one depthwise
-convolution, an image per channel; smaller stacks, float64 and GPUs run the polyphase taps as elementwise ops.
-The two agree to float32 rounding; ``batch_invariant()`` keeps every call on the elementwise path.
+Speed: on a CPU, float32 and float64 stacks (leading dimensions flattened) run on native kernels
+(``pyrtok/_pyramid_native.c``, built at install where a C compiler is found): one pass per output row, split
+over torch's thread count. GPUs, builds without the kernels, ``torch.compile`` and the ``torch.func``
+transforms run the polyphase taps as torch's elementwise ops. Both paths give the same bits, so an image's
+levels are the same alone or in any batch; ``elementwise()`` forces the portable path.
 
 Tensors are (..., H, W): any leading dimensions ((H, W), (B, C, H, W), video (B, T, C, H, W)).
 float16 and bfloat16 inputs are computed in float32 and returned in their own dtype. Everything is
@@ -31,19 +33,19 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from collections.abc import Iterator, Sequence
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from pyrtok import _pyramid_native_ops as native_ops
 from pyrtok._checks import check_image, check_level_count, check_levels, max_levels
 
 __all__ = [
     "GaussianPyramid",
     "LaplacianPyramid",
-    "batch_invariant",
+    "elementwise",
     "gaussian_pyramid",
     "laplacian_pyramid",
     "max_levels",
@@ -82,115 +84,63 @@ def _taps_down(p: Tensor, dim: int, m: int) -> Tensor:
     return out.add_(tap(2), alpha=6)
 
 
-# On a CPU, at 12 or more images the stack is filtered by one depthwise convolution per operator (oneDNN), one
-# image per channel: a single fused pass instead of a dozen elementwise ones. The kernels vectorise over
-# channels in blocks of 16, so a smaller stack stays on the elementwise taps (measured in
-# benchmarks/bench_pyramid.py: at 224 px the crossover is between 8 and 12 images). float64 stays there too,
-# where the convolutions have no fast kernel, and so do GPUs: cuDNN may run these convolutions in TF32, far
-# from OpenCV's float32 numbers, and that path has not been measured on one.
-_FUSED_MIN_IMAGES = 12
-
-
-_BATCH_INVARIANT: contextvars.ContextVar[bool] = contextvars.ContextVar("pyrtok_batch_invariant", default=False)
+_ELEMENTWISE: contextvars.ContextVar[bool] = contextvars.ContextVar("pyrtok_pyramid_elementwise", default=False)
 
 
 @contextlib.contextmanager
-def batch_invariant() -> Iterator[None]:
-    """Run every pyramid operator on the elementwise path, whatever the batch size.
+def elementwise() -> Iterator[None]:
+    """Run every pyramid operator on torch's elementwise ops, the portable path, instead of the native kernels.
 
-    By default, on a CPU, a stack of 12 or more images is filtered by depthwise convolutions, which agree with the
-    elementwise path to float32 rounding (a few 1e-7) but not bit for bit. Inside this context an image's
-    levels are the same bits alone or in any batch (slower for large batches). The setting is a context
-    variable: it holds in this thread and in the tasks it starts, not in threads started inside the block.
+    The native CPU kernels and the elementwise ops give the same bits, so this changes speed, not results: it
+    is the baseline ``benchmarks/bench_pyramid.py`` measures the kernels against, and what a build without
+    them runs. The setting is a context variable: it holds in this thread and in the tasks it starts, not in
+    threads started inside the block.
 
     Example:
-        >>> x = torch.rand(16, 3, 32, 32)
-        >>> with batch_invariant():
-        ...     assert torch.equal(laplacian_pyramid(x, 3)[0][5], laplacian_pyramid(x[5], 3)[0])
+        >>> x = torch.rand(2, 3, 32, 32)
+        >>> with elementwise():
+        ...     portable = laplacian_pyramid(x, 3)
+        >>> all(torch.equal(a, b) for a, b in zip(portable, laplacian_pyramid(x, 3)))
+        True
     """
-    token = _BATCH_INVARIANT.set(True)
+    token = _ELEMENTWISE.set(True)
     try:
         yield
     finally:
-        _BATCH_INVARIANT.reset(token)
+        _ELEMENTWISE.reset(token)
 
 
-def _fused(x: Tensor) -> bool:
-    """Whether the (N, H, W) stack ``x`` takes the depthwise-convolution path."""
-    return (x.shape[0] >= _FUSED_MIN_IMAGES and x.dtype == torch.float32 and x.device.type == "cpu"
-            and not _BATCH_INVARIANT.get())
-
-
-def _binomial_2d(dtype: torch.dtype, device: torch.device) -> Tensor:
-    """(5, 5) outer product of [1, 4, 6, 4, 1] with itself (integers, exact in any float dtype)."""
-    taps = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0], dtype=dtype, device=device)
-    return torch.outer(taps, taps)
-
-
-def _depthwise(kernel: Tensor, channels: int) -> Tensor:
-    """(5, 5) kernel -> (channels, 1, 5, 5) depthwise weight (a view)."""
-    return kernel.expand(channels, 1, *kernel.shape)
-
-
-def _fold_columns(g: Tensor, left: int, right: int) -> Tensor:
-    """(..., r, left + w + right) -> (..., r, w): the adjoint of reflect-101 padding along the last axis."""
-    w = g.shape[-1] - left - right
-    out = g[..., left : left + w].clone()
-    if left:
-        out[..., 1 : left + 1] += g[..., :left].flip(-1)
-    if right:
-        out[..., w - 1 - right : w - 1] += g[..., left + w :].flip(-1)
-    return out
-
-
-class _ReflectPad(torch.autograd.Function):
-    """``F.pad(x, pads, mode="reflect")`` of (N, H, W) with a backward that copies the gradient once and adds the
-    thin border strips back (torch's own backward zero-fills and scatters the whole tensor). Forward-mode AD and
-    ``torch.func`` transforms work through ``jvp`` and the generated vmap rule."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x: Tensor, pads: tuple[int, int, int, int]) -> Tensor:
-        return F.pad(x, pads, mode="reflect")
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Tensor, tuple[int, int, int, int]], output: Tensor) -> None:
-        ctx.pads = inputs[1]
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        left, right, top, bottom = ctx.pads
-        h = grad.shape[-2] - top - bottom
-        out = _fold_columns(grad[..., top : top + h, :], left, right)
-        if top:
-            out[..., 1 : top + 1, :] += _fold_columns(grad[..., :top, :], left, right).flip(-2)
-        if bottom:
-            out[..., h - 1 - bottom : h - 1, :] += _fold_columns(grad[..., top + h :, :], left, right).flip(-2)
-        return out, None
-
-    @staticmethod
-    def jvp(ctx: Any, tangent: Tensor, _: None) -> Tensor:
-        return F.pad(tangent, ctx.pads, mode="reflect")
+def _native(x: Tensor) -> bool:
+    """Whether the (N, H, W) stack ``x`` takes the native kernels (the one place this is decided)."""
+    return not _ELEMENTWISE.get() and native_ops.usable(x)
 
 
 def _down(x: Tensor) -> Tensor:
     """(N, H, W) -> (N, ceil(H/2), ceil(W/2)), the OpenCV pyrDown operator."""
+    if _native(x):
+        return native_ops.down(x)
     h, w = x.shape[-2:]
     mh, mw = (h + 1) // 2, (w + 1) // 2
     # Left pad 2, right pad so that the last output centre 2m - 2 has its two right neighbours.
     ph, pw = 2 * mh - h + 1, 2 * mw - w + 1
     if h > 2 and w > 2:
-        pads = (2, pw, 2, ph)
-        padded = _ReflectPad.apply(x, pads) if _fused(x) else F.pad(x, pads, mode="reflect")
+        padded = F.pad(x, (2, pw, 2, ph), mode="reflect")
     else:
         padded = x.index_select(-2, _reflect101_index(h, 2, ph, x.device))
         padded = padded.index_select(-1, _reflect101_index(w, 2, pw, x.device))
-    if _fused(x):
-        kernel = _depthwise(_binomial_2d(x.dtype, x.device) / 256.0, x.shape[0])
-        return F.conv2d(padded.unsqueeze(0), kernel, stride=2, groups=x.shape[0]).squeeze(0)
     out = _taps_down(_taps_down(padded, -2, mh), -1, mw)
     return out.mul_(1.0 / 256.0)
+
+
+def _up(x: Tensor, size: tuple[int, int], base: Tensor | None = None, alpha: float = 1.0 / 64.0) -> Tensor:
+    """(N, h, w) -> (N, *size): ``base + alpha * 64 pyrUp(x)``, or ``alpha * 64 pyrUp(x)`` without a base.
+
+    The Laplacian (alpha -1/64) and its inverse (+1/64) fuse their subtraction or addition into this call.
+    """
+    if _native(x) and (base is None or base.dtype == x.dtype):
+        return native_ops.up(x, size, base, alpha)
+    unscaled = _up_unscaled(x, size)
+    return unscaled.mul_(alpha) if base is None else torch.add(base, unscaled, alpha=alpha)
 
 
 def _up_unscaled(x: Tensor, size: tuple[int, int]) -> Tensor:
@@ -202,14 +152,6 @@ def _up_unscaled(x: Tensor, size: tuple[int, int]) -> Tensor:
         p[:, 0, :] = p[:, 2, :]
     if w > 1:
         p[:, :, 0] = p[:, :, 2]
-    if _fused(x):
-        # Zero insertion and the 4x kernel are a stride-2 transposed convolution; padding 4 drops what the
-        # one-sample border of p adds on each side, and output_padding picks 2n - 1 or 2n.
-        extra = (size[0] - (2 * h - 1), size[1] - (2 * w - 1))
-        kernel = _depthwise(_binomial_2d(x.dtype, x.device), x.shape[0])
-        out = F.conv_transpose2d(p.unsqueeze(0), kernel, stride=2, padding=4, output_padding=extra, groups=x.shape[0])
-        return out.squeeze(0)
-
     # Autograd cannot record out= writes; without it, both phases go straight into one strided buffer.
     # Under torch.compile the functional form is better: the compiler fuses it, out= views would break it.
     direct = not (torch.is_grad_enabled() and x.requires_grad) and not torch.compiler.is_compiling()
@@ -294,7 +236,7 @@ def pyr_up(x: Tensor, size: tuple[int, int] | None = None, *, check_finite: bool
     """
     check_image(x, "x", check_finite=check_finite)
     out_size = _check_up_size(size, *x.shape[-2:])
-    return _unflatten(_up_unscaled(_flatten(_work_dtype(x)), out_size).mul_(1.0 / 64.0), x)
+    return _unflatten(_up(_flatten(_work_dtype(x)), out_size), x)
 
 
 def gaussian_pyramid(x: Tensor, levels: int, *, check_finite: bool = True) -> list[Tensor]:
@@ -323,12 +265,13 @@ def gaussian_pyramid(x: Tensor, levels: int, *, check_finite: bool = True) -> li
 
 def _laplacian(x: Tensor, levels: int) -> list[Tensor]:
     """Laplacian levels of a validated (N, H, W) tensor, in its own dtype."""
+    if levels > 1 and _native(x):
+        return list(native_ops.laplacian(x, levels))
     out = []
     current = x
     for _ in range(levels - 1):
         coarser = _down(current)
-        upsampled = _up_unscaled(coarser, tuple(current.shape[-2:]))
-        out.append(torch.add(current, upsampled, alpha=-1.0 / 64.0))
+        out.append(_up(coarser, tuple(current.shape[-2:]), current, -1.0 / 64.0))
         current = coarser
     out.append(current)
     return out
@@ -395,8 +338,7 @@ def reconstruct_laplacian(pyramid: Sequence[Tensor]) -> Tensor:
     levels = _check_pyramid(pyramid)
     current = _flatten(_work_dtype(levels[-1]))
     for band in reversed(levels[:-1]):
-        upsampled = _up_unscaled(current, tuple(band.shape[-2:]))
-        current = torch.add(_flatten(_work_dtype(band)), upsampled, alpha=1.0 / 64.0)
+        current = _up(current, tuple(band.shape[-2:]), _flatten(_work_dtype(band)), 1.0 / 64.0)
     return _unflatten(current, levels[0])
 
 

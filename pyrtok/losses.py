@@ -29,6 +29,7 @@ float16 and bfloat16 inputs are computed in float32; the loss is returned in flo
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from einops import rearrange
@@ -54,14 +55,33 @@ def _distance(diff: Tensor, distance: str, eps: float) -> Tensor:
     return torch.sqrt(diff.square() + eps * eps) - eps
 
 
+class _MeanAbs(torch.autograd.Function):
+    """(B, N) -> (B,): the mean |x| of each row, as an L1 norm (no (B, N) temporary forward). Its gradient,
+    sign(x) times the row's scale, is written once and scaled in place: the norm's own backward allocates a
+    second full-size tensor for the product."""
+
+    @staticmethod
+    def forward(flat: Tensor) -> Tensor:
+        return torch.linalg.vector_norm(flat, ord=1, dim=-1) / flat.shape[-1]
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Tensor], output: Tensor) -> None:
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        (flat,) = ctx.saved_tensors
+        return flat.sign().mul_((grad / flat.shape[-1]).unsqueeze(-1))
+
+
 def _mean_distance(flat: Tensor, distance: str, eps: float) -> Tensor:
     """(B, N) float32 or float64 rows (the caller casts lower precisions) -> (B,): the mean distance of each row.
 
-    L1 runs as a norm, which writes no (B, N) temporary forward; L1 and L2 (a dot product) take the gradient
-    straight from the (B,) one, where ``mean`` backward first writes a full-size copy of it."""
+    L1 (``_MeanAbs``) and L2 (a dot product) take the gradient straight from the (B,) one, where ``mean``
+    backward first writes a full-size copy of it."""
     n = flat.shape[-1]
     if distance == "l1":
-        return torch.linalg.vector_norm(flat, ord=1, dim=-1) / n
+        return _MeanAbs.apply(flat)
     if distance == "l2":
         return torch.linalg.vecdot(flat, flat) / n
     return _distance(flat, distance, eps).mean(-1)

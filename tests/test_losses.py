@@ -203,3 +203,14 @@ def test_unmasked_errors_and_gradients_equal_the_distance_map_then_its_mean(dist
     grad_ours, = torch.autograd.grad((ours * weights).sum(), pred)
     grad_reference, = torch.autograd.grad((reference * weights).sum(), pred)
     assert torch.allclose(grad_ours, grad_reference, rtol=1e-10, atol=1e-15)
+
+
+def test_l1_gradient_is_zero_where_nothing_differs_and_can_be_differentiated_again():
+    g = torch.Generator().manual_seed(5)
+    target = torch.rand(2, 3, 16, 16, generator=g, dtype=torch.float64)
+    pred = torch.stack([target[0], torch.rand(3, 16, 16, generator=g, dtype=torch.float64)]).requires_grad_(True)
+    (grad,) = torch.autograd.grad(lap_loss(pred, target, 3), pred, create_graph=True)
+    assert torch.equal(grad[0], torch.zeros_like(grad[0]))  # sign(0) = 0, as |x|'s own gradient has it
+    assert grad[1].abs().sum() > 0
+    away = torch.rand(2, 3, 16, 16, generator=g, dtype=torch.float64, requires_grad=True)  # no ties: |x| is smooth
+    assert torch.autograd.gradgradcheck(lambda p: lap_loss(p, target, 3), (away,))

@@ -7,13 +7,16 @@ Two linear operators on contiguous (N, H, W) stacks of float32 or float64 planes
 
 They give the same bits as :mod:`pyrtok.pyramid`'s elementwise torch ops (the kernels repeat those operations
 in the same order, fused multiply-adds included), one pass per output row instead of a dozen tensor-wide ones.
-Gradients run through the transposes, which are autograd functions themselves (so double backward works), and
-forward-mode AD through the operators applied to the tangents. The extension is an optional build: without
-it, and for tensors this module cannot take (``usable``), the pyramid stays on torch's ops.
+``laplacian(x, levels)`` runs the whole Laplacian pyramid as one autograd node, whose backward adds each
+level's gradients inside the transposes' kernels. Gradients run through the transposes, which are autograd
+functions themselves (so double backward works), and forward-mode AD through the operators applied to the
+tangents. The extension is an optional build: without it, and for tensors this module cannot take
+(``usable``), the pyramid stays on torch's ops.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -25,7 +28,7 @@ try:
 except ImportError:  # built without a C compiler: the elementwise torch ops serve every call
     _ext = None
 
-__all__ = ["available", "down", "isa", "laplacian", "up", "usable"]
+__all__ = ["available", "down", "isa", "laplacian", "laplacian_levels", "up", "usable"]
 
 _DTYPES = (torch.float32, torch.float64)
 
@@ -95,16 +98,23 @@ def _up_t(g: Tensor, size: tuple[int, int], alpha: float, base: Tensor | None = 
     return out
 
 
-def _laplacian(x: Tensor, levels: int) -> tuple[Tensor, ...]:
-    """(N, H, W) -> the ``levels`` Laplacian levels, each band's subtraction fused into its up-sampling."""
+def laplacian_levels(x: Tensor, levels: int, down: Callable[[Tensor], Tensor],
+                     up: Callable[[Tensor, tuple[int, int], Tensor, float], Tensor]) -> list[Tensor]:
+    """(N, H, W) -> the ``levels`` Laplacian levels through the operators ``down`` and ``up(x, size, base,
+    alpha)`` (``base + alpha * 64 pyrUp(x)``): each band's subtraction fused into its up-sampling. The one
+    recurrence both paths run, these kernels and :mod:`pyrtok.pyramid`'s elementwise ops."""
     out = []
     current = x
     for _ in range(levels - 1):
-        coarser = _down(current)
-        out.append(_up(coarser, tuple(current.shape[-2:]), current, -1.0 / 64.0))
+        coarser = down(current)
+        out.append(up(coarser, tuple(current.shape[-2:]), current, -1.0 / 64.0))
         current = coarser
     out.append(current)
-    return tuple(out)
+    return out
+
+
+def _laplacian(x: Tensor, levels: int) -> tuple[Tensor, ...]:
+    return tuple(laplacian_levels(x, levels, _down, _up))
 
 
 def _laplacian_t(grads: tuple[Tensor, ...]) -> Tensor:

@@ -267,14 +267,7 @@ def _laplacian(x: Tensor, levels: int) -> list[Tensor]:
     """Laplacian levels of a validated (N, H, W) tensor, in its own dtype."""
     if levels > 1 and _native(x):
         return list(native_ops.laplacian(x, levels))
-    out = []
-    current = x
-    for _ in range(levels - 1):
-        coarser = _down(current)
-        out.append(_up(coarser, tuple(current.shape[-2:]), current, -1.0 / 64.0))
-        current = coarser
-    out.append(current)
-    return out
+    return native_ops.laplacian_levels(x, levels, _down, _up)
 
 
 def laplacian_pyramid(x: Tensor, levels: int, *, check_finite: bool = True) -> list[Tensor]:

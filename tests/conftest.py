@@ -4,6 +4,8 @@ session and cached by their build options)."""
 
 from __future__ import annotations
 
+import socket
+
 import numpy as np
 import pytest
 import torch
@@ -38,6 +40,14 @@ def device(request) -> str:
 @pytest.fixture
 def rng() -> torch.Generator:
     return torch.Generator().manual_seed(0)
+
+
+def free_port() -> int:
+    """A local TCP port no one listens on now, for a torch.distributed.run rendezvous: a fixed port fails
+    when two test runs share the machine."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def random_image(width: int, height: int, seed: int = 0) -> Image.Image:

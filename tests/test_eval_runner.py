@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import free_port
 from PIL import Image
 from pyrtok.eval.ablate import main as ablate_main
 from pyrtok.eval.config import load_config
@@ -157,8 +158,8 @@ def test_budget_fractions_round_to_the_nearest_count_and_full_always_runs(assets
 def test_two_processes_shard_batches_and_match_one(assets, tmp_path):
     path = tmp_path / "two.yaml"
     path.write_text(yaml.safe_dump(config_for(assets, tmp_path / "two", samples=12)))
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547",
-               "-m", "pyrtok.eval.ablate", "--config", str(path), "--no-progress"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_port", str(free_port()), "-m", "pyrtok.eval.ablate", "--config", str(path), "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -244,8 +244,10 @@ def test_two_processes_with_torchrun(tmp_path):
     config = tmp_path / "tiny.yaml"
     settings = {**TINY, "train": {**TINY["train"], "steps": 4, "warmup_steps": 2, "output": str(tmp_path / "ddp")}}
     config.write_text(yaml.safe_dump(settings))
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
-               "-m", "pyrtok.pretrain.train", "--config", str(config)]
+    from conftest import free_port
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_port", str(free_port()), "-m", "pyrtok.pretrain.train", "--config", str(config)]
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]

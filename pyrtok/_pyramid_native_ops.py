@@ -43,16 +43,41 @@ def isa() -> str | None:
     return None if _ext is None else _ext.isa
 
 
-def usable(x: Tensor) -> bool:
-    """Whether ``x`` can take the native kernels: a plain CPU float32/float64 tensor outside torch.compile and
-    the torch.func transforms (their wrapped tensors have no data of their own)."""
-    return (
-        _ext is not None
-        and x.device.type == "cpu"
-        and x.dtype in _DTYPES
-        and not torch.compiler.is_compiling()
-        and not torch._C._functorch.is_functorch_wrapped_tensor(x)
-    )
+def usable(x: Tensor, *others: Tensor | None) -> bool:
+    """Whether ``x`` (and every tensor of ``others`` that is not None) can take the native kernels: plain CPU
+    tensors of one dtype, float32 or float64, outside torch.compile, ``torch.jit.trace`` (the kernels' writes
+    are invisible to both), the torch.func transforms and batched gradients (``is_grads_batched``, a vectorised
+    ``jacobian``): their tensors have no data of their own."""
+    if (_ext is None or torch.compiler.is_compiling() or torch.jit.is_tracing()
+            or torch._C._functorch.peek_interpreter_stack() is not None):  # inside a torch.func transform
+        return False
+    return all(
+        t.device.type == "cpu" and t.dtype == x.dtype and torch._C._has_storage(t)
+        and not torch._C._functorch.is_functorch_wrapped_tensor(t)
+        for t in (x, *others) if t is not None
+    ) and x.dtype in _DTYPES
+
+
+def _portable_vjp(forward: Callable[[Tensor], Tensor | tuple[Tensor, ...]], shape: tuple[int, ...],
+                  grads: tuple[Tensor, ...]) -> Tensor:
+    """The transpose of the linear operator ``forward`` applied to ``grads``, by autograd through torch's
+    elementwise ops: for gradients the kernels cannot take (batched by ``is_grads_batched`` or a vectorised
+    ``jacobian``). A linear map's vector-Jacobian product is the same at every point; zeros serve."""
+    from pyrtok import pyramid  # the elementwise ops live there; imported here, where no cycle remains
+
+    point = torch.zeros(shape, dtype=grads[0].dtype, device=grads[0].device, requires_grad=True)
+    with torch.enable_grad(), pyramid.elementwise():
+        out = forward(point)
+    outputs = out if isinstance(out, tuple) else (out,)
+    return torch.autograd.grad(outputs, point, grads, create_graph=torch.is_grad_enabled())[0]
+
+
+def _portable(op: Callable[..., Tensor | list[Tensor]], *args: object) -> Tensor | list[Tensor]:
+    """``op(*args)`` on torch's elementwise ops (for the transposes' own backward with such gradients)."""
+    from pyrtok import pyramid
+
+    with pyramid.elementwise():
+        return op(*args)
 
 
 def _threads() -> int:
@@ -140,7 +165,11 @@ class _Down(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tensor:
-        return _DownT.apply(grad, ctx.size)
+        if usable(grad):
+            return _DownT.apply(grad, ctx.size)
+        from pyrtok.pyramid import _down
+
+        return _portable_vjp(_down, (*grad.shape[:-2], *ctx.size), (grad,))
 
     @staticmethod
     def jvp(ctx: Any, tangent: Tensor) -> Tensor:
@@ -158,7 +187,11 @@ class _DownT(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        return _Down.apply(grad), None
+        if usable(grad):
+            return _Down.apply(grad), None
+        from pyrtok.pyramid import _down
+
+        return _portable(_down, grad), None
 
     @staticmethod
     def jvp(ctx: Any, tangent: Tensor, _: None) -> Tensor:
@@ -178,7 +211,14 @@ class _Up(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, Tensor | None, None]:
-        grad_x = _UpT.apply(grad, ctx.small, ctx.alpha) if ctx.needs_input_grad[0] else None
+        grad_x = None
+        if ctx.needs_input_grad[0] and usable(grad):
+            grad_x = _UpT.apply(grad, ctx.small, ctx.alpha)
+        elif ctx.needs_input_grad[0]:
+            from pyrtok.pyramid import _up
+
+            size, alpha = ctx.size, ctx.alpha
+            grad_x = _portable_vjp(lambda p: _up(p, size, None, alpha), (*grad.shape[:-2], *ctx.small), (grad,))
         grad_base = grad if ctx.has_base and ctx.needs_input_grad[2] else None
         return grad_x, None, grad_base, None
 
@@ -201,7 +241,11 @@ class _UpT(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
-        return _Up.apply(grad, ctx.size, None, ctx.alpha), None, None
+        if usable(grad):
+            return _Up.apply(grad, ctx.size, None, ctx.alpha), None, None
+        from pyrtok.pyramid import _up
+
+        return _portable(_up, grad, ctx.size, None, ctx.alpha), None, None
 
     @staticmethod
     def jvp(ctx: Any, tangent: Tensor, _: None, __: None) -> Tensor:
@@ -218,10 +262,16 @@ class _Laplacian(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Tensor, int], output: tuple[Tensor, ...]) -> None:
         ctx.levels = inputs[1]
+        ctx.shape = tuple(inputs[0].shape)
 
     @staticmethod
     def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor, None]:
-        return _LaplacianT.apply(*grads), None
+        if usable(*grads):
+            return _LaplacianT.apply(*grads), None
+        from pyrtok.pyramid import _down, _up
+
+        levels = ctx.levels
+        return _portable_vjp(lambda p: tuple(laplacian_levels(p, levels, _down, _up)), ctx.shape, grads), None
 
     @staticmethod
     def jvp(ctx: Any, tangent: Tensor, _: None) -> tuple[Tensor, ...]:
@@ -239,7 +289,11 @@ class _LaplacianT(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, ...]:
-        return _Laplacian.apply(grad, ctx.levels)
+        if usable(grad):
+            return _Laplacian.apply(grad, ctx.levels)
+        from pyrtok.pyramid import _down, _up
+
+        return tuple(_portable(laplacian_levels, grad, ctx.levels, _down, _up))
 
     @staticmethod
     def jvp(ctx: Any, *tangents: Tensor) -> Tensor:

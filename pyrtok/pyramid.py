@@ -137,7 +137,7 @@ def _up(x: Tensor, size: tuple[int, int], base: Tensor | None = None, alpha: flo
 
     The Laplacian (alpha -1/64) and its inverse (+1/64) fuse their subtraction or addition into this call.
     """
-    if _native(x) and (base is None or base.dtype == x.dtype):
+    if not _ELEMENTWISE.get() and native_ops.usable(x, base):
         return native_ops.up(x, size, base, alpha)
     unscaled = _up_unscaled(x, size)
     return unscaled.mul_(alpha) if base is None else torch.add(base, unscaled, alpha=alpha)
@@ -303,6 +303,9 @@ def _check_pyramid(pyramid: object) -> list[Tensor]:
     for i, level in enumerate(levels):
         check_image(level, f"pyramid[{i}]", check_finite=False)
     lead = levels[0].shape[:-2]
+    for i, level in enumerate(levels):
+        if level.device != levels[0].device:
+            raise ValueError(f"pyramid[{i}] is on {level.device}, expected {levels[0].device} (that of pyramid[0])")
     for i in range(1, len(levels)):
         finer, coarser = levels[i - 1].shape, levels[i].shape
         expected = ((finer[-2] + 1) // 2, (finer[-1] + 1) // 2)

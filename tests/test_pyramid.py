@@ -199,6 +199,8 @@ def test_bad_inputs_get_clear_errors():
         reconstruct_laplacian([torch.rand(8, 8), torch.rand(3, 4)])
     with pytest.raises(TypeError, match="non-empty list"):
         reconstruct_laplacian(torch.rand(8, 8))
+    with pytest.raises(ValueError, match=r"pyramid\[1\] is on meta, expected cpu"):
+        reconstruct_laplacian([torch.rand(8, 8), torch.rand(4, 4, device="meta")])
 
 
 def test_non_finite_check_can_be_skipped():
@@ -279,3 +281,37 @@ def test_the_native_gradients_are_the_elementwise_ops_gradients(size, rng):
         expected = gradients()
     for ours, reference in zip(gradients(), expected, strict=True):
         assert (ours - reference).abs().max().item() <= 1e-12
+
+
+def test_the_native_path_takes_batched_gradients_wrapped_bands_and_tracing(rng):
+    """What the kernels cannot take (vmap-batched gradients, a torch.func-wrapped band, a jit trace) runs on the
+    elementwise ops, with their results."""
+    from torch.func import grad, vmap
+
+    x = torch.rand(2, 9, 12, generator=rng, dtype=torch.float64)
+
+    def first_band(t: torch.Tensor) -> torch.Tensor:
+        return laplacian_pyramid(t, 3, check_finite=False)[0]
+
+    def both_paths(fn):  # fn() on the native path, then on the elementwise ops
+        ours = fn()
+        with elementwise():
+            return ours, fn()
+
+    for ours, reference in [
+        both_paths(lambda: torch.autograd.functional.jacobian(first_band, x, vectorize=True)),
+        both_paths(lambda: torch.autograd.functional.jacobian(lambda t: pyr_down(t, check_finite=False), x,
+                                                              vectorize=True)),
+        both_paths(lambda: torch.autograd.functional.jacobian(lambda t: pyr_up(t, (17, 24), check_finite=False),
+                                                              x, vectorize=True)),
+    ]:
+        assert torch.allclose(ours, reference, atol=1e-12)
+    pyramid = laplacian_pyramid(x, 3)
+    ours, reference = both_paths(lambda: grad(lambda b: reconstruct_laplacian([b, *pyramid[1:]]).square().sum())(
+        pyramid[0]))
+    assert torch.allclose(ours, reference, atol=1e-12)
+    batched = vmap(lambda b: reconstruct_laplacian([b, *pyramid[1:]]))(torch.stack([pyramid[0], pyramid[0] * 2]))
+    assert torch.allclose(batched[0], reconstruct_laplacian(pyramid), atol=1e-12)
+    traced = torch.jit.trace(lambda t: pyr_down(t, check_finite=False), x.float())
+    y = torch.rand(2, 9, 12, generator=rng)
+    assert torch.equal(traced(y), pyr_down(y))

@@ -110,9 +110,10 @@ def elementwise() -> Iterator[None]:
         _ELEMENTWISE.reset(token)
 
 
-def _native(x: Tensor) -> bool:
-    """Whether the (N, H, W) stack ``x`` takes the native kernels (the one place this is decided)."""
-    return not _ELEMENTWISE.get() and native_ops.usable(x)
+def _native(x: Tensor, *others: Tensor | None) -> bool:
+    """Whether the (N, H, W) stack ``x``, with ``others`` (a base, or None), takes the native kernels (the one
+    place this is decided)."""
+    return not _ELEMENTWISE.get() and native_ops.usable(x, *others)
 
 
 def _down(x: Tensor) -> Tensor:
@@ -137,7 +138,7 @@ def _up(x: Tensor, size: tuple[int, int], base: Tensor | None = None, alpha: flo
 
     The Laplacian (alpha -1/64) and its inverse (+1/64) fuse their subtraction or addition into this call.
     """
-    if not _ELEMENTWISE.get() and native_ops.usable(x, base):
+    if _native(x, base):
         return native_ops.up(x, size, base, alpha)
     unscaled = _up_unscaled(x, size)
     return unscaled.mul_(alpha) if base is None else torch.add(base, unscaled, alpha=alpha)

@@ -1,6 +1,6 @@
 """Where a model's answers get the image tokens' positions from: their features, or the language model's positions.
 
-``pyrtok positions --model embedded-qwen`` measures two things on a shapes split:
+``pyrtok positions --model embedded-qwen`` measures three things on a shapes split:
 
 - **In the features.** A ridge probe fitted on the level-0 tokens of the first share of ``--scenes`` images reads
   each token's row and column (as fractions of the grid) on the rest; it prints the held-out R^2 of each, and the
@@ -12,6 +12,11 @@
   themselves (``shuffle``) or all set to the first one's (``same``); the features stay as they are. A family
   whose accuracy survives both reads the positions it needs from the features; one that falls to chance reads
   them from the positions (1-D RoPE, or M-RoPE's (t, h, w) for the Qwen family).
+- **Which object a relation fetches.** For the relation questions ("is the A left of / above the B?") of the first
+  ``--relations`` scenes, the share of the last prompt token's attention, per language-model layer and head, that
+  falls on the level-0 tokens showing A (the subject) and on those showing B, and their asymmetry
+  (A - B) / (A + B). A head that tells the subject from the other object has an asymmetry away from 0; a model
+  whose every head fetches both alike cannot answer which way the relation goes.
 
 Example (the tiny LLaVA's spatial family survives both: it reads where things are from the features)::
 
@@ -21,6 +26,7 @@ Example (the tiny LLaVA's spatial family survives both: it reads where things ar
 from __future__ import annotations
 
 import argparse
+import re
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,11 +36,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pyrtok.data.shapes_vqa import SPLITS
+from pyrtok.data.shapes_vqa import COLOURS, SPLITS, make_scene, object_name, patch_targets, questions_for
+from pyrtok.images import image_tensor
 from pyrtok.metrics import first_word_match
 from pyrtok.tokens import MultiScaleTokens
 
-__all__ = ["MODES", "lm_positions", "main", "position_signal", "scramble"]
+__all__ = ["MODES", "eager_attention", "lm_positions", "main", "object_cells", "position_signal", "relation_attention",
+           "scramble"]
 
 MODES = ("none", "shuffle", "same")
 """What :func:`scramble` does to the positions of the image tokens: nothing, a permutation, or all the first's."""
@@ -125,6 +133,83 @@ def position_signal(tokens: MultiScaleTokens, fit: float = 2 / 3, ridge: float =
     return {"row_r2": float(r2[0]), "col_r2": float(r2[1]), "cell_share": float(share)}
 
 
+RELATION = re.compile(r"is the (?P<subject>.+?) (?:left of|above) the (?P<other>.+)\?")
+"""A relation question of the benchmark's spatial family, with the names of its two objects."""
+
+
+@contextmanager
+def eager_attention(vlm: Any) -> Iterator[None]:
+    """``vlm``'s language model on the eager attention (the one that returns its weights), restored on exit;
+    the vision tower is left as it is."""
+    config = vlm.model.config
+    text = getattr(config, "text_config", config)
+    previous = text._attn_implementation
+    vlm.model.set_attn_implementation({"text_config": "eager"})
+    try:
+        yield
+    finally:
+        vlm.model.set_attn_implementation({"text_config": previous})
+
+
+def object_cells(scene: Any, thing: Any, grid: tuple[int, int]) -> Tensor:
+    """(h * w,) bool, row-major: the cells of an ``h x w`` grid over ``scene`` that ``thing`` (one of its large
+    objects) covers, as the tower's training targets mark them (:func:`~pyrtok.data.shapes_vqa.patch_targets`:
+    at least 30% of the cell)."""
+    size = scene.image.size[0]
+    if grid[0] != grid[1] or size % grid[0]:
+        raise ValueError(f"grid must be square and divide the scene's side {size}, got {grid}")
+    colours = patch_targets(scene, size // grid[0])["colour"]
+    return torch.from_numpy(colours == list(COLOURS).index(thing.colour) + 1).reshape(-1)
+
+
+def relation_attention(
+    vlm: Any, split: str = "validation", seed: int = 0, scenes: int = 200, prompt: str | None = None
+) -> dict[str, Any]:
+    """Where the last prompt token of a relation question looks: the subject, or the other named object.
+
+    For every relation question among the spatial questions of the first ``scenes`` scenes of ``split``, asked at
+    full tokens (``prompt`` with ``{question}``, default the model's chat template), the attention weights of the
+    prompt's last token in every layer and head, summed over the level-0 image tokens that show each object
+    (:func:`object_cells`).
+
+    Returns ``{"questions": n, "subject": (L, H), "other": (L, H), "asymmetry": (L, H)}``: the mean shares, and
+    the mean of (subject - other) / (subject + other) over the questions.
+    """
+    shares: dict[str, list[Tensor]] = {"subject": [], "other": []}
+    family = vlm.family
+    with eager_attention(vlm), torch.no_grad():
+        for index in range(scenes):
+            scene = make_scene(seed, split, index)
+            match = RELATION.fullmatch(questions_for(scene, seed, split, index)[3]["question"])
+            if match is None:
+                continue
+            named = {object_name(o, scene.objects): o for o in scene.objects}
+            text = vlm.chat_prompt(match.string) if prompt is None else prompt.format(question=match.string)
+            images = image_tensor(scene.image)[None]
+            prepared = vlm.prepare(images, [text])
+            tokens = prepared.encoded.tokens
+            level0 = tokens.level_slices[0]
+            kept = prepared.selections[0].index[0, : int(prepared.selections[0].count[0])]
+            placeholders = (prepared.input_ids[0] == family.image_token_id).nonzero().squeeze(1)
+            at_level0 = (kept >= level0.start) & (kept < level0.stop)
+            out = vlm.model(**prepared.model_inputs(), output_attentions=True)
+            last = torch.stack([a[0, :, -1] for a in out.attentions])  # (L, H, T)
+            for key in shares:
+                cells = object_cells(scene, named[match[key]], tokens.level_shapes[0])
+                on = placeholders[at_level0][cells[kept[at_level0] - level0.start]]
+                shares[key].append(last[..., on].sum(-1))
+    if not shares["subject"]:
+        raise ValueError(f"the first {scenes} scenes of {split!r} ask no relation question; give more scenes")
+    subject, other = torch.stack(shares["subject"]), torch.stack(shares["other"])
+    asymmetry = (subject - other) / (subject + other).clamp_min(1e-12)
+    return {"questions": len(subject), "subject": subject.mean(0), "other": other.mean(0),
+            "asymmetry": asymmetry.mean(0)}
+
+
+def _heads(values: Tensor, sign: bool = False) -> str:
+    return " ".join(f"{v:+.2f}" if sign else f"{v:.2f}" for v in values.tolist())
+
+
 def _accuracy(vlm: Any, images: Tensor, items: list[dict], prompt: str | None, batch: int) -> dict[str, float]:
     """Per-family first-word exact match at full tokens, and ``overall``."""
     correct: dict[str, list[float]] = defaultdict(list)
@@ -141,8 +226,9 @@ def _accuracy(vlm: Any, images: Tensor, items: list[dict], prompt: str | None, b
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """``pyrtok positions`` with ``argv`` (default: the command line); prints both tables and returns
-    ``{"signal": position_signal(...), "accuracy": {mode: per-family accuracy}}``."""
+    """``pyrtok positions`` with ``argv`` (default: the command line); prints its tables and returns
+    ``{"signal": position_signal(...), "accuracy": {mode: per-family accuracy}, "relations":
+    relation_attention(...)}`` (empty where ``--questions`` or ``--relations`` is 0)."""
     parser = argparse.ArgumentParser(prog="pyrtok positions", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="embedded", help="embedded, embedded-qwen, a folder or a hub id")
     parser.add_argument("--levels", type=int, default=3, help="pyramid levels (default 3)")
@@ -151,6 +237,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--scenes", type=int, default=96, help="images for the feature probe (default 96)")
     parser.add_argument("--questions", type=int, default=500, help="questions per mode (default 500; 0: none)")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, help="position changes")
+    parser.add_argument("--relations", type=int, default=200,
+                        help="scenes whose relation questions measure the attention (default 200; 0: none)")
     parser.add_argument("--prompt", default=None,
                         help="a prompt with {question} (default: the model's chat template)")
     args = parser.parse_args(argv)
@@ -158,6 +246,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error(f"--scenes must be >= 3, got {args.scenes}")
     if args.questions < 0:
         parser.error(f"--questions must be >= 0, got {args.questions}")
+    if args.relations < 0:
+        parser.error(f"--relations must be >= 0, got {args.relations}")
     if args.prompt is not None and "{question}" not in args.prompt:
         parser.error(f"--prompt must contain {{question}}, got {args.prompt!r}")
     from pyrtok.data.conversations import scene_batch
@@ -180,7 +270,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 scores = accuracy[mode] = _accuracy(vlm, images, items, args.prompt, 50)
             print(f"| {mode} | {100 * scores['overall']:.1f} | "
                   + " | ".join(f"{100 * scores.get(f, float('nan')):.1f}" for f in families) + " |", flush=True)
-    return {"signal": signal, "accuracy": accuracy}
+    relations: dict[str, Any] = {}
+    if args.relations:
+        relations = relation_attention(vlm, args.split, args.seed, args.relations, args.prompt)
+        print(f"attention of the last prompt token on a relation's two objects ({relations['questions']} questions; "
+              "level-0 tokens, per head)")
+        print("| layer | subject | other object | (subject - other) / (subject + other) |")
+        print("| --- | --- | --- | --- |")
+        for layer, (a, b, d) in enumerate(zip(relations["subject"], relations["other"], relations["asymmetry"],
+                                               strict=True)):
+            print(f"| {layer} | {_heads(a)} | {_heads(b)} | {_heads(d, sign=True)} |", flush=True)
+    return {"signal": signal, "accuracy": accuracy, "relations": relations}
 
 
 if __name__ == "__main__":

@@ -4,9 +4,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from pyrtok.eval.positions import lm_positions, main, position_signal, scramble
+from pyrtok.eval.positions import (
+    RELATION,
+    eager_attention,
+    lm_positions,
+    main,
+    object_cells,
+    position_signal,
+    relation_attention,
+    scramble,
+)
 
 from pyrtok.data.conversations import scene_batch
+from pyrtok.data.shapes_vqa import make_scene, questions_for
 from pyrtok.tokens import from_feature_grid
 from pyrtok.vlm import PyramidVLM
 
@@ -84,14 +94,89 @@ def test_lm_positions_changes_one_models_positions_and_restores_them():
 
 
 def test_main_prints_both_tables_and_checks_its_arguments(capsys):
-    result = main(["--model", "embedded-qwen", "--scenes", "3", "--questions", "5", "--modes", "none", "same"])
+    result = main(["--model", "embedded-qwen", "--scenes", "3", "--questions", "5", "--modes", "none", "same",
+                   "--relations", "4"])
     out = capsys.readouterr().out
     assert "row R^2" in out and "| none |" in out and "| same |" in out
+    assert "| layer | subject | other object |" in out and result["relations"]["subject"].shape == (8, 3)
     assert set(result["accuracy"]) == {"none", "same"}
     assert set(result["accuracy"]["none"]) == {"overall", "coarse", "fine", "counting", "spatial", "existence"}
     assert all(0 <= v <= 1 for v in result["accuracy"]["same"].values())
     for argv, message in ((["--scenes", "2"], "--scenes must be >= 3"),
-                          (["--prompt", "USER: <image> ASSISTANT:"], "--prompt must contain {question}")):
+                          (["--prompt", "USER: <image> ASSISTANT:"], "--prompt must contain {question}"),
+                          (["--relations", "-1"], "--relations must be >= 0")):
         with pytest.raises(SystemExit):
             main(argv)
         assert message in capsys.readouterr().err
+
+
+def test_object_cells_mark_the_cells_each_object_covers():
+    scene = make_scene(0, "validation", 5)
+    assert len(scene.objects) >= 2
+    marks = [object_cells(scene, thing, (8, 8)).reshape(8, 8) for thing in scene.objects]
+    for thing, mark in zip(scene.objects, marks, strict=True):
+        rows, cols = mark.nonzero(as_tuple=True)
+        assert len(rows) >= 1  # a large object covers at least one 28 px cell by 30%
+        reach = thing.size / 2 + 28 / 2 ** 0.5  # a cell it covers has its centre within the radius + half a diagonal
+        assert (((cols + 0.5) * 28 - thing.centre[0]) ** 2 + ((rows + 0.5) * 28 - thing.centre[1]) ** 2).sqrt().max() \
+            <= reach
+    assert not (marks[0] & marks[1]).any()  # objects do not overlap, nor do their cells
+    assert object_cells(scene, scene.objects[0], (14, 14)).sum() > marks[0].sum()  # finer grid, more cells
+    with pytest.raises(ValueError, match="grid must be square and divide"):
+        object_cells(scene, scene.objects[0], (10, 10))
+
+
+def test_relation_attention_reads_every_relation_question_and_restores_the_attention():
+    vlm = PyramidVLM.from_pretrained("embedded-qwen", levels=3)
+    asked = [questions_for(make_scene(0, "validation", i), 0, "validation", i)[3]["question"] for i in range(8)]
+    relations = [q for q in asked if RELATION.fullmatch(q)]
+    assert relations and len(relations) == sum(" left of " in q or " above " in q for q in asked)
+    result = relation_attention(vlm, scenes=8)
+    layers, heads = vlm.model.config.text_config.num_hidden_layers, vlm.model.config.text_config.num_attention_heads
+    assert result["questions"] == len(relations)
+    assert result["subject"].shape == result["other"].shape == result["asymmetry"].shape == (layers, heads)
+    total = result["subject"] + result["other"]
+    assert (result["subject"] >= 0).all() and (result["other"] >= 0).all() and (total <= 1 + 1e-5).all()
+    assert total.max() > 0.01  # the objects do get attention
+    assert (result["asymmetry"].abs() <= 1).all()
+    assert vlm.model.config.text_config._attn_implementation == "sdpa"
+    with eager_attention(vlm):
+        assert vlm.model.config.text_config._attn_implementation == "eager"
+        assert vlm.model.config.vision_config._attn_implementation == "sdpa"
+    assert vlm.model.config.text_config._attn_implementation == "sdpa"
+    with pytest.raises(ValueError, match="ask no relation question"):
+        relation_attention(vlm, scenes=0)
+
+
+def test_relation_attention_at_one_level_is_what_the_model_attends_through_its_own_processor():
+    """The reference runs the unwrapped model on its processor's inputs (64 merged tokens, row-major) with eager
+    attention, and sums the last prompt token's weights over the cells each object covers."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from pyrtok.data.shapes_vqa import object_name
+    from pyrtok.embedded.models import embedded_model
+
+    folder = embedded_model("embedded-qwen")
+    model = AutoModelForImageTextToText.from_pretrained(folder, attn_implementation="eager").eval()
+    processor = AutoProcessor.from_pretrained(folder)
+    vlm = PyramidVLM.from_pretrained("embedded-qwen", levels=1)
+    scenes = 6
+    expected: dict[str, list[torch.Tensor]] = {"subject": [], "other": []}
+    for index in range(scenes):
+        scene = make_scene(0, "validation", index)
+        match = RELATION.fullmatch(questions_for(scene, 0, "validation", index)[3]["question"])
+        if match is None:
+            continue
+        named = {object_name(o, scene.objects): o for o in scene.objects}
+        inputs = processor(images=[scene.image], text=[vlm.chat_prompt(match.string)], return_tensors="pt")
+        with torch.no_grad():
+            attentions = model(**inputs, output_attentions=True).attentions
+        image = (inputs["input_ids"][0] == model.config.image_token_id).nonzero().squeeze(1)
+        assert len(image) == 64
+        for key in expected:
+            cells = object_cells(scene, named[match[key]], (8, 8))
+            expected[key].append(torch.stack([a[0, :, -1, image[cells]].sum(-1) for a in attentions]))
+    result = relation_attention(vlm, scenes=scenes)
+    assert result["questions"] == len(expected["subject"]) >= 2
+    for key in expected:
+        torch.testing.assert_close(result[key], torch.stack(expected[key]).mean(0), atol=1e-5, rtol=1e-4)

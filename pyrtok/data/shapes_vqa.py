@@ -34,6 +34,7 @@ __all__ = [
     "SPLITS",
     "Scene",
     "make_scene",
+    "object_name",
     "patch_targets",
     "questions_for",
     "samples",
@@ -230,8 +231,8 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def _name(thing: Thing, objects: list[Thing]) -> str:
-    """The shortest unambiguous description of a large object."""
+def object_name(thing: Thing, objects: list[Thing]) -> str:
+    """The shortest unambiguous description of a large object among ``objects``, as the questions name it."""
     if sum(o.shape == thing.shape for o in objects) == 1:
         return f"big {thing.shape}"
     return f"{thing.colour} {thing.shape}"
@@ -268,17 +269,17 @@ def questions_for(scene: Scene, seed: int, split: str, index: int) -> list[dict[
         a, b = (objects[int(i)] for i in rng.choice(len(objects), size=2, replace=False))
         dx, dy = a.centre[0] - b.centre[0], a.centre[1] - b.centre[1]
         if abs(dx) >= abs(dy):
-            question = f"is the {_name(a, objects)} left of the {_name(b, objects)}?"
+            question = f"is the {object_name(a, objects)} left of the {object_name(b, objects)}?"
             answer = "yes" if dx < 0 else "no"
         else:
-            question = f"is the {_name(a, objects)} above the {_name(b, objects)}?"
+            question = f"is the {object_name(a, objects)} above the {object_name(b, objects)}?"
             answer = "yes" if dy < 0 else "no"
         out.append({"question": question, "answer": answer, "category": "relation"})
     else:
         only = objects[0]
         side = "left" if only.centre[0] < scene.image.size[0] / 2 else "right"
         asked = str(rng.choice(["left", "right"]))
-        out.append({"question": f"is the {_name(only, objects)} on the {asked} side?",
+        out.append({"question": f"is the {object_name(only, objects)} on the {asked} side?",
                     "answer": "yes" if asked == side else "no", "category": "side"})
     present = {(o.colour, o.shape) for o in objects}
     if rng.random() < 0.5:

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pyrtok.data.shapes_vqa import COLOURS, SPLITS, make_scene, object_name, patch_targets, questions_for
+from pyrtok.data.shapes_vqa import COLOURS, FAMILIES, SPLITS, make_scene, object_name, patch_targets, questions_for
 from pyrtok.images import image_tensor
 from pyrtok.metrics import first_word_match
 from pyrtok.tokens import MultiScaleTokens
@@ -180,13 +180,12 @@ def relation_attention(
     with eager_attention(vlm), torch.no_grad():
         for index in range(scenes):
             scene = make_scene(seed, split, index)
-            match = RELATION.fullmatch(questions_for(scene, seed, split, index)[3]["question"])
+            spatial = questions_for(scene, seed, split, index)[FAMILIES.index("spatial")]
+            match = RELATION.fullmatch(spatial["question"])
             if match is None:
                 continue
             named = {object_name(o, scene.objects): o for o in scene.objects}
-            text = vlm.chat_prompt(match.string) if prompt is None else prompt.format(question=match.string)
-            images = image_tensor(scene.image)[None]
-            prepared = vlm.prepare(images, [text])
+            prepared = vlm.prepare(image_tensor(scene.image)[None], [_ask(vlm, prompt, match.string)])
             tokens = prepared.encoded.tokens
             level0 = tokens.level_slices[0]
             kept = prepared.selections[0].index[0, : int(prepared.selections[0].count[0])]
@@ -206,6 +205,11 @@ def relation_attention(
             "asymmetry": asymmetry.mean(0)}
 
 
+def _ask(vlm: Any, prompt: str | None, question: str) -> str:
+    """``question`` in ``prompt`` (with ``{question}``), or in the model's chat template when ``prompt`` is None."""
+    return vlm.chat_prompt(question) if prompt is None else prompt.format(question=question)
+
+
 def _heads(values: Tensor, sign: bool = False) -> str:
     return " ".join(f"{v:+.2f}" if sign else f"{v:.2f}" for v in values.tolist())
 
@@ -216,8 +220,7 @@ def _accuracy(vlm: Any, images: Tensor, items: list[dict], prompt: str | None, b
     with torch.no_grad():
         for start in range(0, len(items), batch):
             chunk = items[start : start + batch]
-            prompts = [vlm.chat_prompt(i["question"]) if prompt is None else prompt.format(question=i["question"])
-                       for i in chunk]
+            prompts = [_ask(vlm, prompt, i["question"]) for i in chunk]
             out = vlm.generate(images[start : start + batch], prompts, max_new_tokens=2)
             for item, text in zip(chunk, out.texts, strict=True):
                 correct[item["family"]].append(first_word_match(text, [item["answer"]]))
@@ -272,7 +275,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   + " | ".join(f"{100 * scores.get(f, float('nan')):.1f}" for f in families) + " |", flush=True)
     relations: dict[str, Any] = {}
     if args.relations:
-        relations = relation_attention(vlm, args.split, args.seed, args.relations, args.prompt)
+        try:
+            relations = relation_attention(vlm, args.split, args.seed, args.relations, args.prompt)
+        except ValueError as error:  # too few scenes to hold a relation question
+            parser.error(f"--relations: {error}")
         print(f"attention of the last prompt token on a relation's two objects ({relations['questions']} questions; "
               "level-0 tokens, per head)")
         print("| layer | subject | other object | (subject - other) / (subject + other) |")

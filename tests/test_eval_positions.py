@@ -104,7 +104,9 @@ def test_main_prints_both_tables_and_checks_its_arguments(capsys):
     assert all(0 <= v <= 1 for v in result["accuracy"]["same"].values())
     for argv, message in ((["--scenes", "2"], "--scenes must be >= 3"),
                           (["--prompt", "USER: <image> ASSISTANT:"], "--prompt must contain {question}"),
-                          (["--relations", "-1"], "--relations must be >= 0")):
+                          (["--relations", "-1"], "--relations must be >= 0"),
+                          (["--split", "train", "--seed", "2", "--scenes", "3", "--questions", "0", "--relations", "1"],
+                           "ask no relation question")):
         with pytest.raises(SystemExit):
             main(argv)
         assert message in capsys.readouterr().err

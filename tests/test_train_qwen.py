@@ -27,7 +27,8 @@ QWEN_MICRO = {
               "text_intermediate": 64, "text_rope_theta": 10.0, "levels": 2, "stock_prompts": True},
     "allocation": {"allocators": ["mix"], "full_steps": 1},
     "train": {"steps": 5, "dense_steps": 2, "dense_batch_size": 4, "batch_size": 3, "warmup_steps": 1, "turns": 3,
-              "cls_weight": 1.0, "wording": {"suffix": 0.5, "pope": 0.5, "unknown": 0.2}, "freeze_vision_steps": 3,
+              "cls_weight": 1.0, "wording": {"suffix": 0.5, "pope": 0.5, "unknown": 0.2, "open": 0.5},
+              "freeze_vision_steps": 3,
               "log_every": 1, "checkpoint_every": 2, "keep_checkpoints": 3, "eval_every": 4, "eval_questions": 6,
               "eval_allocators": ["all", "pool"]},
 }

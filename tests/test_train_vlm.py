@@ -499,12 +499,13 @@ def test_stock_prompt_words_are_known_and_training_wordings_vary():
     _, again = scene_batch("train", 0, 60, 32, turns=5, wording=config["train"]["wording"])
     assert again == items  # a pure function of (seed, split, index)
     assert pope_question("is there a red circle?") == "is there a red circle in the image?"
-    assert reword({"question": "is there a red circle?", "family": "existence"}, np.random.default_rng(0),
-                  {"suffix": 0.0, "pope": 0.0, "unknown": 0.0}) == "is there a red circle?"
+    assert reword({"question": "is there a red circle?", "answer": "yes", "family": "existence"},
+                  np.random.default_rng(0), {"suffix": 0.0, "pope": 0.0, "unknown": 0.0}) == {
+        "text": "is there a red circle?", "answer": "yes"}
     with pytest.raises(ValueError, match="existence question"):
         pope_question("what colour is the big circle?")
     with pytest.raises(ValueError, match=r"unknown variants \['prefix'\]"):
-        reword({"question": "q?", "family": "fine"}, np.random.default_rng(0), {"prefix": 1.0})
+        reword({"question": "q?", "answer": "a", "family": "fine"}, np.random.default_rng(0), {"prefix": 1.0})
 
 
 def test_fair_training_resumes_exactly_with_the_mix_cls_head_and_wordings(tmp_path):

@@ -27,8 +27,9 @@ from pyrtok.data.shapes_vqa import ANSWERS, FAMILIES, SPLITS, make_scene, patch_
 from pyrtok.images import image_tensor
 
 __all__ = [
-    "PROMPT", "SHORT_ANSWER", "STOCK_PROMPTS", "WORDING", "answer_labels", "conversation", "family_counts",
-    "num_turns", "pope_question", "reword", "scene_batch", "scene_questions", "vocabulary",
+    "OPEN_WORDS", "PROMPT", "SHORT_ANSWER", "STOCK_PROMPTS", "WORDING", "answer_labels", "conversation",
+    "family_counts", "num_turns", "open_question", "pope_question", "reword", "scene_batch", "scene_questions",
+    "vocabulary",
 ]
 
 PROMPT = "USER: <image> {question} ASSISTANT:"
@@ -44,19 +45,31 @@ STOCK_PROMPTS = (SHORT_ANSWER, "Is there a red circle in the image?")
 """Stock lmms-eval prompt text (the short-answer suffix, POPE's question form) whose words the tokenizer of a
 ``stock_prompts`` vocabulary covers."""
 
-WORDING: dict[str, float] = {"suffix": 0.0, "pope": 0.0, "unknown": 0.0}
+WORDING: dict[str, float] = {"suffix": 0.0, "pope": 0.0, "unknown": 0.0, "open": 0.0}
 """Probabilities of the wording variants of one training turn (:func:`reword`): the short-answer suffix, POPE's
-"in the image" form of an existence question, and a few unknown words (``<unk>``) after the question."""
+"in the image" form of an existence question, a few unknown words (``<unk>``) after the question, and the open
+form of a spatial question (:func:`open_question`), answered with a direction word instead of yes / no."""
+
+_RELATION = re.compile(r"is the (?P<a>.+) (?P<relation>left of|above) the (?P<b>.+)\?")
+_SIDE = re.compile(r"is the (?P<thing>.+) on the (?P<side>left|right) side\?")
+_OPPOSITE = {"left": "right", "right": "left", "above": "below"}
+
+OPEN_WORDS = ("left", "right", "above", "below", "or")
+"""The direction words and the "or" of :func:`open_question`'s forms (their other words are the benchmark's own);
+the vocabulary of a recipe that asks open forms covers them."""
 
 
 def _words(text: str) -> set[str]:
     return set(re.findall(r"\w+|[^\w\s]", text.lower()))
 
 
-def vocabulary(scenes: int = 400, stock_prompts: bool = False) -> list[str]:
+def vocabulary(scenes: int = 400, stock_prompts: bool = False, wording: Mapping[str, float] | None = None) -> list[str]:
     """Every word the prompts and answers of the benchmark use (deterministic, sorted); with ``stock_prompts``
-    also the words of :data:`STOCK_PROMPTS`, so that stock lmms-eval prompts carry no unknown word."""
+    also the words of :data:`STOCK_PROMPTS`, so that stock lmms-eval prompts carry no unknown word, and with a
+    ``wording`` that asks open forms (``open`` > 0) also :data:`OPEN_WORDS`."""
     words = {"user", "assistant", ":", "?"} | set(ANSWERS)
+    if wording is not None and wording.get("open", 0.0) > 0:
+        words.update(OPEN_WORDS)
     for index in range(scenes):
         scene = make_scene(0, "train", index, size=32)
         for item in questions_for(scene, 0, "train", index):
@@ -79,18 +92,47 @@ def pope_question(question: str) -> str:
     return question[:-1] + " in the image?"
 
 
-def reword(item: dict, rng: np.random.Generator, wording: Mapping[str, float]) -> str:
-    """The text one training turn asks ``item``'s question with: its own words, or a variant drawn from ``rng``.
+def open_question(question: str, answer: str) -> tuple[str, str]:
+    """The open form of a yes / no spatial question and its answer: the direction word the yes / no implies.
 
-    Three independent draws, with the probabilities of ``wording`` (keys of :data:`WORDING`): an existence
-    question in POPE's form (:func:`pope_question`), one to three unknown words (``<unk>``) after the question
-    (so that words the tokenizer never saw do not derail the answer), and the short-answer suffix
-    :data:`SHORT_ANSWER` on a new line, as LLaVA-1.5 and lmms-eval write it. Every draw is made whatever
-    the item, so the variants of later turns do not depend on earlier ones.
+    ``is the A left of the B?`` becomes ``is the A left or right of the B?`` (``left`` / ``right``), ``is the A
+    above the B?`` becomes ``is the A above or below the B?`` (``above`` / ``below``), and ``is the X on the
+    left side?`` (or right) becomes ``is the X on the left or right side?``. A relation asks the axis on which
+    the two objects lie further apart (:func:`~pyrtok.data.shapes_vqa.questions_for`), so "no" to "left of" means
+    right of, and "no" to "above" means below.
 
     Example:
-        >>> item = {"question": "is there a red circle?", "family": "existence"}
-        >>> reword(item, np.random.default_rng(0), {"suffix": 1.0, "pope": 1.0, "unknown": 0.0})
+        >>> open_question("is the red circle above the big square?", "no")
+        ('is the red circle above or below the big square?', 'below')
+    """
+    if answer not in ("yes", "no"):
+        raise ValueError(f"answer must be 'yes' or 'no', got {answer!r}")
+    relation, side = _RELATION.fullmatch(question), _SIDE.fullmatch(question)
+    if relation is not None:
+        word = relation["relation"].split()[0]
+        of = " of" if word == "left" else ""
+        text = f"is the {relation['a']} {word} or {_OPPOSITE[word]}{of} the {relation['b']}?"
+    elif side is not None:
+        word = side["side"]
+        text = f"is the {side['thing']} on the left or right side?"
+    else:
+        raise ValueError(f"question must be a spatial yes / no question (a relation or a side), got {question!r}")
+    return text, word if answer == "yes" else _OPPOSITE[word]
+
+
+def reword(item: dict, rng: np.random.Generator, wording: Mapping[str, float]) -> dict[str, str]:
+    """The words one training turn asks ``item``'s question with, and their answer: ``{"text", "answer"}``.
+
+    Independent draws, with the probabilities of ``wording`` (keys of :data:`WORDING`): an existence question in
+    POPE's form (:func:`pope_question`), one to three unknown words (``<unk>``) after the question (so that words
+    the tokenizer never saw do not derail the answer), the short-answer suffix :data:`SHORT_ANSWER` on a new line,
+    as LLaVA-1.5 and lmms-eval write it, and (drawn only where ``open`` > 0, so that recipes without it draw what
+    they always drew) a spatial question in its open form (:func:`open_question`), which also changes the answer.
+    Every draw is made whatever the item, so the variants of later turns do not depend on earlier ones.
+
+    Example:
+        >>> item = {"question": "is there a red circle?", "answer": "yes", "family": "existence"}
+        >>> reword(item, np.random.default_rng(0), {"suffix": 1.0, "pope": 1.0, "unknown": 0.0})["text"]
         'is there a red circle in the image?\\nAnswer the question using a single word or phrase.'
     """
     unknown = set(wording) - set(WORDING)
@@ -99,12 +141,15 @@ def reword(item: dict, rng: np.random.Generator, wording: Mapping[str, float]) -
     p = {**WORDING, **wording}
     pope, noise, suffix = rng.random(3) < np.array([p["pope"], p["unknown"], p["suffix"]])
     count = int(rng.integers(1, 4))
-    text = item["question"]
+    opened = p["open"] > 0 and rng.random() < p["open"]
+    text, answer = item["question"], item["answer"]
+    if opened and item["family"] == "spatial":
+        text, answer = open_question(text, answer)
     if pope and item["family"] == "existence":
         text = pope_question(text)
     if noise:
         text += " " + " ".join(["<unk>"] * count)
-    return text + f"\n{SHORT_ANSWER}" if suffix else text
+    return {"text": text + f"\n{SHORT_ANSWER}" if suffix else text, "answer": answer}
 
 
 def family_counts(turns: Mapping[str, int]) -> dict[str, int]:
@@ -190,7 +235,8 @@ def scene_batch(
     (:func:`~pyrtok.data.shapes_vqa.patch_targets`), and under ``"scene"`` its image-level labels, (count, K)
     float32 multi-hot (:func:`~pyrtok.data.shapes_vqa.scene_labels`). With ``wording`` (probabilities of the
     variants of :func:`reword`), every turn also carries ``"text"``: the words it is asked with in training,
-    drawn from (seed, split, index) alone; ``"question"`` stays the benchmark's.
+    drawn from (seed, split, index) alone, and ``"answer"`` is the answer to those words (a direction word for a
+    spatial question asked in its open form); ``"question"`` stays the benchmark's.
     """
     many = num_turns(turns)
     if many < 1:
@@ -201,8 +247,8 @@ def scene_batch(
         first_question, *more = scene_questions(scene, seed, split, index, turns)
         if wording is not None:
             rng = np.random.default_rng(np.random.SeedSequence([seed, SPLITS[split], index, _WORDING_STREAM]))
-            first_question = {**first_question, "text": reword(first_question, rng, wording)}
-            more = [{**q, "text": reword(q, rng, wording)} for q in more]
+            first_question = {**first_question, **reword(first_question, rng, wording)}
+            more = [{**q, **reword(q, rng, wording)} for q in more]
         item = {**first_question, **({"more": more} if many > 1 else {})}
         images.append(image_tensor(scene.image))
         items.append(item)

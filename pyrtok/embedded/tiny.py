@@ -50,6 +50,13 @@ QWEN_SYSTEM = "You are a helpful assistant."
 """The default system message of Qwen2.5-VL's chat template (its words are in the tokenizer)."""
 
 
+def _vocabulary(config: dict[str, Any]) -> list[str]:
+    """The words of the tokenizer ``config`` builds: the benchmark's, and those of the prompts and wordings it
+    trains on."""
+    return vocabulary(stock_prompts=bool(config["model"].get("stock_prompts", False)),
+                      wording=config.get("train", {}).get("wording"))
+
+
 class Architecture:
     """What one trainable architecture does differently; one instance per name in :data:`ARCHITECTURES`.
 
@@ -115,7 +122,7 @@ class Llava(Architecture):
         )
 
         m = config["model"]
-        tokenizer = word_tokenizer(vocabulary(stock_prompts=bool(m.get("stock_prompts", False))))
+        tokenizer = word_tokenizer(_vocabulary(config))
         vision = CLIPVisionConfig(hidden_size=m["vision_hidden"], intermediate_size=m["vision_intermediate"],
                                   num_hidden_layers=m["vision_layers"], num_attention_heads=m["vision_heads"],
                                   image_size=m["image_size"], patch_size=m["patch_size"])
@@ -181,7 +188,7 @@ class Qwen25VL(Architecture):
         if config["init"]["vision_tower"]:
             raise ValueError("init.vision_tower (a pretrained CLIP tower) applies to model.architecture 'llava' only")
         # the default system message and the ChatML role names are words of every Qwen prompt
-        words = vocabulary(stock_prompts=bool(m.get("stock_prompts", False))) + sorted(
+        words = _vocabulary(config) + sorted(
             {"system", "user", "assistant", *QWEN_SYSTEM.lower().replace(".", " .").split()})
         tokenizer = word_tokenizer(words, special=QWEN_SPECIAL, split_digits=True,
                                    chat_template=chatml_template(QWEN_SYSTEM))
@@ -264,9 +271,9 @@ def build(config: dict[str, Any]) -> tuple[nn.Module, Any]:
     For ``llava`` the processor is the tokenizer alone (the model takes the tower's square); for ``qwen2_5_vl``
     it is the model's ``Qwen2_5_VLProcessor``. ``config['init']['vision_tower']`` (``llava`` only), if set, names
     a saved ``CLIPVisionModel`` folder (a ``pyrtok pretrain`` encoder) whose weights replace the fresh tower's.
-    ``model.stock_prompts`` adds the words of stock lmms-eval prompts to the tokenizer
-    (:func:`~pyrtok.data.conversations.vocabulary`). The initial weights come from torch's global RNG: seed it
-    first for a reproducible model.
+    ``model.stock_prompts`` adds the words of stock lmms-eval prompts to the tokenizer, and a ``train.wording``
+    that asks open spatial forms adds their words (:func:`~pyrtok.data.conversations.vocabulary`). The initial
+    weights come from torch's global RNG: seed it first for a reproducible model.
     """
     model, processor = architecture(config).build(config)
     tokenizer = getattr(processor, "tokenizer", processor)

@@ -40,11 +40,12 @@ what the scene holds (:func:`pyrtok.data.shapes_vqa.scene_labels`), so that [CLS
 ``cls.jsonl`` logs how much of that attention falls on content (:func:`pyrtok.embedded.tiny.cls_focus`) at the end
 of stage 1 and at every evaluation. Qwen's tower has no [CLS]: its scene head reads the mean of the merged tokens
 (and there is no ``cls.jsonl``). ``train.wording`` gives the probabilities of training wordings of a turn
-(the short-answer suffix of stock lmms-eval tasks, POPE's "in the image" form, unknown words;
-:func:`~pyrtok.data.conversations.reword`), and ``model.stock_prompts`` adds the stock prompts' words to the
-tokenizer; validation always asks the bare benchmark prompt (in the model's own chat template for Qwen, as
-the harness does). A LLaVA conversation is ``USER: <image> q1 ASSISTANT: a1 </s> USER: q2 ...``; a Qwen one is
-the model's ChatML (default system message, the image in the first user turn).
+(the short-answer suffix of stock lmms-eval tasks, POPE's "in the image" form, unknown words, and the open
+form of a spatial question answered with its direction word; :func:`~pyrtok.data.conversations.reword`), and
+``model.stock_prompts`` adds the stock prompts' words to the tokenizer (an open form adds its own); validation
+always asks the bare benchmark prompt (in the model's own chat template for Qwen, as the harness does). A LLaVA
+conversation is ``USER: <image> q1 ASSISTANT: a1 </s> USER: q2 ...``; a Qwen one is the model's ChatML (default
+system message, the image in the first user turn).
 The tower can be frozen for the first ``train.freeze_vision_steps`` steps of stage 2 (or all of them; Qwen's
 merger, its projector, trains with the language model like LLaVA's projector); while it trains,
 the dense (and [CLS]) losses stay on as an auxiliary term (``train.dense_weight``). The vision tower can also start

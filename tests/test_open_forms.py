@@ -1,6 +1,8 @@
 """The open form of the spatial questions (a training wording): its text and answer against the scene's own
 geometry, its place among the wording draws, and the vocabulary and config of the recipe that asks it."""
 
+import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,8 @@ from pyrtok.embedded.tiny import build
 from pyrtok.embedded.train import load_config
 
 EMBEDDED = Path(__file__).parents[1] / "configs" / "embedded"
+RESTART_TURNS = {"coarse": 2, "fine": 2, "counting": 1, "spatial": 4, "existence": 3}
+SHIPPED_CONVERSATIONS = "761ac0075aecdee9a04d6abba1c22b7240191e04590ca83dc5b08058266f8f2d"
 
 
 def _direction(scene, question: str) -> str:
@@ -57,9 +61,12 @@ def test_open_question_names_its_bad_input():
 
 def test_open_wording_asks_half_the_spatial_turns_openly_and_leaves_other_recipes_draws_alone():
     wording = {"suffix": 0.4, "pope": 0.5, "unknown": 0.1}
+    # a recipe without the open form draws exactly what it drew before the form existed (these conversations,
+    # as the shipped models were trained on them, hashed)
+    for without in (wording, {**wording, "open": 0.0}):
+        _, before = scene_batch("train", 0, 40, 32, turns=RESTART_TURNS, wording=without)
+        assert hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest() == SHIPPED_CONVERSATIONS
     _, plain = scene_batch("train", 0, 80, 32, turns=5, wording=wording)
-    _, zero = scene_batch("train", 0, 80, 32, turns=5, wording={**wording, "open": 0.0})
-    assert zero == plain  # a recipe without the open form draws exactly what it drew before
     _, opened = scene_batch("train", 0, 80, 32, turns=5, wording={**wording, "open": 0.5})
     turns = [t for i in opened for t in (i, *i["more"])]
     spatial = [t for t in turns if t["family"] == "spatial"]
@@ -79,6 +86,18 @@ def test_open_wording_asks_half_the_spatial_turns_openly_and_leaves_other_recipe
         reword(item, rng, {"open": 1.0})
         states.append(rng.random())
     assert states[0] == states[1]
+    # within one conversation each open form is asked once; a repeat keeps its yes / no form
+    _, restarts = scene_batch("train", 0, 200, 32, turns=RESTART_TURNS, wording={**wording, "open": 1.0})
+    repeats = 0
+    for item in restarts:
+        conversation_turns = [item, *item["more"]]
+        texts = [t["text"].split("\n")[0].split(" <unk>")[0] for t in conversation_turns if t["family"] == "spatial"]
+        opened = [t for t in texts if " or " in t]
+        assert len(opened) == len(set(opened))
+        repeats += len(texts) - len(opened)
+        assert all(t["answer"] in ("yes", "no") for t in conversation_turns
+                   if t["family"] == "spatial" and " or " not in t["text"])
+    assert repeats > 0
     assert reword({"question": "is the big circle on the left side?", "answer": "no", "family": "spatial"},
                   np.random.default_rng(0), {"open": 1.0}) == {"text": "is the big circle on the left or right side?",
                                                                 "answer": "right"}

@@ -152,6 +152,20 @@ def reword(item: dict, rng: np.random.Generator, wording: Mapping[str, float]) -
     return {"text": text + f"\n{SHORT_ANSWER}" if suffix else text, "answer": answer}
 
 
+def _reword_turns(turns: list[dict], rng: np.random.Generator, wording: Mapping[str, float]) -> list[dict]:
+    """The turns of one conversation with their training words (:func:`reword`), each open form asked once."""
+    out, opened = [], set()
+    for turn in turns:
+        worded = reword(turn, rng, wording)
+        if worded["answer"] != turn["answer"]:
+            text = open_question(turn["question"], turn["answer"])[0]
+            if text in opened:
+                worded = {"text": worded["text"].replace(text, turn["question"], 1), "answer": turn["answer"]}
+            opened.add(text)
+        out.append({**turn, **worded})
+    return out
+
+
 def family_counts(turns: Mapping[str, int]) -> dict[str, int]:
     """``{family: questions per image}`` for every family, from a partial mapping (missing ones ask once)."""
     unknown = set(turns) - set(FAMILIES)
@@ -236,7 +250,9 @@ def scene_batch(
     float32 multi-hot (:func:`~pyrtok.data.shapes_vqa.scene_labels`). With ``wording`` (probabilities of the
     variants of :func:`reword`), every turn also carries ``"text"``: the words it is asked with in training,
     drawn from (seed, split, index) alone, and ``"answer"`` is the answer to those words (a direction word for a
-    spatial question asked in its open form); ``"question"`` stays the benchmark's.
+    spatial question asked in its open form); ``"question"`` stays the benchmark's. An open form already asked
+    in the conversation (the two side questions of one object share it) is asked in its yes / no form instead,
+    so that no answer can be copied from an earlier turn.
     """
     many = num_turns(turns)
     if many < 1:
@@ -247,8 +263,7 @@ def scene_batch(
         first_question, *more = scene_questions(scene, seed, split, index, turns)
         if wording is not None:
             rng = np.random.default_rng(np.random.SeedSequence([seed, SPLITS[split], index, _WORDING_STREAM]))
-            first_question = {**first_question, **reword(first_question, rng, wording)}
-            more = [{**q, **reword(q, rng, wording)} for q in more]
+            first_question, *more = _reword_turns([first_question, *more], rng, wording)
         item = {**first_question, **({"more": more} if many > 1 else {})}
         images.append(image_tensor(scene.image))
         items.append(item)

@@ -119,6 +119,29 @@ def test_bench_laploss_runs_on_images_and_video(benchmarks, capsys):
     assert set(peaks) == {"pyrtok + mask", "glo (snippet)"} and all(v >= 0 for v in peaks.values())
 
 
+def test_bench_train_data_times_both_stages_with_and_without_the_worker(benchmarks, capsys, tmp_path):
+    import bench_train_data
+    import yaml
+
+    micro = {"model": {"image_size": 64, "patch_size": 16, "vision_hidden": 16, "vision_layers": 1,
+                       "vision_heads": 2, "vision_intermediate": 32, "text_hidden": 16, "text_layers": 1,
+                       "text_heads": 2, "text_intermediate": 32, "levels": 2},
+             "train": {"batch_size": 2, "dense_batch_size": 2, "warmup_steps": 1,
+                       "restart": [{"steps": 1, "turns": {"spatial": 2, "fine": 1}}]}}
+    config = tmp_path / "micro.yaml"
+    config.write_text(yaml.safe_dump(micro))
+    t = bench_train_data.load_config(config)
+    lm = bench_train_data.stage_config(t, "lm", 3, 1, tmp_path / "lm")["train"]
+    assert lm["turns"] == {"spatial": 2, "fine": 1} and lm["dense_steps"] == 0 and lm["restart"] == []
+    assert lm["data_workers"] == 1 and lm["freeze_vision_steps"] == 3
+    tower = bench_train_data.stage_config(t, "tower", 3, 0, tmp_path / "tower")["train"]
+    assert tower["dense_steps"] == 3 and tower["steps"] == 4 and tower["data_workers"] == 0
+    bench_train_data.main(["--config", str(config), "--steps", "2", "--rounds", "1", "--threads", "1"])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert [row[0] for row in rows[2:]] == ["tower", "lm"]
+    assert all(float(row[1]) > 0 and float(row[2]) > 0 and float(row[3]) > 0 for row in rows[2:])
+
+
 @pytest.mark.parametrize("script, module, distribution", [("bench_pyramid", "cv2", "opencv-python-headless"),
                                                           ("bench_pyramid", "kornia", "kornia"),
                                                           ("bench_steerable", "plenoptic", "plenoptic"),

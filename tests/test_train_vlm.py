@@ -534,3 +534,31 @@ def test_fair_training_resumes_exactly_with_the_mix_cls_head_and_wordings(tmp_pa
     vlm = PyramidVLM.from_pretrained(straight / "model", levels=2)
     assert vlm.tokenizer.unk_token_id not in vlm.tokenizer("in the image? answer the question using a single word "
                                                            "or phrase.")["input_ids"][1:]
+
+
+def test_a_data_worker_builds_the_same_batches_and_a_run_resumes_exactly_with_it(tmp_path, monkeypatch):
+    import pyrtok.embedded.train as training
+    from pyrtok._prefetch import Prefetcher
+
+    answered = []
+
+    class Counting(Prefetcher):
+        def close(self):
+            answered.append(self.ahead)
+            super().close()
+
+    monkeypatch.setattr(training, "Prefetcher", Counting)
+    inline = micro(tmp_path, "inline")
+    train(inline, progress=False)
+    assert inline["train"]["data_workers"] == 0 == load_config(None)["train"]["data_workers"]  # the default
+    config = micro(tmp_path, "worker")
+    config["train"]["data_workers"] = 1
+    train(config, progress=False, stop_after=3)
+    worker = train(config, progress=False)
+    assert answered == [0, 2, 1]  # inline: none; the worker made steps 2-3 of the first call and 5 of the second
+    for step in (4, 5):  # 4: the first step of the resumed invocation
+        a = load_file(str(tmp_path / f"inline/checkpoints/step-{step:07d}/model.safetensors"))
+        b = load_file(str(worker / f"checkpoints/step-{step:07d}/model.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match=r"train\.data_workers must be 0 .* or 1"):
+        train({**config, "train": {**config["train"], "data_workers": 2}}, progress=False)

@@ -60,7 +60,10 @@ the same script runs multi-process (``accelerate launch --multi_gpu --num_proces
 scores answers with the harness's first-word exact match (:func:`pyrtok.metrics.first_word_match`), so its
 numbers mean what an ablation table's do. Outputs under ``train.output``: ``log.jsonl``, ``eval.jsonl``
 (accuracy per family and budget), ``checkpoints/``, and ``model/`` (the final model and its processor: a
-LLaVA's is its tokenizer).
+LLaVA's is its tokenizer). With ``train.data_workers: 1`` a spawned worker process builds the next step's
+scenes while this step computes (:class:`pyrtok._prefetch.Prefetcher`), which pays when a core is free (a GPU
+run); the default, 0, builds them in the training process, as fast on 2 CPU cores that the training threads
+fill (``benchmarks/bench_train_data.py``). The batches are the same either way.
 """
 
 from __future__ import annotations
@@ -77,6 +80,7 @@ from einops import rearrange
 from torch import Tensor
 
 from pyrtok import _training
+from pyrtok._prefetch import Prefetcher
 from pyrtok._training import Run, lr_factor, optimizer_step, restarts, step_generator, turns_at
 from pyrtok.allocators import Allocator, available, budget_tokens
 from pyrtok.allocators.base import Context
@@ -111,7 +115,7 @@ DEFAULTS: dict[str, Any] = {
               "grad_clip": 1.0, "turns": 1, "dense_steps": 0, "dense_batch_size": 64, "dense_weight": 0.2,
               "cls_weight": 0.0, "wording": dict(WORDING), "focus_scenes": 64,
               "freeze_vision_steps": 0, "restart": [],
-              "log_every": 10, "checkpoint_every": 200,
+              "log_every": 10, "checkpoint_every": 200, "data_workers": 0,
               "keep_checkpoints": 2, "eval_every": 500, "eval_questions": 250,
               "eval_budgets": [1.0, 0.11], "eval_allocators": ["all", "random", "pool", "laplacian"],
               "output": "runs/embedded/default"},
@@ -312,6 +316,9 @@ def _check(config: dict[str, Any]) -> None:
         raise ValueError(f"allocation.allocators must name registered allocators or {MIX!r}, got {a['allocators']}")
     if not t["cls_weight"] >= 0:
         raise ValueError(f"train.cls_weight must be >= 0, got {t['cls_weight']!r}")
+    if t["data_workers"] not in (0, 1) or isinstance(t["data_workers"], bool):
+        raise ValueError(f"train.data_workers must be 0 (build batches in the training process) or 1 (a worker "
+                         f"builds the next one), got {t['data_workers']!r}")
 
 
 def train(config: dict[str, Any], resume: bool = True, progress: bool = True, stop_after: int | None = None) -> Path:
@@ -335,49 +342,57 @@ def train(config: dict[str, Any], resume: bool = True, progress: bool = True, st
     mix = TrainingMix(**config["allocation"]["mix"])
     wording = t["wording"] if any(t["wording"].values()) else None
     bar = run.steps(t["steps"], stop_after, progress)
-    for step in bar:
-        generator = step_generator(config["seed"], step, rank, stream=4)
-        stage2 = step >= t["dense_steps"]
-        size = t["batch_size"] if stage2 else t["dense_batch_size"]
+
+    def batch(step: int) -> dict[str, Any]:
+        """The arguments of :func:`scene_batch` for ``step`` on this process."""
+        size = t["batch_size"] if step >= t["dense_steps"] else t["dense_batch_size"]
         first = (step * world + rank) * max(t["batch_size"], t["dense_batch_size"])
-        images, items, targets = scene_batch("train", first, size, m["image_size"], config["seed"], patch,
-                                             turns=turns_at(step, t), wording=wording)
-        images, targets = images.to(device), {name: v.to(device) for name, v in targets.items()}
-        if stage2:
-            stage_step = step - t["dense_steps"]
-            for module in arch.tower(trainee.model):
-                module.requires_grad_(stage_step >= t["freeze_vision_steps"])
-            allocator, budgets = _allocation(config, stage_step, size, generator)
-            dense, scene, answer, counts = model(images, targets, items, mix if allocator == MIX else allocator,
-                                                 budgets, generator)
-            loss = answer + t["dense_weight"] * (dense + t["cls_weight"] * scene)
-        else:
-            dense, scene, answer, counts = model(images, targets)
-            loss = dense + t["cls_weight"] * scene
-        optimizer_step(accelerator, model, optimizer, scheduler, loss, t["grad_clip"])
-        done = step + 1
-        if run.log_due(done, t["log_every"]) or done == run.end:
-            losses = accelerator.gather(torch.stack([dense.detach(), (answer if stage2 else dense).detach(),
-                                                     scene.detach()]))
-            dense_loss, answer_loss, scene_loss = losses.reshape(-1, 3).mean(0).tolist()
-            bar.set_postfix(dense=f"{dense_loss:.3f}", **({"answer": f"{answer_loss:.3f}"} if stage2 else {}))
-            row = {"step": done, "stage": 2 if stage2 else 1, "dense_loss": dense_loss, "scene_loss": scene_loss,
-                   "lr": scheduler.get_last_lr()[0]}
+        return {"split": "train", "first": first, "count": size, "size": m["image_size"], "seed": config["seed"],
+                "patch": patch, "turns": turns_at(step, t), "wording": wording}
+
+    with Prefetcher(scene_batch, workers=t["data_workers"]) as batches:
+        for step in bar:
+            generator = step_generator(config["seed"], step, rank, stream=4)
+            stage2 = step >= t["dense_steps"]
+            images, items, targets = batches(batch(step), batch(step + 1) if step + 1 < run.end else None)
+            size = images.shape[0]
+            images, targets = images.to(device), {name: v.to(device) for name, v in targets.items()}
             if stage2:
-                row.update(loss=answer_loss, tokens=counts.float().mean().item())
-            run.log("log.jsonl", row)
-        if stage2 and (done % t["eval_every"] == 0 or done == t["steps"]) and run.is_main:
-            trainee.eval()
-            rows = evaluate(trainee.vlm, config, device, lambda question: arch.prompt(trainee.vlm("all"), question))
-            trainee.train()
-            run.log("eval.jsonl", *({"step": done, **row} for row in rows))
-        focus_due = done == t["dense_steps"] or (stage2 and done % t["eval_every"] == 0)
-        if t["cls_weight"] and arch.has_cls and focus_due and run.is_main:
-            trainee.eval()
-            run.log("cls.jsonl", {"step": done, **_focus(trainee, config, device)})
-            trainee.train()
-        if done % t["checkpoint_every"] == 0 or done == run.end:
-            run.checkpoint(done, t["keep_checkpoints"])
+                stage_step = step - t["dense_steps"]
+                for module in arch.tower(trainee.model):
+                    module.requires_grad_(stage_step >= t["freeze_vision_steps"])
+                allocator, budgets = _allocation(config, stage_step, size, generator)
+                dense, scene, answer, counts = model(images, targets, items, mix if allocator == MIX else allocator,
+                                                     budgets, generator)
+                loss = answer + t["dense_weight"] * (dense + t["cls_weight"] * scene)
+            else:
+                dense, scene, answer, counts = model(images, targets)
+                loss = dense + t["cls_weight"] * scene
+            optimizer_step(accelerator, model, optimizer, scheduler, loss, t["grad_clip"])
+            done = step + 1
+            if run.log_due(done, t["log_every"]) or done == run.end:
+                losses = accelerator.gather(torch.stack([dense.detach(), (answer if stage2 else dense).detach(),
+                                                         scene.detach()]))
+                dense_loss, answer_loss, scene_loss = losses.reshape(-1, 3).mean(0).tolist()
+                bar.set_postfix(dense=f"{dense_loss:.3f}", **({"answer": f"{answer_loss:.3f}"} if stage2 else {}))
+                row = {"step": done, "stage": 2 if stage2 else 1, "dense_loss": dense_loss, "scene_loss": scene_loss,
+                       "lr": scheduler.get_last_lr()[0]}
+                if stage2:
+                    row.update(loss=answer_loss, tokens=counts.float().mean().item())
+                run.log("log.jsonl", row)
+            if stage2 and (done % t["eval_every"] == 0 or done == t["steps"]) and run.is_main:
+                trainee.eval()
+                rows = evaluate(trainee.vlm, config, device,
+                                lambda question: arch.prompt(trainee.vlm("all"), question))
+                trainee.train()
+                run.log("eval.jsonl", *({"step": done, **row} for row in rows))
+            focus_due = done == t["dense_steps"] or (stage2 and done % t["eval_every"] == 0)
+            if t["cls_weight"] and arch.has_cls and focus_due and run.is_main:
+                trainee.eval()
+                run.log("cls.jsonl", {"step": done, **_focus(trainee, config, device)})
+                trainee.train()
+            if done % t["checkpoint_every"] == 0 or done == run.end:
+                run.checkpoint(done, t["keep_checkpoints"])
     if run.is_main and run.finished:
         trainee.model.save_pretrained(run.output / "model")
         processor.save_pretrained(run.output / "model")

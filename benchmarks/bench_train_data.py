@@ -43,10 +43,12 @@ def stage_config(config: dict[str, Any], stage: str, steps: int, workers: int, o
     t.update(steps=steps, restart=[], eval_every=10 ** 9, checkpoint_every=10 ** 9, keep_checkpoints=1,
              data_workers=workers, output=str(output))
     allocation = dict(config["allocation"])
-    if stage == "tower":  # one stage-2 step closes the schedule; the run stops before it (stop_after)
-        t.update(steps=steps + 1, dense_steps=steps)
+    # The schedule runs past the timed steps (the run stops after them: ``stop_after``), so that neither the end of
+    # stage 1 ([CLS] focus) nor the end of the run (an evaluation) falls among them.
+    if stage == "tower":
+        t.update(steps=steps + 2, dense_steps=steps + 1)
     else:
-        t.update(dense_steps=0, turns=heaviest, freeze_vision_steps=steps)
+        t.update(steps=steps + 1, dense_steps=0, turns=heaviest, freeze_vision_steps=steps + 1)
         allocation.update(coarse_steps=0, full_steps=0)
     return {**config, "train": t, "allocation": allocation}
 

@@ -9,14 +9,16 @@ they are made changes, so a run resumed with or without a worker is the run it w
 
 The worker is spawned (not forked: a forked child of a process that has started OpenMP threads may hang), uses
 one thread at the lowest priority (``nice`` 19, so that it takes what the training threads leave idle), and
-ignores SIGINT: Ctrl-C is the training loop's to handle, and the worker ends with the loop. It pays where a core
+ignores SIGINT and SIGTERM: a launcher or a scheduler that signals the whole process group asks the training
+loop to stop (it finishes its step and saves a checkpoint), and the worker ends with the loop. A worker that
+dies all the same is not fatal: the batch it owed is built in this process, and so are the rest. It pays where a core
 is free while a step computes (a GPU run, or more cores than training threads); on a CPU whose cores the
 training threads already fill it competes with them (``benchmarks/bench_train_data.py`` measures both ways).
 
 Example:
-    >>> with Prefetcher(divmod, workers=0) as batches:
-    ...     batches({"a": 7, "b": 2}, upcoming={"a": 9, "b": 2})
-    (3, 1)
+    >>> with Prefetcher(dict, workers=0) as batches:
+    ...     batches({"first": 7}, upcoming={"first": 9})
+    {'first': 7}
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import os
 import signal
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Generic, TypeVar
 
 __all__ = ["Prefetcher"]
@@ -34,10 +37,11 @@ T = TypeVar("T")
 
 
 def _quiet_worker() -> None:
-    """Worker initializer: one thread at the lowest priority, and leave Ctrl-C to the parent."""
+    """Worker initializer: one thread at the lowest priority, and leave SIGINT / SIGTERM to the parent."""
     import torch
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     torch.set_num_threads(1)
     os.nice(19)
 
@@ -83,8 +87,13 @@ class Prefetcher(Generic[T]):
         request = dict(request)
         pending, self._pending = self._pending, None
         if pending is not None and pending[0] == request:
-            result = pending[1].result()
-            self.ahead += 1
+            try:
+                result = pending[1].result()
+                self.ahead += 1
+            except BrokenProcessPool:  # the worker died (a signal it could not ignore): go on without it
+                self._pool.shutdown(wait=False, cancel_futures=True)
+                self._pool = None
+                result = self.make(**request)
         else:
             if pending is not None:
                 pending[1].cancel()

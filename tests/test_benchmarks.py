@@ -133,9 +133,9 @@ def test_bench_train_data_times_both_stages_with_and_without_the_worker(benchmar
     t = bench_train_data.load_config(config)
     lm = bench_train_data.stage_config(t, "lm", 3, 1, tmp_path / "lm")["train"]
     assert lm["turns"] == {"spatial": 2, "fine": 1} and lm["dense_steps"] == 0 and lm["restart"] == []
-    assert lm["data_workers"] == 1 and lm["freeze_vision_steps"] == 3
+    assert lm["data_workers"] == 1 and lm["freeze_vision_steps"] == lm["steps"] == 4  # past the 3 timed steps
     tower = bench_train_data.stage_config(t, "tower", 3, 0, tmp_path / "tower")["train"]
-    assert tower["dense_steps"] == 3 and tower["steps"] == 4 and tower["data_workers"] == 0
+    assert tower["dense_steps"] == 4 and tower["steps"] == 5 and tower["data_workers"] == 0
     bench_train_data.main(["--config", str(config), "--steps", "2", "--rounds", "1", "--threads", "1"])
     rows = [line.split() for line in capsys.readouterr().out.splitlines()]
     assert [row[0] for row in rows[2:]] == ["tower", "lm"]

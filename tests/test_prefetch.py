@@ -40,3 +40,14 @@ def test_a_request_other_than_the_announced_one_is_built_in_place():
 def test_workers_is_zero_or_one(workers):
     with pytest.raises(ValueError, match=r"workers must be 0 .* or 1"):
         Prefetcher(scene_batch, workers=workers)
+
+
+def test_a_worker_that_dies_is_replaced_by_building_in_place():
+    first, second, third = _requests(3)
+    with Prefetcher(scene_batch, workers=1) as batches:
+        batches(first, upcoming=second)
+        for process in list(batches._pool._processes.values()):  # still starting: it has not built `second`
+            process.kill()
+        assert _same(batches(second, upcoming=third), scene_batch(**second))
+        assert batches._pool is None and batches.ahead == 0
+        assert _same(batches(third), scene_batch(**third))

@@ -316,7 +316,7 @@ def _check(config: dict[str, Any]) -> None:
         raise ValueError(f"allocation.allocators must name registered allocators or {MIX!r}, got {a['allocators']}")
     if not t["cls_weight"] >= 0:
         raise ValueError(f"train.cls_weight must be >= 0, got {t['cls_weight']!r}")
-    if t["data_workers"] not in (0, 1) or isinstance(t["data_workers"], bool):
+    if not isinstance(t["data_workers"], int) or isinstance(t["data_workers"], bool) or t["data_workers"] not in (0, 1):
         raise ValueError(f"train.data_workers must be 0 (build batches in the training process) or 1 (a worker "
                          f"builds the next one), got {t['data_workers']!r}")
 

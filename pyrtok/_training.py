@@ -429,6 +429,7 @@ class Run:
 
         self.total = total
         self.end = total if stop_after is None else min(total, self.start + stop_after)
+        self._lap = time.perf_counter()
         bar = tqdm(range(self.start, self.end), initial=self.start, total=total,
                    disable=not progress or not self.is_main, desc=self.output.name)
         return Steps(self, bar)
@@ -440,6 +441,17 @@ class Run:
             return local
         flag = torch.tensor([float(local)], device=self.accelerator.device)
         return bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
+
+    def lap(self) -> float:
+        """Wall seconds since the previous call, or since this invocation's steps began (:meth:`steps`).
+
+        A training script logs it with each row, so that the sum over a finished run's log is the time the run
+        spent in its training loop (steps, evaluations, checkpoints), across every resume and without the
+        time between invocations.
+        """
+        now = time.perf_counter()
+        seconds, self._lap = now - self._lap, now
+        return seconds
 
     def log_due(self, done: int, every: int) -> bool:
         """Whether to log after ``done`` steps: after the first step (early feedback), every ``every`` steps

@@ -184,6 +184,7 @@ def test_training_resumes_exactly_and_writes_everything(tmp_path):
     assert [row["step"] for row in log] == [1, 2, 3, 4] and {"loss", "pixel", "lap"} <= set(log[0])
     resumed = [json.loads(line) for line in (sliced / "log.jsonl").read_text().splitlines()]
     assert [row["step"] for row in resumed] == [1, 2, 3, 4] and resumed[3]["loss"] == pytest.approx(log[3]["loss"])
+    assert all(row["seconds"] > 0 for row in log + resumed)  # wall time since the previous row
     assert (straight / "images/step-0000002.png").stat().st_size > 0
     assert sorted(p.name for p in (straight / "checkpoints").glob("step-*")) == ["step-0000002", "step-0000004"]
     # The pretrained encoder initialises a LLaVA vision tower with the same config, unchanged.

@@ -186,6 +186,8 @@ def test_training_resumes_exactly_evaluates_and_saves_a_loadable_model(tmp_path)
     resumed = [json.loads(line) for line in (sliced / "log.jsonl").read_text().splitlines()]
     assert [row["step"] for row in resumed] == [1, 2, 3, 4, 5] and min(row["loss"] for row in resumed[2:]) > 0
     assert all(row["loss"] > 0 for row in log[2:]) and all(row["dense_loss"] > 0 for row in log)
+    # each row's wall time since the previous one; the resumed log holds each step's once
+    assert all(row["seconds"] > 0 for row in log + resumed)
     assert log[2]["tokens"] == num_tokens(config)  # allocation.full_steps: the first stage-2 step keeps all
     rows = [json.loads(line) for line in (straight / "eval.jsonl").read_text().splitlines()]
     assert {(r["allocator"], r["fraction"]) for r in rows} == {("all", 1.0), ("all", 0.11), ("pool", 1.0),

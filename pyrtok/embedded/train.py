@@ -58,7 +58,8 @@ Batches are a pure function of (seed, step, process): runs resume exactly from t
 the same script runs multi-process (``accelerate launch --multi_gpu --num_processes N -m pyrtok.embedded.train
 --config ...``; on CPU processes ``ACCELERATE_USE_CPU=true torchrun --nproc_per_node N -m ...``). Validation
 scores answers with the harness's first-word exact match (:func:`pyrtok.metrics.first_word_match`), so its
-numbers mean what an ablation table's do. Outputs under ``train.output``: ``log.jsonl``, ``eval.jsonl``
+numbers mean what an ablation table's do. Outputs under ``train.output``: ``log.jsonl`` (with ``seconds``, the
+wall time since the previous row: their sum is the run's time in its loop, across resumes), ``eval.jsonl``
 (accuracy per family and budget), ``checkpoints/``, and ``model/`` (the final model and its processor: a
 LLaVA's is its tokenizer). With ``train.data_workers: 1`` a spawned worker process builds the next step's
 scenes while this step computes (:class:`pyrtok._prefetch.Prefetcher`), which pays when a core is free (a GPU
@@ -376,7 +377,7 @@ def train(config: dict[str, Any], resume: bool = True, progress: bool = True, st
                 dense_loss, answer_loss, scene_loss = losses.reshape(-1, 3).mean(0).tolist()
                 bar.set_postfix(dense=f"{dense_loss:.3f}", **({"answer": f"{answer_loss:.3f}"} if stage2 else {}))
                 row = {"step": done, "stage": 2 if stage2 else 1, "dense_loss": dense_loss, "scene_loss": scene_loss,
-                       "lr": scheduler.get_last_lr()[0]}
+                       "lr": scheduler.get_last_lr()[0], "seconds": round(run.lap(), 3)}
                 if stage2:
                     row.update(loss=answer_loss, tokens=counts.float().mean().item())
                 run.log("log.jsonl", row)

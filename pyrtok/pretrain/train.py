@@ -8,7 +8,8 @@ draws its own batches, gradients are averaged, and the schedule advances once pe
 processes: ``ACCELERATE_USE_CPU=true torchrun --nproc_per_node N -m pyrtok.pretrain.train --config ...``.
 
 Outputs under ``output``: ``config.yaml`` (the run's config; see :mod:`pyrtok._training` for resuming under a
-changed one), ``log.jsonl`` (one line after the first step, every ``log_every`` steps and after the last),
+changed one), ``log.jsonl`` (one line after the first step, every ``log_every`` steps and after the last; ``seconds``
+is the wall time since the previous line, :meth:`pyrtok._training.Run.lap`),
 ``checkpoints/step-XXXXXXX`` (written to a temporary folder and renamed, with ``checkpoints/latest`` naming the
 newest), ``images/step-XXXXXXX.png`` (labelled rows original | masked | reconstruction; for each preview crop
 a pixel column and a column of its finest Laplacian band), and ``encoder/`` (the final encoder,
@@ -161,7 +162,8 @@ def train(
         if run.log_due(done, t["log_every"]):
             values = {k: accelerator.gather(v.detach().reshape(1)).mean().item() for k, v in out.losses.items()}
             bar.set_postfix(loss=f"{values['loss']:.4f}")
-            run.log("log.jsonl", {"step": done, "lr": scheduler.get_last_lr()[0], **values})
+            run.log("log.jsonl", {"step": done, "lr": scheduler.get_last_lr()[0], **values,
+                                  "seconds": round(run.lap(), 3)})
         if done % t["image_every"] == 0 and run.is_main:
             _write_png(accelerator.unwrap_model(model), preview, run.output / "images" / f"step-{done:07d}.png",
                        config["seed"])

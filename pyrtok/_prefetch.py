@@ -1,5 +1,4 @@
-"""Batches made one step ahead in a worker process, so that a CPU run builds the next step's data while this step
-computes.
+"""Batches made one step ahead in a worker process: the next step's data is built while this step computes.
 
 A training step asks for its batch as a request (the keyword arguments of a picklable, deterministic function)
 and names the request of the step after it. With a worker, that next request is submitted at once and its
@@ -11,9 +10,11 @@ The worker is spawned (not forked: a forked child of a process that has started 
 one thread at the lowest priority (``nice`` 19, so that it takes what the training threads leave idle), and
 ignores SIGINT and SIGTERM: a launcher or a scheduler that signals the whole process group asks the training
 loop to stop (it finishes its step and saves a checkpoint), and the worker ends with the loop. A worker that
-dies all the same is not fatal: the batch it owed is built in this process, and so are the rest. It pays where a core
-is free while a step computes (a GPU run, or more cores than training threads); on a CPU whose cores the
-training threads already fill it competes with them (``benchmarks/bench_train_data.py`` measures both ways).
+dies all the same is not fatal: the batch it owed is built in this process, and so are the rest.
+
+It pays where a core is free while a step computes (a GPU run, or more cores than training threads); on a CPU
+whose cores the training threads already fill it competes with them (``benchmarks/bench_train_data.py``
+measures both ways).
 
 Example:
     >>> with Prefetcher(dict, workers=0) as batches:

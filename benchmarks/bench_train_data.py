@@ -40,7 +40,7 @@ def stage_config(config: dict[str, Any], stage: str, steps: int, workers: int, o
     t = dict(config["train"])
     phases = restarts(t)
     heaviest = phases[-1]["turns"] if phases and phases[-1]["turns"] else t["turns"]
-    t.update(steps=steps, restart=[], eval_every=10 ** 9, checkpoint_every=10 ** 9, keep_checkpoints=1,
+    t.update(restart=[], eval_every=10 ** 9, checkpoint_every=10 ** 9, keep_checkpoints=1,
              data_workers=workers, output=str(output))
     allocation = dict(config["allocation"])
     # The schedule runs past the timed steps (the run stops after them: ``stop_after``), so that neither the end of

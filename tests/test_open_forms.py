@@ -62,7 +62,7 @@ def test_open_question_names_its_bad_input():
 def test_open_wording_asks_half_the_spatial_turns_openly_and_leaves_other_recipes_draws_alone():
     wording = {"suffix": 0.4, "pope": 0.5, "unknown": 0.1}
     # a recipe without the open form draws exactly what it drew before the form existed (these conversations,
-    # as the shipped models were trained on them, hashed)
+    # as the recipes without it were trained on them, hashed)
     for without in (wording, {**wording, "open": 0.0}):
         _, before = scene_batch("train", 0, 40, 32, turns=RESTART_TURNS, wording=without)
         assert hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest() == SHIPPED_CONVERSATIONS
@@ -117,12 +117,12 @@ def test_the_open_recipe_tokenizer_knows_every_open_form_and_the_others_are_unch
     assert all(tokenizer.unk_token_id not in tokenizer(t.replace("<unk>", ""))["input_ids"] for t in texts)
 
 
-def test_the_open_recipe_is_the_shipped_qwens_model_with_the_open_wording_and_a_shorter_schedule():
-    shipped, open_recipe = load_config(EMBEDDED / "tiny_qwen.yaml"), load_config(EMBEDDED / "tiny_qwen_open.yaml")
+def test_the_open_recipe_is_the_previous_qwens_model_with_the_open_wording_and_a_shorter_schedule():
+    previous, open_recipe = load_config(EMBEDDED / "tiny_qwen.yaml"), load_config(EMBEDDED / "tiny_qwen_open.yaml")
     for section in ("model", "allocation", "init"):
-        assert open_recipe[section] == shipped[section], section
-    assert open_recipe["train"]["wording"] == {**shipped["train"]["wording"], "open": 0.5}
+        assert open_recipe[section] == previous[section], section
+    assert open_recipe["train"]["wording"] == {**previous["train"]["wording"], "open": 0.5}
     t = open_recipe["train"]
-    assert t["dense_steps"] <= shipped["train"]["dense_steps"] and t["freeze_vision_steps"] == t["steps"] - \
+    assert t["dense_steps"] <= previous["train"]["dense_steps"] and t["freeze_vision_steps"] == t["steps"] - \
         t["dense_steps"]
-    assert t["steps"] < shipped["train"]["steps"]
+    assert t["steps"] < previous["train"]["steps"]

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from pyrtok.data.conversations import scene_batch
 from pyrtok.data.shapes_vqa import make_scene
+from pyrtok.embedded.models import EMBEDDED_MODELS
 from pyrtok.embedded.tiny import ARCHITECTURES, Trainee, build, chat_answer_labels
 from pyrtok.embedded.train import _check, load_config, num_tokens, target_patch, train
 from pyrtok.vlm import PyramidVLM
@@ -171,7 +172,7 @@ def test_qwen_export_loads_with_pyramidvlm_and_transformers_and_equals_the_unwra
 
 
 def test_shipped_qwen_config_is_a_deeper_qwen_at_native_resolution_with_the_llava_recipe():
-    config = load_config(EMBEDDED / "tiny_qwen.yaml")
+    config = load_config(Path(__file__).parents[1] / EMBEDDED_MODELS["embedded-qwen"][1])  # the shipped recipe
     fair = load_config(EMBEDDED / "tiny_llava_fair.yaml")
     m = config["model"]
     assert m["architecture"] == "qwen2_5_vl" and m["text_layers"] >= 8
@@ -179,10 +180,15 @@ def test_shipped_qwen_config_is_a_deeper_qwen_at_native_resolution_with_the_llav
     assert num_tokens(config) == 64 + 16 + 4 and num_tokens(fair) == 196 + 49 + 16 and target_patch(config) == 28
     # the recipe is the fair model's: the policy-neutral mix, stock prompt words and wordings, the [CLS]-role head
     for section, key in (("allocation", "allocators"), ("allocation", "mix"), ("allocation", "min_fraction"),
-                         ("allocation", "full_probability"), ("train", "wording"), ("train", "batch_size"),
+                         ("allocation", "full_probability"), ("train", "batch_size"),
                          ("train", "eval_budgets"), ("model", "stock_prompts"), ("model", "levels"),
                          ("model", "image_size")):
         assert config[section][key] == fair[section][key], (section, key)
+    # the fair model's wordings, and the open spatial forms (tests/test_open_forms.py)
+    def closed(recipe: dict) -> dict:
+        return {k: v for k, v in recipe["train"]["wording"].items() if k != "open"}
+
+    assert closed(config) == closed(fair) and config["train"]["wording"]["open"] > 0
     assert config["train"]["cls_weight"] > 0 and config["train"]["freeze_vision_steps"] == \
         config["train"]["steps"] - config["train"]["dense_steps"]
     model, processor = build(config)

@@ -20,7 +20,7 @@ __all__ = ["EMBEDDED_MODELS", "embedded_model", "resolve_model"]
 EMBEDDED_MODELS: dict[str, tuple[str, str]] = {
     "embedded": ("tiny_llava", "configs/embedded/tiny_llava_fair.yaml"),
     "embedded-llava": ("tiny_llava", "configs/embedded/tiny_llava_fair.yaml"),
-    "embedded-qwen": ("tiny_qwen", "configs/embedded/tiny_qwen.yaml"),
+    "embedded-qwen": ("tiny_qwen", "configs/embedded/tiny_qwen_open.yaml"),
 }
 """Name -> (folder under ``pyrtok/assets``, the training config that reproduces it)."""
 
